@@ -1,0 +1,273 @@
+//! The `Admin` service. Every call attests its caller, refuses anyone who
+//! is not an admin, and writes one audit line, success or failure.
+#![forbid(unsafe_code)]
+
+use std::sync::Arc;
+
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use super::pb::{self, admin_server, put_secret_request::Source};
+use super::{ApiError, blocking, describe, peer_of};
+use crate::audit::Event;
+use crate::backend::VersionMeta;
+use crate::broker::Broker;
+use crate::identity::Identity;
+use crate::secret::{SecretBytes, SecretPath, generate_alnum, validate_prefix};
+
+pub struct AdminService(pub Arc<Broker>);
+
+type Reply<T> = Result<Response<T>, Status>;
+
+fn version_pb(path: &str, m: VersionMeta) -> pb::SecretVersion {
+    pb::SecretVersion { path: path.to_owned(), version: m.version, created_unix_ms: m.created_unix_ms, size: m.size }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+impl AdminService {
+    /// Attest the caller and require an admin. A refusal is audited.
+    fn authorize<T>(&self, req: &Request<T>, method: &'static str) -> Result<Identity, ApiError> {
+        let peer = peer_of(req)?;
+        let audit = &self.0.audit;
+        match self.0.attestor.attest(&peer) {
+            Ok(id) if id.admin => Ok(id),
+            Ok(id) => {
+                audit.record(&Event { method: Some(method), caller: Some(&id), reason: Some("not an admin"), ..Event::new("deny") })?;
+                Err(ApiError::PermissionDenied(format!(
+                    "{method} needs an admin caller (a host process with uid 0 or an [admin] uid/gid); the broker sees {}",
+                    describe(&id)
+                )))
+            }
+            Err(e) => {
+                let who = Identity { uid: peer.uid, gid: peer.gid, pid: peer.pid, ..Identity::default() };
+                let reason = e.to_string();
+                audit.record(&Event { method: Some(method), caller: Some(&who), reason: Some(&reason), ..Event::new("deny") })?;
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Run `op` off the async workers and audit its outcome as `event`:
+    /// with the version it reports on success, with the error otherwise.
+    /// If the audit line cannot be written, the call fails.
+    async fn audited<T: Send + 'static>(
+        &self,
+        id: Identity,
+        event: &'static str,
+        path: Option<String>,
+        op: impl FnOnce(&Broker) -> Result<(T, Option<u64>), ApiError> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        let broker = self.0.clone();
+        blocking(move || {
+            let result = op(&broker);
+            let (version, reason) = match &result {
+                Ok((_, v)) => (*v, None),
+                Err(e) => (None, Some(e.to_string())),
+            };
+            broker.audit.record(&Event {
+                caller: Some(&id),
+                path: path.as_deref(),
+                version,
+                reason: reason.as_deref(),
+                ..Event::new(event)
+            })?;
+            result.map(|(t, _)| t)
+        })
+        .await
+    }
+}
+
+fn take_value(source: Option<Source>, max: u64) -> Result<SecretBytes, ApiError> {
+    match source {
+        Some(Source::Value(mut v)) => {
+            let len = v.len() as u64;
+            let value = SecretBytes::take(&mut v);
+            if len == 0 {
+                Err(ApiError::InvalidArgument("the value is empty".into()))
+            } else if len > max {
+                Err(ApiError::InvalidArgument(format!(
+                    "the value is {len} bytes; the limit is {max} (max_value_bytes)"
+                )))
+            } else {
+                Ok(value)
+            }
+        }
+        Some(Source::GenerateLength(n)) if n == 0 || u64::from(n) > max => Err(ApiError::InvalidArgument(format!(
+            "cannot generate {n} characters: the length must be 1 to {max}"
+        ))),
+        Some(Source::GenerateLength(n)) => {
+            generate_alnum(n as usize).map_err(|e| ApiError::Internal(format!("no randomness: {e}")))
+        }
+        None => Err(ApiError::InvalidArgument("no value: send a value or a length to generate".into())),
+    }
+}
+
+#[tonic::async_trait]
+impl admin_server::Admin for AdminService {
+    async fn put_secret(&self, req: Request<pb::PutSecretRequest>) -> Reply<pb::SecretVersion> {
+        let id = self.authorize(&req, "PutSecret")?;
+        let r = req.into_inner();
+        let rotate = match pb::PutMode::try_from(r.mode) {
+            Ok(pb::PutMode::Rotate) => true,
+            Ok(_) => false,
+            Err(_) => return Err(ApiError::InvalidArgument(format!("unknown put mode {}", r.mode)).into()),
+        };
+        let event = if rotate { "rotate" } else { "put" };
+        let value = take_value(r.source, self.0.config.max_value_bytes);
+        let path = r.path;
+        let reply = self
+            .audited(id, event, Some(path.clone()), move |b| {
+                let path = SecretPath::parse(&path)?;
+                let meta = b.store.put(&path, &value?, rotate, now_ms())?;
+                Ok((version_pb(path.as_str(), meta.clone()), Some(meta.version)))
+            })
+            .await?;
+        Ok(Response::new(reply))
+    }
+
+    async fn get_secret(&self, req: Request<pb::GetSecretRequest>) -> Reply<pb::GetSecretResponse> {
+        let id = self.authorize(&req, "GetSecret")?;
+        let pb::GetSecretRequest { path, version } = req.into_inner();
+        let reply = self
+            .audited(id, "get", Some(path.clone()), move |b| {
+                let path = SecretPath::parse(&path)?;
+                let (meta, value) = b.store.get(&path, (version != 0).then_some(version))?;
+                let v = meta.version;
+                // The encoder needs a plain buffer: this copy is the value's
+                // way out to the admin who asked for it.
+                let value = value.expose().to_vec();
+                Ok((pb::GetSecretResponse { meta: Some(version_pb(path.as_str(), meta)), value }, Some(v)))
+            })
+            .await?;
+        Ok(Response::new(reply))
+    }
+
+    async fn list_secrets(&self, req: Request<pb::ListSecretsRequest>) -> Reply<pb::ListSecretsResponse> {
+        let id = self.authorize(&req, "ListSecrets")?;
+        let prefix = req.into_inner().prefix;
+        let shown = (!prefix.is_empty()).then(|| prefix.clone());
+        let secrets = self
+            .audited(id, "ls", shown, move |b| {
+                validate_prefix(&prefix)?;
+                let list = b.store.list(&prefix)?;
+                Ok((list.into_iter().map(|(p, m)| version_pb(&p, m)).collect(), None))
+            })
+            .await?;
+        Ok(Response::new(pb::ListSecretsResponse { secrets }))
+    }
+
+    async fn secret_history(&self, req: Request<pb::SecretHistoryRequest>) -> Reply<pb::SecretHistoryResponse> {
+        let id = self.authorize(&req, "SecretHistory")?;
+        let path = req.into_inner().path;
+        let versions = self
+            .audited(id, "history", Some(path.clone()), move |b| {
+                let path = SecretPath::parse(&path)?;
+                let h = b.store.history(&path)?;
+                Ok((h.into_iter().map(|m| version_pb(path.as_str(), m)).collect(), None))
+            })
+            .await?;
+        Ok(Response::new(pb::SecretHistoryResponse { versions }))
+    }
+
+    async fn delete_secret(&self, req: Request<pb::DeleteSecretRequest>) -> Reply<pb::DeleteSecretResponse> {
+        let id = self.authorize(&req, "DeleteSecret")?;
+        let path = req.into_inner().path;
+        let removed = self
+            .audited(id, "rm", Some(path.clone()), move |b| {
+                let path = SecretPath::parse(&path)?;
+                Ok((b.store.delete(&path)? as u32, None))
+            })
+            .await?;
+        Ok(Response::new(pb::DeleteSecretResponse { versions_removed: removed }))
+    }
+
+    async fn status(&self, req: Request<pb::StatusRequest>) -> Reply<pb::StatusResponse> {
+        let id = self.authorize(&req, "Status")?;
+        let reply = self
+            .audited(id, "status", None, |b| {
+                let (buffers, locked) = SecretBytes::counts();
+                let c = &b.config;
+                let status = pb::StatusResponse {
+                    version: env!("CARGO_PKG_VERSION").into(),
+                    pid: std::process::id(),
+                    uptime_seconds: b.started.elapsed().as_secs(),
+                    state_dir: c.state_dir.display().to_string(),
+                    run_dir: c.run_dir.display().to_string(),
+                    key_source: c.key.label().into(),
+                    secrets: b.store.count()?,
+                    audit_lines: b.audit.lines_written(),
+                    history_depth: c.history_depth,
+                    max_value_bytes: c.max_value_bytes,
+                    secret_buffers: buffers,
+                    secret_buffers_locked: locked,
+                };
+                Ok((status, None))
+            })
+            .await?;
+        Ok(Response::new(reply))
+    }
+
+    type AuditLogStream = ReceiverStream<Result<pb::AuditLine, Status>>;
+
+    async fn audit_log(&self, req: Request<pb::AuditLogRequest>) -> Reply<Self::AuditLogStream> {
+        let id = self.authorize(&req, "AuditLog")?;
+        let follow = req.into_inner().follow;
+        let (lines, mut rx) = self.audited(id, "audit_read", None, |b| Ok((b.audit.subscribe(), None))).await?;
+        let (tx, out) = mpsc::channel(256);
+        let mut stopping = self.0.stopping.subscribe();
+        tokio::spawn(async move {
+            let mut seen = lines.len() as u64;
+            for json in lines {
+                if tx.send(Ok(pb::AuditLine { json })).await.is_err() {
+                    return;
+                }
+            }
+            while follow {
+                let msg = tokio::select! {
+                    m = rx.recv() => m,
+                    () = tx.closed() => return,
+                    _ = stopping.wait_for(|s| *s) => return,
+                };
+                match msg {
+                    Ok((seq, _)) if seq <= seen => {}
+                    Ok((seq, json)) => {
+                        seen = seq;
+                        if tx.send(Ok(pb::AuditLine { json })).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        let msg = format!("this follower fell {n} lines behind; run `keyhole audit --follow` again");
+                        let _ = tx.send(Err(Status::resource_exhausted(msg))).await;
+                        return;
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(out)))
+    }
+
+    async fn audit_verify(&self, req: Request<pb::AuditVerifyRequest>) -> Reply<pb::AuditVerifyResponse> {
+        let id = self.authorize(&req, "AuditVerify")?;
+        let b = self.0.clone();
+        let reply = blocking(move || {
+            let checked = b.audit.verify();
+            let problem = checked.as_ref().err().map(|e| e.to_string());
+            b.audit.record(&Event { caller: Some(&id), reason: problem.as_deref(), ..Event::new("audit_verify") })?;
+            Ok(pb::AuditVerifyResponse {
+                ok: problem.is_none(),
+                lines: checked.unwrap_or(0),
+                problem: problem.unwrap_or_default(),
+            })
+        })
+        .await?;
+        Ok(Response::new(reply))
+    }
+}

@@ -1,0 +1,79 @@
+//! The gRPC API: generated types, the services, and the one place where
+//! errors become `tonic::Status`.
+//!
+//! Every call is attributed: the connection's [`Peer`] (from the kernel)
+//! is attested into an [`Identity`] per call. Admin calls from anyone but
+//! an admin are refused with PERMISSION_DENIED and audited.
+
+pub mod admin;
+pub mod peer;
+mod redact;
+pub mod workload;
+
+#[allow(clippy::all, missing_docs)]
+pub mod pb {
+    tonic::include_proto!("keyhole.v1");
+}
+
+use tonic::{Code, Request, Status};
+
+use crate::audit::AuditError;
+use crate::backend::local::StoreError;
+use crate::identity::{Identity, IdentityError, Peer};
+use crate::secret::PathError;
+
+/// Everything a call can fail with. Messages name paths, versions and
+/// ids — never a value.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error(transparent)]
+    Path(#[from] PathError),
+    #[error("{0}")]
+    PermissionDenied(String),
+    #[error("cannot attest the caller: {0}")]
+    Unauthenticated(#[from] IdentityError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("audit log unavailable, so the call was refused: {0}")]
+    Audit(#[from] AuditError),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<ApiError> for Status {
+    fn from(e: ApiError) -> Status {
+        let code = match &e {
+            ApiError::InvalidArgument(_) | ApiError::Path(_) => Code::InvalidArgument,
+            ApiError::PermissionDenied(_) => Code::PermissionDenied,
+            ApiError::Unauthenticated(_) => Code::Unauthenticated,
+            ApiError::Store(StoreError::NotFound(_) | StoreError::NoVersion { .. }) => Code::NotFound,
+            ApiError::Store(StoreError::Tampered { .. }) => Code::DataLoss,
+            ApiError::Store(_) | ApiError::Internal(_) => Code::Internal,
+            ApiError::Audit(_) => Code::Unavailable,
+        };
+        Status::new(code, e.to_string())
+    }
+}
+
+/// The kernel-reported peer of the connection a request came on.
+fn peer_of<T>(req: &Request<T>) -> Result<Peer, ApiError> {
+    req.extensions()
+        .get::<Peer>()
+        .cloned()
+        .ok_or_else(|| ApiError::Internal("request without peer credentials".into()))
+}
+
+/// Run blocking work (the store, the audit file) off the async workers.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, ApiError> + Send + 'static) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| ApiError::Internal(format!("worker failed: {e}")))?
+}
+
+pub(crate) fn describe(id: &Identity) -> String {
+    match &id.container_id {
+        Some(c) => format!("uid {} in container {:.12}", id.uid, c),
+        None if id.host => format!("host uid {}", id.uid),
+        None => format!("uid {} in another namespace", id.uid),
+    }
+}

@@ -1,0 +1,332 @@
+//! The local store: a redb database of sealed records.
+//!
+//! | table | key | value |
+//! |---|---|---|
+//! | `values` | (path, version) | sealed value; AAD `keyhole/v1/value\0<path>\0<version>` |
+//! | `heads` | path | sealed JSON list of kept versions; AAD `keyhole/v1/head\0<path>` |
+//! | `meta` | name | `keycheck` (sealed constant), `kdf-salt` (passphrase mode) |
+//!
+//! Everything a reader acts on is authenticated: a record edited, or
+//! copied under another path or version, fails to open and is reported as
+//! [`StoreError::Tampered`], never served. Every change is one durable
+//! redb transaction, so a crash leaves each secret at its old or new
+//! version.
+#![forbid(unsafe_code)]
+
+use std::path::Path;
+
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+
+use super::VersionMeta;
+use crate::crypto::{CryptoError, MasterKey, Sealer};
+use crate::secret::{SecretBytes, SecretPath};
+
+const VALUES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("values");
+const HEADS: TableDefinition<&str, &[u8]> = TableDefinition::new("heads");
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+
+const KEYCHECK: &[u8] = b"keyhole local store v1";
+const KEYCHECK_AAD: &[u8] = b"keyhole/v1/keycheck";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store database: {0}")]
+    Db(String),
+    #[error("the master key does not open this store (wrong key or passphrase, or a tampered store)")]
+    WrongKey,
+    #[error("integrity check failed for {what}: the store was tampered with or corrupted; the record is not served")]
+    Tampered { what: String },
+    #[error("secret {0} does not exist")]
+    NotFound(String),
+    #[error("secret {path} has no version {version} (kept: {kept})")]
+    NoVersion { path: String, version: u64, kept: String },
+    #[error("{0}")]
+    Crypto(#[from] CryptoError),
+}
+
+macro_rules! db_err {
+    ($($t:ty),*) => {$(impl From<$t> for StoreError {
+        fn from(e: $t) -> Self { StoreError::Db(e.to_string()) }
+    })*};
+}
+db_err!(
+    redb::Error,
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+pub struct LocalStore {
+    db: Database,
+    sealer: Sealer,
+    history_depth: usize,
+}
+
+impl std::fmt::Debug for LocalStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalStore").field("history_depth", &self.history_depth).finish_non_exhaustive()
+    }
+}
+
+fn value_aad(path: &str, version: u64) -> Vec<u8> {
+    format!("keyhole/v1/value\0{path}\0{version}").into_bytes()
+}
+
+fn head_aad(path: &str) -> Vec<u8> {
+    format!("keyhole/v1/head\0{path}").into_bytes()
+}
+
+/// Where the master key comes from, resolved against the store.
+pub enum KeyMaterial {
+    Key(MasterKey),
+    /// Passphrase bytes: the salt lives in the store.
+    Passphrase(SecretBytes),
+}
+
+impl LocalStore {
+    /// Open (or create) the store and prove the key opens it. Returns the
+    /// store and the master key it was opened with.
+    pub fn open(path: &Path, key: KeyMaterial, history_depth: u32) -> Result<(Self, MasterKey), StoreError> {
+        let db = Database::create(path)?;
+        let txn = db.begin_write()?;
+        let master;
+        {
+            let mut meta = txn.open_table(META)?;
+            txn.open_table(VALUES)?;
+            txn.open_table(HEADS)?;
+            master = match key {
+                KeyMaterial::Key(k) => k,
+                KeyMaterial::Passphrase(pass) => {
+                    let existing = meta.get("kdf-salt")?.map(|s| s.value().to_vec());
+                    let salt = match existing {
+                        Some(s) => s,
+                        None => {
+                            let mut s = vec![0u8; 16];
+                            getrandom::fill(&mut s).map_err(CryptoError::Random)?;
+                            meta.insert("kdf-salt", s.as_slice())?;
+                            s
+                        }
+                    };
+                    MasterKey::from_passphrase(pass.expose(), &salt)?
+                }
+            };
+            let sealer = master.sealer();
+            let check = meta.get("keycheck")?.map(|c| c.value().to_vec());
+            match check {
+                Some(c) => match sealer.open(&c, KEYCHECK_AAD) {
+                    Ok(v) if v.expose() == KEYCHECK => {}
+                    _ => return Err(StoreError::WrongKey),
+                },
+                None => {
+                    meta.insert("keycheck", sealer.seal(KEYCHECK, KEYCHECK_AAD)?.as_slice())?;
+                }
+            }
+        }
+        txn.commit()?;
+        let store = LocalStore { db, sealer: master.sealer(), history_depth: history_depth as usize };
+        Ok((store, master))
+    }
+
+    fn read_head(&self, table: &impl ReadableTable<&'static str, &'static [u8]>, path: &str) -> Result<Option<Vec<VersionMeta>>, StoreError> {
+        let Some(sealed) = table.get(path)? else { return Ok(None) };
+        let plain = self
+            .sealer
+            .open(sealed.value(), &head_aad(path))
+            .map_err(|_| StoreError::Tampered { what: format!("the version list of {path}") })?;
+        let versions: Vec<VersionMeta> = serde_json::from_slice(plain.expose())
+            .map_err(|_| StoreError::Tampered { what: format!("the version list of {path}") })?;
+        Ok(Some(versions))
+    }
+
+    fn seal_head(&self, path: &str, versions: &[VersionMeta]) -> Result<Vec<u8>, StoreError> {
+        // Invariant: VersionMeta serializes infallibly (plain integers).
+        let json = serde_json::to_vec(versions).expect("serialize version list");
+        Ok(self.sealer.seal(&json, &head_aad(path))?)
+    }
+
+    /// Add a version. With `must_exist`, the secret must already exist
+    /// (a rotation). Durable when this returns.
+    pub fn put(&self, path: &SecretPath, value: &SecretBytes, must_exist: bool, now_ms: i64) -> Result<VersionMeta, StoreError> {
+        let p = path.as_str();
+        let txn = self.db.begin_write()?;
+        let meta;
+        {
+            let mut heads = txn.open_table(HEADS)?;
+            let mut values = txn.open_table(VALUES)?;
+            let mut versions = match self.read_head(&heads, p)? {
+                Some(v) => v,
+                None if must_exist => return Err(StoreError::NotFound(p.to_owned())),
+                None => Vec::new(),
+            };
+            let version = versions.last().map_or(1, |m| m.version + 1);
+            meta = VersionMeta { version, created_unix_ms: now_ms, size: value.len() as u64 };
+            values.insert((p, version), self.sealer.seal(value.expose(), &value_aad(p, version))?.as_slice())?;
+            versions.push(meta.clone());
+            let excess = versions.len().saturating_sub(self.history_depth);
+            for old in versions.drain(..excess) {
+                values.remove((p, old.version))?;
+            }
+            heads.insert(p, self.seal_head(p, &versions)?.as_slice())?;
+        }
+        txn.commit()?;
+        Ok(meta)
+    }
+
+    /// A version (the current one when `version` is `None`) and its value.
+    pub fn get(&self, path: &SecretPath, version: Option<u64>) -> Result<(VersionMeta, SecretBytes), StoreError> {
+        let p = path.as_str();
+        let txn = self.db.begin_read()?;
+        let heads = txn.open_table(HEADS)?;
+        let values = txn.open_table(VALUES)?;
+        let versions = self.read_head(&heads, p)?.ok_or_else(|| StoreError::NotFound(p.to_owned()))?;
+        let meta = match version {
+            None => versions.last().cloned(),
+            Some(v) => versions.iter().find(|m| m.version == v).cloned(),
+        }
+        .ok_or_else(|| StoreError::NoVersion {
+            path: p.to_owned(),
+            version: version.unwrap_or(0),
+            kept: kept_range(&versions),
+        })?;
+        let tampered = || StoreError::Tampered { what: format!("{p} version {}", meta.version) };
+        let sealed = values.get((p, meta.version))?.ok_or_else(tampered)?;
+        let value = self.sealer.open(sealed.value(), &value_aad(p, meta.version)).map_err(|_| tampered())?;
+        if value.len() as u64 != meta.size {
+            return Err(tampered());
+        }
+        Ok((meta, value))
+    }
+
+    /// The kept versions of a secret, oldest first.
+    pub fn history(&self, path: &SecretPath) -> Result<Vec<VersionMeta>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let heads = txn.open_table(HEADS)?;
+        self.read_head(&heads, path.as_str())?.ok_or_else(|| StoreError::NotFound(path.to_string()))
+    }
+
+    /// Every secret under `prefix` (whole segments: `db` matches `db/x`
+    /// and `db`, not `dbx`), with its current version.
+    pub fn list(&self, prefix: &str) -> Result<Vec<(String, VersionMeta)>, StoreError> {
+        let prefix = prefix.trim_end_matches('/');
+        let txn = self.db.begin_read()?;
+        let heads = txn.open_table(HEADS)?;
+        let mut out = Vec::new();
+        for entry in heads.range(prefix..)? {
+            let (k, _) = entry?;
+            let path = k.value();
+            if !path.starts_with(prefix) {
+                break;
+            }
+            let rest = &path[prefix.len()..];
+            if !(prefix.is_empty() || rest.is_empty() || rest.starts_with('/')) {
+                continue;
+            }
+            if let Some(current) = self.read_head(&heads, path)?.and_then(|v| v.last().cloned()) {
+                out.push((path.to_owned(), current));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Remove a secret and all its versions; returns how many versions.
+    pub fn delete(&self, path: &SecretPath) -> Result<usize, StoreError> {
+        let p = path.as_str();
+        let txn = self.db.begin_write()?;
+        let n;
+        {
+            let mut heads = txn.open_table(HEADS)?;
+            let mut values = txn.open_table(VALUES)?;
+            let versions = self.read_head(&heads, p)?.ok_or_else(|| StoreError::NotFound(p.to_owned()))?;
+            for m in &versions {
+                values.remove((p, m.version))?;
+            }
+            heads.remove(p)?;
+            n = versions.len();
+        }
+        txn.commit()?;
+        Ok(n)
+    }
+
+    pub fn count(&self) -> Result<u64, StoreError> {
+        let txn = self.db.begin_read()?;
+        Ok(txn.open_table(HEADS)?.len()?)
+    }
+}
+
+fn kept_range(versions: &[VersionMeta]) -> String {
+    match (versions.first(), versions.last()) {
+        (Some(a), Some(b)) if a.version == b.version => a.version.to_string(),
+        (Some(a), Some(b)) => format!("{}-{}", a.version, b.version),
+        _ => "none".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store(dir: &Path, depth: u32) -> LocalStore {
+        let key = MasterKey::from_bytes(&[7; 32]).unwrap();
+        LocalStore::open(&dir.join("s.redb"), KeyMaterial::Key(key), depth).unwrap().0
+    }
+
+    fn p(s: &str) -> SecretPath {
+        SecretPath::parse(s).unwrap()
+    }
+
+    #[test]
+    fn versions_and_history_depth() {
+        let d = tempfile::tempdir().unwrap();
+        let s = store(d.path(), 3);
+        assert!(matches!(s.put(&p("a"), &SecretBytes::copy_from(b"x"), true, 0), Err(StoreError::NotFound(_))));
+        for i in 1..=5u8 {
+            let m = s.put(&p("db/pw"), &SecretBytes::copy_from(&[i]), false, i as i64).unwrap();
+            assert_eq!(m.version, i as u64);
+        }
+        let h = s.history(&p("db/pw")).unwrap();
+        assert_eq!(h.iter().map(|m| m.version).collect::<Vec<_>>(), [3, 4, 5]);
+        assert_eq!(s.get(&p("db/pw"), None).unwrap().1.expose(), [5]);
+        assert_eq!(s.get(&p("db/pw"), Some(3)).unwrap().1.expose(), [3]);
+        let e = s.get(&p("db/pw"), Some(1)).unwrap_err().to_string();
+        assert!(e.contains("kept: 3-5"), "{e}");
+    }
+
+    #[test]
+    fn list_respects_segment_boundaries() {
+        let d = tempfile::tempdir().unwrap();
+        let s = store(d.path(), 10);
+        for path in ["db", "db/a", "db/b/c", "dbx", "web/t"] {
+            s.put(&p(path), &SecretBytes::copy_from(b"v"), false, 0).unwrap();
+        }
+        let names = |pre| s.list(pre).unwrap().into_iter().map(|(n, _)| n).collect::<Vec<_>>();
+        assert_eq!(names("db"), ["db", "db/a", "db/b/c"]);
+        assert_eq!(names("db/"), ["db", "db/a", "db/b/c"]);
+        assert_eq!(names("").len(), 5);
+        assert_eq!(s.delete(&p("db/a")).unwrap(), 1);
+        assert_eq!(s.count().unwrap(), 4);
+    }
+
+    #[test]
+    fn wrong_key_and_moved_records_are_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let s = store(d.path(), 10);
+        s.put(&p("a"), &SecretBytes::copy_from(b"va"), false, 0).unwrap();
+        s.put(&p("b"), &SecretBytes::copy_from(b"vb"), false, 0).unwrap();
+        // Copy a's sealed value over b's: same version, other path.
+        let txn = s.db.begin_write().unwrap();
+        {
+            let mut t = txn.open_table(VALUES).unwrap();
+            let a = t.get(("a", 1)).unwrap().unwrap().value().to_vec();
+            t.insert(("b", 1), a.as_slice()).unwrap();
+        }
+        txn.commit().unwrap();
+        assert!(matches!(s.get(&p("b"), None), Err(StoreError::Tampered { .. })));
+        assert_eq!(s.get(&p("a"), None).unwrap().1.expose(), b"va");
+        drop(s);
+        let other = MasterKey::from_bytes(&[8; 32]).unwrap();
+        let r = LocalStore::open(&d.path().join("s.redb"), KeyMaterial::Key(other), 10);
+        assert!(matches!(r, Err(StoreError::WrongKey)));
+    }
+}

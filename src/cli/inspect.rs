@@ -1,0 +1,121 @@
+//! `keyhole status`, `whoami` and `audit`.
+#![forbid(unsafe_code)]
+
+use std::io::Write;
+use std::path::Path;
+
+use clap::Args;
+use serde::Serialize;
+
+use super::client::{self, Failure, fail, print_json};
+use crate::api::pb;
+
+#[derive(Debug, Args)]
+pub struct AuditArgs {
+    /// After the stored lines, keep printing new ones until interrupted
+    #[arg(long, conflicts_with = "verify")]
+    pub follow: bool,
+    /// Check the HMAC chain instead of printing (exit 6 if broken)
+    #[arg(long)]
+    pub verify: bool,
+}
+
+pub async fn status(socket: &Path, json: bool) -> anyhow::Result<()> {
+    let s = client::admin(socket).await?.status(pb::StatusRequest {}).await.map_err(Failure::from)?.into_inner();
+    if json {
+        #[derive(Serialize)]
+        struct View<'a> {
+            version: &'a str,
+            pid: u32,
+            uptime_seconds: u64,
+            state_dir: &'a str,
+            run_dir: &'a str,
+            key_source: &'a str,
+            secrets: u64,
+            audit_lines: u64,
+            history_depth: u32,
+            max_value_bytes: u64,
+            secret_buffers: u64,
+            secret_buffers_locked: u64,
+        }
+        print_json(&View {
+            version: &s.version,
+            pid: s.pid,
+            uptime_seconds: s.uptime_seconds,
+            state_dir: &s.state_dir,
+            run_dir: &s.run_dir,
+            key_source: &s.key_source,
+            secrets: s.secrets,
+            audit_lines: s.audit_lines,
+            history_depth: s.history_depth,
+            max_value_bytes: s.max_value_bytes,
+            secret_buffers: s.secret_buffers,
+            secret_buffers_locked: s.secret_buffers_locked,
+        });
+        return Ok(());
+    }
+    let uptime = humantime::format_duration(std::time::Duration::from_secs(s.uptime_seconds));
+    println!("keyhole {} (pid {}), up {uptime}", s.version, s.pid);
+    println!("state dir      {}", s.state_dir);
+    println!("run dir        {}", s.run_dir);
+    println!("master key     {}", s.key_source);
+    println!("secrets        {}", s.secrets);
+    println!("history depth  {}", s.history_depth);
+    println!("max value      {} bytes", s.max_value_bytes);
+    println!("audit lines    {}", s.audit_lines);
+    println!("locked buffers {}/{} secret buffers locked in RAM", s.secret_buffers_locked, s.secret_buffers);
+    Ok(())
+}
+
+pub async fn whoami(socket: &Path, json: bool) -> anyhow::Result<()> {
+    let w = client::workload(socket).await?.who_am_i(pb::WhoAmIRequest {}).await.map_err(Failure::from)?.into_inner();
+    if json {
+        print_json(&serde_json::json!({
+            "uid": w.uid,
+            "gid": w.gid,
+            "pid": w.pid,
+            "container_id": (!w.container_id.is_empty()).then_some(&w.container_id),
+            "host_process": w.host_process,
+            "admin": w.admin,
+            "selectors": w.selectors,
+        }));
+        return Ok(());
+    }
+    let place = match (w.container_id.as_str(), w.host_process) {
+        ("", true) => "a host process".to_owned(),
+        ("", false) => "a process in another namespace (not a host process)".to_owned(),
+        (id, _) => format!("container {id}"),
+    };
+    println!("pid {} uid {} gid {}: {place}", w.pid, w.uid, w.gid);
+    println!("admin: {}", if w.admin { "yes" } else { "no" });
+    for s in &w.selectors {
+        println!("selector {s}");
+    }
+    Ok(())
+}
+
+pub async fn audit(args: AuditArgs, socket: &Path, json: bool) -> anyhow::Result<()> {
+    let mut admin = client::admin(socket).await?;
+    if args.verify {
+        let r = admin.audit_verify(pb::AuditVerifyRequest {}).await.map_err(Failure::from)?.into_inner();
+        if json {
+            print_json(&serde_json::json!({ "ok": r.ok, "lines": r.lines, "problem": r.problem }));
+        } else if r.ok {
+            println!("audit log verified: {} lines, HMAC chain intact", r.lines);
+        }
+        return if r.ok { Ok(()) } else { Err(fail(6, r.problem)) };
+    }
+    let mut stream = admin
+        .audit_log(pb::AuditLogRequest { follow: args.follow })
+        .await
+        .map_err(Failure::from)?
+        .into_inner();
+    let mut out = std::io::stdout().lock();
+    while let Some(line) = stream.message().await.map_err(Failure::from)? {
+        // Lines are JSON already, so --json changes nothing here.
+        if writeln!(out, "{}", line.json).and_then(|()| out.flush()).is_err() {
+            break; // stdout closed (e.g. `| head`): stop quietly.
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,223 @@
+//! `keyhole secret ...`
+#![forbid(unsafe_code)]
+
+use std::io::{IsTerminal, Read, Write};
+use std::path::{Path, PathBuf};
+
+use base64::Engine;
+use clap::{Args, Subcommand};
+use serde::Serialize;
+
+use super::client::{self, Failure, fail, print_json, time_ms};
+use crate::api::pb::{self, put_secret_request::Source};
+use crate::config::MAX_VALUE_BYTES_CEILING;
+
+#[derive(Debug, Subcommand)]
+pub enum SecretCmd {
+    /// Create a secret, or add a new version to it
+    #[command(after_help = "\
+The value never goes on the command line. Examples:
+  printf '%s' \"$DB_PASSWORD\" | keyhole secret put db/password --stdin
+  keyhole secret put tls/key.pem --from-file ./key.pem
+  keyhole secret put api/token --generate 40
+
+--stdin keeps every byte as given, a trailing newline too (`echo` adds one).")]
+    Put(PutArgs),
+
+    /// Add a new version to an existing secret
+    #[command(after_help = "\
+Examples:
+  keyhole secret rotate db/password --generate 32
+  keyhole secret rotate tls/key.pem --from-file ./new-key.pem
+Fails (exit 3) if the secret does not exist; use `put` to create it.")]
+    Rotate(PutArgs),
+
+    /// Print a secret's value (raw bytes) to standard output
+    #[command(after_help = "\
+Examples:
+  keyhole secret get db/password
+  keyhole secret get db/password --version 2
+  keyhole secret get db/password --json      (value in base64)")]
+    Get {
+        /// Secret path, e.g. db/password
+        path: String,
+        /// A kept earlier version (see `secret history`) [default: current]
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+        version: Option<u64>,
+    },
+
+    /// List secrets, optionally under a path prefix
+    Ls {
+        /// Only secrets at or under this path, e.g. db
+        prefix: Option<String>,
+    },
+
+    /// List the kept versions of a secret
+    History {
+        /// Secret path
+        path: String,
+    },
+
+    /// Remove a secret and all its versions
+    Rm {
+        /// Secret path
+        path: String,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct PutArgs {
+    /// Secret path: segments of [A-Za-z0-9._-] joined by '/', e.g. db/password
+    pub path: String,
+    #[command(flatten)]
+    pub source: ValueSource,
+}
+
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub struct ValueSource {
+    /// Read the value from standard input (every byte, as given)
+    #[arg(long)]
+    pub stdin: bool,
+    /// Read the value from a file
+    #[arg(long, value_name = "FILE")]
+    pub from_file: Option<PathBuf>,
+    /// Have the broker generate N random characters from [A-Za-z0-9]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=MAX_VALUE_BYTES_CEILING as i64))]
+    pub generate: Option<u32>,
+}
+
+#[derive(Serialize)]
+struct VersionView<'a> {
+    path: &'a str,
+    version: u64,
+    created: String,
+    size: u64,
+}
+
+impl<'a> From<&'a pb::SecretVersion> for VersionView<'a> {
+    fn from(v: &'a pb::SecretVersion) -> Self {
+        VersionView { path: &v.path, version: v.version, created: time_ms(v.created_unix_ms), size: v.size }
+    }
+}
+
+/// Read at most the hard ceiling plus one byte, so an endless stream
+/// fails cleanly instead of exhausting memory.
+fn read_capped(r: impl Read, what: &str) -> anyhow::Result<Vec<u8>> {
+    let mut buf = Vec::new();
+    r.take(MAX_VALUE_BYTES_CEILING + 1)
+        .read_to_end(&mut buf)
+        .map_err(|e| fail(1, format!("cannot read {what}: {e}")))?;
+    if buf.len() as u64 > MAX_VALUE_BYTES_CEILING {
+        return Err(fail(2, format!("{what} is larger than {MAX_VALUE_BYTES_CEILING} bytes")));
+    }
+    Ok(buf)
+}
+
+fn source(s: ValueSource) -> anyhow::Result<Source> {
+    if let Some(n) = s.generate {
+        return Ok(Source::GenerateLength(n));
+    }
+    let value = if let Some(path) = s.from_file {
+        let f = std::fs::File::open(&path).map_err(|e| fail(1, format!("cannot open {}: {e}", path.display())))?;
+        read_capped(f, &path.display().to_string())?
+    } else {
+        let stdin = std::io::stdin();
+        if stdin.is_terminal() {
+            eprintln!("keyhole: reading the value from the terminal; end it with Ctrl-D");
+        }
+        read_capped(stdin.lock(), "standard input")?
+    };
+    if value.is_empty() {
+        return Err(fail(2, "the value is empty"));
+    }
+    Ok(Source::Value(value))
+}
+
+pub async fn run(cmd: SecretCmd, socket: &Path, json: bool) -> anyhow::Result<()> {
+    match cmd {
+        SecretCmd::Put(args) => put(args, pb::PutMode::Put, socket, json).await,
+        SecretCmd::Rotate(args) => put(args, pb::PutMode::Rotate, socket, json).await,
+        SecretCmd::Get { path, version } => get(path, version.unwrap_or(0), socket, json).await,
+        SecretCmd::Ls { prefix } => ls(prefix.unwrap_or_default(), socket, json).await,
+        SecretCmd::History { path } => history(path, socket, json).await,
+        SecretCmd::Rm { path } => rm(path, socket, json).await,
+    }
+}
+
+async fn put(args: PutArgs, mode: pb::PutMode, socket: &Path, json: bool) -> anyhow::Result<()> {
+    let source = source(args.source)?;
+    let req = pb::PutSecretRequest { path: args.path, mode: mode as i32, source: Some(source) };
+    let v = client::admin(socket).await?.put_secret(req).await.map_err(Failure::from)?.into_inner();
+    if json {
+        print_json(&VersionView::from(&v));
+    } else {
+        println!("{}: version {} ({} bytes)", v.path, v.version, v.size);
+    }
+    Ok(())
+}
+
+async fn get(path: String, version: u64, socket: &Path, json: bool) -> anyhow::Result<()> {
+    let req = pb::GetSecretRequest { path, version };
+    let r = client::admin(socket).await?.get_secret(req).await.map_err(Failure::from)?.into_inner();
+    if json {
+        #[derive(Serialize)]
+        struct View<'a> {
+            #[serde(flatten)]
+            meta: VersionView<'a>,
+            value_base64: String,
+        }
+        let meta = r.meta.as_ref().ok_or_else(|| fail(1, "the broker sent no metadata"))?;
+        let value_base64 = base64::engine::general_purpose::STANDARD.encode(&r.value);
+        print_json(&View { meta: meta.into(), value_base64 });
+    } else {
+        let mut out = std::io::stdout().lock();
+        out.write_all(&r.value)?;
+        out.flush()?;
+    }
+    Ok(())
+}
+
+async fn ls(prefix: String, socket: &Path, json: bool) -> anyhow::Result<()> {
+    let req = pb::ListSecretsRequest { prefix };
+    let r = client::admin(socket).await?.list_secrets(req).await.map_err(Failure::from)?.into_inner();
+    if json {
+        print_json(&r.secrets.iter().map(VersionView::from).collect::<Vec<_>>());
+        return Ok(());
+    }
+    let width = r.secrets.iter().map(|s| s.path.len()).max().unwrap_or(0).max(4);
+    if !r.secrets.is_empty() {
+        println!("{:width$}  {:>7}  {:>8}  UPDATED", "PATH", "VERSION", "SIZE");
+    }
+    for s in &r.secrets {
+        println!("{:width$}  {:>7}  {:>8}  {}", s.path, s.version, s.size, time_ms(s.created_unix_ms));
+    }
+    Ok(())
+}
+
+async fn history(path: String, socket: &Path, json: bool) -> anyhow::Result<()> {
+    let req = pb::SecretHistoryRequest { path };
+    let r = client::admin(socket).await?.secret_history(req).await.map_err(Failure::from)?.into_inner();
+    if json {
+        print_json(&r.versions.iter().map(VersionView::from).collect::<Vec<_>>());
+        return Ok(());
+    }
+    println!("{:>7}  {:>8}  CREATED", "VERSION", "SIZE");
+    let last = r.versions.len().saturating_sub(1);
+    for (i, v) in r.versions.iter().enumerate() {
+        let mark = if i == last { "  (current)" } else { "" };
+        println!("{:>7}  {:>8}  {}{mark}", v.version, v.size, time_ms(v.created_unix_ms));
+    }
+    Ok(())
+}
+
+async fn rm(path: String, socket: &Path, json: bool) -> anyhow::Result<()> {
+    let req = pb::DeleteSecretRequest { path: path.clone() };
+    let r = client::admin(socket).await?.delete_secret(req).await.map_err(Failure::from)?.into_inner();
+    if json {
+        print_json(&serde_json::json!({ "path": path, "versions_removed": r.versions_removed }));
+    } else {
+        println!("removed {path} ({} versions)", r.versions_removed);
+    }
+    Ok(())
+}

@@ -1,0 +1,224 @@
+//! Configuration: an optional TOML file, read in two stages. [`RawConfig`]
+//! is exactly what the file may say (unknown keys are errors); [`Config`]
+//! is validated, has every default filled in, and is all the broker sees.
+//! No secret is ever written inline: keys and passphrases are files.
+#![forbid(unsafe_code)]
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/keyhole";
+pub const DEFAULT_RUN_DIR: &str = "/run/keyhole";
+pub const DEFAULT_HISTORY_DEPTH: u32 = 10;
+pub const DEFAULT_MAX_VALUE_BYTES: u64 = 1 << 20;
+/// Hard ceiling for `max_value_bytes`, so a gRPC message stays bounded.
+pub const MAX_VALUE_BYTES_CEILING: u64 = 16 << 20;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub state_dir: Option<PathBuf>,
+    pub run_dir: Option<PathBuf>,
+    pub history_depth: Option<u32>,
+    pub max_value_bytes: Option<u64>,
+    #[serde(default)]
+    pub admin: RawAdmin,
+    #[serde(default)]
+    pub store: RawStore,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    #[serde(default)]
+    pub uids: Vec<u32>,
+    #[serde(default)]
+    pub gids: Vec<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStore {
+    /// Master key file; default `<state_dir>/master.key`.
+    pub key_file: Option<PathBuf>,
+    /// Derive the master key with Argon2id from this file's contents
+    /// instead of keeping a key file.
+    pub passphrase_file: Option<PathBuf>,
+}
+
+/// Who may make admin calls, besides uid 0. Only host processes qualify.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AdminPolicy {
+    pub uids: Vec<u32>,
+    pub gids: Vec<u32>,
+}
+
+impl AdminPolicy {
+    pub fn allows(&self, uid: u32, gid: u32, groups: &[u32]) -> bool {
+        uid == 0
+            || self.uids.contains(&uid)
+            || self.gids.contains(&gid)
+            || groups.iter().any(|g| self.gids.contains(g))
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KeySource {
+    KeyFile(PathBuf),
+    Passphrase(PathBuf),
+}
+
+impl KeySource {
+    pub fn label(&self) -> &'static str {
+        match self {
+            KeySource::KeyFile(_) => "key-file",
+            KeySource::Passphrase(_) => "passphrase",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub state_dir: PathBuf,
+    pub run_dir: PathBuf,
+    pub history_depth: u32,
+    pub max_value_bytes: u64,
+    pub admin: AdminPolicy,
+    pub key: KeySource,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Command-line values that take precedence over the file.
+#[derive(Debug, Default)]
+pub struct Overrides {
+    pub state_dir: Option<PathBuf>,
+    pub run_dir: Option<PathBuf>,
+}
+
+impl Config {
+    pub fn load(file: Option<&Path>, overrides: Overrides) -> Result<Self, ConfigError> {
+        let raw = match file {
+            None => RawConfig::default(),
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|source| ConfigError::Read { path: path.into(), source })?;
+                toml::from_str(&text).map_err(|e| ConfigError::Parse {
+                    path: path.into(),
+                    message: e.message().to_owned()
+                        + &e.span().map(|s| format!(" (at byte {})", s.start)).unwrap_or_default(),
+                })?
+            }
+        };
+        Self::from_raw(raw, overrides)
+    }
+
+    pub fn from_raw(raw: RawConfig, o: Overrides) -> Result<Self, ConfigError> {
+        let state_dir = absolute("state_dir", o.state_dir.or(raw.state_dir).unwrap_or(DEFAULT_STATE_DIR.into()))?;
+        let run_dir = absolute("run_dir", o.run_dir.or(raw.run_dir).unwrap_or(DEFAULT_RUN_DIR.into()))?;
+        let history_depth = raw.history_depth.unwrap_or(DEFAULT_HISTORY_DEPTH);
+        if !(1..=1000).contains(&history_depth) {
+            return Err(ConfigError::Invalid(format!("history_depth = {history_depth}: it must be 1 to 1000")));
+        }
+        let max_value_bytes = raw.max_value_bytes.unwrap_or(DEFAULT_MAX_VALUE_BYTES);
+        if !(1..=MAX_VALUE_BYTES_CEILING).contains(&max_value_bytes) {
+            return Err(ConfigError::Invalid(format!(
+                "max_value_bytes = {max_value_bytes}: it must be 1 to {MAX_VALUE_BYTES_CEILING}"
+            )));
+        }
+        let key = match (raw.store.key_file, raw.store.passphrase_file) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::Invalid(
+                    "[store] sets both key_file and passphrase_file: choose one".into(),
+                ));
+            }
+            (None, Some(p)) => KeySource::Passphrase(absolute("store.passphrase_file", p)?),
+            (Some(k), None) => KeySource::KeyFile(absolute("store.key_file", k)?),
+            (None, None) => KeySource::KeyFile(state_dir.join("master.key")),
+        };
+        let admin = AdminPolicy { uids: raw.admin.uids, gids: raw.admin.gids };
+        Ok(Config { state_dir, run_dir, history_depth, max_value_bytes, admin, key })
+    }
+
+    pub fn default_admin_socket() -> PathBuf {
+        Path::new(DEFAULT_RUN_DIR).join("admin.sock")
+    }
+
+    pub fn default_workload_socket() -> PathBuf {
+        Path::new(DEFAULT_RUN_DIR).join("workload.sock")
+    }
+
+    pub fn store_file(&self) -> PathBuf {
+        self.state_dir.join("store.redb")
+    }
+
+    pub fn audit_file(&self) -> PathBuf {
+        self.state_dir.join("audit.log")
+    }
+
+    pub fn admin_socket(&self) -> PathBuf {
+        self.run_dir.join("admin.sock")
+    }
+
+    pub fn workload_socket(&self) -> PathBuf {
+        self.run_dir.join("workload.sock")
+    }
+}
+
+fn absolute(key: &str, p: PathBuf) -> Result<PathBuf, ConfigError> {
+    if p.as_os_str().is_empty() {
+        return Err(ConfigError::Invalid(format!("{key} is empty")));
+    }
+    std::path::absolute(&p).map_err(|e| ConfigError::Invalid(format!("{key} {}: {e}", p.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(s).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        Config::from_raw(raw, Overrides::default())
+    }
+
+    #[test]
+    fn empty_config_gives_the_defaults() {
+        let c = parse("").unwrap();
+        assert_eq!(c.state_dir, Path::new(DEFAULT_STATE_DIR));
+        assert_eq!(c.run_dir, Path::new(DEFAULT_RUN_DIR));
+        assert_eq!(c.history_depth, 10);
+        assert_eq!(c.max_value_bytes, 1 << 20);
+        assert_eq!(c.key, KeySource::KeyFile("/var/lib/keyhole/master.key".into()));
+        assert_eq!(c.admin_socket(), Path::new("/run/keyhole/admin.sock"));
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_rejected() {
+        assert!(parse("state_dri = \"/x\"").unwrap_err().to_string().contains("unknown field"));
+        assert!(parse("[admin]\nuid = [1]").unwrap_err().to_string().contains("unknown field"));
+        assert!(parse("history_depth = 0").is_err());
+        assert!(parse("max_value_bytes = 99999999999").is_err());
+        assert!(parse("[store]\nkey_file = \"/a\"\npassphrase_file = \"/b\"").is_err());
+    }
+
+    #[test]
+    fn overrides_win_and_admin_lists_apply() {
+        let raw: RawConfig = toml::from_str("state_dir = \"/a\"\n[admin]\nuids = [1000]\ngids = [50]").unwrap();
+        let c = Config::from_raw(raw, Overrides { state_dir: Some("/b".into()), run_dir: None }).unwrap();
+        assert_eq!(c.state_dir, Path::new("/b"));
+        assert!(c.admin.allows(0, 0, &[]));
+        assert!(c.admin.allows(1000, 1000, &[]));
+        assert!(c.admin.allows(7, 50, &[]));
+        assert!(c.admin.allows(7, 7, &[50]));
+        assert!(!c.admin.allows(7, 7, &[8]));
+    }
+}

@@ -1,0 +1,175 @@
+//! Who is calling.
+//!
+//! Three steps, kept apart: the kernel tells us the peer of a connection
+//! (uid, gid, pid at connect time, and a pidfd pinning that process —
+//! [`Peer`]); the [`Attestor`] turns the pinned process into facts (its
+//! container, whether it is a host process — [`Identity`]); and policy
+//! decides what those facts may do. Attestation re-checks the pidfd after
+//! reading `/proc`, so a process that exited and had its pid reused is
+//! never attested as the newcomer.
+#![forbid(unsafe_code)]
+
+pub mod cgroup;
+
+use std::fmt;
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::config::AdminPolicy;
+
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("the calling process (pid {0}) has exited")]
+    Gone(i32),
+    #[error("no pidfd could pin pid {0}, so it cannot be told from a recycled pid")]
+    Unpinned(i32),
+    #[error("caller pid is 0: it is outside the broker's pid namespace")]
+    NoPid,
+    #[error("cannot read /proc for pid {pid}: {source}")]
+    Proc { pid: i32, source: std::io::Error },
+    #[error("cannot attest pid {pid}: {source}")]
+    Cgroup { pid: i32, source: cgroup::CgroupError },
+}
+
+/// The process at the other end of a connection, as the kernel reported it.
+#[derive(Clone)]
+pub struct Peer {
+    pub uid: u32,
+    pub gid: u32,
+    pub pid: i32,
+    /// Pins the process; `None` only where the kernel offers no pidfd.
+    pub pidfd: Option<Arc<OwnedFd>>,
+}
+
+impl fmt::Debug for Peer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Peer")
+            .field("uid", &self.uid)
+            .field("gid", &self.gid)
+            .field("pid", &self.pid)
+            .field("pinned", &self.pidfd.is_some())
+            .finish()
+    }
+}
+
+/// What the broker knows of a caller.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Identity {
+    pub uid: u32,
+    pub gid: u32,
+    pub pid: i32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container_id: Option<String>,
+    /// In the broker's pid and mount namespaces and in no container.
+    pub host: bool,
+    pub admin: bool,
+}
+
+impl Identity {
+    pub fn selectors(&self) -> Vec<String> {
+        let mut s = vec![format!("unix:uid:{}", self.uid), format!("unix:gid:{}", self.gid)];
+        if let Some(id) = &self.container_id {
+            s.push(format!("docker:id:{id}"));
+        }
+        s
+    }
+}
+
+/// Turns peers into identities by reading `/proc` under `proc_root`.
+#[derive(Debug)]
+pub struct Attestor {
+    proc_root: PathBuf,
+    admin: AdminPolicy,
+    own_pid_ns: Option<PathBuf>,
+    own_mnt_ns: Option<PathBuf>,
+}
+
+impl Attestor {
+    pub fn new(proc_root: impl Into<PathBuf>, admin: AdminPolicy) -> Self {
+        let proc_root = proc_root.into();
+        let own = |ns: &str| std::fs::read_link(proc_root.join("self/ns").join(ns)).ok();
+        Self { own_pid_ns: own("pid"), own_mnt_ns: own("mnt"), proc_root, admin }
+    }
+
+    pub fn attest(&self, peer: &Peer) -> Result<Identity, IdentityError> {
+        let pid = peer.pid;
+        if pid <= 0 {
+            return Err(IdentityError::NoPid);
+        }
+        self.check_alive(peer)?;
+        let dir = self.proc_root.join(pid.to_string());
+        let proc_err = |source| IdentityError::Proc { pid, source };
+        let cgroup_file = std::fs::read_to_string(dir.join("cgroup")).map_err(proc_err)?;
+        let container_id =
+            cgroup::container_id(&cgroup_file).map_err(|source| IdentityError::Cgroup { pid, source })?;
+        let same_ns = |ns: &str, own: &Option<PathBuf>| -> Result<bool, IdentityError> {
+            let theirs = std::fs::read_link(dir.join("ns").join(ns)).map_err(proc_err)?;
+            Ok(own.as_ref() == Some(&theirs))
+        };
+        let host = container_id.is_none()
+            && same_ns("pid", &self.own_pid_ns)?
+            && same_ns("mnt", &self.own_mnt_ns)?;
+        let groups = if host { supplementary_groups(&dir).map_err(proc_err)? } else { Vec::new() };
+        // Everything above was read from /proc/<pid>; it describes the peer
+        // only if the pinned process is still the one with that pid.
+        self.check_alive(peer)?;
+        let admin = host && self.admin.allows(peer.uid, peer.gid, &groups);
+        Ok(Identity { uid: peer.uid, gid: peer.gid, pid, container_id, host, admin })
+    }
+
+    fn check_alive(&self, peer: &Peer) -> Result<(), IdentityError> {
+        let Some(fd) = &peer.pidfd else { return Err(IdentityError::Unpinned(peer.pid)) };
+        match crate::sys::pidfd_pid(fd) {
+            Ok(Some(p)) if p == peer.pid => Ok(()),
+            Ok(_) => Err(IdentityError::Gone(peer.pid)),
+            Err(source) => Err(IdentityError::Proc { pid: peer.pid, source }),
+        }
+    }
+}
+
+fn supplementary_groups(proc_dir: &std::path::Path) -> std::io::Result<Vec<u32>> {
+    let status = std::fs::read_to_string(proc_dir.join("status"))?;
+    Ok(status
+        .lines()
+        .find_map(|l| l.strip_prefix("Groups:"))
+        .map(|g| g.split_whitespace().filter_map(|n| n.parse().ok()).collect())
+        .unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn me(pidfd: Option<Arc<OwnedFd>>) -> Peer {
+        Peer { uid: 0, gid: 0, pid: std::process::id() as i32, pidfd }
+    }
+
+    #[test]
+    fn this_process_is_a_host_process() {
+        let a = Attestor::new("/proc", AdminPolicy::default());
+        let fd = crate::sys::pidfd_open(std::process::id() as i32).ok().map(Arc::new);
+        let id = a.attest(&me(fd)).unwrap();
+        assert!(id.host);
+        assert_eq!(id.container_id, None);
+        assert!(id.selectors().contains(&"unix:uid:0".to_owned()));
+    }
+
+    #[test]
+    fn pid_zero_is_refused() {
+        let a = Attestor::new("/proc", AdminPolicy::default());
+        let p = Peer { pid: 0, ..me(None) };
+        assert!(matches!(a.attest(&p), Err(IdentityError::NoPid)));
+    }
+
+    #[test]
+    fn an_exited_process_is_not_attested() {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id() as i32;
+        let fd = Arc::new(crate::sys::pidfd_open(pid).unwrap());
+        child.wait().unwrap();
+        let a = Attestor::new("/proc", AdminPolicy::default());
+        let p = Peer { uid: 0, gid: 0, pid, pidfd: Some(fd) };
+        assert!(matches!(a.attest(&p), Err(IdentityError::Gone(_))));
+    }
+}

@@ -1,0 +1,34 @@
+//! keyhole: a secrets broker for container hosts.
+//!
+//! It keeps secrets in its own encrypted store (or, later, Vault/OpenBao),
+//! and serves them to containers, attributing every call to the process
+//! the kernel says made it. See README.md for use and
+//! `../shared/DESIGN.md` for the design.
+//!
+//! # Layout
+//!
+//! - [`cli`]: clap definitions and dispatch; one file per command group.
+//! - [`broker`]: `keyhole serve` — wiring, directories, sockets, shutdown.
+//! - [`api`]: the tonic services, peer credentials on Unix sockets, and
+//!   the one place errors become `tonic::Status`.
+//! - [`identity`]: peer → pinned process → identity (cgroup → container).
+//! - [`backend`]: where values live; `local` is the embedded redb store of
+//!   AES-256-GCM-sealed records.
+//! - [`audit`]: the HMAC-chained JSON-lines audit log.
+//! - [`crypto`]: the master key, key derivation, sealing.
+//! - [`secret`]: [`secret::SecretBytes`] (locked, zeroized, redacted) and
+//!   secret path rules.
+//! - [`config`]: TOML config, raw → validated.
+//! - [`sys`]: the few raw kernel calls; the only `unsafe` outside
+//!   `secret`'s allocator.
+
+pub mod api;
+pub mod audit;
+pub mod backend;
+pub mod broker;
+pub mod cli;
+pub mod config;
+pub mod crypto;
+pub mod identity;
+pub mod secret;
+pub mod sys;
