@@ -46,7 +46,12 @@ fn check_private(path: &Path, what: &str) -> anyhow::Result<()> {
     let mode = md.mode() & 0o7777;
     let me = euid();
     if md.uid() != me {
-        bail!("{what} {} belongs to uid {}, not to the broker's uid {me}; fix with: chown {me} {}", path.display(), md.uid(), path.display());
+        bail!(
+            "{what} {} belongs to uid {}, not to the broker's uid {me}; fix with: chown {me} {}",
+            path.display(),
+            md.uid(),
+            path.display()
+        );
     }
     if mode & 0o077 != 0 {
         let want = if md.is_dir() { "0700" } else { "0400" };
@@ -92,7 +97,9 @@ fn read_key(config: &Config) -> anyhow::Result<KeyMaterial> {
     match &config.key {
         KeySource::KeyFile(path) if path.exists() => {
             check_private(path, "master key file")?;
-            let bytes = zeroize::Zeroizing::new(fs::read(path).with_context(|| format!("cannot read master key {}", path.display()))?);
+            let bytes = zeroize::Zeroizing::new(
+                fs::read(path).with_context(|| format!("cannot read master key {}", path.display()))?,
+            );
             let key = MasterKey::from_bytes(&bytes).with_context(|| {
                 format!("master key {} is {} bytes; it must be exactly {}", path.display(), bytes.len(), MasterKey::LEN)
             })?;
@@ -147,12 +154,18 @@ impl Broker {
     }
 }
 
-/// Bind a socket, replacing a stale one; refuse if a live broker owns it.
+/// Refuse to start where a live broker answers on `path`.
+async fn refuse_if_live(path: &Path) -> anyhow::Result<()> {
+    if tokio::net::UnixStream::connect(path).await.is_ok() {
+        bail!("another broker is serving on {}; stop it first", path.display());
+    }
+    Ok(())
+}
+
+/// Bind a socket, replacing a stale one left by a broker that died.
 async fn bind(path: &Path, mode: u32) -> anyhow::Result<UnixListener> {
     if path.exists() {
-        if tokio::net::UnixStream::connect(path).await.is_ok() {
-            bail!("another broker is serving on {}; stop it first", path.display());
-        }
+        refuse_if_live(path).await?;
         fs::remove_file(path).with_context(|| format!("cannot remove stale socket {}", path.display()))?;
     }
     let l = UnixListener::bind(path).with_context(|| format!("cannot bind {}", path.display()))?;
@@ -176,6 +189,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     crate::sys::umask(0o077);
     crate::sys::harden_process().context("cannot disable core dumps")?;
     let run_dir: PathBuf = config.run_dir.clone();
+    // Before touching the state: a running broker keeps it open.
+    refuse_if_live(&config.admin_socket()).await?;
     let broker = Arc::new(tokio::task::spawn_blocking(move || Broker::open(config)).await??);
 
     fs::create_dir_all(&run_dir).with_context(|| format!("cannot create run dir {}", run_dir.display()))?;

@@ -56,10 +56,7 @@ pub struct AdminPolicy {
 
 impl AdminPolicy {
     pub fn allows(&self, uid: u32, gid: u32, groups: &[u32]) -> bool {
-        uid == 0
-            || self.uids.contains(&uid)
-            || self.gids.contains(&gid)
-            || groups.iter().any(|g| self.gids.contains(g))
+        uid == 0 || self.uids.contains(&uid) || self.gids.contains(&gid) || groups.iter().any(|g| self.gids.contains(g))
     }
 }
 
@@ -110,8 +107,8 @@ impl Config {
         let raw = match file {
             None => RawConfig::default(),
             Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .map_err(|source| ConfigError::Read { path: path.into(), source })?;
+                let text =
+                    std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
                 toml::from_str(&text).map_err(|e| ConfigError::Parse {
                     path: path.into(),
                     message: e.message().to_owned()
@@ -137,9 +134,7 @@ impl Config {
         }
         let key = match (raw.store.key_file, raw.store.passphrase_file) {
             (Some(_), Some(_)) => {
-                return Err(ConfigError::Invalid(
-                    "[store] sets both key_file and passphrase_file: choose one".into(),
-                ));
+                return Err(ConfigError::Invalid("[store] sets both key_file and passphrase_file: choose one".into()));
             }
             (None, Some(p)) => KeySource::Passphrase(absolute("store.passphrase_file", p)?),
             (Some(k), None) => KeySource::KeyFile(absolute("store.key_file", k)?),

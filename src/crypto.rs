@@ -55,13 +55,11 @@ impl MasterKey {
 
     /// Argon2id (64 MiB, t=3, p=1) over a passphrase.
     pub fn from_passphrase(passphrase: &[u8], salt: &[u8]) -> Result<Self, CryptoError> {
-        let params = argon2::Params::new(64 * 1024, 3, 1, Some(Self::LEN))
-            .map_err(|e| CryptoError::Kdf(e.to_string()))?;
+        let params =
+            argon2::Params::new(64 * 1024, 3, 1, Some(Self::LEN)).map_err(|e| CryptoError::Kdf(e.to_string()))?;
         let argon = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
         let mut out = zeroize::Zeroizing::new([0u8; Self::LEN]);
-        argon
-            .hash_password_into(passphrase, salt, &mut out[..])
-            .map_err(|e| CryptoError::Kdf(e.to_string()))?;
+        argon.hash_password_into(passphrase, salt, &mut out[..]).map_err(|e| CryptoError::Kdf(e.to_string()))?;
         Ok(Self(SecretBytes::copy_from(&out[..])))
     }
 
@@ -70,8 +68,8 @@ impl MasterKey {
     }
 
     fn derive(&self, label: &[u8]) -> SecretBytes {
-        let mut mac = <HmacSha256 as hmac::KeyInit>::new_from_slice(self.expose())
-            .expect("HMAC takes keys of any length");
+        let mut mac =
+            <HmacSha256 as hmac::KeyInit>::new_from_slice(self.expose()).expect("HMAC takes keys of any length");
         mac.update(label);
         let mut out = mac.finalize().into_bytes();
         let key = SecretBytes::copy_from(&out);

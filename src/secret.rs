@@ -43,9 +43,7 @@ impl SecretBytes {
         let layout = Layout::from_size_align(size, page).expect("page-aligned layout");
         // SAFETY: layout has a non-zero size.
         let raw = unsafe { alloc_zeroed(layout) };
-        let Some(ptr) = NonNull::new(raw) else {
-            std::alloc::handle_alloc_error(layout)
-        };
+        let Some(ptr) = NonNull::new(raw) else { std::alloc::handle_alloc_error(layout) };
         // SAFETY: `raw` is a fresh allocation of `size` >= bytes.len() bytes
         // that does not overlap `bytes`.
         unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), raw, bytes.len()) };

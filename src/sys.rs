@@ -27,13 +27,6 @@ pub fn umask(mask: u32) -> u32 {
     unsafe { libc::umask(mask as libc::mode_t) as u32 }
 }
 
-/// Whether this process is dumpable (0 after [`harden_process`]).
-pub fn dumpable() -> io::Result<i32> {
-    // SAFETY: PR_GET_DUMPABLE takes no pointers.
-    let r = unsafe { libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0) };
-    if r < 0 { Err(io::Error::last_os_error()) } else { Ok(r) }
-}
-
 pub fn page_size() -> usize {
     // SAFETY: sysconf takes an integer and returns one.
     let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
@@ -73,9 +66,7 @@ pub fn peer_pidfd(sock: RawFd) -> io::Result<OwnedFd> {
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: `fd` and `len` are valid for writes of the sizes given; the
     // kernel writes at most `len` bytes.
-    let r = unsafe {
-        libc::getsockopt(sock, libc::SOL_SOCKET, SO_PEERPIDFD, (&raw mut fd).cast(), &mut len)
-    };
+    let r = unsafe { libc::getsockopt(sock, libc::SOL_SOCKET, SO_PEERPIDFD, (&raw mut fd).cast(), &mut len) };
     if r != 0 || fd < 0 {
         return Err(io::Error::last_os_error());
     }

@@ -25,9 +25,7 @@ fn version_pb(path: &str, m: VersionMeta) -> pb::SecretVersion {
 }
 
 fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
 impl AdminService {
@@ -38,7 +36,12 @@ impl AdminService {
         match self.0.attestor.attest(&peer) {
             Ok(id) if id.admin => Ok(id),
             Ok(id) => {
-                audit.record(&Event { method: Some(method), caller: Some(&id), reason: Some("not an admin"), ..Event::new("deny") })?;
+                audit.record(&Event {
+                    method: Some(method),
+                    caller: Some(&id),
+                    reason: Some("not an admin"),
+                    ..Event::new("deny")
+                })?;
                 Err(ApiError::PermissionDenied(format!(
                     "{method} needs an admin caller (a host process with uid 0 or an [admin] uid/gid); the broker sees {}",
                     describe(&id)
@@ -47,7 +50,12 @@ impl AdminService {
             Err(e) => {
                 let who = Identity { uid: peer.uid, gid: peer.gid, pid: peer.pid, ..Identity::default() };
                 let reason = e.to_string();
-                audit.record(&Event { method: Some(method), caller: Some(&who), reason: Some(&reason), ..Event::new("deny") })?;
+                audit.record(&Event {
+                    method: Some(method),
+                    caller: Some(&who),
+                    reason: Some(&reason),
+                    ..Event::new("deny")
+                })?;
                 Err(e.into())
             }
         }
@@ -98,9 +106,9 @@ fn take_value(source: Option<Source>, max: u64) -> Result<SecretBytes, ApiError>
                 Ok(value)
             }
         }
-        Some(Source::GenerateLength(n)) if n == 0 || u64::from(n) > max => Err(ApiError::InvalidArgument(format!(
-            "cannot generate {n} characters: the length must be 1 to {max}"
-        ))),
+        Some(Source::GenerateLength(n)) if n == 0 || u64::from(n) > max => {
+            Err(ApiError::InvalidArgument(format!("cannot generate {n} characters: the length must be 1 to {max}")))
+        }
         Some(Source::GenerateLength(n)) => {
             generate_alnum(n as usize).map_err(|e| ApiError::Internal(format!("no randomness: {e}")))
         }
@@ -228,7 +236,10 @@ impl admin_server::Admin for AdminService {
                     return;
                 }
             }
-            while follow {
+            if !follow {
+                return;
+            }
+            loop {
                 let msg = tokio::select! {
                     m = rx.recv() => m,
                     () = tx.closed() => return,

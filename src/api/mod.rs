@@ -59,10 +59,7 @@ impl From<ApiError> for Status {
 
 /// The kernel-reported peer of the connection a request came on.
 fn peer_of<T>(req: &Request<T>) -> Result<Peer, ApiError> {
-    req.extensions()
-        .get::<Peer>()
-        .cloned()
-        .ok_or_else(|| ApiError::Internal("request without peer credentials".into()))
+    req.extensions().get::<Peer>().cloned().ok_or_else(|| ApiError::Internal("request without peer credentials".into()))
 }
 
 /// Run blocking work (the store, the audit file) off the async workers.

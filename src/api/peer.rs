@@ -29,10 +29,8 @@ impl PeerStream {
     fn new(inner: UnixStream) -> io::Result<Self> {
         let cred = inner.peer_cred()?;
         let pid = cred.pid().unwrap_or(0);
-        let pidfd = crate::sys::peer_pidfd(inner.as_raw_fd())
-            .or_else(|_| crate::sys::pidfd_open(pid))
-            .ok()
-            .map(Arc::new);
+        let pidfd =
+            crate::sys::peer_pidfd(inner.as_raw_fd()).or_else(|_| crate::sys::pidfd_open(pid)).ok().map(Arc::new);
         Ok(Self { inner, peer: Peer { uid: cred.uid(), gid: cred.gid(), pid, pidfd } })
     }
 }

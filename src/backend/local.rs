@@ -129,7 +129,11 @@ impl LocalStore {
         Ok((store, master))
     }
 
-    fn read_head(&self, table: &impl ReadableTable<&'static str, &'static [u8]>, path: &str) -> Result<Option<Vec<VersionMeta>>, StoreError> {
+    fn read_head(
+        &self,
+        table: &impl ReadableTable<&'static str, &'static [u8]>,
+        path: &str,
+    ) -> Result<Option<Vec<VersionMeta>>, StoreError> {
         let Some(sealed) = table.get(path)? else { return Ok(None) };
         let plain = self
             .sealer
@@ -148,7 +152,13 @@ impl LocalStore {
 
     /// Add a version. With `must_exist`, the secret must already exist
     /// (a rotation). Durable when this returns.
-    pub fn put(&self, path: &SecretPath, value: &SecretBytes, must_exist: bool, now_ms: i64) -> Result<VersionMeta, StoreError> {
+    pub fn put(
+        &self,
+        path: &SecretPath,
+        value: &SecretBytes,
+        must_exist: bool,
+        now_ms: i64,
+    ) -> Result<VersionMeta, StoreError> {
         let p = path.as_str();
         let txn = self.db.begin_write()?;
         let meta;

@@ -39,7 +39,10 @@ impl From<tonic::Status> for Failure {
             Code::Unavailable => 5,
             Code::DataLoss => 6,
             Code::ResourceExhausted if s.message().contains("message length too large") => {
-                return Failure { code: 2, message: "the request is larger than the broker accepts (max_value_bytes)".into() };
+                return Failure {
+                    code: 2,
+                    message: "the request is larger than the broker accepts (max_value_bytes)".into(),
+                };
             }
             _ => 1,
         };
@@ -59,8 +62,12 @@ async fn channel(socket: &Path) -> anyhow::Result<Channel> {
             .find_map(|e| e.downcast_ref::<std::io::Error>());
         let s = socket.display();
         let message = match io.map(std::io::Error::kind) {
-            Some(std::io::ErrorKind::NotFound) => format!("no broker socket at {s}: is `keyhole serve` running? (set --socket or KEYHOLE_SOCKET)"),
-            Some(std::io::ErrorKind::ConnectionRefused) => format!("nothing is listening on {s}: the broker is not running"),
+            Some(std::io::ErrorKind::NotFound) => {
+                format!("no broker socket at {s}: is `keyhole serve` running? (set --socket or KEYHOLE_SOCKET)")
+            }
+            Some(std::io::ErrorKind::ConnectionRefused) => {
+                format!("nothing is listening on {s}: the broker is not running")
+            }
             Some(std::io::ErrorKind::PermissionDenied) => format!(
                 "permission denied opening {s}: admin calls need root or an [admin] uid with access to the socket"
             ),

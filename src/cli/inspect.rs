@@ -105,11 +105,8 @@ pub async fn audit(args: AuditArgs, socket: &Path, json: bool) -> anyhow::Result
         }
         return if r.ok { Ok(()) } else { Err(fail(6, r.problem)) };
     }
-    let mut stream = admin
-        .audit_log(pb::AuditLogRequest { follow: args.follow })
-        .await
-        .map_err(Failure::from)?
-        .into_inner();
+    let mut stream =
+        admin.audit_log(pb::AuditLogRequest { follow: args.follow }).await.map_err(Failure::from)?.into_inner();
     let mut out = std::io::stdout().lock();
     while let Some(line) = stream.message().await.map_err(Failure::from)? {
         // Lines are JSON already, so --json changes nothing here.

@@ -127,14 +127,14 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 async fn dispatch(command: Command, socket: Option<PathBuf>, json: bool) -> anyhow::Result<()> {
-    let admin_socket = || socket.clone().unwrap_or_else(|| Config::default_admin_socket());
+    let admin_socket = || socket.clone().unwrap_or_else(Config::default_admin_socket);
     match command {
         Command::Serve(_) => unreachable!("handled in main"),
         Command::Secret(cmd) => secret::run(cmd, &admin_socket(), json).await,
         Command::Status => inspect::status(&admin_socket(), json).await,
         Command::Audit(args) => inspect::audit(args, &admin_socket(), json).await,
         Command::Whoami => {
-            let path = socket.clone().unwrap_or_else(|| Config::default_workload_socket());
+            let path = socket.clone().unwrap_or_else(Config::default_workload_socket);
             inspect::whoami(&path, json).await
         }
     }

@@ -107,9 +107,7 @@ impl Attestor {
             let theirs = std::fs::read_link(dir.join("ns").join(ns)).map_err(proc_err)?;
             Ok(own.as_ref() == Some(&theirs))
         };
-        let host = container_id.is_none()
-            && same_ns("pid", &self.own_pid_ns)?
-            && same_ns("mnt", &self.own_mnt_ns)?;
+        let host = container_id.is_none() && same_ns("pid", &self.own_pid_ns)? && same_ns("mnt", &self.own_mnt_ns)?;
         let groups = if host { supplementary_groups(&dir).map_err(proc_err)? } else { Vec::new() };
         // Everything above was read from /proc/<pid>; it describes the peer
         // only if the pinned process is still the one with that pid.

@@ -1,0 +1,11 @@
+//! Black-box tests: a real `keyhole serve`, driven through the real CLI.
+//! One binary for the whole suite, so it links once.
+
+mod support;
+
+mod admin;
+mod audit;
+mod crash;
+mod lifecycle;
+mod secrets;
+mod tamper;

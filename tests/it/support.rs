@@ -1,0 +1,232 @@
+//! A real `keyhole serve` per test, in its own temp dirs, stopped on drop;
+//! and the real CLI to talk to it.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_keyhole");
+
+/// These tests switch uids and read /proc of other processes: root only.
+/// Under CI a missing prerequisite fails; elsewhere it is said loudly.
+pub fn require_root() -> bool {
+    if fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m)).unwrap_or(1) == 0 {
+        return true;
+    }
+    assert!(std::env::var_os("CI").is_none(), "CI=true but the tests are not running as root");
+    eprintln!("SKIPPED: needs root (run the suite as root, as scripts/test.sh does)");
+    false
+}
+
+pub struct Broker {
+    pub dir: tempfile::TempDir,
+    child: Option<Child>,
+    pub config: Option<PathBuf>,
+}
+
+impl Broker {
+    pub fn start() -> Broker {
+        Self::start_with_config(None)
+    }
+
+    /// Start with a config file holding `toml` (state/run dirs are passed
+    /// as flags, which win).
+    pub fn start_with(toml: &str) -> Broker {
+        Self::start_with_config(Some(toml))
+    }
+
+    fn start_with_config(toml: Option<&str>) -> Broker {
+        let dir = tempfile::tempdir().unwrap();
+        // Non-root test callers must be able to traverse to the sockets.
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        let config = toml.map(|t| {
+            let p = dir.path().join("keyhole.toml");
+            fs::write(&p, t).unwrap();
+            p
+        });
+        let mut b = Broker { dir, child: None, config };
+        b.restart();
+        b
+    }
+
+    pub fn state(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    pub fn run(&self) -> PathBuf {
+        self.dir.path().join("run")
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.run().join("admin.sock")
+    }
+
+    pub fn workload_socket(&self) -> PathBuf {
+        self.run().join("workload.sock")
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.path().join("broker.log")).unwrap_or_default()
+    }
+
+    pub fn audit_lines(&self) -> Vec<serde_json::Value> {
+        fs::read_to_string(self.state().join("audit.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    pub fn serve_command(&self) -> Command {
+        let mut c = Command::new(BIN);
+        c.arg("serve").arg("--state-dir").arg(self.state()).arg("--run-dir").arg(self.run());
+        if let Some(cfg) = &self.config {
+            c.arg("--config").arg(cfg);
+        }
+        let log = fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("broker.log")).unwrap();
+        c.stdout(Stdio::null()).stderr(log).env("KEYHOLE_LOG", "debug");
+        c
+    }
+
+    /// (Re)start the broker and wait until it answers.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "broker already running");
+        let mut child = self.serve_command().spawn().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                panic!("broker exited at start ({st}):\n{}", self.log());
+            }
+            if self.socket().exists() && self.cli(&["status"]).status.success() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "broker did not come up:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.child = Some(child);
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().expect("running").id() as i32
+    }
+
+    pub fn kill9(&mut self) {
+        let mut c = self.child.take().expect("running");
+        c.kill().unwrap();
+        c.wait().unwrap();
+    }
+
+    /// SIGTERM and wait; returns the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("running");
+        // SAFETY-free: libc::kill with a pid we own and a constant signal.
+        signal(c.id() as i32, libc::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(st) = c.try_wait().unwrap() {
+                return st;
+            }
+            assert!(Instant::now() < deadline, "broker ignored SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn cli(&self, args: &[&str]) -> Output {
+        self.cli_in(args, None)
+    }
+
+    pub fn cli_in(&self, args: &[&str], stdin: Option<&[u8]>) -> Output {
+        cli_as(&self.socket(), args, stdin, None)
+    }
+
+    /// Run the CLI and insist on success; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> Vec<u8> {
+        let out = self.cli(args);
+        assert!(out.status.success(), "keyhole {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        out.stdout
+    }
+
+    pub fn put(&self, path: &str, value: &[u8]) -> u64 {
+        let out = self.cli_in(&["secret", "put", path, "--stdin", "--json"], Some(value));
+        assert!(out.status.success(), "put {path}: {}", String::from_utf8_lossy(&out.stderr));
+        json(&out.stdout)["version"].as_u64().unwrap()
+    }
+
+    pub fn get(&self, path: &str) -> Vec<u8> {
+        self.ok(&["secret", "get", path])
+    }
+
+    /// Assert that none of `values` appears in the broker's log, the audit
+    /// log or any file of the state dir but the store (which is sealed).
+    pub fn assert_never_leaked(&self, values: &[&[u8]]) {
+        let mut places = vec![("broker log".to_owned(), self.log().into_bytes())];
+        for e in fs::read_dir(self.state()).unwrap() {
+            let p = e.unwrap().path();
+            places.push((p.display().to_string(), fs::read(&p).unwrap()));
+        }
+        for (name, bytes) in places {
+            for v in values {
+                assert!(!contains(&bytes, v), "a secret value appears in {name}");
+            }
+        }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn signal(pid: i32, sig: i32) {
+    // SAFETY: sending a signal to a child we spawned; no memory involved.
+    unsafe { libc::kill(pid, sig) };
+}
+
+pub fn cli_as(socket: &Path, args: &[&str], stdin: Option<&[u8]>, uid: Option<u32>) -> Output {
+    let mut c = Command::new(BIN);
+    c.args(args).env("KEYHOLE_SOCKET", socket).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    if let Some(u) = uid {
+        c.uid(u).gid(u);
+    }
+    let mut child = c.spawn().unwrap();
+    let mut input = child.stdin.take().unwrap();
+    if let Some(bytes) = stdin {
+        input.write_all(bytes).unwrap();
+    }
+    drop(input);
+    child.wait_with_output().unwrap()
+}
+
+pub fn json(bytes: &[u8]) -> serde_json::Value {
+    serde_json::from_slice(bytes).unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(bytes)))
+}
+
+pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Assert a failed CLI run: its exit code, and words its one-line error has.
+pub fn assert_fails(o: &Output, code: i32, words: &str) {
+    let err = stderr(o);
+    assert_eq!(o.status.code(), Some(code), "wanted exit {code}, got {:?}: {err}", o.status.code());
+    assert!(err.contains(words), "error {err:?} lacks {words:?}");
+    assert_eq!(err.trim_end().lines().count(), 1, "error is not one line: {err:?}");
+}
+
+/// A cheap random number for test schedules (no rand crate needed).
+pub fn jitter(max: u64) -> u64 {
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos() as u64;
+    (t ^ (t >> 7).wrapping_mul(0x9E37_79B9)) % max.max(1)
+}
