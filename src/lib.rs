@@ -12,6 +12,7 @@
 //! - [`api`]: the tonic services, peer credentials on Unix sockets, and
 //!   the one place errors become `tonic::Status`.
 //! - [`identity`]: peer → pinned process → identity (cgroup → container).
+//! - [`policy`]: workloads, selectors, grants, and `decide` (pure).
 //! - [`backend`]: where values live; `local` is the embedded redb store of
 //!   AES-256-GCM-sealed records.
 //! - [`audit`]: the HMAC-chained JSON-lines audit log.
@@ -30,5 +31,6 @@ pub mod cli;
 pub mod config;
 pub mod crypto;
 pub mod identity;
+pub mod policy;
 pub mod secret;
 pub mod sys;

@@ -142,8 +142,24 @@ pub const MAX_PATH_LEN: usize = 256;
 
 /// A validated secret path: `/`-joined segments of `[A-Za-z0-9._-]`, no
 /// empty, `.` or `..` segment, at most [`MAX_PATH_LEN`] bytes.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct SecretPath(String);
+
+impl TryFrom<String> for SecretPath {
+    type Error = PathError;
+
+    fn try_from(s: String) -> Result<Self, PathError> {
+        validate_path(&s)?;
+        Ok(Self(s))
+    }
+}
+
+impl From<SecretPath> for String {
+    fn from(p: SecretPath) -> String {
+        p.0
+    }
+}
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PathError {

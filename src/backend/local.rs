@@ -5,6 +5,8 @@
 //! | `values` | (path, version) | sealed value; AAD `keyhole/v1/value\0<path>\0<version>` |
 //! | `heads` | path | sealed JSON list of kept versions; AAD `keyhole/v1/head\0<path>` |
 //! | `meta` | name | `keycheck` (sealed constant), `kdf-salt` (passphrase mode) |
+//! | `workloads` | name | sealed JSON workload; AAD `keyhole/v1/workload\0<name>` |
+//! | `grants` | (workload, target) | sealed JSON grant; AAD `keyhole/v1/grant\0<workload>\0<target>` |
 //!
 //! Everything a reader acts on is authenticated: a record edited, or
 //! copied under another path or version, fails to open and is reported as
@@ -19,11 +21,14 @@ use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Tab
 
 use super::VersionMeta;
 use crate::crypto::{CryptoError, MasterKey, Sealer};
+use crate::policy::{Grant, Workload};
 use crate::secret::{SecretBytes, SecretPath};
 
 const VALUES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("values");
 const HEADS: TableDefinition<&str, &[u8]> = TableDefinition::new("heads");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const WORKLOADS: TableDefinition<&str, &[u8]> = TableDefinition::new("workloads");
+const GRANTS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("grants");
 
 const KEYCHECK: &[u8] = b"keyhole local store v1";
 const KEYCHECK_AAD: &[u8] = b"keyhole/v1/keycheck";
@@ -38,6 +43,11 @@ pub enum StoreError {
     Tampered { what: String },
     #[error("secret {0} does not exist")]
     NotFound(String),
+    /// A workload or grant that does not exist (the message says which).
+    #[error("{0}")]
+    Missing(String),
+    #[error("{0}")]
+    Exists(String),
     #[error("secret {path} has no version {version} (kept: {kept})")]
     NoVersion { path: String, version: u64, kept: String },
     #[error("{0}")]
@@ -78,6 +88,14 @@ fn head_aad(path: &str) -> Vec<u8> {
     format!("keyhole/v1/head\0{path}").into_bytes()
 }
 
+fn workload_aad(name: &str) -> Vec<u8> {
+    format!("keyhole/v1/workload\0{name}").into_bytes()
+}
+
+fn grant_aad(workload: &str, target: &str) -> Vec<u8> {
+    format!("keyhole/v1/grant\0{workload}\0{target}").into_bytes()
+}
+
 /// Where the master key comes from, resolved against the store.
 pub enum KeyMaterial {
     Key(MasterKey),
@@ -96,6 +114,8 @@ impl LocalStore {
             let mut meta = txn.open_table(META)?;
             txn.open_table(VALUES)?;
             txn.open_table(HEADS)?;
+            txn.open_table(WORKLOADS)?;
+            txn.open_table(GRANTS)?;
             master = match key {
                 KeyMaterial::Key(k) => k,
                 KeyMaterial::Passphrase(pass) => {
@@ -129,25 +149,33 @@ impl LocalStore {
         Ok((store, master))
     }
 
+    fn seal_json(&self, value: &impl serde::Serialize, aad: &[u8]) -> Result<Vec<u8>, StoreError> {
+        // Invariant: our records are plain structs of strings and integers.
+        let json = serde_json::to_vec(value).expect("serialize record");
+        Ok(self.sealer.seal(&json, aad)?)
+    }
+
+    fn open_json<T: serde::de::DeserializeOwned>(
+        &self,
+        sealed: &[u8],
+        aad: &[u8],
+        what: impl Fn() -> String,
+    ) -> Result<T, StoreError> {
+        let plain = self.sealer.open(sealed, aad).map_err(|_| StoreError::Tampered { what: what() })?;
+        serde_json::from_slice(plain.expose()).map_err(|_| StoreError::Tampered { what: what() })
+    }
+
     fn read_head(
         &self,
         table: &impl ReadableTable<&'static str, &'static [u8]>,
         path: &str,
     ) -> Result<Option<Vec<VersionMeta>>, StoreError> {
         let Some(sealed) = table.get(path)? else { return Ok(None) };
-        let plain = self
-            .sealer
-            .open(sealed.value(), &head_aad(path))
-            .map_err(|_| StoreError::Tampered { what: format!("the version list of {path}") })?;
-        let versions: Vec<VersionMeta> = serde_json::from_slice(plain.expose())
-            .map_err(|_| StoreError::Tampered { what: format!("the version list of {path}") })?;
-        Ok(Some(versions))
+        self.open_json(sealed.value(), &head_aad(path), || format!("the version list of {path}")).map(Some)
     }
 
     fn seal_head(&self, path: &str, versions: &[VersionMeta]) -> Result<Vec<u8>, StoreError> {
-        // Invariant: VersionMeta serializes infallibly (plain integers).
-        let json = serde_json::to_vec(versions).expect("serialize version list");
-        Ok(self.sealer.seal(&json, &head_aad(path))?)
+        self.seal_json(&versions, &head_aad(path))
     }
 
     /// Add a version. With `must_exist`, the secret must already exist
@@ -259,6 +287,100 @@ impl LocalStore {
         Ok(n)
     }
 
+    /// Add a workload; its name must be new.
+    pub fn add_workload(&self, w: &Workload) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut t = txn.open_table(WORKLOADS)?;
+            if t.get(w.name.as_str())?.is_some() {
+                return Err(StoreError::Exists(format!("workload {} exists; remove it first to change it", w.name)));
+            }
+            t.insert(w.name.as_str(), self.seal_json(w, &workload_aad(&w.name))?.as_slice())?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Remove a workload and its grants; returns how many grants went.
+    pub fn remove_workload(&self, name: &str) -> Result<usize, StoreError> {
+        let txn = self.db.begin_write()?;
+        let n;
+        {
+            let mut t = txn.open_table(WORKLOADS)?;
+            if t.remove(name)?.is_none() {
+                return Err(StoreError::Missing(format!("workload {name} does not exist")));
+            }
+            let mut g = txn.open_table(GRANTS)?;
+            let mut targets = Vec::new();
+            for e in g.range((name, "")..)? {
+                let (k, _) = e?;
+                let (w, target) = k.value();
+                if w != name {
+                    break;
+                }
+                targets.push(target.to_owned());
+            }
+            for target in &targets {
+                g.remove((name, target.as_str()))?;
+            }
+            n = targets.len();
+        }
+        txn.commit()?;
+        Ok(n)
+    }
+
+    pub fn workloads(&self) -> Result<Vec<Workload>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(WORKLOADS)?;
+        let mut out = Vec::new();
+        for e in t.iter()? {
+            let (k, v) = e?;
+            let name = k.value();
+            out.push(self.open_json(v.value(), &workload_aad(name), || format!("workload {name}"))?);
+        }
+        Ok(out)
+    }
+
+    /// Add or replace the grant of `g.target` to `g.workload`, which must exist.
+    pub fn put_grant(&self, g: &Grant) -> Result<(), StoreError> {
+        let target = g.target.to_string();
+        let txn = self.db.begin_write()?;
+        {
+            if txn.open_table(WORKLOADS)?.get(g.workload.as_str())?.is_none() {
+                return Err(StoreError::Missing(format!("workload {} does not exist", g.workload)));
+            }
+            let sealed = self.seal_json(g, &grant_aad(&g.workload, &target))?;
+            txn.open_table(GRANTS)?.insert((g.workload.as_str(), target.as_str()), sealed.as_slice())?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    pub fn remove_grant(&self, workload: &str, target: &str) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        if txn.open_table(GRANTS)?.remove((workload, target))?.is_none() {
+            return Err(StoreError::Missing(format!("{target} is not granted to {workload}")));
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// All grants, or one workload's, ordered by workload then target.
+    pub fn grants(&self, workload: Option<&str>) -> Result<Vec<Grant>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(GRANTS)?;
+        let mut out = Vec::new();
+        for e in t.range((workload.unwrap_or(""), "")..)? {
+            let (k, v) = e?;
+            let (w, target) = k.value();
+            if workload.is_some_and(|want| want != w) {
+                break;
+            }
+            out.push(self.open_json(v.value(), &grant_aad(w, target), || format!("the grant of {target} to {w}"))?);
+        }
+        Ok(out)
+    }
+
     pub fn count(&self) -> Result<u64, StoreError> {
         let txn = self.db.begin_read()?;
         Ok(txn.open_table(HEADS)?.len()?)
@@ -316,6 +438,28 @@ mod tests {
         assert_eq!(names("").len(), 5);
         assert_eq!(s.delete(&p("db/a")).unwrap(), 1);
         assert_eq!(s.count().unwrap(), 4);
+    }
+
+    #[test]
+    fn workloads_and_grants() {
+        let d = tempfile::tempdir().unwrap();
+        let s = store(d.path(), 10);
+        let w = Workload::new("web", &["unix:uid:1000".into()]).unwrap();
+        let g = Grant::new("db/*", "web", None, None, None, None).unwrap();
+        assert!(matches!(s.put_grant(&g), Err(StoreError::Missing(_))), "no grant to a missing workload");
+        s.add_workload(&w).unwrap();
+        assert!(matches!(s.add_workload(&w), Err(StoreError::Exists(_))));
+        s.add_workload(&Workload::new("api", &["unix:uid:1".into()]).unwrap()).unwrap();
+        s.put_grant(&g).unwrap();
+        s.put_grant(&Grant::new("x", "web", None, None, None, None).unwrap()).unwrap();
+        s.put_grant(&Grant::new("x", "api", None, None, None, None).unwrap()).unwrap();
+        assert_eq!(s.grants(Some("web")).unwrap().len(), 2);
+        assert_eq!(s.grants(None).unwrap().len(), 3);
+        s.remove_grant("web", "x").unwrap();
+        assert!(matches!(s.remove_grant("web", "x"), Err(StoreError::Missing(_))));
+        assert_eq!(s.remove_workload("web").unwrap(), 1);
+        assert_eq!(s.grants(None).unwrap().len(), 1);
+        assert_eq!(s.workloads().unwrap().iter().map(|w| w.name.as_str()).collect::<Vec<_>>(), ["api"]);
     }
 
     #[test]

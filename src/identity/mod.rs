@@ -17,6 +17,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::config::AdminPolicy;
+use crate::policy::ContainerInfo;
 
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
@@ -61,9 +62,16 @@ pub struct Identity {
     pub pid: i32,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub container_id: Option<String>,
+    /// What Docker says of the container (audited as its name only).
+    #[serde(rename = "container_name", serialize_with = "name_only", skip_serializing_if = "Option::is_none")]
+    pub docker: Option<ContainerInfo>,
     /// In the broker's pid and mount namespaces and in no container.
     pub host: bool,
     pub admin: bool,
+}
+
+fn name_only<S: serde::Serializer>(d: &Option<ContainerInfo>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(d.as_ref().map_or("", |d| d.name.as_str()))
 }
 
 impl Identity {
@@ -71,6 +79,11 @@ impl Identity {
         let mut s = vec![format!("unix:uid:{}", self.uid), format!("unix:gid:{}", self.gid)];
         if let Some(id) = &self.container_id {
             s.push(format!("docker:id:{id}"));
+        }
+        if let Some(d) = &self.docker {
+            s.push(format!("docker:name:{}", d.name));
+            s.push(format!("docker:image:{}", d.image));
+            s.extend(d.labels.iter().map(|(k, v)| format!("docker:label:{k}={v}")));
         }
         s
     }
@@ -113,7 +126,7 @@ impl Attestor {
         // only if the pinned process is still the one with that pid.
         self.check_alive(peer)?;
         let admin = host && self.admin.allows(peer.uid, peer.gid, &groups);
-        Ok(Identity { uid: peer.uid, gid: peer.gid, pid, container_id, host, admin })
+        Ok(Identity { uid: peer.uid, gid: peer.gid, pid, container_id, docker: None, host, admin })
     }
 
     fn check_alive(&self, peer: &Peer) -> Result<(), IdentityError> {

@@ -1,0 +1,370 @@
+//! Workloads, grants, and the decision. Pure: no I/O.
+//!
+//! A workload is a name and selectors; a caller matches it when it
+//! matches every selector. A grant shows a secret (or every secret under
+//! a prefix, `db/*`) in a workload's mount as a file with a name, mode
+//! and owner.
+#![forbid(unsafe_code)]
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::identity::Identity;
+use crate::secret::{PathError, SecretPath};
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PolicyError {
+    #[error("selector {0:?} is not one of unix:uid:N, unix:gid:N, docker:id:ID, docker:name:NAME, docker:image:REF, docker:label:KEY=VALUE")]
+    BadSelector(String),
+    #[error("workload name {0:?} must be 1-64 characters of [A-Za-z0-9._-], not starting with '.' or '-'")]
+    BadWorkloadName(String),
+    #[error("a workload needs at least one selector")]
+    NoSelectors,
+    #[error("file name {0:?} must be 1-255 characters of [A-Za-z0-9._-], not '.' or '..'")]
+    BadFileName(String),
+    #[error("mode {0:04o}: files are read-only, so only read bits (0400, 0440, 0444, ...) are allowed")]
+    BadMode(u32),
+    #[error("--file cannot be used with a prefix grant ({0}): each secret keeps its own name")]
+    FileWithPrefix(String),
+    #[error(transparent)]
+    Path(#[from] PathError),
+}
+
+/// One fact about a caller that a workload can require.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Selector {
+    UnixUid(u32),
+    UnixGid(u32),
+    DockerId(String),
+    DockerName(String),
+    DockerImage(String),
+    DockerLabel(String, String),
+}
+
+impl Selector {
+    pub fn parse(s: &str) -> Result<Self, PolicyError> {
+        let bad = || PolicyError::BadSelector(s.to_owned());
+        let (kind, rest) = s.split_once(':').ok_or_else(bad)?;
+        let (key, value) = rest.split_once(':').ok_or_else(bad)?;
+        let nonempty = |v: &str| (!v.is_empty() && !v.contains(char::is_control)).then(|| v.to_owned()).ok_or_else(bad);
+        Ok(match (kind, key) {
+            ("unix", "uid") => Selector::UnixUid(value.parse().map_err(|_| bad())?),
+            ("unix", "gid") => Selector::UnixGid(value.parse().map_err(|_| bad())?),
+            ("docker", "id") if value.len() >= 12 && value.bytes().all(|b| b.is_ascii_hexdigit()) => {
+                Selector::DockerId(value.to_ascii_lowercase())
+            }
+            ("docker", "name") => Selector::DockerName(nonempty(value.trim_start_matches('/'))?),
+            ("docker", "image") => Selector::DockerImage(nonempty(value)?),
+            ("docker", "label") => {
+                let (k, v) = value.split_once('=').ok_or_else(bad)?;
+                Selector::DockerLabel(nonempty(k)?, v.to_owned())
+            }
+            _ => return Err(bad()),
+        })
+    }
+
+    pub fn matches(&self, id: &Identity) -> bool {
+        let docker = id.docker.as_ref();
+        match self {
+            Selector::UnixUid(u) => id.uid == *u,
+            Selector::UnixGid(g) => id.gid == *g,
+            // A short id matches as a prefix, as docker's CLI accepts it.
+            Selector::DockerId(want) => id.container_id.as_deref().is_some_and(|c| c.starts_with(want.as_str())),
+            Selector::DockerName(n) => docker.is_some_and(|d| d.name == *n),
+            Selector::DockerImage(i) => docker.is_some_and(|d| d.image == *i),
+            Selector::DockerLabel(k, v) => docker.is_some_and(|d| d.labels.get(k) == Some(v)),
+        }
+    }
+}
+
+impl fmt::Display for Selector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Selector::UnixUid(u) => write!(f, "unix:uid:{u}"),
+            Selector::UnixGid(g) => write!(f, "unix:gid:{g}"),
+            Selector::DockerId(i) => write!(f, "docker:id:{i}"),
+            Selector::DockerName(n) => write!(f, "docker:name:{n}"),
+            Selector::DockerImage(i) => write!(f, "docker:image:{i}"),
+            Selector::DockerLabel(k, v) => write!(f, "docker:label:{k}={v}"),
+        }
+    }
+}
+
+/// What Docker says about a container (from inspect).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ContainerInfo {
+    pub name: String,
+    pub image: String,
+    pub labels: BTreeMap<String, String>,
+    /// The container's configured user (`User`), e.g. "1000" or "app".
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub user: String,
+}
+
+fn check_name(s: &str, max: usize) -> bool {
+    !s.is_empty()
+        && s.len() <= max
+        && s != "."
+        && s != ".."
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+pub fn check_workload_name(s: &str) -> Result<(), PolicyError> {
+    if check_name(s, 64) && !s.starts_with(['.', '-']) {
+        Ok(())
+    } else {
+        Err(PolicyError::BadWorkloadName(s.to_owned()))
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Workload {
+    pub name: String,
+    pub selectors: Vec<Selector>,
+}
+
+impl Workload {
+    pub fn new(name: &str, selectors: &[String]) -> Result<Self, PolicyError> {
+        check_workload_name(name)?;
+        if selectors.is_empty() {
+            return Err(PolicyError::NoSelectors);
+        }
+        let mut selectors = selectors.iter().map(|s| Selector::parse(s)).collect::<Result<Vec<_>, _>>()?;
+        selectors.sort();
+        selectors.dedup();
+        Ok(Workload { name: name.to_owned(), selectors })
+    }
+
+    /// A caller matches when it matches every selector.
+    pub fn matches(&self, id: &Identity) -> bool {
+        !self.selectors.is_empty() && self.selectors.iter().all(|s| s.matches(id))
+    }
+}
+
+/// What a grant names: one secret, or every secret under a prefix.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Target {
+    Exact(SecretPath),
+    Prefix(SecretPath),
+}
+
+impl Target {
+    pub fn parse(s: &str) -> Result<Self, PolicyError> {
+        match s.strip_suffix("/*") {
+            Some(p) => Ok(Target::Prefix(SecretPath::parse(p)?)),
+            None => Ok(Target::Exact(SecretPath::parse(s)?)),
+        }
+    }
+
+    /// The file name `path` appears as under this target, if it is covered:
+    /// the last segment for an exact grant; for a prefix grant, the rest
+    /// of the path with '/' turned into '_'.
+    pub fn file_for(&self, path: &str) -> Option<String> {
+        match self {
+            Target::Exact(p) if p.as_str() == path => path.rsplit('/').next().map(str::to_owned),
+            Target::Exact(_) => None,
+            Target::Prefix(p) => {
+                let rest = path.strip_prefix(p.as_str())?.strip_prefix('/')?;
+                Some(rest.replace('/', "_"))
+            }
+        }
+    }
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Target::Exact(p) => write!(f, "{p}"),
+            Target::Prefix(p) => write!(f, "{p}/*"),
+        }
+    }
+}
+
+pub const DEFAULT_MODE: u32 = 0o400;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Grant {
+    pub target: Target,
+    pub workload: String,
+    /// File name; `None` means the default derived from the path.
+    pub file: Option<String>,
+    pub mode: u32,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+}
+
+impl Grant {
+    pub fn new(
+        target: &str,
+        workload: &str,
+        file: Option<String>,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+    ) -> Result<Self, PolicyError> {
+        let target = Target::parse(target)?;
+        check_workload_name(workload)?;
+        if let Some(f) = &file {
+            if matches!(target, Target::Prefix(_)) {
+                return Err(PolicyError::FileWithPrefix(target.to_string()));
+            }
+            if !check_name(f, 255) {
+                return Err(PolicyError::BadFileName(f.clone()));
+            }
+        }
+        let mode = mode.unwrap_or(DEFAULT_MODE);
+        if mode & !0o444 != 0 || mode == 0 {
+            return Err(PolicyError::BadMode(mode));
+        }
+        Ok(Grant { target, workload: workload.to_owned(), file, mode, uid, gid })
+    }
+
+    pub fn file_for(&self, path: &str) -> Option<String> {
+        let derived = self.target.file_for(path)?;
+        Some(self.file.clone().unwrap_or(derived))
+    }
+}
+
+/// One file a workload's mount shows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileSpec {
+    pub name: String,
+    pub secret: String,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// The files a workload sees, given its grants and the secrets that exist.
+/// Where two grants would show the same name, the exact grant wins over a
+/// prefix, then the earlier secret path; the loser is reported.
+pub fn files_for<'a>(
+    grants: impl IntoIterator<Item = &'a Grant>,
+    secrets: &[String],
+) -> (Vec<FileSpec>, Vec<String>) {
+    let mut chosen: BTreeMap<String, (bool, FileSpec)> = BTreeMap::new();
+    let mut clashes = Vec::new();
+    for g in grants {
+        for s in secrets {
+            let Some(name) = g.file_for(s) else { continue };
+            let exact = matches!(g.target, Target::Exact(_));
+            let spec =
+                FileSpec { name: name.clone(), secret: s.clone(), mode: g.mode, uid: g.uid.unwrap_or(0), gid: g.gid.unwrap_or(0) };
+            match chosen.get(&name) {
+                Some((was_exact, prev)) if *was_exact && !exact || (*was_exact == exact && prev.secret <= spec.secret) => {
+                    clashes.push(format!("{name}: {} hides {}", prev.secret, spec.secret));
+                }
+                Some((_, prev)) => {
+                    clashes.push(format!("{name}: {} hides {}", spec.secret, prev.secret));
+                    chosen.insert(name, (exact, spec));
+                }
+                None => {
+                    chosen.insert(name, (exact, spec));
+                }
+            }
+        }
+    }
+    (chosen.into_values().map(|(_, s)| s).collect(), clashes)
+}
+
+/// The decision for one open of one file in one workload's mount.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    Allow,
+    /// The caller does not match the mount's workload.
+    WrongWorkload,
+}
+
+pub fn decide(id: &Identity, workload: &Workload) -> Decision {
+    if workload.matches(id) { Decision::Allow } else { Decision::WrongWorkload }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(uid: u32, container: Option<(&str, &str, &[(&str, &str)])>) -> Identity {
+        Identity {
+            uid,
+            gid: uid,
+            pid: 1,
+            container_id: container.map(|_| "ab".repeat(32)),
+            docker: container.map(|(name, image, labels)| ContainerInfo {
+                name: name.into(),
+                image: image.into(),
+                labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+                user: String::new(),
+            }),
+            ..Identity::default()
+        }
+    }
+
+    #[test]
+    fn selectors_parse_and_print_back() {
+        for s in [
+            "unix:uid:1000",
+            "unix:gid:0",
+            "docker:id:abababababab",
+            "docker:name:web",
+            "docker:image:local/app:1.2",
+            "docker:label:com.example.role=db",
+            "docker:label:empty=",
+        ] {
+            assert_eq!(Selector::parse(s).unwrap().to_string(), s);
+        }
+        assert_eq!(Selector::parse("docker:name:/web").unwrap().to_string(), "docker:name:web");
+        for bad in ["uid:1", "unix:uid:x", "unix:pid:1", "docker:id:xyz", "docker:label:novalue", "docker:name:", "k8s:ns:a"] {
+            assert!(Selector::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_workload_needs_every_selector() {
+        let w = Workload::new("web", &["docker:label:app=web".into(), "unix:uid:0".into()]).unwrap();
+        assert!(w.matches(&id(0, Some(("c1", "img", &[("app", "web")])))));
+        assert!(!w.matches(&id(0, Some(("c1", "img", &[("app", "db")])))));
+        assert!(!w.matches(&id(1000, Some(("c1", "img", &[("app", "web")])))));
+        assert!(!w.matches(&id(0, None)), "a host process has no labels");
+        let short = Workload::new("x", &["docker:id:abababababab".into()]).unwrap();
+        assert!(short.matches(&id(5, Some(("n", "i", &[])))));
+        assert_eq!(decide(&id(5, None), &short), Decision::WrongWorkload);
+        assert!(Workload::new("x", &[]).is_err());
+        for bad in ["", ".x", "-x", "a/b", "a b", &"a".repeat(65)] {
+            assert!(Workload::new(bad, &["unix:uid:0".into()]).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn grants_name_files() {
+        let g = Grant::new("db/password", "web", None, None, None, None).unwrap();
+        assert_eq!(g.file_for("db/password").as_deref(), Some("password"));
+        assert_eq!(g.file_for("db/password2"), None);
+        let p = Grant::new("db/*", "web", None, Some(0o440), Some(1000), None).unwrap();
+        assert_eq!(p.file_for("db/user").as_deref(), Some("user"));
+        assert_eq!(p.file_for("db/replica/pw").as_deref(), Some("replica_pw"));
+        assert_eq!(p.file_for("db"), None);
+        assert_eq!(p.file_for("dbx/a"), None);
+        let f = Grant::new("db/password", "web", Some("DB_PASSWORD".into()), None, None, None).unwrap();
+        assert_eq!(f.file_for("db/password").as_deref(), Some("DB_PASSWORD"));
+        assert_eq!(Grant::new("db/*", "w", Some("x".into()), None, None, None), Err(PolicyError::FileWithPrefix("db/*".into())));
+        assert_eq!(Grant::new("a", "w", None, Some(0o600), None, None), Err(PolicyError::BadMode(0o600)));
+        assert!(Grant::new("a", "w", Some("..".into()), None, None, None).is_err());
+        assert!(Grant::new("../a", "w", None, None, None, None).is_err());
+    }
+
+    #[test]
+    fn clashing_file_names_resolve_deterministically() {
+        let exact = Grant::new("web/password", "w", None, None, None, None).unwrap();
+        let prefix = Grant::new("db/*", "w", None, None, Some(7), None).unwrap();
+        let secrets: Vec<String> = ["db/password", "db/user", "web/password"].map(String::from).to_vec();
+        let (files, clashes) = files_for([&prefix, &exact], &secrets);
+        let names: Vec<(&str, &str)> = files.iter().map(|f| (f.name.as_str(), f.secret.as_str())).collect();
+        assert_eq!(names, [("password", "web/password"), ("user", "db/user")]);
+        assert_eq!(clashes, ["password: web/password hides db/password"]);
+        let (again, _) = files_for([&exact, &prefix], &secrets);
+        assert_eq!(files, again, "order of grants does not matter");
+        assert_eq!(files[1].uid, 7);
+    }
+}
