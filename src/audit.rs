@@ -36,6 +36,8 @@ pub struct Event<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub caller: Option<&'a Identity>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub workload: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub path: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub version: Option<u64>,
@@ -45,7 +47,7 @@ pub struct Event<'a> {
 
 impl<'a> Event<'a> {
     pub fn new(event: &'a str) -> Self {
-        Event { event, method: None, caller: None, path: None, version: None, reason: None }
+        Event { event, method: None, caller: None, workload: None, path: None, version: None, reason: None }
     }
 }
 

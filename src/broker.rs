@@ -6,7 +6,7 @@
 use std::fs::{self, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -24,7 +24,10 @@ use crate::audit::{AuditLog, Event};
 use crate::backend::local::{KeyMaterial, LocalStore};
 use crate::config::{Config, KeySource};
 use crate::crypto::MasterKey;
+use crate::fs::MountTable;
+use crate::fs::workload::FsShared;
 use crate::identity::Attestor;
+use crate::identity::docker::DockerCache;
 use crate::secret::SecretBytes;
 
 /// The running broker's shared state.
@@ -32,8 +35,10 @@ use crate::secret::SecretBytes;
 pub struct Broker {
     pub config: Config,
     pub store: LocalStore,
-    pub audit: AuditLog,
-    pub attestor: Attestor,
+    pub audit: Arc<AuditLog>,
+    pub attestor: Arc<Attestor>,
+    pub docker: Option<Arc<DockerCache>>,
+    pub mounts: MountTable,
     pub started: Instant,
     /// Flips to true when the broker begins shutting down.
     pub stopping: watch::Sender<bool>,
@@ -132,8 +137,9 @@ fn read_key(config: &Config) -> anyhow::Result<KeyMaterial> {
 }
 
 impl Broker {
-    /// Open everything in the state dir. Blocking (Argon2id, fsync).
-    pub fn open(config: Config) -> anyhow::Result<Broker> {
+    /// Open everything in the state dir and set up the mounts. Blocking
+    /// (Argon2id, fsync, mount); `rt` serves Docker lookups.
+    pub fn open(config: Config, rt: tokio::runtime::Handle) -> anyhow::Result<Broker> {
         private_dir(&config.state_dir, "state dir")?;
         let key = read_key(&config)?;
         let store_file = config.store_file();
@@ -149,8 +155,42 @@ impl Broker {
         let audit = AuditLog::open(&audit_file, master.audit_key()).with_context(|| {
             format!("refusing to start: move {} aside to begin a new audit log", audit_file.display())
         })?;
-        let attestor = Attestor::new("/proc", config.admin.clone());
-        Ok(Broker { config, store, audit, attestor, started: Instant::now(), stopping: watch::Sender::new(false) })
+        let docker = if config.docker_socket.exists() {
+            let d = DockerCache::connect(&config.docker_socket, rt.clone())
+                .with_context(|| format!("cannot use the Docker socket {}", config.docker_socket.display()))?;
+            Some(d)
+        } else {
+            tracing::info!(socket = %config.docker_socket.display(), "no Docker socket: docker:* selectors never match");
+            None
+        };
+        let audit = Arc::new(audit);
+        let attestor = Arc::new(Attestor::new("/proc", config.admin.clone(), docker.clone()));
+        let run_dir = &config.run_dir;
+        fs::create_dir_all(run_dir).with_context(|| format!("cannot create run dir {}", run_dir.display()))?;
+        // Containers bind the workload socket and mounts from here.
+        fs::set_permissions(run_dir, fs::Permissions::from_mode(0o755))?;
+        let shared = Arc::new(FsShared { attestor: attestor.clone(), audit: audit.clone() });
+        let mounts = MountTable::new(run_dir, shared)?;
+        let broker = Broker {
+            config,
+            store,
+            audit,
+            attestor,
+            docker,
+            mounts,
+            started: Instant::now(),
+            stopping: watch::Sender::new(false),
+        };
+        broker.mounts.sync(&broker.store)?;
+        Ok(broker)
+    }
+
+    /// After any change to secrets or policy: bring the mounts up to date.
+    /// The change itself is already durable, so a failure here is logged.
+    pub fn changed(&self) {
+        if let Err(e) = self.mounts.sync(&self.store) {
+            tracing::error!(error = format!("{e:#}"), "mounts not updated");
+        }
     }
 }
 
@@ -188,14 +228,13 @@ async fn shutdown_signal() -> &'static str {
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     crate::sys::umask(0o077);
     crate::sys::harden_process().context("cannot disable core dumps")?;
-    let run_dir: PathBuf = config.run_dir.clone();
     // Before touching the state: a running broker keeps it open.
     refuse_if_live(&config.admin_socket()).await?;
-    let broker = Arc::new(tokio::task::spawn_blocking(move || Broker::open(config)).await??);
-
-    fs::create_dir_all(&run_dir).with_context(|| format!("cannot create run dir {}", run_dir.display()))?;
-    // Containers bind the workload socket from here: traversable by all.
-    fs::set_permissions(&run_dir, fs::Permissions::from_mode(0o755))?;
+    let rt = tokio::runtime::Handle::current();
+    let broker = Arc::new(tokio::task::spawn_blocking(move || Broker::open(config, rt)).await??);
+    if let Some(d) = &broker.docker {
+        tokio::spawn(d.clone().watch());
+    }
     let admin_path = broker.config.admin_socket();
     let workload_path = broker.config.workload_socket();
     let admin_l = bind(&admin_path, 0o600).await?;
@@ -238,6 +277,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     for p in [&admin_path, &workload_path] {
         let _ = fs::remove_file(p);
     }
+    let b = broker.clone();
+    tokio::task::spawn_blocking(move || b.mounts.shutdown()).await?;
     broker.audit.record(&Event { reason: Some(why), ..Event::new("stop") })?;
     Ok(())
 }

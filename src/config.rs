@@ -11,6 +11,7 @@ use serde::Deserialize;
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/keyhole";
 pub const DEFAULT_RUN_DIR: &str = "/run/keyhole";
 pub const DEFAULT_HISTORY_DEPTH: u32 = 10;
+pub const DEFAULT_DOCKER_SOCKET: &str = "/var/run/docker.sock";
 pub const DEFAULT_MAX_VALUE_BYTES: u64 = 1 << 20;
 /// Hard ceiling for `max_value_bytes`, so a gRPC message stays bounded.
 pub const MAX_VALUE_BYTES_CEILING: u64 = 16 << 20;
@@ -26,6 +27,16 @@ pub struct RawConfig {
     pub admin: RawAdmin,
     #[serde(default)]
     pub store: RawStore,
+    #[serde(default)]
+    pub docker: RawDocker,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDocker {
+    /// Docker Engine API socket; default `/var/run/docker.sock`. Docker
+    /// attestation is off when it does not exist.
+    pub socket: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -83,6 +94,7 @@ pub struct Config {
     pub max_value_bytes: u64,
     pub admin: AdminPolicy,
     pub key: KeySource,
+    pub docker_socket: PathBuf,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -141,7 +153,8 @@ impl Config {
             (None, None) => KeySource::KeyFile(state_dir.join("master.key")),
         };
         let admin = AdminPolicy { uids: raw.admin.uids, gids: raw.admin.gids };
-        Ok(Config { state_dir, run_dir, history_depth, max_value_bytes, admin, key })
+        let docker_socket = absolute("docker.socket", raw.docker.socket.unwrap_or(DEFAULT_DOCKER_SOCKET.into()))?;
+        Ok(Config { state_dir, run_dir, history_depth, max_value_bytes, admin, key, docker_socket })
     }
 
     pub fn default_admin_socket() -> PathBuf {

@@ -30,6 +30,7 @@ pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod crypto;
+pub mod fs;
 pub mod identity;
 pub mod policy;
 pub mod secret;

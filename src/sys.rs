@@ -97,3 +97,75 @@ pub fn pidfd_pid(pidfd: &OwnedFd) -> io::Result<Option<i32>> {
         .ok_or_else(|| io::Error::other("fdinfo of a pidfd has no Pid line"))?;
     Ok((pid > 0).then_some(pid))
 }
+
+fn cpath(p: &std::path::Path) -> io::Result<std::ffi::CString> {
+    use std::os::unix::ffi::OsStrExt;
+    std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
+}
+
+fn mount_raw(
+    src: &str,
+    target: &std::path::Path,
+    fstype: Option<&str>,
+    flags: libc::c_ulong,
+    data: Option<&str>,
+) -> io::Result<()> {
+    let src = std::ffi::CString::new(src)?;
+    let target = cpath(target)?;
+    let fstype = fstype.map(std::ffi::CString::new).transpose()?;
+    let data = data.map(std::ffi::CString::new).transpose()?;
+    let opt = |c: &Option<std::ffi::CString>| c.as_ref().map_or(std::ptr::null(), |c| c.as_ptr());
+    // SAFETY: every pointer is a NUL-terminated string that outlives the
+    // call, or null where mount(2) allows it; the kernel only reads them.
+    let r = unsafe { libc::mount(src.as_ptr(), target.as_ptr(), opt(&fstype), flags, opt(&data).cast()) };
+    if r == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+}
+
+/// Mount a FUSE filesystem served on `fd` at `target`: read-only, nosuid,
+/// nodev, noexec, kernel permission checks on, open to all users (the
+/// broker checks every open itself).
+pub fn fuse_mount(target: &std::path::Path, fd: RawFd, max_read: usize) -> io::Result<()> {
+    let data = format!(
+        "fd={fd},rootmode=40000,user_id=0,group_id=0,default_permissions,allow_other,max_read={max_read}"
+    );
+    let flags = libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC | libc::MS_NOATIME;
+    mount_raw("keyhole", target, Some("fuse.keyhole"), flags, Some(&data))
+}
+
+/// Detach a mount (lazy unmount): it goes at once for new lookups.
+pub fn umount_detach(target: &std::path::Path) -> io::Result<()> {
+    let t = cpath(target)?;
+    // SAFETY: a NUL-terminated path that outlives the call.
+    if unsafe { libc::umount2(t.as_ptr(), libc::MNT_DETACH) } == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+}
+
+/// Make `dir` a mount point of its own (bind it onto itself).
+pub fn bind_onto_itself(dir: &std::path::Path) -> io::Result<()> {
+    let src = dir.to_str().ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+    mount_raw(src, dir, None, libc::MS_BIND, None)
+}
+
+/// Make the mount at `dir` and everything below it shared, so mounts made
+/// there later propagate to the bind mounts containers took with rslave.
+pub fn make_rshared(dir: &std::path::Path) -> io::Result<()> {
+    mount_raw("none", dir, None, libc::MS_SHARED | libc::MS_REC, None)
+}
+
+/// Set O_NONBLOCK on a file descriptor.
+pub fn set_nonblocking(fd: &impl AsRawFd) -> io::Result<()> {
+    let fd = fd.as_raw_fd();
+    // SAFETY: fcntl on a valid fd we own; no pointers involved.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    // SAFETY: as above.
+    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// An all-zero `stat64`, to fill in field by field.
+pub fn zeroed_stat() -> libc::stat64 {
+    // SAFETY: stat64 is a C struct of integers (and private padding); the
+    // all-zero bit pattern is a valid value of every field.
+    unsafe { std::mem::zeroed() }
+}

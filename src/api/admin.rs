@@ -14,6 +14,7 @@ use crate::audit::Event;
 use crate::backend::VersionMeta;
 use crate::broker::Broker;
 use crate::identity::Identity;
+use crate::policy::{Grant, Workload};
 use crate::secret::{SecretBytes, SecretPath, generate_alnum, validate_prefix};
 
 pub struct AdminService(pub Arc<Broker>);
@@ -24,16 +25,33 @@ fn version_pb(path: &str, m: VersionMeta) -> pb::SecretVersion {
     pb::SecretVersion { path: path.to_owned(), version: m.version, created_unix_ms: m.created_unix_ms, size: m.size }
 }
 
+fn workload_pb(w: &Workload) -> pb::WorkloadSpec {
+    pb::WorkloadSpec { name: w.name.clone(), selectors: w.selectors.iter().map(ToString::to_string).collect() }
+}
+
+fn grant_pb(g: &Grant) -> pb::GrantSpec {
+    pb::GrantSpec {
+        secret: g.target.to_string(),
+        workload: g.workload.clone(),
+        file: g.file.clone().unwrap_or_default(),
+        mode: g.mode,
+        uid: g.uid,
+        gid: g.gid,
+    }
+}
+
 fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
 impl AdminService {
     /// Attest the caller and require an admin. A refusal is audited.
-    fn authorize<T>(&self, req: &Request<T>, method: &'static str) -> Result<Identity, ApiError> {
+    async fn authorize<T>(&self, req: &Request<T>, method: &'static str) -> Result<Identity, ApiError> {
         let peer = peer_of(req)?;
         let audit = &self.0.audit;
-        match self.0.attestor.attest(&peer) {
+        let attestor = self.0.attestor.clone();
+        let p = peer.clone();
+        match blocking(move || Ok(attestor.attest(&p))).await? {
             Ok(id) if id.admin => Ok(id),
             Ok(id) => {
                 audit.record(&Event {
@@ -71,6 +89,18 @@ impl AdminService {
         path: Option<String>,
         op: impl FnOnce(&Broker) -> Result<(T, Option<u64>), ApiError> + Send + 'static,
     ) -> Result<T, ApiError> {
+        self.audited_for(id, event, None, path, op).await
+    }
+
+    /// [`Self::audited`], naming the workload the call concerns.
+    async fn audited_for<T: Send + 'static>(
+        &self,
+        id: Identity,
+        event: &'static str,
+        workload: Option<String>,
+        path: Option<String>,
+        op: impl FnOnce(&Broker) -> Result<(T, Option<u64>), ApiError> + Send + 'static,
+    ) -> Result<T, ApiError> {
         let broker = self.0.clone();
         blocking(move || {
             let result = op(&broker);
@@ -80,6 +110,7 @@ impl AdminService {
             };
             broker.audit.record(&Event {
                 caller: Some(&id),
+                workload: workload.as_deref(),
                 path: path.as_deref(),
                 version,
                 reason: reason.as_deref(),
@@ -119,7 +150,7 @@ fn take_value(source: Option<Source>, max: u64) -> Result<SecretBytes, ApiError>
 #[tonic::async_trait]
 impl admin_server::Admin for AdminService {
     async fn put_secret(&self, req: Request<pb::PutSecretRequest>) -> Reply<pb::SecretVersion> {
-        let id = self.authorize(&req, "PutSecret")?;
+        let id = self.authorize(&req, "PutSecret").await?;
         let r = req.into_inner();
         let rotate = match pb::PutMode::try_from(r.mode) {
             Ok(pb::PutMode::Rotate) => true,
@@ -133,6 +164,7 @@ impl admin_server::Admin for AdminService {
             .audited(id, event, Some(path.clone()), move |b| {
                 let path = SecretPath::parse(&path)?;
                 let meta = b.store.put(&path, &value?, rotate, now_ms())?;
+                b.changed();
                 Ok((version_pb(path.as_str(), meta.clone()), Some(meta.version)))
             })
             .await?;
@@ -140,7 +172,7 @@ impl admin_server::Admin for AdminService {
     }
 
     async fn get_secret(&self, req: Request<pb::GetSecretRequest>) -> Reply<pb::GetSecretResponse> {
-        let id = self.authorize(&req, "GetSecret")?;
+        let id = self.authorize(&req, "GetSecret").await?;
         let pb::GetSecretRequest { path, version } = req.into_inner();
         let reply = self
             .audited(id, "get", Some(path.clone()), move |b| {
@@ -157,7 +189,7 @@ impl admin_server::Admin for AdminService {
     }
 
     async fn list_secrets(&self, req: Request<pb::ListSecretsRequest>) -> Reply<pb::ListSecretsResponse> {
-        let id = self.authorize(&req, "ListSecrets")?;
+        let id = self.authorize(&req, "ListSecrets").await?;
         let prefix = req.into_inner().prefix;
         let shown = (!prefix.is_empty()).then(|| prefix.clone());
         let secrets = self
@@ -171,7 +203,7 @@ impl admin_server::Admin for AdminService {
     }
 
     async fn secret_history(&self, req: Request<pb::SecretHistoryRequest>) -> Reply<pb::SecretHistoryResponse> {
-        let id = self.authorize(&req, "SecretHistory")?;
+        let id = self.authorize(&req, "SecretHistory").await?;
         let path = req.into_inner().path;
         let versions = self
             .audited(id, "history", Some(path.clone()), move |b| {
@@ -184,19 +216,21 @@ impl admin_server::Admin for AdminService {
     }
 
     async fn delete_secret(&self, req: Request<pb::DeleteSecretRequest>) -> Reply<pb::DeleteSecretResponse> {
-        let id = self.authorize(&req, "DeleteSecret")?;
+        let id = self.authorize(&req, "DeleteSecret").await?;
         let path = req.into_inner().path;
         let removed = self
             .audited(id, "rm", Some(path.clone()), move |b| {
                 let path = SecretPath::parse(&path)?;
-                Ok((b.store.delete(&path)? as u32, None))
+                let n = b.store.delete(&path)?;
+                b.changed();
+                Ok((n as u32, None))
             })
             .await?;
         Ok(Response::new(pb::DeleteSecretResponse { versions_removed: removed }))
     }
 
     async fn status(&self, req: Request<pb::StatusRequest>) -> Reply<pb::StatusResponse> {
-        let id = self.authorize(&req, "Status")?;
+        let id = self.authorize(&req, "Status").await?;
         let reply = self
             .audited(id, "status", None, |b| {
                 let (buffers, locked) = SecretBytes::counts();
@@ -224,7 +258,7 @@ impl admin_server::Admin for AdminService {
     type AuditLogStream = ReceiverStream<Result<pb::AuditLine, Status>>;
 
     async fn audit_log(&self, req: Request<pb::AuditLogRequest>) -> Reply<Self::AuditLogStream> {
-        let id = self.authorize(&req, "AuditLog")?;
+        let id = self.authorize(&req, "AuditLog").await?;
         let follow = req.into_inner().follow;
         let (lines, mut rx) = self.audited(id, "audit_read", None, |b| Ok((b.audit.subscribe(), None))).await?;
         let (tx, out) = mpsc::channel(256);
@@ -266,7 +300,7 @@ impl admin_server::Admin for AdminService {
     }
 
     async fn audit_verify(&self, req: Request<pb::AuditVerifyRequest>) -> Reply<pb::AuditVerifyResponse> {
-        let id = self.authorize(&req, "AuditVerify")?;
+        let id = self.authorize(&req, "AuditVerify").await?;
         let b = self.0.clone();
         let reply = blocking(move || {
             let checked = b.audit.verify();
@@ -280,5 +314,99 @@ impl admin_server::Admin for AdminService {
         })
         .await?;
         Ok(Response::new(reply))
+    }
+
+    async fn add_workload(&self, req: Request<pb::WorkloadSpec>) -> Reply<pb::WorkloadSpec> {
+        let id = self.authorize(&req, "AddWorkload").await?;
+        let spec = req.into_inner();
+        let reply = self
+            .audited(id, "workload_add", None, move |b| {
+                let w = Workload::new(&spec.name, &spec.selectors).map_err(ApiError::from)?;
+                b.store.add_workload(&w)?;
+                b.changed();
+                Ok((workload_pb(&w), None))
+            })
+            .await?;
+        Ok(Response::new(reply))
+    }
+
+    async fn list_workloads(&self, req: Request<pb::ListWorkloadsRequest>) -> Reply<pb::ListWorkloadsResponse> {
+        let id = self.authorize(&req, "ListWorkloads").await?;
+        let workloads = self
+            .audited(id, "workload_ls", None, |b| Ok((b.store.workloads()?.iter().map(workload_pb).collect(), None)))
+            .await?;
+        Ok(Response::new(pb::ListWorkloadsResponse { workloads }))
+    }
+
+    async fn remove_workload(&self, req: Request<pb::RemoveWorkloadRequest>) -> Reply<pb::RemoveWorkloadResponse> {
+        let id = self.authorize(&req, "RemoveWorkload").await?;
+        let name = req.into_inner().name;
+        let removed = self
+            .audited(id, "workload_rm", None, move |b| {
+                let n = b.store.remove_workload(&name)?;
+                b.changed();
+                Ok((n as u32, None))
+            })
+            .await?;
+        Ok(Response::new(pb::RemoveWorkloadResponse { grants_removed: removed }))
+    }
+
+    async fn grant(&self, req: Request<pb::GrantSpec>) -> Reply<pb::GrantSpec> {
+        let id = self.authorize(&req, "Grant").await?;
+        let g = req.into_inner();
+        let path = g.secret.clone();
+        let reply = self
+            .audited_for(id, "grant", Some(g.workload.clone()), Some(path), move |b| {
+                let file = (!g.file.is_empty()).then_some(g.file);
+                let mode = (g.mode != 0).then_some(g.mode);
+                let grant = Grant::new(&g.secret, &g.workload, file, mode, g.uid, g.gid).map_err(ApiError::from)?;
+                b.store.put_grant(&grant)?;
+                b.changed();
+                Ok((grant_pb(&grant), None))
+            })
+            .await?;
+        Ok(Response::new(reply))
+    }
+
+    async fn revoke(&self, req: Request<pb::RevokeRequest>) -> Reply<pb::RevokeResponse> {
+        let id = self.authorize(&req, "Revoke").await?;
+        let r = req.into_inner();
+        let path = r.secret.clone();
+        self.audited_for(id, "revoke", Some(r.workload.clone()), Some(path), move |b| {
+            // Normalize through the parser so `db/*` and friends match.
+            let target = crate::policy::Target::parse(&r.secret).map_err(ApiError::from)?;
+            b.store.remove_grant(&r.workload, &target.to_string())?;
+            b.changed();
+            Ok(((), None))
+        })
+        .await?;
+        Ok(Response::new(pb::RevokeResponse {}))
+    }
+
+    async fn list_grants(&self, req: Request<pb::ListGrantsRequest>) -> Reply<pb::ListGrantsResponse> {
+        let id = self.authorize(&req, "ListGrants").await?;
+        let w = req.into_inner().workload;
+        let grants = self
+            .audited(id, "grants", None, move |b| {
+                let only = (!w.is_empty()).then_some(w.as_str());
+                Ok((b.store.grants(only)?.iter().map(grant_pb).collect(), None))
+            })
+            .await?;
+        Ok(Response::new(pb::ListGrantsResponse { grants }))
+    }
+
+    async fn list_mounts(&self, req: Request<pb::ListMountsRequest>) -> Reply<pb::ListMountsResponse> {
+        let id = self.authorize(&req, "ListMounts").await?;
+        let mounts = self
+            .audited(id, "mounts", None, |b| {
+                let list = b.mounts.list().into_iter().map(|m| pb::MountEntry {
+                    workload: m.workload,
+                    path: m.path.display().to_string(),
+                    files: m.files,
+                });
+                Ok((list.collect(), None))
+            })
+            .await?;
+        Ok(Response::new(pb::ListMountsResponse { mounts }))
     }
 }

@@ -30,6 +30,8 @@ pub enum ApiError {
     InvalidArgument(String),
     #[error(transparent)]
     Path(#[from] PathError),
+    #[error(transparent)]
+    Policy(#[from] crate::policy::PolicyError),
     #[error("{0}")]
     PermissionDenied(String),
     #[error("cannot attest the caller: {0}")]
@@ -45,10 +47,13 @@ pub enum ApiError {
 impl From<ApiError> for Status {
     fn from(e: ApiError) -> Status {
         let code = match &e {
-            ApiError::InvalidArgument(_) | ApiError::Path(_) => Code::InvalidArgument,
+            ApiError::InvalidArgument(_) | ApiError::Path(_) | ApiError::Policy(_) => Code::InvalidArgument,
             ApiError::PermissionDenied(_) => Code::PermissionDenied,
             ApiError::Unauthenticated(_) => Code::Unauthenticated,
-            ApiError::Store(StoreError::NotFound(_) | StoreError::NoVersion { .. }) => Code::NotFound,
+            ApiError::Store(StoreError::NotFound(_) | StoreError::NoVersion { .. } | StoreError::Missing(_)) => {
+                Code::NotFound
+            }
+            ApiError::Store(StoreError::Exists(_)) => Code::AlreadyExists,
             ApiError::Store(StoreError::Tampered { .. }) => Code::DataLoss,
             ApiError::Store(_) | ApiError::Internal(_) => Code::Internal,
             ApiError::Audit(_) => Code::Unavailable,

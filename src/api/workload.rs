@@ -6,7 +6,7 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::pb::{WhoAmIRequest, WhoAmIResponse, workload_server};
-use super::{ApiError, peer_of};
+use super::{blocking, peer_of};
 use crate::broker::Broker;
 
 pub struct WorkloadService(pub Arc<Broker>);
@@ -15,8 +15,17 @@ pub struct WorkloadService(pub Arc<Broker>);
 impl workload_server::Workload for WorkloadService {
     async fn who_am_i(&self, req: Request<WhoAmIRequest>) -> Result<Response<WhoAmIResponse>, Status> {
         let peer = peer_of(&req)?;
-        let id = self.0.attestor.attest(&peer).map_err(ApiError::from)?;
+        let b = self.0.clone();
+        let (id, workloads) = blocking(move || {
+            let id = b.attestor.attest(&peer)?;
+            let all = b.store.workloads()?;
+            let names = all.into_iter().filter(|w| w.matches(&id)).map(|w| w.name).collect::<Vec<_>>();
+            Ok((id, names))
+        })
+        .await?;
         Ok(Response::new(WhoAmIResponse {
+            workloads,
+            container_name: id.docker.as_ref().map(|d| d.name.clone()).unwrap_or_default(),
             uid: id.uid,
             gid: id.gid,
             pid: id.pid as u32,

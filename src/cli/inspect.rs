@@ -78,6 +78,8 @@ pub async fn whoami(socket: &Path, json: bool) -> anyhow::Result<()> {
             "host_process": w.host_process,
             "admin": w.admin,
             "selectors": w.selectors,
+            "workloads": w.workloads,
+            "container_name": (!w.container_name.is_empty()).then_some(&w.container_name),
         }));
         return Ok(());
     }
@@ -87,7 +89,14 @@ pub async fn whoami(socket: &Path, json: bool) -> anyhow::Result<()> {
         (id, _) => format!("container {id}"),
     };
     println!("pid {} uid {} gid {}: {place}", w.pid, w.uid, w.gid);
+    if !w.container_name.is_empty() {
+        println!("container name: {}", w.container_name);
+    }
     println!("admin: {}", if w.admin { "yes" } else { "no" });
+    match w.workloads.as_slice() {
+        [] => println!("workloads: none match"),
+        names => println!("workloads: {}", names.join(", ")),
+    }
     for s in &w.selectors {
         println!("selector {s}");
     }

@@ -3,6 +3,7 @@
 
 mod client;
 mod inspect;
+mod policy;
 mod secret;
 
 use std::path::PathBuf;
@@ -63,6 +64,40 @@ opened. Log level: KEYHOLE_LOG (e.g. KEYHOLE_LOG=debug).")]
     #[command(subcommand)]
     Secret(secret::SecretCmd),
 
+    /// Define, list and remove workloads (who may read a mount)
+    #[command(subcommand)]
+    Workload(policy::WorkloadCmd),
+
+    /// Show a secret (or every secret under a prefix) in a workload's mount
+    #[command(after_help = "\
+Examples:
+  keyhole grant db/password --to web
+  keyhole grant 'db/*' --to web --mode 0440 --gid 1000
+  keyhole grant tls/key.pem --to web --file server.key --uid 101
+
+The file appears at once in <run-dir>/workloads/<workload>/. A grant of the
+same secret to the same workload replaces the earlier one.")]
+    Grant(policy::GrantArgs),
+
+    /// Take a grant back; the file disappears from the mount at once
+    Revoke {
+        /// Secret path or prefix, as granted
+        secret: String,
+        /// The workload to take it from
+        #[arg(long, value_name = "WORKLOAD")]
+        from: String,
+    },
+
+    /// List grants, of every workload or one
+    Grants {
+        /// Only this workload's grants
+        #[arg(long, value_name = "WORKLOAD")]
+        workload: Option<String>,
+    },
+
+    /// List the live mounts and the files each shows
+    Mounts,
+
     /// Show the broker's state (admin)
     Status,
 
@@ -116,14 +151,15 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("KEYHOLE_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,fuse_backend_rs=warn")),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let overrides = Overrides { state_dir: args.state_dir, run_dir: args.run_dir };
     let config = Config::load(args.config.as_deref(), overrides)?;
-    client::runtime()?.block_on(crate::broker::serve(config))
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(crate::broker::serve(config))
 }
 
 async fn dispatch(command: Command, socket: Option<PathBuf>, json: bool) -> anyhow::Result<()> {
@@ -131,6 +167,11 @@ async fn dispatch(command: Command, socket: Option<PathBuf>, json: bool) -> anyh
     match command {
         Command::Serve(_) => unreachable!("handled in main"),
         Command::Secret(cmd) => secret::run(cmd, &admin_socket(), json).await,
+        Command::Workload(cmd) => policy::workload(cmd, &admin_socket(), json).await,
+        Command::Grant(args) => policy::grant(args, &admin_socket(), json).await,
+        Command::Revoke { secret, from } => policy::revoke(secret, from, &admin_socket(), json).await,
+        Command::Grants { workload } => policy::grants(workload, &admin_socket(), json).await,
+        Command::Mounts => policy::mounts(&admin_socket(), json).await,
         Command::Status => inspect::status(&admin_socket(), json).await,
         Command::Audit(args) => inspect::audit(args, &admin_socket(), json).await,
         Command::Whoami => {

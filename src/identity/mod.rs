@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 pub mod cgroup;
+pub mod docker;
 
 use std::fmt;
 use std::os::fd::OwnedFd;
@@ -89,28 +90,49 @@ impl Identity {
     }
 }
 
-/// Turns peers into identities by reading `/proc` under `proc_root`.
+/// Turns peers into identities by reading `/proc` under `proc_root`, and
+/// asking Docker about containers.
 #[derive(Debug)]
 pub struct Attestor {
     proc_root: PathBuf,
     admin: AdminPolicy,
     own_pid_ns: Option<PathBuf>,
     own_mnt_ns: Option<PathBuf>,
+    docker: Option<Arc<docker::DockerCache>>,
 }
 
 impl Attestor {
-    pub fn new(proc_root: impl Into<PathBuf>, admin: AdminPolicy) -> Self {
+    pub fn new(proc_root: impl Into<PathBuf>, admin: AdminPolicy, docker: Option<Arc<docker::DockerCache>>) -> Self {
         let proc_root = proc_root.into();
         let own = |ns: &str| std::fs::read_link(proc_root.join("self/ns").join(ns)).ok();
-        Self { own_pid_ns: own("pid"), own_mnt_ns: own("mnt"), proc_root, admin }
+        Self { own_pid_ns: own("pid"), own_mnt_ns: own("mnt"), proc_root, admin, docker }
     }
 
+    /// A socket peer: read `/proc`, then prove with the pidfd that the
+    /// process read about is still the peer. Blocks (Docker lookups).
     pub fn attest(&self, peer: &Peer) -> Result<Identity, IdentityError> {
-        let pid = peer.pid;
-        if pid <= 0 {
+        if peer.pid <= 0 {
             return Err(IdentityError::NoPid);
         }
         self.check_alive(peer)?;
+        let id = self.describe(peer.pid, peer.uid, peer.gid)?;
+        // Everything was read from /proc/<pid>; it describes the peer only
+        // if the pinned process is still the one with that pid.
+        self.check_alive(peer)?;
+        Ok(id)
+    }
+
+    /// The caller of a FUSE request: the task is blocked in the syscall
+    /// for as long as the request is being served, so `/proc/<tid>` is
+    /// stable without a pin. `tid` 0 means outside our pid namespace.
+    pub fn attest_task(&self, tid: i32, uid: u32, gid: u32) -> Result<Identity, IdentityError> {
+        if tid <= 0 {
+            return Err(IdentityError::NoPid);
+        }
+        self.describe(tid, uid, gid)
+    }
+
+    fn describe(&self, pid: i32, uid: u32, gid: u32) -> Result<Identity, IdentityError> {
         let dir = self.proc_root.join(pid.to_string());
         let proc_err = |source| IdentityError::Proc { pid, source };
         let cgroup_file = std::fs::read_to_string(dir.join("cgroup")).map_err(proc_err)?;
@@ -122,11 +144,12 @@ impl Attestor {
         };
         let host = container_id.is_none() && same_ns("pid", &self.own_pid_ns)? && same_ns("mnt", &self.own_mnt_ns)?;
         let groups = if host { supplementary_groups(&dir).map_err(proc_err)? } else { Vec::new() };
-        // Everything above was read from /proc/<pid>; it describes the peer
-        // only if the pinned process is still the one with that pid.
-        self.check_alive(peer)?;
-        let admin = host && self.admin.allows(peer.uid, peer.gid, &groups);
-        Ok(Identity { uid: peer.uid, gid: peer.gid, pid, container_id, docker: None, host, admin })
+        let admin = host && self.admin.allows(uid, gid, &groups);
+        let docker = match (&container_id, &self.docker) {
+            (Some(c), Some(d)) => d.lookup_blocking(c).map(|i| (*i).clone()),
+            _ => None,
+        };
+        Ok(Identity { uid, gid, pid, container_id, docker, host, admin })
     }
 
     fn check_alive(&self, peer: &Peer) -> Result<(), IdentityError> {
@@ -158,7 +181,7 @@ mod tests {
 
     #[test]
     fn this_process_is_a_host_process() {
-        let a = Attestor::new("/proc", AdminPolicy::default());
+        let a = Attestor::new("/proc", AdminPolicy::default(), None);
         let fd = crate::sys::pidfd_open(std::process::id() as i32).ok().map(Arc::new);
         let id = a.attest(&me(fd)).unwrap();
         assert!(id.host);
@@ -168,7 +191,7 @@ mod tests {
 
     #[test]
     fn pid_zero_is_refused() {
-        let a = Attestor::new("/proc", AdminPolicy::default());
+        let a = Attestor::new("/proc", AdminPolicy::default(), None);
         let p = Peer { pid: 0, ..me(None) };
         assert!(matches!(a.attest(&p), Err(IdentityError::NoPid)));
     }
@@ -179,7 +202,7 @@ mod tests {
         let pid = child.id() as i32;
         let fd = Arc::new(crate::sys::pidfd_open(pid).unwrap());
         child.wait().unwrap();
-        let a = Attestor::new("/proc", AdminPolicy::default());
+        let a = Attestor::new("/proc", AdminPolicy::default(), None);
         let p = Peer { uid: 0, gid: 0, pid, pidfd: Some(fd) };
         assert!(matches!(a.attest(&p), Err(IdentityError::Gone(_))));
     }

@@ -1,0 +1,188 @@
+//! `keyhole workload ...`, `grant`, `revoke`, `grants`, `mounts`.
+#![forbid(unsafe_code)]
+
+use std::path::Path;
+
+use clap::{Args, Subcommand};
+
+use super::client::{self, Failure, print_json};
+use crate::api::pb;
+
+#[derive(Debug, Subcommand)]
+pub enum WorkloadCmd {
+    /// Define a workload: the callers that match every selector
+    #[command(after_help = "\
+Selectors:
+  unix:uid:N  unix:gid:N                      the caller's uid / gid
+  docker:id:ID                                a container id (or its 12+ digit prefix)
+  docker:name:NAME  docker:image:REF          the container's name / image as run
+  docker:label:KEY=VALUE                      a container label
+
+Examples:
+  keyhole workload add web --selector docker:label:com.example.app=web
+  keyhole workload add batch --selector unix:uid:1000 --selector unix:gid:1000
+
+Each workload gets a mount at <run-dir>/workloads/<name>.")]
+    Add {
+        /// Workload name: [A-Za-z0-9._-], up to 64 characters
+        name: String,
+        /// A selector the caller must match (repeat for more; all must match)
+        #[arg(long = "selector", value_name = "SEL", required = true)]
+        selectors: Vec<String>,
+    },
+    /// List workloads and their selectors
+    Ls,
+    /// Remove a workload, its grants and its mount
+    Rm {
+        name: String,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct GrantArgs {
+    /// Secret path, or a prefix ending in /* (quote it: 'db/*')
+    pub secret: String,
+    /// The workload to grant it to
+    #[arg(long, value_name = "WORKLOAD")]
+    pub to: String,
+    /// File name in the mount [default: the last path segment]
+    #[arg(long, value_name = "NAME")]
+    pub file: Option<String>,
+    /// File mode, octal; read bits only [default: 0400]
+    #[arg(long, value_name = "MODE", value_parser = parse_mode)]
+    pub mode: Option<u32>,
+    /// File owner uid [default: 0]
+    #[arg(long, value_name = "N")]
+    pub uid: Option<u32>,
+    /// File group gid [default: 0]
+    #[arg(long, value_name = "N")]
+    pub gid: Option<u32>,
+}
+
+fn parse_mode(s: &str) -> Result<u32, String> {
+    let digits = s.strip_prefix("0o").unwrap_or(s);
+    u32::from_str_radix(digits, 8).map_err(|_| format!("{s:?} is not an octal mode like 0400"))
+}
+
+pub async fn workload(cmd: WorkloadCmd, socket: &Path, json: bool) -> anyhow::Result<()> {
+    let mut c = client::admin(socket).await?;
+    match cmd {
+        WorkloadCmd::Add { name, selectors } => {
+            let w = c.add_workload(pb::WorkloadSpec { name, selectors }).await.map_err(Failure::from)?.into_inner();
+            if json {
+                print_json(&serde_json::json!({ "name": w.name, "selectors": w.selectors }));
+            } else {
+                println!("workload {} added: {}", w.name, w.selectors.join(" "));
+            }
+        }
+        WorkloadCmd::Ls => {
+            let r = c.list_workloads(pb::ListWorkloadsRequest {}).await.map_err(Failure::from)?.into_inner();
+            if json {
+                let rows: Vec<_> = r
+                    .workloads
+                    .iter()
+                    .map(|w| serde_json::json!({ "name": w.name, "selectors": w.selectors }))
+                    .collect();
+                print_json(&rows);
+            } else {
+                let width = r.workloads.iter().map(|w| w.name.len()).max().unwrap_or(0).max(8);
+                if !r.workloads.is_empty() {
+                    println!("{:width$}  SELECTORS", "WORKLOAD");
+                }
+                for w in &r.workloads {
+                    println!("{:width$}  {}", w.name, w.selectors.join(" "));
+                }
+            }
+        }
+        WorkloadCmd::Rm { name } => {
+            let r = c
+                .remove_workload(pb::RemoveWorkloadRequest { name: name.clone() })
+                .await
+                .map_err(Failure::from)?
+                .into_inner();
+            if json {
+                print_json(&serde_json::json!({ "name": name, "grants_removed": r.grants_removed }));
+            } else {
+                println!("workload {name} removed ({} grants)", r.grants_removed);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn grant_json(g: &pb::GrantSpec) -> serde_json::Value {
+    serde_json::json!({
+        "secret": g.secret,
+        "workload": g.workload,
+        "file": (!g.file.is_empty()).then_some(&g.file),
+        "mode": format!("{:04o}", g.mode),
+        "uid": g.uid,
+        "gid": g.gid,
+    })
+}
+
+pub async fn grant(a: GrantArgs, socket: &Path, json: bool) -> anyhow::Result<()> {
+    let spec = pb::GrantSpec {
+        secret: a.secret,
+        workload: a.to,
+        file: a.file.unwrap_or_default(),
+        mode: a.mode.unwrap_or(0),
+        uid: a.uid,
+        gid: a.gid,
+    };
+    let g = client::admin(socket).await?.grant(spec).await.map_err(Failure::from)?.into_inner();
+    if json {
+        print_json(&grant_json(&g));
+    } else {
+        println!("granted {} to {} (mode {:04o})", g.secret, g.workload, g.mode);
+    }
+    Ok(())
+}
+
+pub async fn revoke(secret: String, from: String, socket: &Path, json: bool) -> anyhow::Result<()> {
+    let req = pb::RevokeRequest { secret: secret.clone(), workload: from.clone() };
+    client::admin(socket).await?.revoke(req).await.map_err(Failure::from)?;
+    if json {
+        print_json(&serde_json::json!({ "secret": secret, "workload": from }));
+    } else {
+        println!("revoked {secret} from {from}");
+    }
+    Ok(())
+}
+
+pub async fn grants(workload: Option<String>, socket: &Path, json: bool) -> anyhow::Result<()> {
+    let req = pb::ListGrantsRequest { workload: workload.unwrap_or_default() };
+    let r = client::admin(socket).await?.list_grants(req).await.map_err(Failure::from)?.into_inner();
+    if json {
+        print_json(&r.grants.iter().map(grant_json).collect::<Vec<_>>());
+        return Ok(());
+    }
+    let w = r.grants.iter().map(|g| g.workload.len()).max().unwrap_or(0).max(8);
+    let s = r.grants.iter().map(|g| g.secret.len()).max().unwrap_or(0).max(6);
+    if !r.grants.is_empty() {
+        println!("{:w$}  {:s$}  {:16}  MODE  UID   GID", "WORKLOAD", "SECRET", "FILE");
+    }
+    let id = |v: Option<u32>| v.map_or("-".to_owned(), |n| n.to_string());
+    for g in &r.grants {
+        let file = if g.file.is_empty() { "(default)" } else { &g.file };
+        println!("{:w$}  {:s$}  {file:16}  {:04o}  {:5} {}", g.workload, g.secret, g.mode, id(g.uid), id(g.gid));
+    }
+    Ok(())
+}
+
+pub async fn mounts(socket: &Path, json: bool) -> anyhow::Result<()> {
+    let r = client::admin(socket).await?.list_mounts(pb::ListMountsRequest {}).await.map_err(Failure::from)?.into_inner();
+    if json {
+        let rows: Vec<_> = r
+            .mounts
+            .iter()
+            .map(|m| serde_json::json!({ "workload": m.workload, "path": m.path, "files": m.files }))
+            .collect();
+        print_json(&rows);
+        return Ok(());
+    }
+    for m in &r.mounts {
+        println!("{}  {}  ({} files: {})", m.workload, m.path, m.files.len(), m.files.join(", "));
+    }
+    Ok(())
+}

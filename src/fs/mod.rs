@@ -1,0 +1,327 @@
+//! The FUSE mounts: one per workload under `<run-dir>/workloads/<name>`.
+//!
+//! [`MountTable::sync`] makes the mounts and their contents match the
+//! store: it mounts new workloads, unmounts removed ones, swaps in each
+//! mount's new view, and invalidates the kernel's entries for every file
+//! that changed or went. It runs after every change, before the admin call
+//! returns, so a rotate, grant or revoke is visible on the next open.
+
+pub mod workload;
+
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::CString;
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use anyhow::Context as _;
+use fuse_backend_rs::api::server::Server;
+use fuse_backend_rs::transport::{FuseDevWriter, FuseSession};
+
+use crate::backend::VersionMeta;
+use crate::backend::local::LocalStore;
+use crate::policy::{Target, Workload, files_for};
+use workload::{FsShared, Node, ROOT, View, WorkloadFs};
+
+/// Request threads per mount.
+const CHANNELS: usize = 2;
+/// Largest read the kernel may ask for (values are at most 16 MiB, but a
+/// page-sized read is the common case).
+const MAX_READ: usize = 128 * 1024;
+
+struct Mount {
+    fs: Arc<WorkloadFs>,
+    server: Arc<Server<Arc<WorkloadFs>>>,
+    session: FuseSession,
+    /// A dup of the session fd, for invalidation notices.
+    notify: File,
+    threads: Vec<JoinHandle<()>>,
+}
+
+/// One mount's row in `keyhole mounts`.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct MountInfo {
+    pub workload: String,
+    pub path: PathBuf,
+    pub files: Vec<String>,
+}
+
+pub struct MountTable {
+    dir: PathBuf,
+    shared: Arc<FsShared>,
+    mounts: Mutex<BTreeMap<String, Mount>>,
+    next_ino: AtomicU64,
+    /// Serializes syncs: each one sees the store after the previous.
+    sync_lock: Mutex<()>,
+}
+
+impl std::fmt::Debug for MountTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MountTable").field("dir", &self.dir).finish_non_exhaustive()
+    }
+}
+
+/// Mount points listed in `/proc/self/mountinfo` (field 5, unescaped).
+fn mount_points() -> std::io::Result<Vec<PathBuf>> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
+    Ok(info.lines().filter_map(|l| l.split(' ').nth(4)).map(|p| PathBuf::from(unescape_mountinfo(p))).collect())
+}
+
+/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
+fn unescape_mountinfo(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find('\\') {
+        out.push_str(&rest[..i]);
+        let code = rest.get(i + 1..i + 4).and_then(|o| u8::from_str_radix(o, 8).ok());
+        match code {
+            Some(c) => {
+                out.push(c as char);
+                rest = &rest[i + 4..];
+            }
+            None => {
+                out.push('\\');
+                rest = &rest[i + 1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+impl MountTable {
+    /// Prepare `<run_dir>/workloads`: make the run dir a shared mount (so
+    /// mounts made later propagate into containers that bound it rslave),
+    /// and detach mounts a previous broker left behind.
+    pub fn new(run_dir: &Path, shared: Arc<FsShared>) -> anyhow::Result<Self> {
+        let points = mount_points().context("cannot read /proc/self/mountinfo")?;
+        if !points.iter().any(|p| p == run_dir) {
+            crate::sys::bind_onto_itself(run_dir)
+                .with_context(|| format!("cannot make {} a mount point (bind it onto itself)", run_dir.display()))?;
+        }
+        crate::sys::make_rshared(run_dir)
+            .with_context(|| format!("cannot make {} a shared mount", run_dir.display()))?;
+        let dir = run_dir.join("workloads");
+        std::fs::create_dir_all(&dir)?;
+        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+        // Deepest first, so nested leftovers go before their parents.
+        let mut stale: Vec<PathBuf> = points.into_iter().filter(|p| p.starts_with(&dir) && *p != dir).collect();
+        stale.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+        for p in stale {
+            match crate::sys::umount_detach(&p) {
+                Ok(()) => tracing::info!(path = %p.display(), "detached a mount left by a previous broker"),
+                Err(e) => tracing::warn!(path = %p.display(), error = %e, "cannot detach a stale mount"),
+            }
+        }
+        Ok(MountTable {
+            dir,
+            shared,
+            mounts: Mutex::default(),
+            next_ino: AtomicU64::new(ROOT + 1),
+            sync_lock: Mutex::default(),
+        })
+    }
+
+    pub fn path_of(&self, workload: &str) -> PathBuf {
+        self.dir.join(workload)
+    }
+
+    fn mount(&self, w: Workload) -> anyhow::Result<Mount> {
+        let path = self.path_of(&w.name);
+        std::fs::create_dir_all(&path)?;
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+        let mut session = FuseSession::new(&path, "keyhole", &w.name, true)
+            .map_err(|e| anyhow::anyhow!("FUSE session for {}: {e}", path.display()))?;
+        let dev = OpenOptions::new().read(true).write(true).open("/dev/fuse").context("cannot open /dev/fuse")?;
+        crate::sys::fuse_mount(&path, dev.as_raw_fd(), MAX_READ)
+            .with_context(|| format!("cannot mount FUSE at {}", path.display()))?;
+        // The channel loops poll; wake() can stop them only if reads don't block.
+        crate::sys::set_nonblocking(&dev)?;
+        let notify = dev.try_clone()?;
+        session.set_fuse_file(dev);
+        let fs = Arc::new(WorkloadFs::new(w, self.shared.clone()));
+        let server = Arc::new(Server::new(fs.clone()));
+        let mut threads = Vec::with_capacity(CHANNELS);
+        for i in 0..CHANNELS {
+            let mut ch = session.new_channel().map_err(|e| anyhow::anyhow!("FUSE channel: {e}"))?;
+            let server = server.clone();
+            let name = format!("fuse-{}-{i}", fs.workload.name);
+            threads.push(std::thread::Builder::new().name(name).spawn(move || {
+                loop {
+                    match ch.get_request() {
+                        Ok(Some((reader, writer))) => {
+                            if let Err(e) = server.handle_message(reader, writer.into(), None, None) {
+                                tracing::debug!(error = %e, "FUSE request failed");
+                            }
+                        }
+                        Ok(None) => return, // woken to stop
+                        Err(e) => {
+                            tracing::debug!(error = %e, "FUSE channel closed");
+                            return;
+                        }
+                    }
+                }
+            })?);
+        }
+        tracing::info!(path = %path.display(), "mounted");
+        Ok(Mount { fs, server, session, notify, threads })
+    }
+
+    fn unmount(&self, name: &str, mut m: Mount) {
+        if let Err(e) = m.session.umount() {
+            tracing::warn!(workload = name, error = %e, "unmount failed");
+        }
+        let _ = m.session.wake();
+        for t in m.threads.drain(..) {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_dir(self.path_of(name));
+        tracing::info!(workload = name, "unmounted");
+    }
+
+    /// Tell the kernel to forget entries (and the directory listing).
+    fn invalidate(m: &Mount, names: &[String]) {
+        if names.is_empty() {
+            return;
+        }
+        let mut buf = vec![0u8; 4096];
+        for name in names {
+            let Ok(c) = CString::new(name.as_str()) else { continue };
+            if let Ok(w) = FuseDevWriter::<()>::new(m.notify.as_raw_fd(), &mut buf) {
+                // ENOENT just means the kernel had nothing cached.
+                let _ = m.server.notify_inval_entry(w, ROOT, &c);
+            }
+        }
+        if let Ok(w) = FuseDevWriter::<()>::new(m.notify.as_raw_fd(), &mut buf) {
+            let _ = m.server.notify_inval_inode(w, ROOT, 0, 0);
+        }
+    }
+
+    /// Build one workload's view from the store, reusing the nodes (and
+    /// inode numbers, and loaded values) of files that did not change.
+    fn build_view(&self, store: &LocalStore, fs: &WorkloadFs) -> anyhow::Result<View> {
+        let grants = store.grants(Some(&fs.workload.name))?;
+        let mut secrets: BTreeMap<String, VersionMeta> = BTreeMap::new();
+        for g in &grants {
+            let (Target::Exact(p) | Target::Prefix(p)) = &g.target;
+            for (path, meta) in store.list(p.as_str())? {
+                if g.target.file_for(&path).is_some() {
+                    secrets.insert(path, meta);
+                }
+            }
+        }
+        let names: Vec<String> = secrets.keys().cloned().collect();
+        let (specs, clashes) = files_for(&grants, &names);
+        for c in clashes {
+            tracing::warn!(workload = %fs.workload.name, clash = %c, "two grants want one file name");
+        }
+        let old = fs.view();
+        let mut nodes = Vec::with_capacity(specs.len());
+        for spec in specs {
+            let meta = &secrets[&spec.secret];
+            let reuse = old
+                .by_name
+                .get(&spec.name)
+                .filter(|n| n.same_as(&spec.secret, meta.version, spec.mode, spec.uid, spec.gid));
+            if let Some(n) = reuse {
+                nodes.push(n.clone());
+                continue;
+            }
+            let path = crate::secret::SecretPath::parse(&spec.secret)?;
+            let value = match store.get(&path, Some(meta.version)) {
+                Ok((_, v)) => Arc::new(v),
+                Err(e) => {
+                    // A tampered record is reported, never served.
+                    tracing::error!(secret = %spec.secret, error = %e, "not shown in the mount");
+                    continue;
+                }
+            };
+            nodes.push(Arc::new(Node {
+                ino: self.next_ino.fetch_add(1, Ordering::Relaxed),
+                name: spec.name,
+                secret: spec.secret,
+                version: meta.version,
+                mtime_ms: meta.created_unix_ms,
+                mode: spec.mode,
+                uid: spec.uid,
+                gid: spec.gid,
+                value,
+            }));
+        }
+        Ok(View::new(nodes))
+    }
+
+    /// Make the mounts match the store. Errors for one workload are logged
+    /// and do not stop the others.
+    pub fn sync(&self, store: &LocalStore) -> anyhow::Result<()> {
+        let _serial = self.sync_lock.lock().expect("sync lock");
+        let wanted: HashMap<String, Workload> =
+            store.workloads()?.into_iter().map(|w| (w.name.clone(), w)).collect();
+        let mut mounts = self.mounts.lock().expect("mounts lock");
+        let gone: Vec<String> = mounts
+            .iter()
+            .filter(|(name, m)| wanted.get(*name).is_none_or(|w| *w != m.fs.workload))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in gone {
+            if let Some(m) = mounts.remove(&name) {
+                self.unmount(&name, m);
+            }
+        }
+        for (name, w) in wanted {
+            if !mounts.contains_key(&name) {
+                match self.mount(w) {
+                    Ok(m) => {
+                        mounts.insert(name.clone(), m);
+                    }
+                    Err(e) => {
+                        tracing::error!(workload = %name, error = format!("{e:#}"), "cannot mount");
+                        continue;
+                    }
+                }
+            }
+            let m = &mounts[&name];
+            match self.build_view(store, &m.fs) {
+                Ok(view) => {
+                    let changed = m.fs.replace(view);
+                    Self::invalidate(m, &changed);
+                }
+                Err(e) => tracing::error!(workload = %name, error = format!("{e:#}"), "cannot update mount"),
+            }
+        }
+        Ok(())
+    }
+
+    pub fn list(&self) -> Vec<MountInfo> {
+        let mounts = self.mounts.lock().expect("mounts lock");
+        mounts
+            .iter()
+            .map(|(name, m)| MountInfo {
+                workload: name.clone(),
+                path: self.path_of(name),
+                files: m.fs.view().by_name.keys().cloned().collect(),
+            })
+            .collect()
+    }
+
+    /// Unmount everything (clean shutdown).
+    pub fn shutdown(&self) {
+        let mut mounts = self.mounts.lock().expect("mounts lock");
+        for (name, m) in std::mem::take(&mut *mounts) {
+            self.unmount(&name, m);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn mountinfo_escapes() {
+        assert_eq!(super::unescape_mountinfo(r"/run/a\040b\134c"), r"/run/a b\c");
+        assert_eq!(super::unescape_mountinfo("/plain"), "/plain");
+        assert_eq!(super::unescape_mountinfo(r"/odd\x"), r"/odd\x");
+    }
+}

@@ -1,0 +1,309 @@
+//! The filesystem of one workload's mount.
+//!
+//! The root directory holds one regular file per granted secret. Every
+//! (name, version, mode, owner) gets its own inode number, so an inode's
+//! content never changes: the kernel may keep its pages cached
+//! (`KEEP_CACHE`), a rotation only has to invalidate the directory entry,
+//! and a file opened before a rotation keeps reading the version it
+//! opened. Callbacks never wait on the network: they read the in-memory
+//! view that [`super::MountTable`] swaps in.
+//!
+//! Every open is checked: the calling task (blocked in the syscall) is
+//! attested and must match the mount's workload; otherwise `EACCES` and a
+//! `deny` audit line. A granted open writes a `read` audit line; if that
+//! line cannot be written the open fails (`EIO`) — no unaudited reads.
+#![forbid(unsafe_code)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::CStr;
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use fuse_backend_rs::abi::fuse_abi::{FsOptions, OpenOptions, stat64};
+use fuse_backend_rs::api::filesystem::{Context, DirEntry, Entry, FileSystem, ZeroCopyWriter};
+
+use crate::audit::{AuditLog, Event};
+use crate::identity::Attestor;
+use crate::policy::{Decision, Workload, decide};
+use crate::secret::SecretBytes;
+
+pub const ROOT: u64 = 1;
+/// Entries and attributes are cached this long; every change is also
+/// invalidated explicitly, so this only bounds a missed invalidation.
+const TTL: Duration = Duration::from_secs(10);
+
+/// One file as shown: immutable once made.
+pub struct Node {
+    pub ino: u64,
+    pub name: String,
+    pub secret: String,
+    pub version: u64,
+    pub mtime_ms: i64,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub value: Arc<SecretBytes>,
+}
+
+impl Node {
+    /// Whether `other` shows the same bytes the same way (reuse the inode).
+    pub fn same_as(&self, secret: &str, version: u64, mode: u32, uid: u32, gid: u32) -> bool {
+        self.secret == secret && self.version == version && self.mode == mode && self.uid == uid && self.gid == gid
+    }
+}
+
+#[derive(Default)]
+pub struct View {
+    pub by_name: BTreeMap<String, Arc<Node>>,
+    by_ino: HashMap<u64, Arc<Node>>,
+}
+
+impl View {
+    pub fn new(nodes: impl IntoIterator<Item = Arc<Node>>) -> View {
+        let mut v = View::default();
+        for n in nodes {
+            v.by_ino.insert(n.ino, n.clone());
+            v.by_name.insert(n.name.clone(), n);
+        }
+        v
+    }
+}
+
+/// What every mount shares: who is calling, and where to write it down.
+pub struct FsShared {
+    pub attestor: Arc<Attestor>,
+    pub audit: Arc<AuditLog>,
+}
+
+pub struct WorkloadFs {
+    pub workload: Workload,
+    view: RwLock<Arc<View>>,
+    handles: Mutex<HashMap<u64, Arc<Node>>>,
+    next_fh: AtomicU64,
+    shared: Arc<FsShared>,
+    /// The directory's times: when the mount was made.
+    mounted: std::time::SystemTime,
+}
+
+fn errno(e: i32) -> io::Error {
+    io::Error::from_raw_os_error(e)
+}
+
+fn file_attr(n: &Node) -> stat64 {
+    let mut st = crate::sys::zeroed_stat();
+    st.st_ino = n.ino;
+    st.st_mode = libc::S_IFREG | n.mode;
+    st.st_nlink = 1;
+    st.st_uid = n.uid;
+    st.st_gid = n.gid;
+    st.st_size = n.value.len() as i64;
+    st.st_blksize = 4096;
+    st.st_blocks = (n.value.len() as i64 + 511) / 512;
+    st.st_mtime = n.mtime_ms.div_euclid(1000);
+    st.st_mtime_nsec = n.mtime_ms.rem_euclid(1000) * 1_000_000;
+    st.st_ctime = st.st_mtime;
+    st.st_ctime_nsec = st.st_mtime_nsec;
+    st.st_atime = st.st_mtime;
+    st.st_atime_nsec = st.st_mtime_nsec;
+    st
+}
+
+impl WorkloadFs {
+    pub fn new(workload: Workload, shared: Arc<FsShared>) -> Self {
+        WorkloadFs {
+            workload,
+            view: RwLock::new(Arc::new(View::default())),
+            handles: Mutex::default(),
+            next_fh: AtomicU64::new(1),
+            shared,
+            mounted: std::time::SystemTime::now(),
+        }
+    }
+
+    pub fn view(&self) -> Arc<View> {
+        self.view.read().expect("view lock").clone()
+    }
+
+    /// Swap in a new view; returns the names whose entry changed or went.
+    pub fn replace(&self, new: View) -> Vec<String> {
+        let mut guard = self.view.write().expect("view lock");
+        let old = std::mem::replace(&mut *guard, Arc::new(new));
+        old.by_name
+            .iter()
+            .filter(|(name, n)| guard.by_name.get(*name).is_none_or(|m| m.ino != n.ino))
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+
+    fn root_attr(&self) -> stat64 {
+        let mut st = crate::sys::zeroed_stat();
+        st.st_ino = ROOT;
+        st.st_mode = libc::S_IFDIR | 0o555;
+        st.st_nlink = 2;
+        st.st_blksize = 4096;
+        let t = self.mounted.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        (st.st_mtime, st.st_mtime_nsec) = (t.as_secs() as i64, i64::from(t.subsec_nanos()));
+        (st.st_ctime, st.st_ctime_nsec) = (st.st_mtime, st.st_mtime_nsec);
+        (st.st_atime, st.st_atime_nsec) = (st.st_mtime, st.st_mtime_nsec);
+        st
+    }
+
+    fn node(&self, ino: u64) -> Option<Arc<Node>> {
+        self.view().by_ino.get(&ino).cloned()
+    }
+
+    /// Attest the caller and check it against this mount's workload,
+    /// auditing the outcome.
+    fn check_open(&self, ctx: &Context, node: &Node) -> io::Result<()> {
+        let workload = self.workload.name.as_str();
+        let event = |name, caller, reason| Event {
+            caller,
+            workload: Some(workload),
+            path: Some(node.secret.as_str()),
+            version: Some(node.version),
+            reason,
+            ..Event::new(name)
+        };
+        let audit = |e: &Event<'_>| self.shared.audit.record(e).map_err(|_| errno(libc::EIO));
+        match self.shared.attestor.attest_task(ctx.pid, ctx.uid, ctx.gid) {
+            Err(e) => {
+                let reason = e.to_string();
+                audit(&event("deny", None, Some(reason.as_str())))?;
+                Err(errno(libc::EACCES))
+            }
+            Ok(id) => match decide(&id, &self.workload) {
+                Decision::Allow => audit(&event("read", Some(&id), None)).map(|_| ()),
+                Decision::WrongWorkload => {
+                    audit(&event("deny", Some(&id), Some("caller does not match the workload")))?;
+                    Err(errno(libc::EACCES))
+                }
+            },
+        }
+    }
+}
+
+impl FileSystem for WorkloadFs {
+    type Inode = u64;
+    type Handle = u64;
+
+    fn init(&self, _capable: FsOptions) -> io::Result<FsOptions> {
+        Ok(FsOptions::empty())
+    }
+
+    fn lookup(&self, _ctx: &Context, parent: u64, name: &CStr) -> io::Result<Entry> {
+        if parent != ROOT {
+            return Err(errno(libc::ENOENT));
+        }
+        let name = name.to_str().map_err(|_| errno(libc::ENOENT))?;
+        let view = self.view();
+        let node = view.by_name.get(name).ok_or_else(|| errno(libc::ENOENT))?;
+        Ok(Entry {
+            inode: node.ino,
+            generation: 0,
+            attr: file_attr(node),
+            attr_flags: 0,
+            attr_timeout: TTL,
+            entry_timeout: TTL,
+        })
+    }
+
+    fn getattr(&self, _ctx: &Context, ino: u64, handle: Option<u64>) -> io::Result<(stat64, Duration)> {
+        if ino == ROOT {
+            return Ok((self.root_attr(), TTL));
+        }
+        // An open file keeps its attributes after a rotation retired it.
+        let held = handle.and_then(|h| self.handles.lock().expect("handles lock").get(&h).cloned());
+        let node = held.or_else(|| self.node(ino)).ok_or_else(|| errno(libc::ENOENT))?;
+        Ok((file_attr(&node), TTL))
+    }
+
+    fn open(&self, ctx: &Context, ino: u64, flags: u32, _fuse_flags: u32) -> io::Result<(Option<u64>, OpenOptions, Option<u32>)> {
+        if ino == ROOT {
+            return Err(errno(libc::EISDIR));
+        }
+        if flags as i32 & libc::O_ACCMODE != libc::O_RDONLY {
+            return Err(errno(libc::EROFS));
+        }
+        let node = self.node(ino).ok_or_else(|| errno(libc::ENOENT))?;
+        self.check_open(ctx, &node)?;
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.handles.lock().expect("handles lock").insert(fh, node);
+        Ok((Some(fh), OpenOptions::KEEP_CACHE, None))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn read(
+        &self,
+        _ctx: &Context,
+        _ino: u64,
+        handle: u64,
+        w: &mut dyn ZeroCopyWriter,
+        size: u32,
+        offset: u64,
+        _lock_owner: Option<u64>,
+        _flags: u32,
+    ) -> io::Result<usize> {
+        let node = self.handles.lock().expect("handles lock").get(&handle).cloned().ok_or_else(|| errno(libc::EBADF))?;
+        let bytes = node.value.expose();
+        let start = (offset as usize).min(bytes.len());
+        let end = start.saturating_add(size as usize).min(bytes.len());
+        w.write_all(&bytes[start..end])?;
+        Ok(end - start)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn release(
+        &self,
+        _ctx: &Context,
+        _ino: u64,
+        _flags: u32,
+        handle: u64,
+        _flush: bool,
+        _flock_release: bool,
+        _lock_owner: Option<u64>,
+    ) -> io::Result<()> {
+        self.handles.lock().expect("handles lock").remove(&handle);
+        Ok(())
+    }
+
+    fn opendir(&self, _ctx: &Context, ino: u64, _flags: u32) -> io::Result<(Option<u64>, OpenOptions)> {
+        if ino != ROOT {
+            return Err(errno(libc::ENOTDIR));
+        }
+        Ok((None, OpenOptions::empty()))
+    }
+
+    fn readdir(
+        &self,
+        _ctx: &Context,
+        ino: u64,
+        _handle: u64,
+        _size: u32,
+        offset: u64,
+        add_entry: &mut dyn FnMut(DirEntry) -> io::Result<usize>,
+    ) -> io::Result<()> {
+        if ino != ROOT {
+            return Err(errno(libc::ENOTDIR));
+        }
+        let view = self.view();
+        let dots = [(ROOT, libc::DT_DIR, "."), (ROOT, libc::DT_DIR, "..")];
+        let files = view.by_name.values().map(|n| (n.ino, libc::DT_REG, n.name.as_str()));
+        for (i, (ino, kind, name)) in dots.into_iter().chain(files).enumerate().skip(offset as usize) {
+            let entry = DirEntry { ino, offset: i as u64 + 1, type_: u32::from(kind), name: name.as_bytes() };
+            if add_entry(entry)? == 0 {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn releasedir(&self, _ctx: &Context, _ino: u64, _flags: u32, _handle: u64) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn access(&self, _ctx: &Context, _ino: u64, mask: u32) -> io::Result<()> {
+        if mask & libc::W_OK as u32 != 0 { Err(errno(libc::EROFS)) } else { Ok(()) }
+    }
+}

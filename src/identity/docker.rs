@@ -1,0 +1,114 @@
+//! Container id → what Docker says of it (name, image, labels, user), from
+//! the Engine API. Answers are cached; the events stream evicts containers
+//! that are destroyed, renamed or updated, and a lost stream clears the
+//! cache (events may have been missed) until it is back.
+#![forbid(unsafe_code)]
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bollard::Docker;
+use tokio_stream::StreamExt;
+
+use crate::policy::ContainerInfo;
+
+/// How long an open may wait for Docker on a cache miss.
+const INSPECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+pub struct DockerCache {
+    client: Docker,
+    cache: Mutex<HashMap<String, Arc<ContainerInfo>>>,
+    rt: tokio::runtime::Handle,
+}
+
+impl std::fmt::Debug for DockerCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DockerCache").finish_non_exhaustive()
+    }
+}
+
+impl DockerCache {
+    /// Connect lazily to the Engine API on `socket`; nothing is sent yet.
+    pub fn connect(socket: &Path, rt: tokio::runtime::Handle) -> Result<Arc<Self>, bollard::errors::Error> {
+        let client = Docker::connect_with_unix(&socket.to_string_lossy(), 5, bollard::API_DEFAULT_VERSION)?;
+        Ok(Arc::new(DockerCache { client, cache: Mutex::default(), rt }))
+    }
+
+    fn cached(&self, id: &str) -> Option<Arc<ContainerInfo>> {
+        self.cache.lock().expect("docker cache lock").get(id).cloned()
+    }
+
+    async fn inspect(&self, id: &str) -> Option<ContainerInfo> {
+        let r = tokio::time::timeout(INSPECT_TIMEOUT, self.client.inspect_container(id, None)).await;
+        let c = match r {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                tracing::warn!(container = %&id[..12.min(id.len())], error = %e, "docker inspect failed");
+                return None;
+            }
+            Err(_) => {
+                tracing::warn!(container = %&id[..12.min(id.len())], "docker inspect timed out");
+                return None;
+            }
+        };
+        let config = c.config.unwrap_or_default();
+        Some(ContainerInfo {
+            name: c.name.unwrap_or_default().trim_start_matches('/').to_owned(),
+            image: config.image.unwrap_or_default(),
+            labels: config.labels.unwrap_or_default().into_iter().collect(),
+            user: config.user.unwrap_or_default(),
+        })
+    }
+
+    fn remember(&self, id: &str, info: ContainerInfo) -> Arc<ContainerInfo> {
+        let info = Arc::new(info);
+        self.cache.lock().expect("docker cache lock").insert(id.to_owned(), info.clone());
+        info
+    }
+
+    /// From a thread that may block (FUSE request threads, the blocking
+    /// pool): the cache, else one bounded inspect.
+    pub fn lookup_blocking(&self, id: &str) -> Option<Arc<ContainerInfo>> {
+        if let Some(hit) = self.cached(id) {
+            return Some(hit);
+        }
+        let info = self.rt.block_on(self.inspect(id))?;
+        Some(self.remember(id, info))
+    }
+
+    /// Keep the cache honest from the events stream, reconnecting forever.
+    pub async fn watch(self: Arc<Self>) {
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            let filters = HashMap::from([("type".to_owned(), vec!["container".to_owned()])]);
+            let opts = bollard::query_parameters::EventsOptions { filters: Some(filters), ..Default::default() };
+            let mut events = self.client.events(Some(opts));
+            let mut connected = false;
+            while let Some(ev) = events.next().await {
+                match ev {
+                    Ok(ev) => {
+                        if !connected {
+                            connected = true;
+                            backoff = Duration::from_millis(200);
+                        }
+                        let action = ev.action.unwrap_or_default();
+                        let id = ev.actor.and_then(|a| a.id).unwrap_or_default();
+                        if matches!(action.as_str(), "destroy" | "rename" | "update") {
+                            self.cache.lock().expect("docker cache lock").remove(&id);
+                        }
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "docker events stream ended");
+                        break;
+                    }
+                }
+            }
+            // Events may have been missed while disconnected.
+            self.cache.lock().expect("docker cache lock").clear();
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(10));
+        }
+    }
+}
