@@ -7,5 +7,6 @@ mod admin;
 mod audit;
 mod crash;
 mod lifecycle;
+mod mounts;
 mod secrets;
 mod tamper;

@@ -73,6 +73,11 @@ impl Broker {
         fs::read_to_string(self.dir.path().join("broker.log")).unwrap_or_default()
     }
 
+    /// Audit lines of one event kind.
+    pub fn audit_events(&self, event: &str) -> Vec<serde_json::Value> {
+        self.audit_lines().into_iter().filter(|l| l["event"] == event).collect()
+    }
+
     pub fn audit_lines(&self) -> Vec<serde_json::Value> {
         fs::read_to_string(self.state().join("audit.log"))
             .unwrap_or_default()
@@ -150,6 +155,10 @@ impl Broker {
         out.stdout
     }
 
+    pub fn mount(&self, workload: &str) -> PathBuf {
+        self.run().join("workloads").join(workload)
+    }
+
     pub fn put(&self, path: &str, value: &[u8]) -> u64 {
         let out = self.cli_in(&["secret", "put", path, "--stdin", "--json"], Some(value));
         assert!(out.status.success(), "put {path}: {}", String::from_utf8_lossy(&out.stderr));
@@ -182,7 +191,29 @@ impl Drop for Broker {
             let _ = c.kill();
             let _ = c.wait();
         }
+        detach_mounts_under(self.dir.path());
     }
+}
+
+/// Lazily unmount everything at or below `dir`, deepest first (FUSE mounts
+/// a killed broker left, and the run dir's own bind mount).
+pub fn detach_mounts_under(dir: &Path) {
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut points: Vec<PathBuf> =
+        info.lines().filter_map(|l| l.split(' ').nth(4)).map(PathBuf::from).filter(|p| p.starts_with(dir)).collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    for p in points {
+        let c = std::ffi::CString::new(p.as_os_str().to_str().unwrap()).unwrap();
+        // SAFETY: a NUL-terminated path that outlives the call.
+        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+    }
+}
+
+/// Run a command as `uid` (gid the same; std drops supplementary groups).
+pub fn run_as(uid: u32, cmd: &[&str]) -> Output {
+    let mut c = Command::new(cmd[0]);
+    c.args(&cmd[1..]).uid(uid).gid(uid).stdin(Stdio::null());
+    c.output().unwrap()
 }
 
 pub fn signal(pid: i32, sig: i32) {
