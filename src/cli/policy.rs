@@ -33,9 +33,7 @@ Each workload gets a mount at <run-dir>/workloads/<name>.")]
     /// List workloads and their selectors
     Ls,
     /// Remove a workload, its grants and its mount
-    Rm {
-        name: String,
-    },
+    Rm { name: String },
 }
 
 #[derive(Debug, Args)]
@@ -171,7 +169,8 @@ pub async fn grants(workload: Option<String>, socket: &Path, json: bool) -> anyh
 }
 
 pub async fn mounts(socket: &Path, json: bool) -> anyhow::Result<()> {
-    let r = client::admin(socket).await?.list_mounts(pb::ListMountsRequest {}).await.map_err(Failure::from)?.into_inner();
+    let r =
+        client::admin(socket).await?.list_mounts(pb::ListMountsRequest {}).await.map_err(Failure::from)?.into_inner();
     if json {
         let rows: Vec<_> = r
             .mounts

@@ -5,6 +5,18 @@
 //! mount's new view, and invalidates the kernel's entries for every file
 //! that changed or went. It runs after every change, before the admin call
 //! returns, so a rotate, grant or revoke is visible on the next open.
+//!
+//! # Surviving restarts
+//!
+//! Docker binds the topmost mount at a path: a container started while a
+//! workload is mounted holds a bind of *that FUSE mount*, a slave of its
+//! peer group — not of the run dir. Unmounting it would orphan the
+//! container's copy for good. So a broker never unmounts a live workload's
+//! mount: on shutdown it leaves it (dead: `ENOTCONN` until it is back),
+//! and on start it mounts the new session *on top of* the old one. A mount
+//! made on a mount's root propagates to that mount's slaves, so every
+//! running container sees the new session at once. Only the mounts of
+//! removed workloads are detached.
 
 pub mod workload;
 
@@ -35,6 +47,9 @@ const MAX_READ: usize = 128 * 1024;
 struct Mount {
     fs: Arc<WorkloadFs>,
     server: Arc<Server<Arc<WorkloadFs>>>,
+    /// Owns the /dev/fuse fd and the channel wakers. Its path is a private
+    /// directory that is never mounted on, so its Drop (which unmounts
+    /// its path) only closes the fd: the mounts are ours to manage.
     session: FuseSession,
     /// A dup of the session fd, for invalidation notices.
     notify: File,
@@ -51,6 +66,10 @@ pub struct MountInfo {
 
 pub struct MountTable {
     dir: PathBuf,
+    /// Handed to FuseSession in place of the real mountpoint (see Mount).
+    session_dir: PathBuf,
+    /// Mount points under `dir` that a previous broker left behind.
+    leftovers: Mutex<Vec<PathBuf>>,
     shared: Arc<FsShared>,
     mounts: Mutex<BTreeMap<String, Mount>>,
     next_ino: AtomicU64,
@@ -93,9 +112,9 @@ fn unescape_mountinfo(s: &str) -> String {
 }
 
 impl MountTable {
-    /// Prepare `<run_dir>/workloads`: make the run dir a shared mount (so
-    /// mounts made later propagate into containers that bound it rslave),
-    /// and detach mounts a previous broker left behind.
+    /// Prepare `<run_dir>/workloads`: make the run dir a shared mount, so
+    /// mounts made later propagate into containers that bound it rslave,
+    /// and note the mounts a previous broker left (see the module doc).
     pub fn new(run_dir: &Path, shared: Arc<FsShared>) -> anyhow::Result<Self> {
         let points = mount_points().context("cannot read /proc/self/mountinfo")?;
         if !points.iter().any(|p| p == run_dir) {
@@ -107,17 +126,14 @@ impl MountTable {
         let dir = run_dir.join("workloads");
         std::fs::create_dir_all(&dir)?;
         std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
-        // Deepest first, so nested leftovers go before their parents.
-        let mut stale: Vec<PathBuf> = points.into_iter().filter(|p| p.starts_with(&dir) && *p != dir).collect();
-        stale.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
-        for p in stale {
-            match crate::sys::umount_detach(&p) {
-                Ok(()) => tracing::info!(path = %p.display(), "detached a mount left by a previous broker"),
-                Err(e) => tracing::warn!(path = %p.display(), error = %e, "cannot detach a stale mount"),
-            }
-        }
+        let session_dir = run_dir.join(".fuse-session");
+        std::fs::create_dir_all(&session_dir)?;
+        let mut leftovers: Vec<PathBuf> = points.into_iter().filter(|p| p.parent() == Some(dir.as_path())).collect();
+        leftovers.dedup();
         Ok(MountTable {
             dir,
+            session_dir,
+            leftovers: Mutex::new(leftovers),
             shared,
             mounts: Mutex::default(),
             next_ino: AtomicU64::new(ROOT + 1),
@@ -131,9 +147,20 @@ impl MountTable {
 
     fn mount(&self, w: Workload) -> anyhow::Result<Mount> {
         let path = self.path_of(&w.name);
-        std::fs::create_dir_all(&path)?;
-        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
-        let mut session = FuseSession::new(&path, "keyhole", &w.name, true)
+        let stacked = {
+            let mut leftovers = self.leftovers.lock().expect("leftovers lock");
+            let found = leftovers.iter().position(|p| *p == path);
+            found.map(|i| leftovers.remove(i)).is_some()
+        };
+        if !stacked {
+            // A leftover mount is dead (stat fails): only make a fresh dir.
+            match std::fs::create_dir(&path) {
+                Ok(()) => std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))?,
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(e).with_context(|| format!("cannot create {}", path.display())),
+            }
+        }
+        let mut session = FuseSession::new(&self.session_dir, "keyhole", &w.name, true)
             .map_err(|e| anyhow::anyhow!("FUSE session for {}: {e}", path.display()))?;
         let dev = OpenOptions::new().read(true).write(true).open("/dev/fuse").context("cannot open /dev/fuse")?;
         crate::sys::fuse_mount(&path, dev.as_raw_fd(), MAX_READ)
@@ -166,19 +193,36 @@ impl MountTable {
                 }
             })?);
         }
-        tracing::info!(path = %path.display(), "mounted");
+        if stacked {
+            tracing::info!(path = %path.display(), "mounted over the mount a previous broker left");
+        } else {
+            tracing::info!(path = %path.display(), "mounted");
+        }
         Ok(Mount { fs, server, session, notify, threads })
     }
 
-    fn unmount(&self, name: &str, mut m: Mount) {
-        if let Err(e) = m.session.umount() {
-            tracing::warn!(workload = name, error = %e, "unmount failed");
-        }
+    /// Stop serving a mount: its request threads end and its /dev/fuse fd
+    /// closes. The mount point itself is left as it is.
+    fn stop(mut m: Mount) {
         let _ = m.session.wake();
         for t in m.threads.drain(..) {
             let _ = t.join();
         }
-        let _ = std::fs::remove_dir(self.path_of(name));
+    }
+
+    /// Detach every mount stacked at `path`, then remove the directory.
+    fn detach_all(path: &Path) {
+        for _ in 0..256 {
+            if crate::sys::umount_detach(path).is_err() {
+                break; // EINVAL: nothing mounted there any more
+            }
+        }
+        let _ = std::fs::remove_dir(path);
+    }
+
+    fn unmount(&self, name: &str, m: Mount) {
+        Self::stop(m);
+        Self::detach_all(&self.path_of(name));
         tracing::info!(workload = name, "unmounted");
     }
 
@@ -258,8 +302,7 @@ impl MountTable {
     /// and do not stop the others.
     pub fn sync(&self, store: &LocalStore) -> anyhow::Result<()> {
         let _serial = self.sync_lock.lock().expect("sync lock");
-        let wanted: HashMap<String, Workload> =
-            store.workloads()?.into_iter().map(|w| (w.name.clone(), w)).collect();
+        let wanted: HashMap<String, Workload> = store.workloads()?.into_iter().map(|w| (w.name.clone(), w)).collect();
         let mut mounts = self.mounts.lock().expect("mounts lock");
         let gone: Vec<String> = mounts
             .iter()
@@ -271,6 +314,17 @@ impl MountTable {
                 self.unmount(&name, m);
             }
         }
+        // Leftovers of workloads that are gone have no one to serve them.
+        let mut leftovers = std::mem::take(&mut *self.leftovers.lock().expect("leftovers lock"));
+        leftovers.retain(|p| {
+            let keep = p.file_name().and_then(|n| n.to_str()).is_some_and(|n| wanted.contains_key(n));
+            if !keep {
+                tracing::info!(path = %p.display(), "detached the mount of a removed workload");
+                Self::detach_all(p);
+            }
+            keep
+        });
+        *self.leftovers.lock().expect("leftovers lock") = leftovers;
         for (name, w) in wanted {
             if !mounts.contains_key(&name) {
                 match self.mount(w) {
@@ -307,11 +361,13 @@ impl MountTable {
             .collect()
     }
 
-    /// Unmount everything (clean shutdown).
+    /// Stop serving (clean shutdown). The mounts stay, so the next broker
+    /// can mount over them and reach the containers that hold them.
     pub fn shutdown(&self) {
         let mut mounts = self.mounts.lock().expect("mounts lock");
         for (name, m) in std::mem::take(&mut *mounts) {
-            self.unmount(&name, m);
+            Self::stop(m);
+            tracing::info!(workload = %name, "stopped serving; the mount stays for the next broker");
         }
     }
 }

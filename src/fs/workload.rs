@@ -219,7 +219,13 @@ impl FileSystem for WorkloadFs {
         Ok((file_attr(&node), TTL))
     }
 
-    fn open(&self, ctx: &Context, ino: u64, flags: u32, _fuse_flags: u32) -> io::Result<(Option<u64>, OpenOptions, Option<u32>)> {
+    fn open(
+        &self,
+        ctx: &Context,
+        ino: u64,
+        flags: u32,
+        _fuse_flags: u32,
+    ) -> io::Result<(Option<u64>, OpenOptions, Option<u32>)> {
         if ino == ROOT {
             return Err(errno(libc::EISDIR));
         }
@@ -245,7 +251,8 @@ impl FileSystem for WorkloadFs {
         _lock_owner: Option<u64>,
         _flags: u32,
     ) -> io::Result<usize> {
-        let node = self.handles.lock().expect("handles lock").get(&handle).cloned().ok_or_else(|| errno(libc::EBADF))?;
+        let node =
+            self.handles.lock().expect("handles lock").get(&handle).cloned().ok_or_else(|| errno(libc::EBADF))?;
         let bytes = node.value.expose();
         let start = (offset as usize).min(bytes.len());
         let end = start.saturating_add(size as usize).min(bytes.len());

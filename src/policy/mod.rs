@@ -16,7 +16,9 @@ use crate::secret::{PathError, SecretPath};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PolicyError {
-    #[error("selector {0:?} is not one of unix:uid:N, unix:gid:N, docker:id:ID, docker:name:NAME, docker:image:REF, docker:label:KEY=VALUE")]
+    #[error(
+        "selector {0:?} is not one of unix:uid:N, unix:gid:N, docker:id:ID, docker:name:NAME, docker:image:REF, docker:label:KEY=VALUE"
+    )]
     BadSelector(String),
     #[error("workload name {0:?} must be 1-64 characters of [A-Za-z0-9._-], not starting with '.' or '-'")]
     BadWorkloadName(String),
@@ -240,20 +242,24 @@ pub struct FileSpec {
 /// The files a workload sees, given its grants and the secrets that exist.
 /// Where two grants would show the same name, the exact grant wins over a
 /// prefix, then the earlier secret path; the loser is reported.
-pub fn files_for<'a>(
-    grants: impl IntoIterator<Item = &'a Grant>,
-    secrets: &[String],
-) -> (Vec<FileSpec>, Vec<String>) {
+pub fn files_for<'a>(grants: impl IntoIterator<Item = &'a Grant>, secrets: &[String]) -> (Vec<FileSpec>, Vec<String>) {
     let mut chosen: BTreeMap<String, (bool, FileSpec)> = BTreeMap::new();
     let mut clashes = Vec::new();
     for g in grants {
         for s in secrets {
             let Some(name) = g.file_for(s) else { continue };
             let exact = matches!(g.target, Target::Exact(_));
-            let spec =
-                FileSpec { name: name.clone(), secret: s.clone(), mode: g.mode, uid: g.uid.unwrap_or(0), gid: g.gid.unwrap_or(0) };
+            let spec = FileSpec {
+                name: name.clone(),
+                secret: s.clone(),
+                mode: g.mode,
+                uid: g.uid.unwrap_or(0),
+                gid: g.gid.unwrap_or(0),
+            };
             match chosen.get(&name) {
-                Some((was_exact, prev)) if *was_exact && !exact || (*was_exact == exact && prev.secret <= spec.secret) => {
+                Some((was_exact, prev))
+                    if *was_exact && !exact || (*was_exact == exact && prev.secret <= spec.secret) =>
+                {
                     clashes.push(format!("{name}: {} hides {}", prev.secret, spec.secret));
                 }
                 Some((_, prev)) => {
@@ -285,7 +291,10 @@ pub fn decide(id: &Identity, workload: &Workload) -> Decision {
 mod tests {
     use super::*;
 
-    fn id(uid: u32, container: Option<(&str, &str, &[(&str, &str)])>) -> Identity {
+    /// (name, image, labels) of a container.
+    type Docker<'a> = (&'a str, &'a str, &'a [(&'a str, &'a str)]);
+
+    fn id(uid: u32, container: Option<Docker<'_>>) -> Identity {
         Identity {
             uid,
             gid: uid,
@@ -315,7 +324,9 @@ mod tests {
             assert_eq!(Selector::parse(s).unwrap().to_string(), s);
         }
         assert_eq!(Selector::parse("docker:name:/web").unwrap().to_string(), "docker:name:web");
-        for bad in ["uid:1", "unix:uid:x", "unix:pid:1", "docker:id:xyz", "docker:label:novalue", "docker:name:", "k8s:ns:a"] {
+        for bad in
+            ["uid:1", "unix:uid:x", "unix:pid:1", "docker:id:xyz", "docker:label:novalue", "docker:name:", "k8s:ns:a"]
+        {
             assert!(Selector::parse(bad).is_err(), "{bad}");
         }
     }
@@ -348,7 +359,10 @@ mod tests {
         assert_eq!(p.file_for("dbx/a"), None);
         let f = Grant::new("db/password", "web", Some("DB_PASSWORD".into()), None, None, None).unwrap();
         assert_eq!(f.file_for("db/password").as_deref(), Some("DB_PASSWORD"));
-        assert_eq!(Grant::new("db/*", "w", Some("x".into()), None, None, None), Err(PolicyError::FileWithPrefix("db/*".into())));
+        assert_eq!(
+            Grant::new("db/*", "w", Some("x".into()), None, None, None),
+            Err(PolicyError::FileWithPrefix("db/*".into()))
+        );
         assert_eq!(Grant::new("a", "w", None, Some(0o600), None, None), Err(PolicyError::BadMode(0o600)));
         assert!(Grant::new("a", "w", Some("..".into()), None, None, None).is_err());
         assert!(Grant::new("../a", "w", None, None, None, None).is_err());

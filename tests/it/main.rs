@@ -6,6 +6,7 @@ mod support;
 mod admin;
 mod audit;
 mod crash;
+mod docker;
 mod lifecycle;
 mod mounts;
 mod secrets;

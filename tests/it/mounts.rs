@@ -1,7 +1,7 @@
 //! Real FUSE mounts with unix selectors: the granted uid reads, others are
 //! denied at open, and every change is visible on the next open.
 
-use std::io::{ErrorKind, Read};
+use std::io::ErrorKind;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
 
@@ -97,8 +97,7 @@ fn rotation_grant_and_revoke_show_on_the_next_open() {
     std::thread::sleep(std::time::Duration::from_millis(300));
     b.cli_in(&["secret", "rotate", "db/password", "--stdin"], Some(b"rot-v2-longer"));
     assert_eq!(cat_as(APP, &dir.join("password")).unwrap(), b"rot-v2-longer");
-    let mut old = Vec::new();
-    held.stdout.unwrap().read_to_end(&mut old).unwrap();
+    let old = held.wait_with_output().unwrap().stdout;
     assert_eq!(old, b"rot-v1", "an open file changed under its reader");
 
     // A secret put later under the prefix appears; one removed goes.
@@ -132,15 +131,22 @@ fn mounts_come_back_after_a_restart_or_a_kill_9() {
     b.ok(&["workload", "add", "app", "--selector", &format!("unix:uid:{APP}")]);
     b.ok(&["grant", "k", "--to", "app", "--mode", "0444"]);
     let file = b.mount("app").join("k");
+    // A clean stop leaves the mount in place, unserved, for the next broker
+    // to mount over (so containers holding it are reached again).
     assert!(b.terminate().success());
-    assert!(!file.exists(), "a clean stop unmounts");
+    assert!(cat_as(APP, &file).unwrap_err().contains("Transport endpoint is not connected"));
     b.restart();
     assert_eq!(cat_as(APP, &file).unwrap(), b"survives");
     b.kill9();
     assert!(cat_as(APP, &file).unwrap_err().contains("Transport endpoint is not connected"));
     b.restart();
     assert_eq!(cat_as(APP, &file).unwrap(), b"survives");
-    assert!(b.log().contains("detached a mount left by a previous broker"));
+    assert_eq!(b.log().matches("mounted over the mount a previous broker left").count(), 2);
+    // Removing the workload detaches every layer stacked at its mount point.
+    b.ok(&["workload", "rm", "app"]);
+    assert!(!b.mount("app").exists());
+    let layers = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!layers.contains(&format!("{} ", b.mount("app").display())), "layers left at a removed workload");
 }
 
 #[test]

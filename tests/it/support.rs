@@ -261,3 +261,103 @@ pub fn jitter(max: u64) -> u64 {
     let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos() as u64;
     (t ^ (t >> 7).wrapping_mul(0x9E37_79B9)) % max.max(1)
 }
+
+pub const IMAGE: &str = "keyhole-test/busybox:1";
+
+/// Docker is needed for the container tests: under CI its absence fails
+/// the suite (scripts/test.sh installs and starts it); elsewhere it skips
+/// loudly. Also makes sure the busybox test image exists.
+pub fn require_docker() -> bool {
+    if !require_root() {
+        return false;
+    }
+    static READY: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    let ready = READY.get_or_init(|| {
+        let info = Command::new("docker").args(["info", "--format", "{{.ServerVersion}}"]).output();
+        match info {
+            Ok(o) if o.status.success() => {}
+            Ok(o) => return Err(format!("docker info failed: {}", String::from_utf8_lossy(&o.stderr).trim())),
+            Err(e) => return Err(format!("no docker CLI: {e}")),
+        }
+        ensure_image()
+    });
+    match ready {
+        Ok(()) => true,
+        Err(e) => {
+            assert!(std::env::var_os("CI").is_none(), "CI=true but docker is not usable: {e}");
+            eprintln!("SKIPPED: {e} (scripts/test.sh installs and starts docker)");
+            false
+        }
+    }
+}
+
+/// A busybox-static image imported from a rootfs: no registry needed.
+fn ensure_image() -> Result<(), String> {
+    if docker(&["image", "inspect", IMAGE]).status.success() {
+        return Ok(());
+    }
+    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .ok_or("busybox is not installed (apt-get install busybox-static)")?;
+    let root = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let bin = root.path().join("bin");
+    fs::create_dir_all(&bin).map_err(|e| e.to_string())?;
+    for d in ["run/secrets", "tmp", "proc", "sys", "dev", "etc"] {
+        fs::create_dir_all(root.path().join(d)).map_err(|e| e.to_string())?;
+    }
+    fs::copy(busybox, bin.join("busybox")).map_err(|e| e.to_string())?;
+    for applet in ["sh", "cat", "ls", "sleep", "echo", "id", "true", "stat"] {
+        std::os::unix::fs::symlink("busybox", bin.join(applet)).map_err(|e| e.to_string())?;
+    }
+    let tar = Command::new("tar").arg("-C").arg(root.path()).args(["-c", "."]).stdout(Stdio::piped()).spawn();
+    let tar = tar.map_err(|e| e.to_string())?;
+    let out = Command::new("docker")
+        .args(["import", "--change", "CMD [\"/bin/sh\"]", "-", IMAGE])
+        .stdin(tar.stdout.unwrap())
+        .output()
+        .map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        return Err(format!("docker import failed: {}", String::from_utf8_lossy(&out.stderr)));
+    }
+    Ok(())
+}
+
+pub fn docker(args: &[&str]) -> Output {
+    Command::new("docker").args(args).stdin(Stdio::null()).output().unwrap()
+}
+
+/// A running container, removed on drop.
+pub struct Container {
+    pub id: String,
+}
+
+impl Container {
+    /// `docker run -d` with `args` (options), then `sleep` forever.
+    pub fn start(args: &[&str]) -> Container {
+        let mut all = vec!["run", "-d", "--rm"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&[IMAGE, "sleep", "3600"]);
+        let o = docker(&all);
+        assert!(o.status.success(), "docker run: {}", String::from_utf8_lossy(&o.stderr));
+        Container { id: String::from_utf8(o.stdout).unwrap().trim().to_owned() }
+    }
+
+    pub fn exec(&self, cmd: &[&str]) -> Output {
+        let mut all = vec!["exec", self.id.as_str()];
+        all.extend_from_slice(cmd);
+        docker(&all)
+    }
+
+    /// `cat` a file inside the container: its bytes, or the error text.
+    pub fn cat(&self, path: &str) -> Result<Vec<u8>, String> {
+        let o = self.exec(&["cat", path]);
+        if o.status.success() { Ok(o.stdout) } else { Err(String::from_utf8_lossy(&o.stderr).into_owned()) }
+    }
+}
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        let _ = docker(&["rm", "-f", &self.id]);
+    }
+}

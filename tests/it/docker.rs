@@ -1,0 +1,142 @@
+//! Real containers reading real mounts: the right container reads, the
+//! wrong one is denied even with the right directory bound in, and
+//! rotation, revocation and broker restarts reach a running container.
+
+use crate::support::*;
+
+fn secrets_bind(b: &Broker, workload: &str) -> String {
+    format!("{}:/run/secrets:ro,rslave", b.mount(workload).display())
+}
+
+/// A unique label value per test, so parallel tests never match each other.
+fn tag(test: &str) -> String {
+    format!("{test}-{}", std::process::id())
+}
+
+#[test]
+fn a_container_reads_its_workloads_secret_and_another_is_denied() {
+    if !require_docker() {
+        return;
+    }
+    let b = Broker::start();
+    let (ta, tb) = (tag("a"), tag("b"));
+    b.put("db/password", b"container-secret-c0ffee");
+    b.ok(&["workload", "add", "a", "--selector", &format!("docker:label:keyhole.test={ta}")]);
+    b.ok(&["workload", "add", "b", "--selector", &format!("docker:label:keyhole.test={tb}")]);
+    b.ok(&["grant", "db/password", "--to", "a"]);
+
+    let a = Container::start(&["--label", &format!("keyhole.test={ta}"), "-v", &secrets_bind(&b, "a")]);
+    assert_eq!(a.cat("/run/secrets/password").unwrap(), b"container-secret-c0ffee");
+
+    // Workload b's container, with a's directory bound in, is denied.
+    let intruder = Container::start(&["--label", &format!("keyhole.test={tb}"), "-v", &secrets_bind(&b, "a")]);
+    let err = intruder.cat("/run/secrets/password").unwrap_err();
+    assert!(err.contains("Permission denied"), "{err}");
+    // So is an unlabelled container.
+    let stranger = Container::start(&["-v", &secrets_bind(&b, "a")]);
+    assert!(stranger.cat("/run/secrets/password").unwrap_err().contains("Permission denied"));
+
+    // The audit names each container, by id and name.
+    let name = |c: &Container| {
+        let o = docker(&["inspect", "--format", "{{.Name}}", &c.id]);
+        String::from_utf8(o.stdout).unwrap().trim().trim_start_matches('/').to_owned()
+    };
+    let reads = b.audit_events("read");
+    assert_eq!(reads.len(), 1);
+    assert_eq!(reads[0]["caller"]["container_id"], a.id.as_str());
+    assert_eq!(reads[0]["caller"]["container_name"], name(&a).as_str());
+    assert_eq!(reads[0]["workload"], "a");
+    let denies = b.audit_events("deny");
+    let denied: Vec<&str> = denies.iter().map(|d| d["caller"]["container_id"].as_str().unwrap()).collect();
+    assert_eq!(denied, [intruder.id.as_str(), stranger.id.as_str()]);
+    b.assert_never_leaked(&[b"container-secret-c0ffee"]);
+}
+
+#[test]
+fn a_running_container_sees_rotation_revocation_and_broker_restarts() {
+    if !require_docker() {
+        return;
+    }
+    let mut b = Broker::start();
+    let t = tag("live");
+    b.put("api/token", b"token-v1");
+    b.ok(&["workload", "add", "web", "--selector", &format!("docker:label:keyhole.test={t}")]);
+    b.ok(&["grant", "api/token", "--to", "web"]);
+    let c = Container::start(&["--label", &format!("keyhole.test={t}"), "-v", &secrets_bind(&b, "web")]);
+    assert_eq!(c.cat("/run/secrets/token").unwrap(), b"token-v1");
+
+    b.cli_in(&["secret", "rotate", "api/token", "--stdin"], Some(b"token-v2"));
+    assert_eq!(c.cat("/run/secrets/token").unwrap(), b"token-v2");
+
+    b.ok(&["revoke", "api/token", "--from", "web"]);
+    assert!(c.cat("/run/secrets/token").unwrap_err().contains("No such file"));
+    b.ok(&["grant", "api/token", "--to", "web"]);
+    assert_eq!(c.cat("/run/secrets/token").unwrap(), b"token-v2");
+
+    // A clean restart: the mount goes and comes back inside the container.
+    assert!(b.terminate().success());
+    b.restart();
+    assert_eq!(c.cat("/run/secrets/token").unwrap(), b"token-v2");
+    // kill -9: the dead mount is replaced, still without restarting the container.
+    b.kill9();
+    b.restart();
+    assert_eq!(c.cat("/run/secrets/token").unwrap(), b"token-v2");
+    let reads = b.audit_events("read");
+    assert!(reads.iter().all(|r| r["caller"]["container_id"] == c.id.as_str()));
+}
+
+#[test]
+fn whoami_inside_a_container_names_the_container_and_its_workloads() {
+    if !require_docker() {
+        return;
+    }
+    let b = Broker::start();
+    let t = tag("who");
+    b.ok(&["workload", "add", "web", "--selector", &format!("docker:label:keyhole.test={t}")]);
+    b.ok(&["workload", "add", "img", "--selector", &format!("docker:image:{IMAGE}")]);
+    b.ok(&["workload", "add", "other", "--selector", "docker:label:keyhole.test=nope"]);
+    let sock = format!("{}:/run/keyhole/workload.sock", b.workload_socket().display());
+    let bin = format!("{BIN}:/usr/local/bin/keyhole:ro");
+    let c = Container::start(&[
+        "--label",
+        &format!("keyhole.test={t}"),
+        "-v",
+        &sock,
+        "-v",
+        &bin,
+        "-v",
+        "/lib/x86_64-linux-gnu:/lib/x86_64-linux-gnu:ro",
+        "-v",
+        "/lib64:/lib64:ro",
+    ]);
+    let o = c.exec(&["/usr/local/bin/keyhole", "whoami", "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let w = json(&o.stdout);
+    assert_eq!(w["container_id"], c.id.as_str());
+    assert_eq!(w["host_process"], false);
+    assert_eq!(w["admin"], false);
+    assert_eq!(w["workloads"], serde_json::json!(["img", "web"]));
+    assert!(w["selectors"].as_array().unwrap().iter().any(|s| *s == format!("docker:label:keyhole.test={t}").as_str()));
+    // The same container, as root, is not an admin.
+    let o = c.exec(&["/usr/local/bin/keyhole", "--socket", "/run/keyhole/workload.sock", "secret", "ls"]);
+    assert_eq!(o.status.code(), Some(4), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("in container"));
+}
+
+#[test]
+fn a_container_started_before_its_workload_existed_gets_the_mount() {
+    if !require_docker() {
+        return;
+    }
+    let b = Broker::start();
+    let t = tag("early");
+    // The directory does not exist yet: bind the workloads dir's future
+    // child by creating it first, as an operator's unit would.
+    std::fs::create_dir_all(b.mount("late")).unwrap();
+    let c = Container::start(&["--label", &format!("keyhole.test={t}"), "-v", &secrets_bind(&b, "late")]);
+    assert_eq!(c.exec(&["ls", "/run/secrets"]).stdout, b"");
+    b.put("late/key", b"arrived-later");
+    b.ok(&["workload", "add", "late", "--selector", &format!("docker:label:keyhole.test={t}")]);
+    b.ok(&["grant", "late/key", "--to", "late"]);
+    assert_eq!(c.cat("/run/secrets/key").unwrap(), b"arrived-later");
+}
