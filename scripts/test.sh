@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh Debian 12 machine, as root:
 #   scripts/test.sh
-# Installs what the tests need, checks formatting and lints, runs the unit
-# tests and the integration suite (real `keyhole serve` processes driven
-# through the real CLI), and stops everything it started.
+# Installs what the tests need (Docker Engine, busybox-static), starts the
+# Docker daemon if it is not running, checks formatting and lints, runs the
+# unit tests and the integration suite (real `keyhole serve` processes
+# driven through the real CLI, real FUSE mounts, real containers), and
+# stops everything it started.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,7 +21,7 @@ if ! command -v cargo >/dev/null; then
 fi
 
 # Debian packages the tests use; installed only when missing.
-packages=(ca-certificates coreutils procps)
+packages=(ca-certificates coreutils procps tar util-linux docker.io busybox-static)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -34,8 +36,36 @@ if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 
     rustup component add rustfmt clippy
 fi
 
+if [ ! -c /dev/fuse ]; then
+    echo "scripts/test.sh: /dev/fuse is missing: the mount tests need FUSE (modprobe fuse)" >&2
+    exit 1
+fi
+
+# Start dockerd if it is not answering; remember to stop what we started.
+started_dockerd=""
+if ! docker info >/dev/null 2>&1; then
+    say "starting dockerd"
+    dockerd >/tmp/keyhole-test-dockerd.log 2>&1 &
+    started_dockerd=$!
+    for _ in $(seq 1 60); do
+        docker info >/dev/null 2>&1 && break
+        sleep 1
+    done
+    if ! docker info >/dev/null 2>&1; then
+        echo "scripts/test.sh: dockerd did not come up; its log:" >&2
+        tail -20 /tmp/keyhole-test-dockerd.log >&2
+        exit 1
+    fi
+fi
+
 # Anything a test leaves running is ours to stop, whatever happens.
-cleanup() { pkill -KILL -f "target/debug/keyhole serve" 2>/dev/null || true; }
+cleanup() {
+    pkill -KILL -f "target/debug/keyhole serve" 2>/dev/null || true
+    if [ -n "$started_dockerd" ]; then
+        kill "$started_dockerd" 2>/dev/null || true
+        wait "$started_dockerd" 2>/dev/null || true
+    fi
+}
 trap cleanup EXIT
 
 say "format"
