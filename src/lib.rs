@@ -1,8 +1,9 @@
 //! keyhole: a secrets broker for container hosts.
 //!
 //! It keeps secrets in its own encrypted store (or, later, Vault/OpenBao),
-//! and serves them to containers, attributing every call to the process
-//! the kernel says made it. See README.md for use and
+//! and serves them to containers as files in per-workload FUSE mounts,
+//! attributing every open and every call to the process the kernel says
+//! made it. See README.md for use and
 //! `../shared/DESIGN.md` for the design.
 //!
 //! # Layout
@@ -11,8 +12,11 @@
 //! - [`broker`]: `keyhole serve` — wiring, directories, sockets, shutdown.
 //! - [`api`]: the tonic services, peer credentials on Unix sockets, and
 //!   the one place errors become `tonic::Status`.
-//! - [`identity`]: peer → pinned process → identity (cgroup → container).
+//! - [`identity`]: peer → pinned process → identity (cgroup → container
+//!   → Docker inspect).
 //! - [`policy`]: workloads, selectors, grants, and `decide` (pure).
+//! - [`fs`]: one FUSE filesystem per workload and the mount table that
+//!   keeps them in step with the store.
 //! - [`backend`]: where values live; `local` is the embedded redb store of
 //!   AES-256-GCM-sealed records.
 //! - [`audit`]: the HMAC-chained JSON-lines audit log.

@@ -25,7 +25,7 @@ use fuse_backend_rs::abi::fuse_abi::{FsOptions, OpenOptions, stat64};
 use fuse_backend_rs::api::filesystem::{Context, DirEntry, Entry, FileSystem, ZeroCopyWriter};
 
 use crate::audit::{AuditLog, Event};
-use crate::identity::Attestor;
+use crate::identity::{Attestor, Identity};
 use crate::policy::{Decision, Workload, decide};
 use crate::secret::SecretBytes;
 
@@ -170,7 +170,8 @@ impl WorkloadFs {
         match self.shared.attestor.attest_task(ctx.pid, ctx.uid, ctx.gid) {
             Err(e) => {
                 let reason = e.to_string();
-                audit(&event("deny", None, Some(reason.as_str())))?;
+                let who = Identity { uid: ctx.uid, gid: ctx.gid, pid: ctx.pid, ..Identity::default() };
+                audit(&event("deny", Some(&who), Some(reason.as_str())))?;
                 Err(errno(libc::EACCES))
             }
             Ok(id) => match decide(&id, &self.workload) {

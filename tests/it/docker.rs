@@ -140,3 +140,27 @@ fn a_container_started_before_its_workload_existed_gets_the_mount() {
     b.ok(&["grant", "late/key", "--to", "late"]);
     assert_eq!(c.cat("/run/secrets/key").unwrap(), b"arrived-later");
 }
+
+#[test]
+fn a_renamed_container_loses_a_name_selector_through_the_event_stream() {
+    if !require_docker() {
+        return;
+    }
+    let b = Broker::start();
+    let name = tag("named");
+    b.put("n/key", b"by-name");
+    b.ok(&["workload", "add", "byname", "--selector", &format!("docker:name:{name}")]);
+    b.ok(&["grant", "n/key", "--to", "byname"]);
+    let c = Container::start(&["--name", &name, "-v", &secrets_bind(&b, "byname")]);
+    assert_eq!(c.cat("/run/secrets/key").unwrap(), b"by-name");
+    assert!(docker(&["rename", &name, &format!("{name}-renamed")]).status.success());
+    // The rename event evicts the cached name; allow the stream a moment.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match c.cat("/run/secrets/key") {
+            Err(e) if e.contains("Permission denied") => break,
+            _ => assert!(std::time::Instant::now() < deadline, "the renamed container can still read"),
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}

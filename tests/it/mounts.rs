@@ -172,3 +172,37 @@ fn workload_and_grant_listing() {
     let admin_only = cli_as(&b.workload_socket(), &["grant", "x", "--to", "web"], None, Some(65534));
     assert_fails(&admin_only, 4, "needs an admin caller");
 }
+
+#[test]
+fn a_caller_outside_the_brokers_pid_namespace_is_denied() {
+    if !require_root() {
+        return;
+    }
+    let mut b = Broker::start();
+    b.put("k", b"pid-zero-must-not-read");
+    b.ok(&["workload", "add", "app", "--selector", &format!("unix:uid:{APP}")]);
+    b.ok(&["grant", "k", "--to", "app", "--mode", "0444"]);
+    assert!(b.terminate().success());
+    // The same broker in a pid namespace of its own: every host process
+    // reaches it as pid 0, which cannot be attested.
+    let mut serve = b.serve_command();
+    let args: Vec<_> =
+        std::iter::once(serve.get_program().to_owned()).chain(serve.get_args().map(ToOwned::to_owned)).collect();
+    let mut unshared = std::process::Command::new("unshare");
+    unshared.args(["--pid", "--fork"]).args(&args);
+    let log = std::fs::OpenOptions::new().append(true).open(b.dir.path().join("broker.log")).unwrap();
+    unshared.stdout(std::process::Stdio::null()).stderr(log);
+    drop(serve);
+    let mut child = unshared.spawn().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while b.log().matches("keyhole is serving").count() < 2 {
+        assert!(std::time::Instant::now() < deadline, "broker did not start:\n{}", b.log());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let err = cat_as(APP, &b.mount("app").join("k"));
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(err.unwrap_err().contains("Permission denied"));
+    let deny = b.audit_events("deny").pop().unwrap();
+    assert!(deny["reason"].as_str().unwrap().contains("outside the broker's pid namespace"), "{deny}");
+}
