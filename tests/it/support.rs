@@ -86,14 +86,24 @@ impl Broker {
             .collect()
     }
 
+    /// `serve` and its flags for this broker's dirs and config.
+    pub fn serve_args(&self) -> Vec<std::ffi::OsString> {
+        let mut a: Vec<std::ffi::OsString> =
+            vec!["serve".into(), "--state-dir".into(), self.state().into(), "--run-dir".into(), self.run().into()];
+        if let Some(cfg) = &self.config {
+            a.extend(["--config".into(), cfg.into()]);
+        }
+        a
+    }
+
+    /// The broker's log, opened for appending (stderr of every start).
+    pub fn log_file(&self) -> fs::File {
+        fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("broker.log")).unwrap()
+    }
+
     pub fn serve_command(&self) -> Command {
         let mut c = Command::new(BIN);
-        c.arg("serve").arg("--state-dir").arg(self.state()).arg("--run-dir").arg(self.run());
-        if let Some(cfg) = &self.config {
-            c.arg("--config").arg(cfg);
-        }
-        let log = fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("broker.log")).unwrap();
-        c.stdout(Stdio::null()).stderr(log).env("KEYHOLE_LOG", "debug");
+        c.args(self.serve_args()).stdout(Stdio::null()).stderr(self.log_file()).env("KEYHOLE_LOG", "debug");
         c
     }
 
