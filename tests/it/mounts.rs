@@ -185,15 +185,13 @@ fn a_caller_outside_the_brokers_pid_namespace_is_denied() {
     assert!(b.terminate().success());
     // The same broker in a pid namespace of its own: every host process
     // reaches it as pid 0, which cannot be attested.
-    let mut serve = b.serve_command();
-    let args: Vec<_> =
-        std::iter::once(serve.get_program().to_owned()).chain(serve.get_args().map(ToOwned::to_owned)).collect();
-    let mut unshared = std::process::Command::new("unshare");
-    unshared.args(["--pid", "--fork"]).args(&args);
-    let log = std::fs::OpenOptions::new().append(true).open(b.dir.path().join("broker.log")).unwrap();
-    unshared.stdout(std::process::Stdio::null()).stderr(log);
-    drop(serve);
-    let mut child = unshared.spawn().unwrap();
+    let mut child = std::process::Command::new("unshare")
+        .args(["--pid", "--fork", BIN])
+        .args(b.serve_args())
+        .stdout(std::process::Stdio::null())
+        .stderr(b.log_file())
+        .spawn()
+        .unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     while b.log().matches("keyhole is serving").count() < 2 {
         assert!(std::time::Instant::now() < deadline, "broker did not start:\n{}", b.log());
