@@ -29,6 +29,103 @@ pub struct RawConfig {
     pub store: RawStore,
     #[serde(default)]
     pub docker: RawDocker,
+    #[serde(default)]
+    pub backend: Vec<RawBackend>,
+}
+
+/// `[[backend]]`: paths under `<name>/` live in this Vault/OpenBao KV v2 mount.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBackend {
+    pub name: String,
+    pub kind: String,
+    pub address: String,
+    pub mount: Option<String>,
+    pub field: Option<String>,
+    pub token_file: Option<PathBuf>,
+    pub approle: Option<RawAppRole>,
+    pub ca_file: Option<PathBuf>,
+    pub poll_interval: Option<String>,
+    pub max_stale: Option<String>,
+    pub request_timeout: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAppRole {
+    pub role_id_file: PathBuf,
+    pub secret_id_file: PathBuf,
+    /// Where the AppRole auth method is mounted; default "approle".
+    pub mount: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VaultAuth {
+    TokenFile(PathBuf),
+    AppRole { role_id_file: PathBuf, secret_id_file: PathBuf, mount: String },
+}
+
+/// A validated Vault/OpenBao backend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VaultConfig {
+    pub name: String,
+    pub address: String,
+    pub mount: String,
+    pub field: String,
+    pub auth: VaultAuth,
+    pub ca_file: Option<PathBuf>,
+    pub poll_interval: std::time::Duration,
+    pub max_stale: std::time::Duration,
+    pub request_timeout: std::time::Duration,
+}
+
+fn duration(key: &str, value: Option<String>, default: &str) -> Result<std::time::Duration, ConfigError> {
+    let v = value.unwrap_or_else(|| default.to_owned());
+    humantime::parse_duration(&v)
+        .map_err(|e| ConfigError::Invalid(format!("{key} = {v:?}: {e} (e.g. \"30s\", \"24h\")")))
+}
+
+impl TryFrom<RawBackend> for VaultConfig {
+    type Error = ConfigError;
+
+    fn try_from(b: RawBackend) -> Result<Self, ConfigError> {
+        let at = format!("[[backend]] {:?}", b.name);
+        let bad = |m: String| ConfigError::Invalid(format!("{at}: {m}"));
+        if b.kind != "vault" {
+            return Err(bad(format!("kind = {:?}: the only backend kind is \"vault\" (Vault or OpenBao)", b.kind)));
+        }
+        crate::secret::SecretPath::parse(&b.name)
+            .ok()
+            .filter(|_| !b.name.contains('/'))
+            .ok_or_else(|| bad("name must be one path segment of [A-Za-z0-9._-]".into()))?;
+        if !(b.address.starts_with("http://") || b.address.starts_with("https://")) {
+            return Err(bad(format!("address {:?} must start with http:// or https://", b.address)));
+        }
+        let auth = match (b.token_file, b.approle) {
+            (Some(t), None) => VaultAuth::TokenFile(absolute("token_file", t)?),
+            (None, Some(a)) => VaultAuth::AppRole {
+                role_id_file: absolute("approle.role_id_file", a.role_id_file)?,
+                secret_id_file: absolute("approle.secret_id_file", a.secret_id_file)?,
+                mount: a.mount.unwrap_or_else(|| "approle".into()),
+            },
+            _ => return Err(bad("set exactly one of token_file or approle".into())),
+        };
+        let poll_interval = duration("poll_interval", b.poll_interval, "30s")?;
+        if poll_interval < std::time::Duration::from_millis(100) {
+            return Err(bad("poll_interval must be at least 100ms".into()));
+        }
+        Ok(VaultConfig {
+            name: b.name,
+            address: b.address.trim_end_matches('/').to_owned(),
+            mount: b.mount.unwrap_or_else(|| "secret".into()),
+            field: b.field.unwrap_or_else(|| "value".into()),
+            auth,
+            ca_file: b.ca_file.map(|c| absolute("ca_file", c)).transpose()?,
+            poll_interval,
+            max_stale: duration("max_stale", b.max_stale, "24h")?,
+            request_timeout: duration("request_timeout", b.request_timeout, "5s")?,
+        })
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -95,6 +192,7 @@ pub struct Config {
     pub admin: AdminPolicy,
     pub key: KeySource,
     pub docker_socket: PathBuf,
+    pub backends: Vec<VaultConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -154,7 +252,13 @@ impl Config {
         };
         let admin = AdminPolicy { uids: raw.admin.uids, gids: raw.admin.gids };
         let docker_socket = absolute("docker.socket", raw.docker.socket.unwrap_or(DEFAULT_DOCKER_SOCKET.into()))?;
-        Ok(Config { state_dir, run_dir, history_depth, max_value_bytes, admin, key, docker_socket })
+        let backends = raw.backend.into_iter().map(VaultConfig::try_from).collect::<Result<Vec<_>, _>>()?;
+        for (i, b) in backends.iter().enumerate() {
+            if backends[..i].iter().any(|o| o.name == b.name) {
+                return Err(ConfigError::Invalid(format!("two [[backend]] tables are named {:?}", b.name)));
+            }
+        }
+        Ok(Config { state_dir, run_dir, history_depth, max_value_bytes, admin, key, docker_socket, backends })
     }
 
     pub fn default_admin_socket() -> PathBuf {
@@ -216,6 +320,30 @@ mod tests {
         assert!(parse("history_depth = 0").is_err());
         assert!(parse("max_value_bytes = 99999999999").is_err());
         assert!(parse("[store]\nkey_file = \"/a\"\npassphrase_file = \"/b\"").is_err());
+    }
+
+    #[test]
+    fn vault_backends_validate() {
+        let ok = "[[backend]]\nname = \"prod\"\nkind = \"vault\"\naddress = \"https://v:8200/\"\ntoken_file = \"/t\"\n";
+        let c = parse(ok).unwrap();
+        let b = &c.backends[0];
+        assert_eq!((b.address.as_str(), b.mount.as_str(), b.field.as_str()), ("https://v:8200", "secret", "value"));
+        assert_eq!(b.poll_interval, std::time::Duration::from_secs(30));
+        assert_eq!(b.max_stale, std::time::Duration::from_secs(24 * 3600));
+        let approle = ok.replace("token_file = \"/t\"", "approle = { role_id_file = \"/r\", secret_id_file = \"/s\" }");
+        assert!(matches!(parse(&approle).unwrap().backends[0].auth, VaultAuth::AppRole { .. }));
+        for (edit, want) in [
+            (ok.replace("\"vault\"", "\"consul\""), "only backend kind"),
+            (ok.replace("\"prod\"", "\"a/b\""), "one path segment"),
+            (ok.replace("https://v:8200/", "v:8200"), "must start with http"),
+            (ok.replace("token_file = \"/t\"\n", ""), "exactly one of token_file or approle"),
+            (ok.clone() + "poll_interval = \"soon\"\n", "poll_interval"),
+            (ok.clone() + ok, "two [[backend]] tables"),
+            (ok.replace("kind", "knd"), "unknown field"),
+        ] {
+            let e = parse(&edit).unwrap_err().to_string();
+            assert!(e.contains(want), "{e}");
+        }
     }
 
     #[test]

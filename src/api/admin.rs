@@ -40,6 +40,29 @@ fn grant_pb(g: &Grant) -> pb::GrantSpec {
     }
 }
 
+fn backend_status(v: &crate::backend::vault::VaultBackend) -> pb::BackendStatus {
+    use crate::backend::vault::Freshness;
+    let (_, last_ok, last_error) = v.health.snapshot();
+    let (address, auth) = v.describe();
+    let state = match v.health.freshness() {
+        Freshness::Fresh => "ok",
+        Freshness::Stale => "stale",
+        Freshness::Expired => "expired",
+    };
+    pb::BackendStatus {
+        name: v.cfg.name.clone(),
+        kind: "vault".into(),
+        address,
+        auth: auth.into(),
+        state: state.into(),
+        last_ok_unix_ms: last_ok
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_millis() as i64),
+        last_error: last_error.unwrap_or_default(),
+        cached_secrets: v.cached_count() as u64,
+    }
+}
+
 fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
@@ -159,11 +182,11 @@ impl admin_server::Admin for AdminService {
         };
         let event = if rotate { "rotate" } else { "put" };
         let value = take_value(r.source, self.0.config.max_value_bytes);
-        let path = r.path;
+        let (path, if_version) = (r.path, r.if_version);
         let reply = self
             .audited(id, event, Some(path.clone()), move |b| {
                 let path = SecretPath::parse(&path)?;
-                let meta = b.store.put(&path, &value?, rotate, now_ms())?;
+                let meta = b.put_secret(&path, &value?, rotate, if_version, now_ms())?;
                 b.changed();
                 Ok((version_pb(path.as_str(), meta.clone()), Some(meta.version)))
             })
@@ -177,7 +200,7 @@ impl admin_server::Admin for AdminService {
         let reply = self
             .audited(id, "get", Some(path.clone()), move |b| {
                 let path = SecretPath::parse(&path)?;
-                let (meta, value) = b.store.get(&path, (version != 0).then_some(version))?;
+                let (meta, value) = b.get_secret(&path, (version != 0).then_some(version))?;
                 let v = meta.version;
                 // The encoder needs a plain buffer: this copy is the value's
                 // way out to the admin who asked for it.
@@ -195,7 +218,7 @@ impl admin_server::Admin for AdminService {
         let secrets = self
             .audited(id, "ls", shown, move |b| {
                 validate_prefix(&prefix)?;
-                let list = b.store.list(&prefix)?;
+                let list = b.list_secrets(&prefix)?;
                 Ok((list.into_iter().map(|(p, m)| version_pb(&p, m)).collect(), None))
             })
             .await?;
@@ -208,7 +231,7 @@ impl admin_server::Admin for AdminService {
         let versions = self
             .audited(id, "history", Some(path.clone()), move |b| {
                 let path = SecretPath::parse(&path)?;
-                let h = b.store.history(&path)?;
+                let h = b.secret_history(&path)?;
                 Ok((h.into_iter().map(|m| version_pb(path.as_str(), m)).collect(), None))
             })
             .await?;
@@ -221,7 +244,7 @@ impl admin_server::Admin for AdminService {
         let removed = self
             .audited(id, "rm", Some(path.clone()), move |b| {
                 let path = SecretPath::parse(&path)?;
-                let n = b.store.delete(&path)?;
+                let n = b.delete_secret(&path)?;
                 b.changed();
                 Ok((n as u32, None))
             })
@@ -248,6 +271,7 @@ impl admin_server::Admin for AdminService {
                     max_value_bytes: c.max_value_bytes,
                     secret_buffers: buffers,
                     secret_buffers_locked: locked,
+                    backends: b.vaults.iter().map(|v| backend_status(v)).collect(),
                 };
                 Ok((status, None))
             })
@@ -361,6 +385,7 @@ impl admin_server::Admin for AdminService {
                 let mode = (g.mode != 0).then_some(g.mode);
                 let grant = Grant::new(&g.secret, &g.workload, file, mode, g.uid, g.gid).map_err(ApiError::from)?;
                 b.store.put_grant(&grant)?;
+                b.prefetch(&grant.target);
                 b.changed();
                 Ok((grant_pb(&grant), None))
             })

@@ -38,6 +38,8 @@ pub enum ApiError {
     Unauthenticated(#[from] IdentityError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Backend(#[from] crate::backend::BackendError),
     #[error("audit log unavailable, so the call was refused: {0}")]
     Audit(#[from] AuditError),
     #[error("internal error: {0}")]
@@ -54,6 +56,17 @@ impl From<ApiError> for Status {
                 Code::NotFound
             }
             ApiError::Store(StoreError::Exists(_)) => Code::AlreadyExists,
+            ApiError::Store(StoreError::Conflict { .. }) => Code::FailedPrecondition,
+            ApiError::Backend(b) => {
+                use crate::backend::BackendError as B;
+                match b {
+                    B::NotFound(_) => Code::NotFound,
+                    B::Conflict { .. } => Code::FailedPrecondition,
+                    B::Unavailable { .. } => Code::Unavailable,
+                    B::Invalid(_) => Code::InvalidArgument,
+                    B::Config(_) => Code::Internal,
+                }
+            }
             ApiError::Store(StoreError::Tampered { .. }) => Code::DataLoss,
             ApiError::Store(_) | ApiError::Internal(_) => Code::Internal,
             ApiError::Audit(_) => Code::Unavailable,

@@ -7,6 +7,7 @@
 //! | `meta` | name | `keycheck` (sealed constant), `kdf-salt` (passphrase mode) |
 //! | `workloads` | name | sealed JSON workload; AAD `keyhole/v1/workload\0<name>` |
 //! | `grants` | (workload, target) | sealed JSON grant; AAD `keyhole/v1/grant\0<workload>\0<target>` |
+//! | `backend_cache` | path | a value fetched from Vault: sealed version, time, bytes; AAD `keyhole/v1/cache\0<path>` |
 //!
 //! Everything a reader acts on is authenticated: a record edited, or
 //! copied under another path or version, fails to open and is reported as
@@ -29,6 +30,7 @@ const HEADS: TableDefinition<&str, &[u8]> = TableDefinition::new("heads");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const WORKLOADS: TableDefinition<&str, &[u8]> = TableDefinition::new("workloads");
 const GRANTS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("grants");
+const CACHE: TableDefinition<&str, &[u8]> = TableDefinition::new("backend_cache");
 
 const KEYCHECK: &[u8] = b"keyhole local store v1";
 const KEYCHECK_AAD: &[u8] = b"keyhole/v1/keycheck";
@@ -48,6 +50,8 @@ pub enum StoreError {
     Missing(String),
     #[error("{0}")]
     Exists(String),
+    #[error("{path} was not changed: it is at version {current}, not {expected}")]
+    Conflict { path: String, current: u64, expected: u64 },
     #[error("secret {path} has no version {version} (kept: {kept})")]
     NoVersion { path: String, version: u64, kept: String },
     #[error("{0}")]
@@ -92,6 +96,10 @@ fn workload_aad(name: &str) -> Vec<u8> {
     format!("keyhole/v1/workload\0{name}").into_bytes()
 }
 
+fn cache_aad(path: &str) -> Vec<u8> {
+    format!("keyhole/v1/cache\0{path}").into_bytes()
+}
+
 fn grant_aad(workload: &str, target: &str) -> Vec<u8> {
     format!("keyhole/v1/grant\0{workload}\0{target}").into_bytes()
 }
@@ -116,6 +124,7 @@ impl LocalStore {
             txn.open_table(HEADS)?;
             txn.open_table(WORKLOADS)?;
             txn.open_table(GRANTS)?;
+            txn.open_table(CACHE)?;
             master = match key {
                 KeyMaterial::Key(k) => k,
                 KeyMaterial::Passphrase(pass) => {
@@ -179,12 +188,14 @@ impl LocalStore {
     }
 
     /// Add a version. With `must_exist`, the secret must already exist
-    /// (a rotation). Durable when this returns.
+    /// (a rotation); with `if_version`, it must be at that version (0:
+    /// must not exist). Durable when this returns.
     pub fn put(
         &self,
         path: &SecretPath,
         value: &SecretBytes,
         must_exist: bool,
+        if_version: Option<u64>,
         now_ms: i64,
     ) -> Result<VersionMeta, StoreError> {
         let p = path.as_str();
@@ -198,7 +209,11 @@ impl LocalStore {
                 None if must_exist => return Err(StoreError::NotFound(p.to_owned())),
                 None => Vec::new(),
             };
-            let version = versions.last().map_or(1, |m| m.version + 1);
+            let current = versions.last().map_or(0, |m| m.version);
+            if let Some(expected) = if_version.filter(|e| *e != current) {
+                return Err(StoreError::Conflict { path: p.to_owned(), current, expected });
+            }
+            let version = current + 1;
             meta = VersionMeta { version, created_unix_ms: now_ms, size: value.len() as u64 };
             values.insert((p, version), self.sealer.seal(value.expose(), &value_aad(p, version))?.as_slice())?;
             versions.push(meta.clone());
@@ -381,6 +396,71 @@ impl LocalStore {
         Ok(out)
     }
 
+    /// Keep a value fetched from a remote backend, sealed, so a broker
+    /// restarted while the backend is down still has it.
+    pub fn cache_put(&self, path: &str, meta: &VersionMeta, value: &SecretBytes) -> Result<(), StoreError> {
+        let mut plain = zeroize::Zeroizing::new(Vec::with_capacity(16 + value.len()));
+        plain.extend_from_slice(&meta.version.to_be_bytes());
+        plain.extend_from_slice(&meta.created_unix_ms.to_be_bytes());
+        plain.extend_from_slice(value.expose());
+        let sealed = self.sealer.seal(&plain, &cache_aad(path))?;
+        let txn = self.db.begin_write()?;
+        txn.open_table(CACHE)?.insert(path, sealed.as_slice())?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    pub fn cache_remove(&self, path: &str) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        txn.open_table(CACHE)?.remove(path)?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Every cached value under `prefix/`. A tampered entry is an error.
+    pub fn cache_under(&self, prefix: &str) -> Result<Vec<(String, VersionMeta, SecretBytes)>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(CACHE)?;
+        let start = format!("{prefix}/");
+        let mut out = Vec::new();
+        for e in t.range(start.as_str()..)? {
+            let (k, v) = e?;
+            let path = k.value();
+            if !path.starts_with(&start) {
+                break;
+            }
+            let tampered = || StoreError::Tampered { what: format!("the cached copy of {path}") };
+            let plain = self.sealer.open(v.value(), &cache_aad(path)).map_err(|_| tampered())?;
+            let b = plain.expose();
+            if b.len() < 16 {
+                return Err(tampered());
+            }
+            let version = u64::from_be_bytes(b[..8].try_into().map_err(|_| tampered())?);
+            let created_unix_ms = i64::from_be_bytes(b[8..16].try_into().map_err(|_| tampered())?);
+            let value = SecretBytes::copy_from(&b[16..]);
+            out.push((path.to_owned(), VersionMeta { version, created_unix_ms, size: value.len() as u64 }, value));
+        }
+        Ok(out)
+    }
+
+    /// A small sealed record in `meta` (e.g. when a backend last answered).
+    pub fn put_note(&self, key: &str, value: &impl serde::Serialize) -> Result<(), StoreError> {
+        let key = format!("note:{key}");
+        let sealed = self.seal_json(value, key.as_bytes())?;
+        let txn = self.db.begin_write()?;
+        txn.open_table(META)?.insert(key.as_str(), sealed.as_slice())?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    pub fn note<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StoreError> {
+        let key = format!("note:{key}");
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(META)?;
+        let Some(v) = t.get(key.as_str())? else { return Ok(None) };
+        self.open_json(v.value(), key.as_bytes(), || key.clone()).map(Some)
+    }
+
     pub fn count(&self) -> Result<u64, StoreError> {
         let txn = self.db.begin_read()?;
         Ok(txn.open_table(HEADS)?.len()?)
@@ -412,9 +492,9 @@ mod tests {
     fn versions_and_history_depth() {
         let d = tempfile::tempdir().unwrap();
         let s = store(d.path(), 3);
-        assert!(matches!(s.put(&p("a"), &SecretBytes::copy_from(b"x"), true, 0), Err(StoreError::NotFound(_))));
+        assert!(matches!(s.put(&p("a"), &SecretBytes::copy_from(b"x"), true, None, 0), Err(StoreError::NotFound(_))));
         for i in 1..=5u8 {
-            let m = s.put(&p("db/pw"), &SecretBytes::copy_from(&[i]), false, i as i64).unwrap();
+            let m = s.put(&p("db/pw"), &SecretBytes::copy_from(&[i]), false, None, i as i64).unwrap();
             assert_eq!(m.version, i as u64);
         }
         let h = s.history(&p("db/pw")).unwrap();
@@ -430,7 +510,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let s = store(d.path(), 10);
         for path in ["db", "db/a", "db/b/c", "dbx", "web/t"] {
-            s.put(&p(path), &SecretBytes::copy_from(b"v"), false, 0).unwrap();
+            s.put(&p(path), &SecretBytes::copy_from(b"v"), false, None, 0).unwrap();
         }
         let names = |pre| s.list(pre).unwrap().into_iter().map(|(n, _)| n).collect::<Vec<_>>();
         assert_eq!(names("db"), ["db", "db/a", "db/b/c"]);
@@ -466,8 +546,8 @@ mod tests {
     fn wrong_key_and_moved_records_are_refused() {
         let d = tempfile::tempdir().unwrap();
         let s = store(d.path(), 10);
-        s.put(&p("a"), &SecretBytes::copy_from(b"va"), false, 0).unwrap();
-        s.put(&p("b"), &SecretBytes::copy_from(b"vb"), false, 0).unwrap();
+        s.put(&p("a"), &SecretBytes::copy_from(b"va"), false, None, 0).unwrap();
+        s.put(&p("b"), &SecretBytes::copy_from(b"vb"), false, None, 0).unwrap();
         // Copy a's sealed value over b's: same version, other path.
         let txn = s.db.begin_write().unwrap();
         {

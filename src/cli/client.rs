@@ -33,7 +33,8 @@ pub fn fail(code: u8, message: impl Into<String>) -> anyhow::Error {
 impl From<tonic::Status> for Failure {
     fn from(s: tonic::Status) -> Self {
         let code = match s.code() {
-            Code::InvalidArgument | Code::OutOfRange | Code::FailedPrecondition => 2,
+            Code::InvalidArgument | Code::OutOfRange => 2,
+            Code::FailedPrecondition | Code::AlreadyExists => 7,
             Code::NotFound => 3,
             Code::PermissionDenied | Code::Unauthenticated => 4,
             Code::Unavailable => 5,

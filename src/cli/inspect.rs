@@ -37,6 +37,7 @@ pub async fn status(socket: &Path, json: bool) -> anyhow::Result<()> {
             max_value_bytes: u64,
             secret_buffers: u64,
             secret_buffers_locked: u64,
+            backends: Vec<serde_json::Value>,
         }
         print_json(&View {
             version: &s.version,
@@ -51,6 +52,7 @@ pub async fn status(socket: &Path, json: bool) -> anyhow::Result<()> {
             max_value_bytes: s.max_value_bytes,
             secret_buffers: s.secret_buffers,
             secret_buffers_locked: s.secret_buffers_locked,
+            backends: s.backends.iter().map(backend_json).collect(),
         });
         return Ok(());
     }
@@ -64,7 +66,30 @@ pub async fn status(socket: &Path, json: bool) -> anyhow::Result<()> {
     println!("max value      {} bytes", s.max_value_bytes);
     println!("audit lines    {}", s.audit_lines);
     println!("locked buffers {}/{} secret buffers locked in RAM", s.secret_buffers_locked, s.secret_buffers);
+    for b in &s.backends {
+        let last = if b.last_ok_unix_ms > 0 { super::client::time_ms(b.last_ok_unix_ms) } else { "never".into() };
+        println!(
+            "backend {}/    {} {} ({}): {}, last answered {last}, {} cached",
+            b.name, b.kind, b.address, b.auth, b.state, b.cached_secrets
+        );
+        if !b.last_error.is_empty() {
+            println!("  last error: {}", b.last_error);
+        }
+    }
     Ok(())
+}
+
+fn backend_json(b: &pb::BackendStatus) -> serde_json::Value {
+    serde_json::json!({
+        "name": b.name,
+        "kind": b.kind,
+        "address": b.address,
+        "auth": b.auth,
+        "state": b.state,
+        "last_ok": (b.last_ok_unix_ms > 0).then(|| super::client::time_ms(b.last_ok_unix_ms)),
+        "last_error": (!b.last_error.is_empty()).then_some(&b.last_error),
+        "cached_secrets": b.cached_secrets,
+    })
 }
 
 pub async fn whoami(socket: &Path, json: bool) -> anyhow::Result<()> {

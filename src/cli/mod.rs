@@ -23,7 +23,8 @@ Exit status:
   3  not found (no such secret or version)
   4  permission denied: the caller is not an admin, or could not be attested
   5  broker unavailable: not running, or its socket is not reachable
-  6  integrity failure: a tampered store record or audit log";
+  6  integrity failure: a tampered store record or audit log
+  7  conflict: it changed meanwhile (--if-version, check-and-set), or exists already";
 
 #[derive(Debug, Parser)]
 #[command(

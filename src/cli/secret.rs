@@ -71,6 +71,10 @@ pub struct PutArgs {
     pub path: String,
     #[command(flatten)]
     pub source: ValueSource,
+    /// Only if the secret is at version N now (0: only if it does not
+    /// exist yet); otherwise nothing is written and the exit status is 7
+    #[arg(long, value_name = "N")]
+    pub if_version: Option<u64>,
 }
 
 #[derive(Debug, Args)]
@@ -147,7 +151,8 @@ pub async fn run(cmd: SecretCmd, socket: &Path, json: bool) -> anyhow::Result<()
 
 async fn put(args: PutArgs, mode: pb::PutMode, socket: &Path, json: bool) -> anyhow::Result<()> {
     let source = source(args.source)?;
-    let req = pb::PutSecretRequest { path: args.path, mode: mode as i32, source: Some(source) };
+    let req =
+        pb::PutSecretRequest { path: args.path, mode: mode as i32, source: Some(source), if_version: args.if_version };
     let v = client::admin(socket).await?.put_secret(req).await.map_err(Failure::from)?.into_inner();
     if json {
         print_json(&VersionView::from(&v));

@@ -34,9 +34,30 @@ use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::transport::{FuseDevWriter, FuseSession};
 
 use crate::backend::VersionMeta;
-use crate::backend::local::LocalStore;
-use crate::policy::{Target, Workload, files_for};
+use crate::backend::vault::Health;
+use crate::policy::{Grant, Target, Workload, files_for};
+use crate::secret::SecretBytes;
 use workload::{FsShared, Node, ROOT, View, WorkloadFs};
+
+/// Where the mounts learn what to show. Implemented by the broker, which
+/// routes each path to the local store or a backend's cache. No method
+/// may wait on the network.
+pub trait Catalog {
+    fn workloads(&self) -> anyhow::Result<Vec<Workload>>;
+    fn grants(&self, workload: &str) -> anyhow::Result<Vec<Grant>>;
+    /// The secrets `target` covers now, with their current version. A
+    /// granted secret whose value is not here yet has version 0.
+    fn covered(&self, target: &Target) -> anyhow::Result<Vec<(String, VersionMeta)>>;
+    /// The value of `path` at `meta.version`.
+    fn load(&self, path: &str, meta: &VersionMeta) -> anyhow::Result<Loaded>;
+}
+
+/// A value for a node; `value` is None while a remote backend has not
+/// delivered it, and `health` tells how fresh a remote value is.
+pub struct Loaded {
+    pub value: Option<Arc<SecretBytes>>,
+    pub health: Option<Arc<Health>>,
+}
 
 /// Request threads per mount.
 const CHANNELS: usize = 2;
@@ -246,16 +267,11 @@ impl MountTable {
 
     /// Build one workload's view from the store, reusing the nodes (and
     /// inode numbers, and loaded values) of files that did not change.
-    fn build_view(&self, store: &LocalStore, fs: &WorkloadFs) -> anyhow::Result<View> {
-        let grants = store.grants(Some(&fs.workload.name))?;
+    fn build_view(&self, cat: &impl Catalog, fs: &WorkloadFs) -> anyhow::Result<View> {
+        let grants = cat.grants(&fs.workload.name)?;
         let mut secrets: BTreeMap<String, VersionMeta> = BTreeMap::new();
         for g in &grants {
-            let (Target::Exact(p) | Target::Prefix(p)) = &g.target;
-            for (path, meta) in store.list(p.as_str())? {
-                if g.target.file_for(&path).is_some() {
-                    secrets.insert(path, meta);
-                }
-            }
+            secrets.extend(cat.covered(&g.target)?);
         }
         let names: Vec<String> = secrets.keys().cloned().collect();
         let (specs, clashes) = files_for(&grants, &names);
@@ -274,9 +290,8 @@ impl MountTable {
                 nodes.push(n.clone());
                 continue;
             }
-            let path = crate::secret::SecretPath::parse(&spec.secret)?;
-            let value = match store.get(&path, Some(meta.version)) {
-                Ok((_, v)) => Arc::new(v),
+            let loaded = match cat.load(&spec.secret, meta) {
+                Ok(l) => l,
                 Err(e) => {
                     // A tampered record is reported, never served.
                     tracing::error!(secret = %spec.secret, error = %e, "not shown in the mount");
@@ -292,7 +307,8 @@ impl MountTable {
                 mode: spec.mode,
                 uid: spec.uid,
                 gid: spec.gid,
-                value,
+                value: loaded.value,
+                health: loaded.health,
             }));
         }
         Ok(View::new(nodes))
@@ -300,9 +316,9 @@ impl MountTable {
 
     /// Make the mounts match the store. Errors for one workload are logged
     /// and do not stop the others.
-    pub fn sync(&self, store: &LocalStore) -> anyhow::Result<()> {
+    pub fn sync(&self, cat: &impl Catalog) -> anyhow::Result<()> {
         let _serial = self.sync_lock.lock().expect("sync lock");
-        let wanted: HashMap<String, Workload> = store.workloads()?.into_iter().map(|w| (w.name.clone(), w)).collect();
+        let wanted: HashMap<String, Workload> = cat.workloads()?.into_iter().map(|w| (w.name.clone(), w)).collect();
         let mut mounts = self.mounts.lock().expect("mounts lock");
         let gone: Vec<String> = mounts
             .iter()
@@ -338,7 +354,7 @@ impl MountTable {
                 }
             }
             let m = &mounts[&name];
-            match self.build_view(store, &m.fs) {
+            match self.build_view(cat, &m.fs) {
                 Ok(view) => {
                     let changed = m.fs.replace(view);
                     Self::invalidate(m, &changed);

@@ -25,6 +25,7 @@ use fuse_backend_rs::abi::fuse_abi::{FsOptions, OpenOptions, stat64};
 use fuse_backend_rs::api::filesystem::{Context, DirEntry, Entry, FileSystem, ZeroCopyWriter};
 
 use crate::audit::{AuditLog, Event};
+use crate::backend::vault::{Freshness, Health};
 use crate::identity::{Attestor, Identity};
 use crate::policy::{Decision, Workload, decide};
 use crate::secret::SecretBytes;
@@ -44,7 +45,16 @@ pub struct Node {
     pub mode: u32,
     pub uid: u32,
     pub gid: u32,
-    pub value: Arc<SecretBytes>,
+    /// None while a remote backend has not delivered the value.
+    pub value: Option<Arc<SecretBytes>>,
+    /// For a remote value: whether its backend answers.
+    pub health: Option<Arc<Health>>,
+}
+
+impl Node {
+    fn len(&self) -> usize {
+        self.value.as_ref().map_or(0, |v| v.len())
+    }
 }
 
 impl Node {
@@ -98,9 +108,9 @@ fn file_attr(n: &Node) -> stat64 {
     st.st_nlink = 1;
     st.st_uid = n.uid;
     st.st_gid = n.gid;
-    st.st_size = n.value.len() as i64;
+    st.st_size = n.len() as i64;
     st.st_blksize = 4096;
-    st.st_blocks = (n.value.len() as i64 + 511) / 512;
+    st.st_blocks = (n.len() as i64 + 511) / 512;
     st.st_mtime = n.mtime_ms.div_euclid(1000);
     st.st_mtime_nsec = n.mtime_ms.rem_euclid(1000) * 1_000_000;
     st.st_ctime = st.st_mtime;
@@ -175,7 +185,23 @@ impl WorkloadFs {
                 Err(errno(libc::EACCES))
             }
             Ok(id) => match decide(&id, &self.workload) {
-                Decision::Allow => audit(&event("read", Some(&id), None)).map(|_| ()),
+                Decision::Allow => {
+                    let freshness = node.health.as_ref().map_or(Freshness::Fresh, |h| h.freshness());
+                    match (&node.value, freshness) {
+                        (None, _) => {
+                            let why = "not fetched from its backend yet (is it reachable?)";
+                            audit(&event("backend_error", Some(&id), Some(why)))?;
+                            Err(errno(libc::EIO))
+                        }
+                        (Some(_), Freshness::Expired) => {
+                            let why = "the backend has been failing for longer than max_stale";
+                            audit(&event("stale_expired", Some(&id), Some(why)))?;
+                            Err(errno(libc::EIO))
+                        }
+                        (Some(_), Freshness::Stale) => audit(&event("stale_serve", Some(&id), None)).map(|_| ()),
+                        (Some(_), Freshness::Fresh) => audit(&event("read", Some(&id), None)).map(|_| ()),
+                    }
+                }
                 Decision::WrongWorkload => {
                     audit(&event("deny", Some(&id), Some("caller does not match the workload")))?;
                     Err(errno(libc::EACCES))
@@ -254,7 +280,8 @@ impl FileSystem for WorkloadFs {
     ) -> io::Result<usize> {
         let node =
             self.handles.lock().expect("handles lock").get(&handle).cloned().ok_or_else(|| errno(libc::EBADF))?;
-        let bytes = node.value.expose();
+        let value = node.value.as_ref().ok_or_else(|| errno(libc::EIO))?;
+        let bytes = value.expose();
         let start = (offset as usize).min(bytes.len());
         let end = start.saturating_add(size as usize).min(bytes.len());
         w.write_all(&bytes[start..end])?;

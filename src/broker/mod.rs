@@ -1,7 +1,9 @@
 //! `keyhole serve`: wiring. Prepares the state and run directories, opens
-//! the key, the store and the audit log, serves gRPC on both sockets, and
-//! shuts down cleanly on SIGTERM/SIGINT.
+//! the key, the store and the audit log, connects the backends, serves
+//! gRPC on both sockets, and shuts down cleanly on SIGTERM/SIGINT.
 #![forbid(unsafe_code)]
+
+mod secrets;
 
 use std::fs::{self, OpenOptions};
 use std::io::Write;
@@ -22,6 +24,7 @@ use crate::api::peer;
 use crate::api::workload::WorkloadService;
 use crate::audit::{AuditLog, Event};
 use crate::backend::local::{KeyMaterial, LocalStore};
+use crate::backend::vault::VaultBackend;
 use crate::config::{Config, KeySource};
 use crate::crypto::MasterKey;
 use crate::fs::MountTable;
@@ -38,7 +41,11 @@ pub struct Broker {
     pub audit: Arc<AuditLog>,
     pub attestor: Arc<Attestor>,
     pub docker: Option<Arc<DockerCache>>,
+    /// Remote backends, each owning the paths under its name.
+    pub vaults: Vec<Arc<VaultBackend>>,
     pub mounts: MountTable,
+    /// The runtime, for backend calls made from blocking threads.
+    pub rt: tokio::runtime::Handle,
     pub started: Instant,
     /// Flips to true when the broker begins shutting down.
     pub stopping: watch::Sender<bool>,
@@ -163,6 +170,19 @@ impl Broker {
             tracing::info!(socket = %config.docker_socket.display(), "no Docker socket: docker:* selectors never match");
             None
         };
+        let mut vaults = Vec::with_capacity(config.backends.len());
+        for cfg in &config.backends {
+            let v = VaultBackend::new(cfg.clone()).with_context(|| format!("backend {}", cfg.name))?;
+            // What an earlier broker fetched: served (as stale) until the
+            // backend answers, up to max_stale after it last did.
+            for (path, meta, value) in store.cache_under(&cfg.name)? {
+                v.restore(path, meta, value);
+            }
+            if let Some(t) = store.note::<std::time::SystemTime>(&format!("backend-ok:{}", cfg.name))? {
+                v.health.restore_last_ok(t);
+            }
+            vaults.push(Arc::new(v));
+        }
         let audit = Arc::new(audit);
         let attestor = Arc::new(Attestor::new("/proc", config.admin.clone(), docker.clone()));
         let run_dir = &config.run_dir;
@@ -177,18 +197,20 @@ impl Broker {
             audit,
             attestor,
             docker,
+            vaults,
             mounts,
+            rt,
             started: Instant::now(),
             stopping: watch::Sender::new(false),
         };
-        broker.mounts.sync(&broker.store)?;
+        broker.mounts.sync(&broker)?;
         Ok(broker)
     }
 
     /// After any change to secrets or policy: bring the mounts up to date.
     /// The change itself is already durable, so a failure here is logged.
     pub fn changed(&self) {
-        if let Err(e) = self.mounts.sync(&self.store) {
+        if let Err(e) = self.mounts.sync(self) {
             tracing::error!(error = format!("{e:#}"), "mounts not updated");
         }
     }
@@ -226,6 +248,8 @@ async fn shutdown_signal() -> &'static str {
 
 /// Run the broker until SIGTERM or SIGINT.
 pub async fn serve(config: Config) -> anyhow::Result<()> {
+    // One TLS crypto provider for the whole process (the Vault client).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     crate::sys::umask(0o077);
     crate::sys::harden_process().context("cannot disable core dumps")?;
     // Before touching the state: a running broker keeps it open.
@@ -234,6 +258,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let broker = Arc::new(tokio::task::spawn_blocking(move || Broker::open(config, rt)).await??);
     if let Some(d) = &broker.docker {
         tokio::spawn(d.clone().watch());
+    }
+    for v in &broker.vaults {
+        tokio::spawn(secrets::watch_backend(broker.clone(), v.clone()));
     }
     let admin_path = broker.config.admin_socket();
     let workload_path = broker.config.workload_socket();

@@ -1,0 +1,539 @@
+//! Vault / OpenBao KV v2, through vaultrs.
+//!
+//! Paths under `<name>/` live in the KV v2 mount `mount`, field `field`:
+//! `prod/db/pw` is `secret/db/pw`, field `value`. Writes read the current
+//! data and write it back with check-and-set on the version they read, so
+//! two writers never silently overwrite each other and other fields of
+//! the secret are kept.
+//!
+//! Values of granted secrets are cached here (and, sealed, in the local
+//! store, by the caller) and refreshed by [`VaultBackend::refresh`], which
+//! costs one metadata request per watched secret; mounts only ever read
+//! this cache, never the network. [`Health`] tracks whether the backend
+//! answers, so stale values are served (and audited) up to `max_stale`.
+#![forbid(unsafe_code)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use vaultrs::api::kv2::requests::{ReadSecretRequest, SetSecretRequestOptions};
+use vaultrs::client::{Client, VaultClient, VaultClientSettingsBuilder};
+use vaultrs::error::ClientError;
+
+use super::{BackendError, VersionMeta};
+use crate::config::{VaultAuth, VaultConfig};
+use crate::secret::SecretBytes;
+
+/// Freshness of what a backend's cache holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Freshness {
+    /// The last refresh succeeded.
+    Fresh,
+    /// The backend is failing, but it answered within `max_stale`.
+    Stale,
+    /// Failing for longer than `max_stale` (or never answered).
+    Expired,
+}
+
+#[derive(Debug, Default)]
+struct HealthState {
+    ok: bool,
+    last_ok: Option<SystemTime>,
+    last_error: Option<String>,
+}
+
+/// Whether a backend answers; shared with the mounts' nodes.
+#[derive(Debug)]
+pub struct Health {
+    pub name: String,
+    pub max_stale: Duration,
+    state: Mutex<HealthState>,
+}
+
+impl Health {
+    pub fn freshness(&self) -> Freshness {
+        let s = self.state.lock().expect("health lock");
+        if s.ok {
+            return Freshness::Fresh;
+        }
+        match s.last_ok.and_then(|t| t.elapsed().ok()) {
+            Some(age) if age <= self.max_stale => Freshness::Stale,
+            _ => Freshness::Expired,
+        }
+    }
+
+    /// (healthy, last success, last error)
+    pub fn snapshot(&self) -> (bool, Option<SystemTime>, Option<String>) {
+        let s = self.state.lock().expect("health lock");
+        (s.ok, s.last_ok, s.last_error.clone())
+    }
+
+    /// Record a success; returns whether the backend was failing before.
+    pub fn succeeded(&self) -> bool {
+        let mut s = self.state.lock().expect("health lock");
+        let recovered = !s.ok;
+        s.ok = true;
+        s.last_ok = Some(SystemTime::now());
+        s.last_error = None;
+        recovered
+    }
+
+    /// Record a failure; returns whether it was healthy before.
+    pub fn failed(&self, error: &str) -> bool {
+        let mut s = self.state.lock().expect("health lock");
+        let was_ok = s.ok;
+        s.ok = false;
+        s.last_error = Some(error.to_owned());
+        was_ok
+    }
+
+    /// Restore the last success time a previous broker persisted.
+    pub fn restore_last_ok(&self, t: SystemTime) {
+        let mut s = self.state.lock().expect("health lock");
+        if s.last_ok.is_none_or(|cur| cur < t) {
+            s.last_ok = Some(t);
+        }
+    }
+}
+
+/// A value held for the mounts.
+#[derive(Clone)]
+pub struct Cached {
+    pub meta: VersionMeta,
+    pub value: Arc<SecretBytes>,
+}
+
+pub struct VaultBackend {
+    pub cfg: VaultConfig,
+    client: tokio::sync::RwLock<VaultClient>,
+    /// When to renew the token; None: it does not expire or cannot renew.
+    renew_at: Mutex<Option<Instant>>,
+    pub health: Arc<Health>,
+    /// Full keyhole path → current value.
+    cache: Mutex<BTreeMap<String, Cached>>,
+}
+
+impl std::fmt::Debug for VaultBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VaultBackend").field("name", &self.cfg.name).field("address", &self.cfg.address).finish()
+    }
+}
+
+fn read_file_trimmed(path: &std::path::Path, what: &str) -> Result<SecretBytes, BackendError> {
+    let mut raw =
+        std::fs::read(path).map_err(|e| BackendError::Config(format!("cannot read {what} {}: {e}", path.display())))?;
+    let len = raw.trim_ascii_end().len();
+    raw.truncate(len);
+    if raw.is_empty() {
+        return Err(BackendError::Config(format!("{what} {} is empty", path.display())));
+    }
+    Ok(SecretBytes::take(&mut raw))
+}
+
+fn text(s: &SecretBytes, what: &str) -> Result<String, BackendError> {
+    std::str::from_utf8(s.expose())
+        .map(str::to_owned)
+        .map_err(|_| BackendError::Config(format!("{what} is not UTF-8 text")))
+}
+
+fn parse_time(s: &str) -> i64 {
+    humantime::parse_rfc3339_weak(s.trim_end_matches('Z').split('.').next().unwrap_or(s))
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Run a vaultrs call with a valid token (`$c` is the client); on 403,
+/// log in again and retry once. A macro, not a generic async closure:
+/// those cannot yet be proven `Send` inside spawned tasks.
+macro_rules! authed {
+    ($this:expr, $rel:expr, |$c:ident| $call:expr) => {{
+        let this = $this;
+        this.keep_token().await?;
+        let first = {
+            let guard = this.client.read().await;
+            let $c = &*guard;
+            $call.await
+        };
+        match first {
+            Err(ClientError::APIError { code: 403, .. }) => {
+                tracing::warn!(backend = %this.cfg.name, "permission denied; logging in again");
+                this.login().await?;
+                let guard = this.client.read().await;
+                let $c = &*guard;
+                $call.await.map_err(|e| this.map_err($rel, e))
+            }
+            r => r.map_err(|e| this.map_err($rel, e)),
+        }
+    }};
+}
+
+impl VaultBackend {
+    /// Build the client and read the credentials' files (a missing file is
+    /// a configuration error); no request is made yet.
+    pub fn new(cfg: VaultConfig) -> Result<Self, BackendError> {
+        let token = match &cfg.auth {
+            VaultAuth::TokenFile(p) => text(&read_file_trimmed(p, "token file")?, "token file")?,
+            VaultAuth::AppRole { role_id_file, secret_id_file, .. } => {
+                read_file_trimmed(role_id_file, "AppRole role_id file")?;
+                read_file_trimmed(secret_id_file, "AppRole secret_id file")?;
+                String::new()
+            }
+        };
+        let mut settings = VaultClientSettingsBuilder::default();
+        settings
+            .address(&cfg.address)
+            .token(token)
+            .timeout(Some(cfg.request_timeout))
+            .verify(true)
+            .ca_certs(cfg.ca_file.iter().map(|p| p.display().to_string()).collect());
+        let settings = settings.build().map_err(|e| BackendError::Config(format!("backend {}: {e}", cfg.name)))?;
+        let client =
+            VaultClient::new(settings).map_err(|e| BackendError::Config(format!("backend {}: {e}", cfg.name)))?;
+        let health = Arc::new(Health {
+            name: cfg.name.clone(),
+            max_stale: cfg.max_stale,
+            state: Mutex::new(HealthState::default()),
+        });
+        Ok(VaultBackend {
+            cfg,
+            client: tokio::sync::RwLock::new(client),
+            renew_at: Mutex::new(None),
+            health,
+            cache: Mutex::default(),
+        })
+    }
+
+    /// The path inside this backend, if `path` belongs to it.
+    pub fn relative<'a>(&self, path: &'a str) -> Option<&'a str> {
+        path.strip_prefix(self.cfg.name.as_str())?.strip_prefix('/')
+    }
+
+    fn full(&self, rel: &str) -> String {
+        format!("{}/{rel}", self.cfg.name)
+    }
+
+    fn unavailable(&self, reason: impl std::fmt::Display) -> BackendError {
+        BackendError::Unavailable { backend: self.cfg.name.clone(), reason: reason.to_string() }
+    }
+
+    fn map_err(&self, rel: &str, e: ClientError) -> BackendError {
+        match e {
+            ClientError::APIError { code: 404, .. } => BackendError::NotFound(self.full(rel)),
+            ClientError::APIError { code: 400, errors } if errors.iter().any(|m| m.contains("check-and-set")) => {
+                BackendError::Conflict { path: self.full(rel), detail: "it changed at the backend meanwhile".into() }
+            }
+            ClientError::APIError { code, errors } => self.unavailable(format!("HTTP {code}: {}", errors.join("; "))),
+            other => {
+                // The top error is generic ("an error occurred with the
+                // request"): say what actually failed, e.g. connection refused.
+                let chain = std::iter::successors(Some(&other as &dyn std::error::Error), |e| e.source());
+                self.unavailable(chain.map(ToString::to_string).collect::<Vec<_>>().join(": "))
+            }
+        }
+    }
+
+    fn schedule_renewal(&self, ttl_secs: u64, renewable: bool) {
+        *self.renew_at.lock().expect("renew lock") =
+            (renewable && ttl_secs > 0).then(|| Instant::now() + Duration::from_secs(ttl_secs * 2 / 3));
+    }
+
+    /// Log in (AppRole) or re-read the token file, then learn the TTL.
+    pub async fn login(&self) -> Result<(), BackendError> {
+        match &self.cfg.auth {
+            VaultAuth::TokenFile(p) => {
+                let token = text(&read_file_trimmed(p, "token file")?, "token file")?;
+                self.client.write().await.set_token(&token);
+                let c = self.client.read().await;
+                let info = vaultrs::token::lookup_self(&*c).await.map_err(|e| self.map_err("", e))?;
+                self.schedule_renewal(info.ttl, info.renewable.unwrap_or(false));
+            }
+            VaultAuth::AppRole { role_id_file, secret_id_file, mount } => {
+                let role = text(&read_file_trimmed(role_id_file, "AppRole role_id file")?, "role_id")?;
+                let secret = text(&read_file_trimmed(secret_id_file, "AppRole secret_id file")?, "secret_id")?;
+                let auth = {
+                    let c = self.client.read().await;
+                    vaultrs::auth::approle::login(&*c, mount, &role, &secret).await.map_err(|e| self.map_err("", e))?
+                };
+                self.client.write().await.set_token(&auth.client_token);
+                self.schedule_renewal(auth.lease_duration, auth.renewable);
+                tracing::info!(backend = %self.cfg.name, ttl = auth.lease_duration, "logged in with AppRole");
+            }
+        }
+        Ok(())
+    }
+
+    /// Renew the token when two thirds of its TTL have passed; log in
+    /// again if renewal fails.
+    async fn keep_token(&self) -> Result<(), BackendError> {
+        let due = self.renew_at.lock().expect("renew lock").is_some_and(|t| Instant::now() >= t);
+        if !due {
+            return Ok(());
+        }
+        let renewed = {
+            let c = self.client.read().await;
+            vaultrs::token::renew_self(&*c, None).await
+        };
+        match renewed {
+            Ok(auth) => {
+                self.schedule_renewal(auth.lease_duration, auth.renewable);
+                tracing::info!(backend = %self.cfg.name, ttl = auth.lease_duration, "renewed the token");
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(backend = %self.cfg.name, error = %e, "token renewal failed; logging in again");
+                self.login().await
+            }
+        }
+    }
+
+    /// Data map and version of `rel` (a version, or the current one).
+    async fn read_raw(
+        &self,
+        rel: &str,
+        version: Option<u64>,
+    ) -> Result<(serde_json::Value, VersionMeta), BackendError> {
+        let (mount, path) = (self.cfg.mount.clone(), rel.to_owned());
+        let mut req = ReadSecretRequest::builder();
+        req.mount(&mount).path(&path).version(version);
+        // Invariant: mount and path are set, so the builder succeeds.
+        let r = authed!(self, rel, |c| vaultrs::api::exec_with_result(c, req.build().expect("read request")))?;
+        if r.metadata.destroyed || !r.metadata.deletion_time.is_empty() || r.data.is_null() {
+            return Err(BackendError::NotFound(self.full(rel)));
+        }
+        let meta =
+            VersionMeta { version: r.metadata.version, created_unix_ms: parse_time(&r.metadata.created_time), size: 0 };
+        Ok((r.data, meta))
+    }
+
+    fn field(&self, rel: &str, data: &serde_json::Value) -> Result<SecretBytes, BackendError> {
+        match data.get(&self.cfg.field) {
+            Some(serde_json::Value::String(s)) => Ok(SecretBytes::copy_from(s.as_bytes())),
+            Some(_) => {
+                Err(BackendError::Invalid(format!("{}: field {:?} is not a string", self.full(rel), self.cfg.field)))
+            }
+            None => Err(BackendError::Invalid(format!("{} has no field {:?}", self.full(rel), self.cfg.field))),
+        }
+    }
+
+    pub async fn get(&self, rel: &str, version: Option<u64>) -> Result<(VersionMeta, SecretBytes), BackendError> {
+        let (data, mut meta) = self.read_raw(rel, version).await?;
+        let value = self.field(rel, &data)?;
+        meta.size = value.len() as u64;
+        Ok((meta, value))
+    }
+
+    /// Write a new version. `must_exist`: a rotation. `if_version`: only
+    /// if the secret is still at that version. Check-and-set on the
+    /// version read, so a concurrent writer makes this fail, not vanish.
+    pub async fn put(
+        &self,
+        rel: &str,
+        value: &SecretBytes,
+        must_exist: bool,
+        if_version: Option<u64>,
+    ) -> Result<VersionMeta, BackendError> {
+        let text = std::str::from_utf8(value.expose())
+            .map_err(|_| BackendError::Invalid("Vault stores text: the value must be UTF-8".into()))?;
+        let (mut data, current) = match self.read_raw(rel, None).await {
+            Ok((d, m)) => (d, m.version),
+            Err(BackendError::NotFound(_)) if must_exist => return Err(BackendError::NotFound(self.full(rel))),
+            Err(BackendError::NotFound(_)) => (serde_json::json!({}), 0),
+            Err(e) => return Err(e),
+        };
+        if let Some(want) = if_version.filter(|w| *w != current) {
+            return Err(BackendError::Conflict {
+                path: self.full(rel),
+                detail: format!("it is at version {current}, not {want}"),
+            });
+        }
+        if !data.is_object() {
+            data = serde_json::json!({});
+        }
+        data[self.cfg.field.as_str()] = serde_json::Value::String(text.to_owned());
+        let (mount, path) = (self.cfg.mount.clone(), rel.to_owned());
+        let cas = u32::try_from(current).map_err(|_| BackendError::Invalid("version out of range".into()))?;
+        let written = authed!(self, rel, |c| vaultrs::kv2::set_with_options(
+            c,
+            &mount,
+            &path,
+            &data,
+            SetSecretRequestOptions { cas }
+        ))?;
+        let meta = VersionMeta {
+            version: written.version,
+            created_unix_ms: parse_time(&written.created_time),
+            size: value.len() as u64,
+        };
+        self.remember(rel, meta.clone(), value.clone());
+        Ok(meta)
+    }
+
+    /// Kept versions, oldest first (sizes are not known without reading).
+    pub async fn history(&self, rel: &str) -> Result<Vec<VersionMeta>, BackendError> {
+        let (mount, path) = (self.cfg.mount.clone(), rel.to_owned());
+        let md = authed!(self, rel, |c| vaultrs::kv2::read_metadata(c, &mount, &path))?;
+        let mut out: Vec<VersionMeta> = md
+            .versions
+            .iter()
+            .filter(|(_, v)| !v.destroyed && v.deletion_time.is_empty())
+            .filter_map(|(n, v)| {
+                Some(VersionMeta { version: n.parse().ok()?, created_unix_ms: parse_time(&v.created_time), size: 0 })
+            })
+            .collect();
+        out.sort_by_key(|m| m.version);
+        if out.is_empty() {
+            return Err(BackendError::NotFound(self.full(rel)));
+        }
+        Ok(out)
+    }
+
+    /// Current metadata version of `rel`, or None if it does not exist.
+    async fn current_version(&self, rel: &str) -> Result<Option<u64>, BackendError> {
+        let (mount, path) = (self.cfg.mount.clone(), rel.to_owned());
+        let md: Result<_, BackendError> =
+            (async { authed!(self, rel, |c| vaultrs::kv2::read_metadata(c, &mount, &path)) }).await;
+        match md {
+            Ok(md) => {
+                let v = md.versions.get(&md.current_version.to_string());
+                let live = v.is_some_and(|v| !v.destroyed && v.deletion_time.is_empty());
+                Ok(live.then_some(md.current_version))
+            }
+            Err(BackendError::NotFound(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Every secret at or under `rel_prefix` (relative paths).
+    pub async fn list(&self, rel_prefix: &str) -> Result<Vec<String>, BackendError> {
+        const MAX: usize = 10_000;
+        let mut out = Vec::new();
+        let mut dirs = vec![rel_prefix.trim_end_matches('/').to_owned()];
+        while let Some(dir) = dirs.pop() {
+            let mount = self.cfg.mount.clone();
+            let listing = format!("{dir}/");
+            let keys: Result<_, BackendError> =
+                (async { authed!(self, &dir, |c| vaultrs::kv2::list(c, &mount, &listing)) }).await;
+            let keys = match keys {
+                Ok(k) => k,
+                Err(BackendError::NotFound(_)) => continue,
+                Err(e) => return Err(e),
+            };
+            for k in keys {
+                let child = if dir.is_empty() { k.clone() } else { format!("{dir}/{k}") };
+                match child.strip_suffix('/') {
+                    Some(sub) => dirs.push(sub.to_owned()),
+                    None => out.push(child),
+                }
+                if out.len() >= MAX {
+                    return Err(BackendError::Invalid(format!(
+                        "more than {MAX} secrets under {}",
+                        self.full(rel_prefix)
+                    )));
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    pub async fn delete(&self, rel: &str) -> Result<usize, BackendError> {
+        let kept = self.history(rel).await?.len();
+        let (mount, path) = (self.cfg.mount.clone(), rel.to_owned());
+        authed!(self, rel, |c| vaultrs::kv2::delete_metadata(c, &mount, &path))?;
+        self.cache.lock().expect("cache lock").remove(&self.full(rel));
+        Ok(kept)
+    }
+
+    fn remember(&self, rel: &str, meta: VersionMeta, value: SecretBytes) {
+        let entry = Cached { meta, value: Arc::new(value) };
+        self.cache.lock().expect("cache lock").insert(self.full(rel), entry);
+    }
+
+    /// Load entries persisted by an earlier broker.
+    pub fn restore(&self, path: String, meta: VersionMeta, value: SecretBytes) {
+        self.cache.lock().expect("cache lock").insert(path, Cached { meta, value: Arc::new(value) });
+    }
+
+    pub fn cached(&self, path: &str) -> Option<Cached> {
+        self.cache.lock().expect("cache lock").get(path).cloned()
+    }
+
+    /// Cached secrets at or under a full path.
+    pub fn cached_under(&self, prefix: &str) -> Vec<(String, Cached)> {
+        let cache = self.cache.lock().expect("cache lock");
+        cache
+            .range(prefix.to_owned()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .filter(|(k, _)| k.len() == prefix.len() || k[prefix.len()..].starts_with('/'))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    pub fn cached_count(&self) -> usize {
+        self.cache.lock().expect("cache lock").len()
+    }
+
+    /// Bring the cache up to date for the watched secrets: `exact` paths
+    /// and everything under `prefixes` (relative). One metadata request per
+    /// secret, plus a read for each that changed. Returns the full paths
+    /// that changed, with their new value (None: gone).
+    pub async fn refresh(
+        &self,
+        exact: &BTreeSet<String>,
+        prefixes: &BTreeSet<String>,
+    ) -> Result<Vec<(String, Option<Cached>)>, BackendError> {
+        let mut watched = exact.clone();
+        for p in prefixes {
+            watched.extend(self.list(p).await?);
+        }
+        let mut changed = Vec::new();
+        for rel in &watched {
+            let full = self.full(rel);
+            let have = self.cached(&full).map(|c| c.meta.version);
+            let now = self.current_version(rel).await?;
+            if now == have {
+                continue;
+            }
+            match now {
+                None => {
+                    self.cache.lock().expect("cache lock").remove(&full);
+                    changed.push((full, None));
+                }
+                Some(v) => match self.get(rel, Some(v)).await {
+                    Ok((meta, value)) => {
+                        self.remember(rel, meta, value);
+                        changed.push((full.clone(), self.cached(&full)));
+                    }
+                    Err(BackendError::Invalid(why)) => tracing::warn!(backend = %self.cfg.name, %why, "not served"),
+                    Err(e) => return Err(e),
+                },
+            }
+        }
+        // Cached prefix entries that vanished from the listing.
+        let gone: Vec<String> = {
+            let cache = self.cache.lock().expect("cache lock");
+            cache
+                .keys()
+                .filter_map(|k| self.relative(k).map(|r| (k, r)))
+                .filter(|(_, r)| prefixes.iter().any(|p| r.starts_with(&format!("{p}/"))) && !watched.contains(*r))
+                .map(|(k, _)| k.clone())
+                .collect()
+        };
+        for k in gone {
+            self.cache.lock().expect("cache lock").remove(&k);
+            changed.push((k, None));
+        }
+        Ok(changed)
+    }
+
+    /// Status fields: (address, kind of auth).
+    pub fn describe(&self) -> (String, &'static str) {
+        let auth = match self.cfg.auth {
+            VaultAuth::TokenFile(_) => "token-file",
+            VaultAuth::AppRole { .. } => "approle",
+        };
+        (self.cfg.address.clone(), auth)
+    }
+}
