@@ -18,7 +18,7 @@
 //! - [`fs`]: one FUSE filesystem per workload and the mount table that
 //!   keeps them in step with the store.
 //! - [`backend`]: where values live; `local` is the embedded redb store of
-//!   AES-256-GCM-sealed records.
+//!   AES-256-GCM-sealed records, `vault` is Vault/OpenBao KV v2.
 //! - [`audit`]: the HMAC-chained JSON-lines audit log.
 //! - [`crypto`]: the master key, key derivation, sealing.
 //! - [`secret`]: [`secret::SecretBytes`] (locked, zeroized, redacted) and

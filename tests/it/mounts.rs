@@ -156,7 +156,7 @@ fn workload_and_grant_listing() {
     }
     let b = Broker::start();
     b.ok(&["workload", "add", "web", "--selector", "docker:label:app=web", "--selector", "unix:uid:0"]);
-    assert_fails(&b.cli(&["workload", "add", "web", "--selector", "unix:uid:1"]), 1, "workload web exists");
+    assert_fails(&b.cli(&["workload", "add", "web", "--selector", "unix:uid:1"]), 7, "workload web exists");
     assert_fails(&b.cli(&["workload", "add", "bad", "--selector", "k8s:ns:x"]), 2, "is not one of");
     assert_eq!(b.cli(&["workload", "add", "nosel"]).status.code(), Some(2));
     assert_fails(&b.cli(&["workload", "add", "../x", "--selector", "unix:uid:1"]), 2, "workload name");

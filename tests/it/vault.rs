@@ -178,9 +178,11 @@ fn approle_logs_in_renews_and_logs_in_again_after_revocation() {
     let bao = Bao::start();
     bao.ok(&["auth", "enable", "approle"]);
     let policy = bao.dir.path().join("kh.hcl");
+    // Exactly the policy README.md tells operators to write.
     std::fs::write(
         &policy,
-        "path \"secret/*\" { capabilities = [\"create\", \"read\", \"update\", \"delete\", \"list\"] }\n",
+        "path \"secret/data/*\"     { capabilities = [\"create\", \"read\", \"update\", \"delete\"] }\n\
+         path \"secret/metadata/*\" { capabilities = [\"read\", \"list\", \"delete\"] }\n",
     )
     .unwrap();
     bao.ok(&["policy", "write", "kh", policy.to_str().unwrap()]);
