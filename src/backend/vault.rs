@@ -392,8 +392,7 @@ impl VaultBackend {
     /// Current metadata version of `rel`, or None if it does not exist.
     async fn current_version(&self, rel: &str) -> Result<Option<u64>, BackendError> {
         let (mount, path) = (self.cfg.mount.clone(), rel.to_owned());
-        let md: Result<_, BackendError> =
-            (async { authed!(self, rel, |c| vaultrs::kv2::read_metadata(c, &mount, &path)) }).await;
+        let md = authed!(self, rel, |c| vaultrs::kv2::read_metadata(c, &mount, &path));
         match md {
             Ok(md) => {
                 let v = md.versions.get(&md.current_version.to_string());
@@ -413,8 +412,7 @@ impl VaultBackend {
         while let Some(dir) = dirs.pop() {
             let mount = self.cfg.mount.clone();
             let listing = format!("{dir}/");
-            let keys: Result<_, BackendError> =
-                (async { authed!(self, &dir, |c| vaultrs::kv2::list(c, &mount, &listing)) }).await;
+            let keys = authed!(self, &dir, |c| vaultrs::kv2::list(c, &mount, &listing));
             let keys = match keys {
                 Ok(k) => k,
                 Err(BackendError::NotFound(_)) => continue,

@@ -95,23 +95,9 @@ fn config_errors_are_clear() {
     if !require_root() {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("k.toml");
-    let serve = |body: &str| {
-        std::fs::write(&cfg, body).unwrap();
-        let o = std::process::Command::new(BIN)
-            .args(["serve", "--config", cfg.to_str().unwrap(), "--state-dir"])
-            .arg(dir.path().join("s"))
-            .arg("--run-dir")
-            .arg(dir.path().join("r"))
-            .output()
-            .unwrap();
-        assert_eq!(o.status.code(), Some(1));
-        String::from_utf8_lossy(&o.stderr).into_owned()
-    };
-    assert!(serve("stat_dir = \"/x\"\n").contains("unknown field `stat_dir`"));
-    assert!(serve("history_depth = 0\n").contains("history_depth = 0: it must be 1 to 1000"));
-    assert!(serve("history_depth = \"ten\"\n").contains("invalid type"));
+    assert!(serve_must_fail("stat_dir = \"/x\"\n").contains("unknown field `stat_dir`"));
+    assert!(serve_must_fail("history_depth = 0\n").contains("history_depth = 0: it must be 1 to 1000"));
+    assert!(serve_must_fail("history_depth = \"ten\"\n").contains("invalid type"));
     let o = std::process::Command::new(BIN).args(["serve", "--config", "/nonexistent.toml"]).output().unwrap();
     assert!(String::from_utf8_lossy(&o.stderr).contains("cannot read config /nonexistent.toml"));
 }

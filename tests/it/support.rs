@@ -462,3 +462,25 @@ pub fn eventually(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Start `keyhole serve` with `toml` as its config in fresh dirs; it must
+/// fail at start (exit 1). Returns its stderr.
+pub fn serve_must_fail(toml: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("keyhole.toml");
+    fs::write(&cfg, toml).unwrap();
+    let o = Command::new(BIN)
+        .arg("serve")
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .arg("--run-dir")
+        .arg(dir.path().join("run"))
+        .output()
+        .unwrap();
+    detach_mounts_under(dir.path());
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert_eq!(o.status.code(), Some(1), "serve did not fail as it should: {err}");
+    err
+}

@@ -224,20 +224,8 @@ fn backend_configuration_errors_and_an_unreachable_backend_at_start() {
     if !require_bao() {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
     let toml = "[[backend]]\nname = \"prod\"\nkind = \"vault\"\naddress = \"http://127.0.0.1:1\"\ntoken_file = \"/nonexistent/token\"\n";
-    let cfg = dir.path().join("k.toml");
-    std::fs::write(&cfg, toml).unwrap();
-    let o = std::process::Command::new(BIN)
-        .args(["serve", "--config", cfg.to_str().unwrap(), "--state-dir"])
-        .arg(dir.path().join("s"))
-        .arg("--run-dir")
-        .arg(dir.path().join("r"))
-        .output()
-        .unwrap();
-    assert!(!o.status.success());
-    assert!(String::from_utf8_lossy(&o.stderr).contains("cannot read token file /nonexistent/token"));
-    detach_mounts_under(dir.path());
+    assert!(serve_must_fail(toml).contains("cannot read token file /nonexistent/token"));
     // Unreachable is not a configuration error: the broker starts, says so.
     let bao = Bao::start();
     let toml = bao.backend_toml("prod", "200ms").replace(&bao.addr, "http://127.0.0.1:1");
