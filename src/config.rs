@@ -12,6 +12,8 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/keyhole";
 pub const DEFAULT_RUN_DIR: &str = "/run/keyhole";
 pub const DEFAULT_HISTORY_DEPTH: u32 = 10;
 pub const DEFAULT_DOCKER_SOCKET: &str = "/var/run/docker.sock";
+/// Where dockerd looks for legacy plugins' sockets.
+pub const PLUGIN_DIR: &str = "/run/docker/plugins";
 pub const DEFAULT_MAX_VALUE_BYTES: u64 = 1 << 20;
 /// Hard ceiling for `max_value_bytes`, so a gRPC message stays bounded.
 pub const MAX_VALUE_BYTES_CEILING: u64 = 16 << 20;
@@ -134,6 +136,9 @@ pub struct RawDocker {
     /// Docker Engine API socket; default `/var/run/docker.sock`. Docker
     /// attestation is off when it does not exist.
     pub socket: Option<PathBuf>,
+    /// Volume plugin name (`docker volume create -d NAME`); the socket is
+    /// `/run/docker/plugins/NAME.sock`. Default "keyhole"; "" turns it off.
+    pub plugin: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -192,6 +197,8 @@ pub struct Config {
     pub admin: AdminPolicy,
     pub key: KeySource,
     pub docker_socket: PathBuf,
+    /// The volume plugin's socket, if enabled.
+    pub plugin_socket: Option<PathBuf>,
     pub backends: Vec<VaultConfig>,
 }
 
@@ -252,13 +259,29 @@ impl Config {
         };
         let admin = AdminPolicy { uids: raw.admin.uids, gids: raw.admin.gids };
         let docker_socket = absolute("docker.socket", raw.docker.socket.unwrap_or(DEFAULT_DOCKER_SOCKET.into()))?;
+        let plugin = raw.docker.plugin.unwrap_or_else(|| "keyhole".into());
+        let plugin_socket = match plugin.as_str() {
+            "" => None,
+            p if crate::policy::check_workload_name(p).is_ok() => Some(Path::new(PLUGIN_DIR).join(format!("{p}.sock"))),
+            p => return Err(ConfigError::Invalid(format!("docker.plugin = {p:?}: use [A-Za-z0-9._-]"))),
+        };
         let backends = raw.backend.into_iter().map(VaultConfig::try_from).collect::<Result<Vec<_>, _>>()?;
         for (i, b) in backends.iter().enumerate() {
             if backends[..i].iter().any(|o| o.name == b.name) {
                 return Err(ConfigError::Invalid(format!("two [[backend]] tables are named {:?}", b.name)));
             }
         }
-        Ok(Config { state_dir, run_dir, history_depth, max_value_bytes, admin, key, docker_socket, backends })
+        Ok(Config {
+            state_dir,
+            run_dir,
+            history_depth,
+            max_value_bytes,
+            admin,
+            key,
+            docker_socket,
+            plugin_socket,
+            backends,
+        })
     }
 
     pub fn default_admin_socket() -> PathBuf {

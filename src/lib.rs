@@ -19,6 +19,7 @@
 //!   keeps them in step with the store.
 //! - [`backend`]: where values live; `local` is the embedded redb store of
 //!   AES-256-GCM-sealed records, `vault` is Vault/OpenBao KV v2.
+//! - [`docker`]: the Docker volume plugin (per-container mounts).
 //! - [`audit`]: the HMAC-chained JSON-lines audit log.
 //! - [`crypto`]: the master key, key derivation, sealing.
 //! - [`secret`]: [`secret::SecretBytes`] (locked, zeroized, redacted) and
@@ -34,6 +35,7 @@ pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod crypto;
+pub mod docker;
 pub mod fs;
 pub mod identity;
 pub mod policy;

@@ -7,6 +7,7 @@
 //! | `meta` | name | `keycheck` (sealed constant), `kdf-salt` (passphrase mode) |
 //! | `workloads` | name | sealed JSON workload; AAD `keyhole/v1/workload\0<name>` |
 //! | `grants` | (workload, target) | sealed JSON grant; AAD `keyhole/v1/grant\0<workload>\0<target>` |
+//! | `volumes`, `volume_mounts` | name, mount id | sealed JSON; AAD `keyhole/v1/<table>\0<key>` |
 //! | `backend_cache` | path | a value fetched from Vault: sealed version, time, bytes; AAD `keyhole/v1/cache\0<path>` |
 //!
 //! Everything a reader acts on is authenticated: a record edited, or
@@ -18,7 +19,7 @@
 
 use std::path::Path;
 
-use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, TableHandle};
 
 use super::VersionMeta;
 use crate::crypto::{CryptoError, MasterKey, Sealer};
@@ -31,6 +32,9 @@ const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const WORKLOADS: TableDefinition<&str, &[u8]> = TableDefinition::new("workloads");
 const GRANTS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("grants");
 const CACHE: TableDefinition<&str, &[u8]> = TableDefinition::new("backend_cache");
+/// Docker volumes (name → spec) and their live mounts (mount id → mount).
+pub const VOLUMES: TableDefinition<&str, &[u8]> = TableDefinition::new("volumes");
+pub const VOLUME_MOUNTS: TableDefinition<&str, &[u8]> = TableDefinition::new("volume_mounts");
 
 const KEYCHECK: &[u8] = b"keyhole local store v1";
 const KEYCHECK_AAD: &[u8] = b"keyhole/v1/keycheck";
@@ -125,6 +129,8 @@ impl LocalStore {
             txn.open_table(WORKLOADS)?;
             txn.open_table(GRANTS)?;
             txn.open_table(CACHE)?;
+            txn.open_table(VOLUMES)?;
+            txn.open_table(VOLUME_MOUNTS)?;
             master = match key {
                 KeyMaterial::Key(k) => k,
                 KeyMaterial::Passphrase(pass) => {
@@ -439,6 +445,49 @@ impl LocalStore {
             let created_unix_ms = i64::from_be_bytes(b[8..16].try_into().map_err(|_| tampered())?);
             let value = SecretBytes::copy_from(&b[16..]);
             out.push((path.to_owned(), VersionMeta { version, created_unix_ms, size: value.len() as u64 }, value));
+        }
+        Ok(out)
+    }
+
+    /// Write a sealed JSON record into a name-keyed table.
+    pub fn put_record(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        key: &str,
+        value: &impl serde::Serialize,
+    ) -> Result<(), StoreError> {
+        let aad = format!("keyhole/v1/{}\0{key}", table.name());
+        let sealed = self.seal_json(value, aad.as_bytes())?;
+        let txn = self.db.begin_write()?;
+        txn.open_table(table)?.insert(key, sealed.as_slice())?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Remove a record; returns whether it was there.
+    pub fn remove_record(&self, table: TableDefinition<&str, &[u8]>, key: &str) -> Result<bool, StoreError> {
+        let txn = self.db.begin_write()?;
+        let had = txn.open_table(table)?.remove(key)?.is_some();
+        txn.commit()?;
+        Ok(had)
+    }
+
+    /// Every record of a name-keyed table, in key order.
+    pub fn records<T: serde::de::DeserializeOwned>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+    ) -> Result<Vec<(String, T)>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(table)?;
+        let mut out = Vec::new();
+        for e in t.iter()? {
+            let (k, v) = e?;
+            let key = k.value();
+            let aad = format!("keyhole/v1/{}\0{key}", table.name());
+            out.push((
+                key.to_owned(),
+                self.open_json(v.value(), aad.as_bytes(), || format!("{} {key}", table.name()))?,
+            ));
         }
         Ok(out)
     }

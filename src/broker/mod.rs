@@ -262,6 +262,16 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     for v in &broker.vaults {
         tokio::spawn(secrets::watch_backend(broker.clone(), v.clone()));
     }
+    let mut plugin = None;
+    if let (Some(sock), Some(_)) = (&broker.config.plugin_socket, &broker.docker) {
+        if let Some(dir) = sock.parent() {
+            fs::create_dir_all(dir)?;
+        }
+        let l = bind(sock, 0o600).await?;
+        let (b, s) = (broker.clone(), sock.clone());
+        plugin = Some(tokio::spawn(async move { crate::docker::plugin::serve(b, l, &s).await }));
+        tracing::info!(socket = %sock.display(), "serving the Docker volume plugin");
+    }
     let admin_path = broker.config.admin_socket();
     let workload_path = broker.config.workload_socket();
     let admin_l = bind(&admin_path, 0o600).await?;
@@ -301,7 +311,17 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             tracing::warn!(error = %e, "gRPC server ended with an error");
         }
     }
-    for p in [&admin_path, &workload_path] {
+    if let Some(p) = plugin {
+        let _ = p.await;
+    }
+    for p in [
+        Some(&admin_path),
+        Some(&workload_path),
+        broker.config.plugin_socket.as_ref().filter(|_| broker.docker.is_some()),
+    ]
+    .into_iter()
+    .flatten()
+    {
         let _ = fs::remove_file(p);
     }
     let b = broker.clone();

@@ -14,9 +14,10 @@ use std::time::{Duration, SystemTime};
 use super::Broker;
 use crate::api::ApiError;
 use crate::audit::Event;
+use crate::backend::local::VOLUME_MOUNTS;
 use crate::backend::vault::{Cached, VaultBackend};
 use crate::backend::{BackendError, VersionMeta};
-use crate::fs::{Catalog, Loaded};
+use crate::fs::{Catalog, Loaded, VolumeMount};
 use crate::policy::{Grant, Target, Workload};
 use crate::secret::{SecretBytes, SecretPath};
 
@@ -173,6 +174,10 @@ impl Catalog for Broker {
             found.push((p.to_string(), VersionMeta { version: 0, created_unix_ms: 0, size: 0 }));
         }
         Ok(found)
+    }
+
+    fn volume_mounts(&self) -> anyhow::Result<Vec<VolumeMount>> {
+        Ok(self.store.records(VOLUME_MOUNTS)?.into_iter().map(|(_, m)| m).collect())
     }
 
     fn load(&self, path: &str, meta: &VersionMeta) -> anyhow::Result<Loaded> {

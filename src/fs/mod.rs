@@ -1,4 +1,6 @@
-//! The FUSE mounts: one per workload under `<run-dir>/workloads/<name>`.
+//! The FUSE mounts: one per workload under `<run-dir>/workloads/<name>`,
+//! and one per container mount of a Docker volume under
+//! `<run-dir>/volumes/<mount-id>`.
 //!
 //! [`MountTable::sync`] makes the mounts and their contents match the
 //! store: it mounts new workloads, unmounts removed ones, swaps in each
@@ -50,6 +52,43 @@ pub trait Catalog {
     fn covered(&self, target: &Target) -> anyhow::Result<Vec<(String, VersionMeta)>>;
     /// The value of `path` at `meta.version`.
     fn load(&self, path: &str, meta: &VersionMeta) -> anyhow::Result<Loaded>;
+    /// The Docker volume mounts that should exist (see `docker::plugin`).
+    fn volume_mounts(&self) -> anyhow::Result<Vec<VolumeMount>>;
+}
+
+/// A container's mount of a keyhole Docker volume: its own FUSE mount,
+/// showing the workload's grants, files owned by `uid`/`gid` unless the
+/// grant says otherwise, and `mode` (if set) on every file.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct VolumeMount {
+    /// Docker's opaque mount id.
+    pub id: String,
+    pub volume: String,
+    pub workload: String,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub mode: Option<u32>,
+    /// The container being started when Docker asked for this mount, if
+    /// Docker could tell: its user owns the files (see `workload::Owner`).
+    pub container: Option<String>,
+}
+
+/// Which mount: a workload's, or a container's mount of a volume.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum MountKey {
+    Workload(String),
+    Volume(String),
+}
+
+/// How one mount shows its files.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Shape {
+    workload: Workload,
+    uid: Option<u32>,
+    gid: Option<u32>,
+    mode: Option<u32>,
+    volume: Option<String>,
+    container: Option<String>,
 }
 
 /// A value for a node; `value` is None while a remote backend has not
@@ -66,6 +105,7 @@ const CHANNELS: usize = 2;
 const MAX_READ: usize = 128 * 1024;
 
 struct Mount {
+    shape: Shape,
     fs: Arc<WorkloadFs>,
     server: Arc<Server<Arc<WorkloadFs>>>,
     /// Owns the /dev/fuse fd and the channel wakers. Its path is a private
@@ -81,18 +121,20 @@ struct Mount {
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct MountInfo {
     pub workload: String,
+    /// For a container's mount of a Docker volume: the volume.
+    pub volume: Option<String>,
     pub path: PathBuf,
     pub files: Vec<String>,
 }
 
 pub struct MountTable {
-    dir: PathBuf,
+    run_dir: PathBuf,
     /// Handed to FuseSession in place of the real mountpoint (see Mount).
     session_dir: PathBuf,
     /// Mount points under `dir` that a previous broker left behind.
     leftovers: Mutex<Vec<PathBuf>>,
     shared: Arc<FsShared>,
-    mounts: Mutex<BTreeMap<String, Mount>>,
+    mounts: Mutex<BTreeMap<MountKey, Mount>>,
     next_ino: AtomicU64,
     /// Serializes syncs: each one sees the store after the previous.
     sync_lock: Mutex<()>,
@@ -100,7 +142,7 @@ pub struct MountTable {
 
 impl std::fmt::Debug for MountTable {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MountTable").field("dir", &self.dir).finish_non_exhaustive()
+        f.debug_struct("MountTable").field("run_dir", &self.run_dir).finish_non_exhaustive()
     }
 }
 
@@ -144,15 +186,18 @@ impl MountTable {
         }
         crate::sys::make_rshared(run_dir)
             .with_context(|| format!("cannot make {} a shared mount", run_dir.display()))?;
-        let dir = run_dir.join("workloads");
-        std::fs::create_dir_all(&dir)?;
-        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+        let dirs = [run_dir.join("workloads"), run_dir.join("volumes")];
+        for dir in &dirs {
+            std::fs::create_dir_all(dir)?;
+            std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+        }
         let session_dir = run_dir.join(".fuse-session");
         std::fs::create_dir_all(&session_dir)?;
-        let mut leftovers: Vec<PathBuf> = points.into_iter().filter(|p| p.parent() == Some(dir.as_path())).collect();
+        let mut leftovers: Vec<PathBuf> =
+            points.into_iter().filter(|p| p.parent().is_some_and(|d| dirs.iter().any(|x| x == d))).collect();
         leftovers.dedup();
         Ok(MountTable {
-            dir,
+            run_dir: run_dir.to_owned(),
             session_dir,
             leftovers: Mutex::new(leftovers),
             shared,
@@ -162,12 +207,16 @@ impl MountTable {
         })
     }
 
-    pub fn path_of(&self, workload: &str) -> PathBuf {
-        self.dir.join(workload)
+    pub fn path_of(&self, key: &MountKey) -> PathBuf {
+        match key {
+            MountKey::Workload(name) => self.run_dir.join("workloads").join(name),
+            MountKey::Volume(id) => self.run_dir.join("volumes").join(id),
+        }
     }
 
-    fn mount(&self, w: Workload) -> anyhow::Result<Mount> {
-        let path = self.path_of(&w.name);
+    fn mount(&self, key: &MountKey, shape: Shape) -> anyhow::Result<Mount> {
+        let path = self.path_of(key);
+        let w = shape.workload.clone();
         let stacked = {
             let mut leftovers = self.leftovers.lock().expect("leftovers lock");
             let found = leftovers.iter().position(|p| *p == path);
@@ -190,7 +239,8 @@ impl MountTable {
         crate::sys::set_nonblocking(&dev)?;
         let notify = dev.try_clone()?;
         session.set_fuse_file(dev);
-        let fs = Arc::new(WorkloadFs::new(w, self.shared.clone()));
+        let owner = workload::Owner::new(shape.uid, shape.gid, shape.container.clone());
+        let fs = Arc::new(WorkloadFs::new(w, owner, self.shared.clone()));
         let server = Arc::new(Server::new(fs.clone()));
         let mut threads = Vec::with_capacity(CHANNELS);
         for i in 0..CHANNELS {
@@ -219,7 +269,7 @@ impl MountTable {
         } else {
             tracing::info!(path = %path.display(), "mounted");
         }
-        Ok(Mount { fs, server, session, notify, threads })
+        Ok(Mount { shape, fs, server, session, notify, threads })
     }
 
     /// Stop serving a mount: its request threads end and its /dev/fuse fd
@@ -241,10 +291,11 @@ impl MountTable {
         let _ = std::fs::remove_dir(path);
     }
 
-    fn unmount(&self, name: &str, m: Mount) {
+    fn unmount(&self, key: &MountKey, m: Mount) {
         Self::stop(m);
-        Self::detach_all(&self.path_of(name));
-        tracing::info!(workload = name, "unmounted");
+        let path = self.path_of(key);
+        Self::detach_all(&path);
+        tracing::info!(path = %path.display(), "unmounted");
     }
 
     /// Tell the kernel to forget entries (and the directory listing).
@@ -267,14 +318,17 @@ impl MountTable {
 
     /// Build one workload's view from the store, reusing the nodes (and
     /// inode numbers, and loaded values) of files that did not change.
-    fn build_view(&self, cat: &impl Catalog, fs: &WorkloadFs) -> anyhow::Result<View> {
+    fn build_view(&self, cat: &impl Catalog, fs: &WorkloadFs, shape: &Shape) -> anyhow::Result<View> {
         let grants = cat.grants(&fs.workload.name)?;
         let mut secrets: BTreeMap<String, VersionMeta> = BTreeMap::new();
         for g in &grants {
             secrets.extend(cat.covered(&g.target)?);
         }
         let names: Vec<String> = secrets.keys().cloned().collect();
-        let (specs, clashes) = files_for(&grants, &names);
+        let (mut specs, clashes) = files_for(&grants, &names);
+        if let Some(mode) = shape.mode {
+            specs.iter_mut().for_each(|s| s.mode = mode);
+        }
         for c in clashes {
             tracing::warn!(workload = %fs.workload.name, clash = %c, "two grants want one file name");
         }
@@ -314,52 +368,74 @@ impl MountTable {
         Ok(View::new(nodes))
     }
 
-    /// Make the mounts match the store. Errors for one workload are logged
+    /// The mounts the catalog asks for, and how each shows its files.
+    fn wanted(cat: &impl Catalog) -> anyhow::Result<BTreeMap<MountKey, Shape>> {
+        let workloads: HashMap<String, Workload> = cat.workloads()?.into_iter().map(|w| (w.name.clone(), w)).collect();
+        let mut wanted = BTreeMap::new();
+        for w in workloads.values() {
+            let shape = Shape { workload: w.clone(), uid: None, gid: None, mode: None, volume: None, container: None };
+            wanted.insert(MountKey::Workload(w.name.clone()), shape);
+        }
+        for v in cat.volume_mounts()? {
+            // A volume whose workload is gone shows nothing and matches
+            // nobody (a workload without selectors matches no caller).
+            let workload =
+                workloads.get(&v.workload).cloned().unwrap_or(Workload { name: v.workload.clone(), selectors: vec![] });
+            let shape = Shape {
+                workload,
+                uid: v.uid,
+                gid: v.gid,
+                mode: v.mode,
+                volume: Some(v.volume),
+                container: v.container,
+            };
+            wanted.insert(MountKey::Volume(v.id), shape);
+        }
+        Ok(wanted)
+    }
+
+    /// Make the mounts match the store. Errors for one mount are logged
     /// and do not stop the others.
     pub fn sync(&self, cat: &impl Catalog) -> anyhow::Result<()> {
         let _serial = self.sync_lock.lock().expect("sync lock");
-        let wanted: HashMap<String, Workload> = cat.workloads()?.into_iter().map(|w| (w.name.clone(), w)).collect();
+        let wanted = Self::wanted(cat)?;
         let mut mounts = self.mounts.lock().expect("mounts lock");
-        let gone: Vec<String> = mounts
-            .iter()
-            .filter(|(name, m)| wanted.get(*name).is_none_or(|w| *w != m.fs.workload))
-            .map(|(name, _)| name.clone())
-            .collect();
-        for name in gone {
-            if let Some(m) = mounts.remove(&name) {
-                self.unmount(&name, m);
+        let gone: Vec<MountKey> =
+            mounts.iter().filter(|(k, m)| wanted.get(*k) != Some(&m.shape)).map(|(k, _)| k.clone()).collect();
+        for key in gone {
+            if let Some(m) = mounts.remove(&key) {
+                self.unmount(&key, m);
             }
         }
-        // Leftovers of workloads that are gone have no one to serve them.
-        let mut leftovers = std::mem::take(&mut *self.leftovers.lock().expect("leftovers lock"));
-        leftovers.retain(|p| {
-            let keep = p.file_name().and_then(|n| n.to_str()).is_some_and(|n| wanted.contains_key(n));
+        // Leftovers that nothing wants any more have no one to serve them.
+        let wanted_paths: Vec<PathBuf> = wanted.keys().map(|k| self.path_of(k)).collect();
+        self.leftovers.lock().expect("leftovers lock").retain(|p| {
+            let keep = wanted_paths.contains(p);
             if !keep {
-                tracing::info!(path = %p.display(), "detached the mount of a removed workload");
+                tracing::info!(path = %p.display(), "detached a mount nothing serves any more");
                 Self::detach_all(p);
             }
             keep
         });
-        *self.leftovers.lock().expect("leftovers lock") = leftovers;
-        for (name, w) in wanted {
-            if !mounts.contains_key(&name) {
-                match self.mount(w) {
+        for (key, shape) in wanted {
+            if !mounts.contains_key(&key) {
+                match self.mount(&key, shape) {
                     Ok(m) => {
-                        mounts.insert(name.clone(), m);
+                        mounts.insert(key.clone(), m);
                     }
                     Err(e) => {
-                        tracing::error!(workload = %name, error = format!("{e:#}"), "cannot mount");
+                        tracing::error!(mount = ?key, error = format!("{e:#}"), "cannot mount");
                         continue;
                     }
                 }
             }
-            let m = &mounts[&name];
-            match self.build_view(cat, &m.fs) {
+            let m = &mounts[&key];
+            match self.build_view(cat, &m.fs, &m.shape) {
                 Ok(view) => {
                     let changed = m.fs.replace(view);
                     Self::invalidate(m, &changed);
                 }
-                Err(e) => tracing::error!(workload = %name, error = format!("{e:#}"), "cannot update mount"),
+                Err(e) => tracing::error!(mount = ?key, error = format!("{e:#}"), "cannot update mount"),
             }
         }
         Ok(())
@@ -369,9 +445,10 @@ impl MountTable {
         let mounts = self.mounts.lock().expect("mounts lock");
         mounts
             .iter()
-            .map(|(name, m)| MountInfo {
-                workload: name.clone(),
-                path: self.path_of(name),
+            .map(|(key, m)| MountInfo {
+                workload: m.fs.workload.name.clone(),
+                volume: m.shape.volume.clone(),
+                path: self.path_of(key),
                 files: m.fs.view().by_name.keys().cloned().collect(),
             })
             .collect()
@@ -381,9 +458,9 @@ impl MountTable {
     /// can mount over them and reach the containers that hold them.
     pub fn shutdown(&self) {
         let mut mounts = self.mounts.lock().expect("mounts lock");
-        for (name, m) in std::mem::take(&mut *mounts) {
+        for (key, m) in std::mem::take(&mut *mounts) {
             Self::stop(m);
-            tracing::info!(workload = %name, "stopped serving; the mount stays for the next broker");
+            tracing::info!(mount = ?key, "stopped serving; the mount stays for the next broker");
         }
     }
 }

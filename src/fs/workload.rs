@@ -43,8 +43,9 @@ pub struct Node {
     pub version: u64,
     pub mtime_ms: i64,
     pub mode: u32,
-    pub uid: u32,
-    pub gid: u32,
+    /// The grant's owner; None: the mount's default owner.
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
     /// None while a remote backend has not delivered the value.
     pub value: Option<Arc<SecretBytes>>,
     /// For a remote value: whether its backend answers.
@@ -59,7 +60,7 @@ impl Node {
 
 impl Node {
     /// Whether `other` shows the same bytes the same way (reuse the inode).
-    pub fn same_as(&self, secret: &str, version: u64, mode: u32, uid: u32, gid: u32) -> bool {
+    pub fn same_as(&self, secret: &str, version: u64, mode: u32, uid: Option<u32>, gid: Option<u32>) -> bool {
         self.secret == secret && self.version == version && self.mode == mode && self.uid == uid && self.gid == gid
     }
 }
@@ -89,6 +90,7 @@ pub struct FsShared {
 
 pub struct WorkloadFs {
     pub workload: Workload,
+    owner: Owner,
     view: RwLock<Arc<View>>,
     handles: Mutex<HashMap<u64, Arc<Node>>>,
     next_fh: AtomicU64,
@@ -101,13 +103,44 @@ fn errno(e: i32) -> io::Error {
     io::Error::from_raw_os_error(e)
 }
 
-fn file_attr(n: &Node) -> stat64 {
+/// Who owns files whose grant names no owner.
+#[derive(Debug, Default)]
+pub struct Owner {
+    /// Fixed by the mount (a volume's uid=/gid= options).
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    /// A volume mount's container: its configured user is learned from
+    /// the first request that container makes (Docker cannot tell while
+    /// the container is still being started).
+    pub container: Option<String>,
+    learned: std::sync::OnceLock<(Option<u32>, Option<u32>)>,
+}
+
+impl Owner {
+    pub fn new(uid: Option<u32>, gid: Option<u32>, container: Option<String>) -> Self {
+        Owner { uid, gid, container, learned: std::sync::OnceLock::new() }
+    }
+
+    fn resolve(&self) -> (u32, u32) {
+        let (lu, lg) = self.learned.get().copied().unwrap_or_default();
+        (self.uid.or(lu).unwrap_or(0), self.gid.or(lg).unwrap_or(0))
+    }
+}
+
+/// `"1000"` or `"1000:1000"` as (uid, gid); a user name gives None (it
+/// would need the image's passwd file).
+pub fn numeric_user(user: &str) -> (Option<u32>, Option<u32>) {
+    let (u, g) = user.split_once(':').map_or((user, None), |(u, g)| (u, Some(g)));
+    (u.parse().ok(), g.and_then(|g| g.parse().ok()))
+}
+
+fn file_attr(n: &Node, owner: (u32, u32)) -> stat64 {
     let mut st = crate::sys::zeroed_stat();
     st.st_ino = n.ino;
     st.st_mode = libc::S_IFREG | n.mode;
     st.st_nlink = 1;
-    st.st_uid = n.uid;
-    st.st_gid = n.gid;
+    st.st_uid = n.uid.unwrap_or(owner.0);
+    st.st_gid = n.gid.unwrap_or(owner.1);
     st.st_size = n.len() as i64;
     st.st_blksize = 4096;
     st.st_blocks = (n.len() as i64 + 511) / 512;
@@ -121,9 +154,10 @@ fn file_attr(n: &Node) -> stat64 {
 }
 
 impl WorkloadFs {
-    pub fn new(workload: Workload, shared: Arc<FsShared>) -> Self {
+    pub fn new(workload: Workload, owner: Owner, shared: Arc<FsShared>) -> Self {
         WorkloadFs {
             workload,
+            owner,
             view: RwLock::new(Arc::new(View::default())),
             handles: Mutex::default(),
             next_fh: AtomicU64::new(1),
@@ -158,6 +192,27 @@ impl WorkloadFs {
         (st.st_ctime, st.st_ctime_nsec) = (st.st_mtime, st.st_mtime_nsec);
         (st.st_atime, st.st_atime_nsec) = (st.st_mtime, st.st_mtime_nsec);
         st
+    }
+
+    /// On a volume mount whose owner is still unknown: if `ctx` is its
+    /// container, learn the container's configured user.
+    fn learn_owner(&self, ctx: &Context) {
+        let Some(want) = &self.owner.container else { return };
+        if self.owner.learned.get().is_some() {
+            return;
+        }
+        let Ok(id) = self.shared.attestor.attest_task(ctx.pid, ctx.uid, ctx.gid) else { return };
+        // Docker describes the container only once its start is under way
+        // (runc touches the mount before that): until then, ask again.
+        if let (Some(c), Some(d)) = (id.container_id.as_deref(), &id.docker) {
+            if c == want {
+                let _ = self.owner.learned.set(numeric_user(&d.user));
+            }
+        }
+    }
+
+    fn attr(&self, n: &Node) -> stat64 {
+        file_attr(n, self.owner.resolve())
     }
 
     fn node(&self, ino: u64) -> Option<Arc<Node>> {
@@ -219,31 +274,33 @@ impl FileSystem for WorkloadFs {
         Ok(FsOptions::empty())
     }
 
-    fn lookup(&self, _ctx: &Context, parent: u64, name: &CStr) -> io::Result<Entry> {
+    fn lookup(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<Entry> {
         if parent != ROOT {
             return Err(errno(libc::ENOENT));
         }
+        self.learn_owner(ctx);
         let name = name.to_str().map_err(|_| errno(libc::ENOENT))?;
         let view = self.view();
         let node = view.by_name.get(name).ok_or_else(|| errno(libc::ENOENT))?;
         Ok(Entry {
             inode: node.ino,
             generation: 0,
-            attr: file_attr(node),
+            attr: self.attr(node),
             attr_flags: 0,
             attr_timeout: TTL,
             entry_timeout: TTL,
         })
     }
 
-    fn getattr(&self, _ctx: &Context, ino: u64, handle: Option<u64>) -> io::Result<(stat64, Duration)> {
+    fn getattr(&self, ctx: &Context, ino: u64, handle: Option<u64>) -> io::Result<(stat64, Duration)> {
+        self.learn_owner(ctx);
         if ino == ROOT {
             return Ok((self.root_attr(), TTL));
         }
         // An open file keeps its attributes after a rotation retired it.
         let held = handle.and_then(|h| self.handles.lock().expect("handles lock").get(&h).cloned());
         let node = held.or_else(|| self.node(ino)).ok_or_else(|| errno(libc::ENOENT))?;
-        Ok((file_attr(&node), TTL))
+        Ok((self.attr(&node), TTL))
     }
 
     fn open(

@@ -68,14 +68,52 @@ impl DockerCache {
         info
     }
 
-    /// From a thread that may block (FUSE request threads, the blocking
-    /// pool): the cache, else one bounded inspect.
-    pub fn lookup_blocking(&self, id: &str) -> Option<Arc<ContainerInfo>> {
+    /// The cache, else one bounded inspect.
+    pub async fn lookup(&self, id: &str) -> Option<Arc<ContainerInfo>> {
         if let Some(hit) = self.cached(id) {
             return Some(hit);
         }
-        let info = self.rt.block_on(self.inspect(id))?;
+        let info = self.inspect(id).await?;
         Some(self.remember(id, info))
+    }
+
+    /// [`Self::lookup`] from a thread that may block (FUSE request
+    /// threads, the blocking pool).
+    pub fn lookup_blocking(&self, id: &str) -> Option<Arc<ContainerInfo>> {
+        self.rt.block_on(self.lookup(id))
+    }
+
+    /// The container being started with `volume`: the one container that
+    /// mounts it and is not running yet. None if Docker does not say, or
+    /// more than one could be meant. (Docker lists it, but cannot inspect
+    /// it until the start is under way.)
+    pub async fn starting_container(&self, volume: &str) -> Option<String> {
+        let filters = HashMap::from([("volume".to_owned(), vec![volume.to_owned()])]);
+        let opts = bollard::query_parameters::ListContainersOptions {
+            all: true,
+            filters: Some(filters),
+            ..Default::default()
+        };
+        let list = match tokio::time::timeout(INSPECT_TIMEOUT, self.client.list_containers(Some(opts))).await {
+            Ok(Ok(list)) => list,
+            Ok(Err(e)) => {
+                tracing::warn!(%volume, error = %e, "cannot list the containers that mount a volume");
+                return None;
+            }
+            Err(_) => {
+                tracing::warn!(%volume, "listing the containers that mount a volume timed out");
+                return None;
+            }
+        };
+        let running = bollard::models::ContainerSummaryStateEnum::RUNNING;
+        let mut starting = list.into_iter().filter(|c| c.state != Some(running));
+        match (starting.next(), starting.next()) {
+            (Some(only), None) => only.id,
+            _ => {
+                tracing::info!(%volume, "cannot tell which container mounts the volume; files keep the grant's owner");
+                None
+            }
+        }
     }
 
     /// Keep the cache honest from the events stream, reconnecting forever.

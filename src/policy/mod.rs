@@ -235,8 +235,10 @@ pub struct FileSpec {
     pub name: String,
     pub secret: String,
     pub mode: u32,
-    pub uid: u32,
-    pub gid: u32,
+    /// The grant's owner; None: the mount's default owner (root, or a
+    /// volume's container user).
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
 }
 
 /// The files a workload sees, given its grants and the secrets that exist.
@@ -249,13 +251,7 @@ pub fn files_for<'a>(grants: impl IntoIterator<Item = &'a Grant>, secrets: &[Str
         for s in secrets {
             let Some(name) = g.file_for(s) else { continue };
             let exact = matches!(g.target, Target::Exact(_));
-            let spec = FileSpec {
-                name: name.clone(),
-                secret: s.clone(),
-                mode: g.mode,
-                uid: g.uid.unwrap_or(0),
-                gid: g.gid.unwrap_or(0),
-            };
+            let spec = FileSpec { name: name.clone(), secret: s.clone(), mode: g.mode, uid: g.uid, gid: g.gid };
             match chosen.get(&name) {
                 Some((was_exact, prev))
                     if *was_exact && !exact || (*was_exact == exact && prev.secret <= spec.secret) =>
@@ -379,6 +375,6 @@ mod tests {
         assert_eq!(clashes, ["password: web/password hides db/password"]);
         let (again, _) = files_for([&exact, &prefix], &secrets);
         assert_eq!(files, again, "order of grants does not matter");
-        assert_eq!(files[1].uid, 7);
+        assert_eq!((files[0].uid, files[1].uid), (None, Some(7)));
     }
 }

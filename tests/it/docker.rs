@@ -164,3 +164,77 @@ fn a_renamed_container_loses_a_name_selector_through_the_event_stream() {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }
+
+#[test]
+fn the_volume_driver_gives_each_container_its_own_checked_mount() {
+    if !require_docker() {
+        return;
+    }
+    let b = Broker::start();
+    let d = b.plugin.as_str();
+    let (tw, ta) = (tag("vol-web"), tag("vol-api"));
+    b.put("db/password", b"web-volume-secret");
+    b.put("api/token", b"api-volume-secret");
+    b.ok(&["workload", "add", "web", "--selector", &format!("docker:label:keyhole.test={tw}")]);
+    b.ok(&["workload", "add", "api", "--selector", &format!("docker:label:keyhole.test={ta}")]);
+    b.ok(&["grant", "db/password", "--to", "web"]);
+    b.ok(&["grant", "api/token", "--to", "api"]);
+
+    // Bad options: a clear error from `docker volume create`.
+    for (opts, words) in [
+        (&["-o", "workload=nope"][..], "workload nope does not exist"),
+        (&["-o", "size=1g"], "unknown option"),
+        (&[], "workload= is required"),
+        (&["-o", "workload=web", "-o", "mode=0600"], "only read bits"),
+    ] {
+        let mut args = vec!["volume", "create", "-d", d];
+        args.extend_from_slice(opts);
+        args.push("kh-bad");
+        let o = docker(&args);
+        assert!(!o.status.success());
+        assert!(String::from_utf8_lossy(&o.stderr).contains(words), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let (vw, va) = (unique("web-secrets"), unique("api-secrets"));
+    assert!(docker(&["volume", "create", "-d", d, "-o", "workload=web", &vw]).status.success());
+    assert!(docker(&["volume", "create", "-d", d, "-o", "workload=api", &va]).status.success());
+
+    let run = |label: &str, vol: &str, user: &str, cmd: &str| {
+        let o = docker(&[
+            "run",
+            "--rm",
+            "--user",
+            user,
+            "--label",
+            &format!("keyhole.test={label}"),
+            "-v",
+            &format!("{vol}:/run/secrets"),
+            IMAGE,
+            "sh",
+            "-c",
+            cmd,
+        ]);
+        (o.status.success(), String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr))
+    };
+    // Each workload's container reads its own, as a non-root user too:
+    // files belong to the container's configured user.
+    assert_eq!(run(&tw, &vw, "1000", "cat /run/secrets/password"), (true, "web-volume-secret".into()));
+    assert_eq!(run(&ta, &va, "0", "cat /run/secrets/token"), (true, "api-volume-secret".into()));
+    let (_, listing) = run(&tw, &vw, "1000:1000", "stat -c '%u %g %a' /run/secrets/password");
+    assert_eq!(listing.trim(), "1000 1000 400");
+    // A container of another workload that mounts the volume is denied.
+    let (ok, out) = run(&ta, &vw, "0", "cat /run/secrets/password");
+    assert!(!ok && out.contains("Permission denied"), "{out}");
+    let denied = b.audit_events("deny");
+    assert!(denied.iter().any(|e| e["workload"] == "web" && e["path"] == "db/password"));
+
+    // Every container's mount is gone once it exits.
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains(&b.run().join("volumes").display().to_string()), "volume mounts left behind");
+    assert!(docker(&["volume", "rm", &vw]).status.success());
+    assert!(docker(&["volume", "rm", &va]).status.success());
+    let events: Vec<String> = b.audit_lines().iter().map(|l| l["event"].as_str().unwrap().to_owned()).collect();
+    for e in ["volume_create", "volume_mount", "volume_unmount", "volume_remove"] {
+        assert!(events.iter().any(|x| x == e), "no {e} in the audit log");
+    }
+    b.assert_never_leaked(&[b"web-volume-secret", b"api-volume-secret"]);
+}

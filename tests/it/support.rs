@@ -26,6 +26,14 @@ pub struct Broker {
     pub dir: tempfile::TempDir,
     child: Option<Child>,
     pub config: Option<PathBuf>,
+    /// This broker's Docker volume driver name.
+    pub plugin: String,
+}
+
+/// A name no other test in this run uses.
+pub fn unique(prefix: &str) -> String {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    format!("{prefix}-{}-{}", std::process::id(), N.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
 }
 
 impl Broker {
@@ -43,12 +51,15 @@ impl Broker {
         let dir = tempfile::tempdir().unwrap();
         // Non-root test callers must be able to traverse to the sockets.
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
-        let config = toml.map(|t| {
-            let p = dir.path().join("keyhole.toml");
-            fs::write(&p, t).unwrap();
-            p
-        });
-        let mut b = Broker { dir, child: None, config };
+        // Brokers run side by side: each its own volume plugin name.
+        let plugin = unique("kh-test");
+        let mut toml = toml.unwrap_or_default().to_owned();
+        if !toml.contains("[docker]") {
+            toml.push_str(&format!("\n[docker]\nplugin = \"{plugin}\"\n"));
+        }
+        let path = dir.path().join("keyhole.toml");
+        fs::write(&path, toml).unwrap();
+        let mut b = Broker { dir, child: None, config: Some(path), plugin };
         b.restart();
         b
     }

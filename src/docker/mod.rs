@@ -1,0 +1,3 @@
+//! Docker integration beyond identity: the volume plugin.
+
+pub mod plugin;

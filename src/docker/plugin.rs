@@ -1,0 +1,244 @@
+//! The Docker volume plugin: Docker's legacy plugin protocol (JSON over
+//! HTTP POST) on `/run/docker/plugins/<name>.sock`, found by dockerd with
+//! no other setup.
+//!
+//! `docker volume create -d keyhole -o workload=web NAME` records a volume;
+//! every container start that mounts it calls `Mount` with an opaque id,
+//! and gets its own FUSE mount under `<run-dir>/volumes/<id>` showing the
+//! workload's grants. The id says nothing about the container, so who may
+//! read is still decided at every open, from the calling process. Files
+//! whose grant names no owner belong to the container's configured user.
+#![forbid(unsafe_code)]
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path as UrlPath, State};
+use axum::routing::post;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::audit::Event;
+use crate::backend::local::{VOLUME_MOUNTS, VOLUMES};
+use crate::broker::Broker;
+use crate::fs::{MountKey, VolumeMount};
+use crate::policy::check_workload_name;
+
+/// What `docker volume create -o ...` said.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeSpec {
+    pub workload: String,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub mode: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct Request {
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    opts: Option<BTreeMap<String, String>>,
+    #[serde(default, rename = "ID")]
+    id: String,
+}
+
+fn parse_opts(opts: &BTreeMap<String, String>) -> Result<VolumeSpec, String> {
+    let num = |k: &str| -> Result<Option<u32>, String> {
+        opts.get(k).map(|v| v.parse().map_err(|_| format!("{k}={v:?} is not a number"))).transpose()
+    };
+    if let Some(k) = opts.keys().find(|k| !["workload", "uid", "gid", "mode"].contains(&k.as_str())) {
+        return Err(format!("unknown option {k:?}: keyhole volumes take workload=, uid=, gid=, mode="));
+    }
+    let workload = opts.get("workload").ok_or("the option workload= is required (-o workload=NAME)")?;
+    check_workload_name(workload).map_err(|e| e.to_string())?;
+    let mode = match opts.get("mode") {
+        Some(m) => {
+            let mode = u32::from_str_radix(m, 8).map_err(|_| format!("mode={m:?} is not an octal mode like 0400"))?;
+            if mode == 0 || mode & !0o444 != 0 {
+                return Err(format!("mode={m}: files are read-only, so only read bits (0400, 0440, 0444) are allowed"));
+            }
+            Some(mode)
+        }
+        None => None,
+    };
+    Ok(VolumeSpec { workload: workload.clone(), uid: num("uid")?, gid: num("gid")?, mode })
+}
+
+fn err(message: impl Into<String>) -> Value {
+    json!({ "Err": message.into() })
+}
+
+fn audit(b: &Broker, event: &str, volume: &str, workload: Option<&str>, reason: Option<&str>) {
+    let _ = b.audit.record(&Event { path: Some(volume), workload, reason, ..Event::new(event) });
+}
+
+fn spec_of(b: &Broker, name: &str) -> Result<Option<VolumeSpec>, String> {
+    let all: Vec<(String, VolumeSpec)> = b.store.records(VOLUMES).map_err(|e| e.to_string())?;
+    Ok(all.into_iter().find(|(n, _)| n == name).map(|(_, s)| s))
+}
+
+fn mounts_of(b: &Broker, name: &str) -> Result<Vec<VolumeMount>, String> {
+    let all: Vec<(String, VolumeMount)> = b.store.records(VOLUME_MOUNTS).map_err(|e| e.to_string())?;
+    Ok(all.into_iter().map(|(_, m)| m).filter(|m| m.volume == name).collect())
+}
+
+fn create(b: &Broker, r: &Request) -> Result<Value, String> {
+    let spec = parse_opts(&r.opts.clone().unwrap_or_default())?;
+    if !b.store.workloads().map_err(|e| e.to_string())?.iter().any(|w| w.name == spec.workload) {
+        return Err(format!(
+            "workload {} does not exist: add it first (keyhole workload add {} --selector ...)",
+            spec.workload, spec.workload
+        ));
+    }
+    match spec_of(b, &r.name)? {
+        Some(existing) if existing != spec => return Err(format!("volume {} exists with other options", r.name)),
+        Some(_) => {}
+        None => b.store.put_record(VOLUMES, &r.name, &spec).map_err(|e| e.to_string())?,
+    }
+    audit(b, "volume_create", &r.name, Some(&spec.workload), None);
+    Ok(json!({ "Err": "" }))
+}
+
+fn mount(b: &Broker, r: &Request, container: Option<String>) -> Result<Value, String> {
+    let spec = spec_of(b, &r.name)?.ok_or_else(|| format!("no keyhole volume {}", r.name))?;
+    if r.id.is_empty() || !r.id.bytes().all(|c| c.is_ascii_alphanumeric()) {
+        return Err(format!("bad mount id {:?}", r.id));
+    }
+    let m = VolumeMount {
+        id: r.id.clone(),
+        volume: r.name.clone(),
+        workload: spec.workload.clone(),
+        uid: spec.uid,
+        gid: spec.gid,
+        mode: spec.mode,
+        container,
+    };
+    b.store.put_record(VOLUME_MOUNTS, &m.id, &m).map_err(|e| e.to_string())?;
+    b.changed();
+    let path = b.mounts.path_of(&MountKey::Volume(m.id.clone()));
+    if !b.mounts.list().iter().any(|i| i.path == path) {
+        let _ = b.store.remove_record(VOLUME_MOUNTS, &m.id);
+        return Err(format!("cannot mount volume {}: see the broker's log", r.name));
+    }
+    audit(b, "volume_mount", &r.name, Some(&spec.workload), None);
+    Ok(json!({ "Mountpoint": path, "Err": "" }))
+}
+
+fn unmount(b: &Broker, r: &Request) -> Result<Value, String> {
+    b.store.remove_record(VOLUME_MOUNTS, &r.id).map_err(|e| e.to_string())?;
+    b.changed();
+    audit(b, "volume_unmount", &r.name, None, None);
+    Ok(json!({ "Err": "" }))
+}
+
+fn remove(b: &Broker, r: &Request) -> Result<Value, String> {
+    if !mounts_of(b, &r.name)?.is_empty() {
+        return Err(format!("volume {} is in use by a running container", r.name));
+    }
+    b.store.remove_record(VOLUMES, &r.name).map_err(|e| e.to_string())?;
+    audit(b, "volume_remove", &r.name, None, None);
+    Ok(json!({ "Err": "" }))
+}
+
+fn describe(b: &Broker, name: &str, spec: &VolumeSpec) -> Result<Value, String> {
+    let mountpoint = mounts_of(b, name)?
+        .first()
+        .map(|m| b.mounts.path_of(&MountKey::Volume(m.id.clone())).display().to_string())
+        .unwrap_or_default();
+    Ok(json!({ "Name": name, "Mountpoint": mountpoint, "Status": { "workload": spec.workload } }))
+}
+
+fn handle(b: &Broker, call: &str, r: &Request, container: Option<String>) -> Result<Value, String> {
+    match call {
+        "Plugin.Activate" => Ok(json!({ "Implements": ["VolumeDriver"] })),
+        "VolumeDriver.Capabilities" => Ok(json!({ "Capabilities": { "Scope": "local" } })),
+        "VolumeDriver.Create" => create(b, r),
+        "VolumeDriver.Remove" => remove(b, r),
+        "VolumeDriver.Mount" => mount(b, r, container),
+        "VolumeDriver.Unmount" => unmount(b, r),
+        "VolumeDriver.Get" => {
+            let spec = spec_of(b, &r.name)?.ok_or_else(|| format!("no keyhole volume {}", r.name))?;
+            Ok(json!({ "Volume": describe(b, &r.name, &spec)?, "Err": "" }))
+        }
+        "VolumeDriver.Path" => {
+            let spec = spec_of(b, &r.name)?.ok_or_else(|| format!("no keyhole volume {}", r.name))?;
+            Ok(json!({ "Mountpoint": describe(b, &r.name, &spec)?["Mountpoint"], "Err": "" }))
+        }
+        "VolumeDriver.List" => {
+            let all: Vec<(String, VolumeSpec)> = b.store.records(VOLUMES).map_err(|e| e.to_string())?;
+            let vols = all.iter().map(|(n, s)| describe(b, n, s)).collect::<Result<Vec<_>, _>>()?;
+            Ok(json!({ "Volumes": vols, "Err": "" }))
+        }
+        other => Err(format!("keyhole does not implement {other}")),
+    }
+}
+
+async fn call(State(b): State<Arc<Broker>>, UrlPath(call): UrlPath<String>, body: Bytes) -> axum::Json<Value> {
+    let r: Request = if body.is_empty() {
+        Request::default()
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(r) => r,
+            Err(e) => return axum::Json(err(format!("malformed request: {e}"))),
+        }
+    };
+    // Files in a container's mount belong to its configured user: note
+    // the (one) not-yet-running container that mounts this volume.
+    let container = match (call.as_str(), &b.docker) {
+        ("VolumeDriver.Mount", Some(d)) => d.starting_container(&r.name).await,
+        _ => None,
+    };
+    let b2 = b.clone();
+    let answer = tokio::task::spawn_blocking(move || handle(&b2, &call, &r, container)).await;
+    axum::Json(match answer {
+        Ok(Ok(v)) => v,
+        Ok(Err(message)) => err(message),
+        Err(e) => err(format!("internal error: {e}")),
+    })
+}
+
+/// Serve the plugin protocol on `socket` until the broker stops.
+pub async fn serve(broker: Arc<Broker>, listener: tokio::net::UnixListener, socket: &Path) {
+    let app = Router::new().route("/{call}", post(call)).with_state(broker.clone());
+    let mut stopping = broker.stopping.subscribe();
+    let shutdown = async move {
+        let _ = stopping.wait_for(|s| *s).await;
+    };
+    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
+        tracing::error!(socket = %socket.display(), error = %e, "volume plugin stopped");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(kv: &[(&str, &str)]) -> BTreeMap<String, String> {
+        kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn volume_options() {
+        let s = parse_opts(&opts(&[("workload", "web"), ("uid", "1000"), ("mode", "0440")])).unwrap();
+        assert_eq!(s, VolumeSpec { workload: "web".into(), uid: Some(1000), gid: None, mode: Some(0o440) });
+        assert!(parse_opts(&opts(&[])).unwrap_err().contains("workload= is required"));
+        assert!(parse_opts(&opts(&[("workload", "web"), ("size", "1g")])).unwrap_err().contains("unknown option"));
+        assert!(parse_opts(&opts(&[("workload", "web"), ("uid", "x")])).unwrap_err().contains("not a number"));
+        assert!(parse_opts(&opts(&[("workload", "web"), ("mode", "0600")])).unwrap_err().contains("read bits"));
+        assert!(parse_opts(&opts(&[("workload", "../x")])).is_err());
+    }
+
+    #[test]
+    fn container_users() {
+        use crate::fs::workload::numeric_user;
+        assert_eq!(numeric_user("1000"), (Some(1000), None));
+        assert_eq!(numeric_user("1000:50"), (Some(1000), Some(50)));
+        assert_eq!(numeric_user("app"), (None, None));
+        assert_eq!(numeric_user(""), (None, None));
+    }
+}
