@@ -37,6 +37,7 @@ fn grant_pb(g: &Grant) -> pb::GrantSpec {
         mode: g.mode,
         uid: g.uid,
         gid: g.gid,
+        notify: g.notify.clone().unwrap_or_default(),
     }
 }
 
@@ -383,7 +384,10 @@ impl admin_server::Admin for AdminService {
             .audited_for(id, "grant", Some(g.workload.clone()), Some(path), move |b| {
                 let file = (!g.file.is_empty()).then_some(g.file);
                 let mode = (g.mode != 0).then_some(g.mode);
-                let grant = Grant::new(&g.secret, &g.workload, file, mode, g.uid, g.gid).map_err(ApiError::from)?;
+                let notify = (!g.notify.is_empty()).then_some(g.notify.as_str());
+                let grant = Grant::new(&g.secret, &g.workload, file, mode, g.uid, g.gid)
+                    .and_then(|g| g.with_notify(notify))
+                    .map_err(ApiError::from)?;
                 b.store.put_grant(&grant)?;
                 b.prefetch(&grant.target);
                 b.changed();

@@ -210,8 +210,39 @@ impl Broker {
     /// After any change to secrets or policy: bring the mounts up to date.
     /// The change itself is already durable, so a failure here is logged.
     pub fn changed(&self) {
-        if let Err(e) = self.mounts.sync(self) {
-            tracing::error!(error = format!("{e:#}"), "mounts not updated");
+        match self.mounts.sync(self) {
+            Ok(notices) => self.announce(notices),
+            Err(e) => tracing::error!(error = format!("{e:#}"), "mounts not updated"),
+        }
+    }
+
+    /// Signal the containers that read a rotated secret (`grant --notify`),
+    /// through the Docker API, without waiting for it.
+    fn announce(&self, notices: Vec<crate::fs::Notice>) {
+        let Some(docker) = &self.docker else { return };
+        for n in notices {
+            for container in n.fs.readers_of(&n.secret) {
+                let (docker, audit, fs) = (docker.clone(), self.audit.clone(), n.fs.clone());
+                let (secret, signal, version) = (n.secret.clone(), n.signal.clone(), n.version);
+                self.rt.spawn(async move {
+                    let outcome = docker.signal(&container, &signal).await;
+                    let reason = match &outcome {
+                        Ok(()) => format!("sent {signal} to container {container}"),
+                        Err(e) => format!("could not send {signal} to container {container}: {e}"),
+                    };
+                    if outcome.is_err() {
+                        fs.forget_reader(&secret, &container);
+                    }
+                    let event = Event {
+                        workload: Some(&fs.workload.name),
+                        path: Some(&secret),
+                        version: Some(version),
+                        reason: Some(&reason),
+                        ..Event::new("notify")
+                    };
+                    let _ = audit.record(&event);
+                });
+            }
         }
     }
 }

@@ -55,6 +55,10 @@ pub struct GrantArgs {
     /// File group gid [default: 0]
     #[arg(long, value_name = "N")]
     pub gid: Option<u32>,
+    /// After each rotation, send this signal (HUP, USR1, ...) to every
+    /// running container that read the secret through this grant
+    #[arg(long, value_name = "SIGNAL")]
+    pub notify: Option<String>,
 }
 
 fn parse_mode(s: &str) -> Result<u32, String> {
@@ -116,6 +120,7 @@ fn grant_json(g: &pb::GrantSpec) -> serde_json::Value {
         "mode": format!("{:04o}", g.mode),
         "uid": g.uid,
         "gid": g.gid,
+        "notify": (!g.notify.is_empty()).then_some(&g.notify),
     })
 }
 
@@ -127,6 +132,7 @@ pub async fn grant(a: GrantArgs, socket: &Path, json: bool) -> anyhow::Result<()
         mode: a.mode.unwrap_or(0),
         uid: a.uid,
         gid: a.gid,
+        notify: a.notify.unwrap_or_default(),
     };
     let g = client::admin(socket).await?.grant(spec).await.map_err(Failure::from)?.into_inner();
     if json {

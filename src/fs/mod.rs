@@ -80,6 +80,14 @@ pub enum MountKey {
     Volume(String),
 }
 
+/// A rotation that some containers asked to hear about (`grant --notify`).
+pub struct Notice {
+    pub fs: Arc<WorkloadFs>,
+    pub secret: String,
+    pub version: u64,
+    pub signal: String,
+}
+
 /// How one mount shows its files.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Shape {
@@ -318,7 +326,13 @@ impl MountTable {
 
     /// Build one workload's view from the store, reusing the nodes (and
     /// inode numbers, and loaded values) of files that did not change.
-    fn build_view(&self, cat: &impl Catalog, fs: &WorkloadFs, shape: &Shape) -> anyhow::Result<View> {
+    fn build_view(
+        &self,
+        cat: &impl Catalog,
+        fs: &Arc<WorkloadFs>,
+        shape: &Shape,
+        notices: &mut Vec<Notice>,
+    ) -> anyhow::Result<View> {
         let grants = cat.grants(&fs.workload.name)?;
         let mut secrets: BTreeMap<String, VersionMeta> = BTreeMap::new();
         for g in &grants {
@@ -344,6 +358,12 @@ impl MountTable {
                 nodes.push(n.clone());
                 continue;
             }
+            let rotated =
+                old.by_name.get(&spec.name).is_some_and(|n| n.secret == spec.secret && n.version != meta.version);
+            if let (true, Some(signal)) = (rotated, &spec.notify) {
+                let (fs, secret, signal) = (fs.clone(), spec.secret.clone(), signal.clone());
+                notices.push(Notice { fs, secret, version: meta.version, signal });
+            }
             let loaded = match cat.load(&spec.secret, meta) {
                 Ok(l) => l,
                 Err(e) => {
@@ -363,6 +383,7 @@ impl MountTable {
                 gid: spec.gid,
                 value: loaded.value,
                 health: loaded.health,
+                notify: spec.notify,
             }));
         }
         Ok(View::new(nodes))
@@ -395,8 +416,9 @@ impl MountTable {
     }
 
     /// Make the mounts match the store. Errors for one mount are logged
-    /// and do not stop the others.
-    pub fn sync(&self, cat: &impl Catalog) -> anyhow::Result<()> {
+    /// and do not stop the others. Returns the rotations to announce.
+    pub fn sync(&self, cat: &impl Catalog) -> anyhow::Result<Vec<Notice>> {
+        let mut notices = Vec::new();
         let _serial = self.sync_lock.lock().expect("sync lock");
         let wanted = Self::wanted(cat)?;
         let mut mounts = self.mounts.lock().expect("mounts lock");
@@ -430,7 +452,7 @@ impl MountTable {
                 }
             }
             let m = &mounts[&key];
-            match self.build_view(cat, &m.fs, &m.shape) {
+            match self.build_view(cat, &m.fs, &m.shape, &mut notices) {
                 Ok(view) => {
                     let changed = m.fs.replace(view);
                     Self::invalidate(m, &changed);
@@ -438,7 +460,7 @@ impl MountTable {
                 Err(e) => tracing::error!(mount = ?key, error = format!("{e:#}"), "cannot update mount"),
             }
         }
-        Ok(())
+        Ok(notices)
     }
 
     pub fn list(&self) -> Vec<MountInfo> {

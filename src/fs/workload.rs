@@ -50,6 +50,8 @@ pub struct Node {
     pub value: Option<Arc<SecretBytes>>,
     /// For a remote value: whether its backend answers.
     pub health: Option<Arc<Health>>,
+    /// Signal for this file's readers when it rotates.
+    pub notify: Option<String>,
 }
 
 impl Node {
@@ -91,6 +93,8 @@ pub struct FsShared {
 pub struct WorkloadFs {
     pub workload: Workload,
     owner: Owner,
+    /// Secret → the containers that opened it here (for --notify).
+    readers: Mutex<HashMap<String, std::collections::BTreeSet<String>>>,
     view: RwLock<Arc<View>>,
     handles: Mutex<HashMap<u64, Arc<Node>>>,
     next_fh: AtomicU64,
@@ -158,6 +162,7 @@ impl WorkloadFs {
         WorkloadFs {
             workload,
             owner,
+            readers: Mutex::default(),
             view: RwLock::new(Arc::new(View::default())),
             handles: Mutex::default(),
             next_fh: AtomicU64::new(1),
@@ -211,6 +216,19 @@ impl WorkloadFs {
         }
     }
 
+    /// The containers that read `secret` through this mount.
+    pub fn readers_of(&self, secret: &str) -> Vec<String> {
+        let r = self.readers.lock().expect("readers lock");
+        r.get(secret).map(|s| s.iter().cloned().collect()).unwrap_or_default()
+    }
+
+    /// Forget a reader (it is gone).
+    pub fn forget_reader(&self, secret: &str, container: &str) {
+        if let Some(s) = self.readers.lock().expect("readers lock").get_mut(secret) {
+            s.remove(container);
+        }
+    }
+
     fn attr(&self, n: &Node) -> stat64 {
         file_attr(n, self.owner.resolve())
     }
@@ -253,8 +271,15 @@ impl WorkloadFs {
                             audit(&event("stale_expired", Some(&id), Some(why)))?;
                             Err(errno(libc::EIO))
                         }
-                        (Some(_), Freshness::Stale) => audit(&event("stale_serve", Some(&id), None)).map(|_| ()),
-                        (Some(_), Freshness::Fresh) => audit(&event("read", Some(&id), None)).map(|_| ()),
+                        (Some(_), fresh) => {
+                            let name = if fresh == Freshness::Stale { "stale_serve" } else { "read" };
+                            audit(&event(name, Some(&id), None))?;
+                            if let Some(c) = &id.container_id {
+                                let mut readers = self.readers.lock().expect("readers lock");
+                                readers.entry(node.secret.clone()).or_default().insert(c.clone());
+                            }
+                            Ok(())
+                        }
                     }
                 }
                 Decision::WrongWorkload => {

@@ -116,6 +116,16 @@ impl DockerCache {
         }
     }
 
+    /// Send `signal` (e.g. "SIGHUP") to a running container.
+    pub async fn signal(&self, id: &str, signal: &str) -> Result<(), String> {
+        let opts = bollard::query_parameters::KillContainerOptions { signal: signal.to_owned() };
+        match tokio::time::timeout(INSPECT_TIMEOUT, self.client.kill_container(id, Some(opts))).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("timed out".into()),
+        }
+    }
+
     /// Keep the cache honest from the events stream, reconnecting forever.
     pub async fn watch(self: Arc<Self>) {
         let mut backoff = Duration::from_millis(200);

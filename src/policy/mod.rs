@@ -28,6 +28,8 @@ pub enum PolicyError {
     BadFileName(String),
     #[error("mode {0:04o}: files are read-only, so only read bits (0400, 0440, 0444, ...) are allowed")]
     BadMode(u32),
+    #[error("signal {0:?} is not one of HUP, INT, QUIT, USR1, USR2, TERM, WINCH, ALRM")]
+    BadSignal(String),
     #[error("--file cannot be used with a prefix grant ({0}): each secret keeps its own name")]
     FileWithPrefix(String),
     #[error(transparent)]
@@ -195,6 +197,19 @@ pub struct Grant {
     pub mode: u32,
     pub uid: Option<u32>,
     pub gid: Option<u32>,
+    /// Signal sent to the containers that read the secret, after it rotates.
+    #[serde(default)]
+    pub notify: Option<String>,
+}
+
+/// Signals a grant may send on rotation.
+const SIGNALS: [&str; 8] = ["SIGHUP", "SIGINT", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGTERM", "SIGWINCH", "SIGALRM"];
+
+/// `HUP`, `sighup` or `SIGHUP` → `SIGHUP`.
+pub fn parse_signal(s: &str) -> Result<String, PolicyError> {
+    let up = s.to_ascii_uppercase();
+    let name = if up.starts_with("SIG") { up } else { format!("SIG{up}") };
+    if SIGNALS.contains(&name.as_str()) { Ok(name) } else { Err(PolicyError::BadSignal(s.to_owned())) }
 }
 
 impl Grant {
@@ -220,7 +235,13 @@ impl Grant {
         if mode & !0o444 != 0 || mode == 0 {
             return Err(PolicyError::BadMode(mode));
         }
-        Ok(Grant { target, workload: workload.to_owned(), file, mode, uid, gid })
+        Ok(Grant { target, workload: workload.to_owned(), file, mode, uid, gid, notify: None })
+    }
+
+    /// Send `signal` to the secret's readers when it rotates.
+    pub fn with_notify(mut self, signal: Option<&str>) -> Result<Self, PolicyError> {
+        self.notify = signal.map(parse_signal).transpose()?;
+        Ok(self)
     }
 
     pub fn file_for(&self, path: &str) -> Option<String> {
@@ -239,6 +260,7 @@ pub struct FileSpec {
     /// volume's container user).
     pub uid: Option<u32>,
     pub gid: Option<u32>,
+    pub notify: Option<String>,
 }
 
 /// The files a workload sees, given its grants and the secrets that exist.
@@ -251,7 +273,14 @@ pub fn files_for<'a>(grants: impl IntoIterator<Item = &'a Grant>, secrets: &[Str
         for s in secrets {
             let Some(name) = g.file_for(s) else { continue };
             let exact = matches!(g.target, Target::Exact(_));
-            let spec = FileSpec { name: name.clone(), secret: s.clone(), mode: g.mode, uid: g.uid, gid: g.gid };
+            let spec = FileSpec {
+                name: name.clone(),
+                secret: s.clone(),
+                mode: g.mode,
+                uid: g.uid,
+                gid: g.gid,
+                notify: g.notify.clone(),
+            };
             match chosen.get(&name) {
                 Some((was_exact, prev))
                     if *was_exact && !exact || (*was_exact == exact && prev.secret <= spec.secret) =>
@@ -362,6 +391,16 @@ mod tests {
         assert_eq!(Grant::new("a", "w", None, Some(0o600), None, None), Err(PolicyError::BadMode(0o600)));
         assert!(Grant::new("a", "w", Some("..".into()), None, None, None).is_err());
         assert!(Grant::new("../a", "w", None, None, None, None).is_err());
+    }
+
+    #[test]
+    fn notify_signals() {
+        assert_eq!(parse_signal("hup").unwrap(), "SIGHUP");
+        assert_eq!(parse_signal("SIGUSR1").unwrap(), "SIGUSR1");
+        assert!(parse_signal("KILL").is_err(), "a rotation must not kill");
+        assert!(parse_signal("").is_err());
+        let g = Grant::new("a", "w", None, None, None, None).unwrap().with_notify(Some("usr2")).unwrap();
+        assert_eq!(g.notify.as_deref(), Some("SIGUSR2"));
     }
 
     #[test]

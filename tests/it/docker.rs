@@ -238,3 +238,66 @@ fn the_volume_driver_gives_each_container_its_own_checked_mount() {
     }
     b.assert_never_leaked(&[b"web-volume-secret", b"api-volume-secret"]);
 }
+
+#[test]
+fn notify_signals_the_containers_that_read_a_rotated_secret() {
+    if !require_docker() {
+        return;
+    }
+    let b = Broker::start();
+    let t = tag("notify");
+    b.put("app/config", b"cfg-v1");
+    b.put("app/other", b"o1");
+    b.ok(&["workload", "add", "app", "--selector", &format!("docker:label:keyhole.test={t}")]);
+    b.ok(&["grant", "app/config", "--to", "app", "--notify", "HUP"]);
+    b.ok(&["grant", "app/other", "--to", "app"]);
+    assert_fails(&b.cli(&["grant", "app/config", "--to", "app", "--notify", "KILL"]), 2, "is not one of");
+    let bind = secrets_bind(&b, "app");
+    // PID 1 records each SIGHUP it gets.
+    let script = "trap 'echo hup >> /tmp/hups' HUP; while true; do sleep 0.1; done";
+    let reader = {
+        let o = docker(&[
+            "run",
+            "-d",
+            "--rm",
+            "--label",
+            &format!("keyhole.test={t}"),
+            "-v",
+            &bind,
+            IMAGE,
+            "sh",
+            "-c",
+            script,
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        Container { id: String::from_utf8(o.stdout).unwrap().trim().to_owned() }
+    };
+    let idle = {
+        let o = docker(&[
+            "run",
+            "-d",
+            "--rm",
+            "--label",
+            &format!("keyhole.test={t}"),
+            "-v",
+            &bind,
+            IMAGE,
+            "sh",
+            "-c",
+            script,
+        ]);
+        Container { id: String::from_utf8(o.stdout).unwrap().trim().to_owned() }
+    };
+    assert_eq!(reader.cat("/run/secrets/config").unwrap(), b"cfg-v1");
+    // A grant without --notify signals nobody.
+    b.cli_in(&["secret", "rotate", "app/other", "--stdin"], Some(b"o2"));
+    b.cli_in(&["secret", "rotate", "app/config", "--stdin"], Some(b"cfg-v2"));
+    eventually(10, "the reader got SIGHUP", || reader.cat("/tmp/hups").is_ok_and(|h| h == b"hup\n"));
+    assert_eq!(reader.cat("/run/secrets/config").unwrap(), b"cfg-v2");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(idle.cat("/tmp/hups").is_err(), "a container that never read the secret was signalled");
+    assert_eq!(reader.cat("/tmp/hups").unwrap(), b"hup\n", "signalled more than once");
+    let n = b.audit_events("notify");
+    assert_eq!(n.len(), 1);
+    assert!(n[0]["reason"].as_str().unwrap().contains(&format!("sent SIGHUP to container {}", reader.id)));
+}
