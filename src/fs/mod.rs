@@ -160,6 +160,30 @@ fn mount_points() -> std::io::Result<Vec<PathBuf>> {
     Ok(info.lines().filter_map(|l| l.split(' ').nth(4)).map(|p| PathBuf::from(unescape_mountinfo(p))).collect())
 }
 
+/// The peer group of the topmost mount at `path` (`shared:N`).
+fn peer_group(mountinfo: &str, path: &Path) -> Option<String> {
+    mountinfo
+        .lines()
+        .filter(|l| l.split(' ').nth(4).map(unescape_mountinfo).as_deref() == Some(&*path.to_string_lossy()))
+        .last()
+        .and_then(|l| l.split(' ').find_map(|f| f.strip_prefix("shared:")).map(str::to_owned))
+}
+
+/// Whether any process, in any mount namespace, holds a slave copy of the
+/// mount at `path` — a container that bound it (rslave).
+fn held_by_others(path: &Path) -> bool {
+    let Some(group) = std::fs::read_to_string("/proc/self/mountinfo").ok().and_then(|m| peer_group(&m, path)) else {
+        return false;
+    };
+    let tag = format!("master:{group}");
+    let Ok(procs) = std::fs::read_dir("/proc") else { return true };
+    procs
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_str().is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit())))
+        .filter_map(|e| std::fs::read_to_string(e.path().join("mountinfo")).ok())
+        .any(|m| m.lines().any(|l| l.split(' ').any(|f| f == tag)))
+}
+
 /// mountinfo escapes space, tab, newline and backslash as `\ooo`.
 fn unescape_mountinfo(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
@@ -476,19 +500,36 @@ impl MountTable {
             .collect()
     }
 
-    /// Stop serving (clean shutdown). The mounts stay, so the next broker
-    /// can mount over them and reach the containers that hold them.
+    /// Stop serving (clean shutdown). A mount that some container holds
+    /// stays, so the next broker can mount over it and reach that
+    /// container; one that nobody holds is detached.
     pub fn shutdown(&self) {
         let mut mounts = self.mounts.lock().expect("mounts lock");
         for (key, m) in std::mem::take(&mut *mounts) {
             Self::stop(m);
-            tracing::info!(mount = ?key, "stopped serving; the mount stays for the next broker");
+            let path = self.path_of(&key);
+            if held_by_others(&path) {
+                tracing::info!(path = %path.display(), "stopped serving; containers hold the mount, so it stays for the next broker");
+            } else {
+                Self::detach_all(&path);
+                tracing::info!(path = %path.display(), "unmounted");
+            }
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn peer_groups_of_the_topmost_mount() {
+        let info = "43 27 254:0 / /run/k rw shared:2 - ext4 /dev/vda rw\n\
+                    44 43 0:39 / /run/k/workloads/w ro shared:3 - fuse.keyhole keyhole ro\n\
+                    45 44 0:51 / /run/k/workloads/w ro shared:7 - fuse.keyhole keyhole ro\n";
+        let w = std::path::Path::new("/run/k/workloads/w");
+        assert_eq!(super::peer_group(info, w).as_deref(), Some("7"));
+        assert_eq!(super::peer_group(info, std::path::Path::new("/nope")), None);
+    }
+
     #[test]
     fn mountinfo_escapes() {
         assert_eq!(super::unescape_mountinfo(r"/run/a\040b\134c"), r"/run/a b\c");

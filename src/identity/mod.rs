@@ -66,7 +66,8 @@ pub struct Identity {
     /// What Docker says of the container (audited as its name only).
     #[serde(rename = "container_name", serialize_with = "name_only", skip_serializing_if = "Option::is_none")]
     pub docker: Option<ContainerInfo>,
-    /// In the broker's pid and mount namespaces and in no container.
+    /// In the broker's pid and mount namespaces and container (none, for
+    /// a broker on the host).
     pub host: bool,
     pub admin: bool,
 }
@@ -98,6 +99,8 @@ pub struct Attestor {
     admin: AdminPolicy,
     own_pid_ns: Option<PathBuf>,
     own_mnt_ns: Option<PathBuf>,
+    /// The container the broker itself runs in (a compose sidecar), if any.
+    own_container: Option<String>,
     docker: Option<Arc<docker::DockerCache>>,
 }
 
@@ -105,7 +108,10 @@ impl Attestor {
     pub fn new(proc_root: impl Into<PathBuf>, admin: AdminPolicy, docker: Option<Arc<docker::DockerCache>>) -> Self {
         let proc_root = proc_root.into();
         let own = |ns: &str| std::fs::read_link(proc_root.join("self/ns").join(ns)).ok();
-        Self { own_pid_ns: own("pid"), own_mnt_ns: own("mnt"), proc_root, admin, docker }
+        let own_container = std::fs::read_to_string(proc_root.join("self/cgroup"))
+            .ok()
+            .and_then(|c| cgroup::container_id(&c).ok().flatten());
+        Self { own_pid_ns: own("pid"), own_mnt_ns: own("mnt"), own_container, proc_root, admin, docker }
     }
 
     /// A socket peer: read `/proc`, then prove with the pidfd that the
@@ -142,7 +148,11 @@ impl Attestor {
             let theirs = std::fs::read_link(dir.join("ns").join(ns)).map_err(proc_err)?;
             Ok(own.as_ref() == Some(&theirs))
         };
-        let host = container_id.is_none() && same_ns("pid", &self.own_pid_ns)? && same_ns("mnt", &self.own_mnt_ns)?;
+        // "Host" is where the broker is: its pid and mount namespaces, and
+        // its container (none, or the sidecar's own for `docker exec`).
+        let host = container_id == self.own_container
+            && same_ns("pid", &self.own_pid_ns)?
+            && same_ns("mnt", &self.own_mnt_ns)?;
         let groups = if host { supplementary_groups(&dir).map_err(proc_err)? } else { Vec::new() };
         let admin = host && self.admin.allows(uid, gid, &groups);
         let docker = match (&container_id, &self.docker) {
