@@ -86,6 +86,13 @@ fn private_dir(path: &Path, what: &str) -> anyhow::Result<()> {
         fs::create_dir_all(path).with_context(|| format!("cannot create {what} {}", path.display()))?;
         fs::set_permissions(path, fs::Permissions::from_mode(0o700))?;
     }
+    // An empty directory holds nothing yet (e.g. a fresh Docker volume,
+    // created 0755): make it private rather than refuse it.
+    let empty = fs::read_dir(path).map(|mut d| d.next().is_none()).unwrap_or(false);
+    if empty && fs::metadata(path)?.mode() & 0o077 != 0 {
+        fs::set_permissions(path, fs::Permissions::from_mode(0o700))?;
+        tracing::info!(path = %path.display(), "made the empty {what} private (0700)");
+    }
     check_private(path, what)
 }
 
@@ -295,13 +302,19 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     }
     let mut plugin = None;
     if let (Some(sock), Some(_)) = (&broker.config.plugin_socket, &broker.docker) {
-        if let Some(dir) = sock.parent() {
-            fs::create_dir_all(dir)?;
+        // Optional: without it, host-bind mounts still work.
+        let dir = sock.parent().unwrap_or(Path::new("/"));
+        match fs::create_dir_all(dir) {
+            Ok(()) => {
+                let l = bind(sock, 0o600).await?;
+                let (b, s) = (broker.clone(), sock.clone());
+                plugin = Some(tokio::spawn(async move { crate::docker::plugin::serve(b, l, &s).await }));
+                tracing::info!(socket = %sock.display(), "serving the Docker volume plugin");
+            }
+            Err(e) => {
+                tracing::warn!(dir = %dir.display(), error = %e, "no Docker volume plugin: cannot create its socket dir")
+            }
         }
-        let l = bind(sock, 0o600).await?;
-        let (b, s) = (broker.clone(), sock.clone());
-        plugin = Some(tokio::spawn(async move { crate::docker::plugin::serve(b, l, &s).await }));
-        tracing::info!(socket = %sock.display(), "serving the Docker volume plugin");
     }
     let admin_path = broker.config.admin_socket();
     let workload_path = broker.config.workload_socket();

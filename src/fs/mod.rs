@@ -313,20 +313,22 @@ impl MountTable {
         }
     }
 
-    /// Detach every mount stacked at `path`, then remove the directory.
+    /// Detach every mount stacked at `path`; the directory stays (apps
+    /// may be configured to bind it).
     fn detach_all(path: &Path) {
         for _ in 0..256 {
             if crate::sys::umount_detach(path).is_err() {
                 break; // EINVAL: nothing mounted there any more
             }
         }
-        let _ = std::fs::remove_dir(path);
     }
 
+    /// A mount that is no longer wanted: detach it and remove its directory.
     fn unmount(&self, key: &MountKey, m: Mount) {
         Self::stop(m);
         let path = self.path_of(key);
         Self::detach_all(&path);
+        let _ = std::fs::remove_dir(&path);
         tracing::info!(path = %path.display(), "unmounted");
     }
 
@@ -460,6 +462,7 @@ impl MountTable {
             if !keep {
                 tracing::info!(path = %p.display(), "detached a mount nothing serves any more");
                 Self::detach_all(p);
+                let _ = std::fs::remove_dir(p);
             }
             keep
         });

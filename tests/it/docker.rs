@@ -170,7 +170,7 @@ fn the_volume_driver_gives_each_container_its_own_checked_mount() {
     if !require_docker() {
         return;
     }
-    let b = Broker::start();
+    let b = Broker::start_with_plugin();
     let d = b.plugin.as_str();
     let (tw, ta) = (tag("vol-web"), tag("vol-api"));
     b.put("db/password", b"web-volume-secret");

@@ -5,6 +5,7 @@ mod support;
 
 mod admin;
 mod audit;
+mod compose;
 mod crash;
 mod docker;
 mod lifecycle;

@@ -38,25 +38,29 @@ pub fn unique(prefix: &str) -> String {
 
 impl Broker {
     pub fn start() -> Broker {
-        Self::start_with_config(None)
+        Self::start_with_config("", false)
     }
 
     /// Start with a config file holding `toml` (state/run dirs are passed
     /// as flags, which win).
     pub fn start_with(toml: &str) -> Broker {
-        Self::start_with_config(Some(toml))
+        Self::start_with_config(toml, false)
     }
 
-    fn start_with_config(toml: Option<&str>) -> Broker {
+    /// Start with the Docker volume plugin on, under a name of its own
+    /// (`self.plugin`; its socket is removed on drop: dockerd stalls on
+    /// dead plugin sockets).
+    pub fn start_with_plugin() -> Broker {
+        Self::start_with_config("", true)
+    }
+
+    fn start_with_config(toml: &str, plugin: bool) -> Broker {
         let dir = tempfile::tempdir().unwrap();
         // Non-root test callers must be able to traverse to the sockets.
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
-        // Brokers run side by side: each its own volume plugin name.
-        let plugin = unique("kh-test");
-        let mut toml = toml.unwrap_or_default().to_owned();
-        if !toml.contains("[docker]") {
-            toml.push_str(&format!("\n[docker]\nplugin = \"{plugin}\"\n"));
-        }
+        // Brokers run side by side: no shared plugin socket unless asked.
+        let plugin = if plugin { unique("kh-test") } else { String::new() };
+        let toml = format!("{toml}\n[docker]\nplugin = \"{plugin}\"\n");
         let path = dir.path().join("keyhole.toml");
         fs::write(&path, toml).unwrap();
         let mut b = Broker { dir, child: None, config: Some(path), plugin };
@@ -213,6 +217,9 @@ impl Drop for Broker {
             let _ = c.wait();
         }
         detach_mounts_under(self.dir.path());
+        if !self.plugin.is_empty() {
+            let _ = fs::remove_file(format!("/run/docker/plugins/{}.sock", self.plugin));
+        }
     }
 }
 
