@@ -164,8 +164,7 @@ fn mount_points() -> std::io::Result<Vec<PathBuf>> {
 fn peer_group(mountinfo: &str, path: &Path) -> Option<String> {
     mountinfo
         .lines()
-        .filter(|l| l.split(' ').nth(4).map(unescape_mountinfo).as_deref() == Some(&*path.to_string_lossy()))
-        .last()
+        .rfind(|l| l.split(' ').nth(4).map(unescape_mountinfo).as_deref() == Some(&*path.to_string_lossy()))
         .and_then(|l| l.split(' ').find_map(|f| f.strip_prefix("shared:")).map(str::to_owned))
 }
 

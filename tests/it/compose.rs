@@ -81,7 +81,7 @@ impl Stack {
 
 impl Drop for Stack {
     fn drop(&mut self) {
-        let _ = self.compose(&["down", "-v", "--timeout", "5"], None);
+        let _ = self.compose(&["down", "-v"], None);
         detach_mounts_under(self.run_dir.path());
     }
 }
@@ -106,7 +106,7 @@ fn the_compose_sidecar_serves_the_app_and_rotation_reaches_it() {
     let o = stack.compose(&["exec", "-T", "keyhole", "/keyhole", "whoami", "--json"], None);
     assert_eq!(json(&o.stdout)["admin"], true, "the sidecar's own exec is an admin");
     // `down` leaves no mounts behind.
-    let o = stack.compose(&["down", "-v", "--timeout", "5"], None);
+    let o = stack.compose(&["down", "-v"], None);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     let under = format!("{}/", stack.run_dir.path().display());
