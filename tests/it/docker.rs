@@ -255,39 +255,10 @@ fn notify_signals_the_containers_that_read_a_rotated_secret() {
     let bind = secrets_bind(&b, "app");
     // PID 1 records each SIGHUP it gets.
     let script = "trap 'echo hup >> /tmp/hups' HUP; while true; do sleep 0.1; done";
-    let reader = {
-        let o = docker(&[
-            "run",
-            "-d",
-            "--rm",
-            "--label",
-            &format!("keyhole.test={t}"),
-            "-v",
-            &bind,
-            IMAGE,
-            "sh",
-            "-c",
-            script,
-        ]);
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        Container { id: String::from_utf8(o.stdout).unwrap().trim().to_owned() }
-    };
-    let idle = {
-        let o = docker(&[
-            "run",
-            "-d",
-            "--rm",
-            "--label",
-            &format!("keyhole.test={t}"),
-            "-v",
-            &bind,
-            IMAGE,
-            "sh",
-            "-c",
-            script,
-        ]);
-        Container { id: String::from_utf8(o.stdout).unwrap().trim().to_owned() }
-    };
+    let label = format!("keyhole.test={t}");
+    let opts = ["--label", label.as_str(), "-v", bind.as_str()];
+    let reader = Container::run(&opts, &["sh", "-c", script]);
+    let idle = Container::run(&opts, &["sh", "-c", script]);
     assert_eq!(reader.cat("/run/secrets/config").unwrap(), b"cfg-v1");
     // A grant without --notify signals nobody.
     b.cli_in(&["secret", "rotate", "app/other", "--stdin"], Some(b"o2"));

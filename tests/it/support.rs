@@ -363,9 +363,15 @@ pub struct Container {
 impl Container {
     /// `docker run -d` with `args` (options), then `sleep` forever.
     pub fn start(args: &[&str]) -> Container {
+        Self::run(args, &["sleep", "3600"])
+    }
+
+    /// `docker run -d` with `args` (options) and `cmd` in the test image.
+    pub fn run(args: &[&str], cmd: &[&str]) -> Container {
         let mut all = vec!["run", "-d", "--rm"];
         all.extend_from_slice(args);
-        all.extend_from_slice(&[IMAGE, "sleep", "3600"]);
+        all.push(IMAGE);
+        all.extend_from_slice(cmd);
         let o = docker(&all);
         assert!(o.status.success(), "docker run: {}", String::from_utf8_lossy(&o.stderr));
         Container { id: String::from_utf8(o.stdout).unwrap().trim().to_owned() }
