@@ -22,7 +22,7 @@ Exit status:
   2  bad usage or invalid argument (bad path, oversized value, missing flag)
   3  not found (no such secret or version)
   4  permission denied: the caller is not an admin, or could not be attested
-  5  broker unavailable: not running, or its socket is not reachable
+  5  unavailable: the broker (not running, socket unreachable), or a backend
   6  integrity failure: a tampered store record or audit log
   7  conflict: it changed meanwhile (--if-version, check-and-set), or exists already";
 
