@@ -83,7 +83,9 @@ cleanup() {
     pkill -KILL -f "target/debug/keyhole serve" 2>/dev/null || true
     pkill -KILL -f "bao server -dev" 2>/dev/null || true
     if [ -n "$started_dockerd" ]; then
-        kill "$started_dockerd" 2>/dev/null || true
+        # The serial pass restarts dockerd, so stop it by name, not by pid.
+        pkill -TERM -x dockerd 2>/dev/null || true
+        for _ in $(seq 1 30); do pgrep -x dockerd >/dev/null || break; sleep 1; done
         wait "$started_dockerd" 2>/dev/null || true
     fi
 }
@@ -97,3 +99,5 @@ say "broker image (static binary FROM scratch) for the compose test"
 scripts/image.sh --debug
 say "unit and integration tests"
 cargo test --locked --lib --test it
+say "tests that must run alone (they restart dockerd)"
+cargo test --locked --test it -- --ignored --test-threads=1

@@ -232,13 +232,4 @@ mod tests {
         assert!(parse_opts(&opts(&[("workload", "web"), ("mode", "0600")])).unwrap_err().contains("read bits"));
         assert!(parse_opts(&opts(&[("workload", "../x")])).is_err());
     }
-
-    #[test]
-    fn container_users() {
-        use crate::fs::workload::numeric_user;
-        assert_eq!(numeric_user("1000"), (Some(1000), None));
-        assert_eq!(numeric_user("1000:50"), (Some(1000), Some(50)));
-        assert_eq!(numeric_user("app"), (None, None));
-        assert_eq!(numeric_user(""), (None, None));
-    }
 }

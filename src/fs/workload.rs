@@ -131,11 +131,42 @@ impl Owner {
     }
 }
 
-/// `"1000"` or `"1000:1000"` as (uid, gid); a user name gives None (it
-/// would need the image's passwd file).
-pub fn numeric_user(user: &str) -> (Option<u32>, Option<u32>) {
+/// A container's `User` ("1000", "1000:50", "app", "app:staff") as
+/// (uid, gid), the way runc resolves it: names through the container's own
+/// `/etc/passwd` and `/etc/group` under `root`, and a user without a group
+/// takes its primary group from passwd. What cannot be resolved is None.
+pub fn container_user(root: &std::path::Path, user: &str) -> (Option<u32>, Option<u32>) {
     let (u, g) = user.split_once(':').map_or((user, None), |(u, g)| (u, Some(g)));
-    (u.parse().ok(), g.and_then(|g| g.parse().ok()))
+    if u.is_empty() {
+        return (None, None);
+    }
+    let passwd = read_db(root, "etc/passwd");
+    // name:x:uid:gid:...; a numeric user matches by uid.
+    let numeric = u.parse::<u32>().ok();
+    let entry = passwd
+        .lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .find(|f| f.len() >= 4 && if numeric.is_some() { f[2] == u } else { f[0] == u });
+    let uid = numeric.or_else(|| entry.as_ref().and_then(|f| f[2].parse().ok()));
+    let gid = match g {
+        Some(g) => g.parse().ok().or_else(|| {
+            let groups = read_db(root, "etc/group");
+            let f = groups.lines().map(|l| l.split(':').collect::<Vec<_>>()).find(|f| f.len() >= 3 && f[0] == g);
+            f.and_then(|f| f[2].parse().ok())
+        }),
+        None => entry.and_then(|f| f[3].parse().ok()),
+    };
+    (uid, gid)
+}
+
+/// A small text file of the container's, read within its root; "" if absent.
+fn read_db(root: &std::path::Path, rel: &str) -> String {
+    use std::io::Read;
+    let mut text = String::new();
+    if let Ok(f) = crate::sys::open_in_root(root, rel) {
+        let _ = f.take(1 << 20).read_to_string(&mut text);
+    }
+    text
 }
 
 fn file_attr(n: &Node, owner: (u32, u32)) -> stat64 {
@@ -211,7 +242,8 @@ impl WorkloadFs {
         // (runc touches the mount before that): until then, ask again.
         if let (Some(c), Some(d)) = (id.container_id.as_deref(), &id.docker) {
             if c == want {
-                let _ = self.owner.learned.set(numeric_user(&d.user));
+                let root = std::path::PathBuf::from(format!("/proc/{}/root", ctx.pid));
+                let _ = self.owner.learned.set(container_user(&root, &d.user));
             }
         }
     }
@@ -422,5 +454,32 @@ impl FileSystem for WorkloadFs {
 
     fn access(&self, _ctx: &Context, _ino: u64, mask: u32) -> io::Result<()> {
         if mask & libc::W_OK as u32 != 0 { Err(errno(libc::EROFS)) } else { Ok(()) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::container_user;
+    use std::path::Path;
+
+    #[test]
+    fn container_users_resolve_like_runc() {
+        let root = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/testdata/rootfs"));
+        assert_eq!(container_user(root, "1000"), (Some(1000), None));
+        assert_eq!(container_user(root, "1000:50"), (Some(1000), Some(50)));
+        assert_eq!(container_user(root, "1001"), (Some(1001), Some(1002)));
+        assert_eq!(container_user(root, "app"), (Some(1001), Some(1002)));
+        assert_eq!(container_user(root, "app:staff"), (Some(1001), Some(50)));
+        assert_eq!(container_user(root, "app:nogroup"), (Some(1001), None));
+        assert_eq!(container_user(root, "ghost"), (None, None));
+        assert_eq!(container_user(root, "broken"), (None, None));
+        assert_eq!(container_user(root, ""), (None, None));
+    }
+
+    #[test]
+    fn a_container_passwd_cannot_point_at_the_hosts() {
+        // etc/passwd there is a symlink climbing to the host's /etc/passwd.
+        let root = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/testdata/rootfs-escape"));
+        assert_eq!(container_user(root, "root"), (None, None));
     }
 }

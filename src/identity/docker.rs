@@ -1,7 +1,7 @@
 //! Container id → what Docker says of it (name, image, labels, user), from
 //! the Engine API. Answers are cached; the events stream evicts containers
-//! that are destroyed, renamed or updated, and a lost stream clears the
-//! cache (events may have been missed) until it is back.
+//! that are destroyed, renamed or updated. A lost stream clears the cache
+//! and reconnects asking dockerd to replay the events since it was lost.
 #![forbid(unsafe_code)]
 
 use std::collections::HashMap;
@@ -129,18 +129,25 @@ impl DockerCache {
     /// Keep the cache honest from the events stream, reconnecting forever.
     pub async fn watch(self: Arc<Self>) {
         let mut backoff = Duration::from_millis(200);
+        // After a lost stream, reconnect asking for the events since it was
+        // lost: dockerd replays what it has, so none is missed across a
+        // broker-side hiccup, and a restarted dockerd replays its own.
+        let mut since: Option<u64> = None;
         loop {
             let filters = HashMap::from([("type".to_owned(), vec!["container".to_owned()])]);
-            let opts = bollard::query_parameters::EventsOptions { filters: Some(filters), ..Default::default() };
+            let opts = bollard::query_parameters::EventsOptions {
+                filters: Some(filters),
+                since: since.map(|t| t.to_string()),
+                ..Default::default()
+            };
             let mut events = self.client.events(Some(opts));
-            let mut connected = false;
             while let Some(ev) = events.next().await {
                 match ev {
                     Ok(ev) => {
-                        if !connected {
-                            connected = true;
-                            backoff = Duration::from_millis(200);
+                        if since.take().is_some() {
+                            tracing::info!("docker events stream back");
                         }
+                        backoff = Duration::from_millis(200);
                         let action = ev.action.unwrap_or_default();
                         let id = ev.actor.and_then(|a| a.id).unwrap_or_default();
                         if matches!(action.as_str(), "destroy" | "rename" | "update") {
@@ -153,10 +160,16 @@ impl DockerCache {
                     }
                 }
             }
-            // Events may have been missed while disconnected.
+            if since.is_none() {
+                tracing::warn!("docker events stream lost; reconnecting");
+                let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+                since = Some(now.as_secs().saturating_sub(1));
+            }
+            // Whatever the replay cannot cover (a dockerd restart loses its
+            // event log) is forgotten: the next open asks Docker again.
             self.cache.lock().expect("docker cache lock").clear();
             tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(10));
+            backoff = (backoff * 2).min(Duration::from_secs(5));
         }
     }
 }

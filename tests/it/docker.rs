@@ -166,6 +166,33 @@ fn a_renamed_container_loses_a_name_selector_through_the_event_stream() {
 }
 
 #[test]
+#[ignore = "restarts dockerd, stopping every container: scripts/test.sh runs it alone"]
+fn the_broker_follows_docker_across_a_dockerd_restart() {
+    if !require_docker() {
+        return;
+    }
+    let b = Broker::start();
+    let name = tag("across");
+    b.put("r/key", b"outlives-dockerd");
+    b.ok(&["workload", "add", "across", "--selector", &format!("docker:name:{name}")]);
+    b.ok(&["grant", "r/key", "--to", "across"]);
+    let before = Container::start(&["--name", &name, "-v", &secrets_bind(&b, "across")]);
+    assert_eq!(before.cat("/run/secrets/key").unwrap(), b"outlives-dockerd");
+
+    restart_dockerd();
+    drop(before);
+    // A new container under the same name is looked up afresh and reads.
+    let after = Container::start(&["--name", &name, "-v", &secrets_bind(&b, "across")]);
+    assert_eq!(after.cat("/run/secrets/key").unwrap(), b"outlives-dockerd");
+    // The events stream is back: a rename still evicts the cached name.
+    assert!(docker(&["rename", &name, &format!("{name}-renamed")]).status.success());
+    eventually(20, "the renamed container to be denied", || {
+        after.cat("/run/secrets/key").is_err_and(|e| e.contains("Permission denied"))
+    });
+    assert!(b.log().contains("docker events stream back"), "{}", b.log());
+}
+
+#[test]
 fn the_volume_driver_gives_each_container_its_own_checked_mount() {
     if !require_docker() {
         return;
@@ -221,6 +248,9 @@ fn the_volume_driver_gives_each_container_its_own_checked_mount() {
     assert_eq!(run(&ta, &va, "0", "cat /run/secrets/token"), (true, "api-volume-secret".into()));
     let (_, listing) = run(&tw, &vw, "1000:1000", "stat -c '%u %g %a' /run/secrets/password");
     assert_eq!(listing.trim(), "1000 1000 400");
+    // A user given by name is resolved through the container's own passwd.
+    let (_, listing) = run(&tw, &vw, "app", "id -u; stat -c '%u %g' /run/secrets/password");
+    assert_eq!(listing.split_whitespace().collect::<Vec<_>>(), ["1001", "1001", "1002"]);
     // A container of another workload that mounts the volume is denied.
     let (ok, out) = run(&ta, &vw, "0", "cat /run/secrets/password");
     assert!(!ok && out.contains("Permission denied"), "{out}");

@@ -290,7 +290,7 @@ pub fn jitter(max: u64) -> u64 {
     (t ^ (t >> 7).wrapping_mul(0x9E37_79B9)) % max.max(1)
 }
 
-pub const IMAGE: &str = "keyhole-test/busybox:1";
+pub const IMAGE: &str = "keyhole-test/busybox:2";
 
 /// Docker is needed for the container tests: under CI its absence fails
 /// the suite (scripts/test.sh installs and starts it); elsewhere it skips
@@ -335,6 +335,10 @@ fn ensure_image() -> Result<(), String> {
         fs::create_dir_all(root.path().join(d)).map_err(|e| e.to_string())?;
     }
     fs::copy(busybox, bin.join("busybox")).map_err(|e| e.to_string())?;
+    // A named user, for images whose `User` is a name.
+    let etc = root.path().join("etc");
+    fs::write(etc.join("passwd"), "root:x:0:0::/:/bin/sh\napp:x:1001:1002::/:/bin/sh\n").map_err(|e| e.to_string())?;
+    fs::write(etc.join("group"), "root:x:0:\napp:x:1002:\n").map_err(|e| e.to_string())?;
     for applet in ["sh", "cat", "ls", "sleep", "echo", "id", "true", "stat"] {
         std::os::unix::fs::symlink("busybox", bin.join(applet)).map_err(|e| e.to_string())?;
     }
@@ -353,6 +357,34 @@ fn ensure_image() -> Result<(), String> {
 
 pub fn docker(args: &[&str]) -> Output {
     Command::new("docker").args(args).stdin(Stdio::null()).output().unwrap()
+}
+
+/// Stop dockerd and start it again with the same command line, as an
+/// operator's `systemctl restart docker` would. Every container stops, so
+/// only tests run alone may call this (they are `#[ignore]`d; scripts/test.sh
+/// runs them in a second, serial pass).
+pub fn restart_dockerd() {
+    let pid = String::from_utf8(Command::new("pidof").arg("dockerd").output().unwrap().stdout).unwrap();
+    let pid: i32 = pid.split_whitespace().next().expect("dockerd is not running").parse().unwrap();
+    let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    let argv: Vec<String> =
+        cmdline.split(|&b| b == 0).filter(|a| !a.is_empty()).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+    signal(pid, libc::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Path::new(&format!("/proc/{pid}")).exists() {
+        assert!(Instant::now() < deadline, "dockerd did not stop");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let log = fs::OpenOptions::new().create(true).append(true).open("/tmp/keyhole-test-dockerd.log").unwrap();
+    Command::new(&argv[0])
+        .args(&argv[1..])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .expect("start dockerd");
+    eventually(60, "dockerd to answer again", || docker(&["info"]).status.success());
 }
 
 /// A running container, removed on drop.
