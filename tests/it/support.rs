@@ -363,6 +363,7 @@ pub fn docker(args: &[&str]) -> Output {
 /// operator's `systemctl restart docker` would. Every container stops, so
 /// only tests run alone may call this (they are `#[ignore]`d; scripts/test.sh
 /// runs them in a second, serial pass).
+#[expect(clippy::zombie_processes, reason = "dockerd outlives the test process on purpose")]
 pub fn restart_dockerd() {
     let pid = String::from_utf8(Command::new("pidof").arg("dockerd").output().unwrap().stdout).unwrap();
     let pid: i32 = pid.split_whitespace().next().expect("dockerd is not running").parse().unwrap();
