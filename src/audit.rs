@@ -65,12 +65,17 @@ pub enum AuditError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("audit log fails verification at line {line}: {problem}")]
     Broken { line: u64, problem: String },
+    #[error("audit log handed over to a successor broker")]
+    Sealed,
 }
 
 struct Head {
     file: File,
     seq: u64,
     mac: [u8; MAC_LEN],
+    /// Set while a successor broker takes the log over: nothing more may
+    /// be written here.
+    sealed: bool,
 }
 
 pub struct AuditLog {
@@ -136,6 +141,28 @@ fn verify_file(key: &SecretBytes, path: &Path) -> Result<(u64, [u8; MAC_LEN]), A
     Ok((n, prev))
 }
 
+/// Whether the log's last line is line `seq` with HMAC `mac`.
+fn ends_at(path: &Path, seq: u64, mac: &[u8; MAC_LEN]) -> std::io::Result<bool> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = File::open(path)?;
+    let len = f.metadata()?.len();
+    if seq == 0 {
+        return Ok(len == 0);
+    }
+    f.seek(SeekFrom::Start(len.saturating_sub(64 * 1024)))?;
+    let mut tail = Vec::new();
+    f.read_to_end(&mut tail)?;
+    let Some(body) = tail.strip_suffix(b"\n") else { return Ok(false) };
+    let last = body.rsplit(|&b| b == b'\n').next().unwrap_or_default();
+    let Ok(line) = std::str::from_utf8(last) else { return Ok(false) };
+    #[derive(serde::Deserialize)]
+    struct Tail {
+        seq: u64,
+        hmac: String,
+    }
+    Ok(serde_json::from_str::<Tail>(line).is_ok_and(|t| t.seq == seq && t.hmac == hex::encode(mac)))
+}
+
 /// Cut a last line left unfinished by a crash mid-write (no newline).
 fn drop_partial_tail(path: &Path) -> std::io::Result<bool> {
     let data = match std::fs::read(path) {
@@ -160,9 +187,41 @@ impl AuditLog {
             tracing::warn!(path = %path.display(), "audit log ended in a partial line (crash during a write); cut it");
         }
         let (seq, mac) = verify_file(&key, path)?;
-        let file = OpenOptions::new().create(true).append(true).mode(0o600).open(path).map_err(io)?;
+        Self::append_at(path, key, seq, mac)
+    }
+
+    fn append_at(path: &Path, key: SecretBytes, seq: u64, mac: [u8; MAC_LEN]) -> Result<Self, AuditError> {
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|source| AuditError::Io { path: path.into(), source })?;
         let (lines, _) = broadcast::channel(1024);
-        Ok(AuditLog { path: path.into(), key, head: Mutex::new(Head { file, seq, mac }), lines })
+        Ok(AuditLog { path: path.into(), key, head: Mutex::new(Head { file, seq, mac, sealed: false }), lines })
+    }
+
+    /// Continue a log that a predecessor broker handed over at `(seq, mac)`
+    /// (see [`AuditLog::seal`]) without verifying it all again: its last
+    /// line must be that head. Otherwise it is opened as usual.
+    pub fn resume(path: &Path, key: SecretBytes, seq: u64, mac: [u8; MAC_LEN]) -> Result<Self, AuditError> {
+        if ends_at(path, seq, &mac).unwrap_or(false) {
+            return Self::append_at(path, key, seq, mac);
+        }
+        tracing::warn!(path = %path.display(), "the audit log does not end where the previous broker left it; verifying it");
+        Self::open(path, key)
+    }
+
+    /// Stop writing (a successor takes over); returns the head to hand it.
+    pub fn seal(&self) -> (u64, [u8; MAC_LEN]) {
+        let mut head = self.head.lock().expect("audit lock");
+        head.sealed = true;
+        (head.seq, head.mac)
+    }
+
+    /// Write again (the successor did not take over).
+    pub fn unseal(&self) {
+        self.head.lock().expect("audit lock").sealed = false;
     }
 
     /// Append one event. An audit line that cannot be written is logged
@@ -173,6 +232,9 @@ impl AuditLog {
         // Invariant: poisoning needs a panic while holding the lock, and
         // nothing below panics.
         let mut head = self.head.lock().expect("audit lock");
+        if head.sealed {
+            return Err(AuditError::Sealed);
+        }
         let seq = head.seq + 1;
         // Invariant: Event and Identity serialize infallibly (strings, ints).
         let body = serde_json::to_string(&Stamped { seq, time, event }).expect("serialize audit event");

@@ -1,9 +1,12 @@
 //! `keyhole serve`: wiring. Prepares the state and run directories, opens
 //! the key, the store and the audit log, connects the backends, serves
-//! gRPC on both sockets, and shuts down cleanly on SIGTERM/SIGINT.
+//! gRPC on both sockets, shuts down cleanly on SIGTERM/SIGINT, and hands
+//! everything to a successor on request (see [`takeover`]).
 #![forbid(unsafe_code)]
 
 mod secrets;
+mod systemd;
+pub mod takeover;
 
 use std::fs::{self, OpenOptions};
 use std::io::Write;
@@ -32,6 +35,13 @@ use crate::fs::workload::FsShared;
 use crate::identity::Attestor;
 use crate::identity::docker::DockerCache;
 use crate::secret::SecretBytes;
+
+/// What a successor takes over besides its listeners (see [`takeover`]).
+pub struct Adopt {
+    pub mounts: Vec<(crate::fs::MountState, fs::File)>,
+    pub next_ino: u64,
+    pub audit: (u64, [u8; 32]),
+}
 
 /// The running broker's shared state.
 #[derive(Debug)]
@@ -153,7 +163,8 @@ fn read_key(config: &Config) -> anyhow::Result<KeyMaterial> {
 impl Broker {
     /// Open everything in the state dir and set up the mounts. Blocking
     /// (Argon2id, fsync, mount); `rt` serves Docker lookups.
-    pub fn open(config: Config, rt: tokio::runtime::Handle) -> anyhow::Result<Broker> {
+    /// With `adopt`, the mounts and audit head come from a predecessor.
+    pub fn open(config: Config, rt: tokio::runtime::Handle, adopt: Option<Adopt>) -> anyhow::Result<Broker> {
         private_dir(&config.state_dir, "state dir")?;
         let key = read_key(&config)?;
         let store_file = config.store_file();
@@ -166,9 +177,11 @@ impl Broker {
         if audit_file.exists() {
             check_private(&audit_file, "audit log")?;
         }
-        let audit = AuditLog::open(&audit_file, master.audit_key()).with_context(|| {
-            format!("refusing to start: move {} aside to begin a new audit log", audit_file.display())
-        })?;
+        let audit = match &adopt {
+            Some(a) => AuditLog::resume(&audit_file, master.audit_key(), a.audit.0, a.audit.1),
+            None => AuditLog::open(&audit_file, master.audit_key()),
+        }
+        .with_context(|| format!("refusing to start: move {} aside to begin a new audit log", audit_file.display()))?;
         let docker = if config.docker_socket.exists() {
             let d = DockerCache::connect(&config.docker_socket, rt.clone())
                 .with_context(|| format!("cannot use the Docker socket {}", config.docker_socket.display()))?;
@@ -210,6 +223,9 @@ impl Broker {
             started: Instant::now(),
             stopping: watch::Sender::new(false),
         };
+        if let Some(a) = adopt {
+            broker.mounts.adopt(&broker, a.mounts, a.next_ino)?;
+        }
         broker.mounts.sync(&broker)?;
         Ok(broker)
     }
@@ -273,99 +289,243 @@ async fn bind(path: &Path, mode: u32) -> anyhow::Result<UnixListener> {
     Ok(l)
 }
 
-async fn shutdown_signal() -> &'static str {
-    let (mut term, mut int) = match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
-        (Ok(t), Ok(i)) => (t, i),
-        _ => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    }
-}
-
-/// Run the broker until SIGTERM or SIGINT.
-pub async fn serve(config: Config) -> anyhow::Result<()> {
-    // One TLS crypto provider for the whole process (the Vault client).
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    crate::sys::umask(0o077);
-    crate::sys::harden_process().context("cannot disable core dumps")?;
-    // Before touching the state: a running broker keeps it open.
-    refuse_if_live(&config.admin_socket()).await?;
-    let rt = tokio::runtime::Handle::current();
-    let broker = Arc::new(tokio::task::spawn_blocking(move || Broker::open(config, rt)).await??);
-    if let Some(d) = &broker.docker {
-        tokio::spawn(d.clone().watch());
-    }
-    for v in &broker.vaults {
-        tokio::spawn(secrets::watch_backend(broker.clone(), v.clone()));
-    }
+/// Bind the admin, workload and (if configured, with Docker) plugin
+/// sockets, replacing stale ones.
+async fn bind_listeners(broker: &Broker) -> anyhow::Result<takeover::Listeners> {
     let mut plugin = None;
     if let (Some(sock), Some(_)) = (&broker.config.plugin_socket, &broker.docker) {
         // Optional: without it, host-bind mounts still work.
         let dir = sock.parent().unwrap_or(Path::new("/"));
         match fs::create_dir_all(dir) {
-            Ok(()) => {
-                let l = bind(sock, 0o600).await?;
-                let (b, s) = (broker.clone(), sock.clone());
-                plugin = Some(tokio::spawn(async move { crate::docker::plugin::serve(b, l, &s).await }));
-                tracing::info!(socket = %sock.display(), "serving the Docker volume plugin");
-            }
+            Ok(()) => plugin = Some(bind(sock, 0o600).await?.into_std()?),
             Err(e) => {
                 tracing::warn!(dir = %dir.display(), error = %e, "no Docker volume plugin: cannot create its socket dir")
             }
         }
     }
-    let admin_path = broker.config.admin_socket();
-    let workload_path = broker.config.workload_socket();
-    let admin_l = bind(&admin_path, 0o600).await?;
-    let workload_l = bind(&workload_path, 0o666).await?;
+    let admin = bind(&broker.config.admin_socket(), 0o600).await?.into_std()?;
+    let workload = bind(&broker.config.workload_socket(), 0o666).await?.into_std()?;
+    Ok(takeover::Listeners { admin, workload, plugin })
+}
 
+/// A tokio listener on a copy of `l`: the original stays open, so a
+/// stopped server can be started again, or its socket handed on.
+fn serving_copy(l: &std::os::unix::net::UnixListener) -> std::io::Result<UnixListener> {
+    let copy = l.try_clone()?;
+    copy.set_nonblocking(true)?;
+    UnixListener::from_std(copy)
+}
+
+/// Start what serves callers: gRPC on both sockets, the volume plugin,
+/// and the backend pollers. They all stop when `broker.stopping` flips.
+fn spawn_services(
+    broker: &Arc<Broker>,
+    listeners: &takeover::Listeners,
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+    broker.stopping.send_replace(false);
     let max_msg = broker.config.max_value_bytes as usize + 64 * 1024;
-    let serve_on = |listener: UnixListener| {
+    let mut tasks = Vec::new();
+    for l in [&listeners.admin, &listeners.workload] {
         let mut stop = broker.stopping.subscribe();
         let admin = AdminServer::new(AdminService(broker.clone()))
             .max_decoding_message_size(max_msg)
             .max_encoding_message_size(max_msg);
         let workload = WorkloadServer::new(WorkloadService(broker.clone())).max_decoding_message_size(4096);
-        Server::builder()
+        let server = Server::builder()
             .max_concurrent_streams(Some(64))
             .add_service(admin)
             .add_service(workload)
-            .serve_with_incoming_shutdown(peer::incoming(listener), async move {
-                let _ = stop.changed().await;
-            })
-    };
-    let admin_srv = tokio::spawn(serve_on(admin_l));
-    let workload_srv = tokio::spawn(serve_on(workload_l));
+            .serve_with_incoming_shutdown(peer::incoming(serving_copy(l)?), async move {
+                let _ = stop.wait_for(|s| *s).await;
+            });
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = server.await {
+                tracing::warn!(error = %e, "gRPC server ended with an error");
+            }
+        }));
+    }
+    if let (Some(l), Some(sock)) = (&listeners.plugin, &broker.config.plugin_socket) {
+        let (b, s, l) = (broker.clone(), sock.clone(), serving_copy(l)?);
+        tasks.push(tokio::spawn(async move { crate::docker::plugin::serve(b, l, &s).await }));
+        tracing::info!(socket = %sock.display(), "serving the Docker volume plugin");
+    }
+    for v in &broker.vaults {
+        tasks.push(tokio::spawn(secrets::watch_backend(broker.clone(), v.clone())));
+    }
+    Ok(tasks)
+}
 
-    broker.audit.record(&Event { reason: Some(env!("CARGO_PKG_VERSION")), ..Event::new("start") })?;
+/// Stop what [`spawn_services`] started; calls under way may finish.
+async fn stop_services(broker: &Broker, tasks: Vec<tokio::task::JoinHandle<()>>) {
+    broker.stopping.send_replace(true);
+    for t in tasks {
+        if tokio::time::timeout(std::time::Duration::from_secs(10), t).await.is_err() {
+            tracing::warn!("a server did not stop within 10 s");
+        }
+    }
+}
+
+/// SIGHUP: start a successor from the binary now at our path (an
+/// upgrade, if it was replaced) with our arguments plus `--takeover`.
+fn spawn_successor(exe: &Path) {
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    if !args.iter().any(|a| a == "--takeover") {
+        args.push("--takeover".into());
+    }
+    match std::process::Command::new(exe).args(&args).stdin(std::process::Stdio::null()).spawn() {
+        Ok(mut child) => {
+            tracing::info!(exe = %exe.display(), pid = child.id(), "SIGHUP: started a successor to take over");
+            // Reaped here if it fails; if it succeeds, this process is gone.
+            std::thread::spawn(move || match child.wait() {
+                Ok(s) if s.success() => {}
+                Ok(s) => tracing::warn!(status = %s, "the successor failed to take over; still serving"),
+                Err(e) => tracing::warn!(error = %e, "the successor could not be waited for"),
+            });
+        }
+        Err(e) => tracing::error!(exe = %exe.display(), error = %e, "SIGHUP: cannot start a successor"),
+    }
+}
+
+/// One takeover request on `conn`. `Ok(Some(pid))`: everything is handed
+/// over to `pid` and this process must exit now, without unmounting or
+/// writing anything.
+async fn hand_over(
+    broker: &Arc<Broker>,
+    listeners: &takeover::Listeners,
+    services: &mut Vec<tokio::task::JoinHandle<()>>,
+    conn: tokio::net::UnixStream,
+) -> anyhow::Result<Option<i32>> {
+    let sock = conn.into_std()?;
+    let Some(out) = tokio::task::spawn_blocking(move || takeover::Outgoing::offer(sock)).await?? else {
+        broker
+            .audit
+            .record(&Event { reason: Some("the successor refused the state"), ..Event::new("takeover_refused") })?;
+        return Ok(None);
+    };
+    let pid = out.peer_pid;
+    tracing::info!(pid, "handing over to a successor");
+    stop_services(broker, std::mem::take(services)).await;
+    let b = broker.clone();
+    tokio::task::spawn_blocking(move || b.mounts.quiesce()).await?;
+    let to = format!("to pid {pid}");
+    broker.audit.record(&Event { reason: Some(&to), ..Event::new("handover") })?;
+    let (audit_seq, mac) = broker.audit.seal();
+    let packed = broker.mounts.snapshot().and_then(|(mounts, next_ino)| {
+        let (mounts, mut fds): (Vec<_>, Vec<_>) = mounts.into_iter().unzip();
+        fds.extend(listeners.fds()?);
+        let state = takeover::Handover {
+            broker_version: env!("CARGO_PKG_VERSION").to_owned(),
+            next_ino,
+            audit_seq,
+            audit_mac: hex::encode(mac),
+            mounts,
+            plugin: listeners.plugin.is_some(),
+        };
+        Ok((state, fds))
+    });
+    let handed = match packed {
+        Ok((state, fds)) => tokio::task::spawn_blocking(move || out.hand(state, &fds)).await?,
+        Err(e) => {
+            let e = anyhow::Error::from(e).context("cannot copy the descriptors to hand over");
+            out.fail(&format!("{e:#}"));
+            Err(e)
+        }
+    };
+    if let Err(e) = handed {
+        broker.audit.unseal();
+        let b = broker.clone();
+        tokio::task::spawn_blocking(move || b.mounts.resume()).await?;
+        *services = spawn_services(broker, listeners)?;
+        let why = format!("{e:#}");
+        broker.audit.record(&Event { reason: Some(&why), ..Event::new("handover_failed") })?;
+        return Err(e.context("the handover failed; serving again"));
+    }
+    Ok(Some(pid))
+}
+
+/// Run the broker until SIGTERM or SIGINT, or until a successor takes
+/// over. With `takeover`, first take over from the broker running on the
+/// same run dir.
+pub async fn serve(config: Config, takeover: bool) -> anyhow::Result<()> {
+    // One TLS crypto provider for the whole process (the Vault client).
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    crate::sys::umask(0o077);
+    crate::sys::harden_process().context("cannot disable core dumps")?;
+    // For SIGHUP: the path we were started from, before any upgrade.
+    let exe = std::env::current_exe().context("cannot find our own executable")?;
+    let takeover_path = config.run_dir.join("takeover.sock");
+    let (received, adopt) = if takeover {
+        let p = takeover_path.clone();
+        let r = tokio::task::spawn_blocking(move || takeover::take_over(&p)).await??;
+        let mut mac = [0u8; 32];
+        hex::decode_to_slice(&r.state.audit_mac, &mut mac).context("the handed audit head is not hex")?;
+        let adopt = Adopt { mounts: r.mounts, next_ino: r.state.next_ino, audit: (r.state.audit_seq, mac) };
+        (Some((r.listeners, r.predecessor_pid)), Some(adopt))
+    } else {
+        // Before touching the state: a running broker keeps it open.
+        refuse_if_live(&config.admin_socket()).await?;
+        (None, None)
+    };
+    let rt = tokio::runtime::Handle::current();
+    let broker = Arc::new(tokio::task::spawn_blocking(move || Broker::open(config, rt, adopt)).await??);
+    if let Some(d) = &broker.docker {
+        tokio::spawn(d.clone().watch());
+    }
+    let (listeners, from) = match received {
+        Some((l, pid)) => (l, Some(pid)),
+        None => (bind_listeners(&broker).await?, None),
+    };
+    let takeover_l = bind(&takeover_path, 0o600).await?;
+    let mut services = spawn_services(&broker, &listeners)?;
+    match from {
+        Some(pid) => {
+            let reason = format!("keyhole {} from pid {pid}", env!("CARGO_PKG_VERSION"));
+            broker.audit.record(&Event { reason: Some(&reason), ..Event::new("takeover") })?;
+            systemd::notify(&format!("MAINPID={}\nREADY=1", std::process::id()));
+        }
+        None => {
+            broker.audit.record(&Event { reason: Some(env!("CARGO_PKG_VERSION")), ..Event::new("start") })?;
+            systemd::notify("READY=1");
+        }
+    }
     tracing::info!(
-        admin = %admin_path.display(),
-        workload = %workload_path.display(),
+        admin = %broker.config.admin_socket().display(),
+        workload = %broker.config.workload_socket().display(),
         state = %broker.config.state_dir.display(),
         "keyhole is serving"
     );
 
-    let why = shutdown_signal().await;
-    tracing::info!(signal = why, "shutting down");
-    broker.stopping.send_replace(true);
-    for srv in [admin_srv, workload_srv] {
-        if let Ok(Err(e)) = srv.await {
-            tracing::warn!(error = %e, "gRPC server ended with an error");
+    let (mut term, mut int, mut hup) =
+        (signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?, signal(SignalKind::hangup())?);
+    let why = loop {
+        tokio::select! {
+            _ = term.recv() => break "SIGTERM",
+            _ = int.recv() => break "SIGINT",
+            _ = hup.recv() => spawn_successor(&exe),
+            conn = takeover_l.accept() => {
+                let Ok((conn, _)) = conn else { continue };
+                match hand_over(&broker, &listeners, &mut services, conn).await {
+                    Ok(Some(pid)) => {
+                        // Under systemd, the successor becomes the service's
+                        // main process before this one exits.
+                        systemd::notify(&format!("MAINPID={pid}"));
+                        systemd::barrier(std::time::Duration::from_secs(5));
+                        tracing::info!("handed over; exiting");
+                        // No destructor may run: they would unmount.
+                        std::process::exit(0);
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::error!(error = format!("{e:#}"), "takeover"),
+                }
+            }
         }
-    }
-    if let Some(p) = plugin {
-        let _ = p.await;
-    }
-    for p in [
-        Some(&admin_path),
-        Some(&workload_path),
-        broker.config.plugin_socket.as_ref().filter(|_| broker.docker.is_some()),
-    ]
-    .into_iter()
-    .flatten()
-    {
+    };
+    tracing::info!(signal = why, "shutting down");
+    stop_services(&broker, services).await;
+    let admin_path = broker.config.admin_socket();
+    let workload_path = broker.config.workload_socket();
+    let plugin_path = broker.config.plugin_socket.as_ref().filter(|_| listeners.plugin.is_some());
+    for p in [Some(&admin_path), Some(&workload_path), Some(&takeover_path), plugin_path].into_iter().flatten() {
         let _ = fs::remove_file(p);
     }
     let b = broker.clone();

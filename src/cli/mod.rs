@@ -129,6 +129,12 @@ pub struct ServeArgs {
     /// Where the sockets (and mounts) live [default: /run/keyhole]
     #[arg(long, value_name = "DIR")]
     pub run_dir: Option<PathBuf>,
+    /// Take over from the broker running on the same run dir: its live
+    /// mounts, open files and sockets carry on without a failed read
+    /// (a restart or an upgrade to this binary). SIGHUP to a broker
+    /// starts such a successor itself.
+    #[arg(long)]
+    pub takeover: bool,
 }
 
 /// Parse the command line, run it, and turn the outcome into an exit code.
@@ -160,7 +166,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let overrides = Overrides { state_dir: args.state_dir, run_dir: args.run_dir };
     let config = Config::load(args.config.as_deref(), overrides)?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    rt.block_on(crate::broker::serve(config))
+    rt.block_on(crate::broker::serve(config, args.takeover))
 }
 
 async fn dispatch(command: Command, socket: Option<PathBuf>, json: bool) -> anyhow::Result<()> {

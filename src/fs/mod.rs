@@ -25,7 +25,7 @@ pub mod workload;
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::CString;
 use std::fs::{File, OpenOptions};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -74,7 +74,7 @@ pub struct VolumeMount {
 }
 
 /// Which mount: a workload's, or a container's mount of a volume.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 pub enum MountKey {
     Workload(String),
     Volume(String),
@@ -125,6 +125,14 @@ struct Mount {
     threads: Vec<JoinHandle<()>>,
 }
 
+/// One live mount as handed to a successor broker; its `/dev/fuse`
+/// descriptor travels beside it.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct MountState {
+    pub key: MountKey,
+    pub fs: workload::FsState,
+}
+
 /// One mount's row in `keyhole mounts`.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct MountInfo {
@@ -146,6 +154,8 @@ pub struct MountTable {
     next_ino: AtomicU64,
     /// Serializes syncs: each one sees the store after the previous.
     sync_lock: Mutex<()>,
+    /// Set while the mounts are being handed to a successor: no changes.
+    frozen: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for MountTable {
@@ -235,6 +245,7 @@ impl MountTable {
             mounts: Mutex::default(),
             next_ino: AtomicU64::new(ROOT + 1),
             sync_lock: Mutex::default(),
+            frozen: Default::default(),
         })
     }
 
@@ -273,12 +284,23 @@ impl MountTable {
         let owner = workload::Owner::new(shape.uid, shape.gid, shape.container.clone());
         let fs = Arc::new(WorkloadFs::new(w, owner, self.shared.clone()));
         let server = Arc::new(Server::new(fs.clone()));
-        let mut threads = Vec::with_capacity(CHANNELS);
+        let mut m = Mount { shape, fs, server, session, notify, threads: Vec::new() };
+        Self::start_channels(&mut m)?;
+        if stacked {
+            tracing::info!(path = %path.display(), "mounted over the mount a previous broker left");
+        } else {
+            tracing::info!(path = %path.display(), "mounted");
+        }
+        Ok(m)
+    }
+
+    /// Start a mount's request threads.
+    fn start_channels(m: &mut Mount) -> anyhow::Result<()> {
         for i in 0..CHANNELS {
-            let mut ch = session.new_channel().map_err(|e| anyhow::anyhow!("FUSE channel: {e}"))?;
-            let server = server.clone();
-            let name = format!("fuse-{}-{i}", fs.workload.name);
-            threads.push(std::thread::Builder::new().name(name).spawn(move || {
+            let mut ch = m.session.new_channel().map_err(|e| anyhow::anyhow!("FUSE channel: {e}"))?;
+            let server = m.server.clone();
+            let name = format!("fuse-{}-{i}", m.fs.workload.name);
+            m.threads.push(std::thread::Builder::new().name(name).spawn(move || {
                 loop {
                     match ch.get_request() {
                         Ok(Some((reader, writer))) => {
@@ -295,21 +317,22 @@ impl MountTable {
                 }
             })?);
         }
-        if stacked {
-            tracing::info!(path = %path.display(), "mounted over the mount a previous broker left");
-        } else {
-            tracing::info!(path = %path.display(), "mounted");
+        Ok(())
+    }
+
+    /// Stop a mount's request threads. A request already read is answered
+    /// first; the rest wait in the kernel's queue for whoever reads next.
+    fn stop_channels(m: &mut Mount) {
+        let _ = m.session.wake();
+        for t in m.threads.drain(..) {
+            let _ = t.join();
         }
-        Ok(Mount { shape, fs, server, session, notify, threads })
     }
 
     /// Stop serving a mount: its request threads end and its /dev/fuse fd
     /// closes. The mount point itself is left as it is.
     fn stop(mut m: Mount) {
-        let _ = m.session.wake();
-        for t in m.threads.drain(..) {
-            let _ = t.join();
-        }
+        Self::stop_channels(&mut m);
     }
 
     /// Detach every mount stacked at `path`; the directory stays (apps
@@ -445,6 +468,9 @@ impl MountTable {
     pub fn sync(&self, cat: &impl Catalog) -> anyhow::Result<Vec<Notice>> {
         let mut notices = Vec::new();
         let _serial = self.sync_lock.lock().expect("sync lock");
+        if self.frozen.load(Ordering::SeqCst) {
+            return Ok(notices);
+        }
         let wanted = Self::wanted(cat)?;
         let mut mounts = self.mounts.lock().expect("mounts lock");
         let gone: Vec<MountKey> =
@@ -477,7 +503,7 @@ impl MountTable {
                     }
                 }
             }
-            let m = &mounts[&key];
+            let m = mounts.get_mut(&key).expect("mounted above");
             match self.build_view(cat, &m.fs, &m.shape, &mut notices) {
                 Ok(view) => {
                     let changed = m.fs.replace(view);
@@ -485,8 +511,90 @@ impl MountTable {
                 }
                 Err(e) => tracing::error!(mount = ?key, error = format!("{e:#}"), "cannot update mount"),
             }
+            // A mount adopted from a predecessor is served once it is current.
+            if m.threads.is_empty() {
+                if let Err(e) = Self::start_channels(m) {
+                    tracing::error!(mount = ?key, error = format!("{e:#}"), "cannot serve mount");
+                }
+            }
         }
         Ok(notices)
+    }
+
+    /// Stop every mount's request threads and all changes, ahead of a
+    /// handover. The mounts stay; requests queue in the kernel.
+    pub fn quiesce(&self) {
+        let _serial = self.sync_lock.lock().expect("sync lock");
+        self.frozen.store(true, Ordering::SeqCst);
+        for m in self.mounts.lock().expect("mounts lock").values_mut() {
+            Self::stop_channels(m);
+        }
+    }
+
+    /// Serve again after a handover that did not happen.
+    pub fn resume(&self) {
+        let _serial = self.sync_lock.lock().expect("sync lock");
+        for (key, m) in self.mounts.lock().expect("mounts lock").iter_mut() {
+            if let Err(e) = Self::start_channels(m) {
+                tracing::error!(mount = ?key, error = format!("{e:#}"), "cannot serve mount");
+            }
+        }
+        self.frozen.store(false, Ordering::SeqCst);
+    }
+
+    /// The state of every (quiesced) mount, each with its /dev/fuse fd,
+    /// and the next inode number, for a successor broker.
+    pub fn snapshot(&self) -> std::io::Result<(Vec<(MountState, OwnedFd)>, u64)> {
+        let mounts = self.mounts.lock().expect("mounts lock");
+        let mut handed = Vec::with_capacity(mounts.len());
+        for (key, m) in mounts.iter() {
+            let Some(dev) = m.session.get_fuse_file() else { continue };
+            handed.push((MountState { key: key.clone(), fs: m.fs.export() }, dev.try_clone()?.into()));
+        }
+        Ok((handed, self.next_ino.load(Ordering::SeqCst)))
+    }
+
+    /// Take up the live mounts a predecessor handed over: each keeps its
+    /// kernel connection, inode numbers and open handles, and is served
+    /// from the next [`MountTable::sync`] on. A mount nothing wants any
+    /// more is detached.
+    pub fn adopt(&self, cat: &impl Catalog, handed: Vec<(MountState, File)>, next_ino: u64) -> anyhow::Result<()> {
+        let wanted = Self::wanted(cat)?;
+        let mut mounts = self.mounts.lock().expect("mounts lock");
+        let load = |n: workload::NodeState| {
+            let meta = VersionMeta { version: n.version, created_unix_ms: n.mtime_ms, size: 0 };
+            let loaded = cat.load(&n.secret, &meta).unwrap_or(Loaded { value: None, health: None });
+            Arc::new(n.into_node(loaded.value, loaded.health))
+        };
+        for (st, dev) in handed {
+            let path = self.path_of(&st.key);
+            self.leftovers.lock().expect("leftovers lock").retain(|p| *p != path);
+            let Some(shape) = wanted.get(&st.key).cloned() else {
+                Self::detach_all(&path);
+                let _ = std::fs::remove_dir(&path);
+                continue;
+            };
+            let mut session = FuseSession::new(&self.session_dir, "keyhole", &shape.workload.name, true)
+                .map_err(|e| anyhow::anyhow!("FUSE session for {}: {e}", path.display()))?;
+            let notify = dev.try_clone()?;
+            session.set_fuse_file(dev);
+            let owner = workload::Owner::new(shape.uid, shape.gid, shape.container.clone());
+            let mut fs = WorkloadFs::new(shape.workload.clone(), owner, self.shared.clone());
+            let view = View::new(st.fs.nodes.iter().cloned().map(load));
+            let handles = st
+                .fs
+                .handles
+                .iter()
+                .map(|(fh, n)| (*fh, view.by_ino.get(&n.ino).cloned().unwrap_or_else(|| load(n.clone()))))
+                .collect();
+            fs.restore(st.fs, view, handles);
+            let fs = Arc::new(fs);
+            let server = Arc::new(Server::new(fs.clone()));
+            tracing::info!(path = %path.display(), "took over the live mount");
+            mounts.insert(st.key, Mount { shape, fs, server, session, notify, threads: Vec::new() });
+        }
+        self.next_ino.fetch_max(next_ino, Ordering::SeqCst);
+        Ok(())
     }
 
     pub fn list(&self) -> Vec<MountInfo> {

@@ -67,10 +67,63 @@ impl Node {
     }
 }
 
+/// A node as handed to a successor broker: everything but the value,
+/// which the successor loads from its own store.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct NodeState {
+    pub ino: u64,
+    pub name: String,
+    pub secret: String,
+    pub version: u64,
+    pub mtime_ms: i64,
+    pub mode: u32,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub notify: Option<String>,
+}
+
+impl NodeState {
+    fn of(n: &Node) -> Self {
+        NodeState {
+            ino: n.ino,
+            name: n.name.clone(),
+            secret: n.secret.clone(),
+            version: n.version,
+            mtime_ms: n.mtime_ms,
+            mode: n.mode,
+            uid: n.uid,
+            gid: n.gid,
+            notify: n.notify.clone(),
+        }
+    }
+
+    pub fn into_node(self, value: Option<Arc<SecretBytes>>, health: Option<Arc<Health>>) -> Node {
+        let NodeState { ino, name, secret, version, mtime_ms, mode, uid, gid, notify } = self;
+        Node { ino, name, secret, version, mtime_ms, mode, uid, gid, value, health, notify }
+    }
+}
+
+/// What a successor broker needs to serve a live mount on: the inode
+/// numbers and open handles the kernel knows, and what was learned.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct FsState {
+    pub mounted_unix_ns: u128,
+    pub next_fh: u64,
+    pub owner: Option<(Option<u32>, Option<u32>)>,
+    pub nodes: Vec<NodeState>,
+    /// Open file handles, with the node each one reads (maybe retired).
+    pub handles: Vec<(u64, NodeState)>,
+    pub readers: HashMap<String, std::collections::BTreeSet<String>>,
+}
+
 #[derive(Default)]
 pub struct View {
     pub by_name: BTreeMap<String, Arc<Node>>,
-    by_ino: HashMap<u64, Arc<Node>>,
+    pub by_ino: HashMap<u64, Arc<Node>>,
+    /// The versions this view's rotations replaced: an open that looked
+    /// the name up just before the swap still opens what it found.
+    /// Revoked files are not here.
+    rotated_out: HashMap<u64, Arc<Node>>,
 }
 
 impl View {
@@ -202,19 +255,55 @@ impl WorkloadFs {
         }
     }
 
+    /// This mount's state, for a successor broker (see [`FsState`]).
+    pub fn export(&self) -> FsState {
+        let at = self.mounted.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let handles = self.handles.lock().expect("handles lock");
+        FsState {
+            mounted_unix_ns: at.as_nanos(),
+            next_fh: self.next_fh.load(Ordering::Relaxed),
+            owner: self.owner.learned.get().copied(),
+            nodes: self.view().by_name.values().map(|n| NodeState::of(n)).collect(),
+            handles: handles.iter().map(|(fh, n)| (*fh, NodeState::of(n))).collect(),
+            readers: self.readers.lock().expect("readers lock").clone(),
+        }
+    }
+
+    /// Take up a predecessor's state: its view (with values loaded by the
+    /// caller), open handles, owner and readers, so requests about inodes
+    /// and handles the kernel already knows are answered as before.
+    pub fn restore(&mut self, st: FsState, view: View, handles: HashMap<u64, Arc<Node>>) {
+        self.mounted = std::time::UNIX_EPOCH + Duration::from_nanos(st.mounted_unix_ns as u64);
+        self.next_fh = AtomicU64::new(st.next_fh);
+        if let Some(o) = st.owner {
+            let _ = self.owner.learned.set(o);
+        }
+        *self.view.get_mut().expect("view lock") = Arc::new(view);
+        *self.handles.get_mut().expect("handles lock") = handles;
+        *self.readers.get_mut().expect("readers lock") = st.readers;
+    }
+
     pub fn view(&self) -> Arc<View> {
         self.view.read().expect("view lock").clone()
     }
 
     /// Swap in a new view; returns the names whose entry changed or went.
-    pub fn replace(&self, new: View) -> Vec<String> {
+    pub fn replace(&self, mut new: View) -> Vec<String> {
         let mut guard = self.view.write().expect("view lock");
-        let old = std::mem::replace(&mut *guard, Arc::new(new));
-        old.by_name
-            .iter()
-            .filter(|(name, n)| guard.by_name.get(*name).is_none_or(|m| m.ino != n.ino))
-            .map(|(name, _)| name.clone())
-            .collect()
+        let old = guard.clone();
+        let mut changed = Vec::new();
+        for (name, n) in &old.by_name {
+            match new.by_name.get(name) {
+                Some(m) if m.ino == n.ino => continue,
+                Some(m) if m.secret == n.secret => {
+                    new.rotated_out.insert(n.ino, n.clone());
+                }
+                _ => {}
+            }
+            changed.push(name.clone());
+        }
+        *guard = Arc::new(new);
+        changed
     }
 
     fn root_attr(&self) -> stat64 {
@@ -266,7 +355,8 @@ impl WorkloadFs {
     }
 
     fn node(&self, ino: u64) -> Option<Arc<Node>> {
-        self.view().by_ino.get(&ino).cloned()
+        let view = self.view();
+        view.by_ino.get(&ino).or_else(|| view.rotated_out.get(&ino)).cloned()
     }
 
     /// Attest the caller and check it against this mount's workload,

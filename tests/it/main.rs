@@ -11,5 +11,6 @@ mod docker;
 mod lifecycle;
 mod mounts;
 mod secrets;
+mod takeover;
 mod tamper;
 mod vault;

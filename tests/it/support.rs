@@ -25,9 +25,14 @@ pub fn require_root() -> bool {
 pub struct Broker {
     pub dir: tempfile::TempDir,
     child: Option<Child>,
+    /// A broker that took over after SIGHUP: not our child.
+    successor: Option<i32>,
     pub config: Option<PathBuf>,
     /// This broker's Docker volume driver name.
     pub plugin: String,
+    /// The `keyhole` binary `serve` runs from, and extra environment.
+    bin: PathBuf,
+    env: Vec<(String, String)>,
 }
 
 /// A name no other test in this run uses.
@@ -38,23 +43,28 @@ pub fn unique(prefix: &str) -> String {
 
 impl Broker {
     pub fn start() -> Broker {
-        Self::start_with_config("", false)
+        Self::start_with_config("", false, Path::new(BIN), &[])
+    }
+
+    /// Start `bin serve` with extra environment variables.
+    pub fn start_from(bin: &Path, env: &[(&str, &str)]) -> Broker {
+        Self::start_with_config("", false, bin, env)
     }
 
     /// Start with a config file holding `toml` (state/run dirs are passed
     /// as flags, which win).
     pub fn start_with(toml: &str) -> Broker {
-        Self::start_with_config(toml, false)
+        Self::start_with_config(toml, false, Path::new(BIN), &[])
     }
 
     /// Start with the Docker volume plugin on, under a name of its own
     /// (`self.plugin`; its socket is removed on drop: dockerd stalls on
     /// dead plugin sockets).
     pub fn start_with_plugin() -> Broker {
-        Self::start_with_config("", true)
+        Self::start_with_config("", true, Path::new(BIN), &[])
     }
 
-    fn start_with_config(toml: &str, plugin: bool) -> Broker {
+    fn start_with_config(toml: &str, plugin: bool, bin: &Path, env: &[(&str, &str)]) -> Broker {
         let dir = tempfile::tempdir().unwrap();
         // Non-root test callers must be able to traverse to the sockets.
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
@@ -63,7 +73,8 @@ impl Broker {
         let toml = format!("{toml}\n[docker]\nplugin = \"{plugin}\"\n");
         let path = dir.path().join("keyhole.toml");
         fs::write(&path, toml).unwrap();
-        let mut b = Broker { dir, child: None, config: Some(path), plugin };
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let mut b = Broker { dir, child: None, successor: None, config: Some(path), plugin, bin: bin.into(), env };
         b.restart();
         b
     }
@@ -117,8 +128,9 @@ impl Broker {
     }
 
     pub fn serve_command(&self) -> Command {
-        let mut c = Command::new(BIN);
+        let mut c = Command::new(&self.bin);
         c.args(self.serve_args()).stdout(Stdio::null()).stderr(self.log_file()).env("KEYHOLE_LOG", "debug");
+        c.envs(self.env.iter().map(|(k, v)| (k, v)));
         c
     }
 
@@ -141,7 +153,57 @@ impl Broker {
     }
 
     pub fn pid(&self) -> i32 {
-        self.child.as_ref().expect("running").id() as i32
+        self.successor.unwrap_or_else(|| self.child.as_ref().expect("running").id() as i32)
+    }
+
+    /// The pid `keyhole status` reports.
+    pub fn serving_pid(&self) -> i32 {
+        let out = self.cli(&["status", "--json"]);
+        if !out.status.success() {
+            return 0;
+        }
+        json(&out.stdout)["pid"].as_i64().unwrap() as i32
+    }
+
+    /// Wait until the serving broker has exited; our child must exit 0.
+    fn reap_handed_over(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        if let Some(pid) = self.successor.take() {
+            while Path::new(&format!("/proc/{pid}")).exists() {
+                assert!(Instant::now() < deadline, "the old broker did not hand over:\n{}", self.log());
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            return;
+        }
+        let mut old = self.child.take().expect("running");
+        let status = loop {
+            if let Some(st) = old.try_wait().unwrap() {
+                break st;
+            }
+            assert!(Instant::now() < deadline, "the old broker did not hand over:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert!(status.success(), "the old broker exited {status} at handover:\n{}", self.log());
+    }
+
+    /// `serve --takeover`: the running broker hands everything to a new
+    /// one and exits 0; returns once the new one answers.
+    pub fn takeover(&mut self) {
+        let old = self.pid();
+        let new = self.serve_command().arg("--takeover").spawn().unwrap();
+        self.reap_handed_over();
+        self.child = Some(new);
+        eventually(30, "the successor to answer", || self.serving_pid() == self.pid());
+        assert_ne!(old, self.pid());
+    }
+
+    /// SIGHUP: the broker starts its own successor, which takes over.
+    pub fn hup(&mut self) {
+        let old = self.pid();
+        signal(old, libc::SIGHUP);
+        self.reap_handed_over();
+        eventually(30, "the SIGHUP successor to answer", || ![0, old].contains(&self.serving_pid()));
+        self.successor = Some(self.serving_pid());
     }
 
     pub fn kill9(&mut self) {
@@ -215,6 +277,13 @@ impl Drop for Broker {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
+        }
+        if let Some(pid) = self.successor.take() {
+            signal(pid, libc::SIGKILL);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
         }
         detach_mounts_under(self.dir.path());
         if !self.plugin.is_empty() {
