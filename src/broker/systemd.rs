@@ -30,9 +30,8 @@ fn send(addr: &SocketAddrUnix, state: &str, control: &mut SendAncillaryBuffer<'_
 
 /// Tell systemd `state` (e.g. "READY=1"); nothing happens outside systemd.
 pub fn notify(state: &str) {
-    if let Some(addr) = socket()
-        && let Err(e) = send(&addr, state, &mut SendAncillaryBuffer::default())
-    {
+    let Some(addr) = socket() else { return };
+    if let Err(e) = send(&addr, state, &mut SendAncillaryBuffer::default()) {
         tracing::warn!(error = %e, "cannot notify systemd");
     }
 }
@@ -42,7 +41,7 @@ pub fn notify(state: &str) {
 pub fn barrier(timeout: Duration) {
     let Some(addr) = socket() else { return };
     let wait = || -> std::io::Result<()> {
-        let (read, write) = std::io::pipe()?;
+        let (read, write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
         let fds = [write.as_fd()];
         let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
         let mut control = SendAncillaryBuffer::new(&mut space);
