@@ -3,7 +3,9 @@
 #![forbid(unsafe_code)]
 
 use std::fmt;
+use std::io::ErrorKind;
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use tonic::Code;
 use tonic::transport::{Channel, Endpoint};
@@ -55,36 +57,111 @@ pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
 }
 
-async fn channel(socket: &Path) -> anyhow::Result<Channel> {
-    let endpoint = Endpoint::from_shared(format!("unix://{}", socket.display()))
-        .map_err(|e| fail(2, format!("bad socket path {}: {e}", socket.display())))?;
-    endpoint.connect().await.map_err(|e| {
+/// How long the CLI waits for a broker that is starting, restarting or
+/// handing over to a successor before it reports the broker missing.
+const WAIT_FOR_BROKER: Duration = Duration::from_secs(5);
+
+/// Whether a call may be sent again when the connection breaks under it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Retry {
+    /// Reads, and changes that land the same however often they are sent.
+    Safe,
+    /// Changes that must not be applied twice: only the connect is retried.
+    ConnectOnly,
+}
+
+async fn connect(endpoint: &Endpoint, socket: &Path, deadline: Instant) -> anyhow::Result<Channel> {
+    loop {
+        let e = match endpoint.connect().await {
+            Ok(c) => return Ok(c),
+            Err(e) => e,
+        };
         let io = std::iter::successors(Some(&e as &dyn std::error::Error), |e| e.source())
             .find_map(|e| e.downcast_ref::<std::io::Error>());
+        let kind = io.map(std::io::Error::kind);
+        // No socket, or nobody accepting on it: a broker may be starting.
+        let waiting = matches!(kind, Some(ErrorKind::NotFound | ErrorKind::ConnectionRefused));
+        if waiting && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        }
         let s = socket.display();
-        let message = match io.map(std::io::Error::kind) {
-            Some(std::io::ErrorKind::NotFound) => {
-                format!("no broker socket at {s}: is `keyhole serve` running? (set --socket or KEYHOLE_SOCKET)")
+        let waited = WAIT_FOR_BROKER.as_secs();
+        let message = match kind {
+            Some(ErrorKind::NotFound) => format!(
+                "no broker socket at {s} (waited {waited} s): is `keyhole serve` running? (set --socket or KEYHOLE_SOCKET)"
+            ),
+            Some(ErrorKind::ConnectionRefused) => {
+                format!("nothing is listening on {s} (waited {waited} s): the broker is not running")
             }
-            Some(std::io::ErrorKind::ConnectionRefused) => {
-                format!("nothing is listening on {s}: the broker is not running")
-            }
-            Some(std::io::ErrorKind::PermissionDenied) => format!(
+            Some(ErrorKind::PermissionDenied) => format!(
                 "permission denied opening {s}: admin calls need root or an [admin] uid with access to the socket"
             ),
             _ => format!("cannot connect to {s}: {}", io.map_or(e.to_string(), ToString::to_string)),
         };
-        let code = if io.map(std::io::Error::kind) == Some(std::io::ErrorKind::PermissionDenied) { 4 } else { 5 };
-        fail(code, message)
-    })
+        let code = if kind == Some(ErrorKind::PermissionDenied) { 4 } else { 5 };
+        return Err(fail(code, message));
+    }
 }
 
-pub async fn admin(socket: &Path) -> anyhow::Result<AdminClient<Channel>> {
-    Ok(AdminClient::new(channel(socket).await?).max_decoding_message_size(32 << 20).max_encoding_message_size(32 << 20))
+/// Connect to the broker on `socket` and make one call, reconnecting while
+/// a broker starts or hands over (up to [`WAIT_FOR_BROKER`]). A status made
+/// on our side (it has a source error) means the connection broke before
+/// an answer; a status the broker sent never has one.
+async fn call<C, T, Fut>(
+    socket: &Path,
+    retry: Retry,
+    client: impl Fn(Channel) -> C,
+    f: impl Fn(C) -> Fut,
+) -> anyhow::Result<T>
+where
+    Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    let endpoint = Endpoint::from_shared(format!("unix://{}", socket.display()))
+        .map_err(|e| fail(2, format!("bad socket path {}: {e}", socket.display())))?;
+    let deadline = Instant::now() + WAIT_FOR_BROKER;
+    loop {
+        let status = match f(client(connect(&endpoint, socket, deadline).await?)).await {
+            Ok(r) => return Ok(r.into_inner()),
+            Err(s) => s,
+        };
+        if std::error::Error::source(&status).is_none() {
+            return Err(Failure::from(status).into());
+        }
+        if retry == Retry::Safe && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        }
+        let outcome = match retry {
+            Retry::Safe => "",
+            Retry::ConnectOnly => "; the change may or may not have been made: check before you repeat it",
+        };
+        return Err(fail(
+            5,
+            format!("the connection to the broker broke during the call ({}){outcome}", status.message()),
+        ));
+    }
 }
 
-pub async fn workload(socket: &Path) -> anyhow::Result<WorkloadClient<Channel>> {
-    Ok(WorkloadClient::new(channel(socket).await?))
+/// One call to the admin service (see [`call`]).
+pub async fn admin<T, Fut>(socket: &Path, retry: Retry, f: impl Fn(AdminClient<Channel>) -> Fut) -> anyhow::Result<T>
+where
+    Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    let client = |c| AdminClient::new(c).max_decoding_message_size(32 << 20).max_encoding_message_size(32 << 20);
+    call(socket, retry, client, f).await
+}
+
+/// One call to the workload service (see [`call`]).
+pub async fn workload<T, Fut>(
+    socket: &Path,
+    retry: Retry,
+    f: impl Fn(WorkloadClient<Channel>) -> Fut,
+) -> anyhow::Result<T>
+where
+    Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    call(socket, retry, WorkloadClient::new, f).await
 }
 
 /// Print a value as JSON on stdout.
@@ -97,3 +174,16 @@ pub fn time_ms(ms: i64) -> String {
     let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
     humantime::format_rfc3339_seconds(t).to_string()
 }
+
+/// `rpc!(admin|workload, socket, Safe|ConnectOnly, method, request)`: one
+/// call through [`admin`] or [`workload`], the request cloned per attempt.
+macro_rules! rpc {
+    ($service:ident, $socket:expr, $retry:ident, $method:ident, $req:expr) => {
+        $crate::cli::client::$service($socket, $crate::cli::client::Retry::$retry, |mut c| {
+            let req = $req.clone();
+            async move { c.$method(req).await }
+        })
+        .await
+    };
+}
+pub(crate) use rpc;

@@ -7,7 +7,7 @@ use std::path::Path;
 use clap::Args;
 use serde::Serialize;
 
-use super::client::{self, Failure, fail, print_json};
+use super::client::{Failure, fail, print_json, rpc};
 use crate::api::pb;
 
 #[derive(Debug, Args)]
@@ -21,7 +21,7 @@ pub struct AuditArgs {
 }
 
 pub async fn status(socket: &Path, json: bool) -> anyhow::Result<()> {
-    let s = client::admin(socket).await?.status(pb::StatusRequest {}).await.map_err(Failure::from)?.into_inner();
+    let s = rpc!(admin, socket, Safe, status, pb::StatusRequest {})?;
     if json {
         #[derive(Serialize)]
         struct View<'a> {
@@ -93,7 +93,7 @@ fn backend_json(b: &pb::BackendStatus) -> serde_json::Value {
 }
 
 pub async fn whoami(socket: &Path, json: bool) -> anyhow::Result<()> {
-    let w = client::workload(socket).await?.who_am_i(pb::WhoAmIRequest {}).await.map_err(Failure::from)?.into_inner();
+    let w = rpc!(workload, socket, Safe, who_am_i, pb::WhoAmIRequest {})?;
     if json {
         print_json(&serde_json::json!({
             "uid": w.uid,
@@ -129,9 +129,8 @@ pub async fn whoami(socket: &Path, json: bool) -> anyhow::Result<()> {
 }
 
 pub async fn audit(args: AuditArgs, socket: &Path, json: bool) -> anyhow::Result<()> {
-    let mut admin = client::admin(socket).await?;
     if args.verify {
-        let r = admin.audit_verify(pb::AuditVerifyRequest {}).await.map_err(Failure::from)?.into_inner();
+        let r = rpc!(admin, socket, Safe, audit_verify, pb::AuditVerifyRequest {})?;
         if json {
             print_json(&serde_json::json!({ "ok": r.ok, "lines": r.lines, "problem": r.problem }));
         } else if r.ok {
@@ -139,8 +138,7 @@ pub async fn audit(args: AuditArgs, socket: &Path, json: bool) -> anyhow::Result
         }
         return if r.ok { Ok(()) } else { Err(fail(6, r.problem)) };
     }
-    let mut stream =
-        admin.audit_log(pb::AuditLogRequest { follow: args.follow }).await.map_err(Failure::from)?.into_inner();
+    let mut stream = rpc!(admin, socket, Safe, audit_log, pb::AuditLogRequest { follow: args.follow })?;
     let mut out = std::io::stdout().lock();
     while let Some(line) = stream.message().await.map_err(Failure::from)? {
         // Lines are JSON already, so --json changes nothing here.

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use clap::{Args, Subcommand};
 
-use super::client::{self, Failure, print_json};
+use super::client::{print_json, rpc};
 use crate::api::pb;
 
 #[derive(Debug, Subcommand)]
@@ -67,10 +67,10 @@ fn parse_mode(s: &str) -> Result<u32, String> {
 }
 
 pub async fn workload(cmd: WorkloadCmd, socket: &Path, json: bool) -> anyhow::Result<()> {
-    let mut c = client::admin(socket).await?;
     match cmd {
         WorkloadCmd::Add { name, selectors } => {
-            let w = c.add_workload(pb::WorkloadSpec { name, selectors }).await.map_err(Failure::from)?.into_inner();
+            let spec = pb::WorkloadSpec { name, selectors };
+            let w = rpc!(admin, socket, ConnectOnly, add_workload, spec)?;
             if json {
                 print_json(&serde_json::json!({ "name": w.name, "selectors": w.selectors }));
             } else {
@@ -78,7 +78,7 @@ pub async fn workload(cmd: WorkloadCmd, socket: &Path, json: bool) -> anyhow::Re
             }
         }
         WorkloadCmd::Ls => {
-            let r = c.list_workloads(pb::ListWorkloadsRequest {}).await.map_err(Failure::from)?.into_inner();
+            let r = rpc!(admin, socket, Safe, list_workloads, pb::ListWorkloadsRequest {})?;
             if json {
                 let rows: Vec<_> = r
                     .workloads
@@ -97,11 +97,8 @@ pub async fn workload(cmd: WorkloadCmd, socket: &Path, json: bool) -> anyhow::Re
             }
         }
         WorkloadCmd::Rm { name } => {
-            let r = c
-                .remove_workload(pb::RemoveWorkloadRequest { name: name.clone() })
-                .await
-                .map_err(Failure::from)?
-                .into_inner();
+            let r =
+                rpc!(admin, socket, ConnectOnly, remove_workload, pb::RemoveWorkloadRequest { name: name.clone() })?;
             if json {
                 print_json(&serde_json::json!({ "name": name, "grants_removed": r.grants_removed }));
             } else {
@@ -134,7 +131,7 @@ pub async fn grant(a: GrantArgs, socket: &Path, json: bool) -> anyhow::Result<()
         gid: a.gid,
         notify: a.notify.unwrap_or_default(),
     };
-    let g = client::admin(socket).await?.grant(spec).await.map_err(Failure::from)?.into_inner();
+    let g = rpc!(admin, socket, ConnectOnly, grant, spec)?;
     if json {
         print_json(&grant_json(&g));
     } else {
@@ -145,7 +142,7 @@ pub async fn grant(a: GrantArgs, socket: &Path, json: bool) -> anyhow::Result<()
 
 pub async fn revoke(secret: String, from: String, socket: &Path, json: bool) -> anyhow::Result<()> {
     let req = pb::RevokeRequest { secret: secret.clone(), workload: from.clone() };
-    client::admin(socket).await?.revoke(req).await.map_err(Failure::from)?;
+    rpc!(admin, socket, ConnectOnly, revoke, req)?;
     if json {
         print_json(&serde_json::json!({ "secret": secret, "workload": from }));
     } else {
@@ -156,7 +153,7 @@ pub async fn revoke(secret: String, from: String, socket: &Path, json: bool) -> 
 
 pub async fn grants(workload: Option<String>, socket: &Path, json: bool) -> anyhow::Result<()> {
     let req = pb::ListGrantsRequest { workload: workload.unwrap_or_default() };
-    let r = client::admin(socket).await?.list_grants(req).await.map_err(Failure::from)?.into_inner();
+    let r = rpc!(admin, socket, Safe, list_grants, req)?;
     if json {
         print_json(&r.grants.iter().map(grant_json).collect::<Vec<_>>());
         return Ok(());
@@ -175,8 +172,7 @@ pub async fn grants(workload: Option<String>, socket: &Path, json: bool) -> anyh
 }
 
 pub async fn mounts(socket: &Path, json: bool) -> anyhow::Result<()> {
-    let r =
-        client::admin(socket).await?.list_mounts(pb::ListMountsRequest {}).await.map_err(Failure::from)?.into_inner();
+    let r = rpc!(admin, socket, Safe, list_mounts, pb::ListMountsRequest {})?;
     if json {
         let rows: Vec<_> = r
             .mounts

@@ -8,7 +8,7 @@ use base64::Engine;
 use clap::{Args, Subcommand};
 use serde::Serialize;
 
-use super::client::{self, Failure, fail, print_json, time_ms};
+use super::client::{self, Retry, fail, print_json, rpc, time_ms};
 use crate::api::pb::{self, put_secret_request::Source};
 use crate::config::MAX_VALUE_BYTES_CEILING;
 
@@ -153,7 +153,13 @@ async fn put(args: PutArgs, mode: pb::PutMode, socket: &Path, json: bool) -> any
     let source = source(args.source)?;
     let req =
         pb::PutSecretRequest { path: args.path, mode: mode as i32, source: Some(source), if_version: args.if_version };
-    let v = client::admin(socket).await?.put_secret(req).await.map_err(Failure::from)?.into_inner();
+    // Sent once, never cloned: it holds the value.
+    let req = std::cell::Cell::new(Some(req));
+    let v = client::admin(socket, Retry::ConnectOnly, |mut c| {
+        let req = req.take().expect("a ConnectOnly call is made once");
+        async move { c.put_secret(req).await }
+    })
+    .await?;
     if json {
         print_json(&VersionView::from(&v));
     } else {
@@ -164,7 +170,7 @@ async fn put(args: PutArgs, mode: pb::PutMode, socket: &Path, json: bool) -> any
 
 async fn get(path: String, version: u64, socket: &Path, json: bool) -> anyhow::Result<()> {
     let req = pb::GetSecretRequest { path, version };
-    let r = client::admin(socket).await?.get_secret(req).await.map_err(Failure::from)?.into_inner();
+    let r = rpc!(admin, socket, Safe, get_secret, req)?;
     if json {
         #[derive(Serialize)]
         struct View<'a> {
@@ -185,7 +191,7 @@ async fn get(path: String, version: u64, socket: &Path, json: bool) -> anyhow::R
 
 async fn ls(prefix: String, socket: &Path, json: bool) -> anyhow::Result<()> {
     let req = pb::ListSecretsRequest { prefix };
-    let r = client::admin(socket).await?.list_secrets(req).await.map_err(Failure::from)?.into_inner();
+    let r = rpc!(admin, socket, Safe, list_secrets, req)?;
     if json {
         print_json(&r.secrets.iter().map(VersionView::from).collect::<Vec<_>>());
         return Ok(());
@@ -202,7 +208,7 @@ async fn ls(prefix: String, socket: &Path, json: bool) -> anyhow::Result<()> {
 
 async fn history(path: String, socket: &Path, json: bool) -> anyhow::Result<()> {
     let req = pb::SecretHistoryRequest { path };
-    let r = client::admin(socket).await?.secret_history(req).await.map_err(Failure::from)?.into_inner();
+    let r = rpc!(admin, socket, Safe, secret_history, req)?;
     if json {
         print_json(&r.versions.iter().map(VersionView::from).collect::<Vec<_>>());
         return Ok(());
@@ -218,7 +224,7 @@ async fn history(path: String, socket: &Path, json: bool) -> anyhow::Result<()> 
 
 async fn rm(path: String, socket: &Path, json: bool) -> anyhow::Result<()> {
     let req = pb::DeleteSecretRequest { path: path.clone() };
-    let r = client::admin(socket).await?.delete_secret(req).await.map_err(Failure::from)?.into_inner();
+    let r = rpc!(admin, socket, ConnectOnly, delete_secret, req)?;
     if json {
         print_json(&serde_json::json!({ "path": path, "versions_removed": r.versions_removed }));
     } else {

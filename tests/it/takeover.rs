@@ -71,17 +71,34 @@ fn takeovers_keep_every_read_open_files_inodes_and_the_audit_chain() {
     let mut reader = Command::new("sh").args(["-c", &reader_script(file, dir)]).uid(1000).gid(1000).spawn().unwrap();
     keep_reading(&cat, 2000);
 
-    let first = b.pid();
-    b.takeover();
-    assert_ne!(b.pid(), first);
-    assert_eq!(ino(), ino_before, "the inode number changed across the takeover");
-    keep_reading(&cat, 2000);
-    for v in 2..=3 {
-        let o = b.cli_in(&["secret", "rotate", "app/key", "--stdin"], Some(format!("valid-{v}").as_bytes()));
-        assert!(o.status.success(), "{}", stderr(&o));
+    // The CLI keeps working throughout: it retries what a handover cuts off.
+    let socket = b.socket();
+    let stop_cli = std::sync::atomic::AtomicBool::new(false);
+    let cli_calls = std::thread::scope(|s| {
+        let calls = s.spawn(|| {
+            let mut n = 0;
+            while !stop_cli.load(std::sync::atomic::Ordering::SeqCst) {
+                let o = cli_as(&socket, &["secret", "get", "app/key"], None, None);
+                assert!(o.status.success() && o.stdout.starts_with(b"valid-"), "CLI call failed: {}", stderr(&o));
+                n += 1;
+            }
+            n
+        });
+        let first = b.pid();
         b.takeover();
+        assert_ne!(b.pid(), first);
+        assert_eq!(ino(), ino_before, "the inode number changed across the takeover");
         keep_reading(&cat, 2000);
-    }
+        for v in 2..=3 {
+            let o = b.cli_in(&["secret", "rotate", "app/key", "--stdin"], Some(format!("valid-{v}").as_bytes()));
+            assert!(o.status.success(), "{}", stderr(&o));
+            b.takeover();
+            keep_reading(&cat, 2000);
+        }
+        stop_cli.store(true, std::sync::atomic::Ordering::SeqCst);
+        calls.join().unwrap()
+    });
+    eprintln!("{cli_calls} CLI calls across 3 takeovers, none failed");
     std::fs::write(out.join("go"), "").unwrap();
     let held = held.wait_with_output().unwrap();
     assert_eq!(held.stdout, b"valid-1", "a file opened before the takeover lost its version");
@@ -89,7 +106,7 @@ fn takeovers_keep_every_read_open_files_inodes_and_the_audit_chain() {
     reader.wait().unwrap();
     let (good, bad) = result(&cat);
     assert_eq!(bad, 0, "failed or invalid reads across takeovers: {:?}", cat("bad"));
-    eprintln!("{good} reads across 3 takeovers, none failed");
+    eprintln!("{good} host reads across 3 takeovers, none failed");
 
     // The new broker is the broker: it changes mounts and answers the CLI.
     assert_eq!(run_as(1000, &["cat", file]).stdout, b.get("app/key"));
@@ -151,21 +168,32 @@ fn takeover_without_a_running_broker_says_so() {
 }
 
 #[test]
-fn a_container_reads_through_takeovers_and_a_sighup_without_a_failure() {
+fn containers_read_through_takeovers_and_a_sighup_without_a_failure() {
     if !require_docker() {
         return;
     }
-    let mut b = Broker::start();
+    let mut b = Broker::start_with_plugin();
     let label = format!("keyhole.test=takeover-{}", std::process::id());
     b.put("app/key", b"valid-1");
     b.ok(&["workload", "add", "c", "--selector", &format!("docker:label:{label}")]);
     b.ok(&["grant", "app/key", "--to", "c"]);
+    // One container reads through the host bind, one through its own
+    // volume-driver mount; both stay up after their loops, so their
+    // results can be read.
     let bind = format!("{}:/run/secrets:ro,rslave", b.mount("c").display());
-    // The container stays up after the loop, so its result can be read.
+    let vol = unique("takeover");
+    assert!(docker(&["volume", "create", "-d", &b.plugin, "-o", "workload=c", &vol]).status.success());
     let script = reader_script("/run/secrets/key", "/tmp") + "\nexec sleep 3600";
-    let c = Container::run(&["--label", &label, "-v", &bind], &["sh", "-c", &script]);
-    let cat = |name: &str| c.cat(&format!("/tmp/{name}")).ok().map(|b| String::from_utf8(b).unwrap());
-    keep_reading(&cat, 3000);
+    let readers = [
+        Container::run(&["--label", &label, "-v", &bind], &["sh", "-c", &script]),
+        Container::run(&["--label", &label, "-v", &format!("{vol}:/run/secrets")], &["sh", "-c", &script]),
+    ];
+    let cats: Vec<_> = readers
+        .iter()
+        .map(|c| move |name: &str| c.cat(&format!("/tmp/{name}")).ok().map(|b| String::from_utf8(b).unwrap()))
+        .collect();
+    let keep_all_reading = || cats.iter().for_each(|cat| keep_reading(cat, 2000));
+    keep_all_reading();
     for (i, how) in ["takeover", "sighup", "takeover"].into_iter().enumerate() {
         let o = b.cli_in(&["secret", "rotate", "app/key", "--stdin"], Some(format!("valid-{}", i + 2).as_bytes()));
         assert!(o.status.success(), "{}", stderr(&o));
@@ -173,15 +201,38 @@ fn a_container_reads_through_takeovers_and_a_sighup_without_a_failure() {
             "sighup" => b.hup(),
             _ => b.takeover(),
         }
-        keep_reading(&cat, 3000);
+        keep_all_reading();
     }
-    assert!(c.exec(&["sh", "-c", ": > /tmp/stop"]).status.success());
-    let (good, bad) = result(&cat);
-    assert_eq!(bad, 0, "failed or invalid reads across takeovers: {:?}", cat("bad"));
-    eprintln!("{good} reads in a container across 3 takeovers, none failed");
-    assert_eq!(c.cat("/run/secrets/key").unwrap(), b"valid-4");
+    for (c, cat) in readers.iter().zip(&cats) {
+        assert!(c.exec(&["sh", "-c", ": > /tmp/stop"]).status.success());
+        let (good, bad) = result(cat);
+        assert_eq!(bad, 0, "failed or invalid reads across takeovers: {:?}", cat("bad"));
+        eprintln!("{good} reads in a container across 3 takeovers, none failed");
+        assert_eq!(c.cat("/run/secrets/key").unwrap(), b"valid-4");
+    }
+
+    // The successor serves the volume driver: a new container mounts the
+    // volume, and every container's mount goes when it exits.
+    let o = docker(&[
+        "run",
+        "--rm",
+        "--label",
+        &label,
+        "-v",
+        &format!("{vol}:/run/secrets"),
+        IMAGE,
+        "cat",
+        "/run/secrets/key",
+    ]);
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "valid-4", "{}", String::from_utf8_lossy(&o.stderr));
+    drop(cats);
+    drop(readers);
+    assert!(docker(&["volume", "rm", &vol]).status.success());
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains(&b.run().join("volumes").display().to_string()), "volume mounts left behind");
     b.ok(&["audit", "--verify"]);
     assert_eq!(b.audit_events("takeover").len(), 3);
+    assert!(!b.log().lines().any(|l| l.contains(" ERROR ")), "{}", b.log());
 }
 
 /// What a broker told a stand-in for systemd's notify socket, in order;
@@ -265,4 +316,23 @@ fn an_upgrade_under_systemd_runs_the_new_binary_which_becomes_the_main_pid_befor
     assert_eq!(systemd.next(), "BARRIER=1 sender alive=true fds=1", "the old broker must wait for systemd");
     assert_eq!(systemd.next(), format!("MAINPID={new}\nREADY=1"));
     assert_eq!(b.serving_pid(), new);
+}
+
+#[test]
+fn the_cli_waits_for_a_broker_that_is_starting_again() {
+    if !require_root() {
+        return;
+    }
+    let mut b = Broker::start();
+    b.put("app/key", b"after-restart");
+    b.kill9();
+    // The CLI is started while no broker serves; the broker comes up
+    // a second later, and the call goes through.
+    let socket = b.socket();
+    let get = std::thread::spawn(move || cli_as(&socket, &["secret", "get", "app/key"], None, None));
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    b.restart();
+    let o = get.join().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(o.stdout, b"after-restart");
 }
