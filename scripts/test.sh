@@ -101,3 +101,5 @@ say "unit and integration tests"
 cargo test --locked --lib --test it
 say "tests that must run alone (they restart dockerd)"
 cargo test --locked --test it -- --ignored --test-threads=1
+say "benchmark smoke run (debug build, short; figures are not checked)"
+cargo bench --profile dev --locked --bench keyhole -- --short

@@ -32,7 +32,17 @@ pub struct RawConfig {
     #[serde(default)]
     pub docker: RawDocker,
     #[serde(default)]
+    pub audit: RawAudit,
+    #[serde(default)]
     pub backend: Vec<RawBackend>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAudit {
+    /// Log every allowed file open (`read`); default true. Denials, admin
+    /// calls and backend events are always logged.
+    pub reads: Option<bool>,
 }
 
 /// `[[backend]]`: paths under `<name>/` live in this Vault/OpenBao KV v2 mount.
@@ -199,6 +209,8 @@ pub struct Config {
     pub docker_socket: PathBuf,
     /// The volume plugin's socket, if enabled.
     pub plugin_socket: Option<PathBuf>,
+    /// Whether allowed file opens are audited (`[audit] reads`).
+    pub audit_reads: bool,
     pub backends: Vec<VaultConfig>,
 }
 
@@ -280,6 +292,7 @@ impl Config {
             key,
             docker_socket,
             plugin_socket,
+            audit_reads: raw.audit.reads.unwrap_or(true),
             backends,
         })
     }
@@ -323,6 +336,17 @@ mod tests {
     fn parse(s: &str) -> Result<Config, ConfigError> {
         let raw: RawConfig = toml::from_str(s).map_err(|e| ConfigError::Invalid(e.to_string()))?;
         Config::from_raw(raw, Overrides::default())
+    }
+
+    #[test]
+    fn the_example_config_is_valid_and_says_the_defaults() {
+        let c = parse(include_str!("../examples/keyhole.toml")).unwrap();
+        let d = parse("").unwrap();
+        assert_eq!((c.state_dir, c.run_dir, c.history_depth), (d.state_dir, d.run_dir, d.history_depth));
+        assert_eq!((c.max_value_bytes, c.audit_reads), (d.max_value_bytes, d.audit_reads));
+        assert!(d.audit_reads);
+        assert!(!parse("[audit]\nreads = false").unwrap().audit_reads);
+        assert!(parse("[audit]\nread = false").is_err(), "unknown keys are errors");
     }
 
     #[test]

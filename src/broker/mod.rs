@@ -209,7 +209,8 @@ impl Broker {
         fs::create_dir_all(run_dir).with_context(|| format!("cannot create run dir {}", run_dir.display()))?;
         // Containers bind the workload socket and mounts from here.
         fs::set_permissions(run_dir, fs::Permissions::from_mode(0o755))?;
-        let shared = Arc::new(FsShared { attestor: attestor.clone(), audit: audit.clone() });
+        let shared =
+            Arc::new(FsShared { attestor: attestor.clone(), audit: audit.clone(), audit_reads: config.audit_reads });
         let mounts = MountTable::new(run_dir, shared)?;
         let broker = Broker {
             config,

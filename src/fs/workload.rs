@@ -141,6 +141,8 @@ impl View {
 pub struct FsShared {
     pub attestor: Arc<Attestor>,
     pub audit: Arc<AuditLog>,
+    /// Audit allowed opens too (`[audit] reads`); denials always are.
+    pub audit_reads: bool,
 }
 
 pub struct WorkloadFs {
@@ -394,8 +396,11 @@ impl WorkloadFs {
                             Err(errno(libc::EIO))
                         }
                         (Some(_), fresh) => {
-                            let name = if fresh == Freshness::Stale { "stale_serve" } else { "read" };
-                            audit(&event(name, Some(&id), None))?;
+                            if fresh == Freshness::Stale {
+                                audit(&event("stale_serve", Some(&id), None))?;
+                            } else if self.shared.audit_reads {
+                                audit(&event("read", Some(&id), None))?;
+                            }
                             if let Some(c) = &id.container_id {
                                 let mut readers = self.readers.lock().expect("readers lock");
                                 readers.entry(node.secret.clone()).or_default().insert(c.clone());

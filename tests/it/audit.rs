@@ -105,3 +105,22 @@ fn follow_streams_new_lines() {
     f.wait().unwrap();
     assert!(found, "the put never reached the follower");
 }
+
+#[test]
+fn with_reads_not_audited_denials_still_are() {
+    if !require_root() {
+        return;
+    }
+    let b = Broker::start_with("[audit]\nreads = false\n");
+    b.put("app/key", b"quiet");
+    b.ok(&["workload", "add", "w", "--selector", "unix:uid:1000"]);
+    b.ok(&["grant", "app/key", "--to", "w", "--mode", "0444"]);
+    let file = b.mount("w").join("key");
+    let file = file.to_str().unwrap();
+    assert_eq!(run_as(1000, &["cat", file]).stdout, b"quiet");
+    assert!(!run_as(1001, &["cat", file]).status.success());
+    assert!(b.audit_events("read").is_empty(), "a read was audited with [audit] reads = false");
+    assert_eq!(b.audit_events("deny").len(), 1);
+    assert_eq!(b.audit_events("grant").len(), 1);
+    b.ok(&["audit", "--verify"]);
+}

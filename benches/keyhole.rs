@@ -1,0 +1,900 @@
+//! keyhole's benchmarks, side by side in one run, as root:
+//!
+//!   cargo bench --bench keyhole              # the full run (BENCHMARKS.md)
+//!   cargo bench --bench keyhole -- --short   # a quick smoke run (CI)
+//!   cargo bench --bench keyhole -- --json    # the same figures as JSON
+//!
+//! Read path: open+read+close of a 64-byte file on tmpfs, on a no-op FUSE
+//! filesystem served exactly like keyhole's mounts (same mount options,
+//! request threads, TTLs and keep-cache), and through a keyhole mount
+//! (identity check and audit on, then audit of reads off). Then rotation
+//! and revocation propagation and scale at 1, 100 and 1,000 mounts, the
+//! Vault/OpenBao backend, and the outage window of `kill -9` and of a
+//! takeover. Real parts only: a real `keyhole serve` driven through its
+//! CLI and gRPC API, real FUSE mounts, a real OpenBao dev server.
+
+use std::collections::BTreeMap;
+use std::ffi::CStr;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use fuse_backend_rs::abi::fuse_abi::{FsOptions, OpenOptions as FuseOpen, stat64};
+use fuse_backend_rs::api::filesystem::{Context, Entry, FileSystem, ZeroCopyWriter};
+use fuse_backend_rs::api::server::Server;
+use fuse_backend_rs::transport::FuseSession;
+use serde_json::{Value, json};
+
+const BIN: &str = env!("CARGO_BIN_EXE_keyhole");
+const VALUE: &[u8; 64] = b"0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+struct Opts {
+    short: bool,
+    json: bool,
+}
+
+/// One part of the run; its figures go in the report under its name.
+type Section = fn(&Opts) -> Value;
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let opts = Opts { short: args.iter().any(|a| a == "--short"), json: args.iter().any(|a| a == "--json") };
+    if let Some(bad) = args.iter().find(|a| !["--short", "--json", "--bench"].contains(&a.as_str())) {
+        eprintln!("usage: cargo bench --bench keyhole -- [--short] [--json]   (unknown: {bad})");
+        std::process::exit(2);
+    }
+    if !is_root() || !Path::new("/dev/fuse").exists() {
+        eprintln!("the benchmarks mount FUSE filesystems and tmpfs: run them as root on a host with /dev/fuse");
+        std::process::exit(1);
+    }
+    let mut report = BTreeMap::new();
+    report.insert("machine".to_owned(), machine());
+    report.insert("mode".to_owned(), json!(if opts.short { "short" } else { "full" }));
+    let sections: [(&str, Section); 5] = [
+        ("read_path", read_path),
+        ("propagation_and_scale", propagation_and_scale),
+        ("backend", backend),
+        ("outage", outage),
+        ("audit", audit_cost),
+    ];
+    for (name, f) in sections {
+        eprintln!("== {name}");
+        report.insert(name.to_owned(), f(&opts));
+    }
+    if opts.json {
+        println!("{}", serde_json::to_string_pretty(&report).unwrap());
+    } else {
+        print_tables(&report);
+    }
+}
+
+fn is_root() -> bool {
+    std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0).unwrap_or(false)
+}
+
+fn machine() -> Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("model name").map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned()))
+        .unwrap_or_default();
+    let mem_kib: u64 = std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:").and_then(|v| v.trim().trim_end_matches(" kB").parse().ok()))
+        .unwrap_or(0);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_owned();
+    json!({
+        "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
+        "cpu": cpu,
+        "memory_gib": mem_kib / (1 << 20),
+        "kernel": kernel,
+        "keyhole": env!("CARGO_PKG_VERSION"),
+    })
+}
+
+// ---------------------------------------------------------------- figures
+
+/// Latencies in nanoseconds → p50/p99 in µs.
+fn percentiles(mut ns: Vec<u64>) -> (f64, f64) {
+    if ns.is_empty() {
+        return (0.0, 0.0);
+    }
+    ns.sort_unstable();
+    let at = |q: f64| ns[((ns.len() as f64 - 1.0) * q).round() as usize] as f64 / 1000.0;
+    (at(0.50), at(0.99))
+}
+
+/// open+read+close of `file` by `threads` threads, `iters` each (after a
+/// warm-up): p50/p99 per operation and operations per second in total.
+fn read_loop(file: &Path, threads: usize, iters: usize) -> Value {
+    for _ in 0..200 {
+        read_once(file).expect("warm-up read");
+    }
+    let start = Instant::now();
+    let lat: Vec<u64> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut lat = Vec::with_capacity(iters);
+                    for _ in 0..iters {
+                        let t = Instant::now();
+                        read_once(file).expect("read");
+                        lat.push(t.elapsed().as_nanos() as u64);
+                    }
+                    lat
+                })
+            })
+            .collect();
+        hs.into_iter().flat_map(|h| h.join().unwrap()).collect()
+    });
+    let secs = start.elapsed().as_secs_f64();
+    let n = lat.len();
+    let (p50, p99) = percentiles(lat);
+    json!({ "threads": threads, "p50_us": p50, "p99_us": p99, "ops_per_s": (n as f64 / secs).round() })
+}
+
+fn read_once(file: &Path) -> io::Result<usize> {
+    let mut buf = [0u8; 128];
+    File::open(file)?.read(&mut buf)
+}
+
+// ---------------------------------------------------------------- tmpfs
+
+struct Tmpfs(tempfile::TempDir);
+
+impl Tmpfs {
+    fn new() -> Tmpfs {
+        let d = tempfile::tempdir().unwrap();
+        let st = Command::new("mount").args(["-t", "tmpfs", "-o", "size=1m", "bench"]).arg(d.path()).status().unwrap();
+        assert!(st.success(), "mount -t tmpfs failed");
+        std::fs::write(d.path().join("key"), VALUE).unwrap();
+        Tmpfs(d)
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = keyhole::sys::umount_detach(self.0.path());
+    }
+}
+
+// ---------------------------------------------------------------- the no-op FUSE floor
+
+/// One 64-byte file, `key`, served with keyhole's settings and nothing
+/// else: no identity check, no audit, no view lookups.
+struct Noop;
+
+const NOOP_TTL: Duration = Duration::from_secs(10);
+
+fn noop_attr(ino: u64) -> stat64 {
+    let mut st = keyhole::sys::zeroed_stat();
+    st.st_ino = ino;
+    if ino == 1 {
+        st.st_mode = libc::S_IFDIR | 0o555;
+        st.st_nlink = 2;
+    } else {
+        st.st_mode = libc::S_IFREG | 0o444;
+        st.st_nlink = 1;
+        st.st_size = VALUE.len() as i64;
+    }
+    st
+}
+
+impl FileSystem for Noop {
+    type Inode = u64;
+    type Handle = u64;
+
+    fn init(&self, _capable: FsOptions) -> io::Result<FsOptions> {
+        Ok(FsOptions::empty())
+    }
+
+    fn lookup(&self, _ctx: &Context, parent: u64, name: &CStr) -> io::Result<Entry> {
+        if parent != 1 || name.to_bytes() != b"key" {
+            return Err(io::Error::from_raw_os_error(libc::ENOENT));
+        }
+        Ok(Entry {
+            inode: 2,
+            generation: 0,
+            attr: noop_attr(2),
+            attr_flags: 0,
+            attr_timeout: NOOP_TTL,
+            entry_timeout: NOOP_TTL,
+        })
+    }
+
+    fn getattr(&self, _ctx: &Context, ino: u64, _h: Option<u64>) -> io::Result<(stat64, Duration)> {
+        Ok((noop_attr(ino), NOOP_TTL))
+    }
+
+    fn open(
+        &self,
+        _ctx: &Context,
+        _ino: u64,
+        _flags: u32,
+        _ff: u32,
+    ) -> io::Result<(Option<u64>, FuseOpen, Option<u32>)> {
+        Ok((Some(1), FuseOpen::KEEP_CACHE, None))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn read(
+        &self,
+        _ctx: &Context,
+        _ino: u64,
+        _h: u64,
+        w: &mut dyn ZeroCopyWriter,
+        size: u32,
+        offset: u64,
+        _lo: Option<u64>,
+        _flags: u32,
+    ) -> io::Result<usize> {
+        let start = (offset as usize).min(VALUE.len());
+        let end = start.saturating_add(size as usize).min(VALUE.len());
+        w.write_all(&VALUE[start..end])?;
+        Ok(end - start)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn release(&self, _: &Context, _: u64, _: u32, _: u64, _: bool, _: bool, _: Option<u64>) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+struct NoopMount {
+    dir: tempfile::TempDir,
+    session: FuseSession,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl NoopMount {
+    /// Mounted like keyhole's (keyhole::sys::fuse_mount: read-only, nosuid,
+    /// nodev, noexec, allow_other, default_permissions), served by the
+    /// same number of request threads (2).
+    fn new() -> NoopMount {
+        let dir = tempfile::tempdir().unwrap();
+        let mut session = FuseSession::new(dir.path(), "keyhole-noop", "noop", true).unwrap();
+        let dev = OpenOptions::new().read(true).write(true).open("/dev/fuse").unwrap();
+        keyhole::sys::fuse_mount(dir.path(), dev.as_raw_fd(), 128 * 1024).unwrap();
+        keyhole::sys::set_nonblocking(&dev).unwrap();
+        session.set_fuse_file(dev);
+        let server = Arc::new(Server::new(Arc::new(Noop)));
+        let threads = (0..2)
+            .map(|_| {
+                let mut ch = session.new_channel().unwrap();
+                let server = server.clone();
+                std::thread::spawn(move || {
+                    while let Ok(Some((r, w))) = ch.get_request() {
+                        let _ = server.handle_message(r, w.into(), None, None);
+                    }
+                })
+            })
+            .collect();
+        NoopMount { dir, session, threads }
+    }
+}
+
+impl Drop for NoopMount {
+    fn drop(&mut self) {
+        let _ = self.session.wake();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        let _ = keyhole::sys::umount_detach(self.dir.path());
+    }
+}
+
+// ---------------------------------------------------------------- a real broker
+
+struct Broker {
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+    toml: String,
+}
+
+impl Broker {
+    fn start(toml: &str) -> Broker {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = Broker { dir, child: None, toml: format!("{toml}\n[docker]\nplugin = \"\"\n") };
+        std::fs::write(b.dir.path().join("keyhole.toml"), &b.toml).unwrap();
+        b.spawn();
+        b.wait_ready();
+        b
+    }
+
+    fn run(&self) -> PathBuf {
+        self.dir.path().join("run")
+    }
+
+    fn serve(&self) -> Command {
+        let mut c = Command::new(BIN);
+        c.arg("serve")
+            .arg("--state-dir")
+            .arg(self.dir.path().join("state"))
+            .arg("--run-dir")
+            .arg(self.run())
+            .arg("--config")
+            .arg(self.dir.path().join("keyhole.toml"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        c
+    }
+
+    fn spawn(&mut self) {
+        self.child = Some(self.serve().spawn().unwrap());
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !self.cli(&["status"], None).status.success() {
+            assert!(Instant::now() < deadline, "keyhole serve did not come up");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn cli(&self, args: &[&str], stdin: Option<&[u8]>) -> std::process::Output {
+        let mut c = Command::new(BIN);
+        c.args(args)
+            .env("KEYHOLE_SOCKET", self.run().join("admin.sock"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = c.spawn().unwrap();
+        let mut input = child.stdin.take().unwrap();
+        if let Some(v) = stdin {
+            input.write_all(v).unwrap();
+        }
+        drop(input);
+        child.wait_with_output().unwrap()
+    }
+
+    fn ok(&self, args: &[&str]) {
+        let o = self.cli(args, None);
+        assert!(o.status.success(), "keyhole {}: {}", args.join(" "), String::from_utf8_lossy(&o.stderr));
+    }
+
+    fn put(&self, path: &str, value: &[u8]) {
+        let o = self.cli(&["secret", "put", path, "--stdin"], Some(value));
+        assert!(o.status.success(), "put {path}: {}", String::from_utf8_lossy(&o.stderr));
+    }
+
+    fn file(&self, workload: &str, name: &str) -> PathBuf {
+        self.run().join("workloads").join(workload).join(name)
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    fn rss_kib(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:").and_then(|v| v.trim().trim_end_matches(" kB").parse().ok()))
+            .unwrap_or(0)
+    }
+
+    fn kill9(&mut self) {
+        let mut c = self.child.take().unwrap();
+        c.kill().unwrap();
+        c.wait().unwrap();
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        // Deepest first: FUSE mounts, then the run dir's own bind mount.
+        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let mut points: Vec<PathBuf> = info
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4))
+            .map(PathBuf::from)
+            .filter(|p| p.starts_with(self.dir.path()))
+            .collect();
+        points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+        for p in points {
+            let _ = keyhole::sys::umount_detach(&p);
+        }
+    }
+}
+
+/// A broker with `bench/key` (64 bytes) granted to workload `w` (uid 0).
+fn broker_with_one_mount(toml: &str) -> Broker {
+    let b = Broker::start(toml);
+    b.put("bench/key", VALUE);
+    b.ok(&["workload", "add", "w", "--selector", "unix:uid:0"]);
+    b.ok(&["grant", "bench/key", "--to", "w", "--file", "key"]);
+    b
+}
+
+// ---------------------------------------------------------------- sections
+
+fn read_path(o: &Opts) -> Value {
+    let iters = if o.short { 2_000 } else { 20_000 };
+    let tmpfs = Tmpfs::new();
+    let noop = NoopMount::new();
+    let b = broker_with_one_mount("");
+    let targets = [
+        ("tmpfs", tmpfs.0.path().join("key")),
+        ("noop_fuse", noop.dir.path().join("key")),
+        ("keyhole", b.file("w", "key")),
+    ];
+    let mut rows = Vec::new();
+    for threads in [1, 2, 4] {
+        let mut row = serde_json::Map::new();
+        row.insert("threads".into(), json!(threads));
+        for (name, file) in &targets {
+            eprintln!("   {name}, {threads} reader(s)");
+            row.insert((*name).into(), read_loop(file, threads, iters / threads));
+        }
+        let p50 = |n: &str| row[n]["p50_us"].as_f64().unwrap();
+        let (floor, tmpfs) = (ratio(p50("keyhole"), p50("noop_fuse")), ratio(p50("keyhole"), p50("tmpfs")));
+        row.insert("keyhole_vs_floor_p50".into(), json!(floor));
+        row.insert("keyhole_vs_tmpfs_p50".into(), json!(tmpfs));
+        rows.push(Value::Object(row));
+    }
+    json!({ "iterations": iters, "rows": rows })
+}
+
+fn ratio(a: f64, b: f64) -> f64 {
+    if b == 0.0 { 0.0 } else { (a / b * 100.0).round() / 100.0 }
+}
+
+/// Rotation through every mount, revocation of one, open latency and RSS,
+/// as the number of mounts grows to 1, 100 and 1,000.
+fn propagation_and_scale(o: &Opts) -> Value {
+    let steps: &[usize] = if o.short { &[1, 20] } else { &[1, 100, 1000] };
+    let rounds = if o.short { 3 } else { 10 };
+    let b = Broker::start("");
+    b.put("bench/rot", b"v-0");
+    let rss_empty = b.rss_kib();
+    let mut made = 0;
+    let mut rows = Vec::new();
+    let mut version = 0;
+    for &n in steps {
+        let t = Instant::now();
+        for i in made..n {
+            b.ok(&["workload", "add", &format!("w{i}"), "--selector", "unix:uid:0"]);
+            b.ok(&["grant", "bench/rot", "--to", &format!("w{i}"), "--file", "key"]);
+        }
+        let create_s = t.elapsed().as_secs_f64();
+        let per_mount_ms = if n > made { create_s * 1000.0 / (n - made) as f64 } else { 0.0 };
+        made = n;
+        let files: Vec<PathBuf> = (0..n).map(|i| b.file(&format!("w{i}"), "key")).collect();
+        for f in &files {
+            read_once(f).expect("mount readable");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        let rss = b.rss_kib();
+
+        // Rotation: time from `rotate` returning until each mount's first
+        // read shows the new value (4 threads share the mounts).
+        let mut seen = Vec::new();
+        let mut stale_reads = 0u64;
+        for _ in 0..rounds {
+            version += 1;
+            let want = format!("v-{version}");
+            let out = b.cli(&["secret", "rotate", "bench/rot", "--stdin"], Some(want.as_bytes()));
+            assert!(out.status.success());
+            let returned = Instant::now();
+            let (lat, stale) =
+                visible_in_all(&files, returned, |f| std::fs::read(f).is_ok_and(|v| v == want.as_bytes()));
+            seen.extend(lat);
+            stale_reads += stale;
+        }
+        let (rot_p50, rot_p99) = percentiles(seen);
+
+        // Revocation of one mount's grant: until its file is gone.
+        let mut revoked = Vec::new();
+        for _ in 0..rounds {
+            b.ok(&["revoke", "bench/rot", "--from", "w0"]);
+            let returned = Instant::now();
+            let (lat, _) = visible_in_all(&files[..1], returned, |f| !f.exists());
+            revoked.extend(lat);
+            b.ok(&["grant", "bench/rot", "--to", "w0", "--file", "key"]);
+        }
+        let (rev_p50, rev_p99) = percentiles(revoked);
+        let open = read_loop(&files[0], 1, if o.short { 1000 } else { 5000 });
+        rows.push(json!({
+            "mounts": n,
+            "rotation_visible_p50_ms": rot_p50 / 1000.0,
+            "rotation_visible_p99_ms": rot_p99 / 1000.0,
+            "stale_reads_after_return": stale_reads,
+            "revocation_visible_p50_ms": rev_p50 / 1000.0,
+            "revocation_visible_p99_ms": rev_p99 / 1000.0,
+            "create_per_mount_ms": (per_mount_ms * 100.0).round() / 100.0,
+            "rss_kib": rss,
+            "rss_per_mount_kib": if n > 0 { (rss.saturating_sub(rss_empty)) / n as u64 } else { 0 },
+            "open_p50_us": open["p50_us"],
+            "open_p99_us": open["p99_us"],
+        }));
+        eprintln!("   {n} mounts");
+    }
+    json!({ "rounds": rounds, "rss_no_mounts_kib": rss_empty, "rows": rows })
+}
+
+/// For each file, ns from `since` until `ok(file)` first holds, checked
+/// by 4 threads that each sweep their share of the files; also how many
+/// checks failed first (0: every mount showed the new state at once).
+fn visible_in_all(files: &[PathBuf], since: Instant, ok: impl Fn(&Path) -> bool + Sync) -> (Vec<u64>, u64) {
+    let threads = 4.min(files.len());
+    let chunk = files.len().div_ceil(threads);
+    std::thread::scope(|s| {
+        let hs: Vec<_> = files
+            .chunks(chunk)
+            .map(|part| {
+                let ok = &ok;
+                s.spawn(move || {
+                    let mut lat = Vec::with_capacity(part.len());
+                    let mut misses = 0;
+                    for f in part {
+                        while !ok(f) {
+                            misses += 1;
+                            assert!(since.elapsed() < Duration::from_secs(30), "{} never changed", f.display());
+                        }
+                        lat.push(since.elapsed().as_nanos() as u64);
+                    }
+                    (lat, misses)
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).fold((Vec::new(), 0), |(mut l, m), (l2, m2)| {
+            l.extend(l2);
+            (l, m + m2)
+        })
+    })
+}
+
+/// A private OpenBao dev server with a file audit device, so requests can
+/// be counted.
+struct Bao {
+    addr: String,
+    dir: tempfile::TempDir,
+    child: Child,
+}
+
+impl Bao {
+    fn start() -> Option<Bao> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").ok()?.local_addr().ok()?.port();
+        let dir = tempfile::tempdir().unwrap();
+        let addr = format!("http://127.0.0.1:{port}");
+        // OpenBao 2 takes audit devices from its config file only.
+        let log = dir.path().join("audit.log");
+        let hcl =
+            format!("audit \"file\" \"bench\" {{\n  options {{\n    file_path = \"{}\"\n  }}\n}}\n", log.display());
+        std::fs::write(dir.path().join("bao.hcl"), hcl).unwrap();
+        let child = Command::new("bao")
+            .args(["server", "-dev", "-dev-root-token-id=root"])
+            .arg(format!("-dev-listen-address=127.0.0.1:{port}"))
+            .arg(format!("-config={}", dir.path().join("bao.hcl").display()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?;
+        let b = Bao { addr, dir, child };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !b.cli(&["status"]).status.success() {
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        std::fs::write(b.dir.path().join("token"), "root").unwrap();
+        Some(b)
+    }
+
+    fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new("bao").args(args).env("BAO_ADDR", &self.addr).env("BAO_TOKEN", "root").output().unwrap()
+    }
+
+    /// Requests so far whose path starts with `prefix`.
+    fn requests(&self, prefix: &str) -> usize {
+        let log = std::fs::read_to_string(self.dir.path().join("audit.log")).unwrap_or_default();
+        log.lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v["type"] == "request" && v["request"]["path"].as_str().is_some_and(|p| p.starts_with(prefix)))
+            .count()
+    }
+
+    /// One direct KV v2 read over HTTP/1.1, the way any client would.
+    fn direct_get(&self, path: &str) -> Duration {
+        let host = self.addr.trim_start_matches("http://");
+        let t = Instant::now();
+        let mut s = std::net::TcpStream::connect(host).unwrap();
+        write!(
+            s,
+            "GET /v1/secret/data/{path} HTTP/1.1\r\nHost: {host}\r\nX-Vault-Token: root\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut body = Vec::new();
+        s.read_to_end(&mut body).unwrap();
+        let d = t.elapsed();
+        assert!(body.starts_with(b"HTTP/1.1 200"), "direct GET failed");
+        d
+    }
+}
+
+impl Drop for Bao {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn backend(o: &Opts) -> Value {
+    let Some(bao) = Bao::start() else {
+        if std::env::var_os("CI").is_some() {
+            panic!("bao (OpenBao) is missing: scripts/test.sh installs it");
+        }
+        return json!({ "skipped": "bao (OpenBao) not found; scripts/test.sh installs it" });
+    };
+    let watched = if o.short { 10 } else { 100 };
+    for i in 0..watched {
+        let o = bao.cli(&["kv", "put", &format!("secret/bench{i}"), &format!("value=v{i}")]);
+        assert!(o.status.success(), "bao kv put: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    let toml = format!(
+        "[[backend]]\nname = \"vault\"\nkind = \"vault\"\naddress = \"{}\"\ntoken_file = \"{}\"\npoll_interval = \"1s\"\n",
+        bao.addr,
+        bao.dir.path().join("token").display()
+    );
+    let b = Broker::start(&toml);
+    b.ok(&["workload", "add", "w", "--selector", "unix:uid:0"]);
+    for i in 0..watched {
+        b.ok(&["grant", &format!("vault/bench{i}"), "--to", "w", "--file", &format!("k{i}")]);
+    }
+    let file = b.file("w", "k0");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::read(&file).ok().as_deref() != Some(b"v0") {
+        assert!(Instant::now() < deadline, "the Vault secret never reached the mount");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // Warm reads: no data request reaches the backend.
+    let before = bao.requests("secret/data/");
+    let warm = read_loop(&file, 1, if o.short { 1000 } else { 10_000 });
+    let data_requests = bao.requests("secret/data/") - before;
+
+    // Poll load: metadata requests per second for `watched` secrets.
+    let (m0, t0) = (bao.requests("secret/metadata/"), Instant::now());
+    std::thread::sleep(Duration::from_secs(if o.short { 3 } else { 10 }));
+    let polls = (bao.requests("secret/metadata/") - m0) as f64 / t0.elapsed().as_secs_f64();
+
+    // A miss (the admin API reads through to the backend) vs a direct GET.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let n = if o.short { 50 } else { 500 };
+    let (miss, local) = rt.block_on(async {
+        use keyhole::api::pb::{GetSecretRequest, admin_client::AdminClient};
+        let sock = b.run().join("admin.sock");
+        let ch = tonic::transport::Endpoint::from_shared(format!("unix://{}", sock.display()))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut c = AdminClient::new(ch);
+        b.put("bench/local", VALUE);
+        let mut time = async |path: &str| {
+            let mut lat = Vec::with_capacity(n);
+            for _ in 0..n {
+                let t = Instant::now();
+                c.get_secret(GetSecretRequest { path: path.into(), version: 0 }).await.unwrap();
+                lat.push(t.elapsed().as_nanos() as u64);
+            }
+            percentiles(lat)
+        };
+        (time("vault/bench0").await, time("bench/local").await)
+    });
+    let direct = percentiles((0..n).map(|_| bao.direct_get("bench0").as_nanos() as u64).collect());
+    json!({
+        "watched_secrets": watched,
+        "poll_interval_s": 1,
+        "warm_reads": warm,
+        "backend_data_requests_during_warm_reads": data_requests,
+        "poll_requests_per_s": (polls * 10.0).round() / 10.0,
+        "miss_via_keyhole_p50_us": miss.0,
+        "miss_via_keyhole_p99_us": miss.1,
+        "direct_http_get_p50_us": direct.0,
+        "direct_http_get_p99_us": direct.1,
+        "local_store_get_p50_us": local.0,
+        "local_store_get_p99_us": local.1,
+    })
+}
+
+/// A reader opening the file in a loop; returns (longest gap between two
+/// successful reads, failed reads) over what `during` does.
+fn reader_during(file: &Path, during: impl FnOnce()) -> (Duration, u64) {
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let h = s.spawn(|| {
+            let (mut last_ok, mut gap, mut failed) = (Instant::now(), Duration::ZERO, 0u64);
+            while !stop.load(Ordering::SeqCst) {
+                match read_once(file) {
+                    Ok(_) => {
+                        gap = gap.max(last_ok.elapsed());
+                        last_ok = Instant::now();
+                    }
+                    Err(_) => failed += 1,
+                }
+            }
+            (gap, failed)
+        });
+        during();
+        std::thread::sleep(Duration::from_millis(100));
+        stop.store(true, Ordering::SeqCst);
+        h.join().unwrap()
+    })
+}
+
+fn outage(o: &Opts) -> Value {
+    let rounds = if o.short { 2 } else { 5 };
+    let mut b = broker_with_one_mount("");
+    let file = b.file("w", "key");
+    // kill -9, then start again at once (a supervisor with no delay;
+    // systemd's RestartSec adds to this).
+    let mut crash = Vec::new();
+    let mut crash_failed = 0;
+    for _ in 0..rounds {
+        let (gap, failed) = reader_during(&file, || {
+            b.kill9();
+            b.spawn();
+            b.wait_ready();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while read_once(&file).is_err() {
+                assert!(Instant::now() < deadline, "the mount never came back");
+            }
+        });
+        crash.push(gap.as_nanos() as u64);
+        crash_failed += failed;
+    }
+    // Takeover: the longest wait a reader sees, and failed reads (0).
+    let mut takeover = Vec::new();
+    let mut takeover_failed = 0;
+    for _ in 0..rounds {
+        let (gap, failed) = reader_during(&file, || {
+            let mut old = b.child.take().unwrap();
+            let new = b.serve().arg("--takeover").spawn().unwrap();
+            assert!(old.wait().unwrap().success(), "the old broker did not hand over");
+            b.child = Some(new);
+            b.wait_ready();
+        });
+        takeover.push(gap.as_nanos() as u64);
+        takeover_failed += failed;
+    }
+    let ms = |v: &[u64]| v.iter().map(|n| (*n as f64 / 1e4).round() / 100.0).collect::<Vec<_>>();
+    json!({
+        "rounds": rounds,
+        "kill9_restart_window_ms": ms(&crash),
+        "kill9_failed_reads": crash_failed,
+        "takeover_longest_wait_ms": ms(&takeover),
+        "takeover_failed_reads": takeover_failed,
+    })
+}
+
+fn audit_cost(o: &Opts) -> Value {
+    let iters = if o.short { 2_000 } else { 20_000 };
+    let on = broker_with_one_mount("");
+    let with = read_loop(&on.file("w", "key"), 1, iters);
+    drop(on);
+    let off = broker_with_one_mount("[audit]\nreads = false\n");
+    let without = read_loop(&off.file("w", "key"), 1, iters);
+    let p50 = |v: &Value| v["p50_us"].as_f64().unwrap();
+    json!({
+        "audit_on": with,
+        "audit_off": without,
+        "on_vs_off_p50": ratio(p50(&with), p50(&without)),
+    })
+}
+
+// ---------------------------------------------------------------- output
+
+fn print_tables(r: &BTreeMap<String, Value>) {
+    let m = &r["machine"];
+    println!(
+        "keyhole {} benchmarks ({} mode) on {} × {}, {} GiB, Linux {}\n",
+        m["keyhole"].as_str().unwrap_or(""),
+        r["mode"].as_str().unwrap_or(""),
+        m["cpus"],
+        m["cpu"].as_str().unwrap_or(""),
+        m["memory_gib"],
+        m["kernel"].as_str().unwrap_or("")
+    );
+    let f = |v: &Value| v.as_f64().map_or("-".to_owned(), |x| format!("{x:.1}"));
+    let rp = &r["read_path"];
+    println!("Read path: open+read+close of 64 bytes ({} per run), p50 / p99 µs, reads/s", rp["iterations"]);
+    println!(
+        "{:>7}  {:>22}  {:>22}  {:>22}  {:>8}  {:>8}",
+        "readers", "tmpfs", "no-op FUSE", "keyhole", "/floor", "/tmpfs"
+    );
+    for row in rp["rows"].as_array().into_iter().flatten() {
+        let cell = |n: &str| {
+            format!(
+                "{} / {} / {:.0}",
+                f(&row[n]["p50_us"]),
+                f(&row[n]["p99_us"]),
+                row[n]["ops_per_s"].as_f64().unwrap_or(0.0)
+            )
+        };
+        println!(
+            "{:>7}  {:>22}  {:>22}  {:>22}  {:>8}  {:>8}",
+            row["threads"],
+            cell("tmpfs"),
+            cell("noop_fuse"),
+            cell("keyhole"),
+            format!("{:.2}×", row["keyhole_vs_floor_p50"].as_f64().unwrap_or(0.0)),
+            format!("{:.2}×", row["keyhole_vs_tmpfs_p50"].as_f64().unwrap_or(0.0)),
+        );
+    }
+    let ps = &r["propagation_and_scale"];
+    println!("\nPropagation and scale ({} rounds each; ms from the call returning)", ps["rounds"]);
+    println!(
+        "{:>6}  {:>17}  {:>5}  {:>17}  {:>10}  {:>8}  {:>8}  {:>14}",
+        "mounts", "rotation p50/p99", "stale", "revoke p50/p99", "create/mnt", "RSS KiB", "KiB/mnt", "open p50/p99µs"
+    );
+    for row in ps["rows"].as_array().into_iter().flatten() {
+        let g = |k: &str| row[k].as_f64().map_or("-".into(), |x| format!("{x:.2}"));
+        println!(
+            "{:>6}  {:>17}  {:>5}  {:>17}  {:>10}  {:>8}  {:>8}  {:>14}",
+            row["mounts"],
+            format!("{} / {}", g("rotation_visible_p50_ms"), g("rotation_visible_p99_ms")),
+            row["stale_reads_after_return"],
+            format!("{} / {}", g("revocation_visible_p50_ms"), g("revocation_visible_p99_ms")),
+            format!("{} ms", g("create_per_mount_ms")),
+            row["rss_kib"],
+            row["rss_per_mount_kib"],
+            format!("{} / {}", f(&row["open_p50_us"]), f(&row["open_p99_us"])),
+        );
+    }
+    let be = &r["backend"];
+    println!("\nBackend (OpenBao dev server on loopback)");
+    if let Some(why) = be["skipped"].as_str() {
+        println!("  skipped: {why}");
+    } else {
+        println!(
+            "  read through OpenBao (miss):  p50 {} µs, p99 {} µs   direct HTTP GET: p50 {} µs, p99 {} µs",
+            f(&be["miss_via_keyhole_p50_us"]),
+            f(&be["miss_via_keyhole_p99_us"]),
+            f(&be["direct_http_get_p50_us"]),
+            f(&be["direct_http_get_p99_us"])
+        );
+        println!(
+            "  local store get:              p50 {} µs, p99 {} µs",
+            f(&be["local_store_get_p50_us"]),
+            f(&be["local_store_get_p99_us"])
+        );
+        println!(
+            "  warm reads through the mount: p50 {} µs; backend data requests during them: {}",
+            f(&be["warm_reads"]["p50_us"]),
+            be["backend_data_requests_during_warm_reads"]
+        );
+        println!(
+            "  poll load: {} requests/s for {} watched secrets at a {} s interval",
+            be["poll_requests_per_s"], be["watched_secrets"], be["poll_interval_s"]
+        );
+    }
+    let out = &r["outage"];
+    println!("\nOutage ({} rounds)", out["rounds"]);
+    println!(
+        "  kill -9, restarted at once: opens fail for {} ms ({} failed reads in all)",
+        out["kill9_restart_window_ms"], out["kill9_failed_reads"]
+    );
+    println!(
+        "  takeover: longest wait of a reader {} ms, {} failed reads",
+        out["takeover_longest_wait_ms"], out["takeover_failed_reads"]
+    );
+    let a = &r["audit"];
+    println!(
+        "\nAudit cost (1 reader): p50 {} µs with reads audited, {} µs without: {:.2}×",
+        f(&a["audit_on"]["p50_us"]),
+        f(&a["audit_off"]["p50_us"]),
+        a["on_vs_off_p50"].as_f64().unwrap_or(0.0)
+    );
+}
