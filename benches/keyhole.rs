@@ -44,8 +44,10 @@ type Section = fn(&Opts) -> Value;
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let opts = Opts { short: args.iter().any(|a| a == "--short"), json: args.iter().any(|a| a == "--json") };
-    if let Some(bad) = args.iter().find(|a| !["--short", "--json", "--bench"].contains(&a.as_str())) {
-        eprintln!("usage: cargo bench --bench keyhole -- [--short] [--json]   (unknown: {bad})");
+    let only: Vec<&str> = args.iter().filter_map(|a| a.strip_prefix("--only=")).collect();
+    let known = |a: &String| ["--short", "--json", "--bench"].contains(&a.as_str()) || a.starts_with("--only=");
+    if let Some(bad) = args.iter().find(|a| !known(a)) {
+        eprintln!("usage: cargo bench --bench keyhole -- [--short] [--json] [--only=SECTION]...   (unknown: {bad})");
         std::process::exit(2);
     }
     if !is_root() || !Path::new("/dev/fuse").exists() {
@@ -63,6 +65,9 @@ fn main() {
         ("audit", audit_cost),
     ];
     for (name, f) in sections {
+        if !only.is_empty() && !only.contains(&name) {
+            continue;
+        }
         eprintln!("== {name}");
         report.insert(name.to_owned(), f(&opts));
     }
@@ -808,93 +813,105 @@ fn print_tables(r: &BTreeMap<String, Value>) {
         m["kernel"].as_str().unwrap_or("")
     );
     let f = |v: &Value| v.as_f64().map_or("-".to_owned(), |x| format!("{x:.1}"));
-    let rp = &r["read_path"];
-    println!("Read path: open+read+close of 64 bytes ({} per run), p50 / p99 µs, reads/s", rp["iterations"]);
-    println!(
-        "{:>7}  {:>22}  {:>22}  {:>22}  {:>8}  {:>8}",
-        "readers", "tmpfs", "no-op FUSE", "keyhole", "/floor", "/tmpfs"
-    );
-    for row in rp["rows"].as_array().into_iter().flatten() {
-        let cell = |n: &str| {
-            format!(
-                "{} / {} / {:.0}",
-                f(&row[n]["p50_us"]),
-                f(&row[n]["p99_us"]),
-                row[n]["ops_per_s"].as_f64().unwrap_or(0.0)
-            )
-        };
+    if let Some(rp) = r.get("read_path") {
+        println!("Read path: open+read+close of 64 bytes ({} per run), p50 / p99 µs, reads/s", rp["iterations"]);
         println!(
             "{:>7}  {:>22}  {:>22}  {:>22}  {:>8}  {:>8}",
-            row["threads"],
-            cell("tmpfs"),
-            cell("noop_fuse"),
-            cell("keyhole"),
-            format!("{:.2}×", row["keyhole_vs_floor_p50"].as_f64().unwrap_or(0.0)),
-            format!("{:.2}×", row["keyhole_vs_tmpfs_p50"].as_f64().unwrap_or(0.0)),
+            "readers", "tmpfs", "no-op FUSE", "keyhole", "/floor", "/tmpfs"
         );
+        for row in rp["rows"].as_array().into_iter().flatten() {
+            let cell = |n: &str| {
+                format!(
+                    "{} / {} / {:.0}",
+                    f(&row[n]["p50_us"]),
+                    f(&row[n]["p99_us"]),
+                    row[n]["ops_per_s"].as_f64().unwrap_or(0.0)
+                )
+            };
+            println!(
+                "{:>7}  {:>22}  {:>22}  {:>22}  {:>8}  {:>8}",
+                row["threads"],
+                cell("tmpfs"),
+                cell("noop_fuse"),
+                cell("keyhole"),
+                format!("{:.2}×", row["keyhole_vs_floor_p50"].as_f64().unwrap_or(0.0)),
+                format!("{:.2}×", row["keyhole_vs_tmpfs_p50"].as_f64().unwrap_or(0.0)),
+            );
+        }
     }
-    let ps = &r["propagation_and_scale"];
-    println!("\nPropagation and scale ({} rounds each; ms from the call returning)", ps["rounds"]);
-    println!(
-        "{:>6}  {:>17}  {:>5}  {:>17}  {:>10}  {:>8}  {:>8}  {:>14}",
-        "mounts", "rotation p50/p99", "stale", "revoke p50/p99", "create/mnt", "RSS KiB", "KiB/mnt", "open p50/p99µs"
-    );
-    for row in ps["rows"].as_array().into_iter().flatten() {
-        let g = |k: &str| row[k].as_f64().map_or("-".into(), |x| format!("{x:.2}"));
+    if let Some(ps) = r.get("propagation_and_scale") {
+        println!("\nPropagation and scale ({} rounds each; ms from the call returning)", ps["rounds"]);
         println!(
             "{:>6}  {:>17}  {:>5}  {:>17}  {:>10}  {:>8}  {:>8}  {:>14}",
-            row["mounts"],
-            format!("{} / {}", g("rotation_visible_p50_ms"), g("rotation_visible_p99_ms")),
-            row["stale_reads_after_return"],
-            format!("{} / {}", g("revocation_visible_p50_ms"), g("revocation_visible_p99_ms")),
-            format!("{} ms", g("create_per_mount_ms")),
-            row["rss_kib"],
-            row["rss_per_mount_kib"],
-            format!("{} / {}", f(&row["open_p50_us"]), f(&row["open_p99_us"])),
+            "mounts",
+            "rotation p50/p99",
+            "stale",
+            "revoke p50/p99",
+            "create/mnt",
+            "RSS KiB",
+            "KiB/mnt",
+            "open p50/p99µs"
+        );
+        for row in ps["rows"].as_array().into_iter().flatten() {
+            let g = |k: &str| row[k].as_f64().map_or("-".into(), |x| format!("{x:.2}"));
+            println!(
+                "{:>6}  {:>17}  {:>5}  {:>17}  {:>10}  {:>8}  {:>8}  {:>14}",
+                row["mounts"],
+                format!("{} / {}", g("rotation_visible_p50_ms"), g("rotation_visible_p99_ms")),
+                row["stale_reads_after_return"],
+                format!("{} / {}", g("revocation_visible_p50_ms"), g("revocation_visible_p99_ms")),
+                format!("{} ms", g("create_per_mount_ms")),
+                row["rss_kib"],
+                row["rss_per_mount_kib"],
+                format!("{} / {}", f(&row["open_p50_us"]), f(&row["open_p99_us"])),
+            );
+        }
+    }
+    if let Some(be) = r.get("backend") {
+        println!("\nBackend (OpenBao dev server on loopback)");
+        if let Some(why) = be["skipped"].as_str() {
+            println!("  skipped: {why}");
+        } else {
+            println!(
+                "  read through OpenBao (miss):  p50 {} µs, p99 {} µs   direct HTTP GET: p50 {} µs, p99 {} µs",
+                f(&be["miss_via_keyhole_p50_us"]),
+                f(&be["miss_via_keyhole_p99_us"]),
+                f(&be["direct_http_get_p50_us"]),
+                f(&be["direct_http_get_p99_us"])
+            );
+            println!(
+                "  local store get:              p50 {} µs, p99 {} µs",
+                f(&be["local_store_get_p50_us"]),
+                f(&be["local_store_get_p99_us"])
+            );
+            println!(
+                "  warm reads through the mount: p50 {} µs; backend data requests during them: {}",
+                f(&be["warm_reads"]["p50_us"]),
+                be["backend_data_requests_during_warm_reads"]
+            );
+            println!(
+                "  poll load: {} requests/s for {} watched secrets at a {} s interval",
+                be["poll_requests_per_s"], be["watched_secrets"], be["poll_interval_s"]
+            );
+        }
+    }
+    if let Some(out) = r.get("outage") {
+        println!("\nOutage ({} rounds)", out["rounds"]);
+        println!(
+            "  kill -9, restarted at once: opens fail for {} ms ({} failed reads in all)",
+            out["kill9_restart_window_ms"], out["kill9_failed_reads"]
+        );
+        println!(
+            "  takeover: longest wait of a reader {} ms, {} failed reads",
+            out["takeover_longest_wait_ms"], out["takeover_failed_reads"]
         );
     }
-    let be = &r["backend"];
-    println!("\nBackend (OpenBao dev server on loopback)");
-    if let Some(why) = be["skipped"].as_str() {
-        println!("  skipped: {why}");
-    } else {
+    if let Some(a) = r.get("audit") {
         println!(
-            "  read through OpenBao (miss):  p50 {} µs, p99 {} µs   direct HTTP GET: p50 {} µs, p99 {} µs",
-            f(&be["miss_via_keyhole_p50_us"]),
-            f(&be["miss_via_keyhole_p99_us"]),
-            f(&be["direct_http_get_p50_us"]),
-            f(&be["direct_http_get_p99_us"])
-        );
-        println!(
-            "  local store get:              p50 {} µs, p99 {} µs",
-            f(&be["local_store_get_p50_us"]),
-            f(&be["local_store_get_p99_us"])
-        );
-        println!(
-            "  warm reads through the mount: p50 {} µs; backend data requests during them: {}",
-            f(&be["warm_reads"]["p50_us"]),
-            be["backend_data_requests_during_warm_reads"]
-        );
-        println!(
-            "  poll load: {} requests/s for {} watched secrets at a {} s interval",
-            be["poll_requests_per_s"], be["watched_secrets"], be["poll_interval_s"]
+            "\nAudit cost (1 reader): p50 {} µs with reads audited, {} µs without: {:.2}×",
+            f(&a["audit_on"]["p50_us"]),
+            f(&a["audit_off"]["p50_us"]),
+            a["on_vs_off_p50"].as_f64().unwrap_or(0.0)
         );
     }
-    let out = &r["outage"];
-    println!("\nOutage ({} rounds)", out["rounds"]);
-    println!(
-        "  kill -9, restarted at once: opens fail for {} ms ({} failed reads in all)",
-        out["kill9_restart_window_ms"], out["kill9_failed_reads"]
-    );
-    println!(
-        "  takeover: longest wait of a reader {} ms, {} failed reads",
-        out["takeover_longest_wait_ms"], out["takeover_failed_reads"]
-    );
-    let a = &r["audit"];
-    println!(
-        "\nAudit cost (1 reader): p50 {} µs with reads audited, {} µs without: {:.2}×",
-        f(&a["audit_on"]["p50_us"]),
-        f(&a["audit_off"]["p50_us"]),
-        a["on_vs_off_p50"].as_f64().unwrap_or(0.0)
-    );
 }

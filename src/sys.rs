@@ -85,6 +85,31 @@ pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
+/// A pidfd for one task (thread) `tid`: `PIDFD_THREAD` (Linux 6.9+), or a
+/// plain pidfd where `tid` leads its thread group (older kernels).
+pub fn pidfd_open_task(tid: i32) -> io::Result<OwnedFd> {
+    const PIDFD_THREAD: libc::c_long = libc::O_EXCL as libc::c_long;
+    // SAFETY: a raw syscall with two integer arguments.
+    let mut fd = unsafe { libc::syscall(libc::SYS_pidfd_open, tid, PIDFD_THREAD) };
+    if fd < 0 {
+        // SAFETY: as above.
+        fd = unsafe { libc::syscall(libc::SYS_pidfd_open, tid, 0) };
+    }
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a new fd returned by the kernel, owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// Whether the task behind `pidfd` has exited (the pidfd polls readable).
+pub fn pidfd_exited(pidfd: &OwnedFd) -> bool {
+    let mut p = libc::pollfd { fd: pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd, for the duration of the call; no waiting.
+    let r = unsafe { libc::poll(&mut p, 1, 0) };
+    r != 0
+}
+
 /// The pid a pidfd refers to now, from `/proc/self/fdinfo`: `None` once
 /// that process has exited (the kernel reports -1), so a recycled pid
 /// number can never be confused with the process the pidfd pins.

@@ -12,10 +12,12 @@
 pub mod cgroup;
 pub mod docker;
 
+use std::collections::HashMap;
 use std::fmt;
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use crate::config::AdminPolicy;
 use crate::policy::ContainerInfo;
@@ -102,7 +104,33 @@ pub struct Attestor {
     /// The container the broker itself runs in (a compose sidecar), if any.
     own_container: Option<String>,
     docker: Option<Arc<docker::DockerCache>>,
+    /// FUSE callers seen lately (see [`Attestor::attest_task`]).
+    tasks: Mutex<HashMap<i32, Known>>,
 }
+
+/// What a task cannot change about itself while it lives (its container,
+/// its namespaces), pinned by a pidfd so a recycled tid never inherits it.
+/// uid and gid are not kept: every FUSE request carries them afresh.
+struct Known {
+    pidfd: OwnedFd,
+    container_id: Option<String>,
+    docker: Option<ContainerInfo>,
+    host: bool,
+    groups: Vec<u32>,
+    at: Instant,
+}
+
+impl fmt::Debug for Known {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Known").field("container_id", &self.container_id).field("host", &self.host).finish()
+    }
+}
+
+/// How long a FUSE caller's facts are reused. Bounds how long a task that
+/// root moves to another cgroup keeps its old container.
+const KNOWN_FOR: Duration = Duration::from_secs(1);
+/// Most FUSE callers remembered at once.
+const KNOWN_MAX: usize = 4096;
 
 impl Attestor {
     pub fn new(proc_root: impl Into<PathBuf>, admin: AdminPolicy, docker: Option<Arc<docker::DockerCache>>) -> Self {
@@ -111,7 +139,15 @@ impl Attestor {
         let own_container = std::fs::read_to_string(proc_root.join("self/cgroup"))
             .ok()
             .and_then(|c| cgroup::container_id(&c).ok().flatten());
-        Self { own_pid_ns: own("pid"), own_mnt_ns: own("mnt"), own_container, proc_root, admin, docker }
+        Self {
+            own_pid_ns: own("pid"),
+            own_mnt_ns: own("mnt"),
+            own_container,
+            proc_root,
+            admin,
+            docker,
+            tasks: Mutex::new(HashMap::new()),
+        }
     }
 
     /// A socket peer: read `/proc`, then prove with the pidfd that the
@@ -131,14 +167,63 @@ impl Attestor {
     /// The caller of a FUSE request: the task is blocked in the syscall
     /// for as long as the request is being served, so `/proc/<tid>` is
     /// stable without a pin. `tid` 0 means outside our pid namespace.
+    ///
+    /// A task's container and namespaces are remembered for [`KNOWN_FOR`]
+    /// under a pidfd of the task: a warm open then costs a lookup and one
+    /// poll instead of four `/proc` reads.
     pub fn attest_task(&self, tid: i32, uid: u32, gid: u32) -> Result<Identity, IdentityError> {
         if tid <= 0 {
             return Err(IdentityError::NoPid);
         }
-        self.describe(tid, uid, gid)
+        {
+            let mut tasks = self.tasks.lock().expect("tasks lock");
+            if let Some(k) = tasks.get(&tid) {
+                if k.at.elapsed() < KNOWN_FOR && !crate::sys::pidfd_exited(&k.pidfd) {
+                    return Ok(Identity {
+                        uid,
+                        gid,
+                        pid: tid,
+                        container_id: k.container_id.clone(),
+                        docker: k.docker.clone(),
+                        host: k.host,
+                        admin: k.host && self.admin.allows(uid, gid, &k.groups),
+                    });
+                }
+                tasks.remove(&tid);
+            }
+        }
+        // Pin first, read /proc, then check the pin: the facts are the task's.
+        let pidfd = crate::sys::pidfd_open_task(tid).ok();
+        let (id, groups) = self.describe_with_groups(tid, uid, gid)?;
+        // A container Docker cannot describe yet is asked about again.
+        let settled = id.container_id.is_none() || id.docker.is_some() || self.docker.is_none();
+        if let Some(pidfd) = pidfd.filter(|p| settled && !crate::sys::pidfd_exited(p)) {
+            let mut tasks = self.tasks.lock().expect("tasks lock");
+            if tasks.len() >= KNOWN_MAX {
+                tasks.retain(|_, k| k.at.elapsed() < KNOWN_FOR);
+                if tasks.len() >= KNOWN_MAX {
+                    tasks.clear();
+                }
+            }
+            let known = Known {
+                pidfd,
+                container_id: id.container_id.clone(),
+                docker: id.docker.clone(),
+                host: id.host,
+                groups,
+                at: Instant::now(),
+            };
+            tasks.insert(tid, known);
+        }
+        Ok(id)
     }
 
     fn describe(&self, pid: i32, uid: u32, gid: u32) -> Result<Identity, IdentityError> {
+        self.describe_with_groups(pid, uid, gid).map(|(id, _)| id)
+    }
+
+    /// The identity, and the supplementary groups it was judged by.
+    fn describe_with_groups(&self, pid: i32, uid: u32, gid: u32) -> Result<(Identity, Vec<u32>), IdentityError> {
         let dir = self.proc_root.join(pid.to_string());
         let proc_err = |source| IdentityError::Proc { pid, source };
         let cgroup_file = std::fs::read_to_string(dir.join("cgroup")).map_err(proc_err)?;
@@ -159,7 +244,7 @@ impl Attestor {
             (Some(c), Some(d)) => d.lookup_blocking(c).map(|i| (*i).clone()),
             _ => None,
         };
-        Ok(Identity { uid, gid, pid, container_id, docker, host, admin })
+        Ok((Identity { uid, gid, pid, container_id, docker, host, admin }, groups))
     }
 
     fn check_alive(&self, peer: &Peer) -> Result<(), IdentityError> {
@@ -215,5 +300,34 @@ mod tests {
         let a = Attestor::new("/proc", AdminPolicy::default(), None);
         let p = Peer { uid: 0, gid: 0, pid, pidfd: Some(fd) };
         assert!(matches!(a.attest(&p), Err(IdentityError::Gone(_))));
+    }
+
+    /// This thread's tid, from /proc/thread-self -> "<pid>/task/<tid>".
+    fn tid() -> i32 {
+        let link = std::fs::read_link("/proc/thread-self").unwrap();
+        link.file_name().unwrap().to_str().unwrap().parse().unwrap()
+    }
+
+    #[test]
+    fn a_task_is_remembered_while_it_lives_and_forgotten_when_it_exits() {
+        let a = Attestor::new("/proc", AdminPolicy { uids: vec![1000], gids: vec![] }, None);
+        let t = std::thread::scope(|s| {
+            s.spawn(|| {
+                let t = tid();
+                let first = a.attest_task(t, 0, 0).unwrap();
+                assert!(a.tasks.lock().unwrap().contains_key(&t), "a live task is remembered");
+                // Served from memory: same facts, this request's uid and gid.
+                let again = a.attest_task(t, 1000, 1000).unwrap();
+                assert_eq!((again.host, again.container_id), (first.host, first.container_id));
+                assert_eq!((again.uid, again.gid, again.admin), (1000, 1000, true));
+                assert!(!a.attest_task(t, 1001, 1001).unwrap().admin);
+                t
+            })
+            .join()
+            .unwrap()
+        });
+        // The thread is gone: its pidfd says so, and /proc has no such task.
+        assert!(a.attest_task(t, 0, 0).is_err(), "an exited task was attested from memory");
+        assert!(!a.tasks.lock().unwrap().contains_key(&t));
     }
 }
