@@ -67,14 +67,14 @@ pub struct Identity {
     pub container_id: Option<String>,
     /// What Docker says of the container (audited as its name only).
     #[serde(rename = "container_name", serialize_with = "name_only", skip_serializing_if = "Option::is_none")]
-    pub docker: Option<ContainerInfo>,
+    pub docker: Option<Arc<ContainerInfo>>,
     /// In the broker's pid and mount namespaces and container (none, for
     /// a broker on the host).
     pub host: bool,
     pub admin: bool,
 }
 
-fn name_only<S: serde::Serializer>(d: &Option<ContainerInfo>, s: S) -> Result<S::Ok, S::Error> {
+fn name_only<S: serde::Serializer>(d: &Option<Arc<ContainerInfo>>, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(d.as_ref().map_or("", |d| d.name.as_str()))
 }
 
@@ -114,7 +114,7 @@ pub struct Attestor {
 struct Known {
     pidfd: OwnedFd,
     container_id: Option<String>,
-    docker: Option<ContainerInfo>,
+    docker: Option<Arc<ContainerInfo>>,
     host: bool,
     groups: Vec<u32>,
     at: Instant,
@@ -241,7 +241,7 @@ impl Attestor {
         let groups = if host { supplementary_groups(&dir).map_err(proc_err)? } else { Vec::new() };
         let admin = host && self.admin.allows(uid, gid, &groups);
         let docker = match (&container_id, &self.docker) {
-            (Some(c), Some(d)) => d.lookup_blocking(c).map(|i| (*i).clone()),
+            (Some(c), Some(d)) => d.lookup_blocking(c),
             _ => None,
         };
         Ok((Identity { uid, gid, pid, container_id, docker, host, admin }, groups))

@@ -325,11 +325,13 @@ mod tests {
             gid: uid,
             pid: 1,
             container_id: container.map(|_| "ab".repeat(32)),
-            docker: container.map(|(name, image, labels)| ContainerInfo {
-                name: name.into(),
-                image: image.into(),
-                labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
-                user: String::new(),
+            docker: container.map(|(name, image, labels)| {
+                std::sync::Arc::new(ContainerInfo {
+                    name: name.into(),
+                    image: image.into(),
+                    labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+                    user: String::new(),
+                })
             }),
             ..Identity::default()
         }
