@@ -179,16 +179,22 @@ fn peer_group(mountinfo: &str, path: &Path) -> Option<String> {
 }
 
 /// Whether any process, in any mount namespace, holds a slave copy of the
-/// mount at `path` — a container that bound it (rslave).
+/// mount at `path` — a container that bound it (rslave). A container
+/// runtime setting up some other container briefly holds a copy of every
+/// host mount (before its pivot_root): that is no holder.
 fn held_by_others(path: &Path) -> bool {
     let Some(group) = std::fs::read_to_string("/proc/self/mountinfo").ok().and_then(|m| peer_group(&m, path)) else {
         return false;
     };
     let tag = format!("master:{group}");
     let Ok(procs) = std::fs::read_dir("/proc") else { return true };
+    let runtime = |pid: &Path| {
+        std::fs::read_to_string(pid.join("comm")).is_ok_and(|c| c.starts_with("runc") || c.starts_with("crun"))
+    };
     procs
         .filter_map(Result::ok)
         .filter(|e| e.file_name().to_str().is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit())))
+        .filter(|e| !runtime(&e.path()))
         .filter_map(|e| std::fs::read_to_string(e.path().join("mountinfo")).ok())
         .any(|m| m.lines().any(|l| l.split(' ').any(|f| f == tag)))
 }
