@@ -3,6 +3,7 @@
 //!   cargo bench --bench keyhole              # the full run (BENCHMARKS.md)
 //!   cargo bench --bench keyhole -- --short   # a quick smoke run (CI)
 //!   cargo bench --bench keyhole -- --json    # the same figures as JSON
+//!   ... -- --only=read_path --save=out.json  # one section; the JSON kept too
 //!
 //! Read path: open+read+close of a 64-byte file on tmpfs, on a no-op FUSE
 //! filesystem served exactly like keyhole's mounts (same mount options,
@@ -46,9 +47,14 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let opts = Opts { short: args.iter().any(|a| a == "--short"), json: args.iter().any(|a| a == "--json") };
     let only: Vec<&str> = args.iter().filter_map(|a| a.strip_prefix("--only=")).collect();
-    let known = |a: &String| ["--short", "--json", "--bench"].contains(&a.as_str()) || a.starts_with("--only=");
+    let save = args.iter().find_map(|a| a.strip_prefix("--save="));
+    let known = |a: &String| {
+        ["--short", "--json", "--bench"].contains(&a.as_str()) || a.starts_with("--only=") || a.starts_with("--save=")
+    };
     if let Some(bad) = args.iter().find(|a| !known(a)) {
-        eprintln!("usage: cargo bench --bench keyhole -- [--short] [--json] [--only=SECTION]...   (unknown: {bad})");
+        eprintln!(
+            "usage: cargo bench --bench keyhole -- [--short] [--json] [--only=SECTION]... [--save=FILE.json]   (unknown: {bad})"
+        );
         std::process::exit(2);
     }
     if !is_root() || !Path::new("/dev/fuse").exists() {
@@ -72,8 +78,12 @@ fn main() {
         eprintln!("== {name}");
         report.insert(name.to_owned(), f(&opts));
     }
+    let text = serde_json::to_string_pretty(&report).unwrap();
+    if let Some(path) = save {
+        std::fs::write(path, &text).unwrap_or_else(|e| panic!("cannot write {path}: {e}"));
+    }
     if opts.json {
-        println!("{}", serde_json::to_string_pretty(&report).unwrap());
+        println!("{text}");
     } else {
         print_tables(&report);
     }
@@ -884,7 +894,7 @@ fn print_tables(r: &BTreeMap<String, Value>) {
             };
             println!(
                 "{:>7}  {:>22}  {:>22}  {:>22}  {:>8}  {:>8}",
-                row["threads"],
+                row["threads"].to_string(),
                 cell("tmpfs"),
                 cell("noop_fuse"),
                 cell("keyhole"),
@@ -913,15 +923,15 @@ fn print_tables(r: &BTreeMap<String, Value>) {
             let pair = |a: &str, b: &str| format!("{} / {}", g(a), g(b));
             println!(
                 "{:>6}  {:>13}  {:>13}  {:>5}  {:>13}  {:>13}  {:>9}  {:>7}  {:>7}  {:>13}",
-                row["mounts"],
+                row["mounts"].to_string(),
                 pair("rotate_call_p50_ms", "rotate_call_p99_ms"),
                 pair("rotation_visible_p50_ms", "rotation_visible_p99_ms"),
-                row["stale_reads_after_return"],
+                row["stale_reads_after_return"].to_string(),
                 pair("revoke_call_p50_ms", "revoke_call_p99_ms"),
                 pair("revocation_visible_p50_ms", "revocation_visible_p99_ms"),
                 format!("{} ms", g("create_per_mount_ms")),
-                row["rss_kib"],
-                row["rss_per_mount_kib"],
+                row["rss_kib"].to_string(),
+                row["rss_per_mount_kib"].to_string(),
                 format!("{} / {}", f(&row["open_p50_us"]), f(&row["open_p99_us"])),
             );
         }
