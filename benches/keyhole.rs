@@ -527,12 +527,14 @@ fn propagation_and_scale(o: &Opts) -> Value {
     let mut made = 0;
     let mut rows = Vec::new();
     let mut version = 0;
+    let mut create_total = Duration::ZERO;
     for &n in steps {
         let t = Instant::now();
         for i in made..n {
             admin.workload(&format!("w{i}"));
             admin.grant("bench/rot", &format!("w{i}"));
         }
+        create_total += t.elapsed();
         let per_mount_ms = if n > made { t.elapsed().as_secs_f64() * 1000.0 / (n - made) as f64 } else { 0.0 };
         made = n;
         let files: Vec<PathBuf> = (0..n).map(|i| b.file(&format!("w{i}"), "key")).collect();
@@ -582,6 +584,7 @@ fn propagation_and_scale(o: &Opts) -> Value {
             "revocation_visible_p50_ms": ms(rev_p50),
             "revocation_visible_p99_ms": ms(rev_p99),
             "create_per_mount_ms": (per_mount_ms * 100.0).round() / 100.0,
+            "create_total_s": (create_total.as_secs_f64() * 100.0).round() / 100.0,
             "rss_kib": rss,
             "rss_per_mount_kib": (rss.saturating_sub(rss_empty)) / n as u64,
             "open_p50_us": open["p50_us"],

@@ -55,6 +55,8 @@ Examples:
   keyhole serve
   keyhole serve --state-dir /srv/keyhole --run-dir /run/keyhole
   keyhole serve --config /etc/keyhole/keyhole.toml
+  keyhole serve --config /etc/keyhole/keyhole.toml --takeover   # upgrade in place
+  kill -HUP <broker pid>                                         # the same, by the broker
 
 On first start it creates <state-dir>/master.key (32 random bytes, mode 0400)
 and <state-dir>/store.redb. Back the key up: without it the store cannot be
