@@ -99,8 +99,57 @@ struct Shape {
     container: Option<String>,
 }
 
+/// One sync's view of a [`Catalog`]: what a target covers and each value
+/// are read once however many mounts show them, and the mounts share the
+/// loaded value.
+struct Memo<'a, C> {
+    cat: &'a C,
+    covered: std::cell::RefCell<BTreeMap<Target, Vec<(String, VersionMeta)>>>,
+    loaded: std::cell::RefCell<BTreeMap<(String, u64), Loaded>>,
+}
+
+impl<'a, C: Catalog> Memo<'a, C> {
+    fn new(cat: &'a C) -> Self {
+        Memo { cat, covered: Default::default(), loaded: Default::default() }
+    }
+}
+
+impl<C: Catalog> Catalog for Memo<'_, C> {
+    fn workloads(&self) -> anyhow::Result<Vec<Workload>> {
+        self.cat.workloads()
+    }
+
+    fn grants(&self, workload: &str) -> anyhow::Result<Vec<Grant>> {
+        self.cat.grants(workload)
+    }
+
+    fn covered(&self, target: &Target) -> anyhow::Result<Vec<(String, VersionMeta)>> {
+        if let Some(c) = self.covered.borrow().get(target) {
+            return Ok(c.clone());
+        }
+        let c = self.cat.covered(target)?;
+        self.covered.borrow_mut().insert(target.clone(), c.clone());
+        Ok(c)
+    }
+
+    fn load(&self, path: &str, meta: &VersionMeta) -> anyhow::Result<Loaded> {
+        let key = (path.to_owned(), meta.version);
+        if let Some(l) = self.loaded.borrow().get(&key) {
+            return Ok(l.clone());
+        }
+        let l = self.cat.load(path, meta)?;
+        self.loaded.borrow_mut().insert(key, l.clone());
+        Ok(l)
+    }
+
+    fn volume_mounts(&self) -> anyhow::Result<Vec<VolumeMount>> {
+        self.cat.volume_mounts()
+    }
+}
+
 /// A value for a node; `value` is None while a remote backend has not
 /// delivered it, and `health` tells how fresh a remote value is.
+#[derive(Clone)]
 pub struct Loaded {
     pub value: Option<Arc<SecretBytes>>,
     pub health: Option<Arc<Health>>,
@@ -477,6 +526,7 @@ impl MountTable {
         if self.frozen.load(Ordering::SeqCst) {
             return Ok(notices);
         }
+        let cat = &Memo::new(cat);
         let wanted = Self::wanted(cat)?;
         let mut mounts = self.mounts.lock().expect("mounts lock");
         let gone: Vec<MountKey> =
@@ -636,6 +686,54 @@ impl MountTable {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use crate::secret::SecretPath;
+
+    /// Counts what reaches the real catalog.
+    #[derive(Default)]
+    struct Counting {
+        covered: std::cell::Cell<u32>,
+        loaded: std::cell::Cell<u32>,
+    }
+
+    impl Catalog for Counting {
+        fn workloads(&self) -> anyhow::Result<Vec<Workload>> {
+            Ok(Vec::new())
+        }
+        fn grants(&self, _: &str) -> anyhow::Result<Vec<Grant>> {
+            Ok(Vec::new())
+        }
+        fn covered(&self, t: &Target) -> anyhow::Result<Vec<(String, VersionMeta)>> {
+            self.covered.set(self.covered.get() + 1);
+            let (Target::Exact(p) | Target::Prefix(p)) = t;
+            Ok(vec![(p.as_str().to_owned(), VersionMeta { version: 1, created_unix_ms: 0, size: 1 })])
+        }
+        fn load(&self, _: &str, _: &VersionMeta) -> anyhow::Result<Loaded> {
+            self.loaded.set(self.loaded.get() + 1);
+            Ok(Loaded { value: Some(Arc::new(SecretBytes::copy_from(b"v"))), health: None })
+        }
+        fn volume_mounts(&self) -> anyhow::Result<Vec<VolumeMount>> {
+            Ok(Vec::new())
+        }
+    }
+
+    #[test]
+    fn one_sync_reads_each_target_and_value_once_and_mounts_share_it() {
+        let real = Counting::default();
+        let memo = Memo::new(&real);
+        let (a, b) = (Target::Exact(SecretPath::parse("a").unwrap()), Target::Exact(SecretPath::parse("b").unwrap()));
+        let meta = |v| VersionMeta { version: v, created_unix_ms: 0, size: 1 };
+        for _ in 0..1000 {
+            memo.covered(&a).unwrap();
+        }
+        memo.covered(&b).unwrap();
+        let first = memo.load("a", &meta(1)).unwrap();
+        let again = memo.load("a", &meta(1)).unwrap();
+        memo.load("a", &meta(2)).unwrap();
+        assert_eq!((real.covered.get(), real.loaded.get()), (2, 2));
+        assert!(Arc::ptr_eq(first.value.as_ref().unwrap(), again.value.as_ref().unwrap()));
+    }
+
     #[test]
     fn peer_groups_of_the_topmost_mount() {
         let info = "43 27 254:0 / /run/k rw shared:2 - ext4 /dev/vda rw\n\
