@@ -98,8 +98,9 @@ fn mac_of(key: &SecretBytes, prev: &[u8; MAC_LEN], body: &[u8]) -> [u8; MAC_LEN]
     m.finalize().into_bytes().into()
 }
 
-/// Check one line against the chain; returns its seq and HMAC.
-fn check_line(key: &SecretBytes, prev: &[u8; MAC_LEN], want_seq: u64, line: &str) -> Result<[u8; MAC_LEN], String> {
+/// Check one line against the chain; returns its HMAC. `keyed` is an
+/// HMAC already keyed with the audit key (cloned per line).
+fn check_line(keyed: &HmacSha256, prev: &[u8; MAC_LEN], want_seq: u64, line: &str) -> Result<[u8; MAC_LEN], String> {
     if line.len() < TRAILER_LEN + 2 || !line.ends_with("\"}") {
         return Err("not an audit line".into());
     }
@@ -107,19 +108,22 @@ fn check_line(key: &SecretBytes, prev: &[u8; MAC_LEN], want_seq: u64, line: &str
     let hex_mac = trailer.strip_prefix(",\"hmac\":\"").and_then(|t| t.strip_suffix("\"}")).ok_or("no hmac")?;
     let mut got = [0u8; MAC_LEN];
     hex::decode_to_slice(hex_mac, &mut got).map_err(|_| "hmac is not hex")?;
-    let mut signed = body.as_bytes().to_vec();
-    signed.push(b'}');
-    let want = mac_of(key, prev, &signed);
+    // The signed text is the line without its hmac field: body + "}".
+    let mut m = keyed.clone();
+    m.update(prev);
+    m.update(body.as_bytes());
+    m.update(b"}");
+    let want: [u8; MAC_LEN] = m.finalize().into_bytes().into();
     if want.iter().zip(&got).fold(0u8, |d, (a, b)| d | (a ^ b)) != 0 {
         return Err("hmac mismatch: the line was edited, or lines were removed or reordered before it".into());
     }
-    #[derive(serde::Deserialize)]
-    struct Seq {
-        seq: u64,
-    }
-    let seq: Seq = serde_json::from_str(line).map_err(|e| format!("not JSON: {e}"))?;
-    if seq.seq != want_seq {
-        return Err(format!("seq {} where {want_seq} was expected", seq.seq));
+    // Authentic, so in our own shape: {"seq":N,...
+    let seq = body
+        .strip_prefix("{\"seq\":")
+        .and_then(|r| r.split_once(',').and_then(|(n, _)| n.parse::<u64>().ok()))
+        .ok_or("no seq")?;
+    if seq != want_seq {
+        return Err(format!("seq {seq} where {want_seq} was expected"));
     }
     Ok(got)
 }
@@ -131,12 +135,13 @@ fn verify_file(key: &SecretBytes, path: &Path) -> Result<(u64, [u8; MAC_LEN]), A
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((0, [0; MAC_LEN])),
         Err(source) => return Err(AuditError::Io { path: path.into(), source }),
     };
+    let keyed = <HmacSha256 as hmac::KeyInit>::new_from_slice(key.expose()).expect("HMAC takes any key length");
     let mut prev = [0u8; MAC_LEN];
     let mut n = 0u64;
     for line in BufReader::new(file).lines() {
         let line = line.map_err(|source| AuditError::Io { path: path.into(), source })?;
         n += 1;
-        prev = check_line(key, &prev, n, &line).map_err(|problem| AuditError::Broken { line: n, problem })?;
+        prev = check_line(&keyed, &prev, n, &line).map_err(|problem| AuditError::Broken { line: n, problem })?;
     }
     Ok((n, prev))
 }
@@ -165,17 +170,33 @@ fn ends_at(path: &Path, seq: u64, mac: &[u8; MAC_LEN]) -> std::io::Result<bool> 
 
 /// Cut a last line left unfinished by a crash mid-write (no newline).
 fn drop_partial_tail(path: &Path) -> std::io::Result<bool> {
-    let data = match std::fs::read(path) {
-        Ok(d) => d,
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = match OpenOptions::new().read(true).write(true).open(path) {
+        Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
         Err(e) => return Err(e),
     };
-    if data.is_empty() || data.ends_with(b"\n") {
-        return Ok(false);
+    let len = f.metadata()?.len();
+    // Read back from the end, a block at a time, to the last newline.
+    let mut end = len;
+    loop {
+        let start = end.saturating_sub(64 * 1024);
+        let mut block = vec![0u8; (end - start) as usize];
+        f.seek(SeekFrom::Start(start))?;
+        f.read_exact(&mut block)?;
+        if end == len && block.last().is_none_or(|&b| b == b'\n') {
+            return Ok(false);
+        }
+        if let Some(i) = block.iter().rposition(|&b| b == b'\n') {
+            f.set_len(start + i as u64 + 1)?;
+            return Ok(true);
+        }
+        if start == 0 {
+            f.set_len(0)?;
+            return Ok(true);
+        }
+        end = start;
     }
-    let keep = data.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-    OpenOptions::new().write(true).open(path)?.set_len(keep as u64)?;
-    Ok(true)
 }
 
 impl AuditLog {
@@ -358,5 +379,16 @@ mod tests {
         let log = AuditLog::open(&path, key()).unwrap();
         assert_eq!(log.record(&Event::new("get")).unwrap(), 3);
         assert_eq!(log.verify().unwrap(), 3);
+        drop(log);
+        // A partial line longer than the block the tail is read back in.
+        let whole = std::fs::metadata(&path).unwrap().len();
+        f.write_all(&vec![b'x'; 150 * 1024]).unwrap();
+        assert!(drop_partial_tail(&path).unwrap());
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), whole);
+        assert!(!drop_partial_tail(&path).unwrap(), "a whole log is left alone");
+        // Nothing but a partial line: nothing is left.
+        std::fs::write(&path, vec![b'y'; 70 * 1024]).unwrap();
+        assert!(drop_partial_tail(&path).unwrap());
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
     }
 }
