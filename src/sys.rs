@@ -74,40 +74,39 @@ pub fn peer_pidfd(sock: RawFd) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// `pidfd_open(pid)`: the fallback where `SO_PEERPIDFD` is missing.
-pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
+fn pidfd_open_flags(pid: i32, flags: libc::c_long) -> io::Result<OwnedFd> {
     // SAFETY: a raw syscall with two integer arguments.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, flags) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: a new fd returned by the kernel, owned by nobody else.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// `pidfd_open(pid)`: the fallback where `SO_PEERPIDFD` is missing.
+pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
+    pidfd_open_flags(pid, 0)
 }
 
 /// A pidfd for one task (thread) `tid`: `PIDFD_THREAD` (Linux 6.9+), or a
 /// plain pidfd where `tid` leads its thread group (older kernels).
 pub fn pidfd_open_task(tid: i32) -> io::Result<OwnedFd> {
     const PIDFD_THREAD: libc::c_long = libc::O_EXCL as libc::c_long;
-    // SAFETY: a raw syscall with two integer arguments.
-    let mut fd = unsafe { libc::syscall(libc::SYS_pidfd_open, tid, PIDFD_THREAD) };
-    if fd < 0 {
-        // SAFETY: as above.
-        fd = unsafe { libc::syscall(libc::SYS_pidfd_open, tid, 0) };
-    }
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a new fd returned by the kernel, owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+    pidfd_open_flags(tid, PIDFD_THREAD).or_else(|_| pidfd_open_flags(tid, 0))
 }
 
-/// Whether the task behind `pidfd` has exited (the pidfd polls readable).
+/// Wait up to `timeout` for the process behind `pidfd` to exit (its
+/// pidfd polls readable); true if it has.
+pub fn pidfd_wait_exit(pidfd: &OwnedFd, timeout: std::time::Duration) -> io::Result<bool> {
+    let mut fds = [rustix::event::PollFd::new(pidfd, rustix::event::PollFlags::IN)];
+    let timeout = rustix::event::Timespec::try_from(timeout).map_err(io::Error::other)?;
+    Ok(rustix::event::poll(&mut fds, Some(&timeout))? != 0)
+}
+
+/// Whether the task behind `pidfd` has exited; an error counts as exited.
 pub fn pidfd_exited(pidfd: &OwnedFd) -> bool {
-    let mut p = libc::pollfd { fd: pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-    // SAFETY: one valid pollfd, for the duration of the call; no waiting.
-    let r = unsafe { libc::poll(&mut p, 1, 0) };
-    r != 0
+    pidfd_wait_exit(pidfd, std::time::Duration::ZERO).unwrap_or(true)
 }
 
 /// The pid a pidfd refers to now, from `/proc/self/fdinfo`: `None` once

@@ -31,7 +31,6 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use rustix::event::{PollFd, PollFlags, Timespec};
 use rustix::net::{
     self, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags, SendAncillaryBuffer, SendAncillaryMessage,
     SendFlags,
@@ -164,13 +163,6 @@ fn peer(sock: &UnixStream) -> anyhow::Result<Peer> {
     Ok(Peer { pid: cred.pid.as_raw_nonzero().get(), uid: cred.uid.as_raw() })
 }
 
-/// Wait up to `timeout` for the process behind `pidfd` to exit.
-fn wait_exit(pidfd: &OwnedFd, timeout: Duration) -> anyhow::Result<bool> {
-    let mut fds = [PollFd::new(pidfd, PollFlags::IN)];
-    let timeout = Timespec::try_from(timeout).context("timeout out of range")?;
-    Ok(rustix::event::poll(&mut fds, Some(&timeout))? == 1)
-}
-
 /// The running broker's side, on one accepted connection.
 pub struct Outgoing {
     sock: UnixStream,
@@ -275,7 +267,7 @@ pub fn take_over(socket: &Path) -> anyhow::Result<Received> {
     let workload = listener(next());
     let plugin = state.plugin.then(|| listener(next()));
     send(&mut sock, &Msg::Ack)?;
-    if !wait_exit(&pidfd, STEP_TIMEOUT)? {
+    if !crate::sys::pidfd_wait_exit(&pidfd, STEP_TIMEOUT)? {
         bail!("the previous broker (pid {}) acknowledged the takeover but did not exit", cred.pid);
     }
     Ok(Received {

@@ -617,10 +617,10 @@ impl MountTable {
     pub fn adopt(&self, cat: &impl Catalog, handed: Vec<(MountState, File)>, next_ino: u64) -> anyhow::Result<()> {
         let wanted = Self::wanted(cat)?;
         let mut mounts = self.mounts.lock().expect("mounts lock");
-        let load = |n: workload::NodeState| {
+        let load = |n: Node| {
             let meta = VersionMeta { version: n.version, created_unix_ms: n.mtime_ms, size: 0 };
             let loaded = cat.load(&n.secret, &meta).unwrap_or(Loaded { value: None, health: None });
-            Arc::new(n.into_node(loaded.value, loaded.health))
+            Arc::new(Node { value: loaded.value, health: loaded.health, ..n })
         };
         for (st, dev) in handed {
             let path = self.path_of(&st.key);

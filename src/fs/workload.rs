@@ -35,7 +35,10 @@ pub const ROOT: u64 = 1;
 /// invalidated explicitly, so this only bounds a missed invalidation.
 const TTL: Duration = Duration::from_secs(10);
 
-/// One file as shown: immutable once made.
+/// One file as shown: immutable once made. Handed to a successor broker
+/// as is, except the value and its health, which never leave the process:
+/// the successor loads them from its own store.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Node {
     pub ino: u64,
     pub name: String,
@@ -47,8 +50,10 @@ pub struct Node {
     pub uid: Option<u32>,
     pub gid: Option<u32>,
     /// None while a remote backend has not delivered the value.
+    #[serde(skip)]
     pub value: Option<Arc<SecretBytes>>,
     /// For a remote value: whether its backend answers.
+    #[serde(skip)]
     pub health: Option<Arc<Health>>,
     /// Signal for this file's readers when it rotates.
     pub notify: Option<String>,
@@ -67,42 +72,6 @@ impl Node {
     }
 }
 
-/// A node as handed to a successor broker: everything but the value,
-/// which the successor loads from its own store.
-#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
-pub struct NodeState {
-    pub ino: u64,
-    pub name: String,
-    pub secret: String,
-    pub version: u64,
-    pub mtime_ms: i64,
-    pub mode: u32,
-    pub uid: Option<u32>,
-    pub gid: Option<u32>,
-    pub notify: Option<String>,
-}
-
-impl NodeState {
-    fn of(n: &Node) -> Self {
-        NodeState {
-            ino: n.ino,
-            name: n.name.clone(),
-            secret: n.secret.clone(),
-            version: n.version,
-            mtime_ms: n.mtime_ms,
-            mode: n.mode,
-            uid: n.uid,
-            gid: n.gid,
-            notify: n.notify.clone(),
-        }
-    }
-
-    pub fn into_node(self, value: Option<Arc<SecretBytes>>, health: Option<Arc<Health>>) -> Node {
-        let NodeState { ino, name, secret, version, mtime_ms, mode, uid, gid, notify } = self;
-        Node { ino, name, secret, version, mtime_ms, mode, uid, gid, value, health, notify }
-    }
-}
-
 /// What a successor broker needs to serve a live mount on: the inode
 /// numbers and open handles the kernel knows, and what was learned.
 #[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
@@ -110,9 +79,9 @@ pub struct FsState {
     pub mounted_unix_ns: u128,
     pub next_fh: u64,
     pub owner: Option<(Option<u32>, Option<u32>)>,
-    pub nodes: Vec<NodeState>,
+    pub nodes: Vec<Node>,
     /// Open file handles, with the node each one reads (maybe retired).
-    pub handles: Vec<(u64, NodeState)>,
+    pub handles: Vec<(u64, Node)>,
     pub readers: HashMap<String, std::collections::BTreeSet<String>>,
 }
 
@@ -265,8 +234,8 @@ impl WorkloadFs {
             mounted_unix_ns: at.as_nanos(),
             next_fh: self.next_fh.load(Ordering::Relaxed),
             owner: self.owner.learned.get().copied(),
-            nodes: self.view().by_name.values().map(|n| NodeState::of(n)).collect(),
-            handles: handles.iter().map(|(fh, n)| (*fh, NodeState::of(n))).collect(),
+            nodes: self.view().by_name.values().map(|n| Node::clone(n)).collect(),
+            handles: handles.iter().map(|(fh, n)| (*fh, Node::clone(n))).collect(),
             readers: self.readers.lock().expect("readers lock").clone(),
         }
     }
