@@ -157,7 +157,7 @@ impl Attestor {
             return Err(IdentityError::NoPid);
         }
         self.check_alive(peer)?;
-        let id = self.describe(peer.pid, peer.uid, peer.gid)?;
+        let (id, _) = self.describe(peer.pid, peer.uid, peer.gid)?;
         // Everything was read from /proc/<pid>; it describes the peer only
         // if the pinned process is still the one with that pid.
         self.check_alive(peer)?;
@@ -194,7 +194,7 @@ impl Attestor {
         }
         // Pin first, read /proc, then check the pin: the facts are the task's.
         let pidfd = crate::sys::pidfd_open_task(tid).ok();
-        let (id, groups) = self.describe_with_groups(tid, uid, gid)?;
+        let (id, groups) = self.describe(tid, uid, gid)?;
         // A container Docker cannot describe yet is asked about again.
         let settled = id.container_id.is_none() || id.docker.is_some() || self.docker.is_none();
         if let Some(pidfd) = pidfd.filter(|p| settled && !crate::sys::pidfd_exited(p)) {
@@ -218,12 +218,8 @@ impl Attestor {
         Ok(id)
     }
 
-    fn describe(&self, pid: i32, uid: u32, gid: u32) -> Result<Identity, IdentityError> {
-        self.describe_with_groups(pid, uid, gid).map(|(id, _)| id)
-    }
-
     /// The identity, and the supplementary groups it was judged by.
-    fn describe_with_groups(&self, pid: i32, uid: u32, gid: u32) -> Result<(Identity, Vec<u32>), IdentityError> {
+    fn describe(&self, pid: i32, uid: u32, gid: u32) -> Result<(Identity, Vec<u32>), IdentityError> {
         let dir = self.proc_root.join(pid.to_string());
         let proc_err = |source| IdentityError::Proc { pid, source };
         let cgroup_file = std::fs::read_to_string(dir.join("cgroup")).map_err(proc_err)?;
