@@ -228,8 +228,14 @@ fn readable_version() -> u32 {
 /// The successor's side: take everything over from the broker serving on
 /// `socket`, and wait until it has exited.
 pub fn take_over(socket: &Path) -> anyhow::Result<Received> {
-    let mut sock = UnixStream::connect(socket).with_context(|| {
-        format!("no broker to take over from at {} (is one running on this run dir?)", socket.display())
+    let mut sock = UnixStream::connect(socket).map_err(|e| match e.kind() {
+        std::io::ErrorKind::PermissionDenied => {
+            anyhow::anyhow!("permission denied on {}: only the broker's own user may take it over", socket.display())
+        }
+        _ => anyhow::anyhow!(
+            "no broker to take over from at {} (is one running on this run dir?): {e}",
+            socket.display()
+        ),
     })?;
     sock.set_read_timeout(Some(STEP_TIMEOUT))?;
     sock.set_write_timeout(Some(STEP_TIMEOUT))?;

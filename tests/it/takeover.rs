@@ -336,3 +336,19 @@ fn the_cli_waits_for_a_broker_that_is_starting_again() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(o.stdout, b"after-restart");
 }
+
+#[test]
+fn only_the_brokers_own_user_may_take_it_over() {
+    if !require_root() {
+        return;
+    }
+    let b = Broker::start();
+    b.put("app/key", b"kept");
+    let pid = b.pid();
+    let out = b.serve_command().arg("--takeover").uid(1000).gid(1000).stderr(Stdio::piped()).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("only the broker's own user may take it over"), "{}", stderr(&out));
+    assert_eq!(b.serving_pid(), pid, "the broker must keep serving");
+    assert_eq!(b.get("app/key"), b"kept");
+    assert!(b.audit_events("handover").is_empty());
+}
