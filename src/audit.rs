@@ -83,6 +83,8 @@ pub struct AuditLog {
     key: SecretBytes,
     head: Mutex<Head>,
     lines: broadcast::Sender<(u64, String)>,
+    /// Where denials go as they are written (`[alerts] on_deny`).
+    alerts: std::sync::OnceLock<crate::alerts::Alerts>,
 }
 
 impl std::fmt::Debug for AuditLog {
@@ -219,7 +221,13 @@ impl AuditLog {
             .open(path)
             .map_err(|source| AuditError::Io { path: path.into(), source })?;
         let (lines, _) = broadcast::channel(1024);
-        Ok(AuditLog { path: path.into(), key, head: Mutex::new(Head { file, seq, mac, sealed: false }), lines })
+        Ok(AuditLog {
+            path: path.into(),
+            key,
+            head: Mutex::new(Head { file, seq, mac, sealed: false }),
+            lines,
+            alerts: Default::default(),
+        })
     }
 
     /// Continue a log that a predecessor broker handed over at `(seq, mac)`
@@ -267,8 +275,20 @@ impl AuditLog {
             .inspect_err(|e| tracing::error!(error = %e, "audit line not written"))?;
         head.seq = seq;
         head.mac = mac;
+        drop(head);
+        crate::metrics::audited(event);
+        if event.event == "deny" {
+            if let Some(a) = self.alerts.get() {
+                a.deny(&line);
+            }
+        }
         let _ = self.lines.send((seq, line));
         Ok(seq)
+    }
+
+    /// Send every denial written from now on to `alerts`.
+    pub fn alert_on_deny(&self, alerts: crate::alerts::Alerts) {
+        let _ = self.alerts.set(alerts);
     }
 
     pub fn lines_written(&self) -> u64 {

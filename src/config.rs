@@ -34,7 +34,130 @@ pub struct RawConfig {
     #[serde(default)]
     pub audit: RawAudit,
     #[serde(default)]
+    pub metrics: RawMetrics,
+    #[serde(default)]
+    pub alerts: RawAlerts,
+    #[serde(default)]
     pub backend: Vec<RawBackend>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMetrics {
+    /// `"127.0.0.1:9477"`, or an absolute unix socket path. Off when unset.
+    pub listen: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAlerts {
+    /// A program (absolute path), or a program and its arguments; run
+    /// without a shell, with the denial as JSON on stdin.
+    pub on_deny: Option<RawCommand>,
+    /// At most this many runs a minute (default 6); more denials are
+    /// counted and reported to the next run as `suppressed`.
+    pub max_per_minute: Option<u32>,
+    /// A run still going after this is killed (default "10s").
+    pub timeout: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawCommand {
+    Program(String),
+    Argv(Vec<String>),
+}
+
+/// Where a listener binds: TCP, or a unix socket.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Listen {
+    Tcp(std::net::SocketAddr),
+    Unix(PathBuf),
+}
+
+impl Listen {
+    fn parse(key: &str, v: &str) -> Result<Self, ConfigError> {
+        if v.starts_with('/') {
+            return Ok(Listen::Unix(v.into()));
+        }
+        v.parse().map(Listen::Tcp).map_err(|_| {
+            ConfigError::Invalid(format!(
+                "{key} = {v:?}: use an address and port (\"127.0.0.1:9477\") or an absolute socket path"
+            ))
+        })
+    }
+}
+
+impl std::fmt::Display for Listen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Listen::Tcp(a) => write!(f, "{a}"),
+            Listen::Unix(p) => write!(f, "{}", p.display()),
+        }
+    }
+}
+
+/// `[alerts]`, validated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AlertConfig {
+    pub argv: Vec<String>,
+    pub max_per_minute: u32,
+    pub timeout: std::time::Duration,
+}
+
+impl AlertConfig {
+    fn from_raw(raw: RawAlerts) -> Result<Option<Self>, ConfigError> {
+        let Some(cmd) = raw.on_deny else {
+            if raw.max_per_minute.is_some() || raw.timeout.is_some() {
+                return Err(ConfigError::Invalid("[alerts] sets limits but no on_deny command".into()));
+            }
+            return Ok(None);
+        };
+        let argv = match cmd {
+            RawCommand::Program(p) => vec![p],
+            RawCommand::Argv(a) => a,
+        };
+        if !argv.first().is_some_and(|p| p.starts_with('/')) {
+            return Err(ConfigError::Invalid(
+                "[alerts] on_deny: the program must be an absolute path (it is run without a shell or PATH)".into(),
+            ));
+        }
+        let max_per_minute = raw.max_per_minute.unwrap_or(6);
+        if !(1..=600).contains(&max_per_minute) {
+            return Err(ConfigError::Invalid(format!(
+                "[alerts] max_per_minute = {max_per_minute}: it must be 1 to 600"
+            )));
+        }
+        let timeout = duration("[alerts] timeout", raw.timeout, "10s")?;
+        Ok(Some(AlertConfig { argv, max_per_minute, timeout }))
+    }
+}
+
+/// The remote admin listener: gRPC over mutual TLS.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RemoteAdmin {
+    pub listen: std::net::SocketAddr,
+    pub tls_cert: PathBuf,
+    pub tls_key: PathBuf,
+    pub client_ca: PathBuf,
+}
+
+/// A certificate subject as a set of `TYPE=value` attributes (type in
+/// upper case), so order and spacing do not matter.
+pub type Subject = std::collections::BTreeSet<String>;
+
+/// Parse `"CN=alice, O=Example"`. Values may not contain `,`, `=` or `+`.
+pub fn parse_subject(s: &str) -> Result<Subject, String> {
+    let mut set = Subject::new();
+    for part in s.split(',') {
+        let (t, v) = part.split_once('=').ok_or_else(|| format!("{s:?}: {part:?} is not TYPE=value"))?;
+        let (t, v) = (t.trim(), v.trim());
+        if t.is_empty() || v.is_empty() || v.contains(['=', '+']) {
+            return Err(format!("{s:?}: {part:?} is not TYPE=value"));
+        }
+        set.insert(format!("{}={v}", t.to_ascii_uppercase()));
+    }
+    Ok(set)
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -158,6 +281,15 @@ pub struct RawAdmin {
     pub uids: Vec<u32>,
     #[serde(default)]
     pub gids: Vec<u32>,
+    /// Remote admin over mutual TLS: off unless `listen` is set.
+    pub listen: Option<String>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub client_ca: Option<PathBuf>,
+    /// Subjects of client certificates (issued by `client_ca`) that are
+    /// admins, e.g. `"CN=ops-laptop,O=Example"`.
+    #[serde(default)]
+    pub subjects: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -175,11 +307,17 @@ pub struct RawStore {
 pub struct AdminPolicy {
     pub uids: Vec<u32>,
     pub gids: Vec<u32>,
+    /// Remote admins, by client certificate subject.
+    pub subjects: Vec<Subject>,
 }
 
 impl AdminPolicy {
     pub fn allows(&self, uid: u32, gid: u32, groups: &[u32]) -> bool {
         uid == 0 || self.uids.contains(&uid) || self.gids.contains(&gid) || groups.iter().any(|g| self.gids.contains(g))
+    }
+
+    pub fn allows_subject(&self, subject: &Subject) -> bool {
+        self.subjects.iter().any(|s| s == subject)
     }
 }
 
@@ -211,6 +349,9 @@ pub struct Config {
     pub plugin_socket: Option<PathBuf>,
     /// Whether allowed file opens are audited (`[audit] reads`).
     pub audit_reads: bool,
+    pub metrics: Option<Listen>,
+    pub alerts: Option<AlertConfig>,
+    pub remote_admin: Option<RemoteAdmin>,
     pub backends: Vec<VaultConfig>,
 }
 
@@ -269,7 +410,33 @@ impl Config {
             (Some(k), None) => KeySource::KeyFile(absolute("store.key_file", k)?),
             (None, None) => KeySource::KeyFile(state_dir.join("master.key")),
         };
-        let admin = AdminPolicy { uids: raw.admin.uids, gids: raw.admin.gids };
+        let a = raw.admin;
+        let subjects = a.subjects.iter().map(|s| parse_subject(s)).collect::<Result<Vec<_>, _>>();
+        let subjects = subjects.map_err(|e| ConfigError::Invalid(format!("[admin] subjects: {e}")))?;
+        let remote_admin = match (a.listen, a.tls_cert, a.tls_key, a.client_ca) {
+            (None, None, None, None) if subjects.is_empty() => None,
+            (Some(listen), Some(cert), Some(key), Some(ca)) => Some(RemoteAdmin {
+                listen: listen.parse().map_err(|_| {
+                    ConfigError::Invalid(format!(
+                        "[admin] listen = {listen:?}: use an address and port, e.g. \"0.0.0.0:9478\""
+                    ))
+                })?,
+                tls_cert: absolute("[admin] tls_cert", cert)?,
+                tls_key: absolute("[admin] tls_key", key)?,
+                client_ca: absolute("[admin] client_ca", ca)?,
+            }),
+            _ => {
+                return Err(ConfigError::Invalid(
+                    "[admin]: remote admin needs all of listen, tls_cert, tls_key and client_ca (and subjects)".into(),
+                ));
+            }
+        };
+        if remote_admin.is_some() && subjects.is_empty() {
+            return Err(ConfigError::Invalid("[admin] listen is set but no subjects: nobody could use it".into()));
+        }
+        let admin = AdminPolicy { uids: a.uids, gids: a.gids, subjects };
+        let metrics = raw.metrics.listen.map(|l| Listen::parse("[metrics] listen", &l)).transpose()?;
+        let alerts = AlertConfig::from_raw(raw.alerts)?;
         let docker_socket = absolute("docker.socket", raw.docker.socket.unwrap_or(DEFAULT_DOCKER_SOCKET.into()))?;
         let plugin = raw.docker.plugin.unwrap_or_else(|| "keyhole".into());
         let plugin_socket = match plugin.as_str() {
@@ -293,6 +460,9 @@ impl Config {
             docker_socket,
             plugin_socket,
             audit_reads: raw.audit.reads.unwrap_or(true),
+            metrics,
+            alerts,
+            remote_admin,
             backends,
         })
     }

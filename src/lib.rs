@@ -28,6 +28,7 @@
 //! - [`sys`]: the few raw kernel calls; the only `unsafe` outside
 //!   `secret`'s allocator.
 
+pub mod alerts;
 pub mod api;
 pub mod audit;
 pub mod backend;
@@ -38,6 +39,7 @@ pub mod crypto;
 pub mod docker;
 pub mod fs;
 pub mod identity;
+pub mod metrics;
 pub mod policy;
 pub mod secret;
 pub mod sys;

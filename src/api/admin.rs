@@ -9,6 +9,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::pb::{self, admin_server, put_secret_request::Source};
+use super::remote::{show, subject_of};
 use super::{ApiError, blocking, describe, peer_of};
 use crate::audit::Event;
 use crate::backend::VersionMeta;
@@ -71,6 +72,9 @@ fn now_ms() -> i64 {
 impl AdminService {
     /// Attest the caller and require an admin. A refusal is audited.
     async fn authorize<T>(&self, req: &Request<T>, method: &'static str) -> Result<Identity, ApiError> {
+        if let Some(certs) = req.peer_certs() {
+            return self.authorize_remote(req, &certs, method);
+        }
         let peer = peer_of(req)?;
         let audit = &self.0.audit;
         let attestor = self.0.attestor.clone();
@@ -101,6 +105,35 @@ impl AdminService {
                 Err(e.into())
             }
         }
+    }
+
+    /// A remote client, already through mutual TLS: an admin if its
+    /// certificate's subject is listed. A refusal is audited.
+    fn authorize_remote<T>(
+        &self,
+        req: &Request<T>,
+        certs: &[tonic::transport::CertificateDer<'static>],
+        method: &'static str,
+    ) -> Result<Identity, ApiError> {
+        let from = req.remote_addr().map_or_else(|| "an unknown address".into(), |a| a.to_string());
+        let subject = certs.first().ok_or_else(|| "no client certificate".to_owned()).and_then(|c| subject_of(c));
+        let (shown, admin) = match &subject {
+            Ok(s) => (show(s), self.0.config.admin.allows_subject(s)),
+            Err(e) => (e.clone(), false),
+        };
+        let id = Identity { remote: Some(format!("{shown} from {from}")), admin, ..Identity::default() };
+        if admin {
+            return Ok(id);
+        }
+        self.0.audit.record(&Event {
+            method: Some(method),
+            caller: Some(&id),
+            reason: Some("client certificate subject is not in [admin] subjects"),
+            ..Event::new("deny")
+        })?;
+        Err(ApiError::PermissionDenied(format!(
+            "{method} needs an admin: the subject {shown} is not listed in the broker's [admin] subjects"
+        )))
     }
 
     /// Run `op` off the async workers and audit its outcome as `event`:
@@ -251,6 +284,10 @@ impl admin_server::Admin for AdminService {
             })
             .await?;
         Ok(Response::new(pb::DeleteSecretResponse { versions_removed: removed }))
+    }
+
+    async fn ping(&self, _req: Request<pb::PingRequest>) -> Reply<pb::PingResponse> {
+        Ok(Response::new(pb::PingResponse { version: env!("CARGO_PKG_VERSION").into() }))
     }
 
     async fn status(&self, req: Request<pb::StatusRequest>) -> Reply<pb::StatusResponse> {

@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod peer;
 mod redact;
+pub mod remote;
 pub mod workload;
 
 #[allow(clippy::all, missing_docs)]
@@ -86,9 +87,66 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, ApiError> + S
 }
 
 pub(crate) fn describe(id: &Identity) -> String {
+    if let Some(r) = &id.remote {
+        return format!("remote client {r}");
+    }
     match &id.container_id {
         Some(c) => format!("uid {} in container {:.12}", id.uid, c),
         None if id.host => format!("host uid {}", id.uid),
         None => format!("uid {} in another namespace", id.uid),
+    }
+}
+
+/// A tower layer counting gRPC calls by method and status code
+/// (`keyhole_grpc_requests_total`). A call that fails inside a stream,
+/// after its first response, is counted as OK.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CountCalls;
+
+impl<S> tower_layer::Layer<S> for CountCalls {
+    type Service = Counted<S>;
+
+    fn layer(&self, inner: S) -> Counted<S> {
+        Counted(inner)
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Counted<S>(S);
+
+type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+
+impl<S, B, R> tonic::codegen::Service<tonic::codegen::http::Request<B>> for Counted<S>
+where
+    S: tonic::codegen::Service<tonic::codegen::http::Request<B>, Response = tonic::codegen::http::Response<R>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<S::Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), S::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: tonic::codegen::http::Request<B>) -> Self::Future {
+        let method = req.uri().path().rsplit('/').next().unwrap_or_default().to_owned();
+        let call = self.0.call(req);
+        Box::pin(async move {
+            let res = call.await;
+            if let Ok(r) = &res {
+                let code = r
+                    .headers()
+                    .get("grpc-status")
+                    .and_then(|v| v.to_str().ok()?.parse::<i32>().ok())
+                    .map_or(Code::Ok, Code::from);
+                // Unknown methods are all one label: a caller cannot grow
+                // the metrics by inventing names.
+                let method = if code == Code::Unimplemented { "unknown".into() } else { method };
+                let labels = crate::metrics::GrpcLabels { method, code: format!("{code:?}") };
+                crate::metrics::METRICS.grpc_requests.get_or_create(&labels).inc();
+            }
+            res
+        })
     }
 }

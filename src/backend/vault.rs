@@ -151,11 +151,14 @@ macro_rules! authed {
     ($this:expr, $rel:expr, |$c:ident| $call:expr) => {{
         let this = $this;
         this.keep_token().await?;
+        let started = std::time::Instant::now();
         let first = {
             let guard = this.client.read().await;
             let $c = &*guard;
             $call.await
         };
+        let failed = matches!(&first, Err(e) if !matches!(e, ClientError::APIError { code: 400 | 403 | 404, .. }));
+        crate::metrics::backend_request(&this.cfg.name, started, failed);
         match first {
             Err(ClientError::APIError { code: 403, .. }) => {
                 tracing::warn!(backend = %this.cfg.name, "permission denied; logging in again");
@@ -167,6 +170,16 @@ macro_rules! authed {
             r => r.map_err(|e| this.map_err($rel, e)),
         }
     }};
+}
+
+/// What [`VaultBackend::probe`] found.
+#[derive(Debug)]
+pub struct Probe {
+    pub sealed: bool,
+    pub server_time_unix: i64,
+    pub version: String,
+    /// TTL in seconds (0: never expires) and whether it can be renewed.
+    pub token: Option<(u64, bool)>,
 }
 
 impl VaultBackend {
@@ -262,6 +275,35 @@ impl VaultBackend {
             }
         }
         Ok(())
+    }
+
+    /// For `keyhole doctor`: the server's health and clock, and (for a
+    /// token file) the token's TTL. Makes no login: an AppRole secret_id
+    /// may have limited uses.
+    pub async fn probe(&self) -> Result<Probe, BackendError> {
+        let c = self.client.read().await;
+        // Not vaultrs::sys::health: it insists on fields OpenBao omits.
+        let url = format!("{}/v1/sys/health?standbyok=true", self.cfg.address);
+        let fetched = async { c.http.http.get(&url).send().await?.bytes().await };
+        let body = fetched.await.map_err(|e| {
+            let chain = std::iter::successors(Some(&e as &dyn std::error::Error), |e| e.source());
+            self.unavailable(chain.map(ToString::to_string).collect::<Vec<_>>().join(": "))
+        })?;
+        let health: serde_json::Value = serde_json::from_slice(&body)
+            .map_err(|e| self.unavailable(format!("sys/health did not answer JSON: {e}")))?;
+        let token = match &self.cfg.auth {
+            VaultAuth::TokenFile(_) => {
+                let t = vaultrs::token::lookup_self(&*c).await.map_err(|e| self.map_err("", e))?;
+                Some((t.ttl, t.renewable.unwrap_or(false)))
+            }
+            VaultAuth::AppRole { .. } => None,
+        };
+        Ok(Probe {
+            sealed: health["sealed"].as_bool().unwrap_or(true),
+            server_time_unix: health["server_time_utc"].as_i64().unwrap_or(0),
+            version: health["version"].as_str().unwrap_or("unknown").to_owned(),
+            token,
+        })
     }
 
     /// Renew the token when two thirds of its TTL have passed; log in

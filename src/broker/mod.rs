@@ -204,6 +204,9 @@ impl Broker {
             vaults.push(Arc::new(v));
         }
         let audit = Arc::new(audit);
+        if let Some(a) = &config.alerts {
+            audit.alert_on_deny(crate::alerts::Alerts::start(a.clone(), Arc::downgrade(&audit), &rt));
+        }
         let attestor = Arc::new(Attestor::new("/proc", config.admin.clone(), docker.clone()));
         let run_dir = &config.run_dir;
         fs::create_dir_all(run_dir).with_context(|| format!("cannot create run dir {}", run_dir.display()))?;
@@ -234,8 +237,12 @@ impl Broker {
     /// After any change to secrets or policy: bring the mounts up to date.
     /// The change itself is already durable, so a failure here is logged.
     pub fn changed(&self) {
+        let started = Instant::now();
         match self.mounts.sync(self) {
-            Ok(notices) => self.announce(notices),
+            Ok(notices) => {
+                crate::metrics::METRICS.propagation_seconds.observe(started.elapsed().as_secs_f64());
+                self.announce(notices)
+            }
             Err(e) => tracing::error!(error = format!("{e:#}"), "mounts not updated"),
         }
     }
@@ -334,6 +341,7 @@ fn spawn_services(
         let workload = WorkloadServer::new(WorkloadService(broker.clone())).max_decoding_message_size(4096);
         let server = Server::builder()
             .max_concurrent_streams(Some(64))
+            .layer(crate::api::CountCalls)
             .add_service(admin)
             .add_service(workload)
             .serve_with_incoming_shutdown(peer::incoming(serving_copy(l)?), async move {
@@ -353,7 +361,65 @@ fn spawn_services(
     for v in &broker.vaults {
         tasks.push(tokio::spawn(secrets::watch_backend(broker.clone(), v.clone())));
     }
+    if let Some(listen) = &broker.config.metrics {
+        let l = bind_metrics(listen).with_context(|| format!("cannot listen for metrics on {listen}"))?;
+        tasks.push(tokio::spawn(crate::metrics::serve(broker.clone(), l)));
+        tracing::info!(listen = %listen, "serving metrics");
+    }
+    if let Some(remote) = &broker.config.remote_admin {
+        tasks.push(spawn_remote_admin(broker, remote, max_msg)?);
+        tracing::info!(listen = %remote.listen, "serving remote admin (mutual TLS)");
+    }
     Ok(tasks)
+}
+
+fn bind_metrics(listen: &crate::config::Listen) -> anyhow::Result<crate::metrics::Listener> {
+    use crate::config::Listen;
+    Ok(match listen {
+        Listen::Tcp(addr) => {
+            let l = std::net::TcpListener::bind(addr)?;
+            l.set_nonblocking(true)?;
+            crate::metrics::Listener::Tcp(tokio::net::TcpListener::from_std(l)?)
+        }
+        Listen::Unix(path) => {
+            // A predecessor's socket: it stopped serving before we started.
+            let _ = fs::remove_file(path);
+            let l = UnixListener::bind(path)?;
+            fs::set_permissions(path, fs::Permissions::from_mode(0o600))?;
+            crate::metrics::Listener::Unix(l)
+        }
+    })
+}
+
+/// The Admin service on TCP with mutual TLS (`[admin] listen`).
+fn spawn_remote_admin(
+    broker: &Arc<Broker>,
+    remote: &crate::config::RemoteAdmin,
+    max_msg: usize,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let tls = crate::api::remote::tls_config(remote)?;
+    let l = std::net::TcpListener::bind(remote.listen)
+        .with_context(|| format!("cannot listen for remote admin on {}", remote.listen))?;
+    l.set_nonblocking(true)?;
+    let incoming = tonic::transport::server::TcpIncoming::from(tokio::net::TcpListener::from_std(l)?);
+    let admin = AdminServer::new(AdminService(broker.clone()))
+        .max_decoding_message_size(max_msg)
+        .max_encoding_message_size(max_msg);
+    let mut stop = broker.stopping.subscribe();
+    let server = Server::builder()
+        .tls_config(tls)
+        .context("[admin] TLS settings")?
+        .max_concurrent_streams(Some(64))
+        .layer(crate::api::CountCalls)
+        .add_service(admin)
+        .serve_with_incoming_shutdown(incoming, async move {
+            let _ = stop.wait_for(|s| *s).await;
+        });
+    Ok(tokio::spawn(async move {
+        if let Err(e) = server.await {
+            tracing::warn!(error = %e, "remote admin server ended with an error");
+        }
+    }))
 }
 
 /// Stop what [`spawn_services`] started; calls under way may finish.

@@ -247,6 +247,7 @@ pub async fn watch_backend(broker: Arc<Broker>, v: Arc<VaultBackend>) {
                             let _ = b.store.put_note(&key, &SystemTime::now());
                         }
                         if !changed.is_empty() {
+                            crate::metrics::METRICS.rotations.inc_by(changed.len() as u64);
                             b.changed();
                         }
                     })

@@ -4,11 +4,11 @@
 
 use std::fmt;
 use std::io::ErrorKind;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use tonic::Code;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::api::pb::admin_client::AdminClient;
 use crate::api::pb::workload_client::WorkloadClient;
@@ -70,7 +70,69 @@ pub enum Retry {
     ConnectOnly,
 }
 
-async fn connect(endpoint: &Endpoint, socket: &Path, deadline: Instant) -> anyhow::Result<Channel> {
+/// Where the CLI sends its calls: the broker's unix socket on this
+/// host, or a remote broker's admin listener over mutual TLS.
+#[derive(Debug)]
+pub enum Target {
+    Socket(PathBuf),
+    Remote(Box<Remote>),
+}
+
+/// A remote broker (`--endpoint`), with this client's certificate.
+#[derive(Debug)]
+pub struct Remote {
+    pub url: String,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+}
+
+impl Target {
+    fn endpoint(&self) -> anyhow::Result<Endpoint> {
+        match self {
+            Target::Socket(socket) => Endpoint::from_shared(format!("unix://{}", socket.display()))
+                .map_err(|e| fail(2, format!("bad socket path {}: {e}", socket.display()))),
+            Target::Remote(r) => {
+                if !r.url.starts_with("https://") {
+                    return Err(fail(2, format!("--endpoint {:?}: use https://HOST:PORT", r.url)));
+                }
+                let read = |p: &Path, flag: &str| {
+                    std::fs::read(p).map_err(|e| fail(2, format!("{flag} {}: cannot read it: {e}", p.display())))
+                };
+                let tls = ClientTlsConfig::new()
+                    .ca_certificate(Certificate::from_pem(read(&r.ca, "--ca")?))
+                    .identity(Identity::from_pem(read(&r.cert, "--cert")?, read(&r.key, "--key")?));
+                Endpoint::from_shared(r.url.clone())
+                    .and_then(|e| e.tls_config(tls))
+                    .map_err(|e| fail(2, format!("--endpoint {}: {}", r.url, chain(&e))))
+            }
+        }
+    }
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Target::Socket(s) => write!(f, "{}", s.display()),
+            Target::Remote(r) => f.write_str(&r.url),
+        }
+    }
+}
+
+/// An error and its sources, on one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let all = std::iter::successors(Some(e), |e| e.source()).map(ToString::to_string).collect::<Vec<_>>();
+    let mut out: Vec<String> = Vec::new();
+    for m in all {
+        // Layers often repeat what they wrap.
+        if !out.last().is_some_and(|l| l.contains(&m)) {
+            out.push(m);
+        }
+    }
+    out.join(": ")
+}
+
+async fn connect(endpoint: &Endpoint, target: &Target, deadline: Instant) -> anyhow::Result<Channel> {
     loop {
         let e = match endpoint.connect().await {
             Ok(c) => return Ok(c),
@@ -85,19 +147,20 @@ async fn connect(endpoint: &Endpoint, socket: &Path, deadline: Instant) -> anyho
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         }
-        let s = socket.display();
         let waited = WAIT_FOR_BROKER.as_secs();
-        let message = match kind {
-            Some(ErrorKind::NotFound) => format!(
-                "no broker socket at {s} (waited {waited} s): is `keyhole serve` running? (set --socket or KEYHOLE_SOCKET)"
+        let message = match (kind, target) {
+            (Some(ErrorKind::NotFound), Target::Socket(s)) => format!(
+                "no broker socket at {} (waited {waited} s): is `keyhole serve` running? (set --socket or KEYHOLE_SOCKET)",
+                s.display()
             ),
-            Some(ErrorKind::ConnectionRefused) => {
-                format!("nothing is listening on {s} (waited {waited} s): the broker is not running")
+            (Some(ErrorKind::ConnectionRefused), _) => {
+                format!("nothing is listening on {target} (waited {waited} s): the broker is not running")
             }
-            Some(ErrorKind::PermissionDenied) => format!(
-                "permission denied opening {s}: admin calls need root or an [admin] uid with access to the socket"
+            (Some(ErrorKind::PermissionDenied), _) => format!(
+                "permission denied opening {target}: admin calls need root or an [admin] uid with access to the socket"
             ),
-            _ => format!("cannot connect to {s}: {}", io.map_or(e.to_string(), ToString::to_string)),
+            (_, Target::Remote(_)) => format!("cannot connect to {target}: {}", chain(&e)),
+            _ => format!("cannot connect to {target}: {}", io.map_or(e.to_string(), ToString::to_string)),
         };
         let code = if kind == Some(ErrorKind::PermissionDenied) { 4 } else { 5 };
         return Err(fail(code, message));
@@ -109,7 +172,7 @@ async fn connect(endpoint: &Endpoint, socket: &Path, deadline: Instant) -> anyho
 /// on our side (it has a source error) means the connection broke before
 /// an answer; a status the broker sent never has one.
 async fn call<C, T, Fut>(
-    socket: &Path,
+    target: &Target,
     retry: Retry,
     client: impl Fn(Channel) -> C,
     f: impl Fn(C) -> Fut,
@@ -117,11 +180,14 @@ async fn call<C, T, Fut>(
 where
     Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
 {
-    let endpoint = Endpoint::from_shared(format!("unix://{}", socket.display()))
-        .map_err(|e| fail(2, format!("bad socket path {}: {e}", socket.display())))?;
+    let endpoint = target.endpoint()?;
     let deadline = Instant::now() + WAIT_FOR_BROKER;
     loop {
-        let status = match f(client(connect(&endpoint, socket, deadline).await?)).await {
+        let channel = connect(&endpoint, target, deadline).await?;
+        if let Target::Remote(_) = target {
+            accepted(&channel, target).await?;
+        }
+        let status = match f(client(channel)).await {
             Ok(r) => return Ok(r.into_inner()),
             Err(s) => s,
         };
@@ -143,8 +209,31 @@ where
     }
 }
 
+/// Over TLS 1.3 the client finishes its handshake before the broker has
+/// checked the client's certificate; a refusal shows as a connection
+/// closed under the first call. So the first call is a Ping, which the
+/// broker answers to anyone it let in: if it breaks, we were not.
+async fn accepted(channel: &Channel, target: &Target) -> anyhow::Result<()> {
+    match AdminClient::new(channel.clone()).ping(crate::api::pb::PingRequest {}).await {
+        Ok(_) => Ok(()),
+        Err(s) if std::error::Error::source(&s).is_none() => Err(Failure::from(s).into()),
+        Err(s) => Err(fail(
+            4,
+            format!(
+                "{target} refused this client after the TLS handshake ({}): is its certificate issued by the broker's [admin] client_ca?",
+                innermost(&s)
+            ),
+        )),
+    }
+}
+
+/// The deepest cause of an error: the one that says what happened.
+fn innermost(e: &(dyn std::error::Error + 'static)) -> String {
+    std::iter::successors(Some(e), |e| e.source()).last().map_or_else(String::new, ToString::to_string)
+}
+
 /// One call to the admin service (see [`call`]).
-pub async fn admin<T, Fut>(socket: &Path, retry: Retry, f: impl Fn(AdminClient<Channel>) -> Fut) -> anyhow::Result<T>
+pub async fn admin<T, Fut>(socket: &Target, retry: Retry, f: impl Fn(AdminClient<Channel>) -> Fut) -> anyhow::Result<T>
 where
     Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
 {
@@ -154,7 +243,7 @@ where
 
 /// One call to the workload service (see [`call`]).
 pub async fn workload<T, Fut>(
-    socket: &Path,
+    socket: &Target,
     retry: Retry,
     f: impl Fn(WorkloadClient<Channel>) -> Fut,
 ) -> anyhow::Result<T>
@@ -187,3 +276,34 @@ macro_rules! rpc {
     };
 }
 pub(crate) use rpc;
+
+/// Print rows under a header, columns two spaces apart, each as wide as
+/// its widest cell. The last column is never padded, so put the one that
+/// can grow long (a path, selectors) there: the table then fits 80
+/// columns unless that one cell is long. Right-align the columns in
+/// `right`.
+pub fn print_table(header: &[&str], rows: &[Vec<String>], right: &[usize]) {
+    if rows.is_empty() {
+        return;
+    }
+    let last = header.len() - 1;
+    let widths: Vec<usize> = (0..header.len())
+        .map(|i| rows.iter().map(|r| r[i].chars().count()).chain([header[i].len()]).max().unwrap_or(0))
+        .collect();
+    let line = |cells: &mut dyn Iterator<Item = &str>| {
+        let mut out = String::new();
+        for (i, c) in cells.enumerate() {
+            let w = widths[i];
+            match (i == last, right.contains(&i)) {
+                (true, _) => out.push_str(c),
+                (false, true) => out.push_str(&format!("{c:>w$}  ")),
+                (false, false) => out.push_str(&format!("{c:w$}  ")),
+            }
+        }
+        println!("{}", out.trim_end());
+    };
+    line(&mut header.iter().copied());
+    for r in rows {
+        line(&mut r.iter().map(String::as_str));
+    }
+}

@@ -2,12 +2,11 @@
 #![forbid(unsafe_code)]
 
 use std::io::Write;
-use std::path::Path;
 
 use clap::Args;
 use serde::Serialize;
 
-use super::client::{Failure, fail, print_json, rpc};
+use super::client::{Failure, Target, fail, print_json, rpc};
 use crate::api::pb;
 
 #[derive(Debug, Args)]
@@ -20,7 +19,7 @@ pub struct AuditArgs {
     pub verify: bool,
 }
 
-pub async fn status(socket: &Path, json: bool) -> anyhow::Result<()> {
+pub async fn status(socket: &Target, json: bool) -> anyhow::Result<()> {
     let s = rpc!(admin, socket, Safe, status, pb::StatusRequest {})?;
     if json {
         #[derive(Serialize)]
@@ -92,7 +91,7 @@ fn backend_json(b: &pb::BackendStatus) -> serde_json::Value {
     })
 }
 
-pub async fn whoami(socket: &Path, json: bool) -> anyhow::Result<()> {
+pub async fn whoami(socket: &Target, json: bool) -> anyhow::Result<()> {
     let w = rpc!(workload, socket, Safe, who_am_i, pb::WhoAmIRequest {})?;
     if json {
         print_json(&serde_json::json!({
@@ -128,7 +127,7 @@ pub async fn whoami(socket: &Path, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub async fn audit(args: AuditArgs, socket: &Path, json: bool) -> anyhow::Result<()> {
+pub async fn audit(args: AuditArgs, socket: &Target, json: bool) -> anyhow::Result<()> {
     if args.verify {
         let r = rpc!(admin, socket, Safe, audit_verify, pb::AuditVerifyRequest {})?;
         if json {

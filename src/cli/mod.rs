@@ -2,6 +2,7 @@
 //! group; each command is a plain function of its arguments and a client.
 
 mod client;
+mod doctor;
 mod inspect;
 mod policy;
 mod secret;
@@ -38,6 +39,23 @@ pub struct Cli {
     /// for `whoami`: /run/keyhole/workload.sock]
     #[arg(long, global = true, env = "KEYHOLE_SOCKET", value_name = "PATH")]
     pub socket: Option<PathBuf>,
+
+    /// A remote broker's admin listener, over mutual TLS, instead of the
+    /// local socket (needs --cert, --key, --ca)
+    #[arg(long, global = true, env = "KEYHOLE_ENDPOINT", value_name = "https://HOST:PORT", conflicts_with = "socket")]
+    pub endpoint: Option<String>,
+
+    /// This client's certificate (PEM), for --endpoint
+    #[arg(long, global = true, env = "KEYHOLE_CERT", value_name = "FILE")]
+    pub cert: Option<PathBuf>,
+
+    /// This client's private key (PEM), for --endpoint
+    #[arg(long, global = true, env = "KEYHOLE_KEY", value_name = "FILE")]
+    pub key: Option<PathBuf>,
+
+    /// The CA that issued the broker's certificate (PEM), for --endpoint
+    #[arg(long, global = true, env = "KEYHOLE_CA", value_name = "FILE")]
+    pub ca: Option<PathBuf>,
 
     /// Print JSON instead of text (one object, or one per line for `audit`)
     #[arg(long, global = true)]
@@ -118,10 +136,42 @@ Examples:
   keyhole audit --follow        then keep printing new lines
   keyhole audit --verify        check the chain; exit 6 if it is broken")]
     Audit(inspect::AuditArgs),
+
+    /// Check this host for what the broker needs; exit 1 if anything fails
+    #[command(after_help = "\
+Checks, one line each: the config, /dev/fuse, the host pid and cgroup
+namespaces, a running broker, the run dir as a shared mount, state dir and
+key file permissions, Docker and its API version, the volume plugin socket,
+and for each [[backend]]: reachability, clock skew and the token's TTL.
+Warnings do not fail. With --json: {\"ok\": bool, \"checks\": [{\"check\",
+\"status\": \"ok\"|\"warn\"|\"fail\", \"detail\", \"fix\"}]}.
+
+Examples:
+  keyhole doctor
+  keyhole doctor --config /etc/keyhole/keyhole.toml --json")]
+    Doctor(HostArgs),
+
+    /// Print a shell completion script
+    #[command(after_help = "\
+Examples:
+  keyhole completions bash > /etc/bash_completion.d/keyhole
+  keyhole completions zsh > \"${fpath[1]}/_keyhole\"
+  keyhole completions fish > ~/.config/fish/completions/keyhole.fish")]
+    Completions {
+        /// bash, zsh, fish, elvish or powershell
+        shell: clap_complete::Shell,
+    },
+
+    /// Print the man page (roff)
+    #[command(after_help = "\
+Example:
+  keyhole man > /usr/local/share/man/man1/keyhole.1 && man keyhole")]
+    Man,
 }
 
+/// Where the broker's files are: the same flags as `serve`.
 #[derive(Debug, Args)]
-pub struct ServeArgs {
+pub struct HostArgs {
     /// TOML config file (optional; unknown keys are rejected)
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -131,6 +181,31 @@ pub struct ServeArgs {
     /// Where the sockets (and mounts) live [default: /run/keyhole]
     #[arg(long, value_name = "DIR")]
     pub run_dir: Option<PathBuf>,
+}
+
+impl HostArgs {
+    fn load(self) -> Result<Config, crate::config::ConfigError> {
+        Config::load(self.config.as_deref(), Overrides { state_dir: self.state_dir, run_dir: self.run_dir })
+    }
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub host: HostArgs,
+    /// Log lines as text or as JSON objects (one per line)
+    #[arg(long, value_enum, env = "KEYHOLE_LOG_FORMAT", default_value = "text")]
+    pub log_format: LogFormat,
+    /// Log level or filter: error, warn, info, debug, trace, or a
+    /// tracing filter such as "info,keyhole=debug"
+    #[arg(long, env = "KEYHOLE_LOG", value_name = "FILTER", default_value = "info")]
+    pub log_level: String,
     /// Take over from the broker running on the same run dir: its live
     /// mounts, open files and sockets carry on without a failed read
     /// (a restart or an upgrade to this binary). SIGHUP to a broker
@@ -144,7 +219,24 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(args) => serve(args),
-        command => client::runtime().and_then(|rt| rt.block_on(dispatch(command, cli.socket, cli.json))),
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut <Cli as clap::CommandFactory>::command(),
+                "keyhole",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
+        Command::Man => clap_mangen::Man::new(<Cli as clap::CommandFactory>::command())
+            .render(&mut std::io::stdout())
+            .map_err(Into::into),
+        Command::Doctor(args) => {
+            let config = args.load().map_err(Into::into);
+            client::runtime().and_then(|rt| rt.block_on(doctor::run(config, cli.json)))
+        }
+        command => target(cli.socket, cli.endpoint, cli.cert, cli.key, cli.ca)
+            .and_then(|t| client::runtime().and_then(|rt| rt.block_on(dispatch(command, t, cli.json)))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -156,36 +248,70 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// Where admin calls go: `--endpoint` (with its certificate files), or
+/// the socket. `None` socket: the default for the command.
+fn target(
+    socket: Option<PathBuf>,
+    endpoint: Option<String>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    ca: Option<PathBuf>,
+) -> anyhow::Result<Option<client::Target>> {
+    let Some(url) = endpoint else {
+        return Ok(socket.map(client::Target::Socket));
+    };
+    match (cert, key, ca) {
+        (Some(cert), Some(key), Some(ca)) => {
+            Ok(Some(client::Target::Remote(Box::new(client::Remote { url, cert, key, ca }))))
+        }
+        _ => Err(client::fail(2, "--endpoint needs --cert, --key and --ca (or KEYHOLE_CERT, KEYHOLE_KEY, KEYHOLE_CA)")),
+    }
+}
+
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("KEYHOLE_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,fuse_backend_rs=warn")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    let overrides = Overrides { state_dir: args.state_dir, run_dir: args.run_dir };
-    let config = Config::load(args.config.as_deref(), overrides)?;
+    // Our own crates at the level asked for; FUSE's chatter only if asked.
+    let filter = if args.log_level.contains('=') || args.log_level.contains(',') {
+        args.log_level.clone()
+    } else {
+        format!("{},fuse_backend_rs=warn", args.log_level)
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(&filter)
+        .map_err(|e| client::fail(2, format!("--log-level {:?}: {e}", args.log_level)))?;
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match args.log_format {
+        LogFormat::Json => logs.json().flatten_event(true).with_current_span(false).init(),
+        LogFormat::Text => logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init(),
+    }
+    let config = args.host.load()?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(crate::broker::serve(config, args.takeover))
 }
 
-async fn dispatch(command: Command, socket: Option<PathBuf>, json: bool) -> anyhow::Result<()> {
-    let admin_socket = || socket.clone().unwrap_or_else(Config::default_admin_socket);
+async fn dispatch(command: Command, target: Option<client::Target>, json: bool) -> anyhow::Result<()> {
+    if let Command::Whoami = command {
+        // The workload socket, which is never served remotely.
+        let target = match target {
+            None => client::Target::Socket(Config::default_workload_socket()),
+            Some(client::Target::Remote(_)) => {
+                return Err(client::fail(2, "whoami asks the local workload socket; it is not served over --endpoint"));
+            }
+            Some(t) => t,
+        };
+        return inspect::whoami(&target, json).await;
+    }
+    let admin = target.unwrap_or_else(|| client::Target::Socket(Config::default_admin_socket()));
+    let admin_socket = || &admin;
     match command {
-        Command::Serve(_) => unreachable!("handled in main"),
-        Command::Secret(cmd) => secret::run(cmd, &admin_socket(), json).await,
-        Command::Workload(cmd) => policy::workload(cmd, &admin_socket(), json).await,
-        Command::Grant(args) => policy::grant(args, &admin_socket(), json).await,
-        Command::Revoke { secret, from } => policy::revoke(secret, from, &admin_socket(), json).await,
-        Command::Grants { workload } => policy::grants(workload, &admin_socket(), json).await,
-        Command::Mounts => policy::mounts(&admin_socket(), json).await,
-        Command::Status => inspect::status(&admin_socket(), json).await,
-        Command::Audit(args) => inspect::audit(args, &admin_socket(), json).await,
-        Command::Whoami => {
-            let path = socket.clone().unwrap_or_else(Config::default_workload_socket);
-            inspect::whoami(&path, json).await
+        Command::Serve(_) | Command::Doctor(_) | Command::Completions { .. } | Command::Man | Command::Whoami => {
+            unreachable!("handled above")
         }
+        Command::Secret(cmd) => secret::run(cmd, admin_socket(), json).await,
+        Command::Workload(cmd) => policy::workload(cmd, admin_socket(), json).await,
+        Command::Grant(args) => policy::grant(args, admin_socket(), json).await,
+        Command::Revoke { secret, from } => policy::revoke(secret, from, admin_socket(), json).await,
+        Command::Grants { workload } => policy::grants(workload, admin_socket(), json).await,
+        Command::Mounts => policy::mounts(admin_socket(), json).await,
+        Command::Status => inspect::status(admin_socket(), json).await,
+        Command::Audit(args) => inspect::audit(args, admin_socket(), json).await,
     }
 }

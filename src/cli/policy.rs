@@ -1,11 +1,9 @@
 //! `keyhole workload ...`, `grant`, `revoke`, `grants`, `mounts`.
 #![forbid(unsafe_code)]
 
-use std::path::Path;
-
 use clap::{Args, Subcommand};
 
-use super::client::{print_json, rpc};
+use super::client::{Target, print_json, print_table, rpc};
 use crate::api::pb;
 
 #[derive(Debug, Subcommand)]
@@ -66,7 +64,7 @@ fn parse_mode(s: &str) -> Result<u32, String> {
     u32::from_str_radix(digits, 8).map_err(|_| format!("{s:?} is not an octal mode like 0400"))
 }
 
-pub async fn workload(cmd: WorkloadCmd, socket: &Path, json: bool) -> anyhow::Result<()> {
+pub async fn workload(cmd: WorkloadCmd, socket: &Target, json: bool) -> anyhow::Result<()> {
     match cmd {
         WorkloadCmd::Add { name, selectors } => {
             let spec = pb::WorkloadSpec { name, selectors };
@@ -87,13 +85,18 @@ pub async fn workload(cmd: WorkloadCmd, socket: &Path, json: bool) -> anyhow::Re
                     .collect();
                 print_json(&rows);
             } else {
-                let width = r.workloads.iter().map(|w| w.name.len()).max().unwrap_or(0).max(8);
-                if !r.workloads.is_empty() {
-                    println!("{:width$}  SELECTORS", "WORKLOAD");
-                }
-                for w in &r.workloads {
-                    println!("{:width$}  {}", w.name, w.selectors.join(" "));
-                }
+                // One selector a line: a workload's selectors can be long.
+                let rows: Vec<_> = r
+                    .workloads
+                    .iter()
+                    .flat_map(|w| {
+                        w.selectors
+                            .iter()
+                            .enumerate()
+                            .map(|(i, s)| vec![if i == 0 { w.name.clone() } else { String::new() }, s.clone()])
+                    })
+                    .collect();
+                print_table(&["WORKLOAD", "SELECTORS"], &rows, &[]);
             }
         }
         WorkloadCmd::Rm { name } => {
@@ -121,7 +124,7 @@ fn grant_json(g: &pb::GrantSpec) -> serde_json::Value {
     })
 }
 
-pub async fn grant(a: GrantArgs, socket: &Path, json: bool) -> anyhow::Result<()> {
+pub async fn grant(a: GrantArgs, socket: &Target, json: bool) -> anyhow::Result<()> {
     let spec = pb::GrantSpec {
         secret: a.secret,
         workload: a.to,
@@ -140,7 +143,7 @@ pub async fn grant(a: GrantArgs, socket: &Path, json: bool) -> anyhow::Result<()
     Ok(())
 }
 
-pub async fn revoke(secret: String, from: String, socket: &Path, json: bool) -> anyhow::Result<()> {
+pub async fn revoke(secret: String, from: String, socket: &Target, json: bool) -> anyhow::Result<()> {
     let req = pb::RevokeRequest { secret: secret.clone(), workload: from.clone() };
     rpc!(admin, socket, ConnectOnly, revoke, req)?;
     if json {
@@ -151,27 +154,27 @@ pub async fn revoke(secret: String, from: String, socket: &Path, json: bool) -> 
     Ok(())
 }
 
-pub async fn grants(workload: Option<String>, socket: &Path, json: bool) -> anyhow::Result<()> {
+pub async fn grants(workload: Option<String>, socket: &Target, json: bool) -> anyhow::Result<()> {
     let req = pb::ListGrantsRequest { workload: workload.unwrap_or_default() };
     let r = rpc!(admin, socket, Safe, list_grants, req)?;
     if json {
         print_json(&r.grants.iter().map(grant_json).collect::<Vec<_>>());
         return Ok(());
     }
-    let w = r.grants.iter().map(|g| g.workload.len()).max().unwrap_or(0).max(8);
-    let s = r.grants.iter().map(|g| g.secret.len()).max().unwrap_or(0).max(6);
-    if !r.grants.is_empty() {
-        println!("{:w$}  {:s$}  {:16}  MODE  UID   GID", "WORKLOAD", "SECRET", "FILE");
-    }
     let id = |v: Option<u32>| v.map_or("-".to_owned(), |n| n.to_string());
-    for g in &r.grants {
-        let file = if g.file.is_empty() { "(default)" } else { &g.file };
-        println!("{:w$}  {:s$}  {file:16}  {:04o}  {:5} {}", g.workload, g.secret, g.mode, id(g.uid), id(g.gid));
-    }
+    let rows: Vec<_> = r
+        .grants
+        .iter()
+        .map(|g| {
+            let file = if g.file.is_empty() { "-" } else { &g.file };
+            vec![g.workload.clone(), format!("{:04o}", g.mode), id(g.uid), id(g.gid), file.into(), g.secret.clone()]
+        })
+        .collect();
+    print_table(&["WORKLOAD", "MODE", "UID", "GID", "FILE", "SECRET"], &rows, &[]);
     Ok(())
 }
 
-pub async fn mounts(socket: &Path, json: bool) -> anyhow::Result<()> {
+pub async fn mounts(socket: &Target, json: bool) -> anyhow::Result<()> {
     let r = rpc!(admin, socket, Safe, list_mounts, pb::ListMountsRequest {})?;
     if json {
         let rows: Vec<_> = r
@@ -182,8 +185,8 @@ pub async fn mounts(socket: &Path, json: bool) -> anyhow::Result<()> {
         print_json(&rows);
         return Ok(());
     }
-    for m in &r.mounts {
-        println!("{}  {}  ({} files: {})", m.workload, m.path, m.files.len(), m.files.join(", "));
-    }
+    let rows: Vec<_> =
+        r.mounts.iter().map(|m| vec![m.workload.clone(), m.files.len().to_string(), m.path.clone()]).collect();
+    print_table(&["WORKLOAD", "FILES", "PATH"], &rows, &[1]);
     Ok(())
 }

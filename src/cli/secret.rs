@@ -2,13 +2,13 @@
 #![forbid(unsafe_code)]
 
 use std::io::{IsTerminal, Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use base64::Engine;
 use clap::{Args, Subcommand};
 use serde::Serialize;
 
-use super::client::{self, Retry, fail, print_json, rpc, time_ms};
+use super::client::{self, Retry, Target, fail, print_json, rpc, time_ms};
 use crate::api::pb::{self, put_secret_request::Source};
 use crate::config::MAX_VALUE_BYTES_CEILING;
 
@@ -138,7 +138,7 @@ fn source(s: ValueSource) -> anyhow::Result<Source> {
     Ok(Source::Value(value))
 }
 
-pub async fn run(cmd: SecretCmd, socket: &Path, json: bool) -> anyhow::Result<()> {
+pub async fn run(cmd: SecretCmd, socket: &Target, json: bool) -> anyhow::Result<()> {
     match cmd {
         SecretCmd::Put(args) => put(args, pb::PutMode::Put, socket, json).await,
         SecretCmd::Rotate(args) => put(args, pb::PutMode::Rotate, socket, json).await,
@@ -149,7 +149,7 @@ pub async fn run(cmd: SecretCmd, socket: &Path, json: bool) -> anyhow::Result<()
     }
 }
 
-async fn put(args: PutArgs, mode: pb::PutMode, socket: &Path, json: bool) -> anyhow::Result<()> {
+async fn put(args: PutArgs, mode: pb::PutMode, socket: &Target, json: bool) -> anyhow::Result<()> {
     let source = source(args.source)?;
     let req =
         pb::PutSecretRequest { path: args.path, mode: mode as i32, source: Some(source), if_version: args.if_version };
@@ -168,7 +168,7 @@ async fn put(args: PutArgs, mode: pb::PutMode, socket: &Path, json: bool) -> any
     Ok(())
 }
 
-async fn get(path: String, version: u64, socket: &Path, json: bool) -> anyhow::Result<()> {
+async fn get(path: String, version: u64, socket: &Target, json: bool) -> anyhow::Result<()> {
     let req = pb::GetSecretRequest { path, version };
     let r = rpc!(admin, socket, Safe, get_secret, req)?;
     if json {
@@ -189,40 +189,44 @@ async fn get(path: String, version: u64, socket: &Path, json: bool) -> anyhow::R
     Ok(())
 }
 
-async fn ls(prefix: String, socket: &Path, json: bool) -> anyhow::Result<()> {
+async fn ls(prefix: String, socket: &Target, json: bool) -> anyhow::Result<()> {
     let req = pb::ListSecretsRequest { prefix };
     let r = rpc!(admin, socket, Safe, list_secrets, req)?;
     if json {
         print_json(&r.secrets.iter().map(VersionView::from).collect::<Vec<_>>());
         return Ok(());
     }
-    let width = r.secrets.iter().map(|s| s.path.len()).max().unwrap_or(0).max(4);
-    if !r.secrets.is_empty() {
-        println!("{:width$}  {:>7}  {:>8}  UPDATED", "PATH", "VERSION", "SIZE");
-    }
-    for s in &r.secrets {
-        println!("{:width$}  {:>7}  {:>8}  {}", s.path, s.version, s.size, time_ms(s.created_unix_ms));
-    }
+    let rows: Vec<_> = r
+        .secrets
+        .iter()
+        .map(|s| vec![s.version.to_string(), s.size.to_string(), time_ms(s.created_unix_ms), s.path.clone()])
+        .collect();
+    client::print_table(&["VERSION", "SIZE", "UPDATED", "PATH"], &rows, &[0, 1]);
     Ok(())
 }
 
-async fn history(path: String, socket: &Path, json: bool) -> anyhow::Result<()> {
+async fn history(path: String, socket: &Target, json: bool) -> anyhow::Result<()> {
     let req = pb::SecretHistoryRequest { path };
     let r = rpc!(admin, socket, Safe, secret_history, req)?;
     if json {
         print_json(&r.versions.iter().map(VersionView::from).collect::<Vec<_>>());
         return Ok(());
     }
-    println!("{:>7}  {:>8}  CREATED", "VERSION", "SIZE");
     let last = r.versions.len().saturating_sub(1);
-    for (i, v) in r.versions.iter().enumerate() {
-        let mark = if i == last { "  (current)" } else { "" };
-        println!("{:>7}  {:>8}  {}{mark}", v.version, v.size, time_ms(v.created_unix_ms));
-    }
+    let rows: Vec<_> = r
+        .versions
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let mark = if i == last { "current" } else { "" };
+            vec![v.version.to_string(), v.size.to_string(), time_ms(v.created_unix_ms), mark.into()]
+        })
+        .collect();
+    client::print_table(&["VERSION", "SIZE", "CREATED", ""], &rows, &[0, 1]);
     Ok(())
 }
 
-async fn rm(path: String, socket: &Path, json: bool) -> anyhow::Result<()> {
+async fn rm(path: String, socket: &Target, json: bool) -> anyhow::Result<()> {
     let req = pb::DeleteSecretRequest { path: path.clone() };
     let r = rpc!(admin, socket, ConnectOnly, delete_secret, req)?;
     if json {

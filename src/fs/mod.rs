@@ -214,13 +214,13 @@ impl std::fmt::Debug for MountTable {
 }
 
 /// Mount points listed in `/proc/self/mountinfo` (field 5, unescaped).
-fn mount_points() -> std::io::Result<Vec<PathBuf>> {
+pub(crate) fn mount_points() -> std::io::Result<Vec<PathBuf>> {
     let info = std::fs::read_to_string("/proc/self/mountinfo")?;
     Ok(info.lines().filter_map(|l| l.split(' ').nth(4)).map(|p| PathBuf::from(unescape_mountinfo(p))).collect())
 }
 
 /// The peer group of the topmost mount at `path` (`shared:N`).
-fn peer_group(mountinfo: &str, path: &Path) -> Option<String> {
+pub(crate) fn peer_group(mountinfo: &str, path: &Path) -> Option<String> {
     mountinfo
         .lines()
         .rfind(|l| l.split(' ').nth(4).map(unescape_mountinfo).as_deref() == Some(&*path.to_string_lossy()))

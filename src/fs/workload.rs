@@ -365,6 +365,10 @@ impl WorkloadFs {
                             Err(errno(libc::EIO))
                         }
                         (Some(_), fresh) => {
+                            crate::metrics::METRICS
+                                .reads
+                                .get_or_create(&crate::metrics::secret_labels(workload, &node.secret))
+                                .inc();
                             if fresh == Freshness::Stale {
                                 audit(&event("stale_serve", Some(&id), None))?;
                             } else if self.shared.audit_reads {
@@ -438,7 +442,10 @@ impl FileSystem for WorkloadFs {
             return Err(errno(libc::EROFS));
         }
         let node = self.node(ino).ok_or_else(|| errno(libc::ENOENT))?;
-        self.check_open(ctx, &node)?;
+        let started = std::time::Instant::now();
+        let checked = self.check_open(ctx, &node);
+        crate::metrics::METRICS.open_seconds.observe(started.elapsed().as_secs_f64());
+        checked?;
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         self.handles.lock().expect("handles lock").insert(fh, node);
         Ok((Some(fh), OpenOptions::KEEP_CACHE, None))

@@ -72,6 +72,9 @@ pub struct Identity {
     /// a broker on the host).
     pub host: bool,
     pub admin: bool,
+    /// A remote admin client: its certificate subject and address.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub remote: Option<String>,
 }
 
 fn name_only<S: serde::Serializer>(d: &Option<Arc<ContainerInfo>>, s: S) -> Result<S::Ok, S::Error> {
@@ -187,6 +190,7 @@ impl Attestor {
                         docker: k.docker.clone(),
                         host: k.host,
                         admin: k.host && self.admin.allows(uid, gid, &k.groups),
+                        remote: None,
                     });
                 }
                 tasks.remove(&tid);
@@ -240,7 +244,7 @@ impl Attestor {
             (Some(c), Some(d)) => d.lookup_blocking(c),
             _ => None,
         };
-        Ok((Identity { uid, gid, pid, container_id, docker, host, admin }, groups))
+        Ok((Identity { uid, gid, pid, container_id, docker, host, admin, remote: None }, groups))
     }
 
     fn check_alive(&self, peer: &Peer) -> Result<(), IdentityError> {
@@ -306,7 +310,7 @@ mod tests {
 
     #[test]
     fn a_task_is_remembered_while_it_lives_and_forgotten_when_it_exits() {
-        let a = Attestor::new("/proc", AdminPolicy { uids: vec![1000], gids: vec![] }, None);
+        let a = Attestor::new("/proc", AdminPolicy { uids: vec![1000], ..AdminPolicy::default() }, None);
         let t = std::thread::scope(|s| {
             s.spawn(|| {
                 let t = tid();

@@ -10,6 +10,7 @@ mod crash;
 mod docker;
 mod lifecycle;
 mod mounts;
+mod operate;
 mod secrets;
 mod takeover;
 mod tamper;

@@ -57,6 +57,11 @@ impl Broker {
         Self::start_with_config(toml, false, Path::new(BIN), &[])
     }
 
+    /// Start with a config file holding `toml` and extra environment.
+    pub fn start_with_env(toml: &str, env: &[(&str, &str)]) -> Broker {
+        Self::start_with_config(toml, false, Path::new(BIN), env)
+    }
+
     /// Start with the Docker volume plugin on, under a name of its own
     /// (`self.plugin`; its socket is removed on drop: dockerd stalls on
     /// dead plugin sockets).

@@ -1,0 +1,168 @@
+//! The `[alerts] on_deny` hook: a command run (no shell) for each denial,
+//! with the denial's audit line as JSON on stdin, so a container probing
+//! for secrets that are not its own wakes someone up.
+//!
+//! A denial is handed over with `try_send` and never waits: a hook that
+//! hangs or fails cannot slow an open. Runs are one at a time, at most
+//! `max_per_minute`, each killed after `timeout`; denials beyond that are
+//! counted and reported to the next run as `suppressed`. Every run is
+//! audited (`alert` lines) and counted in the metrics.
+#![forbid(unsafe_code)]
+
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Instant;
+
+use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc;
+
+use crate::audit::{AuditLog, Event};
+use crate::config::AlertConfig;
+use crate::metrics::{METRICS, ResultLabels};
+
+/// Denials waiting for the hook; more than this are suppressed.
+const QUEUE: usize = 64;
+
+pub struct Alerts {
+    tx: mpsc::Sender<String>,
+    suppressed: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for Alerts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Alerts").finish_non_exhaustive()
+    }
+}
+
+impl Alerts {
+    /// Start the task that runs the hook on `rt`.
+    pub fn start(cfg: AlertConfig, audit: Weak<AuditLog>, rt: &tokio::runtime::Handle) -> Alerts {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let suppressed = Arc::new(AtomicU64::new(0));
+        rt.spawn(run_hooks(cfg, rx, suppressed.clone(), audit));
+        Alerts { tx, suppressed }
+    }
+
+    /// A denial's audit line. Never blocks.
+    pub fn deny(&self, line: &str) {
+        if self.tx.try_send(line.to_owned()).is_err() {
+            self.suppress();
+        }
+    }
+
+    fn suppress(&self) {
+        self.suppressed.fetch_add(1, Ordering::Relaxed);
+        METRICS.alerts_suppressed.inc();
+    }
+}
+
+/// Allows `per_minute` runs a minute, in bursts of up to that many.
+struct Bucket {
+    tokens: f64,
+    per_minute: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn new(per_minute: u32) -> Self {
+        Bucket { tokens: per_minute.into(), per_minute: per_minute.into(), at: Instant::now() }
+    }
+
+    fn take(&mut self, now: Instant) -> bool {
+        let refill = now.saturating_duration_since(self.at).as_secs_f64() * self.per_minute / 60.0;
+        self.tokens = (self.tokens + refill).min(self.per_minute);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+async fn run_hooks(
+    cfg: AlertConfig,
+    mut rx: mpsc::Receiver<String>,
+    suppressed: Arc<AtomicU64>,
+    audit: Weak<AuditLog>,
+) {
+    let mut bucket = Bucket::new(cfg.max_per_minute);
+    while let Some(line) = rx.recv().await {
+        if !bucket.take(Instant::now()) {
+            suppressed.fetch_add(1, Ordering::Relaxed);
+            METRICS.alerts_suppressed.inc();
+            continue;
+        }
+        let skipped = suppressed.swap(0, Ordering::Relaxed);
+        // The audit line is JSON already; wrap it, do not re-encode it.
+        let input = format!("{{\"alert\":\"deny\",\"suppressed\":{skipped},\"denial\":{line}}}\n");
+        let (result, outcome) = run_once(&cfg, input.as_bytes()).await;
+        METRICS.alert_runs.get_or_create(&ResultLabels { result: result.into() }).inc();
+        if result != "ok" {
+            tracing::warn!(hook = %cfg.argv[0], outcome = %outcome, "the on_deny alert hook failed");
+        }
+        let Some(audit) = audit.upgrade() else { return };
+        let seq = line.strip_prefix("{\"seq\":").and_then(|r| r.split(',').next()).unwrap_or("?");
+        let reason = format!("on_deny hook for audit line {seq}: {outcome}");
+        let _ = audit.record(&Event { reason: Some(&reason), ..Event::new("alert") });
+    }
+}
+
+/// Run the hook once; returns a metric label and what happened.
+async fn run_once(cfg: &AlertConfig, input: &[u8]) -> (&'static str, String) {
+    let mut cmd = tokio::process::Command::new(&cfg.argv[0]);
+    cmd.args(&cfg.argv[1..])
+        .env_clear()
+        .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .kill_on_drop(true);
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => return ("error", format!("cannot run {}: {e}", cfg.argv[0])),
+    };
+    let pgid = child.id().and_then(|p| rustix::process::Pid::from_raw(p as i32));
+    let work = async {
+        if let Some(mut stdin) = child.stdin.take() {
+            // A hook that does not read its input is its own business.
+            let _ = stdin.write_all(input).await;
+        }
+        child.wait().await
+    };
+    let outcome = tokio::time::timeout(cfg.timeout, work).await;
+    match outcome {
+        Ok(Ok(status)) if status.success() => ("ok", "exited 0".into()),
+        Ok(Ok(status)) => ("failed", format!("{status}")),
+        Ok(Err(e)) => ("error", format!("cannot wait for it: {e}")),
+        Err(_) => {
+            // The hook and anything it started: it runs in its own group.
+            if let Some(pgid) = pgid {
+                let _ = rustix::process::kill_process_group(pgid, rustix::process::Signal::KILL);
+            }
+            let _ = child.kill().await;
+            ("timeout", format!("killed after {}", humantime::format_duration(cfg.timeout)))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn the_bucket_allows_bursts_then_the_rate() {
+        let t0 = Instant::now();
+        let mut b = Bucket { tokens: 3.0, per_minute: 3.0, at: t0 };
+        assert!((0..3).all(|_| b.take(t0)));
+        assert!(!b.take(t0));
+        assert!(!b.take(t0 + Duration::from_secs(10)), "a third of a token after 10 s");
+        assert!(b.take(t0 + Duration::from_secs(20)), "one token after 20 s at 3 a minute");
+        assert!(!b.take(t0 + Duration::from_secs(21)));
+    }
+}

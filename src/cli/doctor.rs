@@ -1,0 +1,328 @@
+//! `keyhole doctor`: check the host the broker runs on (or will), one
+//! line per check, each failure with what to do about it.
+#![forbid(unsafe_code)]
+
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::Path;
+
+use serde::Serialize;
+
+use super::client::{fail, print_json};
+use crate::config::{Config, KeySource};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+enum Status {
+    Ok,
+    Warn,
+    Fail,
+}
+
+/// One check's verdict. The JSON shape (`--json`) is stable:
+/// `{"ok": bool, "checks": [{"check", "status", "detail", "fix"?}]}`.
+#[derive(Debug, Serialize)]
+struct Check {
+    check: &'static str,
+    status: Status,
+    detail: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    fix: Option<String>,
+}
+
+fn ok(check: &'static str, detail: impl Into<String>) -> Check {
+    Check { check, status: Status::Ok, detail: detail.into(), fix: None }
+}
+
+fn warn(check: &'static str, detail: impl Into<String>, fix: impl Into<String>) -> Check {
+    Check { check, status: Status::Warn, detail: detail.into(), fix: Some(fix.into()) }
+}
+
+fn bad(check: &'static str, detail: impl Into<String>, fix: impl Into<String>) -> Check {
+    Check { check, status: Status::Fail, detail: detail.into(), fix: Some(fix.into()) }
+}
+
+/// The inode numbers of the initial pid and cgroup namespaces
+/// (`PROC_PID_INIT_INO`, `PROC_CGROUP_INIT_INO`): the host's.
+const HOST_PID_NS: u64 = 0xEFFF_FFFC;
+const HOST_CGROUP_NS: u64 = 0xEFFF_FFFB;
+
+pub async fn run(config: anyhow::Result<Config>, json: bool) -> anyhow::Result<()> {
+    // The backends' TLS: one crypto provider for the process.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut checks = Vec::new();
+    let config = match config {
+        Ok(c) => {
+            checks.push(ok("config", "valid"));
+            c
+        }
+        Err(e) => {
+            checks.push(bad("config", format!("{e:#}"), "fix the config file; the rest is checked with the defaults"));
+            Config::load(None, Default::default())?
+        }
+    };
+    checks.push(fuse());
+    checks.push(namespace(
+        "pid namespace",
+        "pid",
+        HOST_PID_NS,
+        "callers in containers would arrive with pid 0 and be denied",
+    ));
+    checks.push(namespace("cgroup namespace", "cgroup", HOST_CGROUP_NS, "containers could not be told apart"));
+    let broker = broker_running(&config.admin_socket());
+    checks.push(broker.clone().map_or_else(
+        |why| warn("broker", why, "start it: keyhole serve (or systemctl start keyhole)"),
+        |()| ok("broker", format!("answering on {}", config.admin_socket().display())),
+    ));
+    checks.push(run_dir(&config.run_dir, broker.is_ok()));
+    checks.push(state_dir(&config.state_dir));
+    checks.push(key(&config));
+    let docker = docker(&config.docker_socket).await;
+    let docker_up = docker.status == Status::Ok;
+    checks.push(docker);
+    if let Some(sock) = &config.plugin_socket {
+        checks.push(plugin(sock, docker_up, broker.is_ok()));
+    }
+    for b in &config.backends {
+        checks.extend(backend(b).await);
+    }
+
+    let failed = checks.iter().filter(|c| c.status == Status::Fail).count();
+    if json {
+        print_json(&serde_json::json!({ "ok": failed == 0, "checks": checks }));
+    } else {
+        for c in &checks {
+            let tag = match c.status {
+                Status::Ok => "ok  ",
+                Status::Warn => "WARN",
+                Status::Fail => "FAIL",
+            };
+            println!("{tag}  {:<17} {}", c.check, c.detail);
+            if let Some(fix) = &c.fix {
+                println!("      {:<17} fix: {fix}", "");
+            }
+        }
+    }
+    if failed > 0 {
+        return Err(fail(1, format!("{failed} check(s) failed")));
+    }
+    Ok(())
+}
+
+fn fuse() -> Check {
+    const NAME: &str = "fuse";
+    let path = Path::new("/dev/fuse");
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) => {
+            return bad(
+                NAME,
+                format!("/dev/fuse: {e}"),
+                "load the module (modprobe fuse); in a container, pass --device /dev/fuse",
+            );
+        }
+    };
+    let rdev = meta.rdev();
+    if !meta.file_type().is_char_device() || (libc::major(rdev), libc::minor(rdev)) != (10, 229) {
+        return bad(NAME, "/dev/fuse is not the FUSE device (char 10:229)", "mknod /dev/fuse c 10 229");
+    }
+    match std::fs::OpenOptions::new().read(true).write(true).open(path) {
+        Ok(_) => ok(NAME, "/dev/fuse opens"),
+        Err(e) => bad(
+            NAME,
+            format!("cannot open /dev/fuse: {e}"),
+            "run as root; in a container add --device /dev/fuse --cap-add SYS_ADMIN",
+        ),
+    }
+}
+
+fn namespace(check: &'static str, ns: &str, host: u64, why: &str) -> Check {
+    match std::fs::metadata(format!("/proc/self/ns/{ns}")) {
+        Ok(m) if m.ino() == host => ok(check, format!("the host's {ns} namespace")),
+        Ok(_) => bad(
+            check,
+            format!("not the host's {ns} namespace: {why}"),
+            format!("run on the host, or as a container with `{ns}: host`"),
+        ),
+        Err(e) => bad(check, format!("/proc/self/ns/{ns}: {e}"), "mount /proc"),
+    }
+}
+
+fn broker_running(admin: &Path) -> Result<(), String> {
+    match std::os::unix::net::UnixStream::connect(admin) {
+        Ok(_) => Ok(()),
+        Err(e) => Err(format!("no broker answers on {}: {e}", admin.display())),
+    }
+}
+
+fn run_dir(dir: &Path, broker: bool) -> Check {
+    const NAME: &str = "run dir";
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let is_mount = crate::fs::mount_points().unwrap_or_default().iter().any(|p| p == dir);
+    let d = dir.display();
+    match (is_mount, crate::fs::peer_group(&mountinfo, dir)) {
+        (true, Some(group)) => ok(NAME, format!("{d} is a shared mount (peer group {group})")),
+        (true, None) => bad(
+            NAME,
+            format!("{d} is a private mount: mounts made in it will not reach containers"),
+            format!("mount --make-rshared {d} (in compose: bind it with propagation: rshared)"),
+        ),
+        (false, _) if broker => bad(
+            NAME,
+            format!("{d} is not a mount point, though a broker runs"),
+            "restart the broker: it makes the run dir a shared mount at start",
+        ),
+        (false, _) => ok(NAME, format!("{d}: the broker makes it a shared mount at start")),
+    }
+}
+
+/// Mode bits beyond the owner's, and whether we own it.
+fn loose(meta: &std::fs::Metadata) -> Option<String> {
+    let (mode, owner) = (meta.mode() & 0o7777, meta.uid());
+    let me = rustix::process::geteuid().as_raw();
+    if mode & 0o077 != 0 {
+        Some(format!("mode {mode:04o} lets others in"))
+    } else if owner != me {
+        Some(format!("owned by uid {owner}, not {me}"))
+    } else {
+        None
+    }
+}
+
+fn state_dir(dir: &Path) -> Check {
+    const NAME: &str = "state dir";
+    let d = dir.display();
+    match std::fs::metadata(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => ok(NAME, format!("{d}: created (0700) at first start")),
+        Err(e) => bad(NAME, format!("{d}: {e}"), "check the path and its parents"),
+        Ok(m) => match loose(&m) {
+            None => ok(NAME, format!("{d} is private")),
+            Some(why) => bad(NAME, format!("{d}: {why}"), format!("chmod 700 {d}; chown the broker's user {d}")),
+        },
+    }
+}
+
+fn key(config: &Config) -> Check {
+    const NAME: &str = "master key";
+    let (path, what) = match &config.key {
+        KeySource::KeyFile(p) => (p, "key file"),
+        KeySource::Passphrase(p) => (p, "passphrase file"),
+    };
+    let p = path.display();
+    match std::fs::metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if config.store_file().exists() {
+                bad(NAME, format!("{what} {p} is missing, but the store exists"), "restore the key from your backup")
+            } else if matches!(config.key, KeySource::KeyFile(_)) {
+                ok(NAME, format!("{p}: created (0400) at first start; back it up then"))
+            } else {
+                bad(NAME, format!("{what} {p} is missing"), "write the passphrase to it, mode 0400")
+            }
+        }
+        Err(e) => bad(NAME, format!("{p}: {e}"), "check the path and its parents"),
+        Ok(m) => match loose(&m) {
+            None => ok(NAME, format!("{what} {p} is private (mode {:04o})", m.mode() & 0o7777)),
+            Some(why) => bad(NAME, format!("{what} {p}: {why}"), format!("chmod 400 {p}")),
+        },
+    }
+}
+
+async fn docker(socket: &Path) -> Check {
+    const NAME: &str = "docker";
+    let s = socket.display();
+    if !socket.exists() {
+        return warn(
+            NAME,
+            format!("no Docker socket at {s}: docker:* selectors never match"),
+            "ignore on hosts without Docker; else start dockerd or set [docker] socket",
+        );
+    }
+    let version = async {
+        let d = bollard::Docker::connect_with_unix(&socket.to_string_lossy(), 5, bollard::API_DEFAULT_VERSION)?;
+        d.version().await
+    };
+    match tokio::time::timeout(std::time::Duration::from_secs(6), version).await {
+        Ok(Ok(v)) => ok(
+            NAME,
+            format!(
+                "Docker Engine {} (API {}) on {s}",
+                v.version.unwrap_or_default(),
+                v.api_version.unwrap_or_default()
+            ),
+        ),
+        Ok(Err(e)) => bad(NAME, format!("{s}: {e}"), "start dockerd, or check the socket's permissions"),
+        Err(_) => bad(NAME, format!("{s}: no answer in 6 s"), "dockerd is hung: restart it"),
+    }
+}
+
+fn plugin(sock: &Path, docker: bool, broker: bool) -> Check {
+    const NAME: &str = "volume plugin";
+    let s = sock.display();
+    match std::os::unix::net::UnixStream::connect(sock) {
+        Ok(_) => ok(NAME, format!("answering on {s}")),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if broker && docker {
+                warn(NAME, format!("no socket at {s}"), "see the broker's log: it could not create it")
+            } else {
+                ok(NAME, format!("{s}: created when the broker starts with Docker"))
+            }
+        }
+        Err(e) => bad(
+            NAME,
+            format!("{s} is dead ({e}): dockerd stalls ~100 s on new volumes while it exists"),
+            format!("start keyhole, or rm {s}"),
+        ),
+    }
+}
+
+async fn backend(cfg: &crate::config::VaultConfig) -> Vec<Check> {
+    const NAME: &str = "backend";
+    let n = &cfg.name;
+    let v = match crate::backend::vault::VaultBackend::new(cfg.clone()) {
+        Ok(v) => v,
+        Err(e) => return vec![bad(NAME, format!("{n}: {e}"), "fix the [[backend]] table or its files")],
+    };
+    let p = match v.probe().await {
+        Ok(p) => p,
+        Err(e) => {
+            return vec![bad(NAME, format!("{n}: {e}"), format!("check that {} is up and reachable", cfg.address))];
+        }
+    };
+    let mut out = Vec::new();
+    out.push(if p.sealed {
+        bad(NAME, format!("{n}: {} is sealed", cfg.address), "unseal it")
+    } else {
+        ok(NAME, format!("{n}: {} answers (version {})", cfg.address, p.version))
+    });
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+    let skew = now - p.server_time_unix;
+    out.push(if skew.abs() > 30 {
+        bad(
+            "clock",
+            format!("{n}: this host is {skew} s off the backend's clock"),
+            "run NTP (chrony, systemd-timesyncd)",
+        )
+    } else {
+        ok("clock", format!("{n}: within {} s of the backend", skew.abs()))
+    });
+    match p.token {
+        None => out.push(ok("token", format!("{n}: AppRole; a token is made at each login"))),
+        Some((0, _)) => out.push(ok("token", format!("{n}: the token never expires"))),
+        Some((ttl, renewable)) => {
+            let left = humantime::format_duration(std::time::Duration::from_secs(ttl));
+            out.push(match (renewable, ttl) {
+                (true, _) => ok("token", format!("{n}: renewable, {left} left (renewed at 2/3)")),
+                (false, t) if t < 600 => bad(
+                    "token",
+                    format!("{n}: expires in {left} and cannot be renewed"),
+                    "issue a renewable token, or use AppRole",
+                ),
+                (false, _) => warn(
+                    "token",
+                    format!("{n}: not renewable; expires in {left}"),
+                    "issue a renewable token, or use AppRole",
+                ),
+            });
+        }
+    }
+    out
+}
