@@ -40,9 +40,9 @@ pub struct Cli {
     #[arg(long, global = true, env = "KEYHOLE_SOCKET", value_name = "PATH")]
     pub socket: Option<PathBuf>,
 
-    /// A remote broker's admin listener, over mutual TLS, instead of the
-    /// local socket (needs --cert, --key, --ca)
-    #[arg(long, global = true, env = "KEYHOLE_ENDPOINT", value_name = "https://HOST:PORT", conflicts_with = "socket")]
+    /// A remote broker's admin listener, over mutual TLS; wins over
+    /// --socket (needs --cert, --key, --ca)
+    #[arg(long, global = true, env = "KEYHOLE_ENDPOINT", value_name = "https://HOST:PORT")]
     pub endpoint: Option<String>,
 
     /// This client's certificate (PEM), for --endpoint
@@ -220,17 +220,17 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => serve(args),
         Command::Completions { shell } => {
-            clap_complete::generate(
-                shell,
-                &mut <Cli as clap::CommandFactory>::command(),
-                "keyhole",
-                &mut std::io::stdout(),
-            );
-            Ok(())
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut <Cli as clap::CommandFactory>::command(), "keyhole", &mut out);
+            print_all(&out)
         }
-        Command::Man => clap_mangen::Man::new(<Cli as clap::CommandFactory>::command())
-            .render(&mut std::io::stdout())
-            .map_err(Into::into),
+        Command::Man => {
+            let mut out = Vec::new();
+            clap_mangen::Man::new(<Cli as clap::CommandFactory>::command())
+                .render(&mut out)
+                .map_err(Into::into)
+                .and_then(|()| print_all(&out))
+        }
         Command::Doctor(args) => {
             let config = args.load().map_err(Into::into);
             client::runtime().and_then(|rt| rt.block_on(doctor::run(config, cli.json)))
@@ -245,6 +245,15 @@ pub fn main() -> ExitCode {
             eprintln!("keyhole: {e:#}");
             ExitCode::from(code)
         }
+    }
+}
+
+/// Write to stdout; a reader that stopped early (`| head`) is no error.
+fn print_all(bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    match std::io::stdout().write_all(bytes) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
     }
 }
 

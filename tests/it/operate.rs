@@ -431,9 +431,10 @@ fn remote_admin_over_mutual_tls() {
     let (other_crt, other_key) = pki.issue("other", &[(CN, "intern")], false);
     let rogue = Pki::new("some other CA");
     let (rogue_crt, rogue_key) = rogue.issue("rogue", &[(CN, "ops-laptop"), (O, "Example")], false);
-    let port = free_port();
-    let b = Broker::start_with(&format!(
-        "[admin]\nlisten = \"127.0.0.1:{port}\"\ntls_cert = \"{server_crt}\"\ntls_key = \"{server_key}\"\n\
+    let (port, metrics) = (free_port(), format!("127.0.0.1:{}", free_port()));
+    let mut b = Broker::start_with(&format!(
+        "[metrics]\nlisten = \"{metrics}\"\n\
+         [admin]\nlisten = \"127.0.0.1:{port}\"\ntls_cert = \"{server_crt}\"\ntls_key = \"{server_key}\"\n\
          client_ca = \"{}\"\nsubjects = [\"O=Example, CN=ops-laptop\"]\n",
         pki.ca()
     ));
@@ -487,6 +488,12 @@ fn remote_admin_over_mutual_tls() {
     assert_fails(&o, 2, "--endpoint needs --cert, --key and --ca");
     let o = remote(&admin_crt, &admin_key, &pki.ca(), &["whoami"]);
     assert_fails(&o, 2, "not served over --endpoint");
+    // The old broker closes its TCP listeners before it hands over; the
+    // successor listens on the same ports.
+    b.takeover();
+    let o = remote(&admin_crt, &admin_key, &pki.ca(), &["secret", "ls", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(scrape(&metrics).contains("keyhole_mounts"));
     b.ok(&["audit", "--verify"]);
     b.assert_never_leaked(&[b"remote-old-value-41c2", &rotated]);
 }
