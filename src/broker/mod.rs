@@ -397,6 +397,7 @@ fn spawn_remote_admin(
     remote: &crate::config::RemoteAdmin,
     max_msg: usize,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    check_private(&remote.tls_key, "[admin] tls_key")?;
     let tls = crate::api::remote::tls_config(remote)?;
     let l = std::net::TcpListener::bind(remote.listen)
         .with_context(|| format!("cannot listen for remote admin on {}", remote.listen))?;
