@@ -61,18 +61,21 @@ pub async fn run(config: anyhow::Result<Config>, json: bool) -> anyhow::Result<(
         }
     };
     checks.push(fuse());
-    checks.push(namespace(
-        "pid namespace",
-        "pid",
-        HOST_PID_NS,
-        "callers in containers would arrive with pid 0 and be denied",
-    ));
-    checks.push(namespace("cgroup namespace", "cgroup", HOST_CGROUP_NS, "containers could not be told apart"));
-    let broker = broker_running(&config.admin_socket());
-    checks.push(broker.clone().map_or_else(
-        |why| warn("broker", why, "start it: keyhole serve (or systemctl start keyhole)"),
-        |()| ok("broker", format!("answering on {}", config.admin_socket().display())),
-    ));
+    let broker = broker_pid(&config.admin_socket()).await;
+    checks.push(match &broker {
+        Ok(pid) => ok("broker", format!("pid {pid} answers on {}", config.admin_socket().display())),
+        Err(why) => warn("broker", why.clone(), "start it: keyhole serve (or systemctl start keyhole)"),
+    });
+    // The running broker's namespaces; with none running (or none we can
+    // see), this process's, as a broker started here would have.
+    let (proc, who) = match broker.as_ref().ok().filter(|p| **p > 0) {
+        Some(pid) => (format!("/proc/{pid}"), format!("the broker (pid {pid}) is in")),
+        None => ("/proc/self".into(), "this process is in".into()),
+    };
+    let why = "callers in containers would arrive with pid 0 and be denied";
+    checks.push(namespace("pid namespace", &proc, &who, "pid", HOST_PID_NS, why));
+    let why = "containers could not be told apart";
+    checks.push(namespace("cgroup namespace", &proc, &who, "cgroup", HOST_CGROUP_NS, why));
     checks.push(run_dir(&config.run_dir, broker.is_ok()));
     checks.push(state_dir(&config.state_dir));
     checks.push(key(&config));
@@ -135,23 +138,26 @@ fn fuse() -> Check {
     }
 }
 
-fn namespace(check: &'static str, ns: &str, host: u64, why: &str) -> Check {
-    match std::fs::metadata(format!("/proc/self/ns/{ns}")) {
-        Ok(m) if m.ino() == host => ok(check, format!("the host's {ns} namespace")),
+fn namespace(check: &'static str, proc: &str, who: &str, ns: &str, host: u64, why: &str) -> Check {
+    match std::fs::metadata(format!("{proc}/ns/{ns}")) {
+        Ok(m) if m.ino() == host => ok(check, format!("{who} the host's {ns} namespace")),
         Ok(_) => bad(
             check,
-            format!("not the host's {ns} namespace: {why}"),
+            format!("{who} another {ns} namespace, not the host's: {why}"),
             format!("run on the host, or as a container with `{ns}: host`"),
         ),
-        Err(e) => bad(check, format!("/proc/self/ns/{ns}: {e}"), "mount /proc"),
+        Err(e) => bad(check, format!("{proc}/ns/{ns}: {e}"), "mount /proc"),
     }
 }
 
-fn broker_running(admin: &Path) -> Result<(), String> {
-    match std::os::unix::net::UnixStream::connect(admin) {
-        Ok(_) => Ok(()),
-        Err(e) => Err(format!("no broker answers on {}: {e}", admin.display())),
-    }
+/// The pid of the broker answering on `admin` (from the socket's peer
+/// credentials; 0 if it is outside our pid namespace).
+async fn broker_pid(admin: &Path) -> Result<i32, String> {
+    let s = tokio::net::UnixStream::connect(admin)
+        .await
+        .map_err(|e| format!("no broker answers on {}: {e}", admin.display()))?;
+    let cred = s.peer_cred().map_err(|e| format!("{}: {e}", admin.display()))?;
+    Ok(cred.pid().unwrap_or(0))
 }
 
 fn run_dir(dir: &Path, broker: bool) -> Check {

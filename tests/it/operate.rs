@@ -270,6 +270,8 @@ fn doctor_passes_a_good_host_and_names_each_problem() {
     {
         assert_eq!(status_of(&r, check), ["ok"], "{check}: {r:#}");
     }
+    let ns = r["checks"].as_array().unwrap().iter().find(|c| c["check"] == "pid namespace").unwrap();
+    assert_eq!(ns["detail"], format!("the broker (pid {}) is in the host's pid namespace", b.pid()), "{r:#}");
     // The text form: one line per check, each problem with its fix.
     let text = Command::new(BIN).arg("doctor").args(host).output().unwrap();
     assert!(String::from_utf8_lossy(&text.stdout).lines().any(|l| l.starts_with("ok    run dir")));
