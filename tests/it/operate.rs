@@ -585,3 +585,46 @@ fn listing_tables_fit_80_columns() {
         }
     }
 }
+
+#[test]
+fn backend_metrics_follow_an_openbao_outage() {
+    if !require_bao() {
+        return;
+    }
+    let mut bao = Bao::start();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let b = Broker::start_with(&format!("{}\n[metrics]\nlisten = \"{addr}\"\n", bao.backend_toml("prod", "200ms")));
+    let value = b"backend-metrics-must-not-show-19d3";
+    b.put("prod/db/pw", value);
+    b.ok(&["workload", "add", "app", "--selector", &format!("unix:uid:{NOBODY}")]);
+    b.ok(&["grant", "prod/db/pw", "--to", "app", "--mode", "0444"]);
+    let file = b.mount("app").join("pw");
+    assert_eq!(cat_as(NOBODY, &file).stdout, value);
+    let m = scrape(&addr);
+    let prod = |name: &str| format!("{name}{{backend=\"prod\"}}");
+    assert!(sample(&m, &prod("keyhole_backend_requests_total")) >= 2.0, "{m}");
+    assert_eq!(sample(&m, &prod("keyhole_backend_errors_total")), 0.0, "{m}");
+    assert_eq!(sample(&m, &prod("keyhole_backend_cached_secrets")), 1.0, "{m}");
+    assert!(sample(&m, &prod("keyhole_backend_last_ok_age_seconds")) < 5.0, "{m}");
+    assert!(sample(&m, &prod("keyhole_backend_request_duration_seconds_count")) >= 2.0, "{m}");
+    // Warm reads make no backend request.
+    let requests = |m: &str| sample(m, &prod("keyhole_backend_requests_total"));
+    let polls = requests(&scrape(&addr));
+    for _ in 0..20 {
+        assert_eq!(cat_as(NOBODY, &file).stdout, value);
+    }
+    let after = requests(&scrape(&addr));
+    assert!(after - polls < 20.0, "20 warm reads made {} requests", after - polls);
+
+    bao.stop();
+    eventually(10, "the pollers to see the outage", || {
+        sample(&scrape(&addr), &prod("keyhole_backend_errors_total")) >= 1.0
+    });
+    eventually(10, "the cache to age", || sample(&scrape(&addr), &prod("keyhole_backend_last_ok_age_seconds")) >= 1.0);
+    let before = sample(&scrape(&addr), "keyhole_stale_serves_total{workload=\"app\",secret=\"prod/db/pw\"}");
+    assert_eq!(cat_as(NOBODY, &file).stdout, value, "served from the cache");
+    let m = scrape(&addr);
+    assert_eq!(sample(&m, "keyhole_stale_serves_total{workload=\"app\",secret=\"prod/db/pw\"}") - before, 1.0, "{m}");
+    assert!(!m.contains(std::str::from_utf8(value).unwrap()));
+    b.assert_never_leaked(&[value]);
+}
