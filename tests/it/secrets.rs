@@ -47,7 +47,7 @@ fn rotate_adds_versions_and_history_keeps_them() {
     // Rotating something that does not exist is an error; put creates.
     assert_fails(&b.cli(&["secret", "rotate", "db/nope", "--generate", "8"]), 3, "db/nope does not exist");
     let text = String::from_utf8(b.ok(&["secret", "history", "db/password"])).unwrap();
-    assert!(text.lines().last().unwrap().ends_with("(current)"), "{text}");
+    assert!(text.lines().last().unwrap().ends_with("  current"), "{text}");
     b.assert_never_leaked(&[b"pw-one-4f9a", b"pw-three-77c1", b"pw-four-0b2e", &generated]);
 }
 
