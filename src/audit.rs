@@ -43,12 +43,33 @@ pub struct Event<'a> {
     pub version: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<&'a str>,
+    /// Only on the first line of a file after a rotation: the HMAC of the
+    /// previous file's last line, so the file verifies on its own.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prev_hmac: Option<&'a str>,
 }
 
 impl<'a> Event<'a> {
     pub fn new(event: &'a str) -> Self {
-        Event { event, method: None, caller: None, workload: None, path: None, version: None, reason: None }
+        Event {
+            event,
+            method: None,
+            caller: None,
+            workload: None,
+            path: None,
+            version: None,
+            reason: None,
+            prev_hmac: None,
+        }
     }
+}
+
+/// When the log is rotated: past `max_bytes`, into at most `keep` older
+/// files named `<log>.<last seq, 12 digits>`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rotation {
+    pub max_bytes: u64,
+    pub keep: u32,
 }
 
 #[derive(Serialize)]
@@ -71,6 +92,9 @@ pub enum AuditError {
 
 struct Head {
     file: File,
+    /// Bytes in the current file.
+    bytes: u64,
+    rotation: Option<Rotation>,
     seq: u64,
     mac: [u8; MAC_LEN],
     /// Set while a successor broker takes the log over: nothing more may
@@ -130,22 +154,91 @@ fn check_line(keyed: &HmacSha256, prev: &[u8; MAC_LEN], want_seq: u64, line: &st
     Ok(got)
 }
 
-/// Verify a whole log; returns (lines, last HMAC).
-fn verify_file(key: &SecretBytes, path: &Path) -> Result<(u64, [u8; MAC_LEN]), AuditError> {
+/// What verifying one file found: its first and last seq (first is
+/// where a rotated file continues; last is first - 1 for an empty file)
+/// and its last HMAC (the chain's start for an empty file).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Span {
+    first: u64,
+    last: u64,
+    /// The HMAC the file's first line chains from.
+    start: [u8; MAC_LEN],
+    mac: [u8; MAC_LEN],
+}
+
+/// Where a file's chain starts: at line 1 from zeros, or, for a file
+/// begun by a rotation, where its first line says (the line's own HMAC
+/// covers that claim).
+fn chain_start(first_line: &str) -> (u64, [u8; MAC_LEN]) {
+    #[derive(serde::Deserialize)]
+    struct First {
+        seq: u64,
+        event: String,
+        prev_hmac: Option<String>,
+    }
+    let mut prev = [0u8; MAC_LEN];
+    match serde_json::from_str::<First>(first_line) {
+        Ok(f)
+            if f.event == "audit_rotate"
+                && f.prev_hmac.as_ref().is_some_and(|h| hex::decode_to_slice(h, &mut prev).is_ok()) =>
+        {
+            (f.seq, prev)
+        }
+        _ => (1, [0; MAC_LEN]),
+    }
+}
+
+/// Verify one file of the log end to end.
+fn verify_file(key: &SecretBytes, path: &Path) -> Result<Span, AuditError> {
+    let empty = Span { first: 1, last: 0, start: [0; MAC_LEN], mac: [0; MAC_LEN] };
     let file = match File::open(path) {
         Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((0, [0; MAC_LEN])),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(empty),
         Err(source) => return Err(AuditError::Io { path: path.into(), source }),
     };
     let keyed = <HmacSha256 as hmac::KeyInit>::new_from_slice(key.expose()).expect("HMAC takes any key length");
+    let mut span = empty;
     let mut prev = [0u8; MAC_LEN];
     let mut n = 0u64;
     for line in BufReader::new(file).lines() {
         let line = line.map_err(|source| AuditError::Io { path: path.into(), source })?;
+        if n == 0 {
+            let (first, start) = chain_start(&line);
+            (n, prev) = (first - 1, start);
+            (span.first, span.start) = (first, start);
+        }
         n += 1;
         prev = check_line(&keyed, &prev, n, &line).map_err(|problem| AuditError::Broken { line: n, problem })?;
     }
-    Ok((n, prev))
+    span.last = n.max(span.first - 1);
+    span.mac = if n >= span.first { prev } else { span.start };
+    Ok(span)
+}
+
+/// The files a rotation left beside `path`, oldest first.
+fn rotated_files(path: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else {
+        return Ok(Vec::new());
+    };
+    let prefix = format!("{name}.");
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(Result::ok)
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .and_then(|n| n.strip_prefix(&prefix))
+                .is_some_and(|s| s.len() == 12 && s.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .map(|e| e.path())
+        .collect();
+    found.sort();
+    Ok(found)
+}
+
+fn rotated_name(path: &Path, last_seq: u64) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(format!(".{last_seq:012}"));
+    PathBuf::from(name)
 }
 
 /// Whether the log's last line is line `seq` with HMAC `mac`.
@@ -209,8 +302,18 @@ impl AuditLog {
         if drop_partial_tail(path).map_err(io)? {
             tracing::warn!(path = %path.display(), "audit log ended in a partial line (crash during a write); cut it");
         }
-        let (seq, mac) = verify_file(&key, path)?;
-        Self::append_at(path, key, seq, mac)
+        if !path.exists() {
+            // A rotation that stopped between moving the full file aside
+            // and starting the next: continue from the newest moved file.
+            if let Some(last) = rotated_files(path).map_err(io)?.pop() {
+                let span = verify_file(&key, &last)?;
+                let log = Self::append_at(path, key, span.last, span.mac)?;
+                log.start_file(&last)?;
+                return Ok(log);
+            }
+        }
+        let span = verify_file(&key, path)?;
+        Self::append_at(path, key, span.last, span.mac)
     }
 
     fn append_at(path: &Path, key: SecretBytes, seq: u64, mac: [u8; MAC_LEN]) -> Result<Self, AuditError> {
@@ -220,14 +323,44 @@ impl AuditLog {
             .mode(0o600)
             .open(path)
             .map_err(|source| AuditError::Io { path: path.into(), source })?;
+        let bytes = file.metadata().map_err(|source| AuditError::Io { path: path.into(), source })?.len();
         let (lines, _) = broadcast::channel(1024);
         Ok(AuditLog {
             path: path.into(),
             key,
-            head: Mutex::new(Head { file, seq, mac, sealed: false }),
+            head: Mutex::new(Head { file, bytes, rotation: None, seq, mac, sealed: false }),
             lines,
             alerts: Default::default(),
         })
+    }
+
+    /// Rotate the log past `rotation.max_bytes` from now on.
+    pub fn rotate_at(&self, rotation: Rotation) {
+        self.head.lock().expect("audit lock").rotation = Some(rotation);
+    }
+
+    /// The first line of a new file: it names the file before it and
+    /// carries its last HMAC, and chains from it as every line does.
+    fn start_file(&self, previous: &Path) -> Result<u64, AuditError> {
+        let mac = hex::encode(self.head.lock().expect("audit lock").mac);
+        let name = previous.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let reason = format!("continues {name}");
+        self.record(&Event { reason: Some(&reason), prev_hmac: Some(&mac), ..Event::new("audit_rotate") })
+    }
+
+    /// Move the full file aside, start the next, and delete the oldest
+    /// beyond `keep`. Called with the head locked, after a write.
+    fn rotate(&self, head: &mut Head, rotation: Rotation) -> std::io::Result<PathBuf> {
+        let aside = rotated_name(&self.path, head.seq);
+        head.file.sync_all()?;
+        std::fs::rename(&self.path, &aside)?;
+        head.file = OpenOptions::new().create(true).append(true).mode(0o600).open(&self.path)?;
+        head.bytes = 0;
+        let old = rotated_files(&self.path)?;
+        for f in old.iter().take(old.len().saturating_sub(rotation.keep as usize)) {
+            std::fs::remove_file(f)?;
+        }
+        Ok(aside)
     }
 
     /// Continue a log that a predecessor broker handed over at `(seq, mac)`
@@ -275,6 +408,17 @@ impl AuditLog {
             .inspect_err(|e| tracing::error!(error = %e, "audit line not written"))?;
         head.seq = seq;
         head.mac = mac;
+        head.bytes += line.len() as u64 + 1;
+        let rotated = match head.rotation {
+            Some(r) if head.bytes >= r.max_bytes && event.event != "audit_rotate" => {
+                // The line is written either way; a failed rotation is
+                // retried after the next line.
+                self.rotate(&mut head, r)
+                    .inspect_err(|e| tracing::error!(error = %e, path = %self.path.display(), "audit log not rotated"))
+                    .ok()
+            }
+            _ => None,
+        };
         drop(head);
         crate::metrics::audited(event);
         if event.event == "deny" {
@@ -283,6 +427,9 @@ impl AuditLog {
             }
         }
         let _ = self.lines.send((seq, line));
+        if let Some(aside) = rotated {
+            self.start_file(&aside)?;
+        }
         Ok(seq)
     }
 
@@ -295,32 +442,65 @@ impl AuditLog {
         self.head.lock().expect("audit lock").seq
     }
 
-    /// Verify the file end to end, and that it still reaches the last line
-    /// this broker wrote (so a cut tail is caught too).
+    /// Verify every file of the log end to end, each continuing the one
+    /// before it, and that the last still reaches the last line this
+    /// broker wrote (so a cut tail is caught too). Returns the lines
+    /// checked.
     pub fn verify(&self) -> Result<u64, AuditError> {
         let (seq, mac) = {
             let h = self.head.lock().expect("audit lock");
             (h.seq, h.mac)
         };
-        let (n, last) = verify_file(&self.key, &self.path)?;
-        if n < seq || (n == seq && last != mac) {
+        let io = |source| AuditError::Io { path: self.path.clone(), source };
+        let mut files = rotated_files(&self.path).map_err(io)?;
+        files.push(self.path.clone());
+        let mut checked = 0;
+        let mut before: Option<(PathBuf, Span)> = None;
+        for f in files {
+            let span = verify_file(&self.key, &f)?;
+            if let Some((prev_file, prev)) = &before {
+                if span.first != prev.last + 1 || span.start != prev.mac {
+                    return Err(AuditError::Broken {
+                        line: span.first,
+                        problem: format!(
+                            "{} does not continue {} (lines up to {}): a file of the log is missing or replaced",
+                            f.display(),
+                            prev_file.display(),
+                            prev.last
+                        ),
+                    });
+                }
+            }
+            checked += span.last + 1 - span.first;
+            before = Some((f, span));
+        }
+        let (last, last_mac) = before.map_or((0, [0; MAC_LEN]), |(_, s)| (s.last, s.mac));
+        if last < seq || (last == seq && last_mac != mac) {
             return Err(AuditError::Broken {
-                line: n + 1,
-                problem: format!("the log ends at line {n}, but the broker wrote {seq} lines: it was truncated"),
+                line: last + 1,
+                problem: format!("the log ends at line {last}, but the broker wrote {seq} lines: it was truncated"),
             });
         }
-        Ok(n)
+        Ok(checked)
     }
 
-    /// Every stored line, then (if `follow`) every new one as written.
-    pub fn subscribe(&self) -> (Vec<String>, broadcast::Receiver<(u64, String)>) {
+    /// Every stored line (of the files a rotation kept, too), the seq of
+    /// the last, then (if `follow`) every new one as written.
+    pub fn subscribe(&self) -> (Vec<String>, u64, broadcast::Receiver<(u64, String)>) {
         // Subscribe before reading so no line falls between the two; the
-        // caller drops broadcast lines with seq <= the lines returned.
+        // caller drops broadcast lines with seq <= the last one returned.
         let rx = self.lines.subscribe();
-        let lines = File::open(&self.path)
-            .map(|f| BufReader::new(f).lines().map_while(Result::ok).collect())
-            .unwrap_or_default();
-        (lines, rx)
+        let mut files = rotated_files(&self.path).unwrap_or_default();
+        files.push(self.path.clone());
+        let lines: Vec<String> = files
+            .iter()
+            .filter_map(|f| File::open(f).ok())
+            .flat_map(|f| BufReader::new(f).lines().map_while(Result::ok))
+            .collect();
+        let last = lines.last().map_or(0, |l| {
+            l.strip_prefix("{\"seq\":").and_then(|r| r.split(',').next()).and_then(|n| n.parse().ok()).unwrap_or(0)
+        });
+        (lines, last, rx)
     }
 }
 
@@ -410,5 +590,77 @@ mod tests {
         std::fs::write(&path, vec![b'y'; 70 * 1024]).unwrap();
         assert!(drop_partial_tail(&path).unwrap());
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
+    }
+
+    fn rotating(dir: &Path, n: usize) -> (PathBuf, AuditLog) {
+        let path = dir.join("audit.log");
+        let log = AuditLog::open(&path, key()).unwrap();
+        log.rotate_at(Rotation { max_bytes: 1000, keep: 3 });
+        for i in 0..n {
+            let p = format!("secret/number/{i}");
+            log.record(&Event { path: Some(&p), version: Some(i as u64), ..Event::new("put") }).unwrap();
+        }
+        (path, log)
+    }
+
+    #[test]
+    fn a_rotated_log_keeps_its_chain_across_files() {
+        let d = tempfile::tempdir().unwrap();
+        let (path, log) = rotating(d.path(), 60);
+        let files = rotated_files(&path).unwrap();
+        assert_eq!(files.len(), 3, "keep = 3: {files:?}");
+        assert!(std::fs::metadata(&path).unwrap().len() < 1200);
+        // Every file kept verifies, each continuing the one before.
+        let checked = log.verify().unwrap();
+        let (lines, last, _) = log.subscribe();
+        assert_eq!(checked, lines.len() as u64);
+        assert_eq!(last, log.lines_written());
+        let seqs: Vec<u64> = lines
+            .iter()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["seq"].as_u64().unwrap())
+            .collect();
+        assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
+        // A new file starts with the line that ties it to the last one.
+        let current = std::fs::read_to_string(&path).unwrap();
+        let first: serde_json::Value = serde_json::from_str(current.lines().next().unwrap()).unwrap();
+        assert_eq!(first["event"], "audit_rotate");
+        assert_eq!(first["prev_hmac"].as_str().unwrap().len(), 64);
+        // A start verifies only the current file, and continues the chain.
+        drop(log);
+        let log = AuditLog::open(&path, key()).unwrap();
+        log.record(&Event::new("status")).unwrap();
+        assert_eq!(log.verify().unwrap(), checked + 1);
+    }
+
+    #[test]
+    fn a_rotated_file_edited_replaced_or_missing_is_caught() {
+        let d = tempfile::tempdir().unwrap();
+        let (path, log) = rotating(d.path(), 60);
+        let files = rotated_files(&path).unwrap();
+        let middle = std::fs::read_to_string(&files[1]).unwrap();
+        std::fs::write(&files[1], middle.replacen("secret/number", "secret/numbex", 1)).unwrap();
+        assert!(matches!(log.verify(), Err(AuditError::Broken { .. })));
+        std::fs::write(&files[1], &middle).unwrap();
+        log.verify().unwrap();
+        // A middle file removed: the next does not continue the one before.
+        std::fs::rename(&files[1], d.path().join("aside")).unwrap();
+        let e = log.verify().unwrap_err().to_string();
+        assert!(e.contains("does not continue"), "{e}");
+        std::fs::rename(d.path().join("aside"), &files[1]).unwrap();
+        // The oldest kept file may start mid-chain: older ones were deleted.
+        std::fs::remove_file(&files[0]).unwrap();
+        log.verify().unwrap();
+    }
+
+    #[test]
+    fn a_crash_between_moving_the_file_aside_and_the_next_continues_the_chain() {
+        let d = tempfile::tempdir().unwrap();
+        let (path, log) = rotating(d.path(), 3);
+        let seq = log.lines_written();
+        drop(log);
+        std::fs::rename(&path, rotated_name(&path, seq)).unwrap();
+        let log = AuditLog::open(&path, key()).unwrap();
+        assert_eq!(log.lines_written(), seq + 1, "the new file starts with its audit_rotate line");
+        assert_eq!(log.verify().unwrap(), seq + 1);
     }
 }

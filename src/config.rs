@@ -15,6 +15,8 @@ pub const DEFAULT_DOCKER_SOCKET: &str = "/var/run/docker.sock";
 /// Where dockerd looks for legacy plugins' sockets.
 pub const PLUGIN_DIR: &str = "/run/docker/plugins";
 pub const DEFAULT_MAX_VALUE_BYTES: u64 = 1 << 20;
+/// An audit file this large takes about 0.3 s to verify at start.
+pub const DEFAULT_AUDIT_MAX_BYTES: u64 = 64 << 20;
 /// Hard ceiling for `max_value_bytes`, so a gRPC message stays bounded.
 pub const MAX_VALUE_BYTES_CEILING: u64 = 16 << 20;
 
@@ -166,6 +168,10 @@ pub struct RawAudit {
     /// Log every allowed file open (`read`); default true. Denials, admin
     /// calls and backend events are always logged.
     pub reads: Option<bool>,
+    /// Start a new file past this size (default 64 MiB; 0: never).
+    pub max_bytes: Option<u64>,
+    /// Rotated files kept (default 10); older ones are deleted.
+    pub keep: Option<u32>,
 }
 
 /// `[[backend]]`: paths under `<name>/` live in this Vault/OpenBao KV v2 mount.
@@ -349,6 +355,8 @@ pub struct Config {
     pub plugin_socket: Option<PathBuf>,
     /// Whether allowed file opens are audited (`[audit] reads`).
     pub audit_reads: bool,
+    /// `[audit] max_bytes` and `keep`; None: never rotate.
+    pub audit_rotation: Option<crate::audit::Rotation>,
     pub metrics: Option<Listen>,
     pub alerts: Option<AlertConfig>,
     pub remote_admin: Option<RemoteAdmin>,
@@ -435,6 +443,17 @@ impl Config {
             return Err(ConfigError::Invalid("[admin] listen is set but no subjects: nobody could use it".into()));
         }
         let admin = AdminPolicy { uids: a.uids, gids: a.gids, subjects };
+        let audit_rotation =
+            match (raw.audit.max_bytes.unwrap_or(DEFAULT_AUDIT_MAX_BYTES), raw.audit.keep.unwrap_or(10)) {
+                (0, _) => None,
+                (max_bytes, _) if max_bytes < 4096 => {
+                    return Err(ConfigError::Invalid(format!(
+                        "[audit] max_bytes = {max_bytes}: use 0 (never rotate) or at least 4096"
+                    )));
+                }
+                (_, 0) => return Err(ConfigError::Invalid("[audit] keep = 0: keep at least 1 rotated file".into())),
+                (max_bytes, keep) => Some(crate::audit::Rotation { max_bytes, keep }),
+            };
         let metrics = raw.metrics.listen.map(|l| Listen::parse("[metrics] listen", &l)).transpose()?;
         let alerts = AlertConfig::from_raw(raw.alerts)?;
         let docker_socket = absolute("docker.socket", raw.docker.socket.unwrap_or(DEFAULT_DOCKER_SOCKET.into()))?;
@@ -460,6 +479,7 @@ impl Config {
             docker_socket,
             plugin_socket,
             audit_reads: raw.audit.reads.unwrap_or(true),
+            audit_rotation,
             metrics,
             alerts,
             remote_admin,
@@ -516,6 +536,11 @@ mod tests {
         assert_eq!((c.max_value_bytes, c.audit_reads), (d.max_value_bytes, d.audit_reads));
         assert!(d.audit_reads);
         assert!(!parse("[audit]\nreads = false").unwrap().audit_reads);
+        assert_eq!(c.audit_rotation, d.audit_rotation);
+        assert_eq!(d.audit_rotation, Some(crate::audit::Rotation { max_bytes: 64 << 20, keep: 10 }));
+        assert_eq!(parse("[audit]\nmax_bytes = 0").unwrap().audit_rotation, None);
+        assert!(parse("[audit]\nmax_bytes = 100").is_err());
+        assert!(parse("[audit]\nkeep = 0").is_err());
         assert!(parse("[audit]\nread = false").is_err(), "unknown keys are errors");
     }
 

@@ -322,11 +322,11 @@ impl admin_server::Admin for AdminService {
     async fn audit_log(&self, req: Request<pb::AuditLogRequest>) -> Reply<Self::AuditLogStream> {
         let id = self.authorize(&req, "AuditLog").await?;
         let follow = req.into_inner().follow;
-        let (lines, mut rx) = self.audited(id, "audit_read", None, |b| Ok((b.audit.subscribe(), None))).await?;
+        let (lines, mut seen, mut rx) =
+            self.audited(id, "audit_read", None, |b| Ok((b.audit.subscribe(), None))).await?;
         let (tx, out) = mpsc::channel(256);
         let mut stopping = self.0.stopping.subscribe();
         tokio::spawn(async move {
-            let mut seen = lines.len() as u64;
             for json in lines {
                 if tx.send(Ok(pb::AuditLine { json })).await.is_err() {
                     return;

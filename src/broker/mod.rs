@@ -203,6 +203,9 @@ impl Broker {
             }
             vaults.push(Arc::new(v));
         }
+        if let Some(r) = config.audit_rotation {
+            audit.rotate_at(r);
+        }
         let audit = Arc::new(audit);
         if let Some(a) = &config.alerts {
             audit.alert_on_deny(crate::alerts::Alerts::start(a.clone(), Arc::downgrade(&audit), &rt));
