@@ -12,13 +12,14 @@
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
 use crate::audit::{AuditLog, Event};
 use crate::config::AlertConfig;
+use crate::limits::Bucket;
 use crate::metrics::{METRICS, ResultLabels};
 
 /// Denials waiting for the hook; more than this are suppressed.
@@ -57,38 +58,13 @@ impl Alerts {
     }
 }
 
-/// Allows `per_minute` runs a minute, in bursts of up to that many.
-struct Bucket {
-    tokens: f64,
-    per_minute: f64,
-    at: Instant,
-}
-
-impl Bucket {
-    fn new(per_minute: u32) -> Self {
-        Bucket { tokens: per_minute.into(), per_minute: per_minute.into(), at: Instant::now() }
-    }
-
-    fn take(&mut self, now: Instant) -> bool {
-        let refill = now.saturating_duration_since(self.at).as_secs_f64() * self.per_minute / 60.0;
-        self.tokens = (self.tokens + refill).min(self.per_minute);
-        self.at = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
-
 async fn run_hooks(
     cfg: AlertConfig,
     mut rx: mpsc::Receiver<String>,
     suppressed: Arc<AtomicU64>,
     audit: Weak<AuditLog>,
 ) {
-    let mut bucket = Bucket::new(cfg.max_per_minute);
+    let mut bucket = Bucket::new(cfg.max_per_minute, Duration::from_secs(60), Instant::now());
     while let Some(line) = rx.recv().await {
         if !bucket.take(Instant::now()) {
             suppressed.fetch_add(1, Ordering::Relaxed);
@@ -146,23 +122,5 @@ async fn run_once(cfg: &AlertConfig, input: &[u8]) -> (&'static str, String) {
             let _ = child.kill().await;
             ("timeout", format!("killed after {}", humantime::format_duration(cfg.timeout)))
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::time::Duration;
-
-    use super::*;
-
-    #[test]
-    fn the_bucket_allows_bursts_then_the_rate() {
-        let t0 = Instant::now();
-        let mut b = Bucket { tokens: 3.0, per_minute: 3.0, at: t0 };
-        assert!((0..3).all(|_| b.take(t0)));
-        assert!(!b.take(t0));
-        assert!(!b.take(t0 + Duration::from_secs(10)), "a third of a token after 10 s");
-        assert!(b.take(t0 + Duration::from_secs(20)), "one token after 20 s at 3 a minute");
-        assert!(!b.take(t0 + Duration::from_secs(21)));
     }
 }

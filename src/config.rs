@@ -36,11 +36,54 @@ pub struct RawConfig {
     #[serde(default)]
     pub audit: RawAudit,
     #[serde(default)]
+    pub limits: RawLimits,
+    #[serde(default)]
     pub metrics: RawMetrics,
     #[serde(default)]
     pub alerts: RawAlerts,
     #[serde(default)]
     pub backend: Vec<RawBackend>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    /// Open connections per socket (admin, workload); default 1024.
+    pub max_connections: Option<usize>,
+    /// Open connections per caller (uid and cgroup); default 128.
+    pub max_connections_per_caller: Option<usize>,
+    /// gRPC calls a second per caller (container, host uid, or remote
+    /// subject), in bursts of as many; default 100.
+    pub calls_per_second: Option<u32>,
+}
+
+/// `[limits]`, validated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub max_connections_per_caller: usize,
+    pub calls_per_second: u32,
+}
+
+impl Limits {
+    fn from_raw(raw: RawLimits) -> Result<Self, ConfigError> {
+        let l = Limits {
+            max_connections: raw.max_connections.unwrap_or(1024),
+            max_connections_per_caller: raw.max_connections_per_caller.unwrap_or(128),
+            calls_per_second: raw.calls_per_second.unwrap_or(100),
+        };
+        let bad = |k: &str, v: String| ConfigError::Invalid(format!("[limits] {k} = {v}: it must be at least 1"));
+        if l.max_connections == 0 {
+            return Err(bad("max_connections", "0".into()));
+        }
+        if l.max_connections_per_caller == 0 {
+            return Err(bad("max_connections_per_caller", "0".into()));
+        }
+        if l.calls_per_second == 0 {
+            return Err(bad("calls_per_second", "0".into()));
+        }
+        Ok(l)
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -357,6 +400,7 @@ pub struct Config {
     pub audit_reads: bool,
     /// `[audit] max_bytes` and `keep`; None: never rotate.
     pub audit_rotation: Option<crate::audit::Rotation>,
+    pub limits: Limits,
     pub metrics: Option<Listen>,
     pub alerts: Option<AlertConfig>,
     pub remote_admin: Option<RemoteAdmin>,
@@ -454,6 +498,7 @@ impl Config {
                 (_, 0) => return Err(ConfigError::Invalid("[audit] keep = 0: keep at least 1 rotated file".into())),
                 (max_bytes, keep) => Some(crate::audit::Rotation { max_bytes, keep }),
             };
+        let limits = Limits::from_raw(raw.limits)?;
         let metrics = raw.metrics.listen.map(|l| Listen::parse("[metrics] listen", &l)).transpose()?;
         let alerts = AlertConfig::from_raw(raw.alerts)?;
         let docker_socket = absolute("docker.socket", raw.docker.socket.unwrap_or(DEFAULT_DOCKER_SOCKET.into()))?;
@@ -480,6 +525,7 @@ impl Config {
             plugin_socket,
             audit_reads: raw.audit.reads.unwrap_or(true),
             audit_rotation,
+            limits,
             metrics,
             alerts,
             remote_admin,
@@ -541,6 +587,12 @@ mod tests {
         assert_eq!(parse("[audit]\nmax_bytes = 0").unwrap().audit_rotation, None);
         assert!(parse("[audit]\nmax_bytes = 100").is_err());
         assert!(parse("[audit]\nkeep = 0").is_err());
+        assert_eq!(c.limits, d.limits);
+        assert_eq!(
+            (d.limits.max_connections, d.limits.max_connections_per_caller, d.limits.calls_per_second),
+            (1024, 128, 100)
+        );
+        assert!(parse("[limits]\ncalls_per_second = 0").is_err());
         assert!(parse("[audit]\nread = false").is_err(), "unknown keys are errors");
     }
 

@@ -39,6 +39,7 @@ pub mod crypto;
 pub mod docker;
 pub mod fs;
 pub mod identity;
+pub mod limits;
 pub mod metrics;
 pub mod policy;
 pub mod secret;

@@ -79,7 +79,11 @@ impl AdminService {
         let audit = &self.0.audit;
         let attestor = self.0.attestor.clone();
         let p = peer.clone();
-        match blocking(move || Ok(attestor.attest(&p))).await? {
+        let attested = blocking(move || Ok(attestor.attest(&p))).await?;
+        if let Ok(id) = &attested {
+            self.0.allow_call(id, method)?;
+        }
+        match attested {
             Ok(id) if id.admin => Ok(id),
             Ok(id) => {
                 audit.record(&Event {
@@ -122,6 +126,7 @@ impl AdminService {
             Err(e) => (e.clone(), false),
         };
         let id = Identity { remote: Some(format!("{shown} from {from}")), admin, ..Identity::default() };
+        self.0.allow_call(&id, method)?;
         if admin {
             return Ok(id);
         }

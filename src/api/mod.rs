@@ -35,6 +35,8 @@ pub enum ApiError {
     Policy(#[from] crate::policy::PolicyError),
     #[error("{0}")]
     PermissionDenied(String),
+    #[error("{0}")]
+    ResourceExhausted(String),
     #[error("cannot attest the caller: {0}")]
     Unauthenticated(#[from] IdentityError),
     #[error(transparent)]
@@ -52,6 +54,7 @@ impl From<ApiError> for Status {
         let code = match &e {
             ApiError::InvalidArgument(_) | ApiError::Path(_) | ApiError::Policy(_) => Code::InvalidArgument,
             ApiError::PermissionDenied(_) => Code::PermissionDenied,
+            ApiError::ResourceExhausted(_) => Code::ResourceExhausted,
             ApiError::Unauthenticated(_) => Code::Unauthenticated,
             ApiError::Store(StoreError::NotFound(_) | StoreError::NoVersion { .. } | StoreError::Missing(_)) => {
                 Code::NotFound

@@ -18,6 +18,7 @@ impl workload_server::Workload for WorkloadService {
         let b = self.0.clone();
         let (id, workloads) = blocking(move || {
             let id = b.attestor.attest(&peer)?;
+            b.allow_call(&id, "WhoAmI")?;
             let all = b.store.workloads()?;
             let names = all.into_iter().filter(|w| w.matches(&id)).map(|w| w.name).collect::<Vec<_>>();
             Ok((id, names))

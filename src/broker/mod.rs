@@ -59,6 +59,9 @@ pub struct Broker {
     pub started: Instant,
     /// Flips to true when the broker begins shutting down.
     pub stopping: watch::Sender<bool>,
+    /// gRPC calls per caller (`[limits] calls_per_second`).
+    pub calls: crate::limits::PerCaller,
+    pub refusals: crate::limits::Refusals,
 }
 
 /// Refuse a file or directory that others could read or write, or that
@@ -161,6 +164,26 @@ fn read_key(config: &Config) -> anyhow::Result<KeyMaterial> {
 }
 
 impl Broker {
+    /// Count one gRPC call of `id` against `[limits] calls_per_second`;
+    /// over it, the call is refused (and audited, at most a line a second
+    /// per caller).
+    pub fn allow_call(&self, id: &crate::identity::Identity, method: &str) -> Result<(), crate::api::ApiError> {
+        let key = match (&id.remote, &id.container_id) {
+            (Some(r), _) => format!("remote {}", r.split(" from ").next().unwrap_or(r)),
+            (None, Some(c)) => format!("container {c}"),
+            (None, None) => format!("uid {}", id.uid),
+        };
+        if self.calls.allow(&key) {
+            return Ok(());
+        }
+        let limit = format!("calls_per_second ({}) for {key}", self.config.limits.calls_per_second);
+        self.refusals.refused(&self.audit, &key, &limit, Some(id));
+        Err(crate::api::ApiError::ResourceExhausted(format!(
+            "{method}: too many calls from this caller (limit {} a second); try again shortly",
+            self.config.limits.calls_per_second
+        )))
+    }
+
     /// Open everything in the state dir and set up the mounts. Blocking
     /// (Argon2id, fsync, mount); `rt` serves Docker lookups.
     /// With `adopt`, the mounts and audit head come from a predecessor.
@@ -218,6 +241,7 @@ impl Broker {
         let shared =
             Arc::new(FsShared { attestor: attestor.clone(), audit: audit.clone(), audit_reads: config.audit_reads });
         let mounts = MountTable::new(run_dir, shared)?;
+        let config_calls = config.limits.calls_per_second;
         let broker = Broker {
             config,
             store,
@@ -229,6 +253,8 @@ impl Broker {
             rt,
             started: Instant::now(),
             stopping: watch::Sender::new(false),
+            calls: crate::limits::PerCaller::new(config_calls),
+            refusals: crate::limits::Refusals::default(),
         };
         if let Some(a) = adopt {
             broker.mounts.adopt(&broker, a.mounts, a.next_ino)?;
@@ -336,7 +362,8 @@ fn spawn_services(
     broker.stopping.send_replace(false);
     let max_msg = broker.config.max_value_bytes as usize + 64 * 1024;
     let mut tasks = Vec::new();
-    for l in [&listeners.admin, &listeners.workload] {
+    for (l, name) in [(&listeners.admin, "admin.sock"), (&listeners.workload, "workload.sock")] {
+        let gate = peer::Gate::new(name, &broker.config.limits, broker.audit.clone());
         let mut stop = broker.stopping.subscribe();
         let admin = AdminServer::new(AdminService(broker.clone()))
             .max_decoding_message_size(max_msg)
@@ -347,7 +374,7 @@ fn spawn_services(
             .layer(crate::api::CountCalls)
             .add_service(admin)
             .add_service(workload)
-            .serve_with_incoming_shutdown(peer::incoming(serving_copy(l)?), async move {
+            .serve_with_incoming_shutdown(peer::incoming(serving_copy(l)?, gate), async move {
                 let _ = stop.wait_for(|s| *s).await;
             });
         tasks.push(tokio::spawn(async move {

@@ -40,6 +40,7 @@ impl From<tonic::Status> for Failure {
             Code::NotFound => 3,
             Code::PermissionDenied | Code::Unauthenticated => 4,
             Code::Unavailable => 5,
+            Code::ResourceExhausted if !s.message().contains("message length too large") => 5,
             Code::DataLoss => 6,
             Code::ResourceExhausted if s.message().contains("message length too large") => {
                 return Failure {

@@ -23,7 +23,8 @@ Exit status:
   2  bad usage or invalid argument (bad path, oversized value, missing flag)
   3  not found (no such secret or version)
   4  permission denied: the caller is not an admin, or could not be attested
-  5  unavailable: the broker (not running, socket unreachable), or a backend
+  5  unavailable: the broker (not running, socket unreachable), a backend,
+     or too many calls from this caller ([limits])
   6  integrity failure: a tampered store record or audit log
   7  conflict: it changed meanwhile (--if-version, check-and-set), or exists already";
 

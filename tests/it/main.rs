@@ -9,6 +9,7 @@ mod compose;
 mod crash;
 mod docker;
 mod lifecycle;
+mod limits;
 mod mounts;
 mod operate;
 mod secrets;

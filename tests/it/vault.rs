@@ -136,7 +136,9 @@ fn an_outage_serves_cached_values_and_fails_uncached_ones_promptly() {
     assert!(!b.audit_events("backend_error").is_empty());
     assert_eq!(b.audit_events("stale_serve").last().unwrap()["path"], "prod/db/pw");
     let s = json(&b.ok(&["status", "--json"]));
-    assert!(s["backends"][0]["last_error"].as_str().unwrap().contains("onnection refused"), "{s}");
+    // Refused, or reset if the server died under a request in flight.
+    let last_error = s["backends"][0]["last_error"].as_str().unwrap();
+    assert!(last_error.contains("onnection refused") || last_error.contains("onnection reset"), "{s}");
 
     // A broker restarted during the outage still serves what it had.
     b.kill9();
