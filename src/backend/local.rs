@@ -77,7 +77,10 @@ db_err!(
 );
 
 pub struct LocalStore {
-    db: Database,
+    /// `None` only between closing a database that hit an I/O error and
+    /// opening it again.
+    db: std::sync::RwLock<Option<Database>>,
+    path: std::path::PathBuf,
     sealer: Sealer,
     history_depth: usize,
 }
@@ -160,8 +163,46 @@ impl LocalStore {
             }
         }
         txn.commit()?;
-        let store = LocalStore { db, sealer: master.sealer(), history_depth: history_depth as usize };
+        let store = LocalStore {
+            db: std::sync::RwLock::new(Some(db)),
+            path: path.to_owned(),
+            sealer: master.sealer(),
+            history_depth: history_depth as usize,
+        };
         Ok((store, master))
+    }
+
+    /// Begin a transaction with `begin`. After an I/O error (a full disk,
+    /// say) redb refuses everything until the database is opened again:
+    /// then close it, open it again, and retry once, so a freed disk
+    /// needs no broker restart.
+    fn begin<T>(&self, begin: impl Fn(&Database) -> Result<T, redb::TransactionError>) -> Result<T, StoreError> {
+        let first = match &*self.db.read().expect("store lock") {
+            Some(db) => begin(db),
+            None => Err(redb::TransactionError::Storage(redb::StorageError::PreviousIo)),
+        };
+        match first {
+            Err(redb::TransactionError::Storage(redb::StorageError::PreviousIo)) => {
+                let mut db = self.db.write().expect("store lock");
+                if let Some(old) = db.take() {
+                    tracing::warn!(path = %self.path.display(), "the store hit an I/O error; opening it again");
+                    let _ = old.close();
+                }
+                let fresh = Database::create(&self.path)?;
+                let txn = begin(&fresh)?;
+                *db = Some(fresh);
+                Ok(txn)
+            }
+            r => Ok(r?),
+        }
+    }
+
+    fn begin_write(&self) -> Result<redb::WriteTransaction, StoreError> {
+        self.begin(Database::begin_write)
+    }
+
+    fn begin_read(&self) -> Result<redb::ReadTransaction, StoreError> {
+        self.begin(Database::begin_read)
     }
 
     fn seal_json(&self, value: &impl serde::Serialize, aad: &[u8]) -> Result<Vec<u8>, StoreError> {
@@ -205,7 +246,7 @@ impl LocalStore {
         now_ms: i64,
     ) -> Result<VersionMeta, StoreError> {
         let p = path.as_str();
-        let txn = self.db.begin_write()?;
+        let txn = self.begin_write()?;
         let meta;
         {
             let mut heads = txn.open_table(HEADS)?;
@@ -236,7 +277,7 @@ impl LocalStore {
     /// A version (the current one when `version` is `None`) and its value.
     pub fn get(&self, path: &SecretPath, version: Option<u64>) -> Result<(VersionMeta, SecretBytes), StoreError> {
         let p = path.as_str();
-        let txn = self.db.begin_read()?;
+        let txn = self.begin_read()?;
         let heads = txn.open_table(HEADS)?;
         let values = txn.open_table(VALUES)?;
         let versions = self.read_head(&heads, p)?.ok_or_else(|| StoreError::NotFound(p.to_owned()))?;
@@ -260,7 +301,7 @@ impl LocalStore {
 
     /// The kept versions of a secret, oldest first.
     pub fn history(&self, path: &SecretPath) -> Result<Vec<VersionMeta>, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.begin_read()?;
         let heads = txn.open_table(HEADS)?;
         self.read_head(&heads, path.as_str())?.ok_or_else(|| StoreError::NotFound(path.to_string()))
     }
@@ -269,7 +310,7 @@ impl LocalStore {
     /// and `db`, not `dbx`), with its current version.
     pub fn list(&self, prefix: &str) -> Result<Vec<(String, VersionMeta)>, StoreError> {
         let prefix = prefix.trim_end_matches('/');
-        let txn = self.db.begin_read()?;
+        let txn = self.begin_read()?;
         let heads = txn.open_table(HEADS)?;
         let mut out = Vec::new();
         for entry in heads.range(prefix..)? {
@@ -292,7 +333,7 @@ impl LocalStore {
     /// Remove a secret and all its versions; returns how many versions.
     pub fn delete(&self, path: &SecretPath) -> Result<usize, StoreError> {
         let p = path.as_str();
-        let txn = self.db.begin_write()?;
+        let txn = self.begin_write()?;
         let n;
         {
             let mut heads = txn.open_table(HEADS)?;
@@ -310,7 +351,7 @@ impl LocalStore {
 
     /// Add a workload; its name must be new.
     pub fn add_workload(&self, w: &Workload) -> Result<(), StoreError> {
-        let txn = self.db.begin_write()?;
+        let txn = self.begin_write()?;
         {
             let mut t = txn.open_table(WORKLOADS)?;
             if t.get(w.name.as_str())?.is_some() {
@@ -324,7 +365,7 @@ impl LocalStore {
 
     /// Remove a workload and its grants; returns how many grants went.
     pub fn remove_workload(&self, name: &str) -> Result<usize, StoreError> {
-        let txn = self.db.begin_write()?;
+        let txn = self.begin_write()?;
         let n;
         {
             let mut t = txn.open_table(WORKLOADS)?;
@@ -351,7 +392,7 @@ impl LocalStore {
     }
 
     pub fn workloads(&self) -> Result<Vec<Workload>, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.begin_read()?;
         let t = txn.open_table(WORKLOADS)?;
         let mut out = Vec::new();
         for e in t.iter()? {
@@ -365,7 +406,7 @@ impl LocalStore {
     /// Add or replace the grant of `g.target` to `g.workload`, which must exist.
     pub fn put_grant(&self, g: &Grant) -> Result<(), StoreError> {
         let target = g.target.to_string();
-        let txn = self.db.begin_write()?;
+        let txn = self.begin_write()?;
         {
             if txn.open_table(WORKLOADS)?.get(g.workload.as_str())?.is_none() {
                 return Err(StoreError::Missing(format!("workload {} does not exist", g.workload)));
@@ -378,7 +419,7 @@ impl LocalStore {
     }
 
     pub fn remove_grant(&self, workload: &str, target: &str) -> Result<(), StoreError> {
-        let txn = self.db.begin_write()?;
+        let txn = self.begin_write()?;
         if txn.open_table(GRANTS)?.remove((workload, target))?.is_none() {
             return Err(StoreError::Missing(format!("{target} is not granted to {workload}")));
         }
@@ -388,7 +429,7 @@ impl LocalStore {
 
     /// All grants, or one workload's, ordered by workload then target.
     pub fn grants(&self, workload: Option<&str>) -> Result<Vec<Grant>, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.begin_read()?;
         let t = txn.open_table(GRANTS)?;
         let mut out = Vec::new();
         for e in t.range((workload.unwrap_or(""), "")..)? {
@@ -410,14 +451,14 @@ impl LocalStore {
         plain.extend_from_slice(&meta.created_unix_ms.to_be_bytes());
         plain.extend_from_slice(value.expose());
         let sealed = self.sealer.seal(&plain, &cache_aad(path))?;
-        let txn = self.db.begin_write()?;
+        let txn = self.begin_write()?;
         txn.open_table(CACHE)?.insert(path, sealed.as_slice())?;
         txn.commit()?;
         Ok(())
     }
 
     pub fn cache_remove(&self, path: &str) -> Result<(), StoreError> {
-        let txn = self.db.begin_write()?;
+        let txn = self.begin_write()?;
         txn.open_table(CACHE)?.remove(path)?;
         txn.commit()?;
         Ok(())
@@ -425,7 +466,7 @@ impl LocalStore {
 
     /// Every cached value under `prefix/`. A tampered entry is an error.
     pub fn cache_under(&self, prefix: &str) -> Result<Vec<(String, VersionMeta, SecretBytes)>, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.begin_read()?;
         let t = txn.open_table(CACHE)?;
         let start = format!("{prefix}/");
         let mut out = Vec::new();
@@ -458,7 +499,7 @@ impl LocalStore {
     ) -> Result<(), StoreError> {
         let aad = format!("keyhole/v1/{}\0{key}", table.name());
         let sealed = self.seal_json(value, aad.as_bytes())?;
-        let txn = self.db.begin_write()?;
+        let txn = self.begin_write()?;
         txn.open_table(table)?.insert(key, sealed.as_slice())?;
         txn.commit()?;
         Ok(())
@@ -466,7 +507,7 @@ impl LocalStore {
 
     /// Remove a record; returns whether it was there.
     pub fn remove_record(&self, table: TableDefinition<&str, &[u8]>, key: &str) -> Result<bool, StoreError> {
-        let txn = self.db.begin_write()?;
+        let txn = self.begin_write()?;
         let had = txn.open_table(table)?.remove(key)?.is_some();
         txn.commit()?;
         Ok(had)
@@ -477,7 +518,7 @@ impl LocalStore {
         &self,
         table: TableDefinition<&str, &[u8]>,
     ) -> Result<Vec<(String, T)>, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.begin_read()?;
         let t = txn.open_table(table)?;
         let mut out = Vec::new();
         for e in t.iter()? {
@@ -496,7 +537,7 @@ impl LocalStore {
     pub fn put_note(&self, key: &str, value: &impl serde::Serialize) -> Result<(), StoreError> {
         let key = format!("note:{key}");
         let sealed = self.seal_json(value, key.as_bytes())?;
-        let txn = self.db.begin_write()?;
+        let txn = self.begin_write()?;
         txn.open_table(META)?.insert(key.as_str(), sealed.as_slice())?;
         txn.commit()?;
         Ok(())
@@ -504,14 +545,14 @@ impl LocalStore {
 
     pub fn note<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StoreError> {
         let key = format!("note:{key}");
-        let txn = self.db.begin_read()?;
+        let txn = self.begin_read()?;
         let t = txn.open_table(META)?;
         let Some(v) = t.get(key.as_str())? else { return Ok(None) };
         self.open_json(v.value(), key.as_bytes(), || key.clone()).map(Some)
     }
 
     pub fn count(&self) -> Result<u64, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.begin_read()?;
         Ok(txn.open_table(HEADS)?.len()?)
     }
 }
@@ -598,7 +639,7 @@ mod tests {
         s.put(&p("a"), &SecretBytes::copy_from(b"va"), false, None, 0).unwrap();
         s.put(&p("b"), &SecretBytes::copy_from(b"vb"), false, None, 0).unwrap();
         // Copy a's sealed value over b's: same version, other path.
-        let txn = s.db.begin_write().unwrap();
+        let txn = s.begin_write().unwrap();
         {
             let mut t = txn.open_table(VALUES).unwrap();
             let a = t.get(("a", 1)).unwrap().unwrap().value().to_vec();
