@@ -65,6 +65,14 @@ fn backend_status(v: &crate::backend::vault::VaultBackend) -> pb::BackendStatus 
     }
 }
 
+/// A grant as a caller sent it, checked (empty fields: the defaults).
+pub fn grant_from_pb(g: pb::GrantSpec) -> Result<Grant, crate::policy::PolicyError> {
+    let file = (!g.file.is_empty()).then_some(g.file);
+    let mode = (g.mode != 0).then_some(g.mode);
+    let notify = (!g.notify.is_empty()).then_some(g.notify.as_str());
+    Grant::new(&g.secret, &g.workload, file, mode, g.uid, g.gid).and_then(|grant| grant.with_notify(notify))
+}
+
 fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
@@ -424,12 +432,7 @@ impl admin_server::Admin for AdminService {
         let path = g.secret.clone();
         let reply = self
             .audited_for(id, "grant", Some(g.workload.clone()), Some(path), move |b| {
-                let file = (!g.file.is_empty()).then_some(g.file);
-                let mode = (g.mode != 0).then_some(g.mode);
-                let notify = (!g.notify.is_empty()).then_some(g.notify.as_str());
-                let grant = Grant::new(&g.secret, &g.workload, file, mode, g.uid, g.gid)
-                    .and_then(|g| g.with_notify(notify))
-                    .map_err(ApiError::from)?;
+                let grant = grant_from_pb(g).map_err(ApiError::from)?;
                 b.store.put_grant(&grant)?;
                 b.prefetch(&grant.target);
                 b.changed();

@@ -36,18 +36,28 @@ pub struct VolumeSpec {
     pub mode: Option<u32>,
 }
 
+/// A request from dockerd, any call.
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "PascalCase")]
-struct Request {
+pub struct Request {
     #[serde(default)]
-    name: String,
+    pub name: String,
     #[serde(default)]
-    opts: Option<BTreeMap<String, String>>,
+    pub opts: Option<BTreeMap<String, String>>,
     #[serde(default, rename = "ID")]
-    id: String,
+    pub id: String,
 }
 
-fn parse_opts(opts: &BTreeMap<String, String>) -> Result<VolumeSpec, String> {
+/// A request body as dockerd sends it (empty for some calls).
+pub fn decode(body: &[u8]) -> Result<Request, String> {
+    if body.is_empty() {
+        return Ok(Request::default());
+    }
+    serde_json::from_slice(body).map_err(|e| format!("malformed request: {e}"))
+}
+
+/// `docker volume create -o` options, checked.
+pub fn parse_opts(opts: &BTreeMap<String, String>) -> Result<VolumeSpec, String> {
     let num = |k: &str| -> Result<Option<u32>, String> {
         opts.get(k).map(|v| v.parse().map_err(|_| format!("{k}={v:?} is not a number"))).transpose()
     };
@@ -179,13 +189,9 @@ fn handle(b: &Broker, call: &str, r: &Request, container: Option<String>) -> Res
 }
 
 async fn call(State(b): State<Arc<Broker>>, UrlPath(call): UrlPath<String>, body: Bytes) -> axum::Json<Value> {
-    let r: Request = if body.is_empty() {
-        Request::default()
-    } else {
-        match serde_json::from_slice(&body) {
-            Ok(r) => r,
-            Err(e) => return axum::Json(err(format!("malformed request: {e}"))),
-        }
+    let r = match decode(&body) {
+        Ok(r) => r,
+        Err(e) => return axum::Json(err(e)),
     };
     // Files in a container's mount belong to its configured user: note
     // the (one) not-yet-running container that mounts this volume.
