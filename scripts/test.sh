@@ -22,7 +22,7 @@ if ! command -v cargo >/dev/null; then
 fi
 
 # Debian packages the tests use; installed only when missing.
-packages=(ca-certificates coreutils procps tar util-linux docker.io busybox-static)
+packages=(ca-certificates coreutils procps tar util-linux docker.io busybox-static python3 g++)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -103,3 +103,26 @@ say "tests that must run alone (they restart dockerd)"
 cargo test --locked --test it -- --ignored --test-threads=1
 say "benchmark smoke run (debug build, short; figures are not checked)"
 cargo bench --profile dev --locked --bench keyhole -- --short
+
+# Fuzzing, time-bounded: each target of fuzz/ under libFuzzer and ASan.
+# cargo fuzz passes nightly flags (-Zsanitizer); the stable toolchain
+# accepts them with RUSTC_BOOTSTRAP=1.
+FUZZ_SECONDS=${FUZZ_SECONDS:-20}
+CARGO_FUZZ_VERSION=0.13.2
+if ! cargo fuzz --version 2>/dev/null | grep -q "$CARGO_FUZZ_VERSION"; then
+    say "installing cargo-fuzz $CARGO_FUZZ_VERSION"
+    cargo install --locked cargo-fuzz --version "$CARGO_FUZZ_VERSION"
+fi
+say "fuzzing: each target for $FUZZ_SECONDS s"
+mkdir -p target/fuzz-logs
+for t in $(cargo fuzz list); do
+    log="target/fuzz-logs/$t.log"
+    if ! RUSTC_BOOTSTRAP=1 cargo fuzz run -O "$t" -- -max_total_time="$FUZZ_SECONDS" -print_final_stats=1 >"$log" 2>&1; then
+        tail -n 60 "$log"
+        echo "scripts/test.sh: fuzz target $t failed; the input is under fuzz/artifacts/$t/" >&2
+        exit 1
+    fi
+    runs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$')
+    cov=$(grep -o 'cov: [0-9]*' "$log" | tail -n 1)
+    echo "$t: $runs runs, $cov, no crash"
+done

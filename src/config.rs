@@ -55,6 +55,8 @@ pub struct RawLimits {
     /// gRPC calls a second per caller (container, host uid, or remote
     /// subject), in bursts of as many; default 100.
     pub calls_per_second: Option<u32>,
+    /// Live FUSE mounts; a volume mount past it is refused. Default 4096.
+    pub max_mounts: Option<usize>,
 }
 
 /// `[limits]`, validated.
@@ -63,6 +65,7 @@ pub struct Limits {
     pub max_connections: usize,
     pub max_connections_per_caller: usize,
     pub calls_per_second: u32,
+    pub max_mounts: usize,
 }
 
 impl Limits {
@@ -71,6 +74,7 @@ impl Limits {
             max_connections: raw.max_connections.unwrap_or(1024),
             max_connections_per_caller: raw.max_connections_per_caller.unwrap_or(128),
             calls_per_second: raw.calls_per_second.unwrap_or(100),
+            max_mounts: raw.max_mounts.unwrap_or(4096),
         };
         let bad = |k: &str, v: String| ConfigError::Invalid(format!("[limits] {k} = {v}: it must be at least 1"));
         if l.max_connections == 0 {
@@ -81,6 +85,9 @@ impl Limits {
         }
         if l.calls_per_second == 0 {
             return Err(bad("calls_per_second", "0".into()));
+        }
+        if l.max_mounts == 0 {
+            return Err(bad("max_mounts", "0".into()));
         }
         Ok(l)
     }

@@ -119,6 +119,12 @@ fn mount(b: &Broker, r: &Request, container: Option<String>) -> Result<Value, St
     if r.id.is_empty() || !r.id.bytes().all(|c| c.is_ascii_alphanumeric()) {
         return Err(format!("bad mount id {:?}", r.id));
     }
+    let max = b.config.limits.max_mounts;
+    if b.mounts.list().len() >= max {
+        let limit = format!("max_mounts ({max}) reached: volume {} not mounted", r.name);
+        b.refusals.refused(&b.audit, "volume mounts", &limit, None);
+        return Err(format!("keyhole: max_mounts ({max}) reached; the volume {} is not mounted", r.name));
+    }
     let m = VolumeMount {
         id: r.id.clone(),
         volume: r.name.clone(),

@@ -302,3 +302,56 @@ fn notify_signals_the_containers_that_read_a_rotated_secret() {
     assert_eq!(n.len(), 1);
     assert!(n[0]["reason"].as_str().unwrap().contains(&format!("sent SIGHUP to container {}", reader.id)));
 }
+
+#[test]
+fn volume_mounts_past_max_mounts_are_refused_and_audited() {
+    if !require_docker() {
+        return;
+    }
+    // The workload's own mount is one; one container's volume the second.
+    let b = Broker::start_with_plugin_config("[limits]\nmax_mounts = 2\n");
+    let d = b.plugin.as_str();
+    let t = tag("maxmounts");
+    b.put("db/password", b"limited-volume-secret");
+    b.ok(&["workload", "add", "web", "--selector", &format!("docker:label:keyhole.test={t}")]);
+    b.ok(&["grant", "db/password", "--to", "web"]);
+    let vol = unique("limited");
+    assert!(docker(&["volume", "create", "-d", d, "-o", "workload=web", &vol]).status.success());
+    let first = Container::run(
+        &["--label", &format!("keyhole.test={t}"), "-v", &format!("{vol}:/run/secrets")],
+        &["sleep", "600"],
+    );
+    assert_eq!(first.cat("/run/secrets/password").unwrap(), b"limited-volume-secret");
+    let second = docker(&[
+        "run",
+        "--rm",
+        "--label",
+        &format!("keyhole.test={t}"),
+        "-v",
+        &format!("{vol}:/run/secrets"),
+        IMAGE,
+        "true",
+    ]);
+    assert!(!second.status.success());
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(err.contains("max_mounts (2) reached"), "{err}");
+    let limit = b.audit_events("limit");
+    assert!(limit[0]["reason"].as_str().unwrap().starts_with("max_mounts (2) reached"), "{limit:?}");
+    drop(first);
+    eventually(30, "the first container's mount to go", || {
+        b.ok(&["mounts", "--json"]).len() < 200 && json(&b.ok(&["mounts", "--json"])).as_array().unwrap().len() == 1
+    });
+    let third = docker(&[
+        "run",
+        "--rm",
+        "--label",
+        &format!("keyhole.test={t}"),
+        "-v",
+        &format!("{vol}:/run/secrets"),
+        IMAGE,
+        "cat",
+        "/run/secrets/password",
+    ]);
+    assert!(third.status.success(), "{}", String::from_utf8_lossy(&third.stderr));
+    assert!(docker(&["volume", "rm", &vol]).status.success());
+}

@@ -57,6 +57,11 @@ impl Broker {
         Self::start_with_config(toml, false, Path::new(BIN), &[])
     }
 
+    /// The volume plugin on, and a config file holding `toml`.
+    pub fn start_with_plugin_config(toml: &str) -> Broker {
+        Self::start_with_config(toml, true, Path::new(BIN), &[])
+    }
+
     /// Start with a config file holding `toml` and extra environment.
     pub fn start_with_env(toml: &str, env: &[(&str, &str)]) -> Broker {
         Self::start_with_config(toml, false, Path::new(BIN), env)
