@@ -96,12 +96,15 @@ fn whoami_inside_a_container_names_the_container_and_its_workloads() {
     b.ok(&["workload", "add", "img", "--selector", &format!("docker:image:{IMAGE}")]);
     b.ok(&["workload", "add", "other", "--selector", "docker:label:keyhole.test=nope"]);
     let sock = format!("{}:/run/keyhole/workload.sock", b.workload_socket().display());
+    let admin = format!("{}:/run/keyhole/admin.sock", b.socket().display());
     let bin = format!("{BIN}:/usr/local/bin/keyhole:ro");
     let c = Container::start(&[
         "--label",
         &format!("keyhole.test={t}"),
         "-v",
         &sock,
+        "-v",
+        &admin,
         "-v",
         &bin,
         "-v",
@@ -119,6 +122,10 @@ fn whoami_inside_a_container_names_the_container_and_its_workloads() {
     assert!(w["selectors"].as_array().unwrap().iter().any(|s| *s == format!("docker:label:keyhole.test={t}").as_str()));
     // The same container, as root, is not an admin.
     let o = c.exec(&["/usr/local/bin/keyhole", "--socket", "/run/keyhole/workload.sock", "secret", "ls"]);
+    assert_eq!(o.status.code(), Some(4), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("in container"));
+    // Nor through the admin socket itself, bound in: who calls counts.
+    let o = c.exec(&["/usr/local/bin/keyhole", "--socket", "/run/keyhole/admin.sock", "secret", "ls"]);
     assert_eq!(o.status.code(), Some(4), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(String::from_utf8_lossy(&o.stderr).contains("in container"));
 }

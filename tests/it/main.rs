@@ -8,6 +8,7 @@ mod audit;
 mod compose;
 mod crash;
 mod docker;
+mod hostile;
 mod lifecycle;
 mod limits;
 mod mounts;

@@ -222,6 +222,11 @@ impl Broker {
         c.wait().unwrap();
     }
 
+    /// Wait for the broker to exit, after a signal the test sent it.
+    pub fn reap(&mut self) -> std::process::ExitStatus {
+        self.child.take().expect("running").wait().unwrap()
+    }
+
     /// SIGTERM and wait; returns the exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let mut c = self.child.take().expect("running");
