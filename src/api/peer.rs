@@ -5,10 +5,11 @@
 //! kernels), and attach them to every request on the connection.
 #![forbid(unsafe_code)]
 
+use std::collections::HashMap;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -17,9 +18,6 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
-
-use std::collections::HashMap;
-use std::sync::Mutex;
 
 use crate::audit::AuditLog;
 use crate::config::Limits;

@@ -7,7 +7,9 @@ use tonic::{Request, Response, Status};
 
 use super::pb::{WhoAmIRequest, WhoAmIResponse, workload_server};
 use super::{blocking, peer_of};
+use crate::audit::Event;
 use crate::broker::Broker;
+use crate::identity::Identity;
 
 pub struct WorkloadService(pub Arc<Broker>);
 
@@ -17,7 +19,15 @@ impl workload_server::Workload for WorkloadService {
         let peer = peer_of(&req)?;
         let b = self.0.clone();
         let (id, workloads) = blocking(move || {
-            let id = b.attestor.attest(&peer)?;
+            let id = b.attestor.attest(&peer).inspect_err(|e| {
+                // Someone spoke on a connection whose process is gone, or
+                // cannot be read: a refusal worth a line.
+                let who = Identity { uid: peer.uid, gid: peer.gid, pid: peer.pid, ..Identity::default() };
+                let reason = e.to_string();
+                let event =
+                    Event { method: Some("WhoAmI"), caller: Some(&who), reason: Some(&reason), ..Event::new("deny") };
+                let _ = b.audit.record(&event);
+            })?;
             b.allow_call(&id, "WhoAmI")?;
             let all = b.store.workloads()?;
             let names = all.into_iter().filter(|w| w.matches(&id)).map(|w| w.name).collect::<Vec<_>>();

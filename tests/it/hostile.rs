@@ -134,6 +134,11 @@ fn a_connection_left_behind_by_a_process_that_exited_is_not_attested() {
         m
     };
     assert!(metrics.contains("keyhole_grpc_requests_total{method=\"WhoAmI\",code=\"Unauthenticated\"} 1"), "{metrics}");
+    let deny = b.audit_events("deny").pop().expect("the refusal is audited");
+    assert_eq!((deny["method"].as_str(), deny["caller"]["uid"].as_u64()), (Some("WhoAmI"), Some(NOBODY as u64)));
+    // Gone (reaped) or exited: either way the pid is named, not trusted.
+    let pid = deny["caller"]["pid"].to_string();
+    assert!(deny["reason"].as_str().unwrap().contains(&pid), "{deny}");
 }
 
 #[test]
