@@ -38,28 +38,34 @@ Exit status:
 pub struct Cli {
     /// The broker's socket [default: /run/keyhole/admin.sock;
     /// for `whoami`: /run/keyhole/workload.sock]
-    #[arg(long, global = true, env = "KEYHOLE_SOCKET", value_name = "PATH")]
+    #[arg(long, global = true, env = "KEYHOLE_SOCKET", help_heading = "Client options", value_name = "PATH")]
     pub socket: Option<PathBuf>,
 
     /// A remote broker's admin listener, over mutual TLS; wins over
     /// --socket (needs --cert, --key, --ca)
-    #[arg(long, global = true, env = "KEYHOLE_ENDPOINT", value_name = "https://HOST:PORT")]
+    #[arg(
+        long,
+        global = true,
+        env = "KEYHOLE_ENDPOINT",
+        help_heading = "Client options",
+        value_name = "https://HOST:PORT"
+    )]
     pub endpoint: Option<String>,
 
     /// This client's certificate (PEM), for --endpoint
-    #[arg(long, global = true, env = "KEYHOLE_CERT", value_name = "FILE")]
+    #[arg(long, global = true, env = "KEYHOLE_CERT", help_heading = "Client options", value_name = "FILE")]
     pub cert: Option<PathBuf>,
 
     /// This client's private key (PEM), for --endpoint
-    #[arg(long, global = true, env = "KEYHOLE_KEY", value_name = "FILE")]
+    #[arg(long, global = true, env = "KEYHOLE_KEY", help_heading = "Client options", value_name = "FILE")]
     pub key: Option<PathBuf>,
 
     /// The CA that issued the broker's certificate (PEM), for --endpoint
-    #[arg(long, global = true, env = "KEYHOLE_CA", value_name = "FILE")]
+    #[arg(long, global = true, env = "KEYHOLE_CA", help_heading = "Client options", value_name = "FILE")]
     pub ca: Option<PathBuf>,
 
     /// Print JSON instead of text (one object, or one per line for `audit`)
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = "Client options")]
     pub json: bool,
 
     #[command(subcommand)]
