@@ -48,14 +48,15 @@ impl Alerts {
     /// A denial's audit line. Never blocks.
     pub fn deny(&self, line: &str) {
         if self.tx.try_send(line.to_owned()).is_err() {
-            self.suppress();
+            suppress(&self.suppressed);
         }
     }
+}
 
-    fn suppress(&self) {
-        self.suppressed.fetch_add(1, Ordering::Relaxed);
-        METRICS.alerts_suppressed.inc();
-    }
+/// A denial the hook will not see: counted for its next run.
+fn suppress(count: &AtomicU64) {
+    count.fetch_add(1, Ordering::Relaxed);
+    METRICS.alerts_suppressed.inc();
 }
 
 async fn run_hooks(
@@ -67,8 +68,7 @@ async fn run_hooks(
     let mut bucket = Bucket::new(cfg.max_per_minute, Duration::from_secs(60), Instant::now());
     while let Some(line) = rx.recv().await {
         if !bucket.take(Instant::now()) {
-            suppressed.fetch_add(1, Ordering::Relaxed);
-            METRICS.alerts_suppressed.inc();
+            suppress(&suppressed);
             continue;
         }
         let skipped = suppressed.swap(0, Ordering::Relaxed);
