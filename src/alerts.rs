@@ -80,7 +80,7 @@ async fn run_hooks(
             tracing::warn!(hook = %cfg.argv[0], outcome = %outcome, "the on_deny alert hook failed");
         }
         let Some(audit) = audit.upgrade() else { return };
-        let seq = line.strip_prefix("{\"seq\":").and_then(|r| r.split(',').next()).unwrap_or("?");
+        let seq = crate::audit::seq_of(&line).unwrap_or(0);
         let reason = format!("on_deny hook for audit line {seq}: {outcome}");
         let _ = audit.record(&Event { reason: Some(&reason), ..Event::new("alert") });
     }

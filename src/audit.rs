@@ -124,6 +124,12 @@ fn mac_of(key: &SecretBytes, prev: &[u8; MAC_LEN], body: &[u8]) -> [u8; MAC_LEN]
     m.finalize().into_bytes().into()
 }
 
+/// The `seq` of a line in our own shape, `{"seq":N,...`, read without
+/// parsing the JSON.
+pub fn seq_of(line: &str) -> Option<u64> {
+    line.strip_prefix("{\"seq\":")?.split_once(',')?.0.parse().ok()
+}
+
 /// Check one line against the chain; returns its HMAC. `keyed` is an
 /// HMAC already keyed with the audit key (cloned per line).
 fn check_line(keyed: &HmacSha256, prev: &[u8; MAC_LEN], want_seq: u64, line: &str) -> Result<[u8; MAC_LEN], String> {
@@ -144,10 +150,7 @@ fn check_line(keyed: &HmacSha256, prev: &[u8; MAC_LEN], want_seq: u64, line: &st
         return Err("hmac mismatch: the line was edited, or lines were removed or reordered before it".into());
     }
     // Authentic, so in our own shape: {"seq":N,...
-    let seq = body
-        .strip_prefix("{\"seq\":")
-        .and_then(|r| r.split_once(',').and_then(|(n, _)| n.parse::<u64>().ok()))
-        .ok_or("no seq")?;
+    let seq = seq_of(body).ok_or("no seq")?;
     if seq != want_seq {
         return Err(format!("seq {seq} where {want_seq} was expected"));
     }
@@ -308,7 +311,7 @@ impl AuditLog {
             if let Some(last) = rotated_files(path).map_err(io)?.pop() {
                 let span = verify_file(&key, &last)?;
                 let log = Self::append_at(path, key, span.last, span.mac)?;
-                log.start_file(&last)?;
+                log.start_file(&mut log.head.lock().expect("audit lock"), &last)?;
                 return Ok(log);
             }
         }
@@ -341,11 +344,16 @@ impl AuditLog {
 
     /// The first line of a new file: it names the file before it and
     /// carries its last HMAC, and chains from it as every line does.
-    fn start_file(&self, previous: &Path) -> Result<u64, AuditError> {
-        let mac = hex::encode(self.head.lock().expect("audit lock").mac);
+    /// Written under the same lock as the line before it, so nothing
+    /// else can come first in the new file.
+    fn start_file(&self, head: &mut Head, previous: &Path) -> Result<(u64, String), AuditError> {
+        let mac = hex::encode(head.mac);
         let name = previous.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let reason = format!("continues {name}");
-        self.record(&Event { reason: Some(&reason), prev_hmac: Some(&mac), ..Event::new("audit_rotate") })
+        let event = Event { reason: Some(&reason), prev_hmac: Some(&mac), ..Event::new("audit_rotate") };
+        let written = self.append(head, &event)?;
+        crate::metrics::audited(&event);
+        Ok(written)
     }
 
     /// Move the full file aside, start the next, and delete the oldest
@@ -390,13 +398,43 @@ impl AuditLog {
     /// loudly; the error is returned so callers that must not proceed
     /// unaudited can refuse.
     pub fn record(&self, event: &Event<'_>) -> Result<u64, AuditError> {
-        let time = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
         // Invariant: poisoning needs a panic while holding the lock, and
         // nothing below panics.
         let mut head = self.head.lock().expect("audit lock");
         if head.sealed {
             return Err(AuditError::Sealed);
         }
+        let (seq, line) = self.append(&mut head, event)?;
+        // The line is written either way; a rotation that fails is tried
+        // again after the next line.
+        let mut next_file = None;
+        if let Some(r) = head.rotation.filter(|r| head.bytes >= r.max_bytes) {
+            match self
+                .rotate(&mut head, r)
+                .map_err(|e| e.to_string())
+                .and_then(|aside| self.start_file(&mut head, &aside).map_err(|e| e.to_string()))
+            {
+                Ok(first) => next_file = Some(first),
+                Err(e) => tracing::error!(error = %e, path = %self.path.display(), "audit log not rotated"),
+            }
+        }
+        drop(head);
+        crate::metrics::audited(event);
+        if event.event == "deny" {
+            if let Some(a) = self.alerts.get() {
+                a.deny(&line);
+            }
+        }
+        let _ = self.lines.send((seq, line));
+        if let Some(first) = next_file {
+            let _ = self.lines.send(first);
+        }
+        Ok(seq)
+    }
+
+    /// Write one line at the head of the chain; the caller holds the lock.
+    fn append(&self, head: &mut Head, event: &Event<'_>) -> Result<(u64, String), AuditError> {
+        let time = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
         let seq = head.seq + 1;
         // Invariant: Event and Identity serialize infallibly (strings, ints).
         let body = serde_json::to_string(&Stamped { seq, time, event }).expect("serialize audit event");
@@ -409,28 +447,7 @@ impl AuditLog {
         head.seq = seq;
         head.mac = mac;
         head.bytes += line.len() as u64 + 1;
-        let rotated = match head.rotation {
-            Some(r) if head.bytes >= r.max_bytes && event.event != "audit_rotate" => {
-                // The line is written either way; a failed rotation is
-                // retried after the next line.
-                self.rotate(&mut head, r)
-                    .inspect_err(|e| tracing::error!(error = %e, path = %self.path.display(), "audit log not rotated"))
-                    .ok()
-            }
-            _ => None,
-        };
-        drop(head);
-        crate::metrics::audited(event);
-        if event.event == "deny" {
-            if let Some(a) = self.alerts.get() {
-                a.deny(&line);
-            }
-        }
-        let _ = self.lines.send((seq, line));
-        if let Some(aside) = rotated {
-            self.start_file(&aside)?;
-        }
-        Ok(seq)
+        Ok((seq, line))
     }
 
     /// Send every denial written from now on to `alerts`.
@@ -497,9 +514,7 @@ impl AuditLog {
             .filter_map(|f| File::open(f).ok())
             .flat_map(|f| BufReader::new(f).lines().map_while(Result::ok))
             .collect();
-        let last = lines.last().map_or(0, |l| {
-            l.strip_prefix("{\"seq\":").and_then(|r| r.split(',').next()).and_then(|n| n.parse().ok()).unwrap_or(0)
-        });
+        let last = lines.last().and_then(|l| seq_of(l)).unwrap_or(0);
         (lines, last, rx)
     }
 }
@@ -662,5 +677,24 @@ mod tests {
         let log = AuditLog::open(&path, key()).unwrap();
         assert_eq!(log.lines_written(), seq + 1, "the new file starts with its audit_rotate line");
         assert_eq!(log.verify().unwrap(), seq + 1);
+    }
+
+    #[test]
+    fn concurrent_writers_never_come_before_a_files_first_line() {
+        let d = tempfile::tempdir().unwrap();
+        let (_, log) = rotating(d.path(), 0);
+        std::thread::scope(|s| {
+            for t in 0..4 {
+                let log = &log;
+                s.spawn(move || {
+                    for i in 0..200 {
+                        let p = format!("t{t}/{i}");
+                        log.record(&Event { path: Some(&p), ..Event::new("get") }).unwrap();
+                    }
+                });
+            }
+        });
+        // Every file kept begins with its audit_rotate line and verifies.
+        assert_eq!(log.verify().unwrap(), log.subscribe().0.len() as u64);
     }
 }

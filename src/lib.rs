@@ -44,3 +44,16 @@ pub mod metrics;
 pub mod policy;
 pub mod secret;
 pub mod sys;
+
+/// An error and its sources, on one line: what actually failed, e.g.
+/// "connection refused", under a generic top error. A layer that repeats
+/// the one below it is said once.
+pub fn causes(e: &dyn std::error::Error) -> String {
+    let mut out: Vec<String> = Vec::new();
+    for m in std::iter::successors(Some(e), |e| e.source()).map(ToString::to_string) {
+        if !out.last().is_some_and(|l| l.contains(&m)) {
+            out.push(m);
+        }
+    }
+    out.join(": ")
+}

@@ -9,7 +9,7 @@ use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 
 use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
+pub use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
@@ -83,8 +83,7 @@ fn request_histogram() -> Histogram {
 
 impl Metrics {
     fn new() -> Metrics {
-        let mut registry = Registry::with_prefix("keyhole");
-        let m = Metrics {
+        let mut m = Metrics {
             reads: Family::default(),
             denials: Family::default(),
             stale_serves: Family::default(),
@@ -101,9 +100,9 @@ impl Metrics {
             audit_lines: Family::default(),
             alert_runs: Family::default(),
             alerts_suppressed: Counter::default(),
-            registry: Registry::default(),
+            registry: Registry::with_prefix("keyhole"),
         };
-        let r = &mut registry;
+        let r = &mut m.registry;
         r.register("reads", "Files opened through a mount, allowed", m.reads.clone());
         r.register("denials", "Opens and admin calls refused", m.denials.clone());
         r.register("stale_serves", "Opens served a cached value while its backend fails", m.stale_serves.clone());
@@ -140,7 +139,7 @@ impl Metrics {
         r.register("audit_lines", "Audit lines written, by event", m.audit_lines.clone());
         r.register("alert_hook_runs", "Runs of the [alerts] on_deny hook, by result", m.alert_runs.clone());
         r.register("alerts_suppressed", "Denials not sent to the alert hook (rate limit)", m.alerts_suppressed.clone());
-        Metrics { registry, ..m }
+        m
     }
 
     /// The text exposition (OpenMetrics), as of now.
@@ -155,6 +154,11 @@ impl Metrics {
 /// The process's metrics. Counting is a few atomic adds, whether or not
 /// anything scrapes them.
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+
+/// The read counter of one workload's secret, to keep and add to.
+pub fn reads_of(workload: &str, secret: &str) -> Counter {
+    METRICS.reads.get_or_create(&secret_labels(workload, secret)).clone()
+}
 
 pub fn secret_labels(workload: &str, secret: &str) -> SecretLabels {
     SecretLabels { workload: workload.to_owned(), secret: secret.to_owned() }

@@ -238,12 +238,7 @@ impl VaultBackend {
                 BackendError::Conflict { path: self.full(rel), detail: "it changed at the backend meanwhile".into() }
             }
             ClientError::APIError { code, errors } => self.unavailable(format!("HTTP {code}: {}", errors.join("; "))),
-            other => {
-                // The top error is generic ("an error occurred with the
-                // request"): say what actually failed, e.g. connection refused.
-                let chain = std::iter::successors(Some(&other as &dyn std::error::Error), |e| e.source());
-                self.unavailable(chain.map(ToString::to_string).collect::<Vec<_>>().join(": "))
-            }
+            other => self.unavailable(crate::causes(&other)),
         }
     }
 
@@ -285,10 +280,7 @@ impl VaultBackend {
         // Not vaultrs::sys::health: it insists on fields OpenBao omits.
         let url = format!("{}/v1/sys/health?standbyok=true", self.cfg.address);
         let fetched = async { c.http.http.get(&url).send().await?.bytes().await };
-        let body = fetched.await.map_err(|e| {
-            let chain = std::iter::successors(Some(&e as &dyn std::error::Error), |e| e.source());
-            self.unavailable(chain.map(ToString::to_string).collect::<Vec<_>>().join(": "))
-        })?;
+        let body = fetched.await.map_err(|e| self.unavailable(crate::causes(&e)))?;
         let health: serde_json::Value = serde_json::from_slice(&body)
             .map_err(|e| self.unavailable(format!("sys/health did not answer JSON: {e}")))?;
         let token = match &self.cfg.auth {

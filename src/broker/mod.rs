@@ -64,29 +64,39 @@ pub struct Broker {
     pub refusals: crate::limits::Refusals,
 }
 
+/// Why a file or directory is not private to this process, if it is not.
+pub enum NotPrivate {
+    /// Someone else owns it.
+    Owner { owner: u32, me: u32 },
+    /// Group or others have some access (the permission bits).
+    Mode(u32),
+}
+
+/// Whether `md` is private to us: ours, with no access for group or others.
+pub fn not_private(md: &fs::Metadata) -> Option<NotPrivate> {
+    let me = euid();
+    if md.uid() != me {
+        return Some(NotPrivate::Owner { owner: md.uid(), me });
+    }
+    let mode = md.mode() & 0o7777;
+    (mode & 0o077 != 0).then_some(NotPrivate::Mode(mode))
+}
+
 /// Refuse a file or directory that others could read or write, or that
 /// belongs to someone else: it would hold or guard the master key.
 fn check_private(path: &Path, what: &str) -> anyhow::Result<()> {
     let md = fs::metadata(path).with_context(|| format!("cannot stat {what} {}", path.display()))?;
-    let mode = md.mode() & 0o7777;
-    let me = euid();
-    if md.uid() != me {
-        bail!(
-            "{what} {} belongs to uid {}, not to the broker's uid {me}; fix with: chown {me} {}",
-            path.display(),
-            md.uid(),
-            path.display()
-        );
+    let p = path.display();
+    match not_private(&md) {
+        None => Ok(()),
+        Some(NotPrivate::Owner { owner, me }) => {
+            bail!("{what} {p} belongs to uid {owner}, not to the broker's uid {me}; fix with: chown {me} {p}")
+        }
+        Some(NotPrivate::Mode(mode)) => {
+            let want = if md.is_dir() { "0700" } else { "0400" };
+            bail!("{what} {p} has mode {mode:04o}: group and others must have no access; fix with: chmod {want} {p}")
+        }
     }
-    if mode & 0o077 != 0 {
-        let want = if md.is_dir() { "0700" } else { "0400" };
-        bail!(
-            "{what} {} has mode {mode:04o}: group and others must have no access; fix with: chmod {want} {}",
-            path.display(),
-            path.display()
-        );
-    }
-    Ok(())
 }
 
 fn euid() -> u32 {

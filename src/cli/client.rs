@@ -105,7 +105,7 @@ impl Target {
                     .identity(Identity::from_pem(read(&r.cert, "--cert")?, read(&r.key, "--key")?));
                 Endpoint::from_shared(r.url.clone())
                     .and_then(|e| e.tls_config(tls))
-                    .map_err(|e| fail(2, format!("--endpoint {}: {}", r.url, chain(&e))))
+                    .map_err(|e| fail(2, format!("--endpoint {}: {}", r.url, crate::causes(&e))))
             }
         }
     }
@@ -118,19 +118,6 @@ impl fmt::Display for Target {
             Target::Remote(r) => f.write_str(&r.url),
         }
     }
-}
-
-/// An error and its sources, on one line.
-fn chain(e: &dyn std::error::Error) -> String {
-    let all = std::iter::successors(Some(e), |e| e.source()).map(ToString::to_string).collect::<Vec<_>>();
-    let mut out: Vec<String> = Vec::new();
-    for m in all {
-        // Layers often repeat what they wrap.
-        if !out.last().is_some_and(|l| l.contains(&m)) {
-            out.push(m);
-        }
-    }
-    out.join(": ")
 }
 
 async fn connect(endpoint: &Endpoint, target: &Target, deadline: Instant) -> anyhow::Result<Channel> {
@@ -160,7 +147,7 @@ async fn connect(endpoint: &Endpoint, target: &Target, deadline: Instant) -> any
             (Some(ErrorKind::PermissionDenied), _) => format!(
                 "permission denied opening {target}: admin calls need root or an [admin] uid with access to the socket"
             ),
-            (_, Target::Remote(_)) => format!("cannot connect to {target}: {}", chain(&e)),
+            (_, Target::Remote(_)) => format!("cannot connect to {target}: {}", crate::causes(&e)),
             _ => format!("cannot connect to {target}: {}", io.map_or(e.to_string(), ToString::to_string)),
         };
         let code = if kind == Some(ErrorKind::PermissionDenied) { 4 } else { 5 };

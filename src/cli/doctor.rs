@@ -181,17 +181,14 @@ fn run_dir(dir: &Path, broker: bool) -> Check {
     }
 }
 
-/// Mode bits beyond the owner's, and whether we own it.
+/// What makes a file or directory not private, as the broker judges it
+/// at start.
 fn loose(meta: &std::fs::Metadata) -> Option<String> {
-    let (mode, owner) = (meta.mode() & 0o7777, meta.uid());
-    let me = rustix::process::geteuid().as_raw();
-    if mode & 0o077 != 0 {
-        Some(format!("mode {mode:04o} lets others in"))
-    } else if owner != me {
-        Some(format!("owned by uid {owner}, not {me}"))
-    } else {
-        None
-    }
+    use crate::broker::NotPrivate;
+    crate::broker::not_private(meta).map(|n| match n {
+        NotPrivate::Mode(mode) => format!("mode {mode:04o} lets others in"),
+        NotPrivate::Owner { owner, me } => format!("owned by uid {owner}, not {me}"),
+    })
 }
 
 fn state_dir(dir: &Path) -> Check {

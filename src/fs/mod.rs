@@ -475,6 +475,7 @@ impl MountTable {
                     continue;
                 }
             };
+            let reads = crate::metrics::reads_of(&fs.workload.name, &spec.secret);
             nodes.push(Arc::new(Node {
                 ino: self.next_ino.fetch_add(1, Ordering::Relaxed),
                 name: spec.name,
@@ -486,6 +487,7 @@ impl MountTable {
                 gid: spec.gid,
                 value: loaded.value,
                 health: loaded.health,
+                reads,
                 notify: spec.notify,
             }));
         }
@@ -617,10 +619,11 @@ impl MountTable {
     pub fn adopt(&self, cat: &impl Catalog, handed: Vec<(MountState, File)>, next_ino: u64) -> anyhow::Result<()> {
         let wanted = Self::wanted(cat)?;
         let mut mounts = self.mounts.lock().expect("mounts lock");
-        let load = |n: Node| {
+        let load = |n: Node, workload: &str| {
             let meta = VersionMeta { version: n.version, created_unix_ms: n.mtime_ms, size: 0 };
             let loaded = cat.load(&n.secret, &meta).unwrap_or(Loaded { value: None, health: None });
-            Arc::new(Node { value: loaded.value, health: loaded.health, ..n })
+            let reads = crate::metrics::reads_of(workload, &n.secret);
+            Arc::new(Node { value: loaded.value, health: loaded.health, reads, ..n })
         };
         for (st, dev) in handed {
             let path = self.path_of(&st.key);
@@ -636,12 +639,13 @@ impl MountTable {
             session.set_fuse_file(dev);
             let owner = workload::Owner::new(shape.uid, shape.gid, shape.container.clone());
             let mut fs = WorkloadFs::new(shape.workload.clone(), owner, self.shared.clone());
-            let view = View::new(st.fs.nodes.iter().cloned().map(load));
+            let workload = shape.workload.name.clone();
+            let view = View::new(st.fs.nodes.iter().cloned().map(|n| load(n, &workload)));
             let handles = st
                 .fs
                 .handles
                 .iter()
-                .map(|(fh, n)| (*fh, view.by_ino.get(&n.ino).cloned().unwrap_or_else(|| load(n.clone()))))
+                .map(|(fh, n)| (*fh, view.by_ino.get(&n.ino).cloned().unwrap_or_else(|| load(n.clone(), &workload))))
                 .collect();
             fs.restore(st.fs, view, handles);
             let fs = Arc::new(fs);

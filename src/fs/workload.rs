@@ -57,6 +57,10 @@ pub struct Node {
     pub health: Option<Arc<Health>>,
     /// Signal for this file's readers when it rotates.
     pub notify: Option<String>,
+    /// `keyhole_reads_total` for this workload and secret, looked up once
+    /// when the node is made, so an open only adds to it.
+    #[serde(skip)]
+    pub reads: crate::metrics::Counter,
 }
 
 impl Node {
