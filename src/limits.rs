@@ -127,7 +127,8 @@ pub const DENY_OVERFLOW: &str = "overflow";
 pub fn deny_key(id: &crate::identity::Identity) -> String {
     match (&id.container_id, &id.remote) {
         (Some(c), _) => format!("container:{c}"),
-        (None, Some(r)) => format!("remote:{r}"),
+        // "<subject> from <address:port>": the subject, not the connection.
+        (None, Some(r)) => format!("remote:{}", r.rsplit_once(" from ").map_or(r.as_str(), |(s, _)| s)),
         (None, None) => format!("uid:{}", id.uid),
     }
 }
@@ -174,7 +175,6 @@ impl Held {
         })
     }
 }
-
 
 /// One caller's denials, as far as the audit log has told of them.
 #[derive(Debug)]
@@ -400,5 +400,7 @@ mod deny_tests {
         assert_eq!(deny_key(&host), deny_key(&Identity { pid: 2, ..host.clone() }));
         let c = Identity { container_id: Some("abc".into()), ..host.clone() };
         assert_eq!(deny_key(&c), "container:abc");
+        let r = |a: &str| Identity { remote: Some(format!("CN=x from {a}")), ..Identity::default() };
+        assert_eq!(deny_key(&r("10.0.0.1:5000")), deny_key(&r("10.0.0.1:5001")));
     }
 }

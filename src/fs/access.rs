@@ -104,7 +104,9 @@ pub fn may_read(f: FileMode, c: &Creds) -> Result<(), String> {
     }
     let mut why = format!("mode {:04o} owner {}:{} does not let uid {} read", f.mode & 0o7777, f.uid, f.gid, c.uid);
     if caps {
-        why.push_str(" (its capabilities do not extend to this file: its owner is not mapped in the caller's user namespace)");
+        why.push_str(
+            " (its capabilities do not extend to this file: its owner is not mapped in the caller's user namespace)",
+        );
     }
     Err(why)
 }
@@ -145,11 +147,8 @@ pub fn read_creds(proc: &Path, tid: i32, uid: u32, gid: u32, ids: Ids) -> Result
         .and_then(|v| u64::from_str_radix(v, 16).ok())
         .ok_or("the caller's status has no CapEff line")?;
     // Only capabilities that could grant need their namespace known.
-    let userns = if cap_eff & (CAP_DAC_OVERRIDE | CAP_DAC_READ_SEARCH) == 0 {
-        UserNs::Broker
-    } else {
-        user_ns(proc, &task)
-    };
+    let userns =
+        if cap_eff & (CAP_DAC_OVERRIDE | CAP_DAC_READ_SEARCH) == 0 { UserNs::Broker } else { user_ns(proc, &task) };
     Ok(Creds { uid, gid, groups, cap_eff, userns })
 }
 

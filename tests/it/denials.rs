@@ -27,7 +27,11 @@ fn scrape(addr: &str) -> String {
 }
 
 fn sample(text: &str, series: &str) -> f64 {
-    text.lines().filter_map(|l| l.strip_prefix(series)?.strip_prefix(' ')).map(|v| v.parse().unwrap()).next().unwrap_or(0.0)
+    text.lines()
+        .filter_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .map(|v| v.parse().unwrap())
+        .next()
+        .unwrap_or(0.0)
 }
 
 /// Opens `path` for `secs` seconds from child processes it forks (25
@@ -67,9 +71,7 @@ fn flood(uid: u32, file: &Path, procs: usize, secs: u32) -> u64 {
     let runs: Vec<_> = (0..procs)
         .map(|_| {
             let file = file.clone();
-            std::thread::spawn(move || {
-                run_as(uid, &["/usr/bin/python3", "-c", FLOOD, &file, &secs.to_string()])
-            })
+            std::thread::spawn(move || run_as(uid, &["/usr/bin/python3", "-c", FLOOD, &file, &secs.to_string()]))
         })
         .collect();
     runs.into_iter()

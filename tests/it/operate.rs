@@ -216,7 +216,8 @@ fn a_hook_that_hangs_or_fails_never_slows_reads() {
     wait_for("every denial in the audit log", Duration::from_secs(10), || {
         let lines = b.audit_lines();
         let full = lines.iter().filter(|l| l["event"] == "deny").count() as u64;
-        let summed: u64 = lines.iter().filter(|l| l["event"] == "deny_summary").filter_map(|l| l["count"].as_u64()).sum();
+        let summed: u64 =
+            lines.iter().filter(|l| l["event"] == "deny_summary").filter_map(|l| l["count"].as_u64()).sum();
         full + summed == 100
     });
     assert_eq!(b.audit_events("deny").len(), 1);
