@@ -188,6 +188,22 @@ pub fn check_read(proc: &Path, f: FileMode, tid: i32, uid: u32, gid: u32, ids: I
     may_read(f, &read_creds(proc, tid, uid, gid, ids)?)
 }
 
+/// [`check_read`] of a live task in `/proc`, pinned with a pidfd while
+/// its status is read: a task that exits meanwhile (its number could be
+/// reused) is refused. Where no pidfd can be had for a thread (kernels
+/// before 6.9), the ids in its status still have to be the request's.
+pub fn check_task(f: FileMode, tid: i32, uid: u32, gid: u32, ids: Ids) -> Result<(), String> {
+    if granted_by_ids(f, uid, gid) {
+        return Ok(());
+    }
+    let pin = crate::sys::pidfd_open_task(tid).ok();
+    let checked = check_read(Path::new("/proc"), f, tid, uid, gid, ids);
+    if pin.as_ref().is_some_and(crate::sys::pidfd_exited) {
+        return Err("the calling task exited while it was checked".into());
+    }
+    checked
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -17,7 +17,6 @@
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::CStr;
 use std::io;
-use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -25,7 +24,7 @@ use std::time::Duration;
 use fuse_backend_rs::abi::fuse_abi::{FsOptions, OpenOptions, stat64};
 use fuse_backend_rs::api::filesystem::{Context, DirEntry, Entry, FileSystem, ZeroCopyWriter};
 
-use super::access::{FileMode, Ids, check_read};
+use super::access::{FileMode, Ids, check_task};
 use crate::audit::{AuditLog, Event};
 use crate::backend::vault::{Freshness, Health};
 use crate::identity::{Attestor, Identity};
@@ -374,7 +373,7 @@ impl WorkloadFs {
                 Decision::Allow => {
                     let st = self.attr(node);
                     let file = FileMode { uid: st.st_uid, gid: st.st_gid, mode: node.mode };
-                    if let Err(why) = check_read(Path::new("/proc"), file, ctx.pid, ctx.uid, ctx.gid, Ids::Fs) {
+                    if let Err(why) = check_task(file, ctx.pid, ctx.uid, ctx.gid, Ids::Fs) {
                         return deny(&id, &why);
                     }
                     let freshness = node.health.as_ref().map_or(Freshness::Fresh, |h| h.freshness());
@@ -565,7 +564,7 @@ impl FileSystem for WorkloadFs {
         }
         let st = self.attr(&node);
         let file = FileMode { uid: st.st_uid, gid: st.st_gid, mode: node.mode };
-        let Err(why) = check_read(Path::new("/proc"), file, ctx.pid, ctx.uid, ctx.gid, Ids::RealOrFs) else {
+        let Err(why) = check_task(file, ctx.pid, ctx.uid, ctx.gid, Ids::RealOrFs) else {
             return Ok(());
         };
         let who = Identity { uid: ctx.uid, gid: ctx.gid, pid: ctx.pid, ..Identity::default() };
