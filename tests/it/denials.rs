@@ -285,3 +285,73 @@ fn root_in_a_container_reads_as_the_kernel_would_let_it_and_groups_count() {
     assert!(deny["reason"].as_str().unwrap().starts_with("mode 0440 owner 4242:4300"), "{deny}");
     b.ok(&["audit", "--verify"]);
 }
+
+#[test]
+fn the_broker_refuses_exactly_what_the_kernel_refuses_on_a_disk_file() {
+    if !require_root() {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let b = Broker::start();
+    // Every caller below has gid 4300: all are the workload's.
+    b.ok(&["workload", "add", "k", "--selector", "unix:gid:4300"]);
+    let disk = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(disk.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let modes = ["0400", "0440", "0404", "0444"];
+    for (i, mode) in modes.iter().enumerate() {
+        b.put(&format!("k/f{i}"), b"same-as-kernel");
+        b.ok(&["grant", &format!("k/f{i}"), "--to", "k", "--uid", "4242", "--gid", "4301", "--mode", mode]);
+        let f = disk.path().join(format!("f{i}"));
+        std::fs::write(&f, b"same-as-kernel").unwrap();
+        std::os::unix::fs::chown(&f, Some(4242), Some(4301)).unwrap();
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(u32::from_str_radix(mode, 8).unwrap())).unwrap();
+    }
+    let as_ids = |uid: &str, groups: &str| {
+        vec!["setpriv".to_owned(), format!("--reuid={uid}"), "--regid=4300".into(), groups.to_owned()]
+    };
+    let no_caps = "--inh-caps=-all --bounding-set=-dac_override,-dac_read_search";
+    let callers: Vec<(&str, Vec<String>)> = vec![
+        ("the owner", as_ids("4242", "--clear-groups")),
+        ("another uid", as_ids("4243", "--clear-groups")),
+        ("a member of the file's group", as_ids("4243", "--groups=4301")),
+        ("root", as_ids("0", "--clear-groups")),
+        ("root without DAC capabilities", {
+            let mut v = as_ids("0", "--clear-groups");
+            v.extend(no_caps.split(' ').map(str::to_owned));
+            v
+        }),
+        ("root of a user namespace that maps only itself", {
+            let mut v = as_ids("0", "--clear-groups");
+            v.extend(["unshare", "--user", "--map-root-user"].map(str::to_owned));
+            v
+        }),
+    ];
+    let mut refused = 0;
+    let mut table = Vec::new();
+    for (who, prefix) in &callers {
+        for i in 0..modes.len() {
+            let cat = |file: &Path| {
+                let mut argv: Vec<&str> = prefix.iter().map(String::as_str).collect();
+                let f = file.to_str().unwrap().to_owned();
+                argv.push("cat");
+                argv.push(&f);
+                let o = Command::new(argv[0]).args(&argv[1..]).stdin(Stdio::null()).output().unwrap();
+                (o.status.success(), o.stdout == b"same-as-kernel")
+            };
+            let (fuse, disk) = (cat(&b.mount("k").join(format!("f{i}"))), cat(&disk.path().join(format!("f{i}"))));
+            assert_eq!(fuse, disk, "{who} reading a {} file: broker {fuse:?}, kernel {disk:?}", modes[i]);
+            refused += u64::from(!fuse.0);
+            table.push(fuse.1);
+        }
+    }
+    // Modes 0400 0440 0404 0444, owner 4242:4301, by caller as listed.
+    let (t, f) = (true, false);
+    let want = [[t, t, t, t], [f, f, t, t], [f, t, f, t], [t, t, t, t], [f, f, t, t], [f, f, t, t]];
+    assert_eq!(table, want.concat());
+    // Every refusal is accounted for in the audit log.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while accounted(&b.audit_lines(), |_| true).1 < refused && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(accounted(&b.audit_lines(), |_| true).1, refused);
+}
