@@ -329,7 +329,7 @@ fn the_broker_refuses_exactly_what_the_kernel_refuses_on_a_disk_file() {
     let mut refused = 0;
     let mut table = Vec::new();
     for (who, prefix) in &callers {
-        for i in 0..modes.len() {
+        for (i, mode) in modes.iter().enumerate() {
             let cat = |file: &Path| {
                 let mut argv: Vec<&str> = prefix.iter().map(String::as_str).collect();
                 let f = file.to_str().unwrap().to_owned();
@@ -339,7 +339,7 @@ fn the_broker_refuses_exactly_what_the_kernel_refuses_on_a_disk_file() {
                 (o.status.success(), o.stdout == b"same-as-kernel")
             };
             let (fuse, disk) = (cat(&b.mount("k").join(format!("f{i}"))), cat(&disk.path().join(format!("f{i}"))));
-            assert_eq!(fuse, disk, "{who} reading a {} file: broker {fuse:?}, kernel {disk:?}", modes[i]);
+            assert_eq!(fuse, disk, "{who} reading a {mode} file: broker {fuse:?}, kernel {disk:?}");
             refused += u64::from(!fuse.0);
             table.push(fuse.1);
         }
