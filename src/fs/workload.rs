@@ -335,8 +335,10 @@ impl WorkloadFs {
         view.by_ino.get(&ino).or_else(|| view.rotated_out.get(&ino)).cloned()
     }
 
-    /// Attest the caller and check it against this mount's workload,
-    /// auditing the outcome.
+    /// Attest the caller, check it against this mount's workload and then
+    /// the file's mode ([`super::access`]: the kernel no longer does),
+    /// auditing the outcome. Refusals go through the audit log's
+    /// per-caller limiter ([`AuditLog::deny`]).
     fn check_open(&self, ctx: &Context, node: &Node) -> io::Result<()> {
         let workload = self.workload.name.as_str();
         let event = |name, caller, reason| Event {
