@@ -212,9 +212,9 @@ struct DenyState {
 
 /// Decides which denials the audit log writes in full and sums up the
 /// rest: per caller, the first denial of each file in full (a burst of
-/// [`DENY_BURST`], then one a second), every other one held and summed up
+/// `DENY_BURST`, then one a second), every other one held and summed up
 /// at most once per [`DENY_PERIOD`]. Memory is bounded: at most
-/// [`DENY_CALLERS`] callers of [`DENY_FILES`] files each; beyond that,
+/// `DENY_CALLERS` callers of `DENY_FILES` files each; beyond that,
 /// denials are held together under [`DENY_OVERFLOW`].
 #[derive(Debug, Default)]
 pub struct DenyLimiter {
