@@ -270,7 +270,7 @@ struct NoopMount {
 
 impl NoopMount {
     /// Mounted like keyhole's (keyhole::sys::fuse_mount: read-only, nosuid,
-    /// nodev, noexec, allow_other, default_permissions), served by the
+    /// nodev, noexec, allow_other), served by the
     /// same number of request threads (2).
     fn new() -> NoopMount {
         let dir = tempfile::tempdir().unwrap();

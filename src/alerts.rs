@@ -5,7 +5,9 @@
 //! A denial is handed over with `try_send` and never waits: a hook that
 //! hangs or fails cannot slow an open. Runs are one at a time, at most
 //! `max_per_minute`, each killed after `timeout`; denials beyond that are
-//! counted and reported to the next run as `suppressed`. Every run is
+//! counted and reported to the next run as `suppressed`. Denials the
+//! audit log sums up reach the hook as their `deny_summary` line, and
+//! count as its `count` denials when suppressed. Every run is
 //! audited (`alert` lines) and counted in the metrics.
 #![forbid(unsafe_code)]
 
@@ -26,7 +28,7 @@ use crate::metrics::{METRICS, ResultLabels};
 const QUEUE: usize = 64;
 
 pub struct Alerts {
-    tx: mpsc::Sender<String>,
+    tx: mpsc::Sender<(String, u64)>,
     suppressed: Arc<AtomicU64>,
 }
 
@@ -45,30 +47,31 @@ impl Alerts {
         Alerts { tx, suppressed }
     }
 
-    /// A denial's audit line. Never blocks.
-    pub fn deny(&self, line: &str) {
-        if self.tx.try_send(line.to_owned()).is_err() {
-            suppress(&self.suppressed);
+    /// A denial's audit line (a summary's, standing for `count`). Never
+    /// blocks.
+    pub fn deny(&self, line: &str, count: u64) {
+        if self.tx.try_send((line.to_owned(), count)).is_err() {
+            suppress(&self.suppressed, count);
         }
     }
 }
 
 /// A denial the hook will not see: counted for its next run.
-fn suppress(count: &AtomicU64) {
-    count.fetch_add(1, Ordering::Relaxed);
-    METRICS.alerts_suppressed.inc();
+fn suppress(suppressed: &AtomicU64, count: u64) {
+    suppressed.fetch_add(count, Ordering::Relaxed);
+    METRICS.alerts_suppressed.inc_by(count);
 }
 
 async fn run_hooks(
     cfg: AlertConfig,
-    mut rx: mpsc::Receiver<String>,
+    mut rx: mpsc::Receiver<(String, u64)>,
     suppressed: Arc<AtomicU64>,
     audit: Weak<AuditLog>,
 ) {
     let mut bucket = Bucket::new(cfg.max_per_minute, Duration::from_secs(60), Instant::now());
-    while let Some(line) = rx.recv().await {
+    while let Some((line, count)) = rx.recv().await {
         if !bucket.take(Instant::now()) {
-            suppress(&suppressed);
+            suppress(&suppressed, count);
             continue;
         }
         let skipped = suppressed.swap(0, Ordering::Relaxed);

@@ -13,7 +13,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use hmac::Mac;
 use serde::Serialize;
@@ -47,6 +47,16 @@ pub struct Event<'a> {
     /// previous file's last line, so the file verifies on its own.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub prev_hmac: Option<&'a str>,
+    /// A `deny_summary`: the denials it stands for, the files refused,
+    /// and when the first and the last of them were.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub count: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub files: Option<&'a [String]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last: Option<&'a str>,
 }
 
 impl<'a> Event<'a> {
@@ -60,17 +70,27 @@ impl<'a> Event<'a> {
             version: None,
             reason: None,
             prev_hmac: None,
+            count: None,
+            files: None,
+            first: None,
+            last: None,
         }
     }
 }
 
 /// When the log is rotated: past `max_bytes`, into at most `keep` older
-/// files named `<log>.<last seq, 12 digits>`.
+/// files named `<log>.<last seq, 12 digits>`; but a file last written
+/// less than `min_keep` ago is never deleted (more files are kept), so
+/// no burst of lines can push recent history out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Rotation {
     pub max_bytes: u64,
     pub keep: u32,
+    pub min_keep: std::time::Duration,
 }
+
+/// Whether keeping more than `keep` files was logged (once a process).
+static KEPT_YOUNG: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 #[derive(Serialize)]
 struct Stamped<'a> {
@@ -109,6 +129,10 @@ pub struct AuditLog {
     lines: broadcast::Sender<(u64, String)>,
     /// Where denials go as they are written (`[alerts] on_deny`).
     alerts: std::sync::OnceLock<crate::alerts::Alerts>,
+    /// Which denials are written in full, and the ones summed up.
+    denials: crate::limits::DenyLimiter,
+    /// The thread that writes held denials' summaries when due.
+    flusher: std::sync::Once,
 }
 
 impl std::fmt::Debug for AuditLog {
@@ -334,6 +358,8 @@ impl AuditLog {
             head: Mutex::new(Head { file, bytes, rotation: None, seq, mac, sealed: false }),
             lines,
             alerts: Default::default(),
+            denials: Default::default(),
+            flusher: std::sync::Once::new(),
         })
     }
 
@@ -365,7 +391,24 @@ impl AuditLog {
         head.file = OpenOptions::new().create(true).append(true).mode(0o600).open(&self.path)?;
         head.bytes = 0;
         let old = rotated_files(&self.path)?;
+        let now = std::time::SystemTime::now();
         for f in old.iter().take(old.len().saturating_sub(rotation.keep as usize)) {
+            // Oldest first: once one is young, so are the rest. A time in
+            // the future counts as young.
+            let written = std::fs::metadata(f)?.modified()?;
+            if now.duration_since(written).unwrap_or_default() < rotation.min_keep {
+                if !KEPT_YOUNG.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                    tracing::warn!(
+                        path = %self.path.display(),
+                        keep = rotation.keep,
+                        kept = old.len(),
+                        "audit log: keeping more rotated files than keep, as none may be deleted before [audit] \
+                         min_keep = {}: is something writing lines fast? (said once)",
+                        humantime::format_duration(rotation.min_keep)
+                    );
+                }
+                break;
+            }
             std::fs::remove_file(f)?;
         }
         Ok(aside)
@@ -384,6 +427,7 @@ impl AuditLog {
 
     /// Stop writing (a successor takes over); returns the head to hand it.
     pub fn seal(&self) -> (u64, [u8; MAC_LEN]) {
+        self.flush_denials(true);
         let mut head = self.head.lock().expect("audit lock");
         head.sealed = true;
         (head.seq, head.mac)
@@ -420,9 +464,9 @@ impl AuditLog {
         }
         drop(head);
         crate::metrics::audited(event);
-        if event.event == "deny" {
+        if event.event == "deny" || event.event == "deny_summary" {
             if let Some(a) = self.alerts.get() {
-                a.deny(&line);
+                a.deny(&line, event.count.unwrap_or(1));
             }
         }
         let _ = self.lines.send((seq, line));
@@ -430,6 +474,81 @@ impl AuditLog {
             let _ = self.lines.send(first);
         }
         Ok(seq)
+    }
+
+    /// Audit a denial by the caller limited as `key` (see
+    /// [`crate::limits::deny_key`]): the first of each file in full, the
+    /// rest summed up in `deny_summary` lines at most once a second, so a
+    /// flood cannot flood the log. Every denial is counted in the metrics
+    /// and reaches the alert hook (summaries with their count).
+    pub fn deny(self: &Arc<Self>, key: &str, event: &Event<'_>) -> Result<(), AuditError> {
+        let file = match (event.workload, event.path) {
+            (Some(w), Some(p)) => format!("{w}:{p}"),
+            _ => event.method.or(event.path).unwrap_or("-").to_owned(),
+        };
+        let no_one = Identity::default();
+        let caller = event.caller.unwrap_or(&no_one);
+        let now = (std::time::Instant::now(), std::time::SystemTime::now());
+        let (full, summary) = self.denials.deny(now.0, now.1, key, &file, caller);
+        if let Some(s) = summary {
+            self.summarize(&s);
+        }
+        self.start_flusher();
+        if full {
+            return self.record(event).map(drop);
+        }
+        crate::metrics::denied(event);
+        // A refusal held back must still fail closed when the log cannot
+        // be written at all.
+        if self.head.lock().expect("audit lock").sealed { Err(AuditError::Sealed) } else { Ok(()) }
+    }
+
+    /// Write a `deny_summary` line.
+    fn summarize(&self, s: &crate::limits::DenySummary) {
+        let time = |t| humantime::format_rfc3339_millis(t).to_string();
+        let (first, last) = (time(s.first), time(s.last));
+        let reason = match (s.key.as_str(), s.unnamed) {
+            (crate::limits::DENY_OVERFLOW, _) => "denials of callers beyond the ones tracked, summed up".to_owned(),
+            (_, 0) => "denials summed up since this caller's last line".to_owned(),
+            (_, n) => format!("denials summed up since this caller's last line; {n} of them of files not named"),
+        };
+        let event = Event {
+            caller: s.caller.as_ref().filter(|_| s.key != crate::limits::DENY_OVERFLOW),
+            reason: Some(&reason),
+            count: Some(s.count),
+            files: Some(&s.files),
+            first: Some(&first),
+            last: Some(&last),
+            ..Event::new("deny_summary")
+        };
+        if let Err(e) = self.record(&event) {
+            tracing::error!(error = %e, count = s.count, "a summary of denials was not audited");
+        }
+    }
+
+    /// Write the summaries due (all held ones, with `all`).
+    fn flush_denials(&self, all: bool) {
+        for s in self.denials.due(std::time::Instant::now(), all) {
+            self.summarize(&s);
+        }
+    }
+
+    /// Start the thread that writes held denials' summaries when they are
+    /// due, once; it ends with the log.
+    fn start_flusher(self: &Arc<Self>) {
+        self.flusher.call_once(|| {
+            let log = Arc::downgrade(self);
+            let spawned = std::thread::Builder::new().name("audit-denials".into()).spawn(move || {
+                loop {
+                    std::thread::sleep(crate::limits::DENY_PERIOD / 5);
+                    let Some(log) = log.upgrade() else { return };
+                    log.flush_denials(false);
+                }
+            });
+            if let Err(e) = spawned {
+                tracing::error!(error = %e, "cannot start the thread that audits summaries of denials");
+            }
+        });
     }
 
     /// Write one line at the head of the chain; the caller holds the lock.
@@ -516,6 +635,15 @@ impl AuditLog {
             .collect();
         let last = lines.last().and_then(|l| seq_of(l)).unwrap_or(0);
         (lines, last, rx)
+    }
+}
+
+impl Drop for AuditLog {
+    /// Held denials are summed up before the log closes.
+    fn drop(&mut self) {
+        if !self.head.get_mut().map(|h| h.sealed).unwrap_or(true) {
+            self.flush_denials(true);
+        }
     }
 }
 
@@ -610,7 +738,7 @@ mod tests {
     fn rotating(dir: &Path, n: usize) -> (PathBuf, AuditLog) {
         let path = dir.join("audit.log");
         let log = AuditLog::open(&path, key()).unwrap();
-        log.rotate_at(Rotation { max_bytes: 1000, keep: 3 });
+        log.rotate_at(Rotation { max_bytes: 1000, keep: 3, min_keep: std::time::Duration::ZERO });
         for i in 0..n {
             let p = format!("secret/number/{i}");
             log.record(&Event { path: Some(&p), version: Some(i as u64), ..Event::new("put") }).unwrap();

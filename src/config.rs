@@ -222,6 +222,9 @@ pub struct RawAudit {
     pub max_bytes: Option<u64>,
     /// Rotated files kept (default 10); older ones are deleted.
     pub keep: Option<u32>,
+    /// A rotated file is never deleted before it is this old (default
+    /// 7d): more than `keep` are kept instead ("0s": no minimum).
+    pub min_keep: Option<String>,
 }
 
 /// `[[backend]]`: paths under `<name>/` live in this Vault/OpenBao KV v2 mount.
@@ -494,6 +497,7 @@ impl Config {
             return Err(ConfigError::Invalid("[admin] listen is set but no subjects: nobody could use it".into()));
         }
         let admin = AdminPolicy { uids: a.uids, gids: a.gids, subjects };
+        let min_keep = duration("[audit] min_keep", raw.audit.min_keep, "7d")?;
         let audit_rotation =
             match (raw.audit.max_bytes.unwrap_or(DEFAULT_AUDIT_MAX_BYTES), raw.audit.keep.unwrap_or(10)) {
                 (0, _) => None,
@@ -503,7 +507,7 @@ impl Config {
                     )));
                 }
                 (_, 0) => return Err(ConfigError::Invalid("[audit] keep = 0: keep at least 1 rotated file".into())),
-                (max_bytes, keep) => Some(crate::audit::Rotation { max_bytes, keep }),
+                (max_bytes, keep) => Some(crate::audit::Rotation { max_bytes, keep, min_keep }),
             };
         let limits = Limits::from_raw(raw.limits)?;
         let metrics = raw.metrics.listen.map(|l| Listen::parse("[metrics] listen", &l)).transpose()?;
@@ -590,7 +594,11 @@ mod tests {
         assert!(d.audit_reads);
         assert!(!parse("[audit]\nreads = false").unwrap().audit_reads);
         assert_eq!(c.audit_rotation, d.audit_rotation);
-        assert_eq!(d.audit_rotation, Some(crate::audit::Rotation { max_bytes: 64 << 20, keep: 10 }));
+        let week = std::time::Duration::from_secs(7 * 86400);
+        assert_eq!(d.audit_rotation, Some(crate::audit::Rotation { max_bytes: 64 << 20, keep: 10, min_keep: week }));
+        let r = parse("[audit]\nmin_keep = \"0s\"").unwrap().audit_rotation.unwrap();
+        assert_eq!(r.min_keep, std::time::Duration::ZERO);
+        assert!(parse("[audit]\nmin_keep = \"soon\"").is_err());
         assert_eq!(parse("[audit]\nmax_bytes = 0").unwrap().audit_rotation, None);
         assert!(parse("[audit]\nmax_bytes = 100").is_err());
         assert!(parse("[audit]\nkeep = 0").is_err());

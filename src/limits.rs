@@ -1,11 +1,13 @@
 //! Limits and back-pressure: token buckets per caller, and audit lines
 //! for limits hit that are themselves limited (one a second per caller,
 //! with the count refused since), so a flood cannot flood the audit log.
+//! Denials are limited the same way ([`DenyLimiter`]): the first per
+//! caller and file in full, then a count a second.
 #![forbid(unsafe_code)]
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::audit::{AuditLog, Event};
 
@@ -104,6 +106,194 @@ impl Refusals {
     }
 }
 
+/// Denial lines written in full per caller: a burst of this many, then
+/// one a second.
+const DENY_BURST: u32 = 4;
+/// A caller's held denials are summed up in one line at most this often.
+pub const DENY_PERIOD: Duration = Duration::from_secs(1);
+/// A caller with nothing held, quiet this long, is forgotten: its next
+/// denial is written in full again.
+const DENY_IDLE: Duration = Duration::from_secs(60);
+/// Most callers whose denials are tracked; beyond them, denials are
+/// summed up together (the overflow).
+const DENY_CALLERS: usize = 4096;
+/// Most files remembered (and named in a summary) per caller.
+const DENY_FILES: usize = 32;
+/// The key of the overflow's summaries.
+pub const DENY_OVERFLOW: &str = "overflow";
+
+/// Whose denials are limited together: a container, a remote admin
+/// client, or else a host uid. Never a pid: a fork must not start afresh.
+pub fn deny_key(id: &crate::identity::Identity) -> String {
+    match (&id.container_id, &id.remote) {
+        (Some(c), _) => format!("container:{c}"),
+        // "<subject> from <address:port>": the subject, not the connection.
+        (None, Some(r)) => format!("remote:{}", r.rsplit_once(" from ").map_or(r.as_str(), |(s, _)| s)),
+        (None, None) => format!("uid:{}", id.uid),
+    }
+}
+
+/// Denials held back from the audit log, to be summed up.
+#[derive(Debug, Default)]
+struct Held {
+    count: u64,
+    files: std::collections::BTreeSet<String>,
+    /// Held denials of files beyond the ones named.
+    unnamed: u64,
+    first: Option<SystemTime>,
+    last: Option<SystemTime>,
+    /// The last caller held (its pid is the last one's).
+    caller: Option<crate::identity::Identity>,
+}
+
+impl Held {
+    fn add(&mut self, wall: SystemTime, file: &str, caller: &crate::identity::Identity) {
+        self.count += 1;
+        if self.files.contains(file) || self.files.len() < DENY_FILES {
+            self.files.insert(file.to_owned());
+        } else {
+            self.unnamed += 1;
+        }
+        self.first.get_or_insert(wall);
+        self.last = Some(wall);
+        self.caller = Some(caller.clone());
+    }
+
+    fn take(&mut self, key: &str) -> Option<DenySummary> {
+        if self.count == 0 {
+            return None;
+        }
+        let h = std::mem::take(self);
+        Some(DenySummary {
+            key: key.to_owned(),
+            caller: h.caller,
+            count: h.count,
+            files: h.files.into_iter().collect(),
+            unnamed: h.unnamed,
+            first: h.first.unwrap_or(UNIX_EPOCH),
+            last: h.last.unwrap_or(UNIX_EPOCH),
+        })
+    }
+}
+
+/// One caller's denials, as far as the audit log has told of them.
+#[derive(Debug)]
+struct CallerDenials {
+    /// Files whose denial was written in full.
+    seen: std::collections::HashSet<String>,
+    full: Bucket,
+    held: Held,
+    last_summary: Instant,
+    last_deny: Instant,
+}
+
+/// The denials held back and not yet summed up, for one caller (or for
+/// the overflow): an audit line `deny_summary`.
+#[derive(Debug)]
+pub struct DenySummary {
+    pub key: String,
+    /// The last caller held; None for the overflow.
+    pub caller: Option<crate::identity::Identity>,
+    pub count: u64,
+    /// The files refused (`workload:path`, or the gRPC method).
+    pub files: Vec<String>,
+    /// Denials of further files, not named.
+    pub unnamed: u64,
+    pub first: SystemTime,
+    pub last: SystemTime,
+}
+
+#[derive(Debug, Default)]
+struct DenyState {
+    callers: HashMap<String, CallerDenials>,
+    overflow: Held,
+    overflow_summary: Option<Instant>,
+}
+
+/// Decides which denials the audit log writes in full and sums up the
+/// rest: per caller, the first denial of each file in full (a burst of
+/// `DENY_BURST`, then one a second), every other one held and summed up
+/// at most once per [`DENY_PERIOD`]. Memory is bounded: at most
+/// `DENY_CALLERS` callers of `DENY_FILES` files each; beyond that,
+/// denials are held together under [`DENY_OVERFLOW`].
+#[derive(Debug, Default)]
+pub struct DenyLimiter {
+    state: Mutex<DenyState>,
+}
+
+impl DenyLimiter {
+    /// One denial of `file` by `caller` (limited as `key`): whether to
+    /// write it in full now, and a summary of held ones that is due.
+    pub fn deny(
+        &self,
+        now: Instant,
+        wall: SystemTime,
+        key: &str,
+        file: &str,
+        caller: &crate::identity::Identity,
+    ) -> (bool, Option<DenySummary>) {
+        let mut st = self.state.lock().expect("deny lock");
+        if st.callers.len() >= DENY_CALLERS && !st.callers.contains_key(key) {
+            forget_idle(&mut st.callers, now);
+        }
+        if st.callers.len() >= DENY_CALLERS && !st.callers.contains_key(key) {
+            st.overflow.add(wall, file, caller);
+            let last = st.overflow_summary.get_or_insert(now);
+            if now.saturating_duration_since(*last) >= DENY_PERIOD {
+                st.overflow_summary = Some(now);
+                return (false, st.overflow.take(DENY_OVERFLOW));
+            }
+            return (false, None);
+        }
+        let c = st.callers.entry(key.to_owned()).or_insert_with(|| CallerDenials {
+            seen: Default::default(),
+            full: Bucket::new(DENY_BURST, DENY_PERIOD * DENY_BURST, now),
+            held: Held::default(),
+            last_summary: now,
+            last_deny: now,
+        });
+        c.last_deny = now;
+        if !c.seen.contains(file) && c.seen.len() < DENY_FILES && c.full.take(now) {
+            c.seen.insert(file.to_owned());
+            return (true, None);
+        }
+        c.held.add(wall, file, caller);
+        if now.saturating_duration_since(c.last_summary) >= DENY_PERIOD {
+            c.last_summary = now;
+            return (false, c.held.take(key));
+        }
+        (false, None)
+    }
+
+    /// The summaries due by `now` (all held ones, with `all`); callers
+    /// quiet long enough are forgotten.
+    pub fn due(&self, now: Instant, all: bool) -> Vec<DenySummary> {
+        let mut st = self.state.lock().expect("deny lock");
+        let mut out = Vec::new();
+        for (key, c) in &mut st.callers {
+            if all || now.saturating_duration_since(c.last_summary) >= DENY_PERIOD {
+                if let Some(s) = c.held.take(key) {
+                    c.last_summary = now;
+                    out.push(s);
+                }
+            }
+        }
+        let overflow_due = st.overflow_summary.is_none_or(|t| now.saturating_duration_since(t) >= DENY_PERIOD);
+        if all || overflow_due {
+            if let Some(s) = st.overflow.take(DENY_OVERFLOW) {
+                st.overflow_summary = Some(now);
+                out.push(s);
+            }
+        }
+        forget_idle(&mut st.callers, now);
+        out
+    }
+}
+
+fn forget_idle(callers: &mut HashMap<String, CallerDenials>, now: Instant) {
+    callers.retain(|_, c| c.held.count > 0 || now.saturating_duration_since(c.last_deny) < DENY_IDLE);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -125,5 +315,92 @@ mod tests {
         assert!(p.allow("a") && p.allow("a"));
         assert!(!p.allow("a"), "a's burst is spent");
         assert!(p.allow("b"), "b is not held back by a");
+    }
+}
+
+#[cfg(test)]
+mod deny_tests {
+    use super::*;
+    use crate::identity::Identity;
+
+    fn at(t0: Instant, ms: u64) -> Instant {
+        t0 + Duration::from_millis(ms)
+    }
+
+    #[test]
+    fn the_first_denial_of_a_file_is_written_then_a_summary_a_second() {
+        let l = DenyLimiter::default();
+        let (t0, w) = (Instant::now(), SystemTime::now());
+        let who = Identity { uid: 4243, pid: 10, ..Identity::default() };
+        assert!(l.deny(t0, w, "uid:4243", "w:a", &who).0, "the first in full");
+        let mut held = 0;
+        for i in 1..=999 {
+            let who = Identity { pid: 10 + i, ..who.clone() };
+            let (full, s) = l.deny(at(t0, i as u64), w, "uid:4243", "w:a", &who);
+            assert!(!full, "a new pid is the same caller");
+            held += 1;
+            if let Some(s) = s {
+                assert_eq!((s.count, s.files.as_slice()), (held, &["w:a".to_owned()][..]));
+                assert_eq!(s.caller.unwrap().pid, 10 + i);
+                held = 0;
+            }
+        }
+        assert_eq!(held, 999, "nothing summed up within the first second");
+        assert!(l.due(at(t0, 999), false).is_empty(), "not due yet");
+        let s = l.due(at(t0, 1000), false);
+        assert_eq!((s.len(), s[0].count), (1, 999));
+        // The next denial a second later is summed up at once.
+        let (full, s) = l.deny(at(t0, 2500), w, "uid:4243", "w:a", &who);
+        assert!(!full && s.unwrap().count == 1);
+        // Another caller starts afresh.
+        assert!(l.deny(at(t0, 2500), w, "container:c1", "w:a", &who).0);
+    }
+
+    #[test]
+    fn new_files_are_written_in_a_burst_then_held() {
+        let l = DenyLimiter::default();
+        let (t0, w, who) = (Instant::now(), SystemTime::now(), Identity::default());
+        let full: Vec<bool> = (0..8).map(|i| l.deny(t0, w, "uid:1", &format!("w:{i}"), &who).0).collect();
+        assert_eq!(full, [true, true, true, true, false, false, false, false]);
+        let s = l.due(at(t0, 1000), false);
+        assert_eq!((s[0].count, s[0].files.len()), (4, 4));
+        // Quiet for a minute: forgotten; the next is written in full.
+        assert!(l.due(at(t0, 62_000), false).is_empty());
+        assert!(l.deny(at(t0, 62_000), w, "uid:1", "w:0", &who).0);
+    }
+
+    #[test]
+    fn memory_is_bounded_and_the_overflow_is_summed_up_too() {
+        let l = DenyLimiter::default();
+        let (t0, w, who) = (Instant::now(), SystemTime::now(), Identity::default());
+        for i in 0..DENY_CALLERS {
+            assert!(l.deny(t0, w, &format!("uid:{i}"), "w:a", &who).0);
+        }
+        for f in 0..100 {
+            l.deny(t0, w, "uid:0", &format!("w:{f}"), &who);
+        }
+        let (full, s) = l.deny(t0, w, "uid:x", "w:a", &who);
+        assert!(!full && s.is_none());
+        assert!(!l.deny(t0, w, "uid:y", "w:a", &who).0);
+        let s = l.due(at(t0, 1000), false);
+        let over = s.iter().find(|s| s.key == DENY_OVERFLOW).unwrap();
+        assert_eq!((over.count, over.caller.is_some()), (2, true));
+        let zero = s.iter().find(|s| s.key == "uid:0").unwrap();
+        // Three more new files were written in full (the burst of 4).
+        assert_eq!((zero.count, zero.files.len() as u64 + zero.unnamed), (97, 97));
+        assert!(zero.files.len() <= DENY_FILES);
+        let st = l.state.lock().unwrap();
+        assert!(st.callers.len() <= DENY_CALLERS);
+        assert!(st.callers.values().all(|c| c.seen.len() <= DENY_FILES));
+    }
+
+    #[test]
+    fn callers_are_hosts_uids_or_containers_never_pids() {
+        let host = Identity { uid: 7, pid: 1, ..Identity::default() };
+        assert_eq!(deny_key(&host), deny_key(&Identity { pid: 2, ..host.clone() }));
+        let c = Identity { container_id: Some("abc".into()), ..host.clone() };
+        assert_eq!(deny_key(&c), "container:abc");
+        let r = |a: &str| Identity { remote: Some(format!("CN=x from {a}")), ..Identity::default() };
+        assert_eq!(deny_key(&r("10.0.0.1:5000")), deny_key(&r("10.0.0.1:5001")));
     }
 }

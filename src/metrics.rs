@@ -184,11 +184,7 @@ pub fn audited(e: &crate::audit::Event<'_>) {
     METRICS.audit_lines.get_or_create(&EventLabels { event: e.event.to_owned() }).inc();
     let (workload, secret) = (e.workload.unwrap_or_default(), e.path.unwrap_or_default());
     match e.event {
-        "deny" => {
-            let method = e.method.unwrap_or("open").to_owned();
-            let l = DenyLabels { workload: workload.to_owned(), secret: secret.to_owned(), method };
-            METRICS.denials.get_or_create(&l).inc();
-        }
+        "deny" => denied(e),
         "stale_serve" => {
             METRICS.stale_serves.get_or_create(&secret_labels(workload, secret)).inc();
         }
@@ -197,6 +193,15 @@ pub fn audited(e: &crate::audit::Event<'_>) {
         }
         _ => {}
     }
+}
+
+/// Count one denial: written in full (from [`audited`]) or summed up in
+/// a `deny_summary` line later (from [`crate::audit::AuditLog::deny`]).
+pub fn denied(e: &crate::audit::Event<'_>) {
+    let (workload, secret) = (e.workload.unwrap_or_default(), e.path.unwrap_or_default());
+    let method = e.method.unwrap_or("open").to_owned();
+    let l = DenyLabels { workload: workload.to_owned(), secret: secret.to_owned(), method };
+    METRICS.denials.get_or_create(&l).inc();
 }
 
 /// Time since `t`, in seconds (0 if the clock went back).

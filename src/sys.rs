@@ -152,11 +152,11 @@ fn mount_raw(
 }
 
 /// Mount a FUSE filesystem served on `fd` at `target`: read-only, nosuid,
-/// nodev, noexec, kernel permission checks on, open to all users (the
-/// broker checks every open itself).
+/// nodev, noexec, open to all users. No `default_permissions`: the broker
+/// checks every open itself, the file's mode too (`fs::access`), so that
+/// every refusal reaches it and is audited.
 pub fn fuse_mount(target: &std::path::Path, fd: RawFd, max_read: usize) -> io::Result<()> {
-    let data =
-        format!("fd={fd},rootmode=40000,user_id=0,group_id=0,default_permissions,allow_other,max_read={max_read}");
+    let data = format!("fd={fd},rootmode=40000,user_id=0,group_id=0,allow_other,max_read={max_read}");
     let flags = libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC | libc::MS_NOATIME;
     mount_raw("keyhole", target, Some("fuse.keyhole"), flags, Some(&data))
 }

@@ -26,7 +26,7 @@ impl workload_server::Workload for WorkloadService {
                 let reason = e.to_string();
                 let event =
                     Event { method: Some("WhoAmI"), caller: Some(&who), reason: Some(&reason), ..Event::new("deny") };
-                let _ = b.audit.record(&event);
+                let _ = b.audit.deny(&crate::limits::deny_key(&who), &event);
             })?;
             b.allow_call(&id, "WhoAmI")?;
             let all = b.store.workloads()?;

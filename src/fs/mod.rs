@@ -20,6 +20,7 @@
 //! running container sees the new session at once. Only the mounts of
 //! removed workloads are detached.
 
+pub mod access;
 pub mod workload;
 
 use std::collections::{BTreeMap, HashMap};

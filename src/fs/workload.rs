@@ -24,6 +24,7 @@ use std::time::Duration;
 use fuse_backend_rs::abi::fuse_abi::{FsOptions, OpenOptions, stat64};
 use fuse_backend_rs::api::filesystem::{Context, DirEntry, Entry, FileSystem, ZeroCopyWriter};
 
+use super::access::{FileMode, Ids, check_task};
 use crate::audit::{AuditLog, Event};
 use crate::backend::vault::{Freshness, Health};
 use crate::identity::{Attestor, Identity};
@@ -334,8 +335,10 @@ impl WorkloadFs {
         view.by_ino.get(&ino).or_else(|| view.rotated_out.get(&ino)).cloned()
     }
 
-    /// Attest the caller and check it against this mount's workload,
-    /// auditing the outcome.
+    /// Attest the caller, check it against this mount's workload and then
+    /// the file's mode ([`super::access`]: the kernel no longer does),
+    /// auditing the outcome. Refusals go through the audit log's
+    /// per-caller limiter ([`AuditLog::deny`]).
     fn check_open(&self, ctx: &Context, node: &Node) -> io::Result<()> {
         let workload = self.workload.name.as_str();
         let event = |name, caller, reason| Event {
@@ -347,15 +350,34 @@ impl WorkloadFs {
             ..Event::new(name)
         };
         let audit = |e: &Event<'_>| self.shared.audit.record(e).map_err(|_| errno(libc::EIO));
+        // Refusals are limited per caller in the audit log (summed up).
+        let deny = |who: &Identity, reason: &str| {
+            let e = Event {
+                caller: Some(who),
+                workload: Some(workload),
+                path: Some(node.secret.as_str()),
+                version: Some(node.version),
+                reason: Some(reason),
+                ..Event::new("deny")
+            };
+            self.shared.audit.deny(&crate::limits::deny_key(who), &e).map_err(|_| errno(libc::EIO))?;
+            Err(errno(libc::EACCES))
+        };
+        // The workload first: a caller that is not the workload's is
+        // refused as such, whatever the file's mode; a member then needs
+        // the mode to let it read (the check the kernel made before).
         match self.shared.attestor.attest_task(ctx.pid, ctx.uid, ctx.gid) {
             Err(e) => {
-                let reason = e.to_string();
                 let who = Identity { uid: ctx.uid, gid: ctx.gid, pid: ctx.pid, ..Identity::default() };
-                audit(&event("deny", Some(&who), Some(reason.as_str())))?;
-                Err(errno(libc::EACCES))
+                deny(&who, &e.to_string())
             }
             Ok(id) => match decide(&id, &self.workload) {
                 Decision::Allow => {
+                    let st = self.attr(node);
+                    let file = FileMode { uid: st.st_uid, gid: st.st_gid, mode: node.mode };
+                    if let Err(why) = check_task(file, ctx.pid, ctx.uid, ctx.gid, Ids::Fs) {
+                        return deny(&id, &why);
+                    }
                     let freshness = node.health.as_ref().map_or(Freshness::Fresh, |h| h.freshness());
                     match (&node.value, freshness) {
                         (None, _) => {
@@ -386,10 +408,7 @@ impl WorkloadFs {
                         }
                     }
                 }
-                Decision::WrongWorkload => {
-                    audit(&event("deny", Some(&id), Some("caller does not match the workload")))?;
-                    Err(errno(libc::EACCES))
-                }
+                Decision::WrongWorkload => deny(&id, "caller does not match the workload"),
             },
         }
     }
@@ -527,8 +546,41 @@ impl FileSystem for WorkloadFs {
         Ok(())
     }
 
-    fn access(&self, _ctx: &Context, _ino: u64, mask: u32) -> io::Result<()> {
-        if mask & libc::W_OK as u32 != 0 { Err(errno(libc::EROFS)) } else { Ok(()) }
+    /// `access(2)`: nothing is writable; the root directory may be read
+    /// and searched by all; a file is not executable, and readable as its
+    /// mode says (checked as for an open, and a refusal audited, without
+    /// attesting the caller: the open that may follow is attested).
+    fn access(&self, ctx: &Context, ino: u64, mask: u32) -> io::Result<()> {
+        if mask & libc::W_OK as u32 != 0 {
+            return Err(errno(libc::EROFS));
+        }
+        if ino == ROOT {
+            return Ok(());
+        }
+        let node = self.node(ino).ok_or_else(|| errno(libc::ENOENT))?;
+        if mask & libc::X_OK as u32 != 0 && node.mode & 0o111 == 0 {
+            return Err(errno(libc::EACCES));
+        }
+        if mask & libc::R_OK as u32 == 0 {
+            return Ok(());
+        }
+        let st = self.attr(&node);
+        let file = FileMode { uid: st.st_uid, gid: st.st_gid, mode: node.mode };
+        let Err(why) = check_task(file, ctx.pid, ctx.uid, ctx.gid, Ids::RealOrFs) else {
+            return Ok(());
+        };
+        let who = Identity { uid: ctx.uid, gid: ctx.gid, pid: ctx.pid, ..Identity::default() };
+        let e = Event {
+            method: Some("access"),
+            caller: Some(&who),
+            workload: Some(self.workload.name.as_str()),
+            path: Some(node.secret.as_str()),
+            version: Some(node.version),
+            reason: Some(&why),
+            ..Event::new("deny")
+        };
+        self.shared.audit.deny(&crate::limits::deny_key(&who), &e).map_err(|_| errno(libc::EIO))?;
+        Err(errno(libc::EACCES))
     }
 }
 

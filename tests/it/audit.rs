@@ -130,7 +130,7 @@ fn a_rotated_audit_log_verifies_across_files_and_restarts_quickly() {
     if !require_root() {
         return;
     }
-    let mut b = Broker::start_with("[audit]\nmax_bytes = 4096\nkeep = 2\n");
+    let mut b = Broker::start_with("[audit]\nmax_bytes = 4096\nkeep = 2\nmin_keep = \"0s\"\n");
     for i in 0..40 {
         b.put(&format!("rot/{i}"), b"rotated-never-logged-5c1a");
     }

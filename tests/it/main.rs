@@ -7,6 +7,7 @@ mod admin;
 mod audit;
 mod compose;
 mod crash;
+mod denials;
 mod docker;
 mod hostile;
 mod lifecycle;
