@@ -17,3 +17,4 @@ mod secrets;
 mod takeover;
 mod tamper;
 mod vault;
+mod strangers;
