@@ -410,6 +410,7 @@ fn spawn_services(
     let mut tasks = Vec::new();
     let soft = crate::sys::nofile().map_or(1024, |(soft, _)| soft);
     let budget = peer::Budget::new(soft, &broker.config.limits);
+    let idle = broker.config.limits.idle_timeout;
     tracing::info!(
         nofile = soft,
         reserved_fds = budget.reserved_fds,
@@ -453,6 +454,12 @@ fn spawn_services(
             .http2_keepalive_interval(Some(KEEPALIVE))
             .http2_keepalive_timeout(Some(KEEPALIVE))
             .timeout(STRANGER_CALL_TIMEOUT)
+            // A stranger whose answers wait on a window it never opens (or
+            // who answers PINGs and nothing else) is not served for ever:
+            // every stranger's connection ends after the idle timeout,
+            // with a grace for calls under way.
+            .max_connection_age(idle)
+            .max_connection_age_grace(STRANGER_CALL_TIMEOUT.min(idle))
             .layer(crate::api::CountCalls)
             .layer(s::Calls::strangers(broker.clone()))
             .add_service(workload)

@@ -248,9 +248,13 @@ fn a_stream_flood_by_strangers_stays_within_the_memory_budget() {
     // the Admin service on the world-writable workload socket.
     let ws = b.workload_socket();
     let put = "/keyhole.v1.Admin/PutSecret";
-    let mut floods = vec![H2Flood::start(NOBODY, &ws, 4, 64, 1 << 20, put, 6.0, false)];
+    let floods = vec![H2Flood::start(NOBODY, &ws, 4, 64, 1 << 20, put, 6.0, false)];
     eprintln!("admin-path flood: {}", floods[0].stats);
     let after_admin = kib(pid, "VmHWM:");
+    // Refused on the headers: of each stream's body the broker took no
+    // more than its window (4 KiB) before answering.
+    let (opened, sent) = (floods[0].stats["opened"].as_u64().unwrap(), floods[0].stats["sent"].as_u64().unwrap());
+    assert!(opened > 0 && sent <= opened * 4096, "{} bytes sent on {opened} streams", sent);
     eprintln!("RSS before {before} KiB, peak after the admin-path flood {after_admin} KiB");
     // Meanwhile the broker serves a granted read, and admins.
     assert_eq!(read_as_reader(&file).stdout, b"granted-during-flood-6d1e");
@@ -398,4 +402,96 @@ fn an_admin_script_of_500_grants_is_not_throttled_like_a_stranger() {
         calls.into_iter().map(|c| c.join().unwrap()).collect()
     });
     assert!(outcomes.iter().any(|o| o.status.code() == Some(5)), "40 stranger calls at once, 20 a second: all passed");
+}
+
+/// Connect and report, as JSON, after how many seconds the broker closed
+/// the connection (or `null` if it did not within `wait`): `silent` sends
+/// nothing; `idle` sends the HTTP/2 preface and settings, then nothing.
+const CLOSED_AFTER: &str = r#"
+import json, socket, sys, time
+path, mode, wait = sys.argv[1], sys.argv[2], float(sys.argv[3])
+s = socket.socket(socket.AF_UNIX)
+s.connect(path)
+t0 = time.time()
+if mode == "idle":
+    s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+s.settimeout(0.2)
+closed = None
+while time.time() - t0 < wait:
+    try:
+        got = s.recv(65536)
+    except socket.timeout:
+        continue
+    except OSError:
+        got = b""
+    if not got:
+        closed = time.time() - t0
+        break
+print(json.dumps(closed), flush=True)
+"#;
+
+fn closed_after(uid: u32, path: &Path, mode: &str, wait: u32) -> Option<f64> {
+    let o = Command::new("python3")
+        .args(["-c", CLOSED_AFTER, path.to_str().unwrap(), mode, &wait.to_string()])
+        .uid(uid)
+        .gid(uid)
+        .output()
+        .expect("python3");
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", stderr(&o)))
+}
+
+#[test]
+fn silent_and_idle_connections_are_closed_long_streams_stay() {
+    if !require_root() {
+        return;
+    }
+    // Without the HTTP/2 preface, a connection lasts 5 s.
+    let silent = closed_after(NOBODY, &Broker::start().workload_socket(), "silent", 15);
+    let silent = silent.expect("a connection that never sent the HTTP/2 preface stayed open");
+    assert!((4.5..9.0).contains(&silent), "closed after {silent} s, not the 5 s preface timeout");
+    // With it but no call, as long as [limits] idle_timeout.
+    let b = Broker::start_with("[limits]\nidle_timeout = \"2s\"\n");
+    let ws = b.workload_socket();
+    let idle = closed_after(NOBODY, &ws, "idle", 15).expect("an idle HTTP/2 connection stayed open");
+    assert!((1.5..6.0).contains(&idle), "closed after {idle} s, not the 2 s idle timeout");
+    // An admin's idle connection too (admins' connections have no maximum age).
+    let idle = closed_after(0, &b.socket(), "idle", 15).expect("an admin's idle connection stayed open");
+    assert!((1.5..6.0).contains(&idle), "an admin's: closed after {idle} s, not the 2 s idle timeout");
+    // A stranger that answers PINGs but never opens a window for its
+    // answers is cut off all the same.
+    let stuck = H2Flood::start(NOBODY, &ws, 4, 2, 5, "/keyhole.v1.Workload/WhoAmI", 8.0, true);
+    assert_eq!(stuck.stats["alive"], 0, "{}", stuck.stats);
+    // An admin following the audit log holds one long call: it stays.
+    let mut follow = Command::new(BIN)
+        .args(["--socket", b.socket().to_str().unwrap(), "audit", "--follow"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(5));
+    assert!(follow.try_wait().unwrap().is_none(), "audit --follow was cut off while idle");
+    b.put("after/idle", b"x");
+    let _ = follow.kill();
+    let out = follow.wait_with_output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("after/idle"), "the follower missed a line");
+}
+
+#[test]
+fn admins_by_group_reach_the_admin_socket_others_do_not() {
+    if !require_root() {
+        return;
+    }
+    let b = Broker::start_with("[admin]\ngids = [4444]\n");
+    let md = std::fs::metadata(b.socket()).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!((md.mode() & 0o777, md.gid()), (0o660, 4444));
+    let as_admin_group = Command::new(BIN)
+        .args(["--socket", b.socket().to_str().unwrap(), "secret", "ls"])
+        .uid(4445)
+        .gid(4444)
+        .output()
+        .unwrap();
+    assert!(as_admin_group.status.success(), "{}", stderr(&as_admin_group));
+    let o = cli_as(&b.socket(), &["secret", "ls"], None, Some(NOBODY));
+    assert_fails(&o, 4, "permission denied opening");
 }
