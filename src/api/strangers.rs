@@ -66,6 +66,10 @@ pub const MAX_RESPONSE: usize = 16 << 10;
 pub const CONNECTION_BYTES: usize = (80 << 10) + STREAMS as usize * (72 << 10);
 /// Strangers' connections over all sockets: 48 MiB of the 64 MiB budget.
 pub const MAX_CONNECTIONS: usize = (48 << 20) / CONNECTION_BYTES;
+// The arithmetic, checked by the compiler.
+const _: () = assert!(MAX_CONNECTIONS * CONNECTION_BYTES <= 48 << 20);
+const _: () = assert!(CONNECTION_WINDOW >= STREAM_WINDOW && MAX_REQUEST <= STREAM_WINDOW as usize);
+
 /// Blocking jobs strangers' calls may run at once.
 pub const BLOCKING: usize = 16;
 
@@ -214,7 +218,8 @@ async fn refuse(broker: &Arc<Broker>, info: Option<ConnInfo>, method: &'static s
                 let p = &info.peer;
                 let who = Identity { uid: p.uid, gid: p.gid, pid: p.pid, ..Identity::default() };
                 let reason = e.to_string();
-                let event = Event { method: Some(method), caller: Some(&who), reason: Some(&reason), ..Event::new("deny") };
+                let event =
+                    Event { method: Some(method), caller: Some(&who), reason: Some(&reason), ..Event::new("deny") };
                 b.audit.record(&event)?;
                 return Err(e.into());
             }
@@ -226,7 +231,8 @@ async fn refuse(broker: &Arc<Broker>, info: Option<ConnInfo>, method: &'static s
                 "{method}: this connection was not attested as an admin's when it was opened; connect again"
             )));
         }
-        let event = Event { method: Some(method), caller: Some(&id), reason: Some("not an admin"), ..Event::new("deny") };
+        let event =
+            Event { method: Some(method), caller: Some(&id), reason: Some("not an admin"), ..Event::new("deny") };
         b.audit.record(&event)?;
         Err(super::ApiError::PermissionDenied(format!(
             "{method} needs an admin caller (a host process with uid 0 or an [admin] uid/gid); the broker sees {}",
@@ -248,8 +254,6 @@ mod tests {
     fn the_arithmetic_holds() {
         assert_eq!(CONNECTION_BYTES, 224 << 10);
         assert_eq!(MAX_CONNECTIONS, 219);
-        assert!(MAX_CONNECTIONS * CONNECTION_BYTES <= 48 << 20);
-        assert!(CONNECTION_WINDOW >= STREAM_WINDOW && MAX_REQUEST <= STREAM_WINDOW as usize);
     }
 
     #[test]

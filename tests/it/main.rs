@@ -14,7 +14,7 @@ mod limits;
 mod mounts;
 mod operate;
 mod secrets;
+mod strangers;
 mod takeover;
 mod tamper;
 mod vault;
-mod strangers;

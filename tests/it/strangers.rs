@@ -172,7 +172,16 @@ struct H2Flood {
 
 impl H2Flood {
     #[allow(clippy::too_many_arguments)]
-    fn start(uid: u32, socket: &Path, conns: usize, streams: usize, size: usize, method: &str, secs: f64, noread: bool) -> Self {
+    fn start(
+        uid: u32,
+        socket: &Path,
+        conns: usize,
+        streams: usize,
+        size: usize,
+        method: &str,
+        secs: f64,
+        noread: bool,
+    ) -> Self {
         let mut child = Command::new("python3")
             .args([
                 "-c",
@@ -482,8 +491,9 @@ fn silent_and_idle_connections_are_closed_long_streams_stay() {
     assert!(follow.try_wait().unwrap().is_none(), "audit --follow was cut off while idle");
     b.put("after/idle", b"x");
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let seen = std::iter::from_fn(|| rx.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now())).ok())
-        .any(|l| l.contains("after/idle"));
+    let seen =
+        std::iter::from_fn(|| rx.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now())).ok())
+            .any(|l| l.contains("after/idle"));
     let _ = follow.kill();
     let _ = follow.wait();
     assert!(seen, "the follower missed a line");
