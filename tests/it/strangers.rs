@@ -518,3 +518,43 @@ fn admins_by_group_reach_the_admin_socket_others_do_not() {
     let o = cli_as(&b.socket(), &["secret", "ls"], None, Some(NOBODY));
     assert_fails(&o, 4, "permission denied opening");
 }
+
+/// Count the copies of a value in a process's writable memory (heap,
+/// anonymous mappings, stacks), read through `/proc/<pid>/mem` as root.
+const SCAN: &str = r#"
+import sys
+pid, needle = int(sys.argv[1]), sys.argv[2].encode()
+hits = 0
+with open(f"/proc/{pid}/maps") as m, open(f"/proc/{pid}/mem", "rb", 0) as mem:
+    for line in m:
+        parts = line.split()
+        name = parts[5] if len(parts) > 5 else ""
+        if "r" not in parts[1] or name.startswith("/") or name in ("[vvar]", "[vsyscall]", "[vdso]"):
+            continue
+        a, b = (int(x, 16) for x in parts[0].split("-"))
+        try:
+            mem.seek(a)
+            hits += mem.read(b - a).count(needle)
+        except OSError:
+            pass
+print(hits)
+"#;
+
+#[test]
+fn a_value_put_and_got_over_grpc_lingers_nowhere_in_the_brokers_memory() {
+    if !require_root() {
+        return;
+    }
+    let b = Broker::start();
+    let value = format!("lingering-value-{}-8f3a", std::process::id());
+    b.put("lin/v", value.as_bytes());
+    for _ in 0..3 {
+        assert_eq!(b.get("lin/v"), value.as_bytes());
+    }
+    // The calls' connections are closed; every buffer that held the value
+    // (the request, the answer, h2's and tonic's buffers) is freed.
+    std::thread::sleep(Duration::from_millis(500));
+    let o = Command::new("python3").args(["-c", SCAN, &b.pid().to_string(), &value]).output().unwrap();
+    let hits = String::from_utf8_lossy(&o.stdout).trim().to_owned();
+    assert_eq!(hits, "0", "copies of the value left in the broker's memory ({})", stderr(&o));
+}
