@@ -141,7 +141,7 @@ pub struct PeerStream {
     inner: UnixStream,
     info: ConnInfo,
     /// Counts this connection against the limits while it is open.
-    _admitted: Admitted,
+    admitted: Admitted,
     /// Counts a stranger's connection against the strangers' budget.
     _stranger: Option<StrangerSlot>,
     accepted: Instant,
@@ -278,7 +278,7 @@ impl PeerStream {
         Ok(Some(Self {
             inner,
             info: ConnInfo { peer, identity: None, activity: Activity::new() },
-            _admitted: admitted,
+            admitted,
             _stranger: None,
             accepted: now,
             read: 0,
@@ -445,7 +445,7 @@ async fn classify(mut s: PeerStream, (gate, attestor, admins, strangers): Route)
         let _ = admins.send(Ok(s)).await;
         return;
     }
-    let key = s._admitted.key.clone();
+    let key = s.admitted.key.clone();
     if let Some(slot) = gate.stranger(&s.info.peer, &key) {
         s._stranger = Some(slot);
         let _ = strangers.send(Ok(s)).await;
