@@ -99,22 +99,36 @@ const ADMIN_METHODS: [&str; 18] = [
     "unknown",
 ];
 
-/// The layer every gRPC server of the unix sockets runs; with `strangers`,
-/// it refuses everything but the Workload service.
+/// The layer every gRPC server runs: it counts calls and, on the
+/// strangers' server, refuses everything but the Workload service; on
+/// the remote admin listener, admin calls from certificate subjects not
+/// listed in `[admin] subjects`.
 #[derive(Clone)]
 pub struct Calls {
-    strangers: Option<Arc<Broker>>,
+    mode: Mode,
+}
+
+#[derive(Clone)]
+enum Mode {
+    Admins,
+    Strangers(Arc<Broker>),
+    Remote(Arc<Broker>),
 }
 
 impl Calls {
     /// For the admins' server: counts calls.
     pub fn admins() -> Self {
-        Calls { strangers: None }
+        Calls { mode: Mode::Admins }
     }
 
     /// For the strangers' server: counts calls and refuses admin ones.
     pub fn strangers(broker: Arc<Broker>) -> Self {
-        Calls { strangers: Some(broker) }
+        Calls { mode: Mode::Strangers(broker) }
+    }
+
+    /// For the remote admin listener (mutual TLS).
+    pub fn remote(broker: Arc<Broker>) -> Self {
+        Calls { mode: Mode::Remote(broker) }
     }
 }
 
@@ -122,14 +136,14 @@ impl<S> tower_layer::Layer<S> for Calls {
     type Service = CallsService<S>;
 
     fn layer(&self, inner: S) -> CallsService<S> {
-        CallsService { inner, strangers: self.strangers.clone() }
+        CallsService { inner, mode: self.mode.clone() }
     }
 }
 
 #[derive(Clone)]
 pub struct CallsService<S> {
     inner: S,
-    strangers: Option<Arc<Broker>>,
+    mode: Mode,
 }
 
 impl<S, B, R> tonic::codegen::Service<http::Request<B>> for CallsService<S>
@@ -150,8 +164,8 @@ where
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         let info = req.extensions().get::<ConnInfo>().cloned();
         let guard = info.as_ref().map(|i| i.activity.begin());
-        if let Some(broker) = &self.strangers {
-            if !req.uri().path().starts_with(OPEN_TO_ALL) {
+        match &self.mode {
+            Mode::Strangers(broker) if !req.uri().path().starts_with(OPEN_TO_ALL) => {
                 let method = admin_method(req.uri().path());
                 let broker = broker.clone();
                 // The body is never polled: it is dropped with `req`.
@@ -162,6 +176,14 @@ where
                     Ok(status.into_http())
                 });
             }
+            Mode::Remote(broker) => {
+                if let Some((shown, from, method)) = unlisted_subject(broker, &req) {
+                    let broker = broker.clone();
+                    drop(req);
+                    return Box::pin(async move { Ok(refuse_remote(&broker, shown, from, method).await.into_http()) });
+                }
+            }
+            _ => {}
         }
         let call = self.inner.call(req);
         Box::pin(async move {
@@ -237,6 +259,56 @@ async fn refuse(broker: &Arc<Broker>, info: Option<ConnInfo>, method: &'static s
         Err(super::ApiError::PermissionDenied(format!(
             "{method} needs an admin caller (a host process with uid 0 or an [admin] uid/gid); the broker sees {}",
             describe(&id)
+        )))
+    })
+    .await;
+    match outcome {
+        Ok(()) => Status::new(Code::Internal, "refusal without a reason"),
+        Err(e) => e.into(),
+    }
+}
+
+/// A remote admin call (any but Ping, open to every client the TLS
+/// handshake let in) from a certificate whose subject is not listed: its
+/// subject, address and method. `AdminService` checks again.
+fn unlisted_subject<B>(broker: &Broker, req: &http::Request<B>) -> Option<(String, String, &'static str)> {
+    use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+    let method = admin_method(req.uri().path());
+    if method == "Ping" {
+        return None;
+    }
+    let tls = req.extensions().get::<TlsConnectInfo<TcpConnectInfo>>();
+    let from =
+        tls.and_then(|t| t.get_ref().remote_addr()).map_or_else(|| "an unknown address".into(), |a| a.to_string());
+    let certs = tls.and_then(|t| t.peer_certs());
+    let subject = certs
+        .as_ref()
+        .and_then(|c| c.first())
+        .ok_or_else(|| "no client certificate".to_owned())
+        .and_then(|c| super::remote::subject_of(c));
+    match subject {
+        Ok(s) if broker.config.admin.allows_subject(&s) => None,
+        Ok(s) => Some((super::remote::show(&s), from, method)),
+        Err(e) => Some((e, from, method)),
+    }
+}
+
+/// As `AdminService` refuses a remote client whose subject is not
+/// listed (same status, message and audit line), on the headers.
+async fn refuse_remote(broker: &Arc<Broker>, shown: String, from: String, method: &'static str) -> Status {
+    let b = broker.clone();
+    let outcome = super::blocking_bounded(move || {
+        let id = Identity { remote: Some(format!("{shown} from {from}")), ..Identity::default() };
+        b.allow_call(&id, method)?;
+        let reason = "client certificate subject is not in [admin] subjects";
+        b.audit.record(&Event {
+            method: Some(method),
+            caller: Some(&id),
+            reason: Some(reason),
+            ..Event::new("deny")
+        })?;
+        Err(super::ApiError::PermissionDenied(format!(
+            "{method} needs an admin: the subject {shown} is not listed in the broker's [admin] subjects"
         )))
     })
     .await;

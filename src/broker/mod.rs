@@ -535,7 +535,10 @@ fn spawn_remote_admin(
         .tls_config(tls)
         .context("[admin] TLS settings")?
         .max_concurrent_streams(Some(64))
+        .http2_keepalive_interval(Some(KEEPALIVE))
+        .http2_keepalive_timeout(Some(KEEPALIVE))
         .layer(crate::api::CountCalls)
+        .layer(crate::api::strangers::Calls::remote(broker.clone()))
         .add_service(admin)
         .serve_with_incoming_shutdown(incoming, async move {
             let _ = stop.wait_for(|s| *s).await;
