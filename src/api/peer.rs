@@ -164,15 +164,22 @@ pub struct Gate {
     idle_timeout: Duration,
     open: Mutex<(usize, HashMap<String, usize>)>,
     budget: Arc<Budget>,
+    /// Places of the budget this socket leaves to the admin socket.
+    leave: usize,
     audit: Arc<AuditLog>,
     refusals: Refusals,
     classifying: Arc<Semaphore>,
 }
 
 impl Gate {
+    /// The gate of socket `name`; any but the admin socket leaves the last
+    /// places of the budget to it.
     pub fn new(name: impl Into<String>, limits: &Limits, budget: Arc<Budget>, audit: Arc<AuditLog>) -> Arc<Gate> {
+        let name = name.into();
+        let leave = if name == "admin.sock" { 0 } else { ADMIN_CONNECTIONS.min(budget.max / 2) };
         Arc::new(Gate {
-            name: name.into(),
+            leave,
+            name,
             max: limits.max_connections,
             max_per_caller: limits.max_connections_per_caller,
             idle_timeout: limits.idle_timeout,
@@ -196,7 +203,7 @@ impl Gate {
                 Some(format!("max_connections ({}) reached on {}", self.max, self.name))
             } else if mine >= self.max_per_caller {
                 Some(format!("max_connections_per_caller ({}) reached on {}", self.max_per_caller, self.name))
-            } else if budget.0 >= self.budget.max {
+            } else if budget.0 + self.leave >= self.budget.max {
                 Some(format!(
                     "the broker's connection budget ({}, from its file limit of {}) reached",
                     self.budget.max, self.budget.soft_nofile
