@@ -58,6 +58,8 @@ pub const FDS_PER_CONNECTION: u64 = 2;
 /// runtime), on top of two per FUSE mount (`[limits] max_mounts`); at most
 /// half the soft limit.
 const RESERVED_FDS: u64 = 256;
+/// How much of a caller's cgroup path its connection key keeps.
+const KEY_CGROUP_BYTES: usize = 200;
 /// Connections kept for admins: strangers never take the last of them.
 const ADMIN_CONNECTIONS: usize = 32;
 
@@ -193,7 +195,13 @@ impl Gate {
 
     fn admit(self: &Arc<Self>, peer: &Peer) -> Option<Admitted> {
         let cgroup = std::fs::read_to_string(format!("/proc/{}/cgroup", peer.pid)).unwrap_or_default();
-        let key = format!("uid {} {}", peer.uid, cgroup.lines().next().unwrap_or("?"));
+        // A delegated cgroup's path is the caller's to choose: only its
+        // start is kept (the uid comes first, so callers of different uids
+        // never share a key).
+        let line = cgroup.lines().next().unwrap_or("?");
+        let cut = (0..=line.len().min(KEY_CGROUP_BYTES)).rev().find(|&i| line.is_char_boundary(i)).unwrap_or(0);
+        let line = &line[..cut];
+        let key = format!("uid {} {line}", peer.uid);
         let refused = {
             let mut open = self.open.lock().expect("gate lock");
             let mut budget = self.budget.open.lock().expect("budget lock");

@@ -8,35 +8,39 @@
 //!
 //! # The memory budget
 //!
-//! A stranger's connection is served with [`STREAMS`] concurrent streams,
-//! windows of [`STREAM_WINDOW`] bytes per stream, frames of at most
-//! [`MAX_FRAME`] bytes (the protocol's minimum), header lists of at most
+//! A stranger's connection is served with [`STREAMS`] concurrent stream,
+//! a window of [`STREAM_WINDOW`] bytes, frames of at most [`MAX_FRAME`]
+//! bytes (the protocol's minimum), header lists of at most
 //! [`MAX_HEADER_LIST`] bytes, requests of at most [`MAX_REQUEST`] and
 //! answers of at most [`MAX_RESPONSE`] bytes. What one connection can hold
 //! at most, whatever its peer sends or fails to read:
 //!
-//! | what | bytes |
+//! | what | KiB |
 //! |---|---|
-//! | h2 read buffer: one frame being read, grown by doubling: 2 × (16 KiB + 9) | 33 KiB |
-//! | h2 write buffer (h2's fixed capacity; answers are chained, counted below) | 16 KiB |
-//! | HPACK tables, both ways, at the default 4 KiB | 8 KiB |
-//! | connection state, task, reset-stream queues (h2 keeps ≤ 70 entries) | 23 KiB |
-//! | **per stream** (× 2): decoded headers 2 × 8 KiB | 16 KiB |
-//! | unread request data (the stream window) + tonic's decode buffer (8 KiB, a 4 KiB message and one window more) | 16 KiB |
-//! | the answer: tonic's encode buffer and the frame h2 holds until the peer reads it, 2 × 16 KiB | 32 KiB |
-//! | the call's futures, its attested identity | 8 KiB |
+//! | h2 read buffer: one frame being read, grown by doubling: 2 × (16 KiB + 9 B) | 33 |
+//! | a header block being read: HEADERS and at most 5 CONTINUATION frames (h2's cap), 6 × 16 KiB | 96 |
+//! | h2 write buffer (h2's fixed capacity; answers are chained, counted below) | 16 |
+//! | HPACK tables, both ways, at the default 4 KiB | 8 |
+//! | connection state, task, reset-stream queues (h2 keeps ≤ 70 entries) | 23 |
+//! | **per stream**: decoded headers, 2 × 8 KiB | 16 |
+//! | unread request data (the 4 KiB window) and tonic's decode buffer (8 KiB, for a 4 KiB message and one window more) | 16 |
+//! | the answer: tonic's encode buffer and the frame h2 holds until the peer reads it, 2 × 16 KiB | 32 |
+//! | the call's futures, its attested identity | 8 |
 //!
-//! That is 80 KiB + 2 × 72 KiB = 224 KiB ([`CONNECTION_BYTES`]); a stream
-//! that ends or is reset gives its bytes back, and h2 refuses streams past
-//! [`STREAMS`]. The answer of a stream stays counted while its peer does
-//! not read it, so unread answers are bounded by the same product; a peer
-//! that reads nothing for `[limits] idle_timeout` is cut off. Strangers'
-//! connections, over all sockets, are capped at [`MAX_CONNECTIONS`] =
-//! 48 MiB / 224 KiB = 219: at most 48 MiB. Their blocking work
-//! (attestation, audit lines) runs at most [`BLOCKING`] at a time, a few
-//! MiB more. Everything a stranger can make the broker hold stays under
-//! 64 MiB, whatever the number of strangers: more connections are refused
-//! (audited, a line a second per caller), more streams reset by h2.
+//! That is 176 KiB + 1 × 72 KiB = 248 KiB ([`CONNECTION_BYTES`]). Data on
+//! a stream that ends or is reset is dropped as it arrives, and h2 refuses
+//! streams past [`STREAMS`]. An answer stays counted while its peer does
+//! not read it; a stranger's connection ends after `[limits]
+//! idle_timeout` (plus a grace), whatever it does, and any connection
+//! whose peer takes nothing of what we send for that long is cut off.
+//! Strangers' connections, over all sockets, are capped at
+//! [`MAX_CONNECTIONS`] = 56 MiB / 248 KiB = 231: at most 56 MiB. The rest
+//! of the 64 MiB: strangers' blocking jobs (attestation, audit lines; at
+//! most [`BLOCKING`] at once, plus 8 classifications per socket: 32 ×
+//! (64 KiB of stack and 32 KiB of `/proc` reads) = 3 MiB), and connections
+//! not yet classified (at most 2 × `[limits] max_connections`, 2 KiB each:
+//! 4 MiB at the default 1024). More connections are refused (audited, a
+//! line a second per caller), more streams reset by h2.
 #![forbid(unsafe_code)]
 
 use std::sync::Arc;
@@ -52,7 +56,7 @@ use crate::broker::Broker;
 use crate::identity::Identity;
 
 /// Concurrent streams on a stranger's connection (WhoAmI is one unary call).
-pub const STREAMS: u32 = 2;
+pub const STREAMS: u32 = 1;
 /// A stranger's stream window; the connection's is at most the sum.
 pub const STREAM_WINDOW: u32 = 4 << 10;
 pub const CONNECTION_WINDOW: u32 = STREAMS * STREAM_WINDOW;
@@ -63,11 +67,15 @@ pub const MAX_HEADER_LIST: u32 = 8 << 10;
 pub const MAX_REQUEST: usize = 4 << 10;
 pub const MAX_RESPONSE: usize = 16 << 10;
 /// What one stranger's connection can hold at most (see the module doc).
-pub const CONNECTION_BYTES: usize = (80 << 10) + STREAMS as usize * (72 << 10);
-/// Strangers' connections over all sockets: 48 MiB of the 64 MiB budget.
-pub const MAX_CONNECTIONS: usize = (48 << 20) / CONNECTION_BYTES;
+pub const CONNECTION_BYTES: usize = (176 << 10) + STREAMS as usize * (72 << 10);
+/// What strangers' connections may hold, of the 64 MiB budget.
+pub const CONNECTIONS_MEMORY: usize = 56 << 20;
+/// Strangers' connections over all sockets.
+pub const MAX_CONNECTIONS: usize = CONNECTIONS_MEMORY / CONNECTION_BYTES;
 // The arithmetic, checked by the compiler.
-const _: () = assert!(MAX_CONNECTIONS * CONNECTION_BYTES <= 48 << 20);
+const _: () = assert!(MAX_CONNECTIONS * CONNECTION_BYTES <= CONNECTIONS_MEMORY);
+// Blocking jobs and unclassified connections (see the module doc) fit in the rest.
+const _: () = assert!(CONNECTIONS_MEMORY + (3 << 20) + (4 << 20) <= 64 << 20);
 const _: () = assert!(CONNECTION_WINDOW >= STREAM_WINDOW && MAX_REQUEST <= STREAM_WINDOW as usize);
 
 /// Blocking jobs strangers' calls may run at once.
@@ -324,8 +332,8 @@ mod tests {
 
     #[test]
     fn the_arithmetic_holds() {
-        assert_eq!(CONNECTION_BYTES, 224 << 10);
-        assert_eq!(MAX_CONNECTIONS, 219);
+        assert_eq!(CONNECTION_BYTES, 248 << 10);
+        assert_eq!(MAX_CONNECTIONS, 231);
     }
 
     #[test]
