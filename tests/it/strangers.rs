@@ -19,13 +19,16 @@ const NOBODY: u32 = 65534;
 /// allows), each sending a gRPC message of `size` bytes to `method` and
 /// never its last byte, respecting flow control so that the server
 /// accepts all it is willing to. A stream the server ends or resets is
-/// replaced (up to 4 times as many in all). With `noread`, the client
+/// replaced (up to 4 times as many in all). In `noread` mode, the client
 /// advertises a receive window of 0: the server can never send it a
-/// response body. Runs for `secs`, prints a JSON summary, then holds its
+/// response body; in `headers` mode, each connection sends the largest
+/// header block h2 buffers (HEADERS and 5 CONTINUATION frames) and never
+/// ends it. Runs for `secs`, prints a JSON summary, then holds its
 /// connections until stdin closes.
 const H2FLOOD: &str = r#"
 import json, os, select, socket, sys, time
-path, conns, streams, size, method, secs, noread = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5].encode(), float(sys.argv[6]), sys.argv[7] == "noread"
+path, conns, streams, size, method, secs, mode = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5].encode(), float(sys.argv[6]), sys.argv[7]
+noread = mode == "noread"
 
 def frame(kind, flags, sid, payload=b""):
     return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + sid.to_bytes(4, "big") + payload
@@ -52,6 +55,16 @@ class Conn:
             self.out += frame(8, 0, 0, ((1 << 31) - 1 - 65535).to_bytes(4, "big"))
 
     def open_streams(self):
+        if mode == "headers":
+            # One header block the server must buffer, never finished:
+            # HEADERS and CONTINUATION frames of the largest size, no END_HEADERS.
+            if self.ready and self.opened == 0:
+                self.opened = 1
+                stats["opened"] += 1
+                junk = b"\x00" * self.max_frame
+                self.out += frame(1, 0, 1, junk) + b"".join(frame(9, 0, 1, junk) for _ in range(5))
+                stats["sent"] += 6 * self.max_frame
+            return
         while self.ready and not self.dead and len(self.streams) < min(streams, self.max_streams) and self.opened < 4 * streams:
             sid = self.sid
             self.sid += 2
@@ -180,7 +193,7 @@ impl H2Flood {
         size: usize,
         method: &str,
         secs: f64,
-        noread: bool,
+        mode: &str,
     ) -> Self {
         let mut child = Command::new("python3")
             .args([
@@ -192,7 +205,7 @@ impl H2Flood {
                 &size.to_string(),
                 method,
                 &secs.to_string(),
-                if noread { "noread" } else { "read" },
+                mode,
             ])
             .uid(uid)
             .gid(uid)
@@ -257,7 +270,7 @@ fn a_stream_flood_by_strangers_stays_within_the_memory_budget() {
     // the Admin service on the world-writable workload socket.
     let ws = b.workload_socket();
     let put = "/keyhole.v1.Admin/PutSecret";
-    let floods = vec![H2Flood::start(NOBODY, &ws, 4, 64, 1 << 20, put, 6.0, false)];
+    let floods = vec![H2Flood::start(NOBODY, &ws, 4, 64, 1 << 20, put, 6.0, "read")];
     eprintln!("admin-path flood: {}", floods[0].stats);
     let after_admin = kib(pid, "VmHWM:");
     // Refused on the headers: of each stream's body the broker took no
@@ -274,13 +287,15 @@ fn a_stream_flood_by_strangers_stays_within_the_memory_budget() {
 
     // Any other flood, all at once: more strangers' connections than the
     // broker serves, with big WhoAmI bodies, with WhoAmI calls whose
-    // answers are never read, and with admin calls.
+    // answers are never read, with admin calls, and with header blocks
+    // that never end.
     let who = "/keyhole.v1.Workload/WhoAmI";
     let floods: Vec<H2Flood> = std::thread::scope(|s| {
         let started = [
-            s.spawn(|| H2Flood::start(3001, &ws, 90, 64, 1 << 20, who, 5.0, false)),
-            s.spawn(|| H2Flood::start(3002, &ws, 90, 64, 5, who, 5.0, true)),
-            s.spawn(|| H2Flood::start(3003, &ws, 90, 64, 1 << 20, put, 5.0, false)),
+            s.spawn(|| H2Flood::start(3001, &ws, 70, 64, 1 << 20, who, 5.0, "read")),
+            s.spawn(|| H2Flood::start(3002, &ws, 70, 64, 5, who, 5.0, "noread")),
+            s.spawn(|| H2Flood::start(3003, &ws, 70, 64, 1 << 20, put, 5.0, "read")),
+            s.spawn(|| H2Flood::start(3004, &ws, 70, 1, 0, who, 5.0, "headers")),
         ];
         started.into_iter().map(|t| t.join().unwrap()).collect()
     });
@@ -468,7 +483,7 @@ fn silent_and_idle_connections_are_closed_long_streams_stay() {
     assert!((1.5..6.0).contains(&idle), "an admin's: closed after {idle} s, not the 2 s idle timeout");
     // A stranger that answers PINGs but never opens a window for its
     // answers is cut off all the same.
-    let stuck = H2Flood::start(NOBODY, &ws, 4, 2, 5, "/keyhole.v1.Workload/WhoAmI", 8.0, true);
+    let stuck = H2Flood::start(NOBODY, &ws, 4, 2, 5, "/keyhole.v1.Workload/WhoAmI", 8.0, "noread");
     assert_eq!(stuck.stats["alive"], 0, "{}", stuck.stats);
     // An admin following the audit log holds one long call: it stays.
     let mut follow = Command::new(BIN)
