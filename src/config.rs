@@ -57,6 +57,11 @@ pub struct RawLimits {
     pub calls_per_second: Option<u32>,
     /// Live FUSE mounts; a volume mount past it is refused. Default 4096.
     pub max_mounts: Option<usize>,
+    /// gRPC calls a second per admin caller; default 5000.
+    pub admin_calls_per_second: Option<u32>,
+    /// A connection with no call under way this long is closed; default
+    /// `"60s"`.
+    pub idle_timeout: Option<String>,
 }
 
 /// `[limits]`, validated.
@@ -66,6 +71,8 @@ pub struct Limits {
     pub max_connections_per_caller: usize,
     pub calls_per_second: u32,
     pub max_mounts: usize,
+    pub admin_calls_per_second: u32,
+    pub idle_timeout: std::time::Duration,
 }
 
 impl Limits {
@@ -75,6 +82,8 @@ impl Limits {
             max_connections_per_caller: raw.max_connections_per_caller.unwrap_or(128),
             calls_per_second: raw.calls_per_second.unwrap_or(100),
             max_mounts: raw.max_mounts.unwrap_or(4096),
+            admin_calls_per_second: raw.admin_calls_per_second.unwrap_or(5000),
+            idle_timeout: duration("[limits] idle_timeout", raw.idle_timeout, "60s")?,
         };
         let bad = |k: &str, v: String| ConfigError::Invalid(format!("[limits] {k} = {v}: it must be at least 1"));
         if l.max_connections == 0 {
@@ -88,6 +97,12 @@ impl Limits {
         }
         if l.max_mounts == 0 {
             return Err(bad("max_mounts", "0".into()));
+        }
+        if l.admin_calls_per_second == 0 {
+            return Err(bad("admin_calls_per_second", "0".into()));
+        }
+        if l.idle_timeout < std::time::Duration::from_secs(1) {
+            return Err(ConfigError::Invalid("[limits] idle_timeout: it must be at least 1s".into()));
         }
         Ok(l)
     }
@@ -349,6 +364,9 @@ pub struct RawAdmin {
     /// admins, e.g. `"CN=ops-laptop,O=Example"`.
     #[serde(default)]
     pub subjects: Vec<String>,
+    /// The group (gid) `admin.sock` belongs to, mode 0660; default the
+    /// first of `gids`; with neither, the socket is 0600.
+    pub socket_group: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -366,6 +384,8 @@ pub struct RawStore {
 pub struct AdminPolicy {
     pub uids: Vec<u32>,
     pub gids: Vec<u32>,
+    /// The group `admin.sock` belongs to (mode 0660), if any.
+    pub socket_group: Option<u32>,
     /// Remote admins, by client certificate subject.
     pub subjects: Vec<Subject>,
 }
@@ -496,7 +516,8 @@ impl Config {
         if remote_admin.is_some() && subjects.is_empty() {
             return Err(ConfigError::Invalid("[admin] listen is set but no subjects: nobody could use it".into()));
         }
-        let admin = AdminPolicy { uids: a.uids, gids: a.gids, subjects };
+        let socket_group = a.socket_group.or_else(|| a.gids.first().copied());
+        let admin = AdminPolicy { uids: a.uids, gids: a.gids, socket_group, subjects };
         let min_keep = duration("[audit] min_keep", raw.audit.min_keep, "7d")?;
         let audit_rotation =
             match (raw.audit.max_bytes.unwrap_or(DEFAULT_AUDIT_MAX_BYTES), raw.audit.keep.unwrap_or(10)) {

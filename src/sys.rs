@@ -226,3 +226,94 @@ pub fn open_in_root(root: &std::path::Path, rel: &str) -> io::Result<std::fs::Fi
     // SAFETY: the kernel just returned this fd to us and nobody else owns it.
     Ok(unsafe { std::fs::File::from_raw_fd(fd as RawFd) })
 }
+
+/// This process's `RLIMIT_NOFILE`: (soft, hard).
+pub fn nofile() -> io::Result<(u64, u64)> {
+    let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: `r` is a valid rlimit that outlives the call; the kernel
+    // only writes it.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((r.rlim_cur, r.rlim_max))
+}
+
+/// Raise the soft `RLIMIT_NOFILE` to the hard one (systemd and most shells
+/// start services at a soft 1024). Returns the limits now in force.
+pub fn raise_nofile() -> io::Result<(u64, u64)> {
+    let (soft, hard) = nofile()?;
+    if soft < hard {
+        let r = libc::rlimit { rlim_cur: hard, rlim_max: hard };
+        // SAFETY: `r` is a valid rlimit that outlives the call; the kernel
+        // only reads it. Raising the soft limit up to the hard one needs
+        // no privilege.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &r) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    nofile()
+}
+
+/// The system allocator, with every block zeroed as it is freed (and the
+/// old block of a `realloc` zeroed once copied). Whatever a buffer held —
+/// a value in an h2 frame, a protobuf message, a reply — is gone from
+/// the heap once the buffer is dropped, wherever in our dependencies it
+/// was. The broker's binary installs it as its global allocator.
+pub struct ZeroOnFree;
+
+// SAFETY: every method forwards to `System` with the caller's own layout;
+// the only addition is zeroing `layout.size()` bytes of a block the caller
+// owns and gives up, before `System` takes it back.
+unsafe impl std::alloc::GlobalAlloc for ZeroOnFree {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        // SAFETY: forwarded with the caller's layout (non-zero size).
+        unsafe { std::alloc::System.alloc(layout) }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
+        // SAFETY: as above.
+        unsafe { std::alloc::System.alloc_zeroed(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        // SAFETY: the caller owns `layout.size()` bytes at `ptr` (the
+        // GlobalAlloc contract) and gives them up here. The volatile
+        // writes are not elided although the block is freed right after.
+        unsafe {
+            zero_volatile(ptr, layout.size());
+            std::alloc::System.dealloc(ptr, layout)
+        }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
+        // Never let `System.realloc` move a block: it would free the old
+        // one unzeroed. Shrinking zeroes the tail it gives up and stays in
+        // place only through a fresh block, too.
+        // SAFETY: `new_size` is non-zero and, rounded to `layout.align()`,
+        // does not overflow (the realloc contract), so the new layout is
+        // valid; the copy is within both blocks; the old block is ours to
+        // free.
+        unsafe {
+            let new_layout = std::alloc::Layout::from_size_align_unchecked(new_size, layout.align());
+            let new = std::alloc::System.alloc(new_layout);
+            if !new.is_null() {
+                std::ptr::copy_nonoverlapping(ptr, new, layout.size().min(new_size));
+                self.dealloc(ptr, layout);
+            }
+            new
+        }
+    }
+}
+
+/// Zero `len` bytes at `ptr` so the compiler cannot drop the writes.
+///
+/// # Safety
+/// `ptr..ptr+len` must be writable memory owned by the caller.
+unsafe fn zero_volatile(ptr: *mut u8, len: usize) {
+    // SAFETY: the caller owns the range. `black_box` makes the compiler
+    // assume the zeroed memory is read afterwards, so the writes survive
+    // dead-store elimination before `free` (a volatile write per byte
+    // would be needlessly slow).
+    unsafe { std::ptr::write_bytes(ptr, 0, len) };
+    std::hint::black_box(ptr);
+}

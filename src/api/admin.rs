@@ -94,12 +94,15 @@ impl AdminService {
         match attested {
             Ok(id) if id.admin => Ok(id),
             Ok(id) => {
-                audit.record(&Event {
-                    method: Some(method),
-                    caller: Some(&id),
-                    reason: Some("not an admin"),
-                    ..Event::new("deny")
-                })?;
+                audit.deny(
+                    &crate::limits::deny_key(&id),
+                    &Event {
+                        method: Some(method),
+                        caller: Some(&id),
+                        reason: Some("not an admin"),
+                        ..Event::new("deny")
+                    },
+                )?;
                 Err(ApiError::PermissionDenied(format!(
                     "{method} needs an admin caller (a host process with uid 0 or an [admin] uid/gid); the broker sees {}",
                     describe(&id)
@@ -108,12 +111,10 @@ impl AdminService {
             Err(e) => {
                 let who = Identity { uid: peer.uid, gid: peer.gid, pid: peer.pid, ..Identity::default() };
                 let reason = e.to_string();
-                audit.record(&Event {
-                    method: Some(method),
-                    caller: Some(&who),
-                    reason: Some(&reason),
-                    ..Event::new("deny")
-                })?;
+                audit.deny(
+                    &crate::limits::deny_key(&who),
+                    &Event { method: Some(method), caller: Some(&who), reason: Some(&reason), ..Event::new("deny") },
+                )?;
                 Err(e.into())
             }
         }
@@ -138,12 +139,15 @@ impl AdminService {
         if admin {
             return Ok(id);
         }
-        self.0.audit.record(&Event {
-            method: Some(method),
-            caller: Some(&id),
-            reason: Some("client certificate subject is not in [admin] subjects"),
-            ..Event::new("deny")
-        })?;
+        self.0.audit.deny(
+            &crate::limits::deny_key(&id),
+            &Event {
+                method: Some(method),
+                caller: Some(&id),
+                reason: Some("client certificate subject is not in [admin] subjects"),
+                ..Event::new("deny")
+            },
+        )?;
         Err(ApiError::PermissionDenied(format!(
             "{method} needs an admin: the subject {shown} is not listed in the broker's [admin] subjects"
         )))

@@ -3,12 +3,16 @@
 //!
 //! Every call is attributed: the connection's [`Peer`] (from the kernel)
 //! is attested into an [`Identity`] per call. Admin calls from anyone but
-//! an admin are refused with PERMISSION_DENIED and audited.
+//! an admin are refused with PERMISSION_DENIED and audited: on the
+//! headers, before any body is read, for a connection whose peer was not
+//! an admin when it connected ([`strangers`]), and by the Admin service
+//! itself otherwise.
 
 pub mod admin;
 pub mod peer;
 mod redact;
 pub mod remote;
+pub mod strangers;
 pub mod workload;
 
 #[allow(clippy::all, missing_docs)]
@@ -81,12 +85,26 @@ impl From<ApiError> for Status {
 
 /// The kernel-reported peer of the connection a request came on.
 fn peer_of<T>(req: &Request<T>) -> Result<Peer, ApiError> {
-    req.extensions().get::<Peer>().cloned().ok_or_else(|| ApiError::Internal("request without peer credentials".into()))
+    req.extensions()
+        .get::<peer::ConnInfo>()
+        .map(|c| c.peer.clone())
+        .ok_or_else(|| ApiError::Internal("request without peer credentials".into()))
 }
 
 /// Run blocking work (the store, the audit file) off the async workers.
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, ApiError> + Send + 'static) -> Result<T, ApiError> {
     tokio::task::spawn_blocking(f).await.map_err(|e| ApiError::Internal(format!("worker failed: {e}")))?
+}
+
+/// Blocking work that any caller, admin or not, can start (attestation,
+/// an audit line): at most [`strangers::BLOCKING`] at once, so a flood of
+/// calls cannot take every blocking thread or the memory they would use.
+async fn blocking_bounded<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    static SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(strangers::BLOCKING);
+    let _slot = SLOTS.acquire().await.map_err(|e| ApiError::Internal(format!("blocking slots: {e}")))?;
+    blocking(f).await
 }
 
 pub(crate) fn describe(id: &Identity) -> String {

@@ -1,73 +1,224 @@
-//! Unix-socket connections that carry their peer's kernel identity.
+//! Unix-socket connections that carry their peer's kernel identity, and
+//! the limits every connection is held to until it closes.
 //!
 //! At accept time we take `SO_PEERCRED` (uid, gid, pid as of connect) and
 //! a pidfd for that process (`SO_PEERPIDFD`, or `pidfd_open` on older
-//! kernels), and attach them to every request on the connection.
+//! kernels), and attach them to every request on the connection. The
+//! peer is then attested once, off the accept loop: an admin's connection
+//! goes to the server with the Admin service and normal HTTP/2 limits;
+//! everyone else's (a *stranger's*) to a server with small windows, few
+//! streams and only the Workload service (see [`crate::api::strangers`]).
+//!
+//! Every connection counts against its socket's limits and against the
+//! broker's [`Budget`] (file descriptors and, for strangers, memory). A
+//! connection that sends no HTTP/2 preface within [`PREFACE_TIMEOUT`],
+//! that has had no call under way for `[limits] idle_timeout`, or whose
+//! peer has not taken a byte of what we send for as long, is closed.
+//!
+//! The pidfd stays open for the connection's life: every call re-attests
+//! its peer with it (a connection left behind by a process that exited is
+//! refused, and WhoAmI answers for the process that is there now).
 #![forbid(unsafe_code)]
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 
 use crate::audit::AuditLog;
 use crate::config::Limits;
-use crate::identity::{Identity, Peer};
+use crate::identity::{Attestor, Identity, Peer};
 use crate::limits::Refusals;
+
+/// How long a new connection has to send the HTTP/2 client preface.
+pub const PREFACE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The client preface: `PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`.
+const PREFACE_LEN: usize = 24;
+/// How long classifying a new connection (attesting its peer) may take;
+/// past it the peer is a stranger.
+const CLASSIFY_TIMEOUT: Duration = Duration::from_secs(3);
+/// Peers attested at once per socket, so a flood of connections cannot
+/// take every blocking thread.
+const CLASSIFYING: usize = 8;
+/// File descriptors a connection holds: its socket and its peer's pidfd.
+pub const FDS_PER_CONNECTION: u64 = 2;
+/// File descriptors kept for everything but connections (the store, the
+/// audit files, Docker and Vault clients, FUSE callers' pidfds, the
+/// runtime), on top of two per FUSE mount (`[limits] max_mounts`); at most
+/// half the soft limit.
+const RESERVED_FDS: u64 = 256;
+/// How much of a caller's cgroup path its connection key keeps.
+const KEY_CGROUP_BYTES: usize = 200;
+/// Connections kept for admins: strangers never take the last of them.
+const ADMIN_CONNECTIONS: usize = 32;
+
+/// What tonic attaches to every request of a connection.
+#[derive(Clone, Debug)]
+pub struct ConnInfo {
+    pub peer: Peer,
+    /// The peer as attested when the connection was accepted (None: it
+    /// could not be).
+    pub identity: Option<Arc<Identity>>,
+    pub activity: Arc<Activity>,
+}
+
+/// Calls under way on a connection, and since when it has had none.
+#[derive(Debug)]
+pub struct Activity {
+    calls: AtomicUsize,
+    idle_since: Mutex<Instant>,
+}
+
+impl Activity {
+    fn new() -> Arc<Self> {
+        Arc::new(Activity { calls: AtomicUsize::new(0), idle_since: Mutex::new(Instant::now()) })
+    }
+
+    /// One call begins; it ends when the guard drops (with the response
+    /// body, for a streamed answer such as `audit --follow`).
+    pub fn begin(self: &Arc<Self>) -> CallGuard {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        CallGuard(self.clone())
+    }
+
+    /// When the connection became idle, if it is.
+    fn idle_since(&self) -> Option<Instant> {
+        if self.calls.load(Ordering::SeqCst) > 0 {
+            return None;
+        }
+        Some(*self.idle_since.lock().expect("activity lock"))
+    }
+}
+
+/// A call under way (see [`Activity::begin`]).
+#[derive(Debug)]
+pub struct CallGuard(Arc<Activity>);
+
+impl Drop for CallGuard {
+    fn drop(&mut self) {
+        let mut since = self.0.idle_since.lock().expect("activity lock");
+        if self.0.calls.fetch_sub(1, Ordering::SeqCst) == 1 {
+            *since = Instant::now();
+        }
+    }
+}
+
+/// The broker's connection budget, over all its sockets: connections in
+/// all (from the file descriptors left once [`RESERVED_FDS`] are kept),
+/// and strangers' connections (from the memory budget, see
+/// [`crate::api::strangers::CONNECTION_BYTES`]).
+#[derive(Debug)]
+pub struct Budget {
+    pub max: usize,
+    pub strangers_max: usize,
+    pub reserved_fds: u64,
+    pub soft_nofile: u64,
+    open: Mutex<(usize, usize)>,
+}
+
+impl Budget {
+    /// The budget under a soft `RLIMIT_NOFILE` of `soft`.
+    pub fn new(soft: u64, limits: &Limits) -> Arc<Budget> {
+        let reserved_fds = (RESERVED_FDS + 2 * limits.max_mounts as u64).min(soft / 2);
+        let by_fds = (soft.saturating_sub(reserved_fds) / FDS_PER_CONNECTION) as usize;
+        let max = by_fds.max(1);
+        let by_memory = crate::api::strangers::MAX_CONNECTIONS;
+        let strangers_max = by_memory.min(max.saturating_sub(ADMIN_CONNECTIONS.min(max / 2))).max(1);
+        Arc::new(Budget { max, strangers_max, reserved_fds, soft_nofile: soft, open: Mutex::default() })
+    }
+}
 
 pub struct PeerStream {
     inner: UnixStream,
-    peer: Peer,
+    info: ConnInfo,
     /// Counts this connection against the limits while it is open.
-    _admitted: Admitted,
+    admitted: Admitted,
+    /// Counts a stranger's connection against the strangers' budget.
+    _stranger: Option<StrangerSlot>,
+    accepted: Instant,
+    /// Bytes read so far, up to the preface's length.
+    read: usize,
+    /// Since when a write has been waiting for the peer to read.
+    write_blocked: Option<Instant>,
+    idle_timeout: Duration,
+    timer: Pin<Box<tokio::time::Sleep>>,
 }
 
 /// The connection limits of one socket: in all, and per caller (uid and
-/// cgroup, read at accept). A connection over either is closed at once,
-/// and audited (at most a line a second per caller).
+/// cgroup, read at accept), within the broker's [`Budget`]. A connection
+/// over any is closed at once, and audited (at most a line a second per
+/// caller).
 pub struct Gate {
     name: String,
     max: usize,
     max_per_caller: usize,
+    idle_timeout: Duration,
     open: Mutex<(usize, HashMap<String, usize>)>,
+    budget: Arc<Budget>,
+    /// Places of the budget this socket leaves to the admin socket.
+    leave: usize,
     audit: Arc<AuditLog>,
     refusals: Refusals,
+    classifying: Arc<Semaphore>,
 }
 
 impl Gate {
-    pub fn new(name: impl Into<String>, limits: &Limits, audit: Arc<AuditLog>) -> Arc<Gate> {
+    /// The gate of socket `name`; any but the admin socket leaves the last
+    /// places of the budget to it.
+    pub fn new(name: impl Into<String>, limits: &Limits, budget: Arc<Budget>, audit: Arc<AuditLog>) -> Arc<Gate> {
+        let name = name.into();
+        let leave = if name == "admin.sock" { 0 } else { ADMIN_CONNECTIONS.min(budget.max / 2) };
         Arc::new(Gate {
-            name: name.into(),
+            leave,
+            name,
             max: limits.max_connections,
             max_per_caller: limits.max_connections_per_caller,
+            idle_timeout: limits.idle_timeout,
             open: Mutex::default(),
+            budget,
             audit,
             refusals: Refusals::default(),
+            classifying: Arc::new(Semaphore::new(CLASSIFYING)),
         })
     }
 
     fn admit(self: &Arc<Self>, peer: &Peer) -> Option<Admitted> {
         let cgroup = std::fs::read_to_string(format!("/proc/{}/cgroup", peer.pid)).unwrap_or_default();
-        let key = format!("uid {} {}", peer.uid, cgroup.lines().next().unwrap_or("?"));
+        // A delegated cgroup's path is the caller's to choose: only its
+        // start is kept (the uid comes first, so callers of different uids
+        // never share a key).
+        let line = cgroup.lines().next().unwrap_or("?");
+        let cut = (0..=line.len().min(KEY_CGROUP_BYTES)).rev().find(|&i| line.is_char_boundary(i)).unwrap_or(0);
+        let line = &line[..cut];
+        let key = format!("uid {} {line}", peer.uid);
         let refused = {
             let mut open = self.open.lock().expect("gate lock");
+            let mut budget = self.budget.open.lock().expect("budget lock");
             let (total, per) = &mut *open;
             let mine = per.get(&key).copied().unwrap_or(0);
             if *total >= self.max {
                 Some(format!("max_connections ({}) reached on {}", self.max, self.name))
             } else if mine >= self.max_per_caller {
                 Some(format!("max_connections_per_caller ({}) reached on {}", self.max_per_caller, self.name))
+            } else if budget.0 + self.leave >= self.budget.max {
+                Some(format!(
+                    "the broker's connection budget ({}, from its file limit of {}) reached",
+                    self.budget.max, self.budget.soft_nofile
+                ))
             } else {
                 *total += 1;
+                budget.0 += 1;
                 per.insert(key.clone(), mine + 1);
                 None
             }
@@ -75,11 +226,29 @@ impl Gate {
         match refused {
             None => Some(Admitted { gate: self.clone(), key }),
             Some(limit) => {
-                let who = Identity { uid: peer.uid, gid: peer.gid, pid: peer.pid, ..Identity::default() };
-                self.refusals.refused(&self.audit, &key, &limit, Some(&who));
+                self.refuse(&key, &limit, peer);
                 None
             }
         }
+    }
+
+    /// A place among the strangers' connections, if one is free.
+    fn stranger(self: &Arc<Self>, peer: &Peer, key: &str) -> Option<StrangerSlot> {
+        {
+            let mut budget = self.budget.open.lock().expect("budget lock");
+            if budget.1 < self.budget.strangers_max {
+                budget.1 += 1;
+                return Some(StrangerSlot(self.budget.clone()));
+            }
+        }
+        let limit = format!("the broker's budget of {} non-admin connections reached", self.budget.strangers_max);
+        self.refuse(key, &limit, peer);
+        None
+    }
+
+    fn refuse(&self, key: &str, limit: &str, peer: &Peer) {
+        let who = Identity { uid: peer.uid, gid: peer.gid, pid: peer.pid, ..Identity::default() };
+        self.refusals.refused(&self.audit, key, limit, Some(&who));
     }
 }
 
@@ -99,6 +268,15 @@ impl Drop for Admitted {
                 per.remove(&self.key);
             }
         }
+        self.gate.budget.open.lock().expect("budget lock").0 -= 1;
+    }
+}
+
+struct StrangerSlot(Arc<Budget>);
+
+impl Drop for StrangerSlot {
+    fn drop(&mut self) {
+        self.0.open.lock().expect("budget lock").1 -= 1;
     }
 }
 
@@ -110,31 +288,117 @@ impl PeerStream {
         let pidfd =
             crate::sys::peer_pidfd(inner.as_raw_fd()).or_else(|_| crate::sys::pidfd_open(pid)).ok().map(Arc::new);
         let peer = Peer { uid: cred.uid(), gid: cred.gid(), pid, pidfd };
-        Ok(gate.admit(&peer).map(|admitted| Self { inner, peer, _admitted: admitted }))
+        let Some(admitted) = gate.admit(&peer) else { return Ok(None) };
+        let now = Instant::now();
+        Ok(Some(Self {
+            inner,
+            info: ConnInfo { peer, identity: None, activity: Activity::new() },
+            admitted,
+            _stranger: None,
+            accepted: now,
+            read: 0,
+            write_blocked: None,
+            idle_timeout: gate.idle_timeout,
+            timer: Box::pin(tokio::time::sleep(PREFACE_TIMEOUT)),
+        }))
+    }
+
+    /// Why this connection must close now, or when to look again.
+    fn deadline(&self, now: Instant) -> Result<Instant, &'static str> {
+        let due = |at: Instant, why| if now >= at { Err(why) } else { Ok(at) };
+        if self.read < PREFACE_LEN {
+            return due(self.accepted + PREFACE_TIMEOUT, "no HTTP/2 preface");
+        }
+        let mut next = now + self.idle_timeout;
+        if let Some(since) = self.write_blocked {
+            next = next.min(due(since + self.idle_timeout, "the peer does not read what it asked for")?);
+        }
+        if let Some(since) = self.info.activity.idle_since() {
+            next = next.min(due(since + self.idle_timeout, "idle")?);
+        }
+        Ok(next)
+    }
+
+    /// Called whenever the connection waits on its peer: close it past a
+    /// deadline, else be woken at the next one.
+    fn poll_deadline(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        loop {
+            match self.deadline(Instant::now()) {
+                Err(why) => {
+                    tracing::debug!(uid = self.info.peer.uid, pid = self.info.peer.pid, why, "closing a connection");
+                    return Poll::Ready(io::Error::new(io::ErrorKind::TimedOut, why));
+                }
+                Ok(at) => {
+                    let at = tokio::time::Instant::from_std(at);
+                    if self.timer.deadline() != at {
+                        self.timer.as_mut().reset(at);
+                    }
+                    if self.timer.as_mut().poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                }
+            }
+        }
     }
 }
 
 impl Connected for PeerStream {
-    type ConnectInfo = Peer;
+    type ConnectInfo = ConnInfo;
 
-    fn connect_info(&self) -> Peer {
-        self.peer.clone()
+    fn connect_info(&self) -> ConnInfo {
+        self.info.clone()
     }
 }
 
 impl AsyncRead for PeerStream {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        let this = &mut *self;
+        let before = buf.filled().len();
+        if let Poll::Ready(r) = Pin::new(&mut this.inner).poll_read(cx, buf) {
+            this.read = this.read.saturating_add(buf.filled().len() - before).min(PREFACE_LEN);
+            return Poll::Ready(r);
+        }
+        this.poll_deadline(cx).map(Err)
+    }
+}
+
+impl PeerStream {
+    fn wrote<T>(&mut self, r: Poll<io::Result<T>>, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
+        match r {
+            Poll::Ready(r) => {
+                self.write_blocked = None;
+                Poll::Ready(r)
+            }
+            Poll::Pending => {
+                self.write_blocked.get_or_insert_with(Instant::now);
+                self.poll_deadline(cx).map(Err)
+            }
+        }
     }
 }
 
 impl AsyncWrite for PeerStream {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.wrote(r, cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.wrote(r, cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        let r = Pin::new(&mut self.inner).poll_flush(cx);
+        self.wrote(r, cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -142,25 +406,27 @@ impl AsyncWrite for PeerStream {
     }
 }
 
-/// Accept connections for tonic. Accept errors (such as running out of
-/// file descriptors) are logged and retried after a pause; they never end
-/// the server.
-pub fn incoming(listener: UnixListener, gate: Arc<Gate>) -> ReceiverStream<io::Result<PeerStream>> {
-    let (tx, rx) = mpsc::channel(16);
+type Incoming = ReceiverStream<io::Result<PeerStream>>;
+
+/// Accept connections for tonic: admins' on the first stream, strangers'
+/// on the second. Accept errors (such as running out of file descriptors)
+/// are logged and retried after a pause; they never end the server.
+pub fn incoming(listener: UnixListener, gate: Arc<Gate>, attestor: Arc<Attestor>) -> (Incoming, Incoming) {
+    let (admins, admins_rx) = mpsc::channel(16);
+    let (strangers, strangers_rx) = mpsc::channel(16);
     tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
                 r = listener.accept() => r,
-                () = tx.closed() => return,
+                () = async { tokio::join!(admins.closed(), strangers.closed()); } => return,
             };
             let stream = accepted.and_then(|(s, _)| PeerStream::new(s, &gate));
             match stream {
                 // Over a limit: closed as it drops.
                 Ok(None) => {}
                 Ok(Some(s)) => {
-                    if tx.send(Ok(s)).await.is_err() {
-                        return;
-                    }
+                    let route = (gate.clone(), attestor.clone(), admins.clone(), strangers.clone());
+                    tokio::spawn(classify(s, route));
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
@@ -169,5 +435,78 @@ pub fn incoming(listener: UnixListener, gate: Arc<Gate>) -> ReceiverStream<io::R
             }
         }
     });
-    ReceiverStream::new(rx)
+    (ReceiverStream::new(admins_rx), ReceiverStream::new(strangers_rx))
+}
+
+type Route = (Arc<Gate>, Arc<Attestor>, mpsc::Sender<io::Result<PeerStream>>, mpsc::Sender<io::Result<PeerStream>>);
+
+/// Attest a new connection's peer and hand the connection to the server
+/// for its kind.
+async fn classify(mut s: PeerStream, (gate, attestor, admins, strangers): Route) {
+    let identity = match gate.classifying.clone().acquire_owned().await {
+        Ok(permit) => {
+            let peer = s.info.peer.clone();
+            let attest = tokio::task::spawn_blocking(move || {
+                let _permit = permit;
+                attestor.attest(&peer).ok()
+            });
+            tokio::time::timeout(CLASSIFY_TIMEOUT, attest).await.ok().and_then(Result::ok).flatten()
+        }
+        Err(_) => None,
+    };
+    let admin = identity.as_ref().is_some_and(|id| id.admin);
+    s.info.identity = identity.map(Arc::new);
+    if admin {
+        let _ = admins.send(Ok(s)).await;
+        return;
+    }
+    let key = s.admitted.key.clone();
+    if let Some(slot) = gate.stranger(&s.info.peer, &key) {
+        s._stranger = Some(slot);
+        let _ = strangers.send(Ok(s)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(max_mounts: usize) -> Limits {
+        let mut l = crate::config::Config::from_raw(Default::default(), Default::default()).unwrap().limits;
+        l.max_mounts = max_mounts;
+        l
+    }
+
+    #[test]
+    fn the_budget_keeps_fds_in_reserve_and_strangers_within_memory() {
+        // systemd's soft 1024, hard also 1024: half kept, 256 connections.
+        let b = Budget::new(1024, &limits(4096));
+        assert_eq!((b.reserved_fds, b.max), (512, 256));
+        assert_eq!(b.strangers_max, crate::api::strangers::MAX_CONNECTIONS.min(256 - 32));
+        // Raised to a hard 20,000: 256 + 2 × 4096 kept.
+        let b = Budget::new(20_000, &limits(4096));
+        assert_eq!(b.reserved_fds, 256 + 8192);
+        assert_eq!(b.max, (20_000 - 8448) / 2);
+        assert_eq!(b.strangers_max, crate::api::strangers::MAX_CONNECTIONS);
+        // Whatever the limit, connections and the reserve fit in it.
+        for soft in [16, 64, 1024, 4096, 65_536] {
+            let b = Budget::new(soft, &limits(100));
+            assert!(b.max as u64 * FDS_PER_CONNECTION + b.reserved_fds <= soft.max(2 + b.reserved_fds), "{soft}");
+            assert!(b.strangers_max <= b.max);
+        }
+    }
+
+    #[test]
+    fn a_guard_counts_a_call_until_it_drops() {
+        let a = Activity::new();
+        assert!(a.idle_since().is_some());
+        let g = a.begin();
+        let h = a.begin();
+        assert!(a.idle_since().is_none());
+        drop(g);
+        assert!(a.idle_since().is_none());
+        let before = Instant::now();
+        drop(h);
+        assert!(a.idle_since().unwrap() >= before);
+    }
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::pb::{WhoAmIRequest, WhoAmIResponse, workload_server};
-use super::{blocking, peer_of};
+use super::{blocking_bounded, peer_of};
 use crate::audit::Event;
 use crate::broker::Broker;
 use crate::identity::Identity;
@@ -18,7 +18,7 @@ impl workload_server::Workload for WorkloadService {
     async fn who_am_i(&self, req: Request<WhoAmIRequest>) -> Result<Response<WhoAmIResponse>, Status> {
         let peer = peer_of(&req)?;
         let b = self.0.clone();
-        let (id, workloads) = blocking(move || {
+        let (id, workloads) = blocking_bounded(move || {
             let id = b.attestor.attest(&peer).inspect_err(|e| {
                 // Someone spoke on a connection whose process is gone, or
                 // cannot be read: a refusal worth a line.

@@ -61,6 +61,8 @@ pub struct Broker {
     pub stopping: watch::Sender<bool>,
     /// gRPC calls per caller (`[limits] calls_per_second`).
     pub calls: crate::limits::PerCaller,
+    /// gRPC calls per admin caller (`[limits] admin_calls_per_second`).
+    pub admin_calls: crate::limits::PerCaller,
     pub refusals: crate::limits::Refusals,
 }
 
@@ -174,23 +176,28 @@ fn read_key(config: &Config) -> anyhow::Result<KeyMaterial> {
 }
 
 impl Broker {
-    /// Count one gRPC call of `id` against `[limits] calls_per_second`;
-    /// over it, the call is refused (and audited, at most a line a second
-    /// per caller).
+    /// Count one gRPC call of `id` against `[limits] calls_per_second`,
+    /// or `admin_calls_per_second` for an admin; over it, the call is
+    /// refused (and audited, at most a line a second per caller).
     pub fn allow_call(&self, id: &crate::identity::Identity, method: &str) -> Result<(), crate::api::ApiError> {
         let key = match (&id.remote, &id.container_id) {
             (Some(r), _) => format!("remote {}", r.split(" from ").next().unwrap_or(r)),
             (None, Some(c)) => format!("container {c}"),
             (None, None) => format!("uid {}", id.uid),
         };
-        if self.calls.allow(&key) {
+        let limits = &self.config.limits;
+        let (calls, rate, name) = if id.admin {
+            (&self.admin_calls, limits.admin_calls_per_second, "admin_calls_per_second")
+        } else {
+            (&self.calls, limits.calls_per_second, "calls_per_second")
+        };
+        if calls.allow(&key) {
             return Ok(());
         }
-        let limit = format!("calls_per_second ({}) for {key}", self.config.limits.calls_per_second);
+        let limit = format!("{name} ({rate}) for {key}");
         self.refusals.refused(&self.audit, &key, &limit, Some(id));
         Err(crate::api::ApiError::ResourceExhausted(format!(
-            "{method}: too many calls from this caller (limit {} a second); try again shortly",
-            self.config.limits.calls_per_second
+            "{method}: too many calls from this caller (limit {rate} a second); try again shortly"
         )))
     }
 
@@ -252,6 +259,7 @@ impl Broker {
             Arc::new(FsShared { attestor: attestor.clone(), audit: audit.clone(), audit_reads: config.audit_reads });
         let mounts = MountTable::new(run_dir, shared)?;
         let config_calls = config.limits.calls_per_second;
+        let config_admin_calls = config.limits.admin_calls_per_second;
         let broker = Broker {
             config,
             store,
@@ -264,6 +272,7 @@ impl Broker {
             started: Instant::now(),
             stopping: watch::Sender::new(false),
             calls: crate::limits::PerCaller::new(config_calls),
+            admin_calls: crate::limits::PerCaller::new(config_admin_calls),
             refusals: crate::limits::Refusals::default(),
         };
         if let Some(a) = adopt {
@@ -350,7 +359,20 @@ async fn bind_listeners(broker: &Broker) -> anyhow::Result<takeover::Listeners> 
             }
         }
     }
-    let admin = bind(&broker.config.admin_socket(), 0o600).await?.into_std()?;
+    let admin_path = broker.config.admin_socket();
+    let admin = match broker.config.admin.socket_group {
+        // Admins by group reach the admin socket; everyone else is still
+        // refused by the kernel.
+        Some(gid) => {
+            let l = bind(&admin_path, 0o600).await?;
+            std::os::unix::fs::chown(&admin_path, None, Some(gid))
+                .with_context(|| format!("cannot give {} to group {gid}", admin_path.display()))?;
+            fs::set_permissions(&admin_path, fs::Permissions::from_mode(0o660))?;
+            l
+        }
+        None => bind(&admin_path, 0o600).await?,
+    }
+    .into_std()?;
     let workload = bind(&broker.config.workload_socket(), 0o666).await?.into_std()?;
     Ok(takeover::Listeners { admin, workload, plugin })
 }
@@ -363,32 +385,94 @@ fn serving_copy(l: &std::os::unix::net::UnixListener) -> std::io::Result<UnixLis
     UnixListener::from_std(copy)
 }
 
+/// HTTP/2 keepalive: a PING after this long without a frame from the
+/// peer, and the connection closed if it is not answered as long again.
+/// Long streams (`audit --follow`) stay up; dead peers do not.
+const KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(20);
+/// How long a stranger's call may take, its request body included.
+const STRANGER_CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Start what serves callers: gRPC on both sockets, the volume plugin,
 /// and the backend pollers. They all stop when `broker.stopping` flips.
+///
+/// Each socket has two gRPC servers: one for connections whose peer was
+/// attested as an admin when it connected (the Admin and Workload
+/// services, normal limits), one for everyone else's (the Workload
+/// service only, small HTTP/2 windows and few streams, admin calls
+/// refused on the headers; see [`crate::api::strangers`]).
 fn spawn_services(
     broker: &Arc<Broker>,
     listeners: &takeover::Listeners,
 ) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+    use crate::api::strangers as s;
     broker.stopping.send_replace(false);
     let max_msg = broker.config.max_value_bytes as usize + 64 * 1024;
     let mut tasks = Vec::new();
+    let soft = crate::sys::nofile().map_or(1024, |(soft, _)| soft);
+    let budget = peer::Budget::new(soft, &broker.config.limits);
+    let idle = broker.config.limits.idle_timeout;
+    tracing::info!(
+        nofile = soft,
+        reserved_fds = budget.reserved_fds,
+        fds_per_connection = peer::FDS_PER_CONNECTION,
+        max_connections = budget.max,
+        max_non_admin_connections = budget.strangers_max,
+        non_admin_bytes_per_connection = s::CONNECTION_BYTES,
+        "connection budget"
+    );
     for (l, name) in [(&listeners.admin, "admin.sock"), (&listeners.workload, "workload.sock")] {
-        let gate = peer::Gate::new(name, &broker.config.limits, broker.audit.clone());
-        let mut stop = broker.stopping.subscribe();
+        let gate = peer::Gate::new(name, &broker.config.limits, budget.clone(), broker.audit.clone());
+        let (admins, strangers) = peer::incoming(serving_copy(l)?, gate, broker.attestor.clone());
         let admin = AdminServer::new(AdminService(broker.clone()))
             .max_decoding_message_size(max_msg)
             .max_encoding_message_size(max_msg);
         let workload = WorkloadServer::new(WorkloadService(broker.clone())).max_decoding_message_size(4096);
-        let server = Server::builder()
+        let mut stop = broker.stopping.subscribe();
+        let for_admins = Server::builder()
             .max_concurrent_streams(Some(64))
+            .http2_keepalive_interval(Some(KEEPALIVE))
+            .http2_keepalive_timeout(Some(KEEPALIVE))
             .layer(crate::api::CountCalls)
+            .layer(s::Calls::admins())
             .add_service(admin)
             .add_service(workload)
-            .serve_with_incoming_shutdown(peer::incoming(serving_copy(l)?, gate), async move {
+            .serve_with_incoming_shutdown(admins, async move {
+                let _ = stop.wait_for(|s| *s).await;
+            });
+        let workload = WorkloadServer::new(WorkloadService(broker.clone()))
+            .max_decoding_message_size(s::MAX_REQUEST)
+            .max_encoding_message_size(s::MAX_RESPONSE);
+        let mut stop = broker.stopping.subscribe();
+        let for_strangers = Server::builder()
+            .max_concurrent_streams(Some(s::STREAMS))
+            .initial_stream_window_size(Some(s::STREAM_WINDOW))
+            .initial_connection_window_size(Some(s::CONNECTION_WINDOW))
+            .max_frame_size(Some(s::MAX_FRAME))
+            .http2_max_header_list_size(Some(s::MAX_HEADER_LIST))
+            .http2_max_pending_accept_reset_streams(Some(8))
+            .http2_max_local_error_reset_streams(Some(64))
+            .http2_keepalive_interval(Some(KEEPALIVE))
+            .http2_keepalive_timeout(Some(KEEPALIVE))
+            .timeout(STRANGER_CALL_TIMEOUT)
+            // A stranger whose answers wait on a window it never opens (or
+            // who answers PINGs and nothing else) is not served for ever:
+            // every stranger's connection ends after the idle timeout,
+            // with a grace for calls under way.
+            .max_connection_age(idle)
+            .max_connection_age_grace(STRANGER_CALL_TIMEOUT.min(idle))
+            .layer(crate::api::CountCalls)
+            .layer(s::Calls::strangers(broker.clone()))
+            .add_service(workload)
+            .serve_with_incoming_shutdown(strangers, async move {
                 let _ = stop.wait_for(|s| *s).await;
             });
         tasks.push(tokio::spawn(async move {
-            if let Err(e) = server.await {
+            if let Err(e) = for_admins.await {
+                tracing::warn!(error = %e, "gRPC server ended with an error");
+            }
+        }));
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = for_strangers.await {
                 tracing::warn!(error = %e, "gRPC server ended with an error");
             }
         }));
@@ -451,7 +535,10 @@ fn spawn_remote_admin(
         .tls_config(tls)
         .context("[admin] TLS settings")?
         .max_concurrent_streams(Some(64))
+        .http2_keepalive_interval(Some(KEEPALIVE))
+        .http2_keepalive_timeout(Some(KEEPALIVE))
         .layer(crate::api::CountCalls)
+        .layer(crate::api::strangers::Calls::remote(broker.clone()))
         .add_service(admin)
         .serve_with_incoming_shutdown(incoming, async move {
             let _ = stop.wait_for(|s| *s).await;
@@ -559,6 +646,12 @@ pub async fn serve(config: Config, takeover: bool) -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     crate::sys::umask(0o077);
     crate::sys::harden_process().context("cannot disable core dumps")?;
+    // Connections, FUSE mounts and attestation all take file descriptors:
+    // the soft limit (often 1024) is raised to the hard one.
+    match crate::sys::raise_nofile() {
+        Ok((soft, hard)) => tracing::info!(soft, hard, "file descriptor limit (RLIMIT_NOFILE)"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the file descriptor limit"),
+    }
     // For SIGHUP: the path we were started from, before any upgrade.
     let exe = std::env::current_exe().context("cannot find our own executable")?;
     let takeover_path = config.run_dir.join("takeover.sock");

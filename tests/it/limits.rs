@@ -10,7 +10,8 @@ use crate::support::*;
 const NOBODY: u32 = 65534;
 
 /// Open up to `n` connections to `socket` as `uid` (garbage on the first
-/// `garbage`), wait, and report how many the broker kept open.
+/// `garbage`, the HTTP/2 preface on the others), wait, and report how
+/// many the broker kept open.
 const FLOOD: &str = r#"
 import resource, socket, sys, time
 path, n, garbage = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
@@ -23,6 +24,12 @@ for i in range(n):
     s.connect(path)
     if i < garbage:
         s.send(b"\x00\xffnot http/2\r\n" * 64)
+    else:
+        # An idle HTTP/2 client: without the preface it is closed in 5 s.
+        try:
+            s.send(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        except OSError:
+            pass  # refused: already closed
     socks.append(s)
 time.sleep(1.5)
 def is_open(s):

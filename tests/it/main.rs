@@ -15,6 +15,7 @@ mod limits;
 mod mounts;
 mod operate;
 mod secrets;
+mod strangers;
 mod takeover;
 mod tamper;
 mod vault;
