@@ -301,6 +301,9 @@ impl WorkloadFs {
         if self.owner.learned.get().is_some() {
             return;
         }
+        // TEMPORARY (identity): wait here, bounded, for Docker to describe
+        // the caller's container; the FUSE worker pool parks instead.
+        self.shared.attestor.wait_pending(ctx.pid);
         let Ok(id) = self.shared.attestor.attest_task(ctx.pid, ctx.uid, ctx.gid) else { return };
         // Docker describes the container only once its start is under way
         // (runc touches the mount before that): until then, ask again.
@@ -347,6 +350,9 @@ impl WorkloadFs {
             ..Event::new(name)
         };
         let audit = |e: &Event<'_>| self.shared.audit.record(e).map_err(|_| errno(libc::EIO));
+        // TEMPORARY (identity): wait here, bounded, for Docker to describe
+        // the caller's container; the FUSE worker pool parks instead.
+        self.shared.attestor.wait_pending(ctx.pid);
         match self.shared.attestor.attest_task(ctx.pid, ctx.uid, ctx.gid) {
             Err(e) => {
                 let reason = e.to_string();

@@ -7,6 +7,15 @@
 //! decides what those facts may do. Attestation re-checks the pidfd after
 //! reading `/proc`, so a process that exited and had its pid reused is
 //! never attested as the newcomer.
+//!
+//! A container is never taken from a name. The cgroup file only *claims*
+//! one ([`cgroup::Claim`]); a claim under a delegated subtree is ignored;
+//! otherwise the caller is container C only if Docker confirmed C as
+//! running and the caller shares the pid and mount namespaces of C's
+//! init (`State.Pid`, pinned — see [`docker::Confirmed`]). A claim Docker
+//! has not answered yet is refused ([`IdentityError::Unconfirmed`]):
+//! attestation never blocks on Docker; [`Attestor::pending`] says what to
+//! wait for first.
 #![forbid(unsafe_code)]
 
 pub mod cgroup;
@@ -15,7 +24,7 @@ pub mod docker;
 use std::collections::HashMap;
 use std::fmt;
 use std::os::fd::OwnedFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -34,6 +43,31 @@ pub enum IdentityError {
     Proc { pid: i32, source: std::io::Error },
     #[error("cannot attest pid {pid}: {source}")]
     Cgroup { pid: i32, source: cgroup::CgroupError },
+    #[error("pid {pid} claims container {container:.12}, which Docker has not confirmed (yet)")]
+    Unconfirmed { pid: i32, container: String },
+    #[error("pid {pid} claims container {container:.12} but is not in its pid and mount namespaces")]
+    NotInContainer { pid: i32, container: String },
+}
+
+/// At most one log line a second; counts the ones it holds back.
+#[derive(Default)]
+pub(crate) struct Throttle {
+    last: std::sync::atomic::AtomicU64,
+    held: std::sync::atomic::AtomicU64,
+}
+
+impl Throttle {
+    /// `Some(lines held back since the last one)` if a line may be written now.
+    pub(crate) fn allow(&self) -> Option<u64> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
+        let last = self.last.load(Relaxed);
+        if last != now && self.last.compare_exchange(last, now, Relaxed, Relaxed).is_ok() {
+            return Some(self.held.swap(0, Relaxed));
+        }
+        self.held.fetch_add(1, Relaxed);
+        None
+    }
 }
 
 /// The process at the other end of a connection, as the kernel reported it.
@@ -109,6 +143,15 @@ pub struct Attestor {
     docker: Option<Arc<docker::DockerCache>>,
     /// FUSE callers seen lately (see [`Attestor::attest_task`]).
     tasks: Mutex<HashMap<i32, Known>>,
+    /// Where the broker sees the cgroup hierarchies (delegation checks).
+    cgroups: cgroup::CgroupMounts,
+    warn: Throttle,
+}
+
+impl fmt::Debug for Throttle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Throttle")
+    }
 }
 
 /// What a task cannot change about itself while it lives (its container,
@@ -146,21 +189,33 @@ impl Attestor {
             own_pid_ns: own("pid"),
             own_mnt_ns: own("mnt"),
             own_container,
+            cgroups: cgroup::CgroupMounts::of_self(&proc_root),
             proc_root,
             admin,
             docker,
             tasks: Mutex::new(HashMap::new()),
+            warn: Throttle::default(),
         }
     }
 
+    /// Check delegation against `mounts` instead of the broker's own
+    /// cgroup mounts (a configured cgroup root; tests).
+    pub fn with_cgroup_mounts(mut self, mounts: cgroup::CgroupMounts) -> Self {
+        self.cgroups = mounts;
+        self
+    }
+
     /// A socket peer: read `/proc`, then prove with the pidfd that the
-    /// process read about is still the peer. Blocks (Docker lookups).
+    /// process read about is still the peer. May wait (up to
+    /// [`docker::WAIT_FOR`]) for Docker to describe the peer's container:
+    /// call it from a thread that may block, never from an async task.
     pub fn attest(&self, peer: &Peer) -> Result<Identity, IdentityError> {
         if peer.pid <= 0 {
             return Err(IdentityError::NoPid);
         }
         self.check_alive(peer)?;
-        let (id, _) = self.describe(peer.pid, peer.uid, peer.gid)?;
+        self.wait_pending(peer.pid);
+        let (id, _, _) = self.describe(peer.pid, peer.uid, peer.gid)?;
         // Everything was read from /proc/<pid>; it describes the peer only
         // if the pinned process is still the one with that pid.
         self.check_alive(peer)?;
@@ -174,6 +229,10 @@ impl Attestor {
     /// A task's container and namespaces are remembered for [`KNOWN_FOR`]
     /// under a pidfd of the task: a warm open then costs a lookup and one
     /// poll instead of four `/proc` reads.
+    ///
+    /// Never blocks on the runtime: a container Docker has not answered
+    /// for yet is refused ([`IdentityError::Unconfirmed`]) and its inspect
+    /// started; wait for [`Attestor::pending`] first to avoid that.
     pub fn attest_task(&self, tid: i32, uid: u32, gid: u32) -> Result<Identity, IdentityError> {
         if tid <= 0 {
             return Err(IdentityError::NoPid);
@@ -198,9 +257,8 @@ impl Attestor {
         }
         // Pin first, read /proc, then check the pin: the facts are the task's.
         let pidfd = crate::sys::pidfd_open_task(tid).ok();
-        let (id, groups) = self.describe(tid, uid, gid)?;
+        let (id, groups, settled) = self.describe(tid, uid, gid)?;
         // A container Docker cannot describe yet is asked about again.
-        let settled = id.container_id.is_none() || id.docker.is_some() || self.docker.is_none();
         if let Some(pidfd) = pidfd.filter(|p| settled && !crate::sys::pidfd_exited(p)) {
             let mut tasks = self.tasks.lock().expect("tasks lock");
             if tasks.len() >= KNOWN_MAX {
@@ -222,29 +280,98 @@ impl Attestor {
         Ok(id)
     }
 
-    /// The identity, and the supplementary groups it was judged by.
-    fn describe(&self, pid: i32, uid: u32, gid: u32) -> Result<(Identity, Vec<u32>), IdentityError> {
+    /// Something worth waiting for before attesting `tid`: the inspect of
+    /// the container it claims (started now, or already in flight), ending
+    /// within [`docker::WAIT_FOR`]. `None` when [`Self::attest_task`] can
+    /// answer at once. Cheap and non-blocking: reads `/proc/<tid>/cgroup`
+    /// (and stats the claimed cgroup's directories), and spawns the
+    /// inspect on the Docker cache's runtime.
+    pub fn pending(&self, tid: i32) -> Option<docker::Wait> {
+        let d = self.docker.as_ref()?;
+        if tid <= 0 {
+            return None;
+        }
+        if let Some(k) = self.tasks.lock().expect("tasks lock").get(&tid) {
+            if k.at.elapsed() < KNOWN_FOR {
+                return None;
+            }
+        }
+        let file = std::fs::read_to_string(self.proc_root.join(tid.to_string()).join("cgroup")).ok()?;
+        let claim = cgroup::claim(&file).ok()??;
+        if claim.delegated(&self.cgroups, cgroup::dir_owner).is_some() {
+            return None;
+        }
+        d.pending(&claim.id)
+    }
+
+    /// Wait (bounded) for [`Self::pending`] on this thread. For callers on
+    /// threads that may block (the socket path; and, TEMPORARILY, the FUSE
+    /// request threads until the worker pool parks opens instead).
+    pub fn wait_pending(&self, tid: i32) {
+        if let (Some(d), Some(wait)) = (&self.docker, self.pending(tid)) {
+            d.runtime().block_on(wait);
+        }
+    }
+
+    /// The container a cgroup file claims, unless it was claimed under a
+    /// delegated subtree (then it is worthless, and ignored).
+    fn claim(&self, pid: i32, cgroup_file: &str) -> Result<Option<String>, IdentityError> {
+        let claim = cgroup::claim(cgroup_file).map_err(|source| IdentityError::Cgroup { pid, source })?;
+        let Some(claim) = claim else { return Ok(None) };
+        if let Some(why) = claim.delegated(&self.cgroups, cgroup::dir_owner) {
+            if let Some(held) = self.warn.allow() {
+                tracing::warn!(
+                    pid,
+                    container = %docker::short(&claim.id),
+                    reason = %why,
+                    held_back = held,
+                    "a container claimed from a delegated cgroup is ignored"
+                );
+            }
+            return Ok(None);
+        }
+        Ok(Some(claim.id))
+    }
+
+    /// The identity, the supplementary groups it was judged by, and
+    /// whether it may be remembered (false while Docker has no answer).
+    fn describe(&self, pid: i32, uid: u32, gid: u32) -> Result<(Identity, Vec<u32>, bool), IdentityError> {
         let dir = self.proc_root.join(pid.to_string());
         let proc_err = |source| IdentityError::Proc { pid, source };
         let cgroup_file = std::fs::read_to_string(dir.join("cgroup")).map_err(proc_err)?;
-        let container_id =
-            cgroup::container_id(&cgroup_file).map_err(|source| IdentityError::Cgroup { pid, source })?;
-        let same_ns = |ns: &str, own: &Option<PathBuf>| -> Result<bool, IdentityError> {
-            let theirs = std::fs::read_link(dir.join("ns").join(ns)).map_err(proc_err)?;
-            Ok(own.as_ref() == Some(&theirs))
-        };
+        let claimed = self.claim(pid, &cgroup_file)?;
+        let ns = |ns: &str| -> Result<PathBuf, IdentityError> { std::fs::read_link(dir.join("ns").join(ns)).map_err(proc_err) };
+        let (pid_ns, mnt_ns) = (ns("pid")?, ns("mnt")?);
         // "Host" is where the broker is: its pid and mount namespaces, and
         // its container (none, or the sidecar's own for `docker exec`).
-        let host = container_id == self.own_container
-            && same_ns("pid", &self.own_pid_ns)?
-            && same_ns("mnt", &self.own_mnt_ns)?;
+        let host = claimed == self.own_container
+            && self.own_pid_ns.as_ref() == Some(&pid_ns)
+            && self.own_mnt_ns.as_ref() == Some(&mnt_ns);
+        // The container only once Docker confirmed it running and the
+        // caller shares its init's namespaces; `docker:*` never matches
+        // without Docker.
+        let (container_id, docker, settled) = match (claimed, &self.docker) {
+            (None, _) | (Some(_), None) => (None, None, true),
+            (Some(c), Some(d)) => match d.cached(&c) {
+                docker::Cached::Known(k) => {
+                    if Path::new(&k.pid_ns) != pid_ns || Path::new(&k.mnt_ns) != mnt_ns {
+                        return Err(IdentityError::NotInContainer { pid, container: c });
+                    }
+                    (Some(c), Some(k.info.clone()), true)
+                }
+                docker::Cached::Absent => (None, None, false),
+                docker::Cached::Miss => {
+                    drop(d.pending(&c)); // ask now: the next attempt may know
+                    if !host {
+                        return Err(IdentityError::Unconfirmed { pid, container: c });
+                    }
+                    (None, None, false)
+                }
+            },
+        };
         let groups = if host { supplementary_groups(&dir).map_err(proc_err)? } else { Vec::new() };
         let admin = host && self.admin.allows(uid, gid, &groups);
-        let docker = match (&container_id, &self.docker) {
-            (Some(c), Some(d)) => d.lookup_blocking(c),
-            _ => None,
-        };
-        Ok((Identity { uid, gid, pid, container_id, docker, host, admin, remote: None }, groups))
+        Ok((Identity { uid, gid, pid, container_id, docker, host, admin, remote: None }, groups, settled))
     }
 
     fn check_alive(&self, peer: &Peer) -> Result<(), IdentityError> {
