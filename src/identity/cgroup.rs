@@ -216,8 +216,10 @@ impl CgroupMounts {
     /// A fixed layout, for tests and a configured cgroup root: cgroup v2
     /// at `v2`, and each v1 controller list at its directory.
     pub fn fixed(v2: Option<&Path>, v1: &[(&str, &Path)]) -> CgroupMounts {
-        let mut mounts: Vec<CgroupMount> =
-            v2.map(|at| CgroupMount { controllers: Vec::new(), root: "/".into(), at: at.to_owned() }).into_iter().collect();
+        let mut mounts: Vec<CgroupMount> = v2
+            .map(|at| CgroupMount { controllers: Vec::new(), root: "/".into(), at: at.to_owned() })
+            .into_iter()
+            .collect();
         for (c, at) in v1 {
             let controllers = c.split(',').map(str::to_owned).collect();
             mounts.push(CgroupMount { controllers, root: "/".into(), at: at.to_path_buf() });
@@ -289,5 +291,95 @@ mod tests {
             assert_eq!(container_id(&line).unwrap(), None, "{line}");
         }
         assert_eq!(container_id("garbage\n"), Err(CgroupError::Malformed(1)));
+    }
+
+    fn mountinfo(case: &str) -> CgroupMounts {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/proc").join(case).join("mountinfo");
+        CgroupMounts::parse(&std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())))
+    }
+
+    /// Directories owned by someone other than root, as a stat would say.
+    fn owners(not_root: &'static [(&'static str, u32)]) -> impl Fn(&Path) -> Option<u32> {
+        move |p| Some(not_root.iter().find(|(d, _)| Path::new(d) == p).map_or(0, |(_, u)| *u))
+    }
+
+    #[test]
+    fn the_claiming_lines_are_kept() {
+        let c = claim(&fixture("docker-v1")).unwrap().unwrap();
+        assert_eq!(c.id, ID);
+        assert_eq!(c.lines.len(), 5, "{:?}", c.lines);
+        assert_eq!(c.lines[2], ("cpu,cpuacct".to_owned(), format!("/docker/{ID}")));
+        assert!(!c.under_user_service);
+        assert_eq!(claim(&fixture("host-v1")).unwrap(), None);
+    }
+
+    #[test]
+    fn a_claim_in_a_directory_a_user_owns_is_delegated() {
+        let m = mountinfo("hybrid");
+        let c = claim(&fixture("delegated-v2")).unwrap().unwrap();
+        let owned = owners(&[("/sys/fs/cgroup/unified/khattest", 65534)]);
+        assert_eq!(
+            c.delegated(&m, owned),
+            Some(Delegated::Owner { dir: "/sys/fs/cgroup/unified/khattest".into(), uid: 65534 })
+        );
+        // The leaf alone, made by the user inside a root-owned parent.
+        let leaf = "/sys/fs/cgroup/unified/khattest/docker-3f1c0a6b2d4e5f60718293a4b5c6d7e8f90112233445566778899aabbccddeef.scope";
+        let owned_leaf = move |p: &Path| Some(if p == Path::new(leaf) { 1000 } else { 0 });
+        assert!(matches!(c.delegated(&m, owned_leaf), Some(Delegated::Owner { uid: 1000, .. })));
+        // All root's: not delegated (the namespace check decides).
+        assert_eq!(c.delegated(&m, owners(&[])), None);
+
+        let v1 = claim(&fixture("delegated-v1")).unwrap().unwrap();
+        assert_eq!(v1.lines, [("pids".to_owned(), format!("/khattest/docker/{ID}"))]);
+        let owned = owners(&[("/sys/fs/cgroup/pids/khattest/docker", 65534)]);
+        assert!(matches!(v1.delegated(&m, owned), Some(Delegated::Owner { uid: 65534, .. })));
+        // Another hierarchy's directories do not count for this claim.
+        assert_eq!(v1.delegated(&m, owners(&[("/sys/fs/cgroup/unified/khattest", 65534)])), None);
+    }
+
+    #[test]
+    fn a_claim_under_a_user_service_is_delegated_whatever_the_owners() {
+        let m = mountinfo("hybrid");
+        for case in ["podman", "podman-conmon"] {
+            let text = format!("{}1:name=systemd:/docker/{ID}\n", fixture(case));
+            let c = claim(&text).unwrap().unwrap();
+            assert!(c.under_user_service, "{case}");
+            assert_eq!(c.delegated(&m, owners(&[])), Some(Delegated::UserService), "{case}");
+        }
+        // Docker's own containers are never under one.
+        for case in ["docker-v1", "docker-v2-systemd", "docker-v2-cgroupfs", "containerd", "crio"] {
+            let c = claim(&fixture(case)).unwrap().unwrap();
+            assert_eq!(c.delegated(&m, owners(&[])), None, "{case}");
+        }
+        assert!(!is_user_service("user-1000.slice") && !is_user_service("user@.slice"));
+    }
+
+    #[test]
+    fn mountinfo_gives_each_hierarchy_its_directory() {
+        let m = mountinfo("hybrid");
+        let at = |c: &str, p: &str| m.locate(c, p).map(|(top, rel)| format!("{}{rel}", top.display()));
+        assert_eq!(at("", "/a/b").as_deref(), Some("/sys/fs/cgroup/unified/a/b"));
+        assert_eq!(at("pids", "/docker/x").as_deref(), Some("/sys/fs/cgroup/pids/docker/x"));
+        assert_eq!(at("cpu,cpuacct", "/x").as_deref(), Some("/sys/fs/cgroup/cpu,cpuacct/x"));
+        assert_eq!(at("name=systemd", "/x").as_deref(), Some("/sys/fs/cgroup/systemd/x"));
+        assert_eq!(at("blkio", "/x"), None, "not mounted here");
+        assert_eq!(at("", "/a/../../etc"), None);
+        // A container's view: only its own subtree is mounted.
+        let side = mountinfo("sidecar");
+        let mine = "/docker/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+        assert_eq!(side.locate("pids", &format!("{mine}/sub")).map(|(_, r)| r).as_deref(), Some("/sub"));
+        assert_eq!(side.locate("pids", &format!("/docker/{ID}")), None);
+        assert_eq!(side.locate("pids", &format!("{mine}x")), None);
+        assert_eq!(side.locate("memory", "/x").map(|(t, _)| t), Some(PathBuf::from("/sys/fs/cgroup/my mem")));
+        assert_eq!(CgroupMounts::parse("garbage\n\n1 2 3"), CgroupMounts::default());
+    }
+
+    #[test]
+    fn an_unseen_directory_leaves_the_decision_to_the_namespaces() {
+        let c = claim(&fixture("delegated-v2")).unwrap().unwrap();
+        assert_eq!(c.delegated(&mountinfo("hybrid"), |_| None), None);
+        assert_eq!(c.delegated(&CgroupMounts::default(), |_| Some(65534)), None);
+        let fixed = CgroupMounts::fixed(Some(Path::new("/cg")), &[("pids", Path::new("/cg1/pids"))]);
+        assert!(c.delegated(&fixed, |p| Some(if p == Path::new("/cg/khattest") { 7 } else { 0 })).is_some());
     }
 }

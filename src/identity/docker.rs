@@ -41,11 +41,11 @@ const INSPECT_TIMEOUT: Duration = Duration::from_secs(2);
 pub const WAIT_FOR: Duration = Duration::from_secs(2);
 /// How long "Docker has no such container" is believed.
 const UNKNOWN_TTL: Duration = Duration::from_secs(5);
-/// How long "it exists but has no running init" (or "it could not be
-/// checked") is believed: short, a container being started is asked
-/// about again soon, and its `start` event clears it anyway.
+/// How long "it stopped" (or "its init could not be checked") is
+/// believed: short, and a `start` event clears it. A container still
+/// being created, or an inspect that timed out, is not remembered at all.
 const NOT_RUNNING_TTL: Duration = Duration::from_millis(500);
-/// How long "Docker did not answer" is believed.
+/// How long "Docker cannot be reached" is believed.
 const UNREACHABLE_TTL: Duration = Duration::from_secs(1);
 /// Most ids remembered as not confirmable at once.
 const ABSENT_MAX: usize = 4096;
@@ -175,6 +175,25 @@ impl DockerCache {
         }))
     }
 
+    /// A cache reading `proc_root` instead of `/proc`, on a Docker socket
+    /// that does not answer (tests).
+    #[cfg(test)]
+    pub(crate) fn for_tests(proc_root: &Path, rt: tokio::runtime::Handle) -> Arc<Self> {
+        let socket = proc_root.join("docker.sock"); // not a socket: calls fail at once
+        std::fs::write(&socket, b"").expect("a dead socket");
+        let client = Docker::connect_with_unix(&socket.to_string_lossy(), 1, bollard::API_DEFAULT_VERSION)
+            .expect("a lazy client");
+        Arc::new(DockerCache {
+            client,
+            inner: Mutex::default(),
+            rt,
+            proc_root: proc_root.to_owned(),
+            starts: AtomicU64::new(0),
+            inspects: AtomicU64::new(0),
+            warn: super::Throttle::default(),
+        })
+    }
+
     /// The runtime Docker calls run on.
     pub fn runtime(&self) -> &tokio::runtime::Handle {
         &self.rt
@@ -275,6 +294,7 @@ impl DockerCache {
     async fn resolve(&self, id: &str) {
         let starts = self.starts.load(Ordering::SeqCst);
         self.inspects.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(container = %short(id), "asking Docker about a container");
         let r = tokio::time::timeout(INSPECT_TIMEOUT, self.client.inspect_container(id, None)).await;
         let c = match r {
             Ok(Ok(c)) => c,
@@ -291,10 +311,13 @@ impl DockerCache {
                 return self.absent(id, UNREACHABLE_TTL, starts);
             }
             Err(_) => {
+                // Not remembered: dockerd answers a container being started
+                // only once the start is done, and that start may itself be
+                // waiting on us (runc touching a volume mount).
                 if let Some(held) = self.warn.allow() {
                     tracing::warn!(container = %short(id), held_back = held, "docker inspect timed out");
                 }
-                return self.absent(id, UNREACHABLE_TTL, starts);
+                return;
             }
         };
         if c.id.as_deref() != Some(id) {
@@ -304,8 +327,14 @@ impl DockerCache {
         let state = c.state.unwrap_or_default();
         let pid = state.pid.and_then(|p| i32::try_from(p).ok()).unwrap_or(0);
         if state.running != Some(true) || pid <= 0 {
-            tracing::debug!(container = %short(id), "not running: cannot be confirmed yet");
-            return self.absent(id, NOT_RUNNING_TTL, starts);
+            tracing::debug!(container = %short(id), status = ?state.status, "not running: cannot be confirmed yet");
+            // One being created is about to start: ask again next time.
+            // One that stopped is not believed running for a while.
+            let created = matches!(state.status, None | Some(bollard::models::ContainerStateStatusEnum::CREATED));
+            if !created {
+                self.absent(id, NOT_RUNNING_TTL, starts);
+            }
+            return;
         }
         let config = c.config.unwrap_or_default();
         let info = ContainerInfo {
@@ -316,6 +345,7 @@ impl DockerCache {
         };
         match self.pin(id, pid, None) {
             Ok((pidfd, pid_ns, mnt_ns)) => {
+                tracing::debug!(container = %short(id), pid, "container confirmed");
                 let confirmed = Confirmed { info: Arc::new(info), pid, pidfd, pid_ns, mnt_ns };
                 self.lock().known.insert(id.to_owned(), Arc::new(confirmed));
             }
@@ -391,7 +421,12 @@ impl DockerCache {
             tracing::warn!("asking Docker about the running containers took too long; the rest are asked on first use");
         }
         let known = self.lock().known.len();
-        tracing::info!(running = total, confirmed = known, ms = started.elapsed().as_millis() as u64, "containers known");
+        tracing::info!(
+            running = total,
+            confirmed = known,
+            ms = started.elapsed().as_millis() as u64,
+            "containers known"
+        );
     }
 
     /// The confirmed containers, for a successor.
@@ -567,5 +602,142 @@ struct Inflight {
 impl Drop for Inflight {
     fn drop(&mut self) {
         self.cache.lock().inflight.remove(&self.id);
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub(crate) const ID: &str = "3f1c0a6b2d4e5f60718293a4b5c6d7e8f90112233445566778899aabbccddeef";
+
+    /// A /proc tree: `pid` in container [`ID`] with the given namespaces.
+    pub(crate) fn proc_entry(root: &Path, pid: i32, cgroup: &str, pid_ns: &str, mnt_ns: &str) {
+        let dir = root.join(pid.to_string());
+        std::fs::create_dir_all(dir.join("ns")).unwrap();
+        std::fs::write(dir.join("cgroup"), cgroup).unwrap();
+        std::fs::write(dir.join("status"), "Name:\tx\nGroups:\t10 20\n").unwrap();
+        std::os::unix::fs::symlink(pid_ns, dir.join("ns/pid")).unwrap();
+        std::os::unix::fs::symlink(mnt_ns, dir.join("ns/mnt")).unwrap();
+    }
+
+    pub(crate) fn exported(pid: i32, pid_ns: &str, mnt_ns: &str) -> Exported {
+        Exported {
+            id: ID.into(),
+            pid,
+            pid_ns: pid_ns.into(),
+            mnt_ns: mnt_ns.into(),
+            name: "web".into(),
+            image: "busybox".into(),
+            labels: BTreeMap::from([("app".into(), "web".into())]),
+            user: String::new(),
+        }
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+    }
+
+    fn me() -> i32 {
+        std::process::id() as i32
+    }
+
+    #[test]
+    fn an_imported_container_is_pinned_and_checked_again() {
+        let (rt, tmp) = (runtime(), tempfile::tempdir().unwrap());
+        // Our own pid stands in for the container's init: it can be pinned.
+        proc_entry(tmp.path(), me(), &format!("0::/docker/{ID}\n"), "pid:[1]", "mnt:[2]");
+        let d = DockerCache::for_tests(tmp.path(), rt.handle().clone());
+        // Other namespaces than recorded, a dead pid, a bad id: dropped.
+        let mut bad_id = exported(me(), "pid:[1]", "mnt:[2]");
+        bad_id.id = "docker".into();
+        let handed = vec![exported(me(), "pid:[1]", "mnt:[9]"), exported(i32::MAX, "pid:[1]", "mnt:[2]"), bad_id];
+        assert_eq!(d.import(handed), 0);
+        assert!(matches!(d.cached(ID), Cached::Miss));
+        assert_eq!(d.import(vec![exported(me(), "pid:[1]", "mnt:[2]")]), 1);
+        let Cached::Known(c) = d.cached(ID) else { panic!("not known") };
+        assert_eq!(
+            (c.pid, c.pid_ns.as_str(), c.mnt_ns.as_str(), c.info.name.as_str()),
+            (me(), "pid:[1]", "mnt:[2]", "web")
+        );
+        let out = d.export();
+        assert_eq!(out.len(), 1);
+        assert_eq!((out[0].id.as_str(), out[0].labels.get("app").map(String::as_str)), (ID, Some("web")));
+        // Its init resolving to another container is not taken.
+        let other = tempfile::tempdir().unwrap();
+        proc_entry(other.path(), me(), &format!("0::/docker/{}\n", "a".repeat(64)), "pid:[1]", "mnt:[2]");
+        let d2 = DockerCache::for_tests(other.path(), rt.handle().clone());
+        assert_eq!(d2.import(d.export()), 0);
+        // An exported list survives JSON, and an old predecessor's state
+        // (no labels, no user) still reads.
+        let json = serde_json::to_string(&out).unwrap();
+        assert_eq!(serde_json::from_str::<Vec<Exported>>(&json).unwrap().len(), 1);
+        let old = r#"[{"id":"x","pid":1,"pid_ns":"p","mnt_ns":"m","name":"n","image":"i"}]"#;
+        assert!(serde_json::from_str::<Vec<Exported>>(old).is_ok());
+    }
+
+    #[test]
+    fn a_container_whose_init_exited_is_evicted_on_sight() {
+        let (rt, tmp) = (runtime(), tempfile::tempdir().unwrap());
+        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let pid = child.id() as i32;
+        proc_entry(tmp.path(), pid, &format!("0::/docker/{ID}\n"), "pid:[1]", "mnt:[2]");
+        let d = DockerCache::for_tests(tmp.path(), rt.handle().clone());
+        assert_eq!(d.import(vec![exported(pid, "pid:[1]", "mnt:[2]")]), 1);
+        assert!(matches!(d.cached(ID), Cached::Known(_)));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(matches!(d.cached(ID), Cached::Miss));
+        assert!(d.export().is_empty());
+    }
+
+    #[test]
+    fn the_negative_cache_is_bounded_and_cleared_by_a_start() {
+        let (rt, tmp) = (runtime(), tempfile::tempdir().unwrap());
+        let d = DockerCache::for_tests(tmp.path(), rt.handle().clone());
+        for n in 0..ABSENT_MAX + 100 {
+            d.absent(&format!("{n:064x}"), UNKNOWN_TTL, 0);
+        }
+        assert_eq!(d.lock().absent.len(), ABSENT_MAX);
+        d.absent(ID, UNKNOWN_TTL, 0);
+        assert!(matches!(d.cached(ID), Cached::Absent));
+        assert!(d.pending(ID).is_none(), "a negative answer is not asked again");
+        d.on_event("start", ID);
+        assert!(matches!(d.cached(ID), Cached::Miss));
+        // An answer from before the start is not believed.
+        d.absent(ID, UNKNOWN_TTL, 0);
+        assert!(matches!(d.cached(ID), Cached::Miss));
+        // Expired answers are forgotten.
+        d.absent("b", Duration::ZERO, 1);
+        assert!(matches!(d.cached("b"), Cached::Miss));
+    }
+
+    #[test]
+    fn inspects_are_deduplicated_bounded_and_waited_for() {
+        let (rt, tmp) = (runtime(), tempfile::tempdir().unwrap());
+        let d = DockerCache::for_tests(tmp.path(), rt.handle().clone());
+        // The current-thread runtime runs nothing until blocked on.
+        let first = d.pending(ID).expect("a miss is asked about");
+        let second = d.pending(ID).expect("joins the inspect in flight");
+        assert_eq!(d.lock().inflight.len(), 1);
+        for n in 1..INFLIGHT_MAX {
+            drop(d.pending(&format!("{n:064x}")));
+        }
+        assert_eq!(d.lock().inflight.len(), INFLIGHT_MAX);
+        assert!(d.pending(&format!("{:064x}", INFLIGHT_MAX + 1)).is_none(), "over the bound: refused");
+        // Docker does not answer here: the waits end, the answer is negative.
+        let started = Instant::now();
+        rt.block_on(async {
+            first.await;
+            second.await;
+        });
+        assert!(started.elapsed() < WAIT_FOR + Duration::from_millis(500));
+        rt.block_on(async {
+            while !d.lock().inflight.is_empty() {
+                tokio::task::yield_now().await;
+            }
+        });
+        assert!(matches!(d.cached(ID), Cached::Absent));
+        assert_eq!(d.inspects(), INFLIGHT_MAX as u64);
     }
 }

@@ -340,7 +340,9 @@ impl Attestor {
         let proc_err = |source| IdentityError::Proc { pid, source };
         let cgroup_file = std::fs::read_to_string(dir.join("cgroup")).map_err(proc_err)?;
         let claimed = self.claim(pid, &cgroup_file)?;
-        let ns = |ns: &str| -> Result<PathBuf, IdentityError> { std::fs::read_link(dir.join("ns").join(ns)).map_err(proc_err) };
+        let ns = |ns: &str| -> Result<PathBuf, IdentityError> {
+            std::fs::read_link(dir.join("ns").join(ns)).map_err(proc_err)
+        };
         let (pid_ns, mnt_ns) = (ns("pid")?, ns("mnt")?);
         // "Host" is where the broker is: its pid and mount namespaces, and
         // its container (none, or the sidecar's own for `docker exec`).
@@ -361,6 +363,7 @@ impl Attestor {
                 }
                 docker::Cached::Absent => (None, None, false),
                 docker::Cached::Miss => {
+                    tracing::debug!(pid, container = %docker::short(&c), "not confirmed yet");
                     drop(d.pending(&c)); // ask now: the next attempt may know
                     if !host {
                         return Err(IdentityError::Unconfirmed { pid, container: c });
@@ -456,5 +459,152 @@ mod tests {
         // The thread is gone: its pidfd says so, and /proc has no such task.
         assert!(a.attest_task(t, 0, 0).is_err(), "an exited task was attested from memory");
         assert!(!a.tasks.lock().unwrap().contains_key(&t));
+    }
+
+    /// A /proc tree under a temp dir: the broker (`self`) on the host in
+    /// namespaces pid:[100] and mnt:[200]; container `ID` whose init (this
+    /// test process, so it can be pinned) has pid:[300] and mnt:[400];
+    /// container `PIDHOST` started with `--pid host` (init: a child
+    /// process) with the host's pid:[100] and its own mnt:[500].
+    struct Tree {
+        dir: tempfile::TempDir,
+        rt: tokio::runtime::Runtime,
+        docker: Arc<docker::DockerCache>,
+        _init: std::process::Child,
+    }
+
+    const ID: &str = docker::tests::ID;
+    const PIDHOST: &str = "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
+    const UNKNOWN: &str = "cccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccc";
+
+    impl Tree {
+        fn new() -> Tree {
+            let dir = tempfile::tempdir().unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let root = dir.path();
+            std::fs::create_dir_all(root.join("self/ns")).unwrap();
+            std::fs::write(root.join("self/cgroup"), "0::/system.slice/keyhole.service\n").unwrap();
+            std::os::unix::fs::symlink("pid:[100]", root.join("self/ns/pid")).unwrap();
+            std::os::unix::fs::symlink("mnt:[200]", root.join("self/ns/mnt")).unwrap();
+            let me = std::process::id() as i32;
+            docker::tests::proc_entry(root, me, &format!("0::/docker/{ID}\n"), "pid:[300]", "mnt:[400]");
+            let init = std::process::Command::new("sleep").arg("60").spawn().unwrap();
+            let init_pid = init.id() as i32;
+            docker::tests::proc_entry(root, init_pid, &format!("0::/docker/{PIDHOST}\n"), "pid:[100]", "mnt:[500]");
+            let docker = docker::DockerCache::for_tests(root, rt.handle().clone());
+            let mut pidhost = docker::tests::exported(init_pid, "pid:[100]", "mnt:[500]");
+            pidhost.id = PIDHOST.into();
+            let handed = vec![docker::tests::exported(me, "pid:[300]", "mnt:[400]"), pidhost];
+            assert_eq!(docker.import(handed), 2);
+            Tree { dir, rt, docker, _init: init }
+        }
+
+        /// A caller task `tid` in `cgroup`, in the given namespaces.
+        fn task(&self, tid: i32, cgroup: &str, pid_ns: &str, mnt_ns: &str) -> i32 {
+            docker::tests::proc_entry(self.dir.path(), tid, cgroup, pid_ns, mnt_ns);
+            tid
+        }
+
+        fn attestor(&self, docker: bool) -> Attestor {
+            let d = docker.then(|| self.docker.clone());
+            Attestor::new(self.dir.path(), AdminPolicy { uids: vec![0], ..AdminPolicy::default() }, d)
+                .with_cgroup_mounts(cgroup::CgroupMounts::default())
+        }
+    }
+
+    /// Fake tids, far above any real pid (so nothing pins them).
+    const T: i32 = 1 << 30;
+
+    #[test]
+    fn a_container_is_its_claim_only_in_its_inits_namespaces() {
+        let tree = Tree::new();
+        let a = tree.attestor(true);
+        // In the container (its init, or `docker exec`): the container.
+        let t = tree.task(T, &format!("0::/docker/{ID}\n"), "pid:[300]", "mnt:[400]");
+        let id = a.attest_task(t, 0, 0).unwrap();
+        assert_eq!(id.container_id.as_deref(), Some(ID));
+        assert_eq!(id.docker.as_ref().map(|d| d.name.as_str()), Some("web"));
+        assert!(!id.host && !id.admin);
+        assert!(id.selectors().contains(&format!("docker:id:{ID}")));
+        assert!(a.pending(t).is_none(), "a known container needs no wait");
+        // The same claim from any other namespaces is refused.
+        for (n, (p, m)) in
+            [("pid:[100]", "mnt:[200]"), ("pid:[300]", "mnt:[999]"), ("pid:[999]", "mnt:[400]")].iter().enumerate()
+        {
+            let t = tree.task(T + 1 + n as i32, &format!("0::/docker/{ID}\n"), p, m);
+            assert!(matches!(a.attest_task(t, 0, 0), Err(IdentityError::NotInContainer { .. })), "{p} {m}");
+        }
+    }
+
+    #[test]
+    fn a_pid_host_container_is_itself_and_not_the_host() {
+        let tree = Tree::new();
+        let a = tree.attestor(true);
+        let t = tree.task(T + 10, &format!("0::/docker/{PIDHOST}\n"), "pid:[100]", "mnt:[500]");
+        let id = a.attest_task(t, 0, 0).unwrap();
+        assert_eq!(id.container_id.as_deref(), Some(PIDHOST));
+        assert!(!id.host && !id.admin, "a --pid host container is not a host process");
+        // A host process claiming it: the host's mount namespace gives it away.
+        let t = tree.task(T + 11, &format!("0::/docker/{PIDHOST}\n"), "pid:[100]", "mnt:[200]");
+        assert!(matches!(a.attest_task(t, 0, 0), Err(IdentityError::NotInContainer { .. })));
+    }
+
+    #[test]
+    fn a_delegated_claim_is_ignored() {
+        let tree = Tree::new();
+        let a = tree.attestor(true);
+        let cg = format!("0::/user.slice/user-1000.slice/user@1000.service/app.slice/docker-{ID}.scope\n");
+        let t = tree.task(T + 20, &cg, "pid:[100]", "mnt:[200]");
+        let id = a.attest_task(t, 0, 0).unwrap();
+        assert_eq!(id.container_id, None);
+        assert!(id.docker.is_none() && id.host, "a host process, as it is");
+        assert!(a.pending(t).is_none(), "nobody asks Docker about a delegated claim");
+        // Owned by a user, under a configured cgroup root.
+        let fixed = cgroup::CgroupMounts::fixed(Some(tree.dir.path()), &[]);
+        std::fs::create_dir_all(tree.dir.path().join(format!("mine/docker-{ID}.scope"))).unwrap();
+        std::os::unix::fs::chown(tree.dir.path().join("mine"), Some(65534), None).unwrap();
+        let a = tree.attestor(true).with_cgroup_mounts(fixed);
+        let t = tree.task(T + 21, &format!("0::/mine/docker-{ID}.scope\n"), "pid:[300]", "mnt:[400]");
+        let id = a.attest_task(t, 65534, 65534).unwrap();
+        assert_eq!(id.container_id, None, "even in the container's namespaces, a delegated claim is not taken");
+    }
+
+    #[test]
+    fn an_unconfirmed_claim_is_refused_at_once_and_worth_waiting_for() {
+        let tree = Tree::new();
+        let a = tree.attestor(true);
+        let t = tree.task(T + 30, &format!("0::/docker/{UNKNOWN}\n"), "pid:[600]", "mnt:[700]");
+        let started = Instant::now();
+        assert!(matches!(a.attest_task(t, 0, 0), Err(IdentityError::Unconfirmed { .. })));
+        assert!(started.elapsed() < Duration::from_millis(200), "attest_task waited");
+        let wait = a.pending(t).expect("the inspect is worth waiting for");
+        tree.rt.block_on(wait);
+        // Docker did not answer: no container facts, and no docker:id.
+        let id = a.attest_task(t, 0, 0).unwrap();
+        assert_eq!(id.container_id, None);
+        assert!(!id.host);
+        assert!(!id.selectors().iter().any(|s| s.starts_with("docker:")));
+        assert!(a.pending(t).is_none(), "the negative answer is cached");
+    }
+
+    #[test]
+    fn without_docker_no_container_is_ever_claimed() {
+        let tree = Tree::new();
+        let a = tree.attestor(false);
+        let t = tree.task(T + 40, &format!("0::/docker/{ID}\n"), "pid:[300]", "mnt:[400]");
+        let id = a.attest_task(t, 0, 0).unwrap();
+        assert_eq!(id.container_id, None);
+        assert!(!id.host);
+        assert!(!id.selectors().iter().any(|s| s.starts_with("docker:")));
+        assert!(a.pending(t).is_none());
+    }
+
+    #[test]
+    fn the_log_throttle_lets_one_line_a_second_through() {
+        let t = Throttle::default();
+        assert_eq!(t.allow(), Some(0));
+        // (A second may tick over in between: then one more passes.)
+        let passed = (0..100).filter_map(|_| t.allow()).collect::<Vec<_>>();
+        assert!(passed.len() <= 1, "{passed:?}");
     }
 }
