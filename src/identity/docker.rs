@@ -47,6 +47,8 @@ const UNKNOWN_TTL: Duration = Duration::from_secs(5);
 const NOT_RUNNING_TTL: Duration = Duration::from_millis(500);
 /// How long "Docker cannot be reached" is believed.
 const UNREACHABLE_TTL: Duration = Duration::from_secs(1);
+/// How soon a waiter asks again when Docker's answer settled nothing.
+const RETRY_AFTER: Duration = Duration::from_millis(100);
 /// Most ids remembered as not confirmable at once.
 const ABSENT_MAX: usize = 4096;
 /// Most inspects in flight at once (distinct ids).
@@ -230,46 +232,62 @@ impl DockerCache {
         Self::cached_locked(&mut self.lock(), id)
     }
 
-    /// `None` when [`Self::cached`] has an answer for `id`; otherwise the
-    /// inspect of `id` (started now, or already in flight) as a future
-    /// that ends when it does, or after [`WAIT_FOR`]. Also `None` when too
-    /// many inspects are in flight (the caller is then refused). Cheap and
-    /// non-blocking: the inspect runs on the runtime.
+    /// `None` when [`Self::cached`] has an answer for `id`; otherwise a
+    /// future that ends once it has one, or after [`WAIT_FOR`] in all: it
+    /// joins the inspect of `id` in flight or starts one, and asks again
+    /// (a little later) while Docker's answer settles nothing (a container
+    /// still being created, an inspect that timed out). Also `None` when
+    /// too many inspects are in flight (the caller is then refused).
+    /// Cheap and non-blocking: the inspects run on the runtime.
     pub fn pending(self: &Arc<Self>, id: &str) -> Option<Wait> {
-        let mut rx = {
-            let mut inner = self.lock();
-            if !matches!(Self::cached_locked(&mut inner, id), Cached::Miss) {
-                return None;
-            }
-            if let Some(tx) = inner.inflight.get(id) {
-                tx.subscribe()
-            } else {
-                if inner.inflight.len() >= INFLIGHT_MAX {
-                    if let Some(held) = self.warn.allow() {
-                        tracing::warn!(held_back = held, "too many Docker inspects in flight; a caller is refused");
-                    }
-                    return None;
-                }
-                let (tx, rx) = tokio::sync::watch::channel(());
-                inner.inflight.insert(id.to_owned(), tx);
-                let me = self.clone();
-                let id = id.to_owned();
-                self.rt.spawn(async move {
-                    let _done = Inflight { cache: me.clone(), id: id.clone() };
-                    me.resolve(&id).await;
-                });
-                rx
-            }
-        };
+        let mut rx = self.ask(id)?;
+        let (me, id) = (self.clone(), id.to_owned());
         Some(Box::pin(async move {
-            // Nothing is ever sent: this ends when the sender is dropped.
-            let _ = tokio::time::timeout(WAIT_FOR, rx.changed()).await;
+            let deadline = tokio::time::Instant::now() + WAIT_FOR;
+            loop {
+                // Nothing is ever sent: this ends when the sender is dropped.
+                if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + RETRY_AFTER)).await;
+                match me.ask(&id) {
+                    Some(next) if tokio::time::Instant::now() < deadline => rx = next,
+                    _ => return,
+                }
+            }
         }))
     }
 
-    /// Start asking about `id` unless known; nobody waits.
-    fn refresh(self: &Arc<Self>, id: &str) {
-        drop(self.pending(id));
+    /// Join the inspect of `id` in flight, or start one; `None` when the
+    /// cache has an answer, or too many inspects are in flight.
+    fn ask(self: &Arc<Self>, id: &str) -> Option<tokio::sync::watch::Receiver<()>> {
+        let mut inner = self.lock();
+        if !matches!(Self::cached_locked(&mut inner, id), Cached::Miss) {
+            return None;
+        }
+        if let Some(tx) = inner.inflight.get(id) {
+            return Some(tx.subscribe());
+        }
+        if inner.inflight.len() >= INFLIGHT_MAX {
+            if let Some(held) = self.warn.allow() {
+                tracing::warn!(held_back = held, "too many Docker inspects in flight; a caller is refused");
+            }
+            return None;
+        }
+        let (tx, rx) = tokio::sync::watch::channel(());
+        inner.inflight.insert(id.to_owned(), tx);
+        let me = self.clone();
+        let id = id.to_owned();
+        self.rt.spawn(async move {
+            let _done = Inflight { cache: me.clone(), id: id.clone() };
+            me.resolve(&id).await;
+        });
+        Some(rx)
+    }
+
+    /// Start asking about `id` unless known or under way; nobody waits.
+    pub fn ask_now(self: &Arc<Self>, id: &str) {
+        drop(self.ask(id));
     }
 
     fn absent(&self, id: &str, ttl: Duration, starts_before: u64) {
@@ -524,13 +542,13 @@ impl DockerCache {
             }
             "rename" | "update" => {
                 self.lock().known.remove(id);
-                self.refresh(id);
+                self.ask_now(id);
             }
             "create" | "start" | "restart" => {
                 self.starts.fetch_add(1, Ordering::SeqCst);
                 self.lock().absent.remove(id);
                 if action != "create" {
-                    self.refresh(id);
+                    self.ask_now(id);
                 }
             }
             _ => {}

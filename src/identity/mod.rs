@@ -364,7 +364,7 @@ impl Attestor {
                 docker::Cached::Absent => (None, None, false),
                 docker::Cached::Miss => {
                     tracing::debug!(pid, container = %docker::short(&c), "not confirmed yet");
-                    drop(d.pending(&c)); // ask now: the next attempt may know
+                    d.ask_now(&c); // the next attempt may know
                     if !host {
                         return Err(IdentityError::Unconfirmed { pid, container: c });
                     }
