@@ -286,3 +286,38 @@ fn real_containers_read_through_run_exec_and_pid_host() {
     assert!(readers.contains(&c.id) && readers.contains(&p.id), "{readers:?}");
     assert!(b.audit_events("deny").is_empty(), "{:?}", b.audit_events("deny"));
 }
+
+#[test]
+fn running_containers_are_known_before_serving_and_across_a_takeover() {
+    if !require_docker() {
+        return;
+    }
+    let mut b = broker();
+    let label = format!("keyhole.test={}", unique("prime"));
+    b.put("db/password", b"primed-s3cret");
+    b.ok(&["workload", "add", "w", "--selector", &format!("docker:label:{label}")]);
+    b.ok(&["grant", "db/password", "--to", "w"]);
+    let c = Container::start(&["--label", &label, "-v", &secrets_bind(&b, "w")]);
+    assert_eq!(c.cat("/run/secrets/password").unwrap(), b"primed-s3cret");
+    let short = &c.id[..12];
+
+    // A broker starting while the container runs knows it before serving.
+    assert!(b.terminate().success());
+    let before = b.log().len();
+    b.restart();
+    let log = b.log()[before..].to_owned();
+    let confirmed = log.find(&format!("container confirmed container={short}")).expect("not primed");
+    assert!(confirmed < log.find("keyhole is serving").unwrap(), "confirmed only after serving began");
+    assert_eq!(c.cat("/run/secrets/password").unwrap(), b"primed-s3cret");
+
+    // A successor takes the predecessor's containers and checks them
+    // again, without asking Docker about them.
+    let before = b.log().len();
+    b.takeover();
+    let log = b.log()[before..].to_owned();
+    assert!(log.contains("containers taken from the predecessor"), "{log}");
+    assert!(!log.contains(&format!("asking Docker about a container container={short}")), "{log}");
+    assert_eq!(c.cat("/run/secrets/password").unwrap(), b"primed-s3cret");
+    let reads = b.audit_events("read");
+    assert!(reads.iter().all(|r| r["caller"]["container_id"] == c.id.as_str()), "{reads:?}");
+}
