@@ -118,6 +118,8 @@ fn name_only<S: serde::Serializer>(d: &Option<Arc<ContainerInfo>>, s: S) -> Resu
 impl Identity {
     pub fn selectors(&self) -> Vec<String> {
         let mut s = vec![format!("unix:uid:{}", self.uid), format!("unix:gid:{}", self.gid)];
+        // Set only once Docker confirmed the container (see `describe`):
+        // a cgroup name alone never yields `docker:id`.
         if let Some(id) = &self.container_id {
             s.push(format!("docker:id:{id}"));
         }
