@@ -472,7 +472,14 @@ mod tests {
         dir: tempfile::TempDir,
         rt: tokio::runtime::Runtime,
         docker: Arc<docker::DockerCache>,
-        _init: std::process::Child,
+        init: std::process::Child,
+    }
+
+    impl Drop for Tree {
+        fn drop(&mut self) {
+            let _ = self.init.kill();
+            let _ = self.init.wait();
+        }
     }
 
     const ID: &str = docker::tests::ID;
@@ -498,7 +505,7 @@ mod tests {
             pidhost.id = PIDHOST.into();
             let handed = vec![docker::tests::exported(me, "pid:[300]", "mnt:[400]"), pidhost];
             assert_eq!(docker.import(handed), 2);
-            Tree { dir, rt, docker, _init: init }
+            Tree { dir, rt, docker, init }
         }
 
         /// A caller task `tid` in `cgroup`, in the given namespaces.
