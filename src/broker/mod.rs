@@ -41,6 +41,8 @@ pub struct Adopt {
     pub mounts: Vec<(crate::fs::MountState, fs::File)>,
     pub next_ino: u64,
     pub audit: (u64, [u8; 32]),
+    /// The predecessor's confirmed containers (checked again here).
+    pub containers: Vec<crate::identity::docker::Exported>,
 }
 
 /// The running broker's shared state.
@@ -204,7 +206,7 @@ impl Broker {
     /// Open everything in the state dir and set up the mounts. Blocking
     /// (Argon2id, fsync, mount); `rt` serves Docker lookups.
     /// With `adopt`, the mounts and audit head come from a predecessor.
-    pub fn open(config: Config, rt: tokio::runtime::Handle, adopt: Option<Adopt>) -> anyhow::Result<Broker> {
+    pub fn open(config: Config, rt: tokio::runtime::Handle, mut adopt: Option<Adopt>) -> anyhow::Result<Broker> {
         private_dir(&config.state_dir, "state dir")?;
         let key = read_key(&config)?;
         let store_file = config.store_file();
@@ -230,6 +232,18 @@ impl Broker {
             tracing::info!(socket = %config.docker_socket.display(), "no Docker socket: docker:* selectors never match");
             None
         };
+        if let Some(d) = &docker {
+            // Before serving: the predecessor's containers (checked again),
+            // the events stream, then every running container, so the
+            // common case never waits for Docker.
+            let handed = adopt.as_mut().map(|a| std::mem::take(&mut a.containers)).unwrap_or_default();
+            if !handed.is_empty() {
+                let (n, taken) = (handed.len(), d.import(handed));
+                tracing::info!(handed = n, taken, "containers taken from the predecessor");
+            }
+            rt.spawn(d.clone().watch());
+            rt.block_on(d.prime());
+        }
         let mut vaults = Vec::with_capacity(config.backends.len());
         for cfg in &config.backends {
             let v = VaultBackend::new(cfg.clone()).with_context(|| format!("backend {}", cfg.name))?;
@@ -615,6 +629,7 @@ async fn hand_over(
             audit_mac: hex::encode(mac),
             mounts,
             plugin: listeners.plugin.is_some(),
+            containers: broker.docker.as_ref().map(|d| d.export()).unwrap_or_default(),
         };
         Ok((state, fds))
     });
@@ -660,7 +675,12 @@ pub async fn serve(config: Config, takeover: bool) -> anyhow::Result<()> {
         let r = tokio::task::spawn_blocking(move || takeover::take_over(&p)).await??;
         let mut mac = [0u8; 32];
         hex::decode_to_slice(&r.state.audit_mac, &mut mac).context("the handed audit head is not hex")?;
-        let adopt = Adopt { mounts: r.mounts, next_ino: r.state.next_ino, audit: (r.state.audit_seq, mac) };
+        let adopt = Adopt {
+            mounts: r.mounts,
+            next_ino: r.state.next_ino,
+            audit: (r.state.audit_seq, mac),
+            containers: r.state.containers,
+        };
         (Some((r.listeners, r.predecessor_pid)), Some(adopt))
     } else {
         // Before touching the state: a running broker keeps it open.
@@ -669,9 +689,6 @@ pub async fn serve(config: Config, takeover: bool) -> anyhow::Result<()> {
     };
     let rt = tokio::runtime::Handle::current();
     let broker = Arc::new(tokio::task::spawn_blocking(move || Broker::open(config, rt, adopt)).await??);
-    if let Some(d) = &broker.docker {
-        tokio::spawn(d.clone().watch());
-    }
     let (listeners, from) = match received {
         Some((l, pid)) => (l, Some(pid)),
         None => (bind_listeners(&broker).await?, None),

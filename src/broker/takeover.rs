@@ -64,6 +64,10 @@ pub struct Handover {
     pub audit_mac: String,
     pub mounts: Vec<MountState>,
     pub plugin: bool,
+    /// The confirmed containers (an older broker hands none; an older
+    /// successor ignores them).
+    #[serde(default)]
+    pub containers: Vec<crate::identity::docker::Exported>,
 }
 
 #[derive(Debug, serde::Serialize, serde::Deserialize)]

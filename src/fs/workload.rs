@@ -302,6 +302,9 @@ impl WorkloadFs {
         if self.owner.learned.get().is_some() {
             return;
         }
+        // TEMPORARY (identity): wait here, bounded, for Docker to describe
+        // the caller's container; the FUSE worker pool parks instead.
+        self.shared.attestor.wait_pending(ctx.pid);
         let Ok(id) = self.shared.attestor.attest_task(ctx.pid, ctx.uid, ctx.gid) else { return };
         // Docker describes the container only once its start is under way
         // (runc touches the mount before that): until then, ask again.
@@ -366,6 +369,9 @@ impl WorkloadFs {
         // The workload first: a caller that is not the workload's is
         // refused as such, whatever the file's mode; a member then needs
         // the mode to let it read (the check the kernel made before).
+        // TEMPORARY (identity): wait here, bounded, for Docker to describe
+        // the caller's container; the FUSE worker pool parks instead.
+        self.shared.attestor.wait_pending(ctx.pid);
         match self.shared.attestor.attest_task(ctx.pid, ctx.uid, ctx.gid) {
             Err(e) => {
                 let who = Identity { uid: ctx.uid, gid: ctx.gid, pid: ctx.pid, ..Identity::default() };

@@ -1,26 +1,140 @@
-//! Container id → what Docker says of it (name, image, labels, user), from
-//! the Engine API. Answers are cached; the events stream evicts containers
-//! that are destroyed, renamed or updated. A lost stream clears the cache
-//! and reconnects asking dockerd to replay the events since it was lost.
+//! Container id → what Docker says of it (name, image, labels, user) and
+//! the ground truth a caller is checked against: the container's init
+//! process (`State.Pid`), pinned by a pidfd taken at inspect time, and
+//! its pid and mount namespaces ([`Confirmed`]).
+//!
+//! Nothing here blocks a caller on Docker: [`DockerCache::cached`] answers
+//! from memory (a confirmed container, a recent "no such running
+//! container", or a miss), and [`DockerCache::pending`] starts the one
+//! inspect for an id (deduplicated, their total bounded) and hands back a
+//! future to wait on, bounded by [`WAIT_FOR`].
+//!
+//! Kept honest by the events stream: `destroy`, `die`, `stop`, `rename`,
+//! `update` and `remove` evict a container (renamed and updated ones are
+//! asked about again at once), a container whose pinned init exited is
+//! evicted on sight, and `create`/`start`/`restart` clear an id's negative
+//! entry. A lost stream clears the cache, reconnects asking dockerd to
+//! replay the events since, and lists the running containers again.
+//! Before serving, [`DockerCache::prime`] lists the running containers so
+//! the common case never misses; [`DockerCache::export`] and
+//! [`DockerCache::import`] carry the cache across a takeover (the
+//! successor pins and checks every init again).
 #![forbid(unsafe_code)]
 
-use std::collections::HashMap;
-use std::path::Path;
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bollard::Docker;
 use tokio_stream::StreamExt;
 
 use crate::policy::ContainerInfo;
 
-/// How long an open may wait for Docker on a cache miss.
+/// How long one Docker call may take.
 const INSPECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a caller may wait for the inspect of its container.
+pub const WAIT_FOR: Duration = Duration::from_secs(2);
+/// How long "Docker has no such container" is believed.
+const UNKNOWN_TTL: Duration = Duration::from_secs(5);
+/// How long "it stopped" (or "its init could not be checked") is
+/// believed: short, and a `start` event clears it. A container still
+/// being created, or an inspect that timed out, is not remembered at all.
+const NOT_RUNNING_TTL: Duration = Duration::from_millis(500);
+/// How long "Docker cannot be reached" is believed.
+const UNREACHABLE_TTL: Duration = Duration::from_secs(1);
+/// How soon a waiter asks again when Docker's answer settled nothing.
+const RETRY_AFTER: Duration = Duration::from_millis(100);
+/// Most ids remembered as not confirmable at once.
+const ABSENT_MAX: usize = 4096;
+/// Most inspects in flight at once (distinct ids).
+const INFLIGHT_MAX: usize = 32;
+/// Inspects run at once while priming.
+const PRIME_CONCURRENCY: usize = 8;
+/// The whole priming, at most.
+const PRIME_TIMEOUT: Duration = Duration::from_secs(15);
+/// Most containers taken from a predecessor.
+const IMPORT_MAX: usize = 65536;
+
+/// A running container, confirmed: what Docker says of it, and its init
+/// process pinned, with the namespaces every caller of it must share.
+pub struct Confirmed {
+    pub info: Arc<ContainerInfo>,
+    /// `State.Pid`, in the broker's pid namespace.
+    pub pid: i32,
+    pidfd: OwnedFd,
+    /// `readlink /proc/<pid>/ns/pid` and `ns/mnt`, e.g. "pid:[4026531836]".
+    pub pid_ns: String,
+    pub mnt_ns: String,
+}
+
+impl std::fmt::Debug for Confirmed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Confirmed").field("name", &self.info.name).field("pid", &self.pid).finish_non_exhaustive()
+    }
+}
+
+impl Confirmed {
+    /// Whether the pinned init has exited (then the container is stale).
+    pub fn exited(&self) -> bool {
+        crate::sys::pidfd_exited(&self.pidfd)
+    }
+}
+
+/// What the cache says of an id, without asking anyone.
+#[derive(Debug)]
+pub enum Cached {
+    /// Running, init pinned and alive.
+    Known(Arc<Confirmed>),
+    /// Recently found not to be a running container Docker knows (or
+    /// Docker did not answer): no container facts.
+    Absent,
+    /// Never asked, or the answer expired: ask (see [`DockerCache::pending`]).
+    Miss,
+}
+
+/// One container as handed to a successor (see [`DockerCache::export`]).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Exported {
+    pub id: String,
+    pub pid: i32,
+    pub pid_ns: String,
+    pub mnt_ns: String,
+    pub name: String,
+    pub image: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub user: String,
+}
+
+#[derive(Default)]
+struct Inner {
+    known: HashMap<String, Arc<Confirmed>>,
+    /// id → until when it is believed absent.
+    absent: HashMap<String, Instant>,
+    /// id → dropped (waking every waiter) when its inspect ends.
+    inflight: HashMap<String, tokio::sync::watch::Sender<()>>,
+}
+
+/// A future a caller may wait on (see [`DockerCache::pending`]).
+pub type Wait = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
 
 pub struct DockerCache {
     client: Docker,
-    cache: Mutex<HashMap<String, Arc<ContainerInfo>>>,
+    inner: Mutex<Inner>,
     rt: tokio::runtime::Handle,
+    proc_root: PathBuf,
+    /// Bumped by every `create`/`start`/`restart` event: an inspect that
+    /// began before one does not store a negative answer.
+    starts: AtomicU64,
+    /// Inspects sent (for the log and tests).
+    inspects: AtomicU64,
+    warn: super::Throttle,
 }
 
 impl std::fmt::Debug for DockerCache {
@@ -29,58 +143,350 @@ impl std::fmt::Debug for DockerCache {
     }
 }
 
+pub(crate) fn short(id: &str) -> &str {
+    &id[..12.min(id.len())]
+}
+
+/// Why an init process could not be pinned and checked.
+#[derive(Debug, thiserror::Error)]
+enum PinError {
+    #[error("cannot pin pid {0}: {1}")]
+    Pidfd(i32, std::io::Error),
+    #[error("cannot read /proc/{0}: {1}")]
+    Proc(i32, std::io::Error),
+    #[error("its init (pid {0}) is not in the container's cgroup")]
+    Cgroup(i32),
+    #[error("its init (pid {0}) exited while being checked")]
+    Gone(i32),
+    #[error("its init (pid {0}) is in other namespaces than recorded")]
+    Namespaces(i32),
+}
+
 impl DockerCache {
     /// Connect lazily to the Engine API on `socket`; nothing is sent yet.
     pub fn connect(socket: &Path, rt: tokio::runtime::Handle) -> Result<Arc<Self>, bollard::errors::Error> {
         let client = Docker::connect_with_unix(&socket.to_string_lossy(), 5, bollard::API_DEFAULT_VERSION)?;
-        Ok(Arc::new(DockerCache { client, cache: Mutex::default(), rt }))
+        Ok(Arc::new(DockerCache {
+            client,
+            inner: Mutex::default(),
+            rt,
+            proc_root: PathBuf::from("/proc"),
+            starts: AtomicU64::new(0),
+            inspects: AtomicU64::new(0),
+            warn: super::Throttle::default(),
+        }))
     }
 
-    fn cached(&self, id: &str) -> Option<Arc<ContainerInfo>> {
-        self.cache.lock().expect("docker cache lock").get(id).cloned()
+    /// A cache reading `proc_root` instead of `/proc`, on a Docker socket
+    /// that does not answer (tests).
+    #[cfg(test)]
+    pub(crate) fn for_tests(proc_root: &Path, rt: tokio::runtime::Handle) -> Arc<Self> {
+        let socket = proc_root.join("docker.sock"); // not a socket: calls fail at once
+        std::fs::write(&socket, b"").expect("a dead socket");
+        let client = Docker::connect_with_unix(&socket.to_string_lossy(), 1, bollard::API_DEFAULT_VERSION)
+            .expect("a lazy client");
+        Arc::new(DockerCache {
+            client,
+            inner: Mutex::default(),
+            rt,
+            proc_root: proc_root.to_owned(),
+            starts: AtomicU64::new(0),
+            inspects: AtomicU64::new(0),
+            warn: super::Throttle::default(),
+        })
     }
 
-    async fn inspect(&self, id: &str) -> Option<ContainerInfo> {
+    /// The runtime Docker calls run on.
+    pub fn runtime(&self) -> &tokio::runtime::Handle {
+        &self.rt
+    }
+
+    /// Inspects sent so far.
+    pub fn inspects(&self) -> u64 {
+        self.inspects.load(Ordering::Relaxed)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn cached_locked(inner: &mut Inner, id: &str) -> Cached {
+        if let Some(c) = inner.known.get(id) {
+            if !c.exited() {
+                return Cached::Known(c.clone());
+            }
+            inner.known.remove(id);
+        }
+        if let Some(until) = inner.absent.get(id) {
+            if *until > Instant::now() {
+                return Cached::Absent;
+            }
+            inner.absent.remove(id);
+        }
+        Cached::Miss
+    }
+
+    /// What is known of `id` now. Never blocks; evicts a container whose
+    /// pinned init has exited.
+    pub fn cached(&self, id: &str) -> Cached {
+        Self::cached_locked(&mut self.lock(), id)
+    }
+
+    /// `None` when [`Self::cached`] has an answer for `id`; otherwise a
+    /// future that ends once it has one, or after [`WAIT_FOR`] in all: it
+    /// joins the inspect of `id` in flight or starts one, and asks again
+    /// (a little later) while Docker's answer settles nothing (a container
+    /// still being created, an inspect that timed out). Also `None` when
+    /// too many inspects are in flight (the caller is then refused).
+    /// Cheap and non-blocking: the inspects run on the runtime.
+    pub fn pending(self: &Arc<Self>, id: &str) -> Option<Wait> {
+        let mut rx = self.ask(id)?;
+        let (me, id) = (self.clone(), id.to_owned());
+        Some(Box::pin(async move {
+            let deadline = tokio::time::Instant::now() + WAIT_FOR;
+            loop {
+                // Nothing is ever sent: this ends when the sender is dropped.
+                if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + RETRY_AFTER)).await;
+                match me.ask(&id) {
+                    Some(next) if tokio::time::Instant::now() < deadline => rx = next,
+                    _ => return,
+                }
+            }
+        }))
+    }
+
+    /// Join the inspect of `id` in flight, or start one; `None` when the
+    /// cache has an answer, or too many inspects are in flight.
+    fn ask(self: &Arc<Self>, id: &str) -> Option<tokio::sync::watch::Receiver<()>> {
+        let mut inner = self.lock();
+        if !matches!(Self::cached_locked(&mut inner, id), Cached::Miss) {
+            return None;
+        }
+        if let Some(tx) = inner.inflight.get(id) {
+            return Some(tx.subscribe());
+        }
+        if inner.inflight.len() >= INFLIGHT_MAX {
+            if let Some(held) = self.warn.allow() {
+                tracing::warn!(held_back = held, "too many Docker inspects in flight; a caller is refused");
+            }
+            return None;
+        }
+        let (tx, rx) = tokio::sync::watch::channel(());
+        inner.inflight.insert(id.to_owned(), tx);
+        let me = self.clone();
+        let id = id.to_owned();
+        self.rt.spawn(async move {
+            let _done = Inflight { cache: me.clone(), id: id.clone() };
+            me.resolve(&id).await;
+        });
+        Some(rx)
+    }
+
+    /// Start asking about `id` unless known or under way; nobody waits.
+    pub fn ask_now(self: &Arc<Self>, id: &str) {
+        drop(self.ask(id));
+    }
+
+    fn absent(&self, id: &str, ttl: Duration, starts_before: u64) {
+        if self.starts.load(Ordering::SeqCst) != starts_before {
+            return; // it was (re)started meanwhile: the answer is stale
+        }
+        let mut inner = self.lock();
+        if inner.absent.len() >= ABSENT_MAX {
+            let now = Instant::now();
+            inner.absent.retain(|_, until| *until > now);
+            if inner.absent.len() >= ABSENT_MAX {
+                let oldest = inner.absent.iter().min_by_key(|(_, u)| **u).map(|(k, _)| k.clone());
+                if let Some(k) = oldest {
+                    inner.absent.remove(&k);
+                }
+            }
+        }
+        inner.absent.insert(id.to_owned(), Instant::now() + ttl);
+    }
+
+    /// Inspect `id`; remember it confirmed, or absent for a while.
+    async fn resolve(&self, id: &str) {
+        let starts = self.starts.load(Ordering::SeqCst);
+        self.inspects.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(container = %short(id), "asking Docker about a container");
         let r = tokio::time::timeout(INSPECT_TIMEOUT, self.client.inspect_container(id, None)).await;
         let c = match r {
             Ok(Ok(c)) => c,
+            Ok(Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. })) => {
+                if let Some(held) = self.warn.allow() {
+                    tracing::warn!(container = %short(id), held_back = held, "a caller claims a container Docker does not know");
+                }
+                return self.absent(id, UNKNOWN_TTL, starts);
+            }
             Ok(Err(e)) => {
-                tracing::warn!(container = %&id[..12.min(id.len())], error = %e, "docker inspect failed");
-                return None;
+                if let Some(held) = self.warn.allow() {
+                    tracing::warn!(container = %short(id), error = %e, held_back = held, "docker inspect failed");
+                }
+                return self.absent(id, UNREACHABLE_TTL, starts);
             }
             Err(_) => {
-                tracing::warn!(container = %&id[..12.min(id.len())], "docker inspect timed out");
-                return None;
+                // Not remembered: dockerd answers a container being started
+                // only once the start is done, and that start may itself be
+                // waiting on us (runc touching a volume mount).
+                if let Some(held) = self.warn.allow() {
+                    tracing::warn!(container = %short(id), held_back = held, "docker inspect timed out");
+                }
+                return;
             }
         };
+        if c.id.as_deref() != Some(id) {
+            // A name or prefix that happens to look like an id.
+            return self.absent(id, UNKNOWN_TTL, starts);
+        }
+        let state = c.state.unwrap_or_default();
+        let pid = state.pid.and_then(|p| i32::try_from(p).ok()).unwrap_or(0);
+        if state.running != Some(true) || pid <= 0 {
+            tracing::debug!(container = %short(id), status = ?state.status, "not running: cannot be confirmed yet");
+            // One being created is about to start: ask again next time.
+            // One that stopped is not believed running for a while.
+            let created = matches!(state.status, None | Some(bollard::models::ContainerStateStatusEnum::CREATED));
+            if !created {
+                self.absent(id, NOT_RUNNING_TTL, starts);
+            }
+            return;
+        }
         let config = c.config.unwrap_or_default();
-        Some(ContainerInfo {
+        let info = ContainerInfo {
             name: c.name.unwrap_or_default().trim_start_matches('/').to_owned(),
             image: config.image.unwrap_or_default(),
             labels: config.labels.unwrap_or_default().into_iter().collect(),
             user: config.user.unwrap_or_default(),
-        })
-    }
-
-    fn remember(&self, id: &str, info: ContainerInfo) -> Arc<ContainerInfo> {
-        let info = Arc::new(info);
-        self.cache.lock().expect("docker cache lock").insert(id.to_owned(), info.clone());
-        info
-    }
-
-    /// The cache, else one bounded inspect.
-    pub async fn lookup(&self, id: &str) -> Option<Arc<ContainerInfo>> {
-        if let Some(hit) = self.cached(id) {
-            return Some(hit);
+        };
+        match self.pin(id, pid, None) {
+            Ok((pidfd, pid_ns, mnt_ns)) => {
+                tracing::debug!(container = %short(id), pid, "container confirmed");
+                let confirmed = Confirmed { info: Arc::new(info), pid, pidfd, pid_ns, mnt_ns };
+                self.lock().known.insert(id.to_owned(), Arc::new(confirmed));
+            }
+            Err(e) => {
+                if let Some(held) = self.warn.allow() {
+                    tracing::warn!(container = %short(id), error = %e, held_back = held, "cannot confirm a container");
+                }
+                self.absent(id, NOT_RUNNING_TTL, starts);
+            }
         }
-        let info = self.inspect(id).await?;
-        Some(self.remember(id, info))
     }
 
-    /// [`Self::lookup`] from a thread that may block (FUSE request
-    /// threads, the blocking pool).
-    pub fn lookup_blocking(&self, id: &str) -> Option<Arc<ContainerInfo>> {
-        self.rt.block_on(self.lookup(id))
+    /// Pin `pid` (the init of `id`), check it resolves to `id` from its
+    /// own cgroup file, read its namespaces (equal to `expect`, if given),
+    /// and check the pin again: the facts are that process's.
+    fn pin(&self, id: &str, pid: i32, expect: Option<(&str, &str)>) -> Result<(OwnedFd, String, String), PinError> {
+        let pidfd = crate::sys::pidfd_open(pid).map_err(|e| PinError::Pidfd(pid, e))?;
+        let dir = self.proc_root.join(pid.to_string());
+        let proc_err = |e| PinError::Proc(pid, e);
+        let cgroup = std::fs::read_to_string(dir.join("cgroup")).map_err(proc_err)?;
+        let claimed = super::cgroup::container_id(&cgroup).ok().flatten();
+        if claimed.as_deref() != Some(id) {
+            return Err(PinError::Cgroup(pid));
+        }
+        let ns = |n: &str| -> Result<String, PinError> {
+            let l = std::fs::read_link(dir.join("ns").join(n)).map_err(proc_err)?;
+            Ok(l.to_string_lossy().into_owned())
+        };
+        let (pid_ns, mnt_ns) = (ns("pid")?, ns("mnt")?);
+        if let Some((p, m)) = expect {
+            if (p, m) != (pid_ns.as_str(), mnt_ns.as_str()) {
+                return Err(PinError::Namespaces(pid));
+            }
+        }
+        match crate::sys::pidfd_pid(&pidfd) {
+            Ok(Some(p)) if p == pid => Ok((pidfd, pid_ns, mnt_ns)),
+            _ => Err(PinError::Gone(pid)),
+        }
+    }
+
+    /// Before serving: ask about every running container (one list, then
+    /// the inspects, a few at a time), so the common case never misses.
+    /// Bounded in time; a Docker that does not answer is logged.
+    pub async fn prime(self: &Arc<Self>) {
+        let started = Instant::now();
+        let opts = bollard::query_parameters::ListContainersOptions::default(); // running ones
+        let list = match tokio::time::timeout(INSPECT_TIMEOUT, self.client.list_containers(Some(opts))).await {
+            Ok(Ok(list)) => list,
+            Ok(Err(e)) => return tracing::warn!(error = %e, "cannot list the running containers"),
+            Err(_) => return tracing::warn!("listing the running containers timed out"),
+        };
+        let ids: Vec<String> = list.into_iter().filter_map(|c| c.id).collect();
+        let total = ids.len();
+        let work = async {
+            let mut ids = ids.into_iter();
+            loop {
+                let mut batch = Vec::with_capacity(PRIME_CONCURRENCY);
+                while batch.len() < PRIME_CONCURRENCY {
+                    let Some(id) = ids.next() else { break };
+                    if let Some(w) = self.pending(&id) {
+                        batch.push(w);
+                    }
+                }
+                if batch.is_empty() && ids.len() == 0 {
+                    break;
+                }
+                for w in batch {
+                    w.await;
+                }
+            }
+        };
+        if tokio::time::timeout(PRIME_TIMEOUT, work).await.is_err() {
+            tracing::warn!("asking Docker about the running containers took too long; the rest are asked on first use");
+        }
+        let known = self.lock().known.len();
+        tracing::info!(
+            running = total,
+            confirmed = known,
+            ms = started.elapsed().as_millis() as u64,
+            "containers known"
+        );
+    }
+
+    /// The confirmed containers, for a successor.
+    pub fn export(&self) -> Vec<Exported> {
+        let inner = self.lock();
+        inner
+            .known
+            .iter()
+            .filter(|(_, c)| !c.exited())
+            .map(|(id, c)| Exported {
+                id: id.clone(),
+                pid: c.pid,
+                pid_ns: c.pid_ns.clone(),
+                mnt_ns: c.mnt_ns.clone(),
+                name: c.info.name.clone(),
+                image: c.info.image.clone(),
+                labels: c.info.labels.clone(),
+                user: c.info.user.clone(),
+            })
+            .collect()
+    }
+
+    /// Take a predecessor's containers: each init is pinned again and must
+    /// still resolve to its id and sit in the same namespaces; anything
+    /// that cannot be checked is dropped (and asked about on first use).
+    pub fn import(&self, containers: Vec<Exported>) -> usize {
+        let mut taken = 0;
+        for e in containers.into_iter().take(IMPORT_MAX) {
+            if !super::cgroup::is_container_id(&e.id) || e.pid <= 0 {
+                continue;
+            }
+            match self.pin(&e.id, e.pid, Some((&e.pid_ns, &e.mnt_ns))) {
+                Ok((pidfd, pid_ns, mnt_ns)) => {
+                    let info = ContainerInfo { name: e.name, image: e.image, labels: e.labels, user: e.user };
+                    let c = Confirmed { info: Arc::new(info), pid: e.pid, pidfd, pid_ns, mnt_ns };
+                    self.lock().known.insert(e.id, Arc::new(c));
+                    taken += 1;
+                }
+                Err(err) => tracing::debug!(container = %short(&e.id), error = %err, "not taken from the predecessor"),
+            }
+        }
+        taken
     }
 
     /// The container being started with `volume`: the one container that
@@ -126,6 +532,29 @@ impl DockerCache {
         }
     }
 
+    /// One container event.
+    fn on_event(self: &Arc<Self>, action: &str, id: &str) {
+        // "exec_start: sh" and the like carry a suffix.
+        let action = action.split(':').next().unwrap_or(action);
+        match action {
+            "destroy" | "die" | "stop" | "remove" => {
+                self.lock().known.remove(id);
+            }
+            "rename" | "update" => {
+                self.lock().known.remove(id);
+                self.ask_now(id);
+            }
+            "create" | "start" | "restart" => {
+                self.starts.fetch_add(1, Ordering::SeqCst);
+                self.lock().absent.remove(id);
+                if action != "create" {
+                    self.ask_now(id);
+                }
+            }
+            _ => {}
+        }
+    }
+
     /// Keep the cache honest from the events stream, reconnecting forever.
     pub async fn watch(self: Arc<Self>) {
         let mut backoff = Duration::from_millis(200);
@@ -141,6 +570,11 @@ impl DockerCache {
                 ..Default::default()
             };
             let mut events = self.client.events(Some(opts));
+            if since.is_some() {
+                // The cache was cleared: learn the running containers again.
+                let me = self.clone();
+                tokio::spawn(async move { me.prime().await });
+            }
             while let Some(ev) = events.next().await {
                 match ev {
                     Ok(ev) => {
@@ -150,9 +584,7 @@ impl DockerCache {
                         backoff = Duration::from_millis(200);
                         let action = ev.action.unwrap_or_default();
                         let id = ev.actor.and_then(|a| a.id).unwrap_or_default();
-                        if matches!(action.as_str(), "destroy" | "rename" | "update") {
-                            self.cache.lock().expect("docker cache lock").remove(&id);
-                        }
+                        self.on_event(&action, &id);
                     }
                     Err(e) => {
                         tracing::debug!(error = %e, "docker events stream ended");
@@ -167,9 +599,163 @@ impl DockerCache {
             }
             // Whatever the replay cannot cover (a dockerd restart loses its
             // event log) is forgotten: the next open asks Docker again.
-            self.cache.lock().expect("docker cache lock").clear();
+            {
+                let mut inner = self.lock();
+                inner.known.clear();
+                inner.absent.clear();
+            }
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(5));
         }
+    }
+}
+
+/// Ends an inspect's in-flight entry (waking its waiters), however the
+/// inspect ends.
+struct Inflight {
+    cache: Arc<DockerCache>,
+    id: String,
+}
+
+impl Drop for Inflight {
+    fn drop(&mut self) {
+        self.cache.lock().inflight.remove(&self.id);
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub(crate) const ID: &str = "3f1c0a6b2d4e5f60718293a4b5c6d7e8f90112233445566778899aabbccddeef";
+
+    /// A /proc tree: `pid` in container [`ID`] with the given namespaces.
+    pub(crate) fn proc_entry(root: &Path, pid: i32, cgroup: &str, pid_ns: &str, mnt_ns: &str) {
+        let dir = root.join(pid.to_string());
+        std::fs::create_dir_all(dir.join("ns")).unwrap();
+        std::fs::write(dir.join("cgroup"), cgroup).unwrap();
+        std::fs::write(dir.join("status"), "Name:\tx\nGroups:\t10 20\n").unwrap();
+        std::os::unix::fs::symlink(pid_ns, dir.join("ns/pid")).unwrap();
+        std::os::unix::fs::symlink(mnt_ns, dir.join("ns/mnt")).unwrap();
+    }
+
+    pub(crate) fn exported(pid: i32, pid_ns: &str, mnt_ns: &str) -> Exported {
+        Exported {
+            id: ID.into(),
+            pid,
+            pid_ns: pid_ns.into(),
+            mnt_ns: mnt_ns.into(),
+            name: "web".into(),
+            image: "busybox".into(),
+            labels: BTreeMap::from([("app".into(), "web".into())]),
+            user: String::new(),
+        }
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+    }
+
+    fn me() -> i32 {
+        std::process::id() as i32
+    }
+
+    #[test]
+    fn an_imported_container_is_pinned_and_checked_again() {
+        let (rt, tmp) = (runtime(), tempfile::tempdir().unwrap());
+        // Our own pid stands in for the container's init: it can be pinned.
+        proc_entry(tmp.path(), me(), &format!("0::/docker/{ID}\n"), "pid:[1]", "mnt:[2]");
+        let d = DockerCache::for_tests(tmp.path(), rt.handle().clone());
+        // Other namespaces than recorded, a dead pid, a bad id: dropped.
+        let mut bad_id = exported(me(), "pid:[1]", "mnt:[2]");
+        bad_id.id = "docker".into();
+        let handed = vec![exported(me(), "pid:[1]", "mnt:[9]"), exported(i32::MAX, "pid:[1]", "mnt:[2]"), bad_id];
+        assert_eq!(d.import(handed), 0);
+        assert!(matches!(d.cached(ID), Cached::Miss));
+        assert_eq!(d.import(vec![exported(me(), "pid:[1]", "mnt:[2]")]), 1);
+        let Cached::Known(c) = d.cached(ID) else { panic!("not known") };
+        assert_eq!(
+            (c.pid, c.pid_ns.as_str(), c.mnt_ns.as_str(), c.info.name.as_str()),
+            (me(), "pid:[1]", "mnt:[2]", "web")
+        );
+        let out = d.export();
+        assert_eq!(out.len(), 1);
+        assert_eq!((out[0].id.as_str(), out[0].labels.get("app").map(String::as_str)), (ID, Some("web")));
+        // Its init resolving to another container is not taken.
+        let other = tempfile::tempdir().unwrap();
+        proc_entry(other.path(), me(), &format!("0::/docker/{}\n", "a".repeat(64)), "pid:[1]", "mnt:[2]");
+        let d2 = DockerCache::for_tests(other.path(), rt.handle().clone());
+        assert_eq!(d2.import(d.export()), 0);
+        // An exported list survives JSON, and an old predecessor's state
+        // (no labels, no user) still reads.
+        let json = serde_json::to_string(&out).unwrap();
+        assert_eq!(serde_json::from_str::<Vec<Exported>>(&json).unwrap().len(), 1);
+        let old = r#"[{"id":"x","pid":1,"pid_ns":"p","mnt_ns":"m","name":"n","image":"i"}]"#;
+        assert!(serde_json::from_str::<Vec<Exported>>(old).is_ok());
+    }
+
+    #[test]
+    fn a_container_whose_init_exited_is_evicted_on_sight() {
+        let (rt, tmp) = (runtime(), tempfile::tempdir().unwrap());
+        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let pid = child.id() as i32;
+        proc_entry(tmp.path(), pid, &format!("0::/docker/{ID}\n"), "pid:[1]", "mnt:[2]");
+        let d = DockerCache::for_tests(tmp.path(), rt.handle().clone());
+        assert_eq!(d.import(vec![exported(pid, "pid:[1]", "mnt:[2]")]), 1);
+        assert!(matches!(d.cached(ID), Cached::Known(_)));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(matches!(d.cached(ID), Cached::Miss));
+        assert!(d.export().is_empty());
+    }
+
+    #[test]
+    fn the_negative_cache_is_bounded_and_cleared_by_a_start() {
+        let (rt, tmp) = (runtime(), tempfile::tempdir().unwrap());
+        let d = DockerCache::for_tests(tmp.path(), rt.handle().clone());
+        for n in 0..ABSENT_MAX + 100 {
+            d.absent(&format!("{n:064x}"), UNKNOWN_TTL, 0);
+        }
+        assert_eq!(d.lock().absent.len(), ABSENT_MAX);
+        d.absent(ID, UNKNOWN_TTL, 0);
+        assert!(matches!(d.cached(ID), Cached::Absent));
+        assert!(d.pending(ID).is_none(), "a negative answer is not asked again");
+        d.on_event("start", ID);
+        assert!(matches!(d.cached(ID), Cached::Miss));
+        // An answer from before the start is not believed.
+        d.absent(ID, UNKNOWN_TTL, 0);
+        assert!(matches!(d.cached(ID), Cached::Miss));
+        // Expired answers are forgotten.
+        d.absent("b", Duration::ZERO, 1);
+        assert!(matches!(d.cached("b"), Cached::Miss));
+    }
+
+    #[test]
+    fn inspects_are_deduplicated_bounded_and_waited_for() {
+        let (rt, tmp) = (runtime(), tempfile::tempdir().unwrap());
+        let d = DockerCache::for_tests(tmp.path(), rt.handle().clone());
+        // The current-thread runtime runs nothing until blocked on.
+        let first = d.pending(ID).expect("a miss is asked about");
+        let second = d.pending(ID).expect("joins the inspect in flight");
+        assert_eq!(d.lock().inflight.len(), 1);
+        for n in 1..INFLIGHT_MAX {
+            drop(d.pending(&format!("{n:064x}")));
+        }
+        assert_eq!(d.lock().inflight.len(), INFLIGHT_MAX);
+        assert!(d.pending(&format!("{:064x}", INFLIGHT_MAX + 1)).is_none(), "over the bound: refused");
+        // Docker does not answer here: the waits end, the answer is negative.
+        let started = Instant::now();
+        rt.block_on(async {
+            first.await;
+            second.await;
+        });
+        assert!(started.elapsed() < WAIT_FOR + Duration::from_millis(500));
+        rt.block_on(async {
+            while !d.lock().inflight.is_empty() {
+                tokio::task::yield_now().await;
+            }
+        });
+        assert!(matches!(d.cached(ID), Cached::Absent));
+        assert_eq!(d.inspects(), INFLIGHT_MAX as u64);
     }
 }

@@ -7,6 +7,15 @@
 //! decides what those facts may do. Attestation re-checks the pidfd after
 //! reading `/proc`, so a process that exited and had its pid reused is
 //! never attested as the newcomer.
+//!
+//! A container is never taken from a name. The cgroup file only *claims*
+//! one ([`cgroup::Claim`]); a claim under a delegated subtree is ignored;
+//! otherwise the caller is container C only if Docker confirmed C as
+//! running and the caller shares the pid and mount namespaces of C's
+//! init (`State.Pid`, pinned — see [`docker::Confirmed`]). A claim Docker
+//! has not answered yet is refused ([`IdentityError::Unconfirmed`]):
+//! attestation never blocks on Docker; [`Attestor::pending`] says what to
+//! wait for first.
 #![forbid(unsafe_code)]
 
 pub mod cgroup;
@@ -15,7 +24,7 @@ pub mod docker;
 use std::collections::HashMap;
 use std::fmt;
 use std::os::fd::OwnedFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -34,6 +43,31 @@ pub enum IdentityError {
     Proc { pid: i32, source: std::io::Error },
     #[error("cannot attest pid {pid}: {source}")]
     Cgroup { pid: i32, source: cgroup::CgroupError },
+    #[error("pid {pid} claims container {container:.12}, which Docker has not confirmed (yet)")]
+    Unconfirmed { pid: i32, container: String },
+    #[error("pid {pid} claims container {container:.12} but is not in its pid and mount namespaces")]
+    NotInContainer { pid: i32, container: String },
+}
+
+/// At most one log line a second; counts the ones it holds back.
+#[derive(Default)]
+pub(crate) struct Throttle {
+    last: std::sync::atomic::AtomicU64,
+    held: std::sync::atomic::AtomicU64,
+}
+
+impl Throttle {
+    /// `Some(lines held back since the last one)` if a line may be written now.
+    pub(crate) fn allow(&self) -> Option<u64> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
+        let last = self.last.load(Relaxed);
+        if last != now && self.last.compare_exchange(last, now, Relaxed, Relaxed).is_ok() {
+            return Some(self.held.swap(0, Relaxed));
+        }
+        self.held.fetch_add(1, Relaxed);
+        None
+    }
 }
 
 /// The process at the other end of a connection, as the kernel reported it.
@@ -84,6 +118,8 @@ fn name_only<S: serde::Serializer>(d: &Option<Arc<ContainerInfo>>, s: S) -> Resu
 impl Identity {
     pub fn selectors(&self) -> Vec<String> {
         let mut s = vec![format!("unix:uid:{}", self.uid), format!("unix:gid:{}", self.gid)];
+        // Set only once Docker confirmed the container (see `describe`):
+        // a cgroup name alone never yields `docker:id`.
         if let Some(id) = &self.container_id {
             s.push(format!("docker:id:{id}"));
         }
@@ -109,6 +145,15 @@ pub struct Attestor {
     docker: Option<Arc<docker::DockerCache>>,
     /// FUSE callers seen lately (see [`Attestor::attest_task`]).
     tasks: Mutex<HashMap<i32, Known>>,
+    /// Where the broker sees the cgroup hierarchies (delegation checks).
+    cgroups: cgroup::CgroupMounts,
+    warn: Throttle,
+}
+
+impl fmt::Debug for Throttle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Throttle")
+    }
 }
 
 /// What a task cannot change about itself while it lives (its container,
@@ -146,21 +191,33 @@ impl Attestor {
             own_pid_ns: own("pid"),
             own_mnt_ns: own("mnt"),
             own_container,
+            cgroups: cgroup::CgroupMounts::of_self(&proc_root),
             proc_root,
             admin,
             docker,
             tasks: Mutex::new(HashMap::new()),
+            warn: Throttle::default(),
         }
     }
 
+    /// Check delegation against `mounts` instead of the broker's own
+    /// cgroup mounts (a configured cgroup root; tests).
+    pub fn with_cgroup_mounts(mut self, mounts: cgroup::CgroupMounts) -> Self {
+        self.cgroups = mounts;
+        self
+    }
+
     /// A socket peer: read `/proc`, then prove with the pidfd that the
-    /// process read about is still the peer. Blocks (Docker lookups).
+    /// process read about is still the peer. May wait (up to
+    /// [`docker::WAIT_FOR`]) for Docker to describe the peer's container:
+    /// call it from a thread that may block, never from an async task.
     pub fn attest(&self, peer: &Peer) -> Result<Identity, IdentityError> {
         if peer.pid <= 0 {
             return Err(IdentityError::NoPid);
         }
         self.check_alive(peer)?;
-        let (id, _) = self.describe(peer.pid, peer.uid, peer.gid)?;
+        self.wait_pending(peer.pid);
+        let (id, _, _) = self.describe(peer.pid, peer.uid, peer.gid)?;
         // Everything was read from /proc/<pid>; it describes the peer only
         // if the pinned process is still the one with that pid.
         self.check_alive(peer)?;
@@ -174,6 +231,10 @@ impl Attestor {
     /// A task's container and namespaces are remembered for [`KNOWN_FOR`]
     /// under a pidfd of the task: a warm open then costs a lookup and one
     /// poll instead of four `/proc` reads.
+    ///
+    /// Never blocks on the runtime: a container Docker has not answered
+    /// for yet is refused ([`IdentityError::Unconfirmed`]) and its inspect
+    /// started; wait for [`Attestor::pending`] first to avoid that.
     pub fn attest_task(&self, tid: i32, uid: u32, gid: u32) -> Result<Identity, IdentityError> {
         if tid <= 0 {
             return Err(IdentityError::NoPid);
@@ -198,9 +259,8 @@ impl Attestor {
         }
         // Pin first, read /proc, then check the pin: the facts are the task's.
         let pidfd = crate::sys::pidfd_open_task(tid).ok();
-        let (id, groups) = self.describe(tid, uid, gid)?;
+        let (id, groups, settled) = self.describe(tid, uid, gid)?;
         // A container Docker cannot describe yet is asked about again.
-        let settled = id.container_id.is_none() || id.docker.is_some() || self.docker.is_none();
         if let Some(pidfd) = pidfd.filter(|p| settled && !crate::sys::pidfd_exited(p)) {
             let mut tasks = self.tasks.lock().expect("tasks lock");
             if tasks.len() >= KNOWN_MAX {
@@ -222,29 +282,101 @@ impl Attestor {
         Ok(id)
     }
 
-    /// The identity, and the supplementary groups it was judged by.
-    fn describe(&self, pid: i32, uid: u32, gid: u32) -> Result<(Identity, Vec<u32>), IdentityError> {
+    /// Something worth waiting for before attesting `tid`: the inspect of
+    /// the container it claims (started now, or already in flight), ending
+    /// within [`docker::WAIT_FOR`]. `None` when [`Self::attest_task`] can
+    /// answer at once. Cheap and non-blocking: reads `/proc/<tid>/cgroup`
+    /// (and stats the claimed cgroup's directories), and spawns the
+    /// inspect on the Docker cache's runtime.
+    pub fn pending(&self, tid: i32) -> Option<docker::Wait> {
+        let d = self.docker.as_ref()?;
+        if tid <= 0 {
+            return None;
+        }
+        if let Some(k) = self.tasks.lock().expect("tasks lock").get(&tid) {
+            if k.at.elapsed() < KNOWN_FOR {
+                return None;
+            }
+        }
+        let file = std::fs::read_to_string(self.proc_root.join(tid.to_string()).join("cgroup")).ok()?;
+        let claim = cgroup::claim(&file).ok()??;
+        if claim.delegated(&self.cgroups, cgroup::dir_owner).is_some() {
+            return None;
+        }
+        d.pending(&claim.id)
+    }
+
+    /// Wait (bounded) for [`Self::pending`] on this thread. For callers on
+    /// threads that may block (the socket path; and, TEMPORARILY, the FUSE
+    /// request threads until the worker pool parks opens instead).
+    pub fn wait_pending(&self, tid: i32) {
+        if let (Some(d), Some(wait)) = (&self.docker, self.pending(tid)) {
+            d.runtime().block_on(wait);
+        }
+    }
+
+    /// The container a cgroup file claims, unless it was claimed under a
+    /// delegated subtree (then it is worthless, and ignored).
+    fn claim(&self, pid: i32, cgroup_file: &str) -> Result<Option<String>, IdentityError> {
+        let claim = cgroup::claim(cgroup_file).map_err(|source| IdentityError::Cgroup { pid, source })?;
+        let Some(claim) = claim else { return Ok(None) };
+        if let Some(why) = claim.delegated(&self.cgroups, cgroup::dir_owner) {
+            if let Some(held) = self.warn.allow() {
+                tracing::warn!(
+                    pid,
+                    container = %docker::short(&claim.id),
+                    reason = %why,
+                    held_back = held,
+                    "a container claimed from a delegated cgroup is ignored"
+                );
+            }
+            return Ok(None);
+        }
+        Ok(Some(claim.id))
+    }
+
+    /// The identity, the supplementary groups it was judged by, and
+    /// whether it may be remembered (false while Docker has no answer).
+    fn describe(&self, pid: i32, uid: u32, gid: u32) -> Result<(Identity, Vec<u32>, bool), IdentityError> {
         let dir = self.proc_root.join(pid.to_string());
         let proc_err = |source| IdentityError::Proc { pid, source };
         let cgroup_file = std::fs::read_to_string(dir.join("cgroup")).map_err(proc_err)?;
-        let container_id =
-            cgroup::container_id(&cgroup_file).map_err(|source| IdentityError::Cgroup { pid, source })?;
-        let same_ns = |ns: &str, own: &Option<PathBuf>| -> Result<bool, IdentityError> {
-            let theirs = std::fs::read_link(dir.join("ns").join(ns)).map_err(proc_err)?;
-            Ok(own.as_ref() == Some(&theirs))
+        let claimed = self.claim(pid, &cgroup_file)?;
+        let ns = |ns: &str| -> Result<PathBuf, IdentityError> {
+            std::fs::read_link(dir.join("ns").join(ns)).map_err(proc_err)
         };
+        let (pid_ns, mnt_ns) = (ns("pid")?, ns("mnt")?);
         // "Host" is where the broker is: its pid and mount namespaces, and
         // its container (none, or the sidecar's own for `docker exec`).
-        let host = container_id == self.own_container
-            && same_ns("pid", &self.own_pid_ns)?
-            && same_ns("mnt", &self.own_mnt_ns)?;
+        let host = claimed == self.own_container
+            && self.own_pid_ns.as_ref() == Some(&pid_ns)
+            && self.own_mnt_ns.as_ref() == Some(&mnt_ns);
+        // The container only once Docker confirmed it running and the
+        // caller shares its init's namespaces; `docker:*` never matches
+        // without Docker.
+        let (container_id, docker, settled) = match (claimed, &self.docker) {
+            (None, _) | (Some(_), None) => (None, None, true),
+            (Some(c), Some(d)) => match d.cached(&c) {
+                docker::Cached::Known(k) => {
+                    if Path::new(&k.pid_ns) != pid_ns || Path::new(&k.mnt_ns) != mnt_ns {
+                        return Err(IdentityError::NotInContainer { pid, container: c });
+                    }
+                    (Some(c), Some(k.info.clone()), true)
+                }
+                docker::Cached::Absent => (None, None, false),
+                docker::Cached::Miss => {
+                    tracing::debug!(pid, container = %docker::short(&c), "not confirmed yet");
+                    d.ask_now(&c); // the next attempt may know
+                    if !host {
+                        return Err(IdentityError::Unconfirmed { pid, container: c });
+                    }
+                    (None, None, false)
+                }
+            },
+        };
         let groups = if host { supplementary_groups(&dir).map_err(proc_err)? } else { Vec::new() };
         let admin = host && self.admin.allows(uid, gid, &groups);
-        let docker = match (&container_id, &self.docker) {
-            (Some(c), Some(d)) => d.lookup_blocking(c),
-            _ => None,
-        };
-        Ok((Identity { uid, gid, pid, container_id, docker, host, admin, remote: None }, groups))
+        Ok((Identity { uid, gid, pid, container_id, docker, host, admin, remote: None }, groups, settled))
     }
 
     fn check_alive(&self, peer: &Peer) -> Result<(), IdentityError> {
@@ -329,5 +461,159 @@ mod tests {
         // The thread is gone: its pidfd says so, and /proc has no such task.
         assert!(a.attest_task(t, 0, 0).is_err(), "an exited task was attested from memory");
         assert!(!a.tasks.lock().unwrap().contains_key(&t));
+    }
+
+    /// A /proc tree under a temp dir: the broker (`self`) on the host in
+    /// namespaces pid:[100] and mnt:[200]; container `ID` whose init (this
+    /// test process, so it can be pinned) has pid:[300] and mnt:[400];
+    /// container `PIDHOST` started with `--pid host` (init: a child
+    /// process) with the host's pid:[100] and its own mnt:[500].
+    struct Tree {
+        dir: tempfile::TempDir,
+        rt: tokio::runtime::Runtime,
+        docker: Arc<docker::DockerCache>,
+        init: std::process::Child,
+    }
+
+    impl Drop for Tree {
+        fn drop(&mut self) {
+            let _ = self.init.kill();
+            let _ = self.init.wait();
+        }
+    }
+
+    const ID: &str = docker::tests::ID;
+    const PIDHOST: &str = "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
+    const UNKNOWN: &str = "cccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccc";
+
+    impl Tree {
+        fn new() -> Tree {
+            let dir = tempfile::tempdir().unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let root = dir.path();
+            std::fs::create_dir_all(root.join("self/ns")).unwrap();
+            std::fs::write(root.join("self/cgroup"), "0::/system.slice/keyhole.service\n").unwrap();
+            std::os::unix::fs::symlink("pid:[100]", root.join("self/ns/pid")).unwrap();
+            std::os::unix::fs::symlink("mnt:[200]", root.join("self/ns/mnt")).unwrap();
+            let me = std::process::id() as i32;
+            docker::tests::proc_entry(root, me, &format!("0::/docker/{ID}\n"), "pid:[300]", "mnt:[400]");
+            let init = std::process::Command::new("sleep").arg("60").spawn().unwrap();
+            let init_pid = init.id() as i32;
+            docker::tests::proc_entry(root, init_pid, &format!("0::/docker/{PIDHOST}\n"), "pid:[100]", "mnt:[500]");
+            let docker = docker::DockerCache::for_tests(root, rt.handle().clone());
+            let mut pidhost = docker::tests::exported(init_pid, "pid:[100]", "mnt:[500]");
+            pidhost.id = PIDHOST.into();
+            let handed = vec![docker::tests::exported(me, "pid:[300]", "mnt:[400]"), pidhost];
+            assert_eq!(docker.import(handed), 2);
+            Tree { dir, rt, docker, init }
+        }
+
+        /// A caller task `tid` in `cgroup`, in the given namespaces.
+        fn task(&self, tid: i32, cgroup: &str, pid_ns: &str, mnt_ns: &str) -> i32 {
+            docker::tests::proc_entry(self.dir.path(), tid, cgroup, pid_ns, mnt_ns);
+            tid
+        }
+
+        fn attestor(&self, docker: bool) -> Attestor {
+            let d = docker.then(|| self.docker.clone());
+            Attestor::new(self.dir.path(), AdminPolicy { uids: vec![0], ..AdminPolicy::default() }, d)
+                .with_cgroup_mounts(cgroup::CgroupMounts::default())
+        }
+    }
+
+    /// Fake tids, far above any real pid (so nothing pins them).
+    const T: i32 = 1 << 30;
+
+    #[test]
+    fn a_container_is_its_claim_only_in_its_inits_namespaces() {
+        let tree = Tree::new();
+        let a = tree.attestor(true);
+        // In the container (its init, or `docker exec`): the container.
+        let t = tree.task(T, &format!("0::/docker/{ID}\n"), "pid:[300]", "mnt:[400]");
+        let id = a.attest_task(t, 0, 0).unwrap();
+        assert_eq!(id.container_id.as_deref(), Some(ID));
+        assert_eq!(id.docker.as_ref().map(|d| d.name.as_str()), Some("web"));
+        assert!(!id.host && !id.admin);
+        assert!(id.selectors().contains(&format!("docker:id:{ID}")));
+        assert!(a.pending(t).is_none(), "a known container needs no wait");
+        // The same claim from any other namespaces is refused.
+        for (n, (p, m)) in
+            [("pid:[100]", "mnt:[200]"), ("pid:[300]", "mnt:[999]"), ("pid:[999]", "mnt:[400]")].iter().enumerate()
+        {
+            let t = tree.task(T + 1 + n as i32, &format!("0::/docker/{ID}\n"), p, m);
+            assert!(matches!(a.attest_task(t, 0, 0), Err(IdentityError::NotInContainer { .. })), "{p} {m}");
+        }
+    }
+
+    #[test]
+    fn a_pid_host_container_is_itself_and_not_the_host() {
+        let tree = Tree::new();
+        let a = tree.attestor(true);
+        let t = tree.task(T + 10, &format!("0::/docker/{PIDHOST}\n"), "pid:[100]", "mnt:[500]");
+        let id = a.attest_task(t, 0, 0).unwrap();
+        assert_eq!(id.container_id.as_deref(), Some(PIDHOST));
+        assert!(!id.host && !id.admin, "a --pid host container is not a host process");
+        // A host process claiming it: the host's mount namespace gives it away.
+        let t = tree.task(T + 11, &format!("0::/docker/{PIDHOST}\n"), "pid:[100]", "mnt:[200]");
+        assert!(matches!(a.attest_task(t, 0, 0), Err(IdentityError::NotInContainer { .. })));
+    }
+
+    #[test]
+    fn a_delegated_claim_is_ignored() {
+        let tree = Tree::new();
+        let a = tree.attestor(true);
+        let cg = format!("0::/user.slice/user-1000.slice/user@1000.service/app.slice/docker-{ID}.scope\n");
+        let t = tree.task(T + 20, &cg, "pid:[100]", "mnt:[200]");
+        let id = a.attest_task(t, 0, 0).unwrap();
+        assert_eq!(id.container_id, None);
+        assert!(id.docker.is_none() && id.host, "a host process, as it is");
+        assert!(a.pending(t).is_none(), "nobody asks Docker about a delegated claim");
+        // Owned by a user, under a configured cgroup root.
+        let fixed = cgroup::CgroupMounts::fixed(Some(tree.dir.path()), &[]);
+        std::fs::create_dir_all(tree.dir.path().join(format!("mine/docker-{ID}.scope"))).unwrap();
+        std::os::unix::fs::chown(tree.dir.path().join("mine"), Some(65534), None).unwrap();
+        let a = tree.attestor(true).with_cgroup_mounts(fixed);
+        let t = tree.task(T + 21, &format!("0::/mine/docker-{ID}.scope\n"), "pid:[300]", "mnt:[400]");
+        let id = a.attest_task(t, 65534, 65534).unwrap();
+        assert_eq!(id.container_id, None, "even in the container's namespaces, a delegated claim is not taken");
+    }
+
+    #[test]
+    fn an_unconfirmed_claim_is_refused_at_once_and_worth_waiting_for() {
+        let tree = Tree::new();
+        let a = tree.attestor(true);
+        let t = tree.task(T + 30, &format!("0::/docker/{UNKNOWN}\n"), "pid:[600]", "mnt:[700]");
+        let started = Instant::now();
+        assert!(matches!(a.attest_task(t, 0, 0), Err(IdentityError::Unconfirmed { .. })));
+        assert!(started.elapsed() < Duration::from_millis(200), "attest_task waited");
+        let wait = a.pending(t).expect("the inspect is worth waiting for");
+        tree.rt.block_on(wait);
+        // Docker did not answer: no container facts, and no docker:id.
+        let id = a.attest_task(t, 0, 0).unwrap();
+        assert_eq!(id.container_id, None);
+        assert!(!id.host);
+        assert!(!id.selectors().iter().any(|s| s.starts_with("docker:")));
+        assert!(a.pending(t).is_none(), "the negative answer is cached");
+    }
+
+    #[test]
+    fn without_docker_no_container_is_ever_claimed() {
+        let tree = Tree::new();
+        let a = tree.attestor(false);
+        let t = tree.task(T + 40, &format!("0::/docker/{ID}\n"), "pid:[300]", "mnt:[400]");
+        let id = a.attest_task(t, 0, 0).unwrap();
+        assert_eq!(id.container_id, None);
+        assert!(!id.host);
+        assert!(!id.selectors().iter().any(|s| s.starts_with("docker:")));
+        assert!(a.pending(t).is_none());
+    }
+
+    #[test]
+    fn the_log_throttle_lets_one_line_a_second_through() {
+        let t = Throttle::default();
+        assert_eq!(t.allow(), Some(0));
+        // (A second may tick over in between: then one more passes.)
+        let passed = (0..100).filter_map(|_| t.allow()).collect::<Vec<_>>();
+        assert!(passed.len() <= 1, "{passed:?}");
     }
 }

@@ -4,6 +4,7 @@
 mod support;
 
 mod admin;
+mod attest;
 mod audit;
 mod compose;
 mod crash;
