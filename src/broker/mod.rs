@@ -62,6 +62,8 @@ pub struct Broker {
     /// gRPC calls per caller (`[limits] calls_per_second`).
     pub calls: crate::limits::PerCaller,
     pub refusals: crate::limits::Refusals,
+    /// Peers refused on `takeover.sock` (audited at most once a second).
+    pub takeover_refusals: takeover::RefusalLog,
 }
 
 /// Why a file or directory is not private to this process, if it is not.
@@ -265,6 +267,7 @@ impl Broker {
             stopping: watch::Sender::new(false),
             calls: crate::limits::PerCaller::new(config_calls),
             refusals: crate::limits::Refusals::default(),
+            takeover_refusals: takeover::RefusalLog::default(),
         };
         if let Some(a) = adopt {
             broker.mounts.adopt(&broker, a.mounts, a.next_ino)?;
@@ -494,22 +497,44 @@ fn spawn_successor(exe: &Path) {
     }
 }
 
-/// One takeover request on `conn`. `Ok(Some(pid))`: everything is handed
-/// over to `pid` and this process must exit now, without unmounting or
-/// writing anything.
+/// Check and answer one connection to `takeover.sock`, off the main loop
+/// (bounded by [`takeover::HANDSHAKE_TIMEOUT`]); a successor that
+/// accepted our state goes to `ready`, for the main loop to hand over.
+async fn handshake(
+    broker: Arc<Broker>,
+    conn: tokio::net::UnixStream,
+    ready: tokio::sync::mpsc::Sender<takeover::Outgoing>,
+) {
+    let offered = match conn.into_std() {
+        Ok(sock) => tokio::task::spawn_blocking(move || takeover::Outgoing::offer(sock)).await,
+        Err(e) => return tracing::warn!(error = %e, "takeover: cannot use the connection"),
+    };
+    match offered {
+        Ok(Ok(takeover::Offered::Accepted(out))) => {
+            let _ = ready.send(out).await;
+        }
+        Ok(Ok(takeover::Offered::Declined(_))) => {
+            let e = Event { reason: Some("the successor refused the state"), ..Event::new("takeover_refused") };
+            let _ = broker.audit.record(&e);
+        }
+        Ok(Ok(takeover::Offered::Refused(why))) => {
+            tracing::warn!(reason = %why, "takeover refused");
+            broker.takeover_refusals.refused(&broker.audit, &format!("refused: {why}"));
+        }
+        Ok(Err(e)) => tracing::warn!(error = format!("{e:#}"), "takeover: the peer did not complete the handshake"),
+        Err(e) => tracing::warn!(error = %e, "takeover: the handshake failed"),
+    }
+}
+
+/// Hand over to a successor that accepted our state. `Ok(Some(pid))`:
+/// everything is handed over to `pid` and this process must exit now,
+/// without unmounting or writing anything.
 async fn hand_over(
     broker: &Arc<Broker>,
     listeners: &takeover::Listeners,
     services: &mut Vec<tokio::task::JoinHandle<()>>,
-    conn: tokio::net::UnixStream,
+    out: takeover::Outgoing,
 ) -> anyhow::Result<Option<i32>> {
-    let sock = conn.into_std()?;
-    let Some(out) = tokio::task::spawn_blocking(move || takeover::Outgoing::offer(sock)).await?? else {
-        broker
-            .audit
-            .record(&Event { reason: Some("the successor refused the state"), ..Event::new("takeover_refused") })?;
-        return Ok(None);
-    };
     let pid = out.peer_pid;
     tracing::info!(pid, "handing over to a successor");
     stop_services(broker, std::mem::take(services)).await;
@@ -605,6 +630,8 @@ pub async fn serve(config: Config, takeover: bool) -> anyhow::Result<()> {
 
     let (mut term, mut int, mut hup) =
         (signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?, signal(SignalKind::hangup())?);
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(4));
+    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<takeover::Outgoing>(1);
     let why = loop {
         tokio::select! {
             _ = term.recv() => break "SIGTERM",
@@ -612,7 +639,19 @@ pub async fn serve(config: Config, takeover: bool) -> anyhow::Result<()> {
             _ = hup.recv() => spawn_successor(&exe),
             conn = takeover_l.accept() => {
                 let Ok((conn, _)) = conn else { continue };
-                match hand_over(&broker, &listeners, &mut services, conn).await {
+                // A few handshakes at a time; each is short.
+                let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+                    tracing::warn!("takeover: too many handshakes under way; connection closed");
+                    continue;
+                };
+                let (b, tx) = (broker.clone(), ready_tx.clone());
+                tokio::spawn(async move {
+                    handshake(b, conn, tx).await;
+                    drop(permit);
+                });
+            }
+            Some(out) = ready_rx.recv() => {
+                match hand_over(&broker, &listeners, &mut services, out).await {
                     Ok(Some(pid)) => {
                         // Under systemd, the successor becomes the service's
                         // main process before this one exits.

@@ -15,5 +15,6 @@ mod mounts;
 mod operate;
 mod secrets;
 mod takeover;
+mod takeover_auth;
 mod tamper;
 mod vault;
