@@ -101,6 +101,32 @@ fn check_private(path: &Path, what: &str) -> anyhow::Result<()> {
     }
 }
 
+/// The run dir holds `admin.sock` and `takeover.sock`: whoever may
+/// rename or create entries in it could put their own sockets there.
+/// It must be ours and writable by nobody else (0755, as created, is fine).
+fn check_run_dir(path: &Path) -> anyhow::Result<()> {
+    let md = fs::metadata(path).with_context(|| format!("cannot stat run dir {}", path.display()))?;
+    let (p, me) = (path.display(), euid());
+    if !md.is_dir() {
+        bail!("run dir {p} is not a directory");
+    }
+    if md.uid() != me {
+        bail!(
+            "run dir {p} belongs to uid {}, not to the broker's uid {me}: its owner could replace admin.sock; \
+             fix with: chown {me} {p}",
+            md.uid()
+        );
+    }
+    let mode = md.mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        bail!(
+            "run dir {p} has mode {mode:04o}: group and others must not write to it (they could replace \
+             admin.sock); fix with: chmod 0755 {p}"
+        );
+    }
+    Ok(())
+}
+
 fn euid() -> u32 {
     // /proc/self is owned by our effective uid: a safe way to learn it.
     fs::metadata("/proc/self").map_or(0, |m| m.uid())
@@ -247,9 +273,13 @@ impl Broker {
         }
         let attestor = Arc::new(Attestor::new("/proc", config.admin.clone(), docker.clone()));
         let run_dir = &config.run_dir;
-        fs::create_dir_all(run_dir).with_context(|| format!("cannot create run dir {}", run_dir.display()))?;
-        // Containers bind the workload socket and mounts from here.
-        fs::set_permissions(run_dir, fs::Permissions::from_mode(0o755))?;
+        if run_dir.exists() {
+            check_run_dir(run_dir)?;
+        } else {
+            fs::create_dir_all(run_dir).with_context(|| format!("cannot create run dir {}", run_dir.display()))?;
+            // Containers bind the workload socket and mounts from here.
+            fs::set_permissions(run_dir, fs::Permissions::from_mode(0o755))?;
+        }
         let shared =
             Arc::new(FsShared { attestor: attestor.clone(), audit: audit.clone(), audit_reads: config.audit_reads });
         let mounts = MountTable::new(run_dir, shared)?;

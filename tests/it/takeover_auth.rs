@@ -211,3 +211,47 @@ fn an_upgrade_from_a_replaced_binary_or_another_install_path_still_takes_over() 
     let mut out = out;
     out.wait().unwrap();
 }
+
+#[test]
+fn a_run_dir_another_user_owns_or_may_write_is_refused_at_start() {
+    if !require_root() {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let mut b = Broker::start();
+    b.put("app/key", b"v");
+    assert!(b.terminate().success());
+    let run = b.run();
+    let mode = |m: u32| std::fs::set_permissions(&run, std::fs::Permissions::from_mode(m)).unwrap();
+    for loose in [0o775, 0o757, 0o777] {
+        mode(loose);
+        let err = serve_must_fail_for(&b);
+        assert!(err.contains(&format!("has mode {loose:04o}")) && err.contains("chmod 0755"), "{err}");
+    }
+    mode(0o755);
+    // Owned by another user (who could swap admin.sock for their own).
+    std::os::unix::fs::chown(&run, Some(1000), None).unwrap();
+    let err = serve_must_fail_for(&b);
+    assert!(err.contains("belongs to uid 1000") && err.contains("chown 0"), "{err}");
+    std::os::unix::fs::chown(&run, Some(0), None).unwrap();
+    // The documented 0755, ours: fine.
+    b.restart();
+    assert_eq!(b.get("app/key"), b"v");
+}
+
+/// `serve` on `b`'s dirs must fail at start; returns its stderr.
+fn serve_must_fail_for(b: &Broker) -> String {
+    let mut child = b.serve_command().stderr(Stdio::piped()).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the broker started");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success(), "the broker started");
+    stderr(&out)
+}
