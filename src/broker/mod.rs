@@ -36,6 +36,16 @@ use crate::identity::Attestor;
 use crate::identity::docker::DockerCache;
 use crate::secret::SecretBytes;
 
+/// A start refused because the store or the audit log was tampered with
+/// (or cut, or replaced) while no broker ran: `keyhole serve` exits 6.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Tampered(pub String);
+
+/// How often, at most, the audit log's head is sealed in the store when
+/// nothing else writes to the store.
+const AUDIT_SEAL_EVERY: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// What a successor takes over besides its listeners (see [`takeover`]).
 pub struct Adopt {
     pub mounts: Vec<(crate::fs::MountState, fs::File)>,
@@ -225,15 +235,35 @@ impl Broker {
     /// Open everything in the state dir and set up the mounts. Blocking
     /// (Argon2id, fsync, mount); `rt` serves Docker lookups.
     /// With `adopt`, the mounts and audit head come from a predecessor.
-    pub fn open(config: Config, rt: tokio::runtime::Handle, adopt: Option<Adopt>) -> anyhow::Result<Broker> {
+    /// With `new_audit_log`, an audit log that does not reach the head the
+    /// store sealed (cut, lost or replaced) is accepted, and the gap audited.
+    pub fn open(
+        config: Config,
+        rt: tokio::runtime::Handle,
+        adopt: Option<Adopt>,
+        new_audit_log: bool,
+    ) -> anyhow::Result<Broker> {
         private_dir(&config.state_dir, "state dir")?;
         let key = read_key(&config)?;
         let store_file = config.store_file();
         if store_file.exists() {
             check_private(&store_file, "store")?;
         }
-        let (store, master) = LocalStore::open(&store_file, key, config.history_depth)
-            .with_context(|| format!("cannot open the store {}", store_file.display()))?;
+        let (store, master) = match LocalStore::open(&store_file, key, config.history_depth) {
+            Ok(opened) => opened,
+            Err(e @ crate::backend::local::StoreError::Tampered { .. }) => {
+                return Err(Tampered(format!(
+                    "refusing to start: {e}. Nothing is served from {}; restore the state dir (store and audit \
+                     log) from a backup you trust",
+                    store_file.display()
+                ))
+                .into());
+            }
+            Err(e) => {
+                return Err(anyhow::Error::from(e))
+                    .with_context(|| format!("cannot open the store {}", store_file.display()));
+            }
+        };
         let audit_file = config.audit_file();
         if audit_file.exists() {
             check_private(&audit_file, "audit log")?;
@@ -243,6 +273,23 @@ impl Broker {
             None => AuditLog::open(&audit_file, master.audit_key()),
         }
         .with_context(|| format!("refusing to start: move {} aside to begin a new audit log", audit_file.display()))?;
+        if let Some(seal) = store.sealed_audit_head() {
+            if let Err(e) = audit.holds(seal.seq, &seal.mac) {
+                let a = audit_file.display();
+                if !new_audit_log {
+                    return Err(Tampered(format!(
+                        "refusing to start: the audit log {a} does not hold the head the store sealed (line {}): \
+                         {e}. Restore the log from a backup; or, to go on from the log as it is (the gap is \
+                         audited), start once with: keyhole serve --new-audit-log",
+                        seal.seq
+                    ))
+                    .into());
+                }
+                let why = format!("started with --new-audit-log: {e}");
+                tracing::warn!(path = %a, reason = %why, "the audit log does not hold the sealed head; going on");
+                audit.record(&Event { reason: Some(&why), ..Event::new("audit_reset") })?;
+            }
+        }
         let docker = if config.docker_socket.exists() {
             let d = DockerCache::connect(&config.docker_socket, rt.clone())
                 .with_context(|| format!("cannot use the Docker socket {}", config.docker_socket.display()))?;
@@ -268,6 +315,15 @@ impl Broker {
             audit.rotate_at(r);
         }
         let audit = Arc::new(audit);
+        // Every store write seals the audit log's (durable) head with it.
+        let head_of = audit.clone();
+        store.seal_audit_with(Box::new(move || match head_of.durable_head() {
+            Ok((seq, mac)) => Some(crate::backend::local::AuditSeal { seq, mac }),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot sync the audit log; its head is not sealed with this write");
+                None
+            }
+        }));
         if let Some(a) = &config.alerts {
             audit.alert_on_deny(crate::alerts::Alerts::start(a.clone(), Arc::downgrade(&audit), &rt));
         }
@@ -573,6 +629,10 @@ async fn hand_over(
     let to = format!("to pid {pid}");
     broker.audit.record(&Event { reason: Some(&to), ..Event::new("handover") })?;
     let (audit_seq, mac) = broker.audit.seal();
+    let b = broker.clone();
+    if let Err(e) = tokio::task::spawn_blocking(move || b.store.seal_audit()).await? {
+        tracing::warn!(error = %e, "cannot seal the audit log's head in the store before the handover");
+    }
     let packed = broker.mounts.snapshot().and_then(|(mounts, next_ino)| {
         let (mounts, mut fds): (Vec<_>, Vec<_>) = mounts.into_iter().unzip();
         fds.extend(listeners.fds()?);
@@ -609,7 +669,7 @@ async fn hand_over(
 /// Run the broker until SIGTERM or SIGINT, or until a successor takes
 /// over. With `takeover`, first take over from the broker running on the
 /// same run dir.
-pub async fn serve(config: Config, takeover: bool) -> anyhow::Result<()> {
+pub async fn serve(config: Config, takeover: bool, new_audit_log: bool) -> anyhow::Result<()> {
     // One TLS crypto provider for the whole process (the Vault client).
     let _ = rustls::crypto::ring::default_provider().install_default();
     crate::sys::umask(0o077);
@@ -630,7 +690,7 @@ pub async fn serve(config: Config, takeover: bool) -> anyhow::Result<()> {
         (None, None)
     };
     let rt = tokio::runtime::Handle::current();
-    let broker = Arc::new(tokio::task::spawn_blocking(move || Broker::open(config, rt, adopt)).await??);
+    let broker = Arc::new(tokio::task::spawn_blocking(move || Broker::open(config, rt, adopt, new_audit_log)).await??);
     if let Some(d) = &broker.docker {
         tokio::spawn(d.clone().watch());
     }
@@ -651,6 +711,8 @@ pub async fn serve(config: Config, takeover: bool) -> anyhow::Result<()> {
             systemd::notify("READY=1");
         }
     }
+    seal_audit_head(&broker).await;
+    tokio::spawn(seal_audit_periodically(broker.clone()));
     tracing::info!(
         admin = %broker.config.admin_socket().display(),
         workload = %broker.config.workload_socket().display(),
@@ -708,5 +770,35 @@ pub async fn serve(config: Config, takeover: bool) -> anyhow::Result<()> {
     let b = broker.clone();
     tokio::task::spawn_blocking(move || b.mounts.shutdown()).await?;
     broker.audit.record(&Event { reason: Some(why), ..Event::new("stop") })?;
+    seal_audit_head(&broker).await;
     Ok(())
+}
+
+/// Seal the audit log's current head in the store (a store write).
+async fn seal_audit_head(broker: &Arc<Broker>) -> bool {
+    let b = broker.clone();
+    match tokio::task::spawn_blocking(move || b.store.seal_audit()).await {
+        Ok(Ok(())) => true,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "cannot seal the audit log's head in the store");
+            false
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot seal the audit log's head in the store");
+            false
+        }
+    }
+}
+
+/// Between store writes, seal the audit log's head every few seconds
+/// when it has moved, so a tail cut while no broker runs is caught.
+async fn seal_audit_periodically(broker: Arc<Broker>) {
+    let mut sealed = broker.audit.lines_written();
+    loop {
+        tokio::time::sleep(AUDIT_SEAL_EVERY).await;
+        let now = broker.audit.lines_written();
+        if now != sealed && seal_audit_head(&broker).await {
+            sealed = now;
+        }
+    }
 }

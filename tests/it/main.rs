@@ -13,6 +13,7 @@ mod lifecycle;
 mod limits;
 mod mounts;
 mod operate;
+mod replay;
 mod secrets;
 mod takeover;
 mod takeover_auth;
