@@ -776,6 +776,30 @@ mod tests {
     }
 
     #[test]
+    fn holds_finds_a_sealed_head_in_any_kept_file_and_catches_a_cut_or_a_missing_file() {
+        let d = tempfile::tempdir().unwrap();
+        let (path, log) = rotating(d.path(), 60);
+        let (seq, mac) = log.durable_head().unwrap();
+        log.holds(seq, &mac).unwrap();
+        assert!(log.holds(seq, &[0; 32]).is_err(), "another line at the head");
+        assert!(log.holds(seq + 1, &mac).unwrap_err().to_string().contains("cut"));
+        // The last line of a rotated file in the middle.
+        let files = rotated_files(&path).unwrap();
+        let text = std::fs::read_to_string(&files[1]).unwrap();
+        let last: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+        let s = last["seq"].as_u64().unwrap();
+        let mut m = [0u8; 32];
+        hex::decode_to_slice(last["hmac"].as_str().unwrap(), &mut m).unwrap();
+        log.holds(s, &m).unwrap();
+        assert!(log.holds(s, &[1; 32]).is_err());
+        // Older than every kept file: rotation deleted it; taken as passed.
+        log.holds(1, &[0; 32]).unwrap();
+        // The file that holds it gone, with older ones kept: refused.
+        std::fs::remove_file(&files[1]).unwrap();
+        assert!(log.holds(s, &m).unwrap_err().to_string().contains("missing"));
+    }
+
+    #[test]
     fn concurrent_writers_never_come_before_a_files_first_line() {
         let d = tempfile::tempdir().unwrap();
         let (_, log) = rotating(d.path(), 0);

@@ -958,6 +958,119 @@ mod tests {
     }
 
     #[test]
+    fn digest_arithmetic_is_mod_2_256() {
+        let mut d = Digest([u64::MAX, u64::MAX, 5, 0]);
+        let one = Digest([1, 0, 0, 0]);
+        d.add(one);
+        assert_eq!(d, Digest([0, 0, 6, 0]));
+        d.add(one.neg());
+        assert_eq!(d, Digest([u64::MAX, u64::MAX, 5, 0]));
+        assert_eq!(Digest::from_hex(&d.to_hex()), Some(d));
+        let mut z = Digest([0, 0, 0, u64::MAX]);
+        z.add(Digest([0, 0, 0, 1]));
+        assert_eq!(z, Digest::default());
+        assert!(Digest::from_hex("xyz").is_none());
+    }
+
+    fn reopen(dir: &Path) -> Result<LocalStore, StoreError> {
+        let key = MasterKey::from_bytes(&[7; 32]).unwrap();
+        LocalStore::open(&dir.join("s.redb"), KeyMaterial::Key(key), 10).map(|(s, _)| s)
+    }
+
+    fn raw<T>(dir: &Path, f: impl FnOnce(&redb::WriteTransaction) -> T) -> T {
+        let db = Database::open(dir.join("s.redb")).unwrap();
+        let txn = db.begin_write().unwrap();
+        let out = f(&txn);
+        txn.commit().unwrap();
+        out
+    }
+
+    #[test]
+    fn every_kind_of_write_keeps_the_manifest_in_step() {
+        let d = tempfile::tempdir().unwrap();
+        let s = store(d.path(), 2);
+        for i in 0..4u8 {
+            s.put(&p("a"), &SecretBytes::copy_from(&[i]), false, None, 0).unwrap();
+        }
+        s.put(&p("b"), &SecretBytes::copy_from(b"b"), false, None, 0).unwrap();
+        s.delete(&p("b")).unwrap();
+        s.add_workload(&Workload::new("web", &["unix:uid:1000".into()]).unwrap()).unwrap();
+        s.add_workload(&Workload::new("api", &["unix:uid:1".into()]).unwrap()).unwrap();
+        s.put_grant(&Grant::new("a", "web", None, None, None, None).unwrap()).unwrap();
+        s.put_grant(&Grant::new("a", "web", None, None, None, None).unwrap()).unwrap();
+        s.put_grant(&Grant::new("a", "api", None, None, None, None).unwrap()).unwrap();
+        s.remove_grant("api", "a").unwrap();
+        s.remove_workload("web").unwrap();
+        let meta = VersionMeta { version: 3, created_unix_ms: 1, size: 1 };
+        s.cache_put("prod/x", &meta, &SecretBytes::copy_from(b"x")).unwrap();
+        s.cache_put("prod/x", &meta, &SecretBytes::copy_from(b"y")).unwrap();
+        s.cache_put("prod/y", &meta, &SecretBytes::copy_from(b"y")).unwrap();
+        s.cache_remove("prod/y").unwrap();
+        s.put_record(VOLUMES, "v", &"spec").unwrap();
+        s.put_record(VOLUME_MOUNTS, "m", &"mount").unwrap();
+        assert!(s.remove_record(VOLUME_MOUNTS, "m").unwrap());
+        s.put_note("backend-ok:prod", &5u64).unwrap();
+        s.put_note("backend-ok:prod", &6u64).unwrap();
+        s.seal_audit_with(Box::new(|| Some(AuditSeal { seq: 9, mac: [3; 32] })));
+        s.seal_audit().unwrap();
+        drop(s);
+        let s = reopen(d.path()).unwrap();
+        assert_eq!(s.sealed_audit_head(), Some(AuditSeal { seq: 9, mac: [3; 32] }));
+        assert_eq!(s.get(&p("a"), None).unwrap().1.expose(), [3]);
+    }
+
+    #[test]
+    fn a_replayed_or_removed_record_refuses_the_store() {
+        let d = tempfile::tempdir().unwrap();
+        let s = store(d.path(), 10);
+        s.put(&p("a"), &SecretBytes::copy_from(b"1"), false, None, 0).unwrap();
+        s.add_workload(&Workload::new("web", &["unix:uid:1000".into()]).unwrap()).unwrap();
+        s.put_grant(&Grant::new("a", "web", None, None, None, None).unwrap()).unwrap();
+        let head = |t: &redb::WriteTransaction| t.open_table(HEADS).unwrap().get("a").unwrap().unwrap().value().to_vec();
+        let grant =
+            |t: &redb::WriteTransaction| t.open_table(GRANTS).unwrap().get(("web", "a")).unwrap().unwrap().value().to_vec();
+        drop(s);
+        let (old_head, old_grant) = raw(d.path(), |t| (head(t), grant(t)));
+        let s = reopen(d.path()).unwrap();
+        s.put(&p("a"), &SecretBytes::copy_from(b"2"), false, None, 0).unwrap();
+        s.remove_grant("web", "a").unwrap();
+        drop(s);
+        let new_head = raw(d.path(), head);
+        raw(d.path(), |t| t.open_table(HEADS).unwrap().insert("a", old_head.as_slice()).map(drop).unwrap());
+        assert!(matches!(reopen(d.path()), Err(StoreError::Tampered { .. })));
+        raw(d.path(), |t| t.open_table(HEADS).unwrap().insert("a", new_head.as_slice()).map(drop).unwrap());
+        raw(d.path(), |t| t.open_table(GRANTS).unwrap().insert(("web", "a"), old_grant.as_slice()).map(drop).unwrap());
+        assert!(matches!(reopen(d.path()), Err(StoreError::Tampered { .. })));
+        raw(d.path(), |t| t.open_table(GRANTS).unwrap().remove(("web", "a")).map(drop).unwrap());
+        assert_eq!(reopen(d.path()).unwrap().get(&p("a"), None).unwrap().1.expose(), b"2");
+        // A store that lost its key check but holds records is no new store.
+        raw(d.path(), |t| t.open_table(META).unwrap().remove("keycheck").map(drop).unwrap());
+        assert!(matches!(reopen(d.path()), Err(StoreError::Tampered { .. })));
+    }
+
+    #[test]
+    fn a_store_without_a_manifest_is_upgraded_once() {
+        let d = tempfile::tempdir().unwrap();
+        let s = store(d.path(), 10);
+        s.put(&p("a"), &SecretBytes::copy_from(b"1"), false, None, 0).unwrap();
+        let sealer = MasterKey::from_bytes(&[7; 32]).unwrap().sealer();
+        drop(s);
+        // As keyhole 0.1 left it: a v1 key check and no manifest.
+        raw(d.path(), |t| {
+            let mut meta = t.open_table(META).unwrap();
+            meta.remove(MANIFEST).unwrap();
+            meta.insert("keycheck", sealer.seal(KEYCHECK_V1, KEYCHECK_AAD).unwrap().as_slice()).unwrap();
+        });
+        let s = reopen(d.path()).unwrap();
+        assert_eq!(s.get(&p("a"), None).unwrap().1.expose(), b"1");
+        assert!(s.sealed_audit_head().is_none());
+        drop(s);
+        // From then on it is a store with a manifest: dropping it refuses.
+        raw(d.path(), |t| t.open_table(META).unwrap().remove(MANIFEST).map(drop).unwrap());
+        assert!(matches!(reopen(d.path()), Err(StoreError::Tampered { .. })));
+    }
+
+    #[test]
     fn wrong_key_and_moved_records_are_refused() {
         let d = tempfile::tempdir().unwrap();
         let s = store(d.path(), 10);
