@@ -1026,9 +1026,11 @@ mod tests {
         s.put(&p("a"), &SecretBytes::copy_from(b"1"), false, None, 0).unwrap();
         s.add_workload(&Workload::new("web", &["unix:uid:1000".into()]).unwrap()).unwrap();
         s.put_grant(&Grant::new("a", "web", None, None, None, None).unwrap()).unwrap();
-        let head = |t: &redb::WriteTransaction| t.open_table(HEADS).unwrap().get("a").unwrap().unwrap().value().to_vec();
-        let grant =
-            |t: &redb::WriteTransaction| t.open_table(GRANTS).unwrap().get(("web", "a")).unwrap().unwrap().value().to_vec();
+        let head =
+            |t: &redb::WriteTransaction| t.open_table(HEADS).unwrap().get("a").unwrap().unwrap().value().to_vec();
+        let grant = |t: &redb::WriteTransaction| {
+            t.open_table(GRANTS).unwrap().get(("web", "a")).unwrap().unwrap().value().to_vec()
+        };
         drop(s);
         let (old_head, old_grant) = raw(d.path(), |t| (head(t), grant(t)));
         let s = reopen(d.path()).unwrap();
