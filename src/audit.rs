@@ -5,8 +5,12 @@
 //! the first line) followed by the line's bytes up to `,"hmac"` plus `}`.
 //! Lines carry a `seq` from 1 without gaps. Editing, reordering or cutting
 //! lines breaks the chain; cutting the tail is caught by the running
-//! broker, which knows the last HMAC it wrote. No value is ever written
-//! here: events name paths and versions only.
+//! broker, which knows the last HMAC it wrote, and, while no broker runs,
+//! at the next start: the store seals the log's durable head
+//! ([`AuditLog::durable_head`]) with each of its writes, every few
+//! seconds, at handover and at a clean stop, and the log must hold it
+//! ([`AuditLog::holds`]). No value is ever written here: events name
+//! paths and versions only.
 #![forbid(unsafe_code)]
 
 use std::fs::{File, OpenOptions};

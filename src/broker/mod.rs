@@ -272,7 +272,12 @@ impl Broker {
             Some(a) => AuditLog::resume(&audit_file, master.audit_key(), a.audit.0, a.audit.1),
             None => AuditLog::open(&audit_file, master.audit_key()),
         }
-        .with_context(|| format!("refusing to start: move {} aside to begin a new audit log", audit_file.display()))?;
+        .with_context(|| {
+            format!(
+                "refusing to start: move {} aside, then start once with --new-audit-log to begin a new audit log",
+                audit_file.display()
+            )
+        })?;
         if let Some(seal) = store.sealed_audit_head() {
             if let Err(e) = audit.holds(seal.seq, &seal.mac) {
                 let a = audit_file.display();
