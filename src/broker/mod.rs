@@ -727,7 +727,7 @@ pub async fn serve(config: Config, takeover: bool, new_audit_log: bool) -> anyho
 
     let (mut term, mut int, mut hup) =
         (signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?, signal(SignalKind::hangup())?);
-    let handshakes = Arc::new(tokio::sync::Semaphore::new(4));
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(16));
     let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<takeover::Outgoing>(1);
     let why = loop {
         tokio::select! {

@@ -243,3 +243,31 @@ fn kill_9_without_a_clean_stop_still_starts() {
     }
     b.ok(&["audit", "--verify"]);
 }
+
+#[test]
+fn a_store_from_before_manifests_is_upgraded_once_and_says_so() {
+    if !require_root() {
+        return;
+    }
+    let mut b = Broker::start();
+    b.put("app/key", b"kept-across-the-upgrade");
+    assert!(b.terminate().success());
+    // As keyhole 0.1 left a store: its key check, and no manifest.
+    let key = std::fs::read(b.state().join("master.key")).unwrap();
+    let sealer = keyhole::crypto::MasterKey::from_bytes(&key).unwrap().sealer();
+    edit(&b, |t| {
+        let mut meta = t.open_table(META).unwrap();
+        meta.remove("manifest").unwrap();
+        let check = sealer.seal(b"keyhole local store v1", b"keyhole/v1/keycheck").unwrap();
+        meta.insert("keycheck", check.as_slice()).unwrap();
+    });
+    b.restart();
+    assert_eq!(b.get("app/key"), b"kept-across-the-upgrade");
+    assert!(b.log().contains("upgraded a keyhole 0.1 store"), "{}", b.log());
+    assert!(b.terminate().success());
+    // Once upgraded, it is held to its manifest.
+    edit(&b, |t| {
+        t.open_table(META).unwrap().remove("manifest").unwrap();
+    });
+    assert_refused(&b, "app/key", "manifest, which is missing");
+}
