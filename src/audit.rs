@@ -5,8 +5,12 @@
 //! the first line) followed by the line's bytes up to `,"hmac"` plus `}`.
 //! Lines carry a `seq` from 1 without gaps. Editing, reordering or cutting
 //! lines breaks the chain; cutting the tail is caught by the running
-//! broker, which knows the last HMAC it wrote. No value is ever written
-//! here: events name paths and versions only.
+//! broker, which knows the last HMAC it wrote, and, while no broker runs,
+//! at the next start: the store seals the log's durable head
+//! ([`AuditLog::durable_head`]) with each of its writes, every few
+//! seconds, at handover and at a clean stop, and the log must hold it
+//! ([`AuditLog::holds`]). No value is ever written here: events name
+//! paths and versions only.
 #![forbid(unsafe_code)]
 
 use std::fs::{File, OpenOptions};
@@ -217,10 +221,17 @@ fn chain_start(first_line: &str) -> (u64, [u8; MAC_LEN]) {
 
 /// Verify one file of the log end to end.
 fn verify_file(key: &SecretBytes, path: &Path) -> Result<Span, AuditError> {
+    verify_file_at(key, path, 0).map(|(span, _)| span)
+}
+
+/// [`verify_file`], also returning the HMAC of line `at` if the file
+/// holds it.
+fn verify_file_at(key: &SecretBytes, path: &Path, at: u64) -> Result<(Span, Option<[u8; MAC_LEN]>), AuditError> {
+    let mut found = None;
     let empty = Span { first: 1, last: 0, start: [0; MAC_LEN], mac: [0; MAC_LEN] };
     let file = match File::open(path) {
         Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(empty),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((empty, None)),
         Err(source) => return Err(AuditError::Io { path: path.into(), source }),
     };
     let keyed = <HmacSha256 as hmac::KeyInit>::new_from_slice(key.expose()).expect("HMAC takes any key length");
@@ -236,10 +247,18 @@ fn verify_file(key: &SecretBytes, path: &Path) -> Result<Span, AuditError> {
         }
         n += 1;
         prev = check_line(&keyed, &prev, n, &line).map_err(|problem| AuditError::Broken { line: n, problem })?;
+        if n == at {
+            found = Some(prev);
+        }
     }
     span.last = n.max(span.first - 1);
     span.mac = if n >= span.first { prev } else { span.start };
-    Ok(span)
+    Ok((span, found))
+}
+
+/// The last seq a rotated file's name carries (`<log>.<12 digits>`).
+fn rotated_last(path: &Path) -> Option<u64> {
+    path.extension()?.to_str()?.parse().ok()
 }
 
 /// The files a rotation left beside `path`, oldest first.
@@ -620,6 +639,87 @@ impl AuditLog {
         Ok(checked)
     }
 
+    /// The head, with every line up to it on disk (fdatasync): a head the
+    /// store may seal without getting ahead of the log after a crash.
+    pub fn durable_head(&self) -> Result<(u64, [u8; MAC_LEN]), AuditError> {
+        let (seq, mac, file) = {
+            let h = self.head.lock().expect("audit lock");
+            (h.seq, h.mac, h.file.try_clone())
+        };
+        let io = |source| AuditError::Io { path: self.path.clone(), source };
+        // A file rotated away since was synced before it was moved.
+        file.and_then(|f| f.sync_data()).map_err(io)?;
+        Ok((seq, mac))
+    }
+
+    /// Check that the log holds line `seq` with HMAC `mac` (the head the
+    /// store sealed at its last write), verifying the files from the one
+    /// that holds it to the current, each continuing the one before. A
+    /// line older than every file rotation kept is taken as passed.
+    pub fn holds(&self, seq: u64, mac: &[u8; MAC_LEN]) -> Result<(), AuditError> {
+        let (head, head_mac) = {
+            let h = self.head.lock().expect("audit lock");
+            (h.seq, h.mac)
+        };
+        let cut = |last: u64| AuditError::Broken {
+            line: last + 1,
+            problem: format!(
+                "the log ends at line {last}, but the store sealed line {seq} as its head: lines were cut from its \
+                 end, or it was deleted or replaced"
+            ),
+        };
+        let replaced = || AuditError::Broken {
+            line: seq,
+            problem: format!("line {seq} is not the one the store sealed as its head: the log was replaced"),
+        };
+        if seq == 0 {
+            return Ok(());
+        }
+        if head < seq {
+            return Err(cut(head));
+        }
+        if head == seq {
+            return if head_mac == *mac { Ok(()) } else { Err(replaced()) };
+        }
+        let io = |source| AuditError::Io { path: self.path.clone(), source };
+        let rotated = rotated_files(&self.path).map_err(io)?;
+        // Files ending before the sealed line need no reading.
+        let older = rotated.iter().filter(|f| rotated_last(f).is_some_and(|last| last < seq)).count();
+        let mut files = rotated[older..].to_vec();
+        files.push(self.path.clone());
+        let mut before: Option<Span> = None;
+        let mut found = None;
+        for f in &files {
+            let (span, at) = verify_file_at(&self.key, f, seq)?;
+            match &before {
+                Some(prev) if span.first != prev.last + 1 || span.start != prev.mac => {
+                    return Err(AuditError::Broken {
+                        line: span.first,
+                        problem: format!("{} does not continue the file before it: a file is missing", f.display()),
+                    });
+                }
+                None if span.first > seq && older > 0 => {
+                    return Err(AuditError::Broken {
+                        line: seq,
+                        problem: format!("the file holding line {seq}, which the store sealed, is missing"),
+                    });
+                }
+                None if span.first > seq => {
+                    tracing::warn!(seq, "the audit line the store sealed was in a file rotation has since deleted");
+                    return Ok(());
+                }
+                _ => {}
+            }
+            found = found.or(at);
+            before = Some(span);
+        }
+        match found {
+            Some(m) if m == *mac => Ok(()),
+            Some(_) => Err(replaced()),
+            None => Err(cut(before.map_or(0, |s| s.last))),
+        }
+    }
+
     /// Every stored line (of the files a rotation kept, too), the seq of
     /// the last, then (if `follow`) every new one as written.
     pub fn subscribe(&self) -> (Vec<String>, u64, broadcast::Receiver<(u64, String)>) {
@@ -805,6 +905,30 @@ mod tests {
         let log = AuditLog::open(&path, key()).unwrap();
         assert_eq!(log.lines_written(), seq + 1, "the new file starts with its audit_rotate line");
         assert_eq!(log.verify().unwrap(), seq + 1);
+    }
+
+    #[test]
+    fn holds_finds_a_sealed_head_in_any_kept_file_and_catches_a_cut_or_a_missing_file() {
+        let d = tempfile::tempdir().unwrap();
+        let (path, log) = rotating(d.path(), 60);
+        let (seq, mac) = log.durable_head().unwrap();
+        log.holds(seq, &mac).unwrap();
+        assert!(log.holds(seq, &[0; 32]).is_err(), "another line at the head");
+        assert!(log.holds(seq + 1, &mac).unwrap_err().to_string().contains("cut"));
+        // The last line of a rotated file in the middle.
+        let files = rotated_files(&path).unwrap();
+        let text = std::fs::read_to_string(&files[1]).unwrap();
+        let last: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+        let s = last["seq"].as_u64().unwrap();
+        let mut m = [0u8; 32];
+        hex::decode_to_slice(last["hmac"].as_str().unwrap(), &mut m).unwrap();
+        log.holds(s, &m).unwrap();
+        assert!(log.holds(s, &[1; 32]).is_err());
+        // Older than every kept file: rotation deleted it; taken as passed.
+        log.holds(1, &[0; 32]).unwrap();
+        // The file that holds it gone, with older ones kept: refused.
+        std::fs::remove_file(&files[1]).unwrap();
+        assert!(log.holds(s, &m).unwrap_err().to_string().contains("missing"));
     }
 
     #[test]

@@ -2,8 +2,9 @@
 //!
 //! One 32-byte master key (from a key file, or Argon2id over a passphrase)
 //! derives two independent keys with HMAC-SHA256 under distinct labels:
-//! the store key, which seals records with AES-256-GCM, and the audit key,
-//! which chains the audit log. A sealed record is
+//! the store key, which seals records with AES-256-GCM, the audit key,
+//! which chains the audit log, and (since 0.2) the manifest key, which
+//! binds every store record into the store's sealed manifest. A sealed record is
 //! `0x01 || nonce (12 random bytes) || ciphertext || tag`, and its
 //! associated data names what it is (kind, path, version), so a record
 //! moved to another key, or edited, fails to open.
@@ -83,6 +84,11 @@ impl MasterKey {
 
     pub fn audit_key(&self) -> SecretBytes {
         self.derive(b"keyhole/v1/audit-key")
+    }
+
+    /// The key of the store manifest's per-record HMACs.
+    pub fn manifest_key(&self) -> SecretBytes {
+        self.derive(b"keyhole/v2/manifest-key")
     }
 }
 

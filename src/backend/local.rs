@@ -15,6 +15,27 @@
 //! [`StoreError::Tampered`], never served. Every change is one durable
 //! redb transaction, so a crash leaves each secret at its old or new
 //! version.
+//!
+//! The manifest (`meta["manifest"]`, sealed, AAD `keyhole/v2/manifest`)
+//! binds the records together: a generation bumped by every write, the
+//! number of records, and a keyed multiset hash over all of them, the sum
+//! mod 2^256 of `HMAC(manifest key, table ‖ key ‖ sealed record)` (every
+//! table; in `meta`, every entry but the manifest itself). Each write
+//! transaction subtracts the terms of the records it replaces or removes,
+//! adds those it writes, and rewrites the manifest in the same
+//! transaction; [`LocalStore::open`] recomputes the sum and refuses the
+//! store ([`StoreError::Tampered`]) if it differs. So an older record
+//! written back (a secret's previous head, a revoked grant), a record
+//! moved, added or removed, or records mixed from copies taken at
+//! different times, are all caught before anything is served. A store
+//! rolled back as a whole (its file restored from a backup, manifest and
+//! all) is consistent and is not caught here: that is out of scope. The
+//! manifest also carries the audit log's head at its last write (see
+//! [`LocalStore::seal_audit_with`]), so the broker can tell a cut or
+//! deleted audit log at start.
+//!
+//! The key check (`meta["keycheck"]`) seals `keyhole local store v2`;
+//! a 0.1 store (`... v1`, no manifest) is upgraded once at open.
 #![forbid(unsafe_code)]
 
 use std::path::Path;
@@ -36,8 +57,116 @@ const CACHE: TableDefinition<&str, &[u8]> = TableDefinition::new("backend_cache"
 pub const VOLUMES: TableDefinition<&str, &[u8]> = TableDefinition::new("volumes");
 pub const VOLUME_MOUNTS: TableDefinition<&str, &[u8]> = TableDefinition::new("volume_mounts");
 
-const KEYCHECK: &[u8] = b"keyhole local store v1";
+/// The key check of a 0.1 store, which has no manifest.
+const KEYCHECK_V1: &[u8] = b"keyhole local store v1";
+/// The key check of a store with a manifest: it must have one.
+const KEYCHECK: &[u8] = b"keyhole local store v2";
 const KEYCHECK_AAD: &[u8] = b"keyhole/v1/keycheck";
+const MANIFEST: &str = "manifest";
+const MANIFEST_AAD: &[u8] = b"keyhole/v2/manifest";
+
+/// A sum mod 2^256 of record HMACs, as four little-endian u64 limbs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Digest([u64; 4]);
+
+impl Digest {
+    fn from_mac(mac: &[u8; 32]) -> Digest {
+        let mut d = [0u64; 4];
+        for (i, limb) in d.iter_mut().enumerate() {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&mac[i * 8..i * 8 + 8]);
+            *limb = u64::from_le_bytes(b);
+        }
+        Digest(d)
+    }
+
+    fn add(&mut self, o: Digest) {
+        let mut carry = 0u128;
+        for (a, b) in self.0.iter_mut().zip(o.0) {
+            let s = u128::from(*a) + u128::from(b) + carry;
+            *a = s as u64;
+            carry = s >> 64;
+        }
+    }
+
+    /// The additive inverse mod 2^256.
+    fn neg(self) -> Digest {
+        let mut d = Digest(self.0.map(|l| !l));
+        d.add(Digest([1, 0, 0, 0]));
+        d
+    }
+
+    fn to_hex(self) -> String {
+        self.0.iter().map(|l| format!("{l:016x}")).collect()
+    }
+
+    fn from_hex(s: &str) -> Option<Digest> {
+        if s.len() != 64 || !s.is_ascii() {
+            return None;
+        }
+        let mut d = [0u64; 4];
+        for (i, limb) in d.iter_mut().enumerate() {
+            *limb = u64::from_str_radix(&s[i * 16..i * 16 + 16], 16).ok()?;
+        }
+        Some(Digest(d))
+    }
+
+    /// Equality in constant time.
+    fn same(&self, o: &Digest) -> bool {
+        self.0.iter().zip(o.0).fold(0u64, |d, (a, b)| d | (a ^ b)) == 0
+    }
+}
+
+/// What a write transaction changed: the manifest's sum and count move by
+/// this much when it commits.
+#[derive(Default)]
+struct Changes {
+    delta: Digest,
+    records: i64,
+}
+
+/// The sealed manifest (see the module doc).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct Manifest {
+    generation: u64,
+    records: u64,
+    digest: String,
+    /// The audit log's head at the last write: (seq, hex HMAC).
+    #[serde(default)]
+    audit: Option<(u64, String)>,
+}
+
+/// The audit log's head as the store last sealed it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AuditSeal {
+    pub seq: u64,
+    pub mac: [u8; 32],
+}
+
+/// Where a write transaction gets the audit log's head to seal with it;
+/// it must return a head whose lines are durable.
+pub type AuditHeadSource = Box<dyn Fn() -> Option<AuditSeal> + Send + Sync>;
+
+/// The key bytes of a record in the manifest's HMAC input.
+fn key_str(k: &str) -> Vec<u8> {
+    k.as_bytes().to_vec()
+}
+
+fn key_pair(a: &str, b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(4 + a.len() + b.len());
+    out.extend_from_slice(&(a.len() as u32).to_be_bytes());
+    out.extend_from_slice(a.as_bytes());
+    out.extend_from_slice(b);
+    out
+}
+
+fn key_value(path: &str, version: u64) -> Vec<u8> {
+    key_pair(path, &version.to_be_bytes())
+}
+
+fn key_grant(workload: &str, target: &str) -> Vec<u8> {
+    key_pair(workload, target.as_bytes())
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -82,7 +211,12 @@ pub struct LocalStore {
     db: std::sync::RwLock<Option<Database>>,
     path: std::path::PathBuf,
     sealer: Sealer,
+    /// Keys the manifest's per-record HMACs.
+    manifest_key: SecretBytes,
     history_depth: usize,
+    /// The audit head the manifest held when the store was opened.
+    opened_audit: Option<AuditSeal>,
+    audit_source: std::sync::OnceLock<AuditHeadSource>,
 }
 
 impl std::fmt::Debug for LocalStore {
@@ -119,12 +253,14 @@ pub enum KeyMaterial {
 }
 
 impl LocalStore {
-    /// Open (or create) the store and prove the key opens it. Returns the
-    /// store and the master key it was opened with.
+    /// Open (or create) the store, prove the key opens it, and verify its
+    /// manifest against every record (a 0.1 store, which has none, gets
+    /// one). Returns the store and the master key it was opened with.
     pub fn open(path: &Path, key: KeyMaterial, history_depth: u32) -> Result<(Self, MasterKey), StoreError> {
         let db = Database::create(path)?;
         let txn = db.begin_write()?;
         let master;
+        let format;
         {
             let mut meta = txn.open_table(META)?;
             txn.open_table(VALUES)?;
@@ -152,24 +288,182 @@ impl LocalStore {
             };
             let sealer = master.sealer();
             let check = meta.get("keycheck")?.map(|c| c.value().to_vec());
-            match check {
+            format = match check {
                 Some(c) => match sealer.open(&c, KEYCHECK_AAD) {
-                    Ok(v) if v.expose() == KEYCHECK => {}
+                    Ok(v) if v.expose() == KEYCHECK => 2,
+                    Ok(v) if v.expose() == KEYCHECK_V1 => 1,
                     _ => return Err(StoreError::WrongKey),
                 },
-                None => {
-                    meta.insert("keycheck", sealer.seal(KEYCHECK, KEYCHECK_AAD)?.as_slice())?;
+                None => 0,
+            };
+            if format < 2 {
+                meta.insert("keycheck", sealer.seal(KEYCHECK, KEYCHECK_AAD)?.as_slice())?;
+            }
+        }
+        let mut store = LocalStore {
+            db: std::sync::RwLock::new(None),
+            path: path.to_owned(),
+            sealer: master.sealer(),
+            manifest_key: master.manifest_key(),
+            history_depth: history_depth as usize,
+            opened_audit: None,
+            audit_source: std::sync::OnceLock::new(),
+        };
+        let (sum, records) = store.scan(&txn)?;
+        match format {
+            2 => {
+                let m = {
+                    let meta = txn.open_table(META)?;
+                    store.read_manifest(&meta)?
+                };
+                let want = Digest::from_hex(&m.digest);
+                if m.records != records || !want.is_some_and(|w| w.same(&sum)) {
+                    return Err(StoreError::Tampered {
+                        what: format!(
+                            "the store's records, which do not match its sealed manifest (generation {}): a \
+                             record was written back from an older copy, moved, added or removed",
+                            m.generation
+                        ),
+                    });
+                }
+                store.opened_audit = m.audit.as_ref().and_then(|(seq, mac)| {
+                    let mut b = [0u8; 32];
+                    hex::decode_to_slice(mac, &mut b).ok().map(|()| AuditSeal { seq: *seq, mac: b })
+                });
+                tracing::debug!(generation = m.generation, records, "store verified against its manifest");
+                drop(txn);
+            }
+            _ => {
+                // Nothing but the salt in a store without a key check: new.
+                let salt = u64::from(txn.open_table(META)?.get("kdf-salt")?.is_some());
+                if format == 0 && records > 1 + salt {
+                    return Err(StoreError::Tampered {
+                        what: "the store's key check, which is missing from a store that holds records".into(),
+                    });
+                }
+                let m = Manifest { generation: 1, records, digest: sum.to_hex(), audit: None };
+                txn.open_table(META)?.insert(MANIFEST, store.seal_manifest(&m)?.as_slice())?;
+                txn.commit()?;
+                if format == 1 {
+                    tracing::info!(
+                        path = %path.display(),
+                        records,
+                        "upgraded a keyhole 0.1 store: sealed a manifest over its records (replayed or moved \
+                         records are detected from now on)"
+                    );
                 }
             }
         }
-        txn.commit()?;
-        let store = LocalStore {
-            db: std::sync::RwLock::new(Some(db)),
-            path: path.to_owned(),
-            sealer: master.sealer(),
-            history_depth: history_depth as usize,
-        };
+        *store.db.get_mut().expect("store lock") = Some(db);
         Ok((store, master))
+    }
+
+    /// The audit log's head as the manifest held it when the store was
+    /// opened (`None`: never sealed, e.g. a new or just upgraded store).
+    pub fn sealed_audit_head(&self) -> Option<AuditSeal> {
+        self.opened_audit
+    }
+
+    /// From now on every write transaction seals the head `source`
+    /// returns in the manifest. Set once.
+    pub fn seal_audit_with(&self, source: AuditHeadSource) {
+        let _ = self.audit_source.set(source);
+    }
+
+    /// Seal the audit log's current head (a transaction of its own).
+    pub fn seal_audit(&self) -> Result<(), StoreError> {
+        let txn = self.begin_write()?;
+        self.commit(txn, Changes::default())
+    }
+
+    /// The manifest's HMAC of one record.
+    fn term(&self, table: &str, key: &[u8], sealed: &[u8]) -> Digest {
+        let mut m = <crate::crypto::HmacSha256 as hmac::KeyInit>::new_from_slice(self.manifest_key.expose())
+            .expect("HMAC takes keys of any length");
+        hmac::Mac::update(&mut m, &[table.len() as u8]);
+        hmac::Mac::update(&mut m, table.as_bytes());
+        hmac::Mac::update(&mut m, &(key.len() as u32).to_be_bytes());
+        hmac::Mac::update(&mut m, key);
+        hmac::Mac::update(&mut m, sealed);
+        Digest::from_mac(&hmac::Mac::finalize(m).into_bytes().into())
+    }
+
+    /// Account for one record going from `old` to `new` (`None`: absent).
+    fn changed(&self, ch: &mut Changes, table: &str, key: &[u8], old: Option<&[u8]>, new: Option<&[u8]>) {
+        if let Some(o) = old {
+            ch.delta.add(self.term(table, key, o).neg());
+            ch.records -= 1;
+        }
+        if let Some(n) = new {
+            ch.delta.add(self.term(table, key, n));
+            ch.records += 1;
+        }
+    }
+
+    /// The manifest's sum and count, computed afresh over every record.
+    fn scan(&self, txn: &redb::WriteTransaction) -> Result<(Digest, u64), StoreError> {
+        let mut sum = Digest::default();
+        let mut n = 0u64;
+        for def in [META, HEADS, WORKLOADS, CACHE, VOLUMES, VOLUME_MOUNTS] {
+            let t = txn.open_table(def)?;
+            for e in t.iter()? {
+                let (k, v) = e?;
+                if def.name() == META.name() && k.value() == MANIFEST {
+                    continue;
+                }
+                sum.add(self.term(def.name(), &key_str(k.value()), v.value()));
+                n += 1;
+            }
+        }
+        for e in txn.open_table(VALUES)?.iter()? {
+            let (k, v) = e?;
+            let (path, version) = k.value();
+            sum.add(self.term(VALUES.name(), &key_value(path, version), v.value()));
+            n += 1;
+        }
+        for e in txn.open_table(GRANTS)?.iter()? {
+            let (k, v) = e?;
+            let (w, target) = k.value();
+            sum.add(self.term(GRANTS.name(), &key_grant(w, target), v.value()));
+            n += 1;
+        }
+        Ok((sum, n))
+    }
+
+    fn read_manifest(&self, meta: &impl ReadableTable<&'static str, &'static [u8]>) -> Result<Manifest, StoreError> {
+        let what = || "the store's manifest".to_owned();
+        let sealed = meta.get(MANIFEST)?.ok_or_else(|| StoreError::Tampered {
+            what: "the store's manifest, which is missing (a store of this version always has one)".into(),
+        })?;
+        self.open_json(sealed.value(), MANIFEST_AAD, what)
+    }
+
+    fn seal_manifest(&self, m: &Manifest) -> Result<Vec<u8>, StoreError> {
+        self.seal_json(m, MANIFEST_AAD)
+    }
+
+    /// Commit a write transaction with its manifest brought up to date
+    /// (the changes, the next generation, the audit head): one commit.
+    fn commit(&self, txn: redb::WriteTransaction, ch: Changes) -> Result<(), StoreError> {
+        {
+            let mut meta = txn.open_table(META)?;
+            let mut m = self.read_manifest(&meta)?;
+            let mut sum = Digest::from_hex(&m.digest)
+                .ok_or_else(|| StoreError::Tampered { what: "the store's manifest".into() })?;
+            sum.add(ch.delta);
+            m.digest = sum.to_hex();
+            m.records = m
+                .records
+                .checked_add_signed(ch.records)
+                .ok_or_else(|| StoreError::Tampered { what: "the store's manifest (its record count)".into() })?;
+            m.generation += 1;
+            if let Some(head) = self.audit_source.get().and_then(|f| f()) {
+                m.audit = Some((head.seq, hex::encode(head.mac)));
+            }
+            meta.insert(MANIFEST, self.seal_manifest(&m)?.as_slice())?;
+        }
+        txn.commit()?;
+        Ok(())
     }
 
     /// Begin a transaction with `begin`. After an I/O error (a full disk,
@@ -247,6 +541,7 @@ impl LocalStore {
     ) -> Result<VersionMeta, StoreError> {
         let p = path.as_str();
         let txn = self.begin_write()?;
+        let mut ch = Changes::default();
         let meta;
         {
             let mut heads = txn.open_table(HEADS)?;
@@ -262,15 +557,20 @@ impl LocalStore {
             }
             let version = current + 1;
             meta = VersionMeta { version, created_unix_ms: now_ms, size: value.len() as u64 };
-            values.insert((p, version), self.sealer.seal(value.expose(), &value_aad(p, version))?.as_slice())?;
+            let sealed = self.sealer.seal(value.expose(), &value_aad(p, version))?;
+            let old = values.insert((p, version), sealed.as_slice())?.map(|g| g.value().to_vec());
+            self.changed(&mut ch, VALUES.name(), &key_value(p, version), old.as_deref(), Some(&sealed));
             versions.push(meta.clone());
             let excess = versions.len().saturating_sub(self.history_depth);
             for old in versions.drain(..excess) {
-                values.remove((p, old.version))?;
+                let gone = values.remove((p, old.version))?.map(|g| g.value().to_vec());
+                self.changed(&mut ch, VALUES.name(), &key_value(p, old.version), gone.as_deref(), None);
             }
-            heads.insert(p, self.seal_head(p, &versions)?.as_slice())?;
+            let head = self.seal_head(p, &versions)?;
+            let old = heads.insert(p, head.as_slice())?.map(|g| g.value().to_vec());
+            self.changed(&mut ch, HEADS.name(), &key_str(p), old.as_deref(), Some(&head));
         }
-        txn.commit()?;
+        self.commit(txn, ch)?;
         Ok(meta)
     }
 
@@ -334,44 +634,52 @@ impl LocalStore {
     pub fn delete(&self, path: &SecretPath) -> Result<usize, StoreError> {
         let p = path.as_str();
         let txn = self.begin_write()?;
+        let mut ch = Changes::default();
         let n;
         {
             let mut heads = txn.open_table(HEADS)?;
             let mut values = txn.open_table(VALUES)?;
             let versions = self.read_head(&heads, p)?.ok_or_else(|| StoreError::NotFound(p.to_owned()))?;
             for m in &versions {
-                values.remove((p, m.version))?;
+                let gone = values.remove((p, m.version))?.map(|g| g.value().to_vec());
+                self.changed(&mut ch, VALUES.name(), &key_value(p, m.version), gone.as_deref(), None);
             }
-            heads.remove(p)?;
+            let gone = heads.remove(p)?.map(|g| g.value().to_vec());
+            self.changed(&mut ch, HEADS.name(), &key_str(p), gone.as_deref(), None);
             n = versions.len();
         }
-        txn.commit()?;
+        self.commit(txn, ch)?;
         Ok(n)
     }
 
     /// Add a workload; its name must be new.
     pub fn add_workload(&self, w: &Workload) -> Result<(), StoreError> {
         let txn = self.begin_write()?;
+        let mut ch = Changes::default();
         {
             let mut t = txn.open_table(WORKLOADS)?;
             if t.get(w.name.as_str())?.is_some() {
                 return Err(StoreError::Exists(format!("workload {} exists; remove it first to change it", w.name)));
             }
-            t.insert(w.name.as_str(), self.seal_json(w, &workload_aad(&w.name))?.as_slice())?;
+            let sealed = self.seal_json(w, &workload_aad(&w.name))?;
+            t.insert(w.name.as_str(), sealed.as_slice())?;
+            self.changed(&mut ch, WORKLOADS.name(), &key_str(&w.name), None, Some(&sealed));
         }
-        txn.commit()?;
+        self.commit(txn, ch)?;
         Ok(())
     }
 
     /// Remove a workload and its grants; returns how many grants went.
     pub fn remove_workload(&self, name: &str) -> Result<usize, StoreError> {
         let txn = self.begin_write()?;
+        let mut ch = Changes::default();
         let n;
         {
             let mut t = txn.open_table(WORKLOADS)?;
-            if t.remove(name)?.is_none() {
+            let Some(gone) = t.remove(name)?.map(|g| g.value().to_vec()) else {
                 return Err(StoreError::Missing(format!("workload {name} does not exist")));
-            }
+            };
+            self.changed(&mut ch, WORKLOADS.name(), &key_str(name), Some(&gone), None);
             let mut g = txn.open_table(GRANTS)?;
             let mut targets = Vec::new();
             for e in g.range((name, "")..)? {
@@ -383,11 +691,12 @@ impl LocalStore {
                 targets.push(target.to_owned());
             }
             for target in &targets {
-                g.remove((name, target.as_str()))?;
+                let gone = g.remove((name, target.as_str()))?.map(|g| g.value().to_vec());
+                self.changed(&mut ch, GRANTS.name(), &key_grant(name, target), gone.as_deref(), None);
             }
             n = targets.len();
         }
-        txn.commit()?;
+        self.commit(txn, ch)?;
         Ok(n)
     }
 
@@ -407,23 +716,28 @@ impl LocalStore {
     pub fn put_grant(&self, g: &Grant) -> Result<(), StoreError> {
         let target = g.target.to_string();
         let txn = self.begin_write()?;
+        let mut ch = Changes::default();
         {
             if txn.open_table(WORKLOADS)?.get(g.workload.as_str())?.is_none() {
                 return Err(StoreError::Missing(format!("workload {} does not exist", g.workload)));
             }
             let sealed = self.seal_json(g, &grant_aad(&g.workload, &target))?;
-            txn.open_table(GRANTS)?.insert((g.workload.as_str(), target.as_str()), sealed.as_slice())?;
+            let mut t = txn.open_table(GRANTS)?;
+            let old = t.insert((g.workload.as_str(), target.as_str()), sealed.as_slice())?.map(|v| v.value().to_vec());
+            self.changed(&mut ch, GRANTS.name(), &key_grant(&g.workload, &target), old.as_deref(), Some(&sealed));
         }
-        txn.commit()?;
+        self.commit(txn, ch)?;
         Ok(())
     }
 
     pub fn remove_grant(&self, workload: &str, target: &str) -> Result<(), StoreError> {
         let txn = self.begin_write()?;
-        if txn.open_table(GRANTS)?.remove((workload, target))?.is_none() {
+        let mut ch = Changes::default();
+        let Some(gone) = txn.open_table(GRANTS)?.remove((workload, target))?.map(|g| g.value().to_vec()) else {
             return Err(StoreError::Missing(format!("{target} is not granted to {workload}")));
-        }
-        txn.commit()?;
+        };
+        self.changed(&mut ch, GRANTS.name(), &key_grant(workload, target), Some(&gone), None);
+        self.commit(txn, ch)?;
         Ok(())
     }
 
@@ -452,15 +766,19 @@ impl LocalStore {
         plain.extend_from_slice(value.expose());
         let sealed = self.sealer.seal(&plain, &cache_aad(path))?;
         let txn = self.begin_write()?;
-        txn.open_table(CACHE)?.insert(path, sealed.as_slice())?;
-        txn.commit()?;
+        let mut ch = Changes::default();
+        let old = txn.open_table(CACHE)?.insert(path, sealed.as_slice())?.map(|g| g.value().to_vec());
+        self.changed(&mut ch, CACHE.name(), &key_str(path), old.as_deref(), Some(&sealed));
+        self.commit(txn, ch)?;
         Ok(())
     }
 
     pub fn cache_remove(&self, path: &str) -> Result<(), StoreError> {
         let txn = self.begin_write()?;
-        txn.open_table(CACHE)?.remove(path)?;
-        txn.commit()?;
+        let mut ch = Changes::default();
+        let gone = txn.open_table(CACHE)?.remove(path)?.map(|g| g.value().to_vec());
+        self.changed(&mut ch, CACHE.name(), &key_str(path), gone.as_deref(), None);
+        self.commit(txn, ch)?;
         Ok(())
     }
 
@@ -500,16 +818,21 @@ impl LocalStore {
         let aad = format!("keyhole/v1/{}\0{key}", table.name());
         let sealed = self.seal_json(value, aad.as_bytes())?;
         let txn = self.begin_write()?;
-        txn.open_table(table)?.insert(key, sealed.as_slice())?;
-        txn.commit()?;
+        let mut ch = Changes::default();
+        let old = txn.open_table(table)?.insert(key, sealed.as_slice())?.map(|g| g.value().to_vec());
+        self.changed(&mut ch, table.name(), &key_str(key), old.as_deref(), Some(&sealed));
+        self.commit(txn, ch)?;
         Ok(())
     }
 
     /// Remove a record; returns whether it was there.
     pub fn remove_record(&self, table: TableDefinition<&str, &[u8]>, key: &str) -> Result<bool, StoreError> {
         let txn = self.begin_write()?;
-        let had = txn.open_table(table)?.remove(key)?.is_some();
-        txn.commit()?;
+        let mut ch = Changes::default();
+        let gone = txn.open_table(table)?.remove(key)?.map(|g| g.value().to_vec());
+        self.changed(&mut ch, table.name(), &key_str(key), gone.as_deref(), None);
+        let had = gone.is_some();
+        self.commit(txn, ch)?;
         Ok(had)
     }
 
@@ -538,8 +861,10 @@ impl LocalStore {
         let key = format!("note:{key}");
         let sealed = self.seal_json(value, key.as_bytes())?;
         let txn = self.begin_write()?;
-        txn.open_table(META)?.insert(key.as_str(), sealed.as_slice())?;
-        txn.commit()?;
+        let mut ch = Changes::default();
+        let old = txn.open_table(META)?.insert(key.as_str(), sealed.as_slice())?.map(|g| g.value().to_vec());
+        self.changed(&mut ch, META.name(), &key_str(&key), old.as_deref(), Some(&sealed));
+        self.commit(txn, ch)?;
         Ok(())
     }
 
@@ -630,6 +955,121 @@ mod tests {
         assert_eq!(s.remove_workload("web").unwrap(), 1);
         assert_eq!(s.grants(None).unwrap().len(), 1);
         assert_eq!(s.workloads().unwrap().iter().map(|w| w.name.as_str()).collect::<Vec<_>>(), ["api"]);
+    }
+
+    #[test]
+    fn digest_arithmetic_is_mod_2_256() {
+        let mut d = Digest([u64::MAX, u64::MAX, 5, 0]);
+        let one = Digest([1, 0, 0, 0]);
+        d.add(one);
+        assert_eq!(d, Digest([0, 0, 6, 0]));
+        d.add(one.neg());
+        assert_eq!(d, Digest([u64::MAX, u64::MAX, 5, 0]));
+        assert_eq!(Digest::from_hex(&d.to_hex()), Some(d));
+        let mut z = Digest([0, 0, 0, u64::MAX]);
+        z.add(Digest([0, 0, 0, 1]));
+        assert_eq!(z, Digest::default());
+        assert!(Digest::from_hex("xyz").is_none());
+    }
+
+    fn reopen(dir: &Path) -> Result<LocalStore, StoreError> {
+        let key = MasterKey::from_bytes(&[7; 32]).unwrap();
+        LocalStore::open(&dir.join("s.redb"), KeyMaterial::Key(key), 10).map(|(s, _)| s)
+    }
+
+    fn raw<T>(dir: &Path, f: impl FnOnce(&redb::WriteTransaction) -> T) -> T {
+        let db = Database::open(dir.join("s.redb")).unwrap();
+        let txn = db.begin_write().unwrap();
+        let out = f(&txn);
+        txn.commit().unwrap();
+        out
+    }
+
+    #[test]
+    fn every_kind_of_write_keeps_the_manifest_in_step() {
+        let d = tempfile::tempdir().unwrap();
+        let s = store(d.path(), 2);
+        for i in 0..4u8 {
+            s.put(&p("a"), &SecretBytes::copy_from(&[i]), false, None, 0).unwrap();
+        }
+        s.put(&p("b"), &SecretBytes::copy_from(b"b"), false, None, 0).unwrap();
+        s.delete(&p("b")).unwrap();
+        s.add_workload(&Workload::new("web", &["unix:uid:1000".into()]).unwrap()).unwrap();
+        s.add_workload(&Workload::new("api", &["unix:uid:1".into()]).unwrap()).unwrap();
+        s.put_grant(&Grant::new("a", "web", None, None, None, None).unwrap()).unwrap();
+        s.put_grant(&Grant::new("a", "web", None, None, None, None).unwrap()).unwrap();
+        s.put_grant(&Grant::new("a", "api", None, None, None, None).unwrap()).unwrap();
+        s.remove_grant("api", "a").unwrap();
+        s.remove_workload("web").unwrap();
+        let meta = VersionMeta { version: 3, created_unix_ms: 1, size: 1 };
+        s.cache_put("prod/x", &meta, &SecretBytes::copy_from(b"x")).unwrap();
+        s.cache_put("prod/x", &meta, &SecretBytes::copy_from(b"y")).unwrap();
+        s.cache_put("prod/y", &meta, &SecretBytes::copy_from(b"y")).unwrap();
+        s.cache_remove("prod/y").unwrap();
+        s.put_record(VOLUMES, "v", &"spec").unwrap();
+        s.put_record(VOLUME_MOUNTS, "m", &"mount").unwrap();
+        assert!(s.remove_record(VOLUME_MOUNTS, "m").unwrap());
+        s.put_note("backend-ok:prod", &5u64).unwrap();
+        s.put_note("backend-ok:prod", &6u64).unwrap();
+        s.seal_audit_with(Box::new(|| Some(AuditSeal { seq: 9, mac: [3; 32] })));
+        s.seal_audit().unwrap();
+        drop(s);
+        let s = reopen(d.path()).unwrap();
+        assert_eq!(s.sealed_audit_head(), Some(AuditSeal { seq: 9, mac: [3; 32] }));
+        assert_eq!(s.get(&p("a"), None).unwrap().1.expose(), [3]);
+    }
+
+    #[test]
+    fn a_replayed_or_removed_record_refuses_the_store() {
+        let d = tempfile::tempdir().unwrap();
+        let s = store(d.path(), 10);
+        s.put(&p("a"), &SecretBytes::copy_from(b"1"), false, None, 0).unwrap();
+        s.add_workload(&Workload::new("web", &["unix:uid:1000".into()]).unwrap()).unwrap();
+        s.put_grant(&Grant::new("a", "web", None, None, None, None).unwrap()).unwrap();
+        let head =
+            |t: &redb::WriteTransaction| t.open_table(HEADS).unwrap().get("a").unwrap().unwrap().value().to_vec();
+        let grant = |t: &redb::WriteTransaction| {
+            t.open_table(GRANTS).unwrap().get(("web", "a")).unwrap().unwrap().value().to_vec()
+        };
+        drop(s);
+        let (old_head, old_grant) = raw(d.path(), |t| (head(t), grant(t)));
+        let s = reopen(d.path()).unwrap();
+        s.put(&p("a"), &SecretBytes::copy_from(b"2"), false, None, 0).unwrap();
+        s.remove_grant("web", "a").unwrap();
+        drop(s);
+        let new_head = raw(d.path(), head);
+        raw(d.path(), |t| t.open_table(HEADS).unwrap().insert("a", old_head.as_slice()).map(drop).unwrap());
+        assert!(matches!(reopen(d.path()), Err(StoreError::Tampered { .. })));
+        raw(d.path(), |t| t.open_table(HEADS).unwrap().insert("a", new_head.as_slice()).map(drop).unwrap());
+        raw(d.path(), |t| t.open_table(GRANTS).unwrap().insert(("web", "a"), old_grant.as_slice()).map(drop).unwrap());
+        assert!(matches!(reopen(d.path()), Err(StoreError::Tampered { .. })));
+        raw(d.path(), |t| t.open_table(GRANTS).unwrap().remove(("web", "a")).map(drop).unwrap());
+        assert_eq!(reopen(d.path()).unwrap().get(&p("a"), None).unwrap().1.expose(), b"2");
+        // A store that lost its key check but holds records is no new store.
+        raw(d.path(), |t| t.open_table(META).unwrap().remove("keycheck").map(drop).unwrap());
+        assert!(matches!(reopen(d.path()), Err(StoreError::Tampered { .. })));
+    }
+
+    #[test]
+    fn a_store_without_a_manifest_is_upgraded_once() {
+        let d = tempfile::tempdir().unwrap();
+        let s = store(d.path(), 10);
+        s.put(&p("a"), &SecretBytes::copy_from(b"1"), false, None, 0).unwrap();
+        let sealer = MasterKey::from_bytes(&[7; 32]).unwrap().sealer();
+        drop(s);
+        // As keyhole 0.1 left it: a v1 key check and no manifest.
+        raw(d.path(), |t| {
+            let mut meta = t.open_table(META).unwrap();
+            meta.remove(MANIFEST).unwrap();
+            meta.insert("keycheck", sealer.seal(KEYCHECK_V1, KEYCHECK_AAD).unwrap().as_slice()).unwrap();
+        });
+        let s = reopen(d.path()).unwrap();
+        assert_eq!(s.get(&p("a"), None).unwrap().1.expose(), b"1");
+        assert!(s.sealed_audit_head().is_none());
+        drop(s);
+        // From then on it is a store with a manifest: dropping it refuses.
+        raw(d.path(), |t| t.open_table(META).unwrap().remove(MANIFEST).map(drop).unwrap());
+        assert!(matches!(reopen(d.path()), Err(StoreError::Tampered { .. })));
     }
 
     #[test]

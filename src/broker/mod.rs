@@ -36,6 +36,16 @@ use crate::identity::Attestor;
 use crate::identity::docker::DockerCache;
 use crate::secret::SecretBytes;
 
+/// A start refused because the store or the audit log was tampered with
+/// (or cut, or replaced) while no broker ran: `keyhole serve` exits 6.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Tampered(pub String);
+
+/// How often, at most, the audit log's head is sealed in the store when
+/// nothing else writes to the store.
+const AUDIT_SEAL_EVERY: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// What a successor takes over besides its listeners (see [`takeover`]).
 pub struct Adopt {
     pub mounts: Vec<(crate::fs::MountState, fs::File)>,
@@ -66,6 +76,8 @@ pub struct Broker {
     /// gRPC calls per admin caller (`[limits] admin_calls_per_second`).
     pub admin_calls: crate::limits::PerCaller,
     pub refusals: crate::limits::Refusals,
+    /// Peers refused on `takeover.sock` (audited at most once a second).
+    pub takeover_refusals: takeover::RefusalLog,
 }
 
 /// Why a file or directory is not private to this process, if it is not.
@@ -101,6 +113,32 @@ fn check_private(path: &Path, what: &str) -> anyhow::Result<()> {
             bail!("{what} {p} has mode {mode:04o}: group and others must have no access; fix with: chmod {want} {p}")
         }
     }
+}
+
+/// The run dir holds `admin.sock` and `takeover.sock`: whoever may
+/// rename or create entries in it could put their own sockets there.
+/// It must be ours and writable by nobody else (0755, as created, is fine).
+fn check_run_dir(path: &Path) -> anyhow::Result<()> {
+    let md = fs::metadata(path).with_context(|| format!("cannot stat run dir {}", path.display()))?;
+    let (p, me) = (path.display(), euid());
+    if !md.is_dir() {
+        bail!("run dir {p} is not a directory");
+    }
+    if md.uid() != me {
+        bail!(
+            "run dir {p} belongs to uid {}, not to the broker's uid {me}: its owner could replace admin.sock; \
+             fix with: chown {me} {p}",
+            md.uid()
+        );
+    }
+    let mode = md.mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        bail!(
+            "run dir {p} has mode {mode:04o}: group and others must not write to it (they could replace \
+             admin.sock); fix with: chmod 0755 {p}"
+        );
+    }
+    Ok(())
 }
 
 fn euid() -> u32 {
@@ -206,15 +244,35 @@ impl Broker {
     /// Open everything in the state dir and set up the mounts. Blocking
     /// (Argon2id, fsync, mount); `rt` serves Docker lookups.
     /// With `adopt`, the mounts and audit head come from a predecessor.
-    pub fn open(config: Config, rt: tokio::runtime::Handle, mut adopt: Option<Adopt>) -> anyhow::Result<Broker> {
+    /// With `new_audit_log`, an audit log that does not reach the head the
+    /// store sealed (cut, lost or replaced) is accepted, and the gap audited.
+    pub fn open(
+        config: Config,
+        rt: tokio::runtime::Handle,
+        mut adopt: Option<Adopt>,
+        new_audit_log: bool,
+    ) -> anyhow::Result<Broker> {
         private_dir(&config.state_dir, "state dir")?;
         let key = read_key(&config)?;
         let store_file = config.store_file();
         if store_file.exists() {
             check_private(&store_file, "store")?;
         }
-        let (store, master) = LocalStore::open(&store_file, key, config.history_depth)
-            .with_context(|| format!("cannot open the store {}", store_file.display()))?;
+        let (store, master) = match LocalStore::open(&store_file, key, config.history_depth) {
+            Ok(opened) => opened,
+            Err(e @ crate::backend::local::StoreError::Tampered { .. }) => {
+                return Err(Tampered(format!(
+                    "refusing to start: {e}. Nothing is served from {}; restore the state dir (store and audit \
+                     log) from a backup you trust",
+                    store_file.display()
+                ))
+                .into());
+            }
+            Err(e) => {
+                return Err(anyhow::Error::from(e))
+                    .with_context(|| format!("cannot open the store {}", store_file.display()));
+            }
+        };
         let audit_file = config.audit_file();
         if audit_file.exists() {
             check_private(&audit_file, "audit log")?;
@@ -223,7 +281,29 @@ impl Broker {
             Some(a) => AuditLog::resume(&audit_file, master.audit_key(), a.audit.0, a.audit.1),
             None => AuditLog::open(&audit_file, master.audit_key()),
         }
-        .with_context(|| format!("refusing to start: move {} aside to begin a new audit log", audit_file.display()))?;
+        .with_context(|| {
+            format!(
+                "refusing to start: move {} aside, then start once with --new-audit-log to begin a new audit log",
+                audit_file.display()
+            )
+        })?;
+        if let Some(seal) = store.sealed_audit_head() {
+            if let Err(e) = audit.holds(seal.seq, &seal.mac) {
+                let a = audit_file.display();
+                if !new_audit_log {
+                    return Err(Tampered(format!(
+                        "refusing to start: the audit log {a} does not hold the head the store sealed (line {}): \
+                         {e}. Restore the log from a backup; or, to go on from the log as it is (the gap is \
+                         audited), start once with: keyhole serve --new-audit-log",
+                        seal.seq
+                    ))
+                    .into());
+                }
+                let why = format!("started with --new-audit-log: {e}");
+                tracing::warn!(path = %a, reason = %why, "the audit log does not hold the sealed head; going on");
+                audit.record(&Event { reason: Some(&why), ..Event::new("audit_reset") })?;
+            }
+        }
         let docker = if config.docker_socket.exists() {
             let d = DockerCache::connect(&config.docker_socket, rt.clone())
                 .with_context(|| format!("cannot use the Docker socket {}", config.docker_socket.display()))?;
@@ -261,14 +341,27 @@ impl Broker {
             audit.rotate_at(r);
         }
         let audit = Arc::new(audit);
+        // Every store write seals the audit log's (durable) head with it.
+        let head_of = audit.clone();
+        store.seal_audit_with(Box::new(move || match head_of.durable_head() {
+            Ok((seq, mac)) => Some(crate::backend::local::AuditSeal { seq, mac }),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot sync the audit log; its head is not sealed with this write");
+                None
+            }
+        }));
         if let Some(a) = &config.alerts {
             audit.alert_on_deny(crate::alerts::Alerts::start(a.clone(), Arc::downgrade(&audit), &rt));
         }
         let attestor = Arc::new(Attestor::new("/proc", config.admin.clone(), docker.clone()));
         let run_dir = &config.run_dir;
-        fs::create_dir_all(run_dir).with_context(|| format!("cannot create run dir {}", run_dir.display()))?;
-        // Containers bind the workload socket and mounts from here.
-        fs::set_permissions(run_dir, fs::Permissions::from_mode(0o755))?;
+        if run_dir.exists() {
+            check_run_dir(run_dir)?;
+        } else {
+            fs::create_dir_all(run_dir).with_context(|| format!("cannot create run dir {}", run_dir.display()))?;
+            // Containers bind the workload socket and mounts from here.
+            fs::set_permissions(run_dir, fs::Permissions::from_mode(0o755))?;
+        }
         let shared =
             Arc::new(FsShared { attestor: attestor.clone(), audit: audit.clone(), audit_reads: config.audit_reads });
         let mounts = MountTable::new(run_dir, shared)?;
@@ -288,6 +381,7 @@ impl Broker {
             calls: crate::limits::PerCaller::new(config_calls),
             admin_calls: crate::limits::PerCaller::new(config_admin_calls),
             refusals: crate::limits::Refusals::default(),
+            takeover_refusals: takeover::RefusalLog::default(),
         };
         if let Some(a) = adopt {
             broker.mounts.adopt(&broker, a.mounts, a.next_ino)?;
@@ -595,22 +689,44 @@ fn spawn_successor(exe: &Path) {
     }
 }
 
-/// One takeover request on `conn`. `Ok(Some(pid))`: everything is handed
-/// over to `pid` and this process must exit now, without unmounting or
-/// writing anything.
+/// Check and answer one connection to `takeover.sock`, off the main loop
+/// (bounded by [`takeover::HANDSHAKE_TIMEOUT`]); a successor that
+/// accepted our state goes to `ready`, for the main loop to hand over.
+async fn handshake(
+    broker: Arc<Broker>,
+    conn: tokio::net::UnixStream,
+    ready: tokio::sync::mpsc::Sender<takeover::Outgoing>,
+) {
+    let offered = match conn.into_std() {
+        Ok(sock) => tokio::task::spawn_blocking(move || takeover::Outgoing::offer(sock)).await,
+        Err(e) => return tracing::warn!(error = %e, "takeover: cannot use the connection"),
+    };
+    match offered {
+        Ok(Ok(takeover::Offered::Accepted(out))) => {
+            let _ = ready.send(out).await;
+        }
+        Ok(Ok(takeover::Offered::Declined(_))) => {
+            let e = Event { reason: Some("the successor refused the state"), ..Event::new("takeover_refused") };
+            let _ = broker.audit.record(&e);
+        }
+        Ok(Ok(takeover::Offered::Refused(why))) => {
+            tracing::warn!(reason = %why, "takeover refused");
+            broker.takeover_refusals.refused(&broker.audit, &format!("refused: {why}"));
+        }
+        Ok(Err(e)) => tracing::warn!(error = format!("{e:#}"), "takeover: the peer did not complete the handshake"),
+        Err(e) => tracing::warn!(error = %e, "takeover: the handshake failed"),
+    }
+}
+
+/// Hand over to a successor that accepted our state. `Ok(Some(pid))`:
+/// everything is handed over to `pid` and this process must exit now,
+/// without unmounting or writing anything.
 async fn hand_over(
     broker: &Arc<Broker>,
     listeners: &takeover::Listeners,
     services: &mut Vec<tokio::task::JoinHandle<()>>,
-    conn: tokio::net::UnixStream,
+    out: takeover::Outgoing,
 ) -> anyhow::Result<Option<i32>> {
-    let sock = conn.into_std()?;
-    let Some(out) = tokio::task::spawn_blocking(move || takeover::Outgoing::offer(sock)).await?? else {
-        broker
-            .audit
-            .record(&Event { reason: Some("the successor refused the state"), ..Event::new("takeover_refused") })?;
-        return Ok(None);
-    };
     let pid = out.peer_pid;
     tracing::info!(pid, "handing over to a successor");
     stop_services(broker, std::mem::take(services)).await;
@@ -619,6 +735,10 @@ async fn hand_over(
     let to = format!("to pid {pid}");
     broker.audit.record(&Event { reason: Some(&to), ..Event::new("handover") })?;
     let (audit_seq, mac) = broker.audit.seal();
+    let b = broker.clone();
+    if let Err(e) = tokio::task::spawn_blocking(move || b.store.seal_audit()).await? {
+        tracing::warn!(error = %e, "cannot seal the audit log's head in the store before the handover");
+    }
     let packed = broker.mounts.snapshot().and_then(|(mounts, next_ino)| {
         let (mounts, mut fds): (Vec<_>, Vec<_>) = mounts.into_iter().unzip();
         fds.extend(listeners.fds()?);
@@ -656,7 +776,7 @@ async fn hand_over(
 /// Run the broker until SIGTERM or SIGINT, or until a successor takes
 /// over. With `takeover`, first take over from the broker running on the
 /// same run dir.
-pub async fn serve(config: Config, takeover: bool) -> anyhow::Result<()> {
+pub async fn serve(config: Config, takeover: bool, new_audit_log: bool) -> anyhow::Result<()> {
     // One TLS crypto provider for the whole process (the Vault client).
     let _ = rustls::crypto::ring::default_provider().install_default();
     crate::sys::umask(0o077);
@@ -688,7 +808,7 @@ pub async fn serve(config: Config, takeover: bool) -> anyhow::Result<()> {
         (None, None)
     };
     let rt = tokio::runtime::Handle::current();
-    let broker = Arc::new(tokio::task::spawn_blocking(move || Broker::open(config, rt, adopt)).await??);
+    let broker = Arc::new(tokio::task::spawn_blocking(move || Broker::open(config, rt, adopt, new_audit_log)).await??);
     let (listeners, from) = match received {
         Some((l, pid)) => (l, Some(pid)),
         None => (bind_listeners(&broker).await?, None),
@@ -706,6 +826,8 @@ pub async fn serve(config: Config, takeover: bool) -> anyhow::Result<()> {
             systemd::notify("READY=1");
         }
     }
+    seal_audit_head(&broker).await;
+    tokio::spawn(seal_audit_periodically(broker.clone()));
     tracing::info!(
         admin = %broker.config.admin_socket().display(),
         workload = %broker.config.workload_socket().display(),
@@ -715,6 +837,8 @@ pub async fn serve(config: Config, takeover: bool) -> anyhow::Result<()> {
 
     let (mut term, mut int, mut hup) =
         (signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?, signal(SignalKind::hangup())?);
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(16));
+    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<takeover::Outgoing>(1);
     let why = loop {
         tokio::select! {
             _ = term.recv() => break "SIGTERM",
@@ -722,7 +846,19 @@ pub async fn serve(config: Config, takeover: bool) -> anyhow::Result<()> {
             _ = hup.recv() => spawn_successor(&exe),
             conn = takeover_l.accept() => {
                 let Ok((conn, _)) = conn else { continue };
-                match hand_over(&broker, &listeners, &mut services, conn).await {
+                // A few handshakes at a time; each is short.
+                let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+                    tracing::warn!("takeover: too many handshakes under way; connection closed");
+                    continue;
+                };
+                let (b, tx) = (broker.clone(), ready_tx.clone());
+                tokio::spawn(async move {
+                    handshake(b, conn, tx).await;
+                    drop(permit);
+                });
+            }
+            Some(out) = ready_rx.recv() => {
+                match hand_over(&broker, &listeners, &mut services, out).await {
                     Ok(Some(pid)) => {
                         // Under systemd, the successor becomes the service's
                         // main process before this one exits.
@@ -749,5 +885,35 @@ pub async fn serve(config: Config, takeover: bool) -> anyhow::Result<()> {
     let b = broker.clone();
     tokio::task::spawn_blocking(move || b.mounts.shutdown()).await?;
     broker.audit.record(&Event { reason: Some(why), ..Event::new("stop") })?;
+    seal_audit_head(&broker).await;
     Ok(())
+}
+
+/// Seal the audit log's current head in the store (a store write).
+async fn seal_audit_head(broker: &Arc<Broker>) -> bool {
+    let b = broker.clone();
+    match tokio::task::spawn_blocking(move || b.store.seal_audit()).await {
+        Ok(Ok(())) => true,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "cannot seal the audit log's head in the store");
+            false
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot seal the audit log's head in the store");
+            false
+        }
+    }
+}
+
+/// Between store writes, seal the audit log's head every few seconds
+/// when it has moved, so a tail cut while no broker runs is caught.
+async fn seal_audit_periodically(broker: Arc<Broker>) {
+    let mut sealed = broker.audit.lines_written();
+    loop {
+        tokio::time::sleep(AUDIT_SEAL_EVERY).await;
+        let now = broker.audit.lines_written();
+        if now != sealed && seal_audit_head(&broker).await {
+            sealed = now;
+        }
+    }
 }

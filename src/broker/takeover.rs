@@ -6,7 +6,15 @@
 //!
 //! Over `<run-dir>/takeover.sock` (0600, the broker's uid only):
 //!
-//! 1. the running broker offers its state version;
+//! 0. each side checks the other ([`check_peer`]): a process of this
+//!    broker's uid in this broker's own pid and mount namespaces, pinned
+//!    by a pidfd while its namespaces are read (not its executable path:
+//!    after an upgrade the old binary reads `(deleted)`, and versioned
+//!    install paths differ). Root elsewhere (a container with the run dir
+//!    bound in) is refused before a byte is sent, and audited;
+//! 1. the running broker offers its state version (the handshake up to
+//!    the successor's answer runs off the broker's main loop, within
+//!    [`HANDSHAKE_TIMEOUT`], so a peer that says nothing blocks nobody);
 //! 2. the successor accepts, or refuses (and exits with an error while the
 //!    running broker carries on as if nothing happened);
 //! 3. the running broker stops serving (gRPC and plugin calls finish, FUSE
@@ -44,6 +52,9 @@ pub const STATE_VERSION: u32 = 1;
 
 /// How long either side waits for the other at each step.
 const STEP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long the running broker waits for a peer's answer to its offer.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The listening sockets a broker serves, in the order their descriptors
 /// travel after the mounts'.
@@ -157,14 +168,96 @@ fn recv_all_fds(sock: &UnixStream, n: usize) -> anyhow::Result<Vec<OwnedFd>> {
     Ok(fds)
 }
 
+/// The other broker, as [`check_peer`] found it.
 struct Peer {
     pid: i32,
-    uid: u32,
+    /// Pins the process checked: its pid cannot be reused while held.
+    pidfd: OwnedFd,
 }
 
-fn peer(sock: &UnixStream) -> anyhow::Result<Peer> {
-    let cred = net::sockopt::socket_peercred(sock).context("cannot identify the other broker")?;
-    Ok(Peer { pid: cred.pid.as_raw_nonzero().get(), uid: cred.uid.as_raw() })
+/// Why a peer may not take part in a handover (names no secret).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Refusal(pub String);
+
+/// Audits refused takeover peers: a burst of [`RefusalLog::BURST`]
+/// `takeover_refused` lines, then one a second at most, the next line
+/// counting those not written one by one.
+#[derive(Debug, Default)]
+pub struct RefusalLog {
+    /// (lines written in this burst, when the burst began, not written)
+    state: std::sync::Mutex<(u32, Option<std::time::Instant>, u64)>,
+}
+
+impl RefusalLog {
+    const BURST: u32 = 10;
+
+    pub fn refused(&self, audit: &crate::audit::AuditLog, why: &str) {
+        let mut st = self.state.lock().expect("refusal lock");
+        let now = std::time::Instant::now();
+        // One line's credit back per second since the burst began.
+        if let Some(t) = st.1 {
+            let back = now.duration_since(t).as_secs().min(u64::from(Self::BURST)) as u32;
+            if back > 0 {
+                st.0 = st.0.saturating_sub(back);
+                st.1 = Some(now);
+            }
+        }
+        if st.0 >= Self::BURST {
+            st.2 += 1;
+            return;
+        }
+        let reason = match st.2 {
+            0 => why.to_owned(),
+            n => format!("{why} ({n} more refused before, not audited one by one)"),
+        };
+        st.0 += 1;
+        st.1 = st.1.or(Some(now));
+        st.2 = 0;
+        drop(st);
+        let event = crate::audit::Event { reason: Some(&reason), ..crate::audit::Event::new("takeover_refused") };
+        let _ = audit.record(&event);
+    }
+}
+
+/// The (device, inode) of one of `/proc/<pid>/ns/*`.
+fn ns_id(pid: &str, ns: &str) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let md = std::fs::metadata(format!("/proc/{pid}/ns/{ns}"))?;
+    Ok((md.dev(), md.ino()))
+}
+
+/// The peer of `sock` must be a process of our (effective) uid in our own
+/// pid and mount namespaces. Its pidfd (`SO_PEERPIDFD`, taken by the
+/// kernel at connect or listen time) pins it: its pid is read from the
+/// pidfd, its namespaces from `/proc/<pid>/ns`, and the pidfd is checked
+/// again afterwards, so a pid reused in between is never mistaken for it.
+fn check_peer(sock: &UnixStream) -> Result<Peer, Refusal> {
+    let refuse = |why: String| Refusal(why);
+    let pidfd =
+        crate::sys::peer_pidfd(sock.as_raw_fd()).map_err(|e| refuse(format!("cannot pin the peer process: {e}")))?;
+    let pinned = || crate::sys::pidfd_pid(&pidfd).ok().flatten();
+    let Some(pid) = pinned() else {
+        return Err(refuse("the peer is in another pid namespace (not visible from this one) or has exited".into()));
+    };
+    let cred = net::sockopt::socket_peercred(sock).map_err(|e| refuse(format!("cannot identify the peer: {e}")))?;
+    let (uid, me) = (cred.uid.as_raw(), rustix::process::geteuid().as_raw());
+    if uid != me {
+        return Err(refuse(format!("the peer (pid {pid}) runs as uid {uid}, not the broker's uid {me}")));
+    }
+    for ns in ["pid", "mnt"] {
+        let theirs = ns_id(&pid.to_string(), ns)
+            .map_err(|e| refuse(format!("cannot read the {ns} namespace of the peer (pid {pid}): {e}")))?;
+        let ours = ns_id("self", ns).map_err(|e| refuse(format!("cannot read our own {ns} namespace: {e}")))?;
+        if theirs != ours {
+            let what = if ns == "pid" { "pid" } else { "mount" };
+            return Err(refuse(format!("the peer (pid {pid}, uid {uid}) is in another {what} namespace")));
+        }
+    }
+    if pinned() != Some(pid) {
+        return Err(refuse(format!("the peer (pid {pid}) exited while it was checked")));
+    }
+    Ok(Peer { pid, pidfd })
 }
 
 /// The running broker's side, on one accepted connection.
@@ -173,26 +266,43 @@ pub struct Outgoing {
     pub peer_pid: i32,
 }
 
+/// What came of offering our state to a peer.
+pub enum Offered {
+    /// The peer is a legitimate successor and accepted.
+    Accepted(Outgoing),
+    /// The successor cannot read our state version (it says why).
+    Declined(String),
+    /// The peer may not take over at all; nothing was sent to it.
+    Refused(Refusal),
+}
+
 impl Outgoing {
-    /// Check the caller (the broker's own uid only) and offer our state
-    /// version. `Ok(None)`: the successor refused; carry on serving.
-    pub fn offer(sock: UnixStream) -> anyhow::Result<Option<Outgoing>> {
+    /// Check the caller ([`check_peer`]) and offer our state version,
+    /// waiting at most [`HANDSHAKE_TIMEOUT`] for its answer. Blocking.
+    pub fn offer(sock: UnixStream) -> anyhow::Result<Offered> {
         sock.set_nonblocking(false)?;
-        sock.set_read_timeout(Some(STEP_TIMEOUT))?;
-        sock.set_write_timeout(Some(STEP_TIMEOUT))?;
-        let cred = peer(&sock)?;
-        let me = std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m))?;
-        if cred.uid != me {
-            bail!("takeover asked by uid {} (pid {}), not the broker's uid {me}; refused", cred.uid, cred.pid);
-        }
-        let mut out = Outgoing { sock, peer_pid: cred.pid };
+        sock.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+        sock.set_write_timeout(Some(HANDSHAKE_TIMEOUT))?;
+        let peer = match check_peer(&sock) {
+            Ok(p) => p,
+            Err(r) => return Ok(Offered::Refused(r)),
+        };
+        let mut out = Outgoing { sock, peer_pid: peer.pid };
         let offer = Msg::Offer { state_version: STATE_VERSION, broker_version: env!("CARGO_PKG_VERSION").to_owned() };
         send(&mut out.sock, &offer)?;
-        match recv(&mut out.sock)? {
-            Msg::Accept => Ok(Some(out)),
+        let answer = recv(&mut out.sock)?;
+        // Invariant: the pidfd pinned the peer while it was checked; from
+        // here the connection itself is the peer (SO_PEERCRED is fixed).
+        drop(peer.pidfd);
+        match answer {
+            Msg::Accept => {
+                out.sock.set_read_timeout(Some(STEP_TIMEOUT))?;
+                out.sock.set_write_timeout(Some(STEP_TIMEOUT))?;
+                Ok(Offered::Accepted(out))
+            }
             Msg::Refuse { reason } => {
                 tracing::warn!(pid = out.peer_pid, reason = %reason, "a successor refused to take over; still serving");
-                Ok(None)
+                Ok(Offered::Declined(reason))
             }
             other => bail!("unexpected takeover message {other:?}"),
         }
@@ -243,8 +353,14 @@ pub fn take_over(socket: &Path) -> anyhow::Result<Received> {
     })?;
     sock.set_read_timeout(Some(STEP_TIMEOUT))?;
     sock.set_write_timeout(Some(STEP_TIMEOUT))?;
-    let cred = peer(&sock)?;
-    let pidfd = crate::sys::peer_pidfd(sock.as_raw_fd()).or_else(|_| crate::sys::pidfd_open(cred.pid))?;
+    // The listening socket's credentials: the broker that bound it.
+    let Peer { pid, pidfd } = check_peer(&sock).map_err(|r| {
+        anyhow::anyhow!(
+            "refusing to take over from the process serving {}: {r}; only a broker of this uid in this pid and \
+             mount namespace may hand over",
+            socket.display()
+        )
+    })?;
     let Msg::Offer { state_version, broker_version } = recv(&mut sock)? else {
         bail!("the running broker did not offer its state");
     };
@@ -255,7 +371,7 @@ pub fn take_over(socket: &Path) -> anyhow::Result<Received> {
         bail!(
             "cannot take over from keyhole {broker_version} (pid {}): {reason}. It keeps serving; to switch \
              anyway, stop it and start this one (mounts that containers hold are served again on start)",
-            cred.pid
+            pid
         );
     }
     send(&mut sock, &Msg::Accept)?;
@@ -278,13 +394,13 @@ pub fn take_over(socket: &Path) -> anyhow::Result<Received> {
     let plugin = state.plugin.then(|| listener(next()));
     send(&mut sock, &Msg::Ack)?;
     if !crate::sys::pidfd_wait_exit(&pidfd, STEP_TIMEOUT)? {
-        bail!("the previous broker (pid {}) acknowledged the takeover but did not exit", cred.pid);
+        bail!("the previous broker (pid {pid}) acknowledged the takeover but did not exit");
     }
     Ok(Received {
         state: Handover { mounts: Vec::new(), ..state },
         mounts,
         listeners: Listeners { admin, workload, plugin },
-        predecessor_pid: cred.pid,
+        predecessor_pid: pid,
     })
 }
 

@@ -219,6 +219,11 @@ pub struct ServeArgs {
     /// starts such a successor itself.
     #[arg(long)]
     pub takeover: bool,
+    /// Start even though the audit log does not hold the head the store
+    /// sealed (it was cut, lost or replaced while no broker ran): go on
+    /// from the log as it is, and audit the gap (`audit_reset`)
+    #[arg(long)]
+    pub new_audit_log: bool,
 }
 
 /// Parse the command line, run it, and turn the outcome into an exit code.
@@ -300,7 +305,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     let config = args.host.load()?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    rt.block_on(crate::broker::serve(config, args.takeover))
+    rt.block_on(crate::broker::serve(config, args.takeover, args.new_audit_log)).map_err(|e| {
+        // A tampered store or audit log: exit 6, as `audit --verify` does.
+        if e.downcast_ref::<crate::broker::Tampered>().is_some() { client::fail(6, format!("{e:#}")) } else { e }
+    })
 }
 
 async fn dispatch(command: Command, target: Option<client::Target>, json: bool) -> anyhow::Result<()> {
