@@ -130,7 +130,15 @@ async fn connect(endpoint: &Endpoint, target: &Target, deadline: Instant) -> any
             .find_map(|e| e.downcast_ref::<std::io::Error>());
         let kind = io.map(std::io::Error::kind);
         // No socket, or nobody accepting on it: a broker may be starting.
-        let waiting = matches!(kind, Some(ErrorKind::NotFound | ErrorKind::ConnectionRefused));
+        // A connection cut before anything was sent (a broker handing over,
+        // or one that closed a connection it could not classify yet) is
+        // safe to try again too.
+        let waiting = matches!(
+            kind,
+            Some(
+                ErrorKind::NotFound | ErrorKind::ConnectionRefused | ErrorKind::BrokenPipe | ErrorKind::ConnectionReset
+            )
+        );
         if waiting && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
