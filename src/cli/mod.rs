@@ -10,6 +10,7 @@ mod secret;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{Config, Overrides};
@@ -169,11 +170,28 @@ Examples:
         shell: clap_complete::Shell,
     },
 
-    /// Print the man page (roff)
+    /// Print the man page (roff), or a subcommand's, or write them all
     #[command(after_help = "\
-Example:
-  keyhole man > /usr/local/share/man/man1/keyhole.1 && man keyhole")]
-    Man,
+Examples:
+  keyhole man > /usr/local/share/man/man1/keyhole.1 && man keyhole
+  keyhole man secret put                    the page of `keyhole secret put`
+  keyhole man --dir /usr/local/share/man/man1 && man keyhole-secret-put
+                                            every page: keyhole.1, keyhole-secret.1,
+                                            keyhole-secret-put.1, ... (one per line)")]
+    Man(ManArgs),
+}
+
+/// `keyhole man`: which page, or where to write them all.
+#[derive(Debug, Args)]
+pub struct ManArgs {
+    /// Print this subcommand's page, e.g. `secret put` [default: the
+    /// main page, keyhole(1)]
+    #[arg(value_name = "SUBCOMMAND", conflicts_with = "dir")]
+    pub command: Vec<String>,
+    /// Write every page into DIR (made if missing) instead, one file per
+    /// command and subcommand, and print the files' paths
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
 }
 
 /// Where the broker's files are: the same flags as `serve`.
@@ -236,13 +254,7 @@ pub fn main() -> ExitCode {
             clap_complete::generate(shell, &mut <Cli as clap::CommandFactory>::command(), "keyhole", &mut out);
             print_all(&out)
         }
-        Command::Man => {
-            let mut out = Vec::new();
-            clap_mangen::Man::new(<Cli as clap::CommandFactory>::command())
-                .render(&mut out)
-                .map_err(Into::into)
-                .and_then(|()| print_all(&out))
-        }
+        Command::Man(args) => man(args),
         Command::Doctor(args) => {
             let config = args.load().map_err(Into::into);
             client::runtime().and_then(|rt| rt.block_on(doctor::run(config, cli.json)))
@@ -258,6 +270,50 @@ pub fn main() -> ExitCode {
             ExitCode::from(code)
         }
     }
+}
+
+/// `keyhole man`: the main page, one subcommand's page, or (`--dir`)
+/// every page as `keyhole.1`, `keyhole-secret.1`, `keyhole-secret-put.1`...
+fn man(args: ManArgs) -> anyhow::Result<()> {
+    // No `help` subcommand in the pages: there is no keyhole-help(1).
+    let mut cmd = <Cli as clap::CommandFactory>::command().disable_help_subcommand(true);
+    // Gives each subcommand its page name (`keyhole-secret-put`) and its
+    // synopsis name (`keyhole secret put`).
+    cmd.build();
+    if let Some(dir) = args.dir {
+        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        // Each command before its subcommands, in the order of --help.
+        fn walk(cmd: clap::Command, pages: &mut Vec<clap::Command>) {
+            let subs: Vec<_> = cmd.get_subcommands().filter(|c| !c.is_hide_set()).cloned().collect();
+            pages.push(cmd);
+            subs.into_iter().for_each(|c| walk(c, pages));
+        }
+        let mut pages = Vec::new();
+        walk(cmd, &mut pages);
+        for page in pages {
+            let man = man_page(page);
+            let path = dir.join(man.get_filename());
+            let mut out = Vec::new();
+            man.render(&mut out)?;
+            std::fs::write(&path, out).with_context(|| format!("cannot write {}", path.display()))?;
+            print_all(format!("{}\n", path.display()).as_bytes())?;
+        }
+        return Ok(());
+    }
+    let mut page = cmd;
+    for word in &args.command {
+        page = page.find_subcommand(word).filter(|c| !c.is_hide_set()).cloned().ok_or_else(|| {
+            client::fail(2, format!("no subcommand `keyhole {}`: see keyhole --help", args.command.join(" ")))
+        })?;
+    }
+    let mut out = Vec::new();
+    man_page(page).render(&mut out)?;
+    print_all(&out)
+}
+
+/// One page, its footer naming keyhole and its version (not the subcommand's).
+fn man_page(cmd: clap::Command) -> clap_mangen::Man {
+    clap_mangen::Man::new(cmd).source(concat!("keyhole ", env!("CARGO_PKG_VERSION")))
 }
 
 /// Write to stdout; a reader that stopped early (`| head`) is no error.
@@ -326,7 +382,7 @@ async fn dispatch(command: Command, target: Option<client::Target>, json: bool) 
     let admin = target.unwrap_or_else(|| client::Target::Socket(Config::default_admin_socket()));
     let admin_socket = || &admin;
     match command {
-        Command::Serve(_) | Command::Doctor(_) | Command::Completions { .. } | Command::Man | Command::Whoami => {
+        Command::Serve(_) | Command::Doctor(_) | Command::Completions { .. } | Command::Man(_) | Command::Whoami => {
             unreachable!("handled above")
         }
         Command::Secret(cmd) => secret::run(cmd, admin_socket(), json).await,

@@ -392,6 +392,22 @@ fn completions_and_the_man_page_are_generated() {
     for word in ["doctor", "completions", "\\-\\-endpoint", "Exit status"] {
         assert!(man.contains(word), "the man page lacks {word}");
     }
+    // One page per subcommand: printed, or all written to a directory.
+    let put = String::from_utf8(run(&["man", "secret", "put"]).stdout).unwrap();
+    assert!(put.contains(".TH keyhole-secret-put 1") && put.contains("\\-\\-if\\-version"), "{put}");
+    let o = run(&["man", "secret", "nope"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let dir = tempfile::tempdir().unwrap();
+    let o = run(&["man", "--dir", dir.path().to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let listed = String::from_utf8(o.stdout).unwrap();
+    for page in ["keyhole.1", "keyhole-serve.1", "keyhole-secret.1", "keyhole-secret-put.1", "keyhole-workload-add.1"] {
+        let path = dir.path().join(page);
+        assert!(listed.contains(path.to_str().unwrap()), "{page} not listed: {listed}");
+        assert!(std::fs::read_to_string(&path).unwrap().starts_with(".ie"), "{page}");
+    }
+    assert_eq!(std::fs::read_to_string(dir.path().join("keyhole.1")).unwrap(), man, "the same main page");
+    assert!(!dir.path().join("keyhole-help.1").exists());
 }
 
 /// A CA (rcgen), and certificates it issues.
