@@ -31,7 +31,10 @@ Each workload gets a mount at <run-dir>/workloads/<name>.")]
     /// List workloads and their selectors
     Ls,
     /// Remove a workload, its grants and its mount
-    Rm { name: String },
+    Rm {
+        /// The workload to remove
+        name: String,
+    },
 }
 
 #[derive(Debug, Args)]
