@@ -93,6 +93,8 @@ trap cleanup EXIT
 
 say "format"
 cargo fmt --check
+say "docs: links"
+python3 scripts/check-links.py
 say "lint"
 cargo clippy --locked --all-targets -- -D warnings
 say "broker image (static binary FROM scratch) for the compose test"

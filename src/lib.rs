@@ -1,10 +1,10 @@
 //! keyhole: a secrets broker for container hosts.
 //!
-//! It keeps secrets in its own encrypted store (or, later, Vault/OpenBao),
-//! and serves them to containers as files in per-workload FUSE mounts,
+//! It keeps secrets in its own encrypted store or in Vault/OpenBao, and
+//! serves them to containers as files in per-workload FUSE mounts,
 //! attributing every open and every call to the process the kernel says
-//! made it. See README.md for use and
-//! `../shared/DESIGN.md` for the design.
+//! made it. See README.md and the book in docs/ (docs/src/SUMMARY.md) for
+//! use, and `../shared/DESIGN.md` for the design.
 //!
 //! # Layout
 //!

@@ -180,7 +180,7 @@ fn approle_logs_in_renews_and_logs_in_again_after_revocation() {
     let bao = Bao::start();
     bao.ok(&["auth", "enable", "approle"]);
     let policy = bao.dir.path().join("kh.hcl");
-    // Exactly the policy README.md tells operators to write.
+    // Exactly the policy docs/src/vault.md tells operators to write.
     std::fs::write(
         &policy,
         "path \"secret/data/*\"     { capabilities = [\"create\", \"read\", \"update\", \"delete\"] }\n\
