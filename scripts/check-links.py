@@ -28,7 +28,8 @@ import unicodedata
 FENCE = re.compile(r"^\s{0,3}(`{3,}|~{3,})")
 HEADING = re.compile(r"^\s{0,3}(#{1,6})\s+(.*?)\s*#*\s*$")
 SETEXT = re.compile(r"^\s{0,3}(=+|-+)\s*$")
-# [text](target) and ![alt](target); text may hold one level of brackets.
+# [text](target) and ![alt](target); text may hold one level of brackets
+# and span lines.
 INLINE = re.compile(r"!?\[(?:[^\[\]]|\[[^\[\]]*\])*\]\(\s*(<[^>]*>|[^\s)]*)(?:\s+\"[^\"]*\"|\s+'[^']*')?\s*\)")
 REFDEF = re.compile(r"^\s{0,3}\[[^\]]+\]:\s*(<[^>]*>|\S+)")
 HTML_ANCHOR = re.compile(r"<a\s[^>]*(?:id|name)\s*=\s*[\"']([^\"']+)[\"']", re.I)
@@ -117,10 +118,14 @@ def anchors(text):
 
 
 def links(text):
-    """(line number, target) of every link in a Markdown file."""
-    for n, line, _ in prose_lines(text):
-        for m in INLINE.finditer(line):
-            yield n, m.group(1).strip("<>")
+    """(line number, target) of every link in a Markdown file; a link's
+    text may wrap onto the next lines."""
+    lines = {n: line for n, line, _ in prose_lines(text)}
+    count = len(text.splitlines())
+    prose = "\n".join(lines.get(n, "") for n in range(1, count + 1))
+    for m in INLINE.finditer(prose):
+        yield prose.count("\n", 0, m.start()) + 1, m.group(1).strip("<>")
+    for n, line in lines.items():
         m = REFDEF.match(line)
         if m:
             yield n, m.group(1).strip("<>")
