@@ -114,6 +114,20 @@ impl Broker {
         self.audit_lines().into_iter().filter(|l| l["event"] == event).collect()
     }
 
+    /// The denials the audit log accounts for: one per `deny` line, plus
+    /// the `count` of each `deny_summary` line (denials summed up).
+    pub fn denials(&self) -> u64 {
+        let lines = self.audit_lines();
+        lines
+            .iter()
+            .map(|l| match l["event"].as_str() {
+                Some("deny") => 1,
+                Some("deny_summary") => l["count"].as_u64().unwrap_or(0),
+                _ => 0,
+            })
+            .sum()
+    }
+
     pub fn audit_lines(&self) -> Vec<serde_json::Value> {
         fs::read_to_string(self.state().join("audit.log"))
             .unwrap_or_default()
