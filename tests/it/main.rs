@@ -13,6 +13,7 @@ mod lifecycle;
 mod limits;
 mod mounts;
 mod operate;
+mod pool;
 mod secrets;
 mod takeover;
 mod tamper;
