@@ -248,8 +248,12 @@ impl Broker {
         fs::create_dir_all(run_dir).with_context(|| format!("cannot create run dir {}", run_dir.display()))?;
         // Containers bind the workload socket and mounts from here.
         fs::set_permissions(run_dir, fs::Permissions::from_mode(0o755))?;
-        let shared =
-            Arc::new(FsShared { attestor: attestor.clone(), audit: audit.clone(), audit_reads: config.audit_reads });
+        let shared = Arc::new(FsShared {
+            attestor: attestor.clone(),
+            audit: audit.clone(),
+            audit_reads: config.audit_reads,
+            rt: rt.clone(),
+        });
         let mounts = MountTable::new(run_dir, shared)?;
         let config_calls = config.limits.calls_per_second;
         let broker = Broker {

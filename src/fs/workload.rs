@@ -116,6 +116,8 @@ pub struct FsShared {
     pub audit: Arc<AuditLog>,
     /// Audit allowed opens too (`[audit] reads`); denials always are.
     pub audit_reads: bool,
+    /// Where parked FUSE requests wait (see [`super::pool`]).
+    pub rt: tokio::runtime::Handle,
 }
 
 pub struct WorkloadFs {
@@ -153,6 +155,11 @@ impl Owner {
         Owner { uid, gid, container, learned: std::sync::OnceLock::new() }
     }
 
+    /// A volume mount's container whose user is not learned yet.
+    fn unknown(&self) -> bool {
+        self.container.is_some() && self.learned.get().is_none()
+    }
+
     fn resolve(&self) -> (u32, u32) {
         let (lu, lg) = self.learned.get().copied().unwrap_or_default();
         (self.uid.or(lu).unwrap_or(0), self.gid.or(lg).unwrap_or(0))
@@ -187,14 +194,29 @@ pub fn container_user(root: &std::path::Path, user: &str) -> (Option<u32>, Optio
     (uid, gid)
 }
 
-/// A small text file of the container's, read within its root; "" if absent.
+/// The most of a container's passwd or group file that is read.
+const MAX_DB: usize = 64 << 10;
+
+/// A small text file of the container's, read within its root; "" if it is
+/// absent or not a regular file. Opened without blocking (a FIFO there
+/// must not hang the broker) and without following a final symlink; at
+/// most [`MAX_DB`] bytes are read, and a line cut there is dropped.
 fn read_db(root: &std::path::Path, rel: &str) -> String {
     use std::io::Read;
-    let mut text = String::new();
-    if let Ok(f) = crate::sys::open_in_root(root, rel) {
-        let _ = f.take(1 << 20).read_to_string(&mut text);
+    let Ok(f) = crate::sys::open_in_root_with(root, rel, libc::O_NONBLOCK | libc::O_NOFOLLOW) else {
+        return String::new();
+    };
+    if !f.metadata().is_ok_and(|m| m.is_file()) {
+        return String::new();
     }
-    text
+    let mut bytes = Vec::new();
+    if f.take(MAX_DB as u64 + 1).read_to_end(&mut bytes).is_err() {
+        return String::new();
+    }
+    if bytes.len() > MAX_DB {
+        bytes.truncate(bytes[..MAX_DB].iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1));
+    }
+    String::from_utf8_lossy(&bytes).into_owned()
 }
 
 fn file_attr(n: &Node, owner: (u32, u32)) -> stat64 {
@@ -294,21 +316,31 @@ impl WorkloadFs {
         st
     }
 
-    /// On a volume mount whose owner is still unknown: if `ctx` is its
-    /// container, learn the container's configured user.
-    fn learn_owner(&self, ctx: &Context) {
-        let Some(want) = &self.owner.container else { return };
+    /// A volume mount whose owner (its container's user) is not learned
+    /// yet: its attributes are not final (see [`WorkloadFs::learn_owner`]).
+    pub fn owner_unknown(&self) -> bool {
+        self.owner.unknown()
+    }
+
+    /// On a volume mount whose owner is still unknown: if task `tid` is
+    /// its container's, learn the container's configured user from the
+    /// container's own passwd. Blocking (attestation, a file read): called
+    /// off the FUSE workers, while `tid` waits in its parked request, so
+    /// its `/proc` entry is its own. True if the owner was learned now.
+    pub fn learn_owner(&self, tid: i32, uid: u32, gid: u32) -> bool {
+        let Some(want) = &self.owner.container else { return false };
         if self.owner.learned.get().is_some() {
-            return;
+            return false;
         }
-        let Ok(id) = self.shared.attestor.attest_task(ctx.pid, ctx.uid, ctx.gid) else { return };
+        let Ok(id) = self.shared.attestor.attest_task(tid, uid, gid) else { return false };
         // Docker describes the container only once its start is under way
         // (runc touches the mount before that): until then, ask again.
-        if let (Some(c), Some(d)) = (id.container_id.as_deref(), &id.docker) {
-            if c == want {
-                let root = std::path::PathBuf::from(format!("/proc/{}/root", ctx.pid));
-                let _ = self.owner.learned.set(container_user(&root, &d.user));
+        match (id.container_id.as_deref(), &id.docker) {
+            (Some(c), Some(d)) if c == want => {
+                let root = std::path::PathBuf::from(format!("/proc/{tid}/root"));
+                self.owner.learned.set(container_user(&root, &d.user)).is_ok()
             }
+            _ => false,
         }
     }
 
@@ -323,6 +355,12 @@ impl WorkloadFs {
         if let Some(s) = self.readers.lock().expect("readers lock").get_mut(secret) {
             s.remove(container);
         }
+    }
+
+    /// How long the kernel may keep an entry or attributes: not at all
+    /// while the owner is not learned, so it asks again.
+    fn ttl(&self) -> Duration {
+        if self.owner.unknown() { Duration::ZERO } else { TTL }
     }
 
     fn attr(&self, n: &Node) -> stat64 {
@@ -403,33 +441,25 @@ impl FileSystem for WorkloadFs {
         Ok(FsOptions::empty())
     }
 
-    fn lookup(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<Entry> {
+    fn lookup(&self, _ctx: &Context, parent: u64, name: &CStr) -> io::Result<Entry> {
         if parent != ROOT {
             return Err(errno(libc::ENOENT));
         }
-        self.learn_owner(ctx);
         let name = name.to_str().map_err(|_| errno(libc::ENOENT))?;
         let view = self.view();
         let node = view.by_name.get(name).ok_or_else(|| errno(libc::ENOENT))?;
-        Ok(Entry {
-            inode: node.ino,
-            generation: 0,
-            attr: self.attr(node),
-            attr_flags: 0,
-            attr_timeout: TTL,
-            entry_timeout: TTL,
-        })
+        let ttl = self.ttl();
+        Ok(Entry { inode: node.ino, generation: 0, attr: self.attr(node), attr_flags: 0, attr_timeout: ttl, entry_timeout: ttl })
     }
 
-    fn getattr(&self, ctx: &Context, ino: u64, handle: Option<u64>) -> io::Result<(stat64, Duration)> {
-        self.learn_owner(ctx);
+    fn getattr(&self, _ctx: &Context, ino: u64, handle: Option<u64>) -> io::Result<(stat64, Duration)> {
         if ino == ROOT {
             return Ok((self.root_attr(), TTL));
         }
         // An open file keeps its attributes after a rotation retired it.
         let held = handle.and_then(|h| self.handles.lock().expect("handles lock").get(&h).cloned());
         let node = held.or_else(|| self.node(ino)).ok_or_else(|| errno(libc::ENOENT))?;
-        Ok((self.attr(&node), TTL))
+        Ok((self.attr(&node), self.ttl()))
     }
 
     fn open(

@@ -84,17 +84,42 @@ fn broker_threads_do_not_grow_with_mounts() {
     b.assert_never_leaked(&[b"pool-thread-secret"]);
 }
 
-/// A container of workload `web` (label `t`) on volume `vol`, as user
-/// 1000, whose `/etc/passwd` is a FIFO nobody writes to (made by root in
-/// the container once it runs: runc reads passwd at start).
-fn fifo_container(t: &str, vol: &str) -> Container {
-    let c = Container::run(
-        &["--user", "1000", "--label", &format!("keyhole.test={t}"), "-v", &format!("{vol}:/run/secrets")],
-        &["sleep", "3600"],
-    );
-    let made = docker(&["exec", "--user", "0", &c.id, "sh", "-c", "rm /etc/passwd && busybox mkfifo /etc/passwd"]);
-    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
-    c
+/// An image like the test image, but with no `/etc/passwd` and a
+/// world-writable `/etc`, so the container's own user can put a FIFO
+/// there. (A FIFO must not be there at start, nor while anyone runs
+/// `docker exec`: runc and dockerd read the container's passwd too.)
+const OPEN_ETC_IMAGE: &str = "keyhole-test/busybox-open-etc:1";
+
+fn ensure_open_etc_image() {
+    if docker(&["image", "inspect", OPEN_ETC_IMAGE]).status.success() {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    for d in ["bin", "etc", "run/secrets", "tmp", "proc", "sys", "dev"] {
+        std::fs::create_dir_all(root.path().join(d)).unwrap();
+    }
+    use std::os::unix::fs::PermissionsExt;
+    for d in ["etc", "tmp"] {
+        std::fs::set_permissions(root.path().join(d), std::fs::Permissions::from_mode(0o1777)).unwrap();
+    }
+    let busybox = ["/bin/busybox", "/usr/bin/busybox"].into_iter().find(|p| Path::new(p).exists()).unwrap();
+    std::fs::copy(busybox, root.path().join("bin/busybox")).unwrap();
+    for applet in ["sh", "cat", "sleep", "echo", "mkfifo", "true"] {
+        std::os::unix::fs::symlink("busybox", root.path().join("bin").join(applet)).unwrap();
+    }
+    let tar = Command::new("tar").arg("-C").arg(root.path()).args(["-c", "."]).stdout(Stdio::piped()).spawn().unwrap();
+    let out = Command::new("docker")
+        .args(["import", "--change", "CMD [\"/bin/sh\"]", "-", OPEN_ETC_IMAGE])
+        .stdin(tar.stdout.unwrap())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "docker import: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// `docker logs` of a container: (stdout, stderr).
+fn logs(id: &str) -> (String, String) {
+    let o = docker(&["logs", id]);
+    (String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
 }
 
 #[test]
@@ -102,6 +127,7 @@ fn a_fifo_at_a_containers_etc_passwd_hangs_no_read_takeover_or_shutdown() {
     if !require_docker() {
         return;
     }
+    ensure_open_etc_image();
     let mut b = Broker::start_with_plugin();
     let t = tag("fifo");
     b.put("db/password", b"fifo-volume-secret");
@@ -112,37 +138,47 @@ fn a_fifo_at_a_containers_etc_passwd_hangs_no_read_takeover_or_shutdown() {
     b.ok(&["grant", "host/token", "--to", "host"]);
     let vol = Volume(unique("fifo"));
     assert!(docker(&["volume", "create", "-d", &b.plugin, "-o", "workload=web", &vol.0]).status.success());
-    let c = fifo_container(&t, &vol.0);
 
-    // The container's reads learn its owner from that FIFO: they must
+    // The container, as user 1000, makes its /etc/passwd a FIFO nobody
+    // writes to, then reads its secret again and again. Its first read
+    // has the broker learn the file owner from that passwd: it must
     // neither hang nor lose the owner (uid 1000 reads its 0400 file).
-    let host_file = b.mount("host").join("token");
-    let mut readers = Vec::new();
-    for _ in 0..3 {
-        let id = c.id.clone();
-        readers.push(std::thread::spawn(move || docker_within(15, &["exec", &id, "cat", "/run/secrets/password"])));
+    let script = "mkfifo /etc/passwd || exit 1; \
+                  while true; do cat /run/secrets/password && echo; sleep 0.1; done";
+    let label = format!("keyhole.test={t}");
+    let mount = format!("{}:/run/secrets", vol.0);
+    let args = ["run", "-d", "--rm", "--user", "1000", "--label", &label, "-v", &mount, OPEN_ETC_IMAGE, "sh", "-c", script];
+    let o = docker(&args);
+    assert!(o.status.success(), "docker run: {}", String::from_utf8_lossy(&o.stderr));
+    let c = Container { id: String::from_utf8(o.stdout).unwrap().trim().to_owned() };
+    let reads = |c: &Container| {
+        let (out, err) = logs(&c.id);
+        assert!(err.is_empty(), "the container's reads failed: {err}");
+        assert!(out.lines().all(|l| l == "fifo-volume-secret"), "{out}");
+        out.lines().count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while reads(&c) < 3 {
+        if Instant::now() > deadline {
+            // Free the container's stuck reader, so it can be removed.
+            b.kill9();
+            panic!("the container's read hung on its FIFO /etc/passwd");
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
-    // Meanwhile every other mount serves.
+    // Every other mount serves meanwhile.
+    let host_file = b.mount("host").join("token");
     for _ in 0..50 {
         assert_eq!(std::fs::read(&host_file).unwrap(), b"fifo-host-secret");
     }
-    for r in readers {
-        let (finished, ok, out) = r.join().unwrap();
-        if !finished {
-            // Free the container's stuck readers, so it can be removed.
-            b.kill9();
-            panic!("a read in the container hung on its FIFO /etc/passwd");
-        }
-        assert!(ok && out == "fifo-volume-secret", "{out}");
-    }
 
-    // A takeover and a shutdown are prompt.
+    // A takeover and a shutdown are prompt, and the reads go on.
     let started = Instant::now();
     b.takeover();
     assert!(started.elapsed() < Duration::from_secs(10), "takeover took {:?}", started.elapsed());
     assert_eq!(std::fs::read(&host_file).unwrap(), b"fifo-host-secret");
-    let (finished, ok, out) = docker_within(15, &["exec", &c.id, "cat", "/run/secrets/password"]);
-    assert!(finished && ok && out == "fifo-volume-secret", "{out}");
+    let before = reads(&c);
+    eventually(10, "the container to read after the takeover", || reads(&c) > before + 3);
     drop(c);
     drop(vol);
     let started = Instant::now();
