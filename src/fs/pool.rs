@@ -58,7 +58,7 @@ use super::workload::{FsShared, ROOT, WorkloadFs};
 pub enum PoolError {
     #[error("cannot set up the FUSE workers' epoll: {0}")]
     Epoll(#[source] std::io::Error),
-    #[error("cannot start a FUSE worker thread: {0}")]
+    #[error("cannot start a FUSE worker or owner thread: {0}")]
     Thread(#[source] std::io::Error),
     #[error("cannot watch a FUSE connection: {0}")]
     Watch(#[source] std::io::Error),
@@ -77,8 +77,13 @@ const PARK_PER_TID: usize = 4;
 const PARK_MAX_BYTES: usize = 4096;
 /// The reply buffer of a parked request (an entry is the largest reply).
 const PARKED_REPLY: usize = 4096;
-/// Owner lookups (reading a container's passwd) at once.
-const LEARNERS: usize = 4;
+/// Threads that learn volume owners (read a container's passwd). Their
+/// own, not tokio's blocking pool: a read that never returns (a passwd on
+/// a FUSE mount that never answers) ties up one of them, never shutdown.
+const LEARNERS: usize = 2;
+/// Owner lookups queued for them at most; past that a request waits
+/// without one.
+const LEARN_QUEUE: usize = 64;
 /// How long pause and stop wait for the workers to finish their request.
 const WORKER_WAIT: Duration = Duration::from_secs(5);
 
@@ -199,6 +204,14 @@ impl Head {
     }
 }
 
+/// How much of a reply buffer a READ may have filled: its header and the
+/// size asked for (or what the server said it wrote, if more), within the
+/// buffer; all of it if the request does not say.
+fn read_reply_end(req: &[u8], used: usize, cap: usize) -> usize {
+    let asked = req.get(READ_SIZE_AT..READ_SIZE_AT + 4).and_then(|b| b.try_into().ok()).map(u32::from_ne_bytes);
+    asked.map_or(cap, |n| OUT_HEADER.saturating_add(n as usize)).max(used).min(cap)
+}
+
 /// Where the pool is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Mode {
@@ -250,6 +263,10 @@ impl Drop for Slot {
     }
 }
 
+/// A volume mount's owner to learn from a parked request's caller; the
+/// sender says when it is done.
+type LearnJob = (Arc<Conn>, Head, tokio::sync::oneshot::Sender<()>);
+
 /// Why a request waits: its caller's pending attestation, and/or its
 /// mount's owner.
 struct Wait {
@@ -272,7 +289,7 @@ pub struct Pool {
     shared: Arc<FsShared>,
     /// Set at shutdown: parked requests stop waiting and are answered.
     hurry: tokio::sync::watch::Sender<bool>,
-    learners: Arc<tokio::sync::Semaphore>,
+    learn: std::sync::mpsc::SyncSender<LearnJob>,
     answerers: Arc<tokio::sync::Semaphore>,
 }
 
@@ -296,6 +313,15 @@ impl Pool {
         let wake = rustix::event::eventfd(0, flags).map_err(|e| PoolError::Epoll(io(e)))?;
         epoll::add(&epoll, &wake, epoll::EventData::new_u64(WAKE), epoll::EventFlags::IN)
             .map_err(|e| PoolError::Epoll(io(e)))?;
+        let (learn, jobs) = std::sync::mpsc::sync_channel::<LearnJob>(LEARN_QUEUE);
+        let jobs = Arc::new(Mutex::new(jobs));
+        for i in 0..LEARNERS {
+            let jobs = jobs.clone();
+            std::thread::Builder::new()
+                .name(format!("fuse-owner-{i}"))
+                .spawn(move || Self::learn(&jobs))
+                .map_err(PoolError::Thread)?;
+        }
         let pool = Arc::new(Pool {
             epoll,
             wake,
@@ -309,7 +335,7 @@ impl Pool {
             unparked: Condvar::new(),
             shared,
             hurry: tokio::sync::watch::Sender::new(false),
-            learners: Arc::new(tokio::sync::Semaphore::new(LEARNERS)),
+            learn,
             answerers: Arc::new(tokio::sync::Semaphore::new(2 * size)),
         });
         let mut workers = pool.workers.lock().expect("workers lock");
@@ -365,10 +391,8 @@ impl Pool {
         }
         self.kick();
         let g = self.gate.lock().expect("gate lock");
-        let (_g, waited) = self
-            .gate_changed
-            .wait_timeout_while(g, WORKER_WAIT, |g| g.idle + g.exited < self.size)
-            .expect("gate lock");
+        let (_g, waited) =
+            self.gate_changed.wait_timeout_while(g, WORKER_WAIT, |g| g.idle + g.exited < self.size).expect("gate lock");
         let workers_done = !waited.timed_out();
         if !workers_done {
             tracing::error!("a FUSE worker did not finish its request in time");
@@ -400,8 +424,7 @@ impl Pool {
         }
         self.kick();
         let g = self.gate.lock().expect("gate lock");
-        let (g, _) =
-            self.gate_changed.wait_timeout_while(g, WORKER_WAIT, |g| g.exited < self.size).expect("gate lock");
+        let (g, _) = self.gate_changed.wait_timeout_while(g, WORKER_WAIT, |g| g.exited < self.size).expect("gate lock");
         let all = g.exited == self.size;
         drop(g);
         let workers = std::mem::take(&mut *self.workers.lock().expect("workers lock"));
@@ -506,8 +529,7 @@ impl Pool {
         let used = conn.answer(req, reply);
         if head.is_some_and(|h| h.opcode == READ) {
             // The reply carried file content: clear what it may have used.
-            let asked = req.get(READ_SIZE_AT..READ_SIZE_AT + 4).and_then(|b| b.try_into().ok()).map(u32::from_ne_bytes);
-            let end = asked.map_or(reply.len(), |n| OUT_HEADER.saturating_add(n as usize)).max(used).min(reply.len());
+            let end = read_reply_end(req, used, reply.len());
             reply[..end].fill(0);
             std::hint::black_box(&reply[..end]);
         }
@@ -586,14 +608,22 @@ impl Pool {
         if !wait.owner || !conn.fs.owner_unknown() {
             return;
         }
-        let Ok(permit) = self.learners.clone().acquire_owned().await else { return };
-        let _ = tokio::task::spawn_blocking(move || {
-            let _permit = permit;
+        let (done, learned) = tokio::sync::oneshot::channel();
+        if self.learn.try_send((conn, h, done)).is_ok() {
+            let _ = learned.await;
+        }
+    }
+
+    /// An owner thread: learn owners until the pool goes.
+    fn learn(jobs: &Mutex<std::sync::mpsc::Receiver<LearnJob>>) {
+        loop {
+            let job = jobs.lock().expect("jobs lock").recv();
+            let Ok((conn, h, done)) = job else { return };
             if conn.fs.learn_owner(h.pid, h.uid, h.gid) {
                 conn.invalidate_attrs();
             }
-        })
-        .await;
+            let _ = done.send(());
+        }
     }
 }
 
@@ -613,5 +643,16 @@ mod tests {
         let h = Head::peek(&req).unwrap();
         assert_eq!((h.opcode, h.nodeid, h.uid, h.gid, h.pid), (OPEN, 7, 1000, 50, 4242));
         assert!(Head::peek(&req[..30]).is_none());
+    }
+
+    #[test]
+    fn a_read_reply_is_cleared_as_far_as_it_could_reach() {
+        let mut req = vec![0u8; READ_SIZE_AT + 4];
+        req[READ_SIZE_AT..].copy_from_slice(&4096u32.to_ne_bytes());
+        assert_eq!(read_reply_end(&req, 16 + 20, REPLY_BUF), 16 + 4096);
+        assert_eq!(read_reply_end(&req, REPLY_BUF, REPLY_BUF), REPLY_BUF);
+        req[READ_SIZE_AT..].copy_from_slice(&u32::MAX.to_ne_bytes());
+        assert_eq!(read_reply_end(&req, 0, REPLY_BUF), REPLY_BUF);
+        assert_eq!(read_reply_end(&req[..READ_SIZE_AT], 0, REPLY_BUF), REPLY_BUF);
     }
 }

@@ -449,7 +449,14 @@ impl FileSystem for WorkloadFs {
         let view = self.view();
         let node = view.by_name.get(name).ok_or_else(|| errno(libc::ENOENT))?;
         let ttl = self.ttl();
-        Ok(Entry { inode: node.ino, generation: 0, attr: self.attr(node), attr_flags: 0, attr_timeout: ttl, entry_timeout: ttl })
+        Ok(Entry {
+            inode: node.ino,
+            generation: 0,
+            attr: self.attr(node),
+            attr_flags: 0,
+            attr_timeout: ttl,
+            entry_timeout: ttl,
+        })
     }
 
     fn getattr(&self, _ctx: &Context, ino: u64, handle: Option<u64>) -> io::Result<(stat64, Duration)> {
@@ -579,6 +586,37 @@ mod tests {
         assert_eq!(container_user(root, "ghost"), (None, None));
         assert_eq!(container_user(root, "broken"), (None, None));
         assert_eq!(container_user(root, ""), (None, None));
+    }
+
+    #[test]
+    fn a_fifo_passwd_is_no_passwd_and_does_not_block() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir(root.path().join("etc")).unwrap();
+        let made = std::process::Command::new("mkfifo").arg(root.path().join("etc/passwd")).status().unwrap();
+        assert!(made.success());
+        // A blocking open would wait here for a writer forever.
+        assert_eq!(container_user(root.path(), "1000"), (Some(1000), None));
+        assert_eq!(container_user(root.path(), "app"), (None, None));
+    }
+
+    #[test]
+    fn a_huge_passwd_is_read_only_so_far_and_a_cut_line_is_dropped() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir(root.path().join("etc")).unwrap();
+        let mut text = String::from("app:x:1001:1002::/:/bin/sh\n");
+        let cut_at = super::MAX_DB - 15;
+        while text.len() + 100 < cut_at {
+            text.push_str("filler:x:5:5::/:/bin/sh\n");
+        }
+        text.push_str(&"#".repeat(cut_at - text.len() - 1));
+        text.push('\n');
+        // The limit cuts this line after "late:x:1003:12": it must not be
+        // read as gid 12.
+        text.push_str("late:x:1003:1234::/:/bin/sh\nlast:x:1004:1004::/:/bin/sh\n");
+        std::fs::write(root.path().join("etc/passwd"), text).unwrap();
+        assert_eq!(container_user(root.path(), "app"), (Some(1001), Some(1002)));
+        assert_eq!(container_user(root.path(), "late"), (None, None));
+        assert_eq!(container_user(root.path(), "last"), (None, None));
     }
 
     #[test]

@@ -251,7 +251,10 @@ impl Attestor {
     /// Whether a FUSE request of
     /// task `tid` must wait for something (its container's inspect) before
     /// it is answered: a future that completes when it may go on.
-    pub fn pending(&self, tid: i32) -> Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'static>>> {
+    pub fn pending(
+        &self,
+        tid: i32,
+    ) -> Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'static>>> {
         let _ = tid;
         None
     }

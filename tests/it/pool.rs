@@ -107,12 +107,14 @@ fn ensure_open_etc_image() {
     for applet in ["sh", "cat", "sleep", "echo", "mkfifo", "true"] {
         std::os::unix::fs::symlink("busybox", root.path().join("bin").join(applet)).unwrap();
     }
-    let tar = Command::new("tar").arg("-C").arg(root.path()).args(["-c", "."]).stdout(Stdio::piped()).spawn().unwrap();
+    let mut tar =
+        Command::new("tar").arg("-C").arg(root.path()).args(["-c", "."]).stdout(Stdio::piped()).spawn().unwrap();
     let out = Command::new("docker")
         .args(["import", "--change", "CMD [\"/bin/sh\"]", "-", OPEN_ETC_IMAGE])
-        .stdin(tar.stdout.unwrap())
+        .stdin(tar.stdout.take().unwrap())
         .output()
         .unwrap();
+    assert!(tar.wait().unwrap().success());
     assert!(out.status.success(), "docker import: {}", String::from_utf8_lossy(&out.stderr));
 }
 
@@ -147,7 +149,8 @@ fn a_fifo_at_a_containers_etc_passwd_hangs_no_read_takeover_or_shutdown() {
                   while true; do cat /run/secrets/password && echo; sleep 0.1; done";
     let label = format!("keyhole.test={t}");
     let mount = format!("{}:/run/secrets", vol.0);
-    let args = ["run", "-d", "--rm", "--user", "1000", "--label", &label, "-v", &mount, OPEN_ETC_IMAGE, "sh", "-c", script];
+    let args =
+        ["run", "-d", "--rm", "--user", "1000", "--label", &label, "-v", &mount, OPEN_ETC_IMAGE, "sh", "-c", script];
     let o = docker(&args);
     assert!(o.status.success(), "docker run: {}", String::from_utf8_lossy(&o.stderr));
     let c = Container { id: String::from_utf8(o.stdout).unwrap().trim().to_owned() };
@@ -246,8 +249,19 @@ fn parked_opens_of_starting_containers_succeed_while_every_mount_serves() {
         let mount = format!("{}:/run/secrets", vol.0);
         let mut runs = Vec::new();
         for _ in 0..3 {
-            let args =
-                ["run", "--rm", "--user", "1000", "--label", &label, "-v", &mount, IMAGE, "cat", "/run/secrets/password"];
+            let args = [
+                "run",
+                "--rm",
+                "--user",
+                "1000",
+                "--label",
+                &label,
+                "-v",
+                &mount,
+                IMAGE,
+                "cat",
+                "/run/secrets/password",
+            ];
             runs.push(docker_within(60, &args));
         }
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
