@@ -337,7 +337,9 @@ impl MountTable {
         let fs = Arc::new(WorkloadFs::new(w, owner, self.shared.clone()));
         let conn = Conn::new(dev, fs.clone());
         if let Err(e) = self.pool.add(&conn) {
-            Self::detach_all(&path);
+            // Ours only: a mount below it may be a predecessor's that
+            // containers hold.
+            let _ = crate::sys::umount_detach(&path);
             return Err(e).with_context(|| format!("cannot serve {}", path.display()));
         }
         let m = Mount { shape, fs, conn, served: true };

@@ -12,6 +12,14 @@
 //! attested and must match the mount's workload; otherwise `EACCES` and a
 //! `deny` audit line. A granted open writes a `read` audit line; if that
 //! line cannot be written the open fails (`EIO`) — no unaudited reads.
+//!
+//! A container's mount of a Docker volume shows its files as owned by the
+//! container's configured user, which is learned from the container's own
+//! `/etc/passwd` ([`WorkloadFs::learn_owner`]) while a request of that
+//! container waits, parked, off the FUSE workers ([`super::pool`]). Until
+//! then, entries and attributes are given with a zero TTL so the kernel
+//! asks again. The passwd is opened without blocking and without following
+//! a final symlink, and only a regular file is read, up to 64 KiB.
 #![forbid(unsafe_code)]
 
 use std::collections::{BTreeMap, HashMap};
