@@ -2,12 +2,16 @@
 //! connection of every mount, so the broker's thread count does not grow
 //! with its mounts.
 //!
-//! One epoll instance watches every connection (level-triggered: a
-//! request left in the kernel's queue keeps its fd ready) and an eventfd
-//! that wakes the workers to pause or stop. Each worker has its own
-//! request and reply buffers, takes one ready connection per wakeup,
-//! reads one request and answers it. Two workers may wake for one request:
-//! the loser's read says `EAGAIN`. `ENOENT` is a request the caller
+//! Each worker has an epoll instance of its own, its own request and
+//! reply buffers; every connection is watched by the epolls of two
+//! workers ([`WATCHERS`]; level-triggered: a request left in the kernel's
+//! queue keeps its fd ready), and every epoll watches an eventfd that
+//! wakes the workers to pause or stop. A worker takes one ready
+//! connection per wakeup, reads one request and answers it. Both watchers
+//! wake for a request (the kernel wakes every epoll on a `/dev/fuse`
+//! queue), and the loser's read says `EAGAIN` — as with two threads per
+//! mount, and no more: one epoll shared by all workers would also pass
+//! each wakeup on from worker to worker (measured: twice the `EAGAIN`s). `ENOENT` is a request the caller
 //! interrupted; `ENODEV` a connection the kernel ended (it leaves the
 //! pool).
 //!
@@ -104,6 +108,10 @@ const ACCESS: u32 = 34;
 const IN_HEADER: usize = 40;
 const OUT_HEADER: usize = 16;
 const READ_SIZE_AT: usize = IN_HEADER + 16;
+
+/// How many workers' epolls watch each connection: two serve a mount's
+/// requests in parallel, and a slow request holds up at most one of them.
+const WATCHERS: usize = 2;
 
 /// The epoll token of the wake eventfd; connections count from 1.
 const WAKE: u64 = 0;
@@ -275,7 +283,8 @@ struct Wait {
 }
 
 pub struct Pool {
-    epoll: OwnedFd,
+    /// One per worker.
+    epolls: Vec<OwnedFd>,
     wake: OwnedFd,
     conns: RwLock<HashMap<u64, Arc<Conn>>>,
     /// Fast check before taking a request: the gate is open.
@@ -308,11 +317,15 @@ impl Pool {
     /// Start `size` workers, serving nothing yet.
     pub fn start(shared: Arc<FsShared>, size: usize) -> Result<Arc<Pool>, PoolError> {
         let io = |e: Errno| std::io::Error::from(e);
-        let epoll = epoll::create(epoll::CreateFlags::CLOEXEC).map_err(|e| PoolError::Epoll(io(e)))?;
         let flags = rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK;
         let wake = rustix::event::eventfd(0, flags).map_err(|e| PoolError::Epoll(io(e)))?;
-        epoll::add(&epoll, &wake, epoll::EventData::new_u64(WAKE), epoll::EventFlags::IN)
-            .map_err(|e| PoolError::Epoll(io(e)))?;
+        let mut epolls = Vec::with_capacity(size);
+        for _ in 0..size {
+            let epoll = epoll::create(epoll::CreateFlags::CLOEXEC).map_err(|e| PoolError::Epoll(io(e)))?;
+            epoll::add(&epoll, &wake, epoll::EventData::new_u64(WAKE), epoll::EventFlags::IN)
+                .map_err(|e| PoolError::Epoll(io(e)))?;
+            epolls.push(epoll);
+        }
         let (learn, jobs) = std::sync::mpsc::sync_channel::<LearnJob>(LEARN_QUEUE);
         let jobs = Arc::new(Mutex::new(jobs));
         for i in 0..LEARNERS {
@@ -323,7 +336,7 @@ impl Pool {
                 .map_err(PoolError::Thread)?;
         }
         let pool = Arc::new(Pool {
-            epoll,
+            epolls,
             wake,
             conns: RwLock::default(),
             serving: AtomicBool::new(true),
@@ -341,7 +354,7 @@ impl Pool {
         let mut workers = pool.workers.lock().expect("workers lock");
         for i in 0..size {
             let p = pool.clone();
-            let t = std::thread::Builder::new().name(format!("fuse-{i}")).spawn(move || p.work());
+            let t = std::thread::Builder::new().name(format!("fuse-{i}")).spawn(move || p.work(i));
             match t {
                 Ok(t) => workers.push(t),
                 Err(e) => {
@@ -355,20 +368,31 @@ impl Pool {
         Ok(pool)
     }
 
+    /// The epolls that watch `conn`: [`WATCHERS`] neighbours, spread by
+    /// its token.
+    fn watchers(&self, conn: &Conn) -> impl Iterator<Item = &OwnedFd> {
+        let first = (conn.token % self.size as u64) as usize;
+        (0..WATCHERS.min(self.size)).map(move |k| &self.epolls[(first + k) % self.size])
+    }
+
     /// Serve `conn` from now on.
     pub fn add(&self, conn: &Arc<Conn>) -> Result<(), PoolError> {
         self.conns.write().expect("conns lock").insert(conn.token, conn.clone());
         let event = epoll::EventData::new_u64(conn.token);
-        if let Err(e) = epoll::add(&self.epoll, &conn.dev, event, epoll::EventFlags::IN) {
-            self.conns.write().expect("conns lock").remove(&conn.token);
-            return Err(PoolError::Watch(e.into()));
+        for ep in self.watchers(conn) {
+            if let Err(e) = epoll::add(ep, &conn.dev, event, epoll::EventFlags::IN) {
+                self.remove(conn);
+                return Err(PoolError::Watch(e.into()));
+            }
         }
         Ok(())
     }
 
     /// Stop serving `conn` (a request a worker already took is answered).
     pub fn remove(&self, conn: &Conn) {
-        let _ = epoll::delete(&self.epoll, &conn.dev);
+        for ep in self.watchers(conn) {
+            let _ = epoll::delete(ep, &conn.dev);
+        }
         self.conns.write().expect("conns lock").remove(&conn.token);
     }
 
@@ -476,12 +500,12 @@ impl Pool {
         }
     }
 
-    fn work(self: Arc<Self>) {
+    fn work(self: Arc<Self>, me: usize) {
         let mut req = vec![0u8; REQUEST_BUF];
         let mut reply = vec![0u8; REPLY_BUF];
         let mut events = [MaybeUninit::<epoll::Event>::uninit(); 1];
         loop {
-            let token = match epoll::wait(&self.epoll, &mut events, None) {
+            let token = match epoll::wait(&self.epolls[me], &mut events, None) {
                 Ok((ready, _)) => match ready.first() {
                     Some(e) => e.data.u64(),
                     None => continue,
