@@ -437,8 +437,8 @@ impl Pool {
         self.gate_changed.notify_all();
     }
 
-    /// End the workers (for good), then answer the parked requests at once
-    /// (waiting at most `drain`).
+    /// End the workers (for good), then have the parked requests answered
+    /// at once (waiting at most [`PARK_FOR`] for them).
     pub fn stop(&self) {
         {
             let mut g = self.gate.lock().expect("gate lock");
