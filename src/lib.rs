@@ -15,8 +15,9 @@
 //! - [`identity`]: peer → pinned process → identity (cgroup → container
 //!   → Docker inspect).
 //! - [`policy`]: workloads, selectors, grants, and `decide` (pure).
-//! - [`fs`]: one FUSE filesystem per workload and the mount table that
-//!   keeps them in step with the store.
+//! - [`fs`]: one FUSE filesystem per workload, the mount table that
+//!   keeps them in step with the store, and the one pool of workers that
+//!   serves every mount (parking requests that must wait).
 //! - [`backend`]: where values live; `local` is the embedded redb store of
 //!   AES-256-GCM-sealed records, `vault` is Vault/OpenBao KV v2.
 //! - [`docker`]: the Docker volume plugin (per-container mounts).

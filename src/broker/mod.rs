@@ -362,8 +362,12 @@ impl Broker {
             // Containers bind the workload socket and mounts from here.
             fs::set_permissions(run_dir, fs::Permissions::from_mode(0o755))?;
         }
-        let shared =
-            Arc::new(FsShared { attestor: attestor.clone(), audit: audit.clone(), audit_reads: config.audit_reads });
+        let shared = Arc::new(FsShared {
+            attestor: attestor.clone(),
+            audit: audit.clone(),
+            audit_reads: config.audit_reads,
+            rt: rt.clone(),
+        });
         let mounts = MountTable::new(run_dir, shared)?;
         let config_calls = config.limits.calls_per_second;
         let config_admin_calls = config.limits.admin_calls_per_second;

@@ -19,8 +19,12 @@
 //! made on a mount's root propagates to that mount's slaves, so every
 //! running container sees the new session at once. Only the mounts of
 //! removed workloads are detached.
+//!
+//! Requests of every mount are served by one fixed pool of workers
+//! ([`pool`]); a mount only adds its connection to the pool.
 
 pub mod access;
+pub mod pool;
 pub mod workload;
 
 use std::collections::{BTreeMap, HashMap};
@@ -30,16 +34,16 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
+use std::time::Duration;
 
 use anyhow::Context as _;
-use fuse_backend_rs::api::server::Server;
-use fuse_backend_rs::transport::{FuseDevWriter, FuseSession};
+use fuse_backend_rs::transport::FuseDevWriter;
 
 use crate::backend::VersionMeta;
 use crate::backend::vault::Health;
 use crate::policy::{Grant, Target, Workload, files_for};
 use crate::secret::SecretBytes;
+use pool::{Conn, Pool};
 use workload::{FsShared, Node, ROOT, View, WorkloadFs};
 
 /// Where the mounts learn what to show. Implemented by the broker, which
@@ -156,23 +160,21 @@ pub struct Loaded {
     pub health: Option<Arc<Health>>,
 }
 
-/// Request threads per mount.
-const CHANNELS: usize = 2;
 /// Largest read the kernel may ask for (values are at most 16 MiB, but a
 /// page-sized read is the common case).
 const MAX_READ: usize = 128 * 1024;
+/// How long a handover waits for parked requests to be answered (they
+/// wait at most [`pool::PARK_FOR`], then take a blocking thread).
+const PARKED_DRAIN: Duration = Duration::from_secs(5);
 
 struct Mount {
     shape: Shape,
     fs: Arc<WorkloadFs>,
-    server: Arc<Server<Arc<WorkloadFs>>>,
-    /// Owns the /dev/fuse fd and the channel wakers. Its path is a private
-    /// directory that is never mounted on, so its Drop (which unmounts
-    /// its path) only closes the fd: the mounts are ours to manage.
-    session: FuseSession,
-    /// A dup of the session fd, for invalidation notices.
-    notify: File,
-    threads: Vec<JoinHandle<()>>,
+    /// The kernel connection (its /dev/fuse fd) and the server answering it.
+    conn: Arc<Conn>,
+    /// Whether the pool serves it (an adopted mount waits for its first
+    /// sync).
+    served: bool,
 }
 
 /// One live mount as handed to a successor broker; its `/dev/fuse`
@@ -195,11 +197,11 @@ pub struct MountInfo {
 
 pub struct MountTable {
     run_dir: PathBuf,
-    /// Handed to FuseSession in place of the real mountpoint (see Mount).
-    session_dir: PathBuf,
     /// Mount points under `dir` that a previous broker left behind.
     leftovers: Mutex<Vec<PathBuf>>,
     shared: Arc<FsShared>,
+    /// The workers that serve every mount.
+    pool: Arc<Pool>,
     mounts: Mutex<BTreeMap<MountKey, Mount>>,
     next_ino: AtomicU64,
     /// Serializes syncs: each one sees the store after the previous.
@@ -288,16 +290,15 @@ impl MountTable {
             std::fs::create_dir_all(dir)?;
             std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
         }
-        let session_dir = run_dir.join(".fuse-session");
-        std::fs::create_dir_all(&session_dir)?;
         let mut leftovers: Vec<PathBuf> =
             points.into_iter().filter(|p| p.parent().is_some_and(|d| dirs.iter().any(|x| x == d))).collect();
         leftovers.dedup();
+        let pool = Pool::start(shared.clone(), pool::default_size())?;
         Ok(MountTable {
             run_dir: run_dir.to_owned(),
-            session_dir,
             leftovers: Mutex::new(leftovers),
             shared,
+            pool,
             mounts: Mutex::default(),
             next_ino: AtomicU64::new(ROOT + 1),
             sync_lock: Mutex::default(),
@@ -328,20 +329,21 @@ impl MountTable {
                 Err(e) => return Err(e).with_context(|| format!("cannot create {}", path.display())),
             }
         }
-        let mut session = FuseSession::new(&self.session_dir, "keyhole", &w.name, true)
-            .map_err(|e| anyhow::anyhow!("FUSE session for {}: {e}", path.display()))?;
         let dev = OpenOptions::new().read(true).write(true).open("/dev/fuse").context("cannot open /dev/fuse")?;
         crate::sys::fuse_mount(&path, dev.as_raw_fd(), MAX_READ)
             .with_context(|| format!("cannot mount FUSE at {}", path.display()))?;
-        // The channel loops poll; wake() can stop them only if reads don't block.
+        // The workers never block in a read: another may have taken it.
         crate::sys::set_nonblocking(&dev)?;
-        let notify = dev.try_clone()?;
-        session.set_fuse_file(dev);
         let owner = workload::Owner::new(shape.uid, shape.gid, shape.container.clone());
         let fs = Arc::new(WorkloadFs::new(w, owner, self.shared.clone()));
-        let server = Arc::new(Server::new(fs.clone()));
-        let mut m = Mount { shape, fs, server, session, notify, threads: Vec::new() };
-        Self::start_channels(&mut m)?;
+        let conn = Conn::new(dev, fs.clone());
+        if let Err(e) = self.pool.add(&conn) {
+            // Ours only: a mount below it may be a predecessor's that
+            // containers hold.
+            let _ = crate::sys::umount_detach(&path);
+            return Err(e).with_context(|| format!("cannot serve {}", path.display()));
+        }
+        let m = Mount { shape, fs, conn, served: true };
         if stacked {
             tracing::info!(path = %path.display(), "mounted over the mount a previous broker left");
         } else {
@@ -350,45 +352,11 @@ impl MountTable {
         Ok(m)
     }
 
-    /// Start a mount's request threads.
-    fn start_channels(m: &mut Mount) -> anyhow::Result<()> {
-        for i in 0..CHANNELS {
-            let mut ch = m.session.new_channel().map_err(|e| anyhow::anyhow!("FUSE channel: {e}"))?;
-            let server = m.server.clone();
-            let name = format!("fuse-{}-{i}", m.fs.workload.name);
-            m.threads.push(std::thread::Builder::new().name(name).spawn(move || {
-                loop {
-                    match ch.get_request() {
-                        Ok(Some((reader, writer))) => {
-                            if let Err(e) = server.handle_message(reader, writer.into(), None, None) {
-                                tracing::debug!(error = %e, "FUSE request failed");
-                            }
-                        }
-                        Ok(None) => return, // woken to stop
-                        Err(e) => {
-                            tracing::debug!(error = %e, "FUSE channel closed");
-                            return;
-                        }
-                    }
-                }
-            })?);
-        }
-        Ok(())
-    }
-
-    /// Stop a mount's request threads. A request already read is answered
-    /// first; the rest wait in the kernel's queue for whoever reads next.
-    fn stop_channels(m: &mut Mount) {
-        let _ = m.session.wake();
-        for t in m.threads.drain(..) {
-            let _ = t.join();
-        }
-    }
-
-    /// Stop serving a mount: its request threads end and its /dev/fuse fd
-    /// closes. The mount point itself is left as it is.
-    fn stop(mut m: Mount) {
-        Self::stop_channels(&mut m);
+    /// Stop serving a mount: the pool drops its connection, whose
+    /// /dev/fuse fd closes once no parked request holds it. The mount
+    /// point itself is left as it is.
+    fn stop(&self, m: Mount) {
+        self.pool.remove(&m.conn);
     }
 
     /// Detach every mount stacked at `path`; the directory stays (apps
@@ -403,7 +371,7 @@ impl MountTable {
 
     /// A mount that is no longer wanted: detach it and remove its directory.
     fn unmount(&self, key: &MountKey, m: Mount) {
-        Self::stop(m);
+        self.stop(m);
         let path = self.path_of(key);
         Self::detach_all(&path);
         let _ = std::fs::remove_dir(&path);
@@ -416,15 +384,16 @@ impl MountTable {
             return;
         }
         let mut buf = vec![0u8; 4096];
+        let fd = m.conn.dev().as_raw_fd();
         for name in names {
             let Ok(c) = CString::new(name.as_str()) else { continue };
-            if let Ok(w) = FuseDevWriter::<()>::new(m.notify.as_raw_fd(), &mut buf) {
+            if let Ok(w) = FuseDevWriter::<()>::new(fd, &mut buf) {
                 // ENOENT just means the kernel had nothing cached.
-                let _ = m.server.notify_inval_entry(w, ROOT, &c);
+                let _ = m.conn.server.notify_inval_entry(w, ROOT, &c);
             }
         }
-        if let Ok(w) = FuseDevWriter::<()>::new(m.notify.as_raw_fd(), &mut buf) {
-            let _ = m.server.notify_inval_inode(w, ROOT, 0, 0);
+        if let Ok(w) = FuseDevWriter::<()>::new(fd, &mut buf) {
+            let _ = m.conn.server.notify_inval_inode(w, ROOT, 0, 0);
         }
     }
 
@@ -570,34 +539,36 @@ impl MountTable {
                 }
                 Err(e) => tracing::error!(mount = ?key, error = format!("{e:#}"), "cannot update mount"),
             }
-            // A mount adopted from a predecessor is served once it is current.
-            if m.threads.is_empty() {
-                if let Err(e) = Self::start_channels(m) {
-                    tracing::error!(mount = ?key, error = format!("{e:#}"), "cannot serve mount");
+            // A mount adopted from a predecessor is served once it is
+            // current. First, any request the predecessor read and never
+            // answered is queued again.
+            if !m.served {
+                m.conn.resend();
+                match self.pool.add(&m.conn) {
+                    Ok(()) => m.served = true,
+                    Err(e) => tracing::error!(mount = ?key, error = format!("{e:#}"), "cannot serve mount"),
                 }
             }
         }
         Ok(notices)
     }
 
-    /// Stop every mount's request threads and all changes, ahead of a
-    /// handover. The mounts stay; requests queue in the kernel.
+    /// Stop taking FUSE requests and all changes, ahead of a handover:
+    /// the request each worker holds is answered, then the parked ones
+    /// (bounded). The mounts stay; new requests queue in the kernel.
     pub fn quiesce(&self) {
         let _serial = self.sync_lock.lock().expect("sync lock");
         self.frozen.store(true, Ordering::SeqCst);
-        for m in self.mounts.lock().expect("mounts lock").values_mut() {
-            Self::stop_channels(m);
+        if !self.pool.pause(PARKED_DRAIN) {
+            // The successor asks the kernel to send those again.
+            tracing::warn!("handing over with FUSE requests unanswered");
         }
     }
 
     /// Serve again after a handover that did not happen.
     pub fn resume(&self) {
         let _serial = self.sync_lock.lock().expect("sync lock");
-        for (key, m) in self.mounts.lock().expect("mounts lock").iter_mut() {
-            if let Err(e) = Self::start_channels(m) {
-                tracing::error!(mount = ?key, error = format!("{e:#}"), "cannot serve mount");
-            }
-        }
+        self.pool.resume();
         self.frozen.store(false, Ordering::SeqCst);
     }
 
@@ -607,8 +578,7 @@ impl MountTable {
         let mounts = self.mounts.lock().expect("mounts lock");
         let mut handed = Vec::with_capacity(mounts.len());
         for (key, m) in mounts.iter() {
-            let Some(dev) = m.session.get_fuse_file() else { continue };
-            handed.push((MountState { key: key.clone(), fs: m.fs.export() }, dev.try_clone()?.into()));
+            handed.push((MountState { key: key.clone(), fs: m.fs.export() }, m.conn.dev().try_clone()?.into()));
         }
         Ok((handed, self.next_ino.load(Ordering::SeqCst)))
     }
@@ -634,10 +604,8 @@ impl MountTable {
                 let _ = std::fs::remove_dir(&path);
                 continue;
             };
-            let mut session = FuseSession::new(&self.session_dir, "keyhole", &shape.workload.name, true)
-                .map_err(|e| anyhow::anyhow!("FUSE session for {}: {e}", path.display()))?;
-            let notify = dev.try_clone()?;
-            session.set_fuse_file(dev);
+            // O_NONBLOCK travels with the descriptor; make sure.
+            crate::sys::set_nonblocking(&dev)?;
             let owner = workload::Owner::new(shape.uid, shape.gid, shape.container.clone());
             let mut fs = WorkloadFs::new(shape.workload.clone(), owner, self.shared.clone());
             let workload = shape.workload.name.clone();
@@ -650,9 +618,9 @@ impl MountTable {
                 .collect();
             fs.restore(st.fs, view, handles);
             let fs = Arc::new(fs);
-            let server = Arc::new(Server::new(fs.clone()));
+            let conn = Conn::new(dev, fs.clone());
             tracing::info!(path = %path.display(), "took over the live mount");
-            mounts.insert(st.key, Mount { shape, fs, server, session, notify, threads: Vec::new() });
+            mounts.insert(st.key, Mount { shape, fs, conn, served: false });
         }
         self.next_ino.fetch_max(next_ino, Ordering::SeqCst);
         Ok(())
@@ -675,9 +643,10 @@ impl MountTable {
     /// stays, so the next broker can mount over it and reach that
     /// container; one that nobody holds is detached.
     pub fn shutdown(&self) {
+        self.pool.stop();
         let mut mounts = self.mounts.lock().expect("mounts lock");
         for (key, m) in std::mem::take(&mut *mounts) {
-            Self::stop(m);
+            self.stop(m);
             let path = self.path_of(&key);
             if held_by_others(&path) {
                 tracing::info!(path = %path.display(), "stopped serving; containers hold the mount, so it stays for the next broker");

@@ -12,6 +12,14 @@
 //! attested and must match the mount's workload; otherwise `EACCES` and a
 //! `deny` audit line. A granted open writes a `read` audit line; if that
 //! line cannot be written the open fails (`EIO`) — no unaudited reads.
+//!
+//! A container's mount of a Docker volume shows its files as owned by the
+//! container's configured user, which is learned from the container's own
+//! `/etc/passwd` ([`WorkloadFs::learn_owner`]) while a request of that
+//! container waits, parked, off the FUSE workers ([`super::pool`]). Until
+//! then, entries and attributes are given with a zero TTL so the kernel
+//! asks again. The passwd is opened without blocking and without following
+//! a final symlink, and only a regular file is read, up to 64 KiB.
 #![forbid(unsafe_code)]
 
 use std::collections::{BTreeMap, HashMap};
@@ -117,6 +125,8 @@ pub struct FsShared {
     pub audit: Arc<AuditLog>,
     /// Audit allowed opens too (`[audit] reads`); denials always are.
     pub audit_reads: bool,
+    /// Where parked FUSE requests wait (see [`super::pool`]).
+    pub rt: tokio::runtime::Handle,
 }
 
 pub struct WorkloadFs {
@@ -154,6 +164,11 @@ impl Owner {
         Owner { uid, gid, container, learned: std::sync::OnceLock::new() }
     }
 
+    /// A volume mount's container whose user is not learned yet.
+    fn unknown(&self) -> bool {
+        self.container.is_some() && self.learned.get().is_none()
+    }
+
     fn resolve(&self) -> (u32, u32) {
         let (lu, lg) = self.learned.get().copied().unwrap_or_default();
         (self.uid.or(lu).unwrap_or(0), self.gid.or(lg).unwrap_or(0))
@@ -188,14 +203,29 @@ pub fn container_user(root: &std::path::Path, user: &str) -> (Option<u32>, Optio
     (uid, gid)
 }
 
-/// A small text file of the container's, read within its root; "" if absent.
+/// The most of a container's passwd or group file that is read.
+const MAX_DB: usize = 64 << 10;
+
+/// A small text file of the container's, read within its root; "" if it is
+/// absent or not a regular file. Opened without blocking (a FIFO there
+/// must not hang the broker) and without following a final symlink; at
+/// most [`MAX_DB`] bytes are read, and a line cut there is dropped.
 fn read_db(root: &std::path::Path, rel: &str) -> String {
     use std::io::Read;
-    let mut text = String::new();
-    if let Ok(f) = crate::sys::open_in_root(root, rel) {
-        let _ = f.take(1 << 20).read_to_string(&mut text);
+    let Ok(f) = crate::sys::open_in_root_with(root, rel, libc::O_NONBLOCK | libc::O_NOFOLLOW) else {
+        return String::new();
+    };
+    if !f.metadata().is_ok_and(|m| m.is_file()) {
+        return String::new();
     }
-    text
+    let mut bytes = Vec::new();
+    if f.take(MAX_DB as u64 + 1).read_to_end(&mut bytes).is_err() {
+        return String::new();
+    }
+    if bytes.len() > MAX_DB {
+        bytes.truncate(bytes[..MAX_DB].iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1));
+    }
+    String::from_utf8_lossy(&bytes).into_owned()
 }
 
 fn file_attr(n: &Node, owner: (u32, u32)) -> stat64 {
@@ -295,24 +325,34 @@ impl WorkloadFs {
         st
     }
 
-    /// On a volume mount whose owner is still unknown: if `ctx` is its
-    /// container, learn the container's configured user.
-    fn learn_owner(&self, ctx: &Context) {
-        let Some(want) = &self.owner.container else { return };
+    /// A volume mount whose owner (its container's user) is not learned
+    /// yet: its attributes are not final (see [`WorkloadFs::learn_owner`]).
+    pub fn owner_unknown(&self) -> bool {
+        self.owner.unknown()
+    }
+
+    /// On a volume mount whose owner is still unknown: if task `tid` is
+    /// its container's, learn the container's configured user from the
+    /// container's own passwd. Blocking (attestation, a file read): called
+    /// off the FUSE workers, while `tid` waits in its parked request, so
+    /// its `/proc` entry is its own. True if the owner was learned now.
+    pub fn learn_owner(&self, tid: i32, uid: u32, gid: u32) -> bool {
+        let Some(want) = &self.owner.container else { return false };
         if self.owner.learned.get().is_some() {
-            return;
+            return false;
         }
-        // TEMPORARY (identity): wait here, bounded, for Docker to describe
-        // the caller's container; the FUSE worker pool parks instead.
-        self.shared.attestor.wait_pending(ctx.pid);
-        let Ok(id) = self.shared.attestor.attest_task(ctx.pid, ctx.uid, ctx.gid) else { return };
+        // Off the workers: wait, bounded, for Docker to describe the
+        // caller's container (runc touches the mount before it can).
+        self.shared.attestor.wait_pending(tid);
+        let Ok(id) = self.shared.attestor.attest_task(tid, uid, gid) else { return false };
         // Docker describes the container only once its start is under way
         // (runc touches the mount before that): until then, ask again.
-        if let (Some(c), Some(d)) = (id.container_id.as_deref(), &id.docker) {
-            if c == want {
-                let root = std::path::PathBuf::from(format!("/proc/{}/root", ctx.pid));
-                let _ = self.owner.learned.set(container_user(&root, &d.user));
+        match (id.container_id.as_deref(), &id.docker) {
+            (Some(c), Some(d)) if c == want => {
+                let root = std::path::PathBuf::from(format!("/proc/{tid}/root"));
+                self.owner.learned.set(container_user(&root, &d.user)).is_ok()
             }
+            _ => false,
         }
     }
 
@@ -327,6 +367,12 @@ impl WorkloadFs {
         if let Some(s) = self.readers.lock().expect("readers lock").get_mut(secret) {
             s.remove(container);
         }
+    }
+
+    /// How long the kernel may keep an entry or attributes: not at all
+    /// while the owner is not learned, so it asks again.
+    fn ttl(&self) -> Duration {
+        if self.owner.unknown() { Duration::ZERO } else { TTL }
     }
 
     fn attr(&self, n: &Node) -> stat64 {
@@ -369,9 +415,7 @@ impl WorkloadFs {
         // The workload first: a caller that is not the workload's is
         // refused as such, whatever the file's mode; a member then needs
         // the mode to let it read (the check the kernel made before).
-        // TEMPORARY (identity): wait here, bounded, for Docker to describe
-        // the caller's container; the FUSE worker pool parks instead.
-        self.shared.attestor.wait_pending(ctx.pid);
+        // Never waits: the pool parked this open until Docker answered.
         match self.shared.attestor.attest_task(ctx.pid, ctx.uid, ctx.gid) {
             Err(e) => {
                 let who = Identity { uid: ctx.uid, gid: ctx.gid, pid: ctx.pid, ..Identity::default() };
@@ -428,33 +472,32 @@ impl FileSystem for WorkloadFs {
         Ok(FsOptions::empty())
     }
 
-    fn lookup(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<Entry> {
+    fn lookup(&self, _ctx: &Context, parent: u64, name: &CStr) -> io::Result<Entry> {
         if parent != ROOT {
             return Err(errno(libc::ENOENT));
         }
-        self.learn_owner(ctx);
         let name = name.to_str().map_err(|_| errno(libc::ENOENT))?;
         let view = self.view();
         let node = view.by_name.get(name).ok_or_else(|| errno(libc::ENOENT))?;
+        let ttl = self.ttl();
         Ok(Entry {
             inode: node.ino,
             generation: 0,
             attr: self.attr(node),
             attr_flags: 0,
-            attr_timeout: TTL,
-            entry_timeout: TTL,
+            attr_timeout: ttl,
+            entry_timeout: ttl,
         })
     }
 
-    fn getattr(&self, ctx: &Context, ino: u64, handle: Option<u64>) -> io::Result<(stat64, Duration)> {
-        self.learn_owner(ctx);
+    fn getattr(&self, _ctx: &Context, ino: u64, handle: Option<u64>) -> io::Result<(stat64, Duration)> {
         if ino == ROOT {
             return Ok((self.root_attr(), TTL));
         }
         // An open file keeps its attributes after a rotation retired it.
         let held = handle.and_then(|h| self.handles.lock().expect("handles lock").get(&h).cloned());
         let node = held.or_else(|| self.node(ino)).ok_or_else(|| errno(libc::ENOENT))?;
-        Ok((self.attr(&node), TTL))
+        Ok((self.attr(&node), self.ttl()))
     }
 
     fn open(
@@ -607,6 +650,37 @@ mod tests {
         assert_eq!(container_user(root, "ghost"), (None, None));
         assert_eq!(container_user(root, "broken"), (None, None));
         assert_eq!(container_user(root, ""), (None, None));
+    }
+
+    #[test]
+    fn a_fifo_passwd_is_no_passwd_and_does_not_block() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir(root.path().join("etc")).unwrap();
+        let made = std::process::Command::new("mkfifo").arg(root.path().join("etc/passwd")).status().unwrap();
+        assert!(made.success());
+        // A blocking open would wait here for a writer forever.
+        assert_eq!(container_user(root.path(), "1000"), (Some(1000), None));
+        assert_eq!(container_user(root.path(), "app"), (None, None));
+    }
+
+    #[test]
+    fn a_huge_passwd_is_read_only_so_far_and_a_cut_line_is_dropped() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir(root.path().join("etc")).unwrap();
+        let mut text = String::from("app:x:1001:1002::/:/bin/sh\n");
+        let cut_at = super::MAX_DB - 15;
+        while text.len() + 100 < cut_at {
+            text.push_str("filler:x:5:5::/:/bin/sh\n");
+        }
+        text.push_str(&"#".repeat(cut_at - text.len() - 1));
+        text.push('\n');
+        // The limit cuts this line after "late:x:1003:12": it must not be
+        // read as gid 12.
+        text.push_str("late:x:1003:1234::/:/bin/sh\nlast:x:1004:1004::/:/bin/sh\n");
+        std::fs::write(root.path().join("etc/passwd"), text).unwrap();
+        assert_eq!(container_user(root.path(), "app"), (Some(1001), Some(1002)));
+        assert_eq!(container_user(root.path(), "late"), (None, None));
+        assert_eq!(container_user(root.path(), "last"), (None, None));
     }
 
     #[test]

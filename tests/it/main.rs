@@ -15,6 +15,7 @@ mod lifecycle;
 mod limits;
 mod mounts;
 mod operate;
+mod pool;
 mod replay;
 mod secrets;
 mod strangers;
