@@ -139,7 +139,8 @@ fn image_labels_stay_out_across_a_takeover() {
 fn doctor_text(b: &Broker) -> Output {
     let cfg = b.config.clone().unwrap();
     let (state, run) = (b.state(), b.run());
-    let args = ["--config", cfg.to_str().unwrap(), "--state-dir", state.to_str().unwrap(), "--run-dir", run.to_str().unwrap()];
+    let args =
+        ["--config", cfg.to_str().unwrap(), "--state-dir", state.to_str().unwrap(), "--run-dir", run.to_str().unwrap()];
     Command::new(BIN).arg("doctor").args(args).output().unwrap()
 }
 
