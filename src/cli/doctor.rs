@@ -76,6 +76,7 @@ pub async fn run(config: anyhow::Result<Config>, json: bool) -> anyhow::Result<(
     checks.push(namespace("pid namespace", &proc, &who, "pid", HOST_PID_NS, why));
     let why = "containers could not be told apart";
     checks.push(namespace("cgroup namespace", &proc, &who, "cgroup", HOST_CGROUP_NS, why));
+    checks.push(ptrace(std::fs::read_to_string(PTRACE_SCOPE).ok().as_deref()));
     checks.push(run_dir(&config.run_dir, broker.is_ok()));
     checks.push(state_dir(&config.state_dir));
     checks.push(key(&config));
@@ -147,6 +148,29 @@ fn namespace(check: &'static str, proc: &str, who: &str, ns: &str, host: u64, wh
             format!("run on the host, or as a container with `{ns}: host`"),
         ),
         Err(e) => bad(check, format!("{proc}/ns/{ns}: {e}"), "mount /proc"),
+    }
+}
+
+const PTRACE_SCOPE: &str = "/proc/sys/kernel/yama/ptrace_scope";
+
+/// Yama's `ptrace_scope` (`None`: no Yama). At 0, or without Yama, any
+/// process may ptrace (and `pidfd_getfd`) another of the same uid and gid:
+/// a host user whose ids equal a container user's takes the container's
+/// open secret files, and only the container's open is audited.
+fn ptrace(scope: Option<&str>) -> Check {
+    const NAME: &str = "ptrace";
+    let risk = "a host user with the same uid:gid as a container's user can take its open secret files \
+                (pidfd_getfd, ptrace), and the audit credits the container";
+    let fix = "sysctl kernel.yama.ptrace_scope=1 (persist it in /etc/sysctl.d; a kernel without Yama needs \
+               it enabled, e.g. lsm=...,yama), or run dockerd with userns-remap, or run containers as uids \
+               no host account uses";
+    match scope.map(|s| s.trim().parse::<u32>()) {
+        None => warn(NAME, format!("no Yama ({PTRACE_SCOPE} is missing): {risk}"), fix),
+        Some(Ok(0)) => warn(NAME, format!("kernel.yama.ptrace_scope is 0: {risk}"), fix),
+        Some(Ok(n)) => {
+            ok(NAME, format!("kernel.yama.ptrace_scope is {n}: other processes of a uid cannot take its files"))
+        }
+        Some(Err(_)) => warn(NAME, format!("{PTRACE_SCOPE} does not read as a number: {risk}"), fix),
     }
 }
 
@@ -328,4 +352,22 @@ async fn backend(cfg: &crate::config::VaultConfig) -> Vec<Check> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ptrace_scope_below_one_is_a_warning() {
+        for scope in [None, Some("0\n"), Some("junk")] {
+            let c = ptrace(scope);
+            assert_eq!(c.status, Status::Warn, "{scope:?}");
+            assert!(c.detail.contains("same uid:gid") && c.detail.contains("pidfd_getfd"), "{}", c.detail);
+            assert!(c.fix.unwrap().contains("userns-remap"));
+        }
+        for scope in ["1\n", "2", "3"] {
+            assert_eq!(ptrace(Some(scope)).status, Status::Ok, "{scope}");
+        }
+    }
 }

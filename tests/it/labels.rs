@@ -162,7 +162,7 @@ fn doctor_warns_when_same_uid_host_users_can_take_a_containers_fds() {
     match ptrace_scope() {
         None | Some(0) => {
             assert!(line.starts_with("WARN  ptrace"), "{text}");
-            assert!(line.contains("same uid") && line.contains("pidfd_getfd"), "{text}");
+            assert!(line.contains("same uid:gid") && line.contains("pidfd_getfd"), "{text}");
             let fix = text.lines().skip_while(|l| !l.starts_with("WARN  ptrace")).nth(1).unwrap_or_default();
             for word in ["kernel.yama.ptrace_scope=1", "userns-remap", "uids no host account uses"] {
                 assert!(fix.contains(word), "fix names {word}: {text}");
