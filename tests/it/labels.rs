@@ -227,7 +227,11 @@ fn a_same_uid_host_user_can_take_an_open_secret_without_yama() {
             // Nothing in the audit log names the host user.
             assert_eq!(b.audit_events("read").len(), reads_before);
             let text = String::from_utf8_lossy(&doctor_text(&b).stdout).into_owned();
-            assert!(text.lines().any(|l| l.starts_with("WARN  ptrace")), "doctor warns on this host: {text}");
+            let warning = text.lines().find(|l| l.starts_with("WARN  ptrace")).unwrap_or_default();
+            // ... and names the container running as a host account's uid.
+            let name = docker(&["inspect", "--format", "{{.Name}}", &c.id]);
+            let name = String::from_utf8(name.stdout).unwrap().trim().trim_start_matches('/').to_owned();
+            assert!(warning.contains(&format!("{name} (uid 1000, host user ")), "doctor warns on this host: {text}");
         }
         Some(_) => assert_eq!(o.status.code(), Some(3), "Yama refuses: {}", stderr(&o)),
     }
