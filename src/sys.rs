@@ -323,3 +323,180 @@ unsafe fn zero_volatile(ptr: *mut u8, len: usize) {
     unsafe { std::ptr::write_bytes(ptr, 0, len) };
     std::hint::black_box(ptr);
 }
+
+/// `openat2(dir, rel, flags)` resolving as if `dir` were `/` and never
+/// through a magic link (`/proc/<pid>/fd/*` and the like).
+fn openat2_in_root(dir: &OwnedFd, rel: &str, flags: libc::c_int) -> io::Result<OwnedFd> {
+    let rel = std::ffi::CString::new(rel).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: open_how is a C struct of integers; all-zero is valid.
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = flags as u64;
+    how.resolve = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS;
+    // SAFETY: a valid dir fd, a NUL-terminated path and an open_how that
+    // outlive the call, with its exact size.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            dir.as_raw_fd(),
+            rel.as_ptr(),
+            &how as *const libc::open_how,
+            std::mem::size_of::<libc::open_how>(),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this fd to us and nobody else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// Read the regular file `rel` inside the directory tree at `root` (e.g. a
+/// container's `/proc/<pid>/root`), at most `max` bytes, without ever
+/// opening anything else for reading.
+///
+/// The path is resolved as if `root` were `/` (`RESOLVE_IN_ROOT`, no magic
+/// links) to an `O_PATH|O_NOFOLLOW` fd, which opens nothing: a FIFO, a
+/// socket, a device node (root in a container can `mknod` a `/dev/kmsg` or
+/// `/dev/watchdog` as its `/etc/passwd`: opened by the broker, outside the
+/// container's device cgroup, it would block or act), a symlink as the last
+/// component, or a directory yields `Ok(None)`. Only a regular file is then
+/// opened for reading, through that same fd (`/proc/self/fd/<n>`: the very
+/// inode, which cannot turn into another between the two), non-blocking,
+/// and checked again. `Ok(None)` also when it is absent; an error when it
+/// cannot be resolved otherwise or holds more than `max` bytes
+/// (`FileTooLarge`: a cut file would be read as another one).
+pub fn open_regular_in_root(root: &std::path::Path, rel: &str, max: u64) -> io::Result<Option<Vec<u8>>> {
+    use std::io::Read;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+
+    let dir: OwnedFd =
+        std::fs::OpenOptions::new().read(true).custom_flags(libc::O_PATH | libc::O_DIRECTORY).open(root)?.into();
+    let path = match openat2_in_root(&dir, rel, libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC) {
+        Ok(fd) => std::fs::File::from(fd),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let seen = path.metadata()?; // fstat of the O_PATH fd: opens nothing
+    if !seen.file_type().is_file() {
+        return Ok(None);
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(format!("/proc/self/fd/{}", path.as_raw_fd()))?;
+    let opened = file.metadata()?;
+    if !opened.file_type().is_file() || (opened.dev(), opened.ino()) != (seen.dev(), seen.ino()) {
+        return Ok(None);
+    }
+    let mut bytes = Vec::new();
+    file.take(max.saturating_add(1)).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > max {
+        return Err(io::Error::new(io::ErrorKind::FileTooLarge, format!("{rel}: more than {max} bytes")));
+    }
+    Ok(Some(bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An inotify watch for opens (an `O_PATH` fd is not one) of `paths`.
+    struct Opens(OwnedFd);
+
+    impl Opens {
+        fn watch(paths: &[std::path::PathBuf]) -> Opens {
+            // SAFETY: inotify_init1 takes flags and returns a new fd or -1.
+            let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
+            assert!(fd >= 0, "inotify: {}", io::Error::last_os_error());
+            // SAFETY: a new fd that nothing else owns.
+            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+            for p in paths {
+                let c = cpath(p).unwrap();
+                // SAFETY: a valid inotify fd and a NUL-terminated path that
+                // outlives the call.
+                assert!(unsafe { libc::inotify_add_watch(fd.as_raw_fd(), c.as_ptr(), libc::IN_OPEN) } >= 0);
+            }
+            Opens(fd)
+        }
+
+        /// Whether any watched file was opened since the watch began.
+        fn any(&self) -> bool {
+            let mut buf = [0u8; 4096];
+            // SAFETY: `buf` is valid for writes of its length.
+            unsafe { libc::read(self.0.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) > 0 }
+        }
+    }
+
+    fn mknod(path: &std::path::Path, kind: &str, dev: &[&str]) -> bool {
+        std::process::Command::new("mknod").arg(path).arg(kind).args(dev).status().is_ok_and(|s| s.success())
+    }
+
+    #[test]
+    fn only_a_regular_file_in_the_root_is_ever_opened() {
+        let top = tempfile::tempdir().unwrap();
+        let (root, outside) = (top.path().join("root"), top.path().join("outside"));
+        std::fs::create_dir_all(root.join("etc")).unwrap();
+        std::fs::create_dir_all(root.join("dev")).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        std::fs::write(outside.join("passwd"), b"host:x:0:0::/:/bin/sh\n").unwrap();
+        std::fs::write(root.join("etc/passwd"), b"app:x:1001:1002::/:/bin/sh\n").unwrap();
+        let read = |rel: &str| open_regular_in_root(&root, rel, 64);
+
+        // A regular file: read. Absent: None.
+        assert_eq!(read("etc/passwd").unwrap().unwrap(), b"app:x:1001:1002::/:/bin/sh\n");
+        assert_eq!(read("/etc/passwd").unwrap().unwrap(), b"app:x:1001:1002::/:/bin/sh\n");
+        assert!(read("etc/group").unwrap().is_none());
+        // Larger than max: refused, not cut; exactly max: read.
+        std::fs::write(root.join("etc/big"), vec![b'x'; 65]).unwrap();
+        assert_eq!(read("etc/big").unwrap_err().kind(), io::ErrorKind::FileTooLarge);
+        std::fs::write(root.join("etc/big"), vec![b'x'; 64]).unwrap();
+        assert_eq!(read("etc/big").unwrap().unwrap().len(), 64);
+
+        // A FIFO would block an open for reading: never opened.
+        assert!(mknod(&root.join("etc/fifo"), "p", &[]));
+        let started = std::time::Instant::now();
+        assert!(read("etc/fifo").unwrap().is_none());
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
+        // Device nodes (here /dev/null's and /dev/kmsg's numbers): never opened.
+        if rustix::process::geteuid().is_root() {
+            assert!(mknod(&root.join("dev/null"), "c", &["1", "3"]));
+            assert!(mknod(&root.join("dev/kmsg"), "c", &["1", "11"]));
+            assert!(read("dev/null").unwrap().is_none());
+            assert!(read("dev/kmsg").unwrap().is_none());
+        }
+        // A directory: None.
+        assert!(read("etc").unwrap().is_none());
+        // None of them was opened (only looked at through an O_PATH fd).
+        let mut specials = vec![root.join("etc/fifo")];
+        if rustix::process::geteuid().is_root() {
+            specials.extend([root.join("dev/null"), root.join("dev/kmsg")]);
+        }
+        let opens = Opens::watch(&specials);
+        for rel in ["etc/fifo", "dev/null", "dev/kmsg"] {
+            let _ = read(rel);
+        }
+        assert!(!opens.any(), "a special file was opened");
+        let regular = Opens::watch(&[root.join("etc/passwd")]);
+        assert!(read("etc/passwd").unwrap().is_some());
+        assert!(regular.any(), "the watch sees an open");
+
+        // Symlinks climbing out: the last component is never followed, and
+        // `..` or an absolute target resolve inside the root.
+        std::os::unix::fs::symlink("../../outside/passwd", root.join("etc/up")).unwrap();
+        std::os::unix::fs::symlink(outside.join("passwd"), root.join("etc/abs")).unwrap();
+        std::os::unix::fs::symlink("/proc/self/root/etc/passwd", root.join("etc/magic")).unwrap();
+        for link in ["etc/up", "etc/abs", "etc/magic"] {
+            assert!(read(link).unwrap().is_none(), "{link}");
+        }
+        std::os::unix::fs::symlink("../..", root.join("top")).unwrap();
+        std::os::unix::fs::symlink(top.path(), root.join("abstop")).unwrap();
+        for path in ["top/outside/passwd", "abstop/outside/passwd", "../outside/passwd", "../../../outside/passwd"] {
+            assert_eq!(read(path).unwrap(), None, "{path}: stays inside the root");
+        }
+        // A directory link inside the root still works.
+        std::os::unix::fs::symlink("etc", root.join("etc2")).unwrap();
+        assert_eq!(read("etc2/passwd").unwrap().unwrap(), b"app:x:1001:1002::/:/bin/sh\n");
+        // Not a directory as root: an error.
+        assert!(open_regular_in_root(&root.join("etc/passwd"), "x", 64).is_err());
+    }
+}

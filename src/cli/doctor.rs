@@ -82,6 +82,13 @@ pub async fn run(config: anyhow::Result<Config>, json: bool) -> anyhow::Result<(
     let docker = docker(&config.docker_socket).await;
     let docker_up = docker.status == Status::Ok;
     checks.push(docker);
+    let scope = std::fs::read_to_string(PTRACE_SCOPE).ok();
+    let exposed = if docker_up && ptrace_open(scope.as_deref()) {
+        host_uid_containers(&config.docker_socket).await
+    } else {
+        Vec::new()
+    };
+    checks.push(ptrace(scope.as_deref(), &exposed));
     if let Some(sock) = &config.plugin_socket {
         checks.push(plugin(sock, docker_up, broker.is_ok()));
     }
@@ -147,6 +154,78 @@ fn namespace(check: &'static str, proc: &str, who: &str, ns: &str, host: u64, wh
             format!("run on the host, or as a container with `{ns}: host`"),
         ),
         Err(e) => bad(check, format!("{proc}/ns/{ns}: {e}"), "mount /proc"),
+    }
+}
+
+const PTRACE_SCOPE: &str = "/proc/sys/kernel/yama/ptrace_scope";
+
+/// Yama's `ptrace_scope` (`None`: no Yama). At 0, or without Yama, any
+/// process may ptrace (and `pidfd_getfd`) another of the same uid and gid:
+/// a host user whose ids equal a container user's takes the container's
+/// open secret files, and only the container's open is audited.
+fn ptrace(scope: Option<&str>, exposed: &[String]) -> Check {
+    const NAME: &str = "ptrace";
+    let mut risk = "a host user with the same uid:gid as a container's user can take its open secret files \
+                    (pidfd_getfd, ptrace), and the audit credits the container"
+        .to_owned();
+    if !exposed.is_empty() {
+        risk.push_str(&format!("; running as host accounts' uids: {}", exposed.join(", ")));
+    }
+    let fix = "sysctl kernel.yama.ptrace_scope=1 (persist it in /etc/sysctl.d; a kernel without Yama needs \
+               it enabled, e.g. lsm=...,yama), or run dockerd with userns-remap, or run containers as uids \
+               no host account uses";
+    match scope.map(|s| s.trim().parse::<u32>()) {
+        None => warn(NAME, format!("no Yama ({PTRACE_SCOPE} is missing): {risk}"), fix),
+        Some(Ok(0)) => warn(NAME, format!("kernel.yama.ptrace_scope is 0: {risk}"), fix),
+        Some(Ok(n)) => {
+            ok(NAME, format!("kernel.yama.ptrace_scope is {n}: other processes of a uid cannot take its files"))
+        }
+        Some(Err(_)) => warn(NAME, format!("{PTRACE_SCOPE} does not read as a number: {risk}"), fix),
+    }
+}
+
+/// Whether `scope` (Yama's `ptrace_scope`, `None`: no Yama) lets a uid's
+/// processes ptrace each other.
+fn ptrace_open(scope: Option<&str>) -> bool {
+    !matches!(scope.map(|s| s.trim().parse::<u32>()), Some(Ok(n)) if n >= 1)
+}
+
+/// Most running containers looked at for [`host_uid_containers`].
+const EXPOSED_MAX: usize = 64;
+
+/// The running containers whose configured user is a numeric uid (not 0)
+/// that a host account has, e.g. "web (uid 1000, host user alice)". A
+/// user given by name is resolved inside the container: not looked at.
+async fn host_uid_containers(socket: &Path) -> Vec<String> {
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    let account = |uid: &str| {
+        passwd
+            .lines()
+            .map(|l| l.split(':').collect::<Vec<_>>())
+            .find(|f| f.len() > 2 && f[2] == uid)
+            .map(|f| f[0].to_owned())
+    };
+    let look = async {
+        let d = bollard::Docker::connect_with_unix(&socket.to_string_lossy(), 5, bollard::API_DEFAULT_VERSION)?;
+        let list = d.list_containers(None::<bollard::query_parameters::ListContainersOptions>).await?;
+        let mut out = Vec::new();
+        for c in list.into_iter().take(EXPOSED_MAX) {
+            let Some(id) = c.id else { continue };
+            let Ok(i) = d.inspect_container(&id, None).await else { continue };
+            let user = i.config.and_then(|c| c.user).unwrap_or_default();
+            let uid = user.split(':').next().unwrap_or_default();
+            if uid.parse::<u32>().is_ok_and(|u| u != 0) {
+                if let Some(login) = account(uid) {
+                    let name = i.name.unwrap_or_default().trim_start_matches('/').to_owned();
+                    out.push(format!("{name} (uid {uid}, host user {login})"));
+                }
+            }
+        }
+        Ok::<_, bollard::errors::Error>(out)
+    };
+    match tokio::time::timeout(std::time::Duration::from_secs(6), look).await {
+        Ok(Ok(out)) => out,
+        _ => Vec::new(),
     }
 }
 
@@ -328,4 +407,30 @@ async fn backend(cfg: &crate::config::VaultConfig) -> Vec<Check> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ptrace_scope_below_one_is_a_warning() {
+        for scope in [None, Some("0\n"), Some("junk")] {
+            let c = ptrace(scope, &[]);
+            assert_eq!(c.status, Status::Warn, "{scope:?}");
+            assert!(c.detail.contains("same uid:gid") && c.detail.contains("pidfd_getfd"), "{}", c.detail);
+            assert!(c.fix.unwrap().contains("userns-remap"));
+        }
+        for scope in ["1\n", "2", "3"] {
+            assert_eq!(ptrace(Some(scope), &[]).status, Status::Ok, "{scope}");
+            assert!(!ptrace_open(Some(scope)));
+        }
+        assert!(ptrace_open(None) && ptrace_open(Some("0")) && ptrace_open(Some("junk")));
+        let c = ptrace(None, &["web (uid 1000, host user alice)".into()]);
+        assert!(
+            c.detail.ends_with("; running as host accounts' uids: web (uid 1000, host user alice)"),
+            "{}",
+            c.detail
+        );
+    }
 }

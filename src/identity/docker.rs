@@ -15,6 +15,15 @@
 //! evicted on sight, and `create`/`start`/`restart` clear an id's negative
 //! entry. A lost stream clears the cache, reconnects asking dockerd to
 //! replay the events since, and lists the running containers again.
+//!
+//! A container's labels, as the policy sees them, are those its starter
+//! set: Docker merges the image's `LABEL`s into `Config.Labels`, so the
+//! image is inspected too (cached per image id, which names its content)
+//! and every label whose key and value both equal the image's is dropped
+//! ([`own_labels`]). An image author cannot make a container match a
+//! `docker:label:` selector; an operator who sets the very pair the image
+//! carries cannot be told apart from it, so that pair does not count
+//! either. An image Docker no longer has leaves the container no labels.
 //! Before serving, [`DockerCache::prime`] lists the running containers so
 //! the common case never misses; [`DockerCache::export`] and
 //! [`DockerCache::import`] carry the cache across a takeover (the
@@ -59,6 +68,9 @@ const PRIME_CONCURRENCY: usize = 8;
 const PRIME_TIMEOUT: Duration = Duration::from_secs(15);
 /// Most containers taken from a predecessor.
 const IMPORT_MAX: usize = 65536;
+/// Most images whose labels are remembered (an image id names its
+/// content, so an entry never goes stale; a full cache starts over).
+const IMAGES_MAX: usize = 1024;
 
 /// A running container, confirmed: what Docker says of it, and its init
 /// process pinned, with the namespaces every caller of it must share.
@@ -110,6 +122,11 @@ pub struct Exported {
     pub labels: BTreeMap<String, String>,
     #[serde(default)]
     pub user: String,
+    /// Whether `labels` are the container's own, the image's taken out
+    /// (an older predecessor's are not: such a container is asked about
+    /// again rather than taken).
+    #[serde(default)]
+    pub own_labels: bool,
 }
 
 #[derive(Default)]
@@ -119,6 +136,8 @@ struct Inner {
     absent: HashMap<String, Instant>,
     /// id → dropped (waking every waiter) when its inspect ends.
     inflight: HashMap<String, tokio::sync::watch::Sender<()>>,
+    /// image id → the labels its config carries.
+    images: HashMap<String, Arc<BTreeMap<String, String>>>,
 }
 
 /// A future a caller may wait on (see [`DockerCache::pending`]).
@@ -160,6 +179,27 @@ enum PinError {
     Gone(i32),
     #[error("its init (pid {0}) is in other namespaces than recorded")]
     Namespaces(i32),
+}
+
+/// Why an image's labels are not known.
+#[derive(Debug, thiserror::Error)]
+enum ImageError {
+    /// Docker no longer has it (a running container's image was removed):
+    /// the container's labels cannot be told from the image's, ever.
+    #[error("Docker has no such image")]
+    Gone,
+    #[error("docker image inspect failed: {0}")]
+    Failed(bollard::errors::Error),
+    #[error("docker image inspect timed out")]
+    TimedOut,
+}
+
+/// The labels of a container its starter set: `labels` (Docker's merge of
+/// the image's and the starter's) less every pair equal to one of
+/// `image`'s. A pair the starter set to the image's very value is dropped
+/// too: Docker keeps no trace of who set it.
+pub fn own_labels(labels: BTreeMap<String, String>, image: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    labels.into_iter().filter(|(k, v)| image.get(k) != Some(v)).collect()
 }
 
 impl DockerCache {
@@ -355,10 +395,35 @@ impl DockerCache {
             return;
         }
         let config = c.config.unwrap_or_default();
+        let merged: BTreeMap<String, String> = config.labels.unwrap_or_default().into_iter().collect();
+        let labels = if merged.is_empty() {
+            merged
+        } else {
+            match self.image_labels(c.image.as_deref().unwrap_or_default()).await {
+                Ok(image) => own_labels(merged, &image),
+                Err(ImageError::Gone) => {
+                    if let Some(held) = self.warn.allow() {
+                        tracing::warn!(container = %short(id), held_back = held, "its image is gone: its labels are not believed");
+                    }
+                    BTreeMap::new()
+                }
+                Err(e) => {
+                    if let Some(held) = self.warn.allow() {
+                        tracing::warn!(container = %short(id), error = %e, held_back = held, "cannot tell its labels from its image's");
+                    }
+                    // Not confirmed (denied) until the image answers; a
+                    // timeout is not remembered, like the container's.
+                    if !matches!(e, ImageError::TimedOut) {
+                        self.absent(id, UNREACHABLE_TTL, starts);
+                    }
+                    return;
+                }
+            }
+        };
         let info = ContainerInfo {
             name: c.name.unwrap_or_default().trim_start_matches('/').to_owned(),
             image: config.image.unwrap_or_default(),
-            labels: config.labels.unwrap_or_default().into_iter().collect(),
+            labels,
             user: config.user.unwrap_or_default(),
         };
         match self.pin(id, pid, None) {
@@ -374,6 +439,34 @@ impl DockerCache {
                 self.absent(id, NOT_RUNNING_TTL, starts);
             }
         }
+    }
+
+    /// The labels image `image` (an id, `sha256:…`) carries: remembered,
+    /// or one inspect bounded by [`INSPECT_TIMEOUT`].
+    async fn image_labels(&self, image: &str) -> Result<Arc<BTreeMap<String, String>>, ImageError> {
+        if image.is_empty() {
+            return Err(ImageError::Gone);
+        }
+        if let Some(l) = self.lock().images.get(image) {
+            return Ok(l.clone());
+        }
+        let labels = match tokio::time::timeout(INSPECT_TIMEOUT, self.client.inspect_image(image)).await {
+            Ok(Ok(i)) => {
+                let labels = i.config.and_then(|c| c.labels).unwrap_or_default();
+                Arc::new(labels.into_iter().collect::<BTreeMap<_, _>>())
+            }
+            Ok(Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. })) => {
+                return Err(ImageError::Gone);
+            }
+            Ok(Err(e)) => return Err(ImageError::Failed(e)),
+            Err(_) => return Err(ImageError::TimedOut),
+        };
+        let mut inner = self.lock();
+        if inner.images.len() >= IMAGES_MAX {
+            inner.images.clear();
+        }
+        inner.images.insert(image.to_owned(), labels.clone());
+        Ok(labels)
     }
 
     /// Pin `pid` (the init of `id`), check it resolves to `id` from its
@@ -463,6 +556,7 @@ impl DockerCache {
                 image: c.info.image.clone(),
                 labels: c.info.labels.clone(),
                 user: c.info.user.clone(),
+                own_labels: true,
             })
             .collect()
     }
@@ -474,6 +568,11 @@ impl DockerCache {
         let mut taken = 0;
         for e in containers.into_iter().take(IMPORT_MAX) {
             if !super::cgroup::is_container_id(&e.id) || e.pid <= 0 {
+                continue;
+            }
+            if !e.own_labels && !e.labels.is_empty() {
+                // An older predecessor's labels may hold the image's.
+                tracing::debug!(container = %short(&e.id), "labels not sorted from the image's: asked about again");
                 continue;
             }
             match self.pin(&e.id, e.pid, Some((&e.pid_ns, &e.mnt_ns))) {
@@ -649,6 +748,7 @@ pub(crate) mod tests {
             image: "busybox".into(),
             labels: BTreeMap::from([("app".into(), "web".into())]),
             user: String::new(),
+            own_labels: true,
         }
     }
 
@@ -692,6 +792,31 @@ pub(crate) mod tests {
         assert_eq!(serde_json::from_str::<Vec<Exported>>(&json).unwrap().len(), 1);
         let old = r#"[{"id":"x","pid":1,"pid_ns":"p","mnt_ns":"m","name":"n","image":"i"}]"#;
         assert!(serde_json::from_str::<Vec<Exported>>(old).is_ok());
+        // An older predecessor's labels may hold the image's: not taken
+        // (asked about again); without labels, it is.
+        let d3 = DockerCache::for_tests(tmp.path(), rt.handle().clone());
+        let mut unsorted = exported(me(), "pid:[1]", "mnt:[2]");
+        unsorted.own_labels = false;
+        assert_eq!(d3.import(vec![unsorted.clone()]), 0);
+        unsorted.labels.clear();
+        assert_eq!(d3.import(vec![unsorted]), 1);
+    }
+
+    #[test]
+    fn only_the_labels_the_starter_set_count() {
+        let l = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+        };
+        let image = l(&[("role", "db"), ("maintainer", "x"), ("tier", "back")]);
+        // Docker's merge: the image's, then the starter's on top.
+        let merged = l(&[
+            ("role", "db"),                         // the image's (or set to the same value: dropped)
+            ("maintainer", "x"),                    // the image's
+            ("tier", "front"),                      // the image's, changed by the starter
+            ("com.docker.compose.project", "shop"), // set at run time
+        ]);
+        assert_eq!(own_labels(merged, &image), l(&[("tier", "front"), ("com.docker.compose.project", "shop")]));
+        assert_eq!(own_labels(l(&[("role", "db")]), &BTreeMap::new()), l(&[("role", "db")]));
     }
 
     #[test]

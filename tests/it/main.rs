@@ -11,6 +11,7 @@ mod crash;
 mod denials;
 mod docker;
 mod hostile;
+mod labels;
 mod lifecycle;
 mod limits;
 mod mounts;
