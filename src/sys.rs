@@ -199,40 +199,6 @@ pub fn zeroed_stat() -> libc::stat64 {
     unsafe { std::mem::zeroed() }
 }
 
-/// Open `rel` for reading inside the directory tree at `root`, resolving
-/// every symlink as if `root` were `/` (openat2 RESOLVE_IN_ROOT): a
-/// container's `/etc/passwd` cannot point the broker at a host file.
-pub fn open_in_root(root: &std::path::Path, rel: &str) -> io::Result<std::fs::File> {
-    open_in_root_with(root, rel, 0)
-}
-
-/// [`open_in_root`] with extra open flags (e.g. `O_NONBLOCK | O_NOFOLLOW`,
-/// so a FIFO or a symlink there neither blocks nor leads elsewhere).
-pub fn open_in_root_with(root: &std::path::Path, rel: &str, flags: i32) -> io::Result<std::fs::File> {
-    let dir = std::fs::File::open(root)?;
-    let rel = std::ffi::CString::new(rel).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    // SAFETY: open_how is a C struct of integers; all-zero is valid.
-    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
-    how.flags = (libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NOCTTY | flags) as u64;
-    how.resolve = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS;
-    // SAFETY: a valid dir fd, a NUL-terminated path and an open_how that
-    // outlive the call, with its exact size.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_openat2,
-            dir.as_raw_fd(),
-            rel.as_ptr(),
-            &how as *const libc::open_how,
-            std::mem::size_of::<libc::open_how>(),
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: the kernel just returned this fd to us and nobody else owns it.
-    Ok(unsafe { std::fs::File::from_raw_fd(fd as RawFd) })
-}
-
 /// This process's `RLIMIT_NOFILE`: (soft, hard).
 pub fn nofile() -> io::Result<(u64, u64)> {
     let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };

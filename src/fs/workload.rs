@@ -207,25 +207,15 @@ pub fn container_user(root: &std::path::Path, user: &str) -> (Option<u32>, Optio
 const MAX_DB: usize = 64 << 10;
 
 /// A small text file of the container's, read within its root; "" if it is
-/// absent or not a regular file. Opened without blocking (a FIFO there
-/// must not hang the broker) and without following a final symlink; at
-/// most [`MAX_DB`] bytes are read, and a line cut there is dropped.
+/// absent, not a regular file, or larger than [`MAX_DB`] (a cut file could
+/// read as another). Nothing else is ever opened: a FIFO or a device node
+/// there is seen through an `O_PATH` fd and left alone (see
+/// [`crate::sys::open_regular_in_root`]).
 fn read_db(root: &std::path::Path, rel: &str) -> String {
-    use std::io::Read;
-    let Ok(f) = crate::sys::open_in_root_with(root, rel, libc::O_NONBLOCK | libc::O_NOFOLLOW) else {
-        return String::new();
-    };
-    if !f.metadata().is_ok_and(|m| m.is_file()) {
-        return String::new();
+    match crate::sys::open_regular_in_root(root, rel, MAX_DB as u64) {
+        Ok(Some(bytes)) => String::from_utf8_lossy(&bytes).into_owned(),
+        _ => String::new(),
     }
-    let mut bytes = Vec::new();
-    if f.take(MAX_DB as u64 + 1).read_to_end(&mut bytes).is_err() {
-        return String::new();
-    }
-    if bytes.len() > MAX_DB {
-        bytes.truncate(bytes[..MAX_DB].iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1));
-    }
-    String::from_utf8_lossy(&bytes).into_owned()
 }
 
 fn file_attr(n: &Node, owner: (u32, u32)) -> stat64 {
@@ -664,23 +654,37 @@ mod tests {
     }
 
     #[test]
-    fn a_huge_passwd_is_read_only_so_far_and_a_cut_line_is_dropped() {
+    fn a_passwd_over_the_limit_is_not_read_at_all() {
         let root = tempfile::tempdir().unwrap();
         std::fs::create_dir(root.path().join("etc")).unwrap();
         let mut text = String::from("app:x:1001:1002::/:/bin/sh\n");
-        let cut_at = super::MAX_DB - 15;
-        while text.len() + 100 < cut_at {
+        while text.len() <= super::MAX_DB {
             text.push_str("filler:x:5:5::/:/bin/sh\n");
         }
-        text.push_str(&"#".repeat(cut_at - text.len() - 1));
-        text.push('\n');
-        // The limit cuts this line after "late:x:1003:12": it must not be
-        // read as gid 12.
-        text.push_str("late:x:1003:1234::/:/bin/sh\nlast:x:1004:1004::/:/bin/sh\n");
-        std::fs::write(root.path().join("etc/passwd"), text).unwrap();
+        std::fs::write(root.path().join("etc/passwd"), &text).unwrap();
+        // Cut anywhere, a line could read as another user: none is read.
+        assert_eq!(container_user(root.path(), "app"), (None, None));
+        assert_eq!(container_user(root.path(), "1001"), (Some(1001), None));
+        text.truncate(super::MAX_DB);
+        text.truncate(text.rfind('\n').unwrap() + 1);
+        std::fs::write(root.path().join("etc/passwd"), &text).unwrap();
         assert_eq!(container_user(root.path(), "app"), (Some(1001), Some(1002)));
-        assert_eq!(container_user(root.path(), "late"), (None, None));
-        assert_eq!(container_user(root.path(), "last"), (None, None));
+    }
+
+    #[test]
+    fn a_device_node_passwd_is_never_opened() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir(root.path().join("etc")).unwrap();
+        // /dev/kmsg's numbers: opened for reading it would block (and as
+        // /dev/watchdog, act). Made only where mknod is allowed (root).
+        let made = std::process::Command::new("mknod")
+            .arg(root.path().join("etc/passwd"))
+            .args(["c", "1", "11"])
+            .status()
+            .is_ok_and(|s| s.success());
+        if made {
+            assert_eq!(container_user(root.path(), "app"), (None, None));
+        }
     }
 
     #[test]
