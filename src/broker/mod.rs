@@ -791,6 +791,11 @@ pub async fn serve(config: Config, takeover: bool, new_audit_log: bool) -> anyho
         Ok((soft, hard)) => tracing::info!(soft, hard, "file descriptor limit (RLIMIT_NOFILE)"),
         Err(e) => tracing::warn!(error = %e, "cannot raise the file descriptor limit"),
     }
+    // Signals are ours from the start: a SIGTERM while the broker is still
+    // starting waits for the main loop and stops it cleanly, rather than
+    // killing a broker that is mounting and sealing.
+    let (mut term, mut int, mut hup) =
+        (signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?, signal(SignalKind::hangup())?);
     // For SIGHUP: the path we were started from, before any upgrade.
     let exe = std::env::current_exe().context("cannot find our own executable")?;
     let takeover_path = config.run_dir.join("takeover.sock");
@@ -839,8 +844,6 @@ pub async fn serve(config: Config, takeover: bool, new_audit_log: bool) -> anyho
         "keyhole is serving"
     );
 
-    let (mut term, mut int, mut hup) =
-        (signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?, signal(SignalKind::hangup())?);
     let handshakes = Arc::new(tokio::sync::Semaphore::new(16));
     let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<takeover::Outgoing>(1);
     let why = loop {
