@@ -22,3 +22,4 @@ mod takeover;
 mod takeover_auth;
 mod tamper;
 mod vault;
+mod redteam;
