@@ -148,9 +148,9 @@ fn redteam_one_uid_in_8_delegated_cgroups_gets_one_connection_share() {
         return;
     }
     let b = Broker::start_with("[limits]\nmax_connections = 1000\nmax_connections_per_caller = 20\n");
-    // A cgroup v1 directory delegated to nobody (its `cgroup` line comes
-    // first in /proc/<pid>/cgroup on this hybrid host).
-    let top = Path::new("/sys/fs/cgroup/pids").join(unique("khrt"));
+    // A directory delegated to nobody in the v1 `name=systemd` hierarchy,
+    // whose line comes first in /proc/<pid>/cgroup on this hybrid host.
+    let top = Path::new("/sys/fs/cgroup/systemd").join(unique("khrt"));
     std::fs::create_dir(&top).unwrap();
     let chown = Command::new("chown")
         .arg(RT_NOBODY.to_string())
