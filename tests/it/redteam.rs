@@ -307,3 +307,15 @@ fn redteam_a_strangers_user_namespace_does_not_keep_mounts_dead_after_a_clean_st
     b.restart();
     assert_eq!(rt_cat_as(RT_READER, &dir.join("k")).stdout, b"clean-stop-0c4d");
 }
+
+/// Finding 9: without `SO_PEERPIDFD` the broker fell back to re-pinning
+/// the pid. It now refuses such connections; `doctor` says whether the
+/// kernel has it.
+#[test]
+fn redteam_doctor_checks_the_kernel_pins_socket_peers() {
+    let o = Command::new(BIN).args(["doctor", "--json"]).output().unwrap();
+    let r = json(&o.stdout);
+    let check = r["checks"].as_array().unwrap().iter().find(|c| c["check"] == "SO_PEERPIDFD").cloned();
+    let check = check.unwrap_or_else(|| panic!("no SO_PEERPIDFD check: {r:#}"));
+    assert_eq!(check["status"], "ok", "{check}");
+}
