@@ -403,9 +403,8 @@ impl Attestor {
         // "Host" is where the broker is: its pid and mount namespaces, and
         // its container (none, or the sidecar's own for `docker exec`).
         let in_own_container = claimed == self.own_container;
-        let host = in_own_container
-            && self.own_pid_ns.as_ref() == Some(&pid_ns)
-            && self.own_mnt_ns.as_ref() == Some(&mnt_ns);
+        let host =
+            in_own_container && self.own_pid_ns.as_ref() == Some(&pid_ns) && self.own_mnt_ns.as_ref() == Some(&mnt_ns);
         // A host user: not in a container; and in the broker's pid
         // namespace (a mount namespace of its own changes nothing, e.g.
         // `unshare -m` or a service's PrivateTmp), or in a user namespace
@@ -594,6 +593,7 @@ mod tests {
             std::fs::write(root.join("self/cgroup"), "0::/system.slice/keyhole.service\n").unwrap();
             std::os::unix::fs::symlink("pid:[100]", root.join("self/ns/pid")).unwrap();
             std::os::unix::fs::symlink("mnt:[200]", root.join("self/ns/mnt")).unwrap();
+            std::os::unix::fs::symlink("user:[1]", root.join("self/ns/user")).unwrap();
             let me = std::process::id() as i32;
             docker::tests::proc_entry(root, me, &format!("0::/docker/{ID}\n"), "pid:[300]", "mnt:[400]");
             let init = std::process::Command::new("sleep").arg("60").spawn().unwrap();
@@ -641,6 +641,37 @@ mod tests {
         {
             let t = tree.task(T + 1 + n as i32, &format!("0::/docker/{ID}\n"), p, m);
             assert!(matches!(a.attest_task(t, 0, 0), Err(IdentityError::NotInContainer { .. })), "{p} {m}");
+        }
+    }
+
+    #[test]
+    fn a_host_user_is_in_no_container_and_in_the_hosts_pid_ns_or_a_user_ns_of_its_own() {
+        let tree = Tree::new();
+        let a = tree.attestor(true);
+        let host_cg = "0::/user.slice/user-1000.slice/session-1.scope\n";
+        let user = |t: i32, ns: &str| {
+            std::os::unix::fs::symlink(ns, tree.dir.path().join(t.to_string()).join("ns/user")).unwrap();
+            t
+        };
+        let cases = [
+            // (pid ns, mnt ns, user ns, host user?)
+            ("pid:[100]", "mnt:[200]", "user:[1]", true),  // the host
+            ("pid:[100]", "mnt:[999]", "user:[1]", true),  // `unshare -m`, PrivateTmp
+            ("pid:[100]", "mnt:[999]", "user:[2]", true),  // `unshare -U -r -m`
+            ("pid:[998]", "mnt:[999]", "user:[2]", true),  // `unshare -U -r -p -f`, flatpak
+            ("pid:[998]", "mnt:[999]", "user:[1]", false), // root's `unshare -p`, another runtime
+        ];
+        for (n, (p, m, u, want)) in cases.into_iter().enumerate() {
+            let t = user(tree.task(T + 50 + n as i32, host_cg, p, m), u);
+            let id = a.attest_task(t, 0, 0).unwrap();
+            assert_eq!(id.host_user, want, "{p} {m} {u}");
+            assert_eq!(a.attest_task(t, 0, 0).unwrap().host_user, want, "remembered");
+        }
+        // A container, whatever its user namespace, is no host user.
+        for (n, u) in ["user:[1]", "user:[3]"].into_iter().enumerate() {
+            let t = user(tree.task(T + 60 + n as i32, &format!("0::/docker/{ID}\n"), "pid:[300]", "mnt:[400]"), u);
+            let id = a.attest_task(t, 0, 0).unwrap();
+            assert!(id.container_id.is_some() && !id.host_user, "{u}");
         }
     }
 

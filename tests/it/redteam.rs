@@ -97,7 +97,9 @@ fn redteam_a_burst_of_5000_short_lived_openers_leaves_the_brokers_fds() {
     let granted = rt_openers(RT_READER, &file, 2500);
     let denied = rt_openers(RT_NOBODY, &file, 2500);
     let during = rt_fds(pid);
-    eprintln!("broker fds: {before} before, {during} after 5000 openers ({granted} granted reads, {denied} stranger reads)");
+    eprintln!(
+        "broker fds: {before} before, {during} after 5000 openers ({granted} granted reads, {denied} stranger reads)"
+    );
     assert_eq!(denied, 0, "a stranger read the file");
     assert!(granted >= 2400, "granted openers failed during the burst: {granted} of 2500 read");
     // A granted read still succeeds, and the cache gave its fds back.
@@ -163,9 +165,8 @@ fn redteam_one_uid_in_8_delegated_cgroups_gets_one_connection_share() {
     let mut kept = 0;
     for i in 0..8 {
         let (t, ws) = (top.display(), ws.display());
-        let inner = format!(
-            "mkdir -p {t}/c{i} && echo $$ > {t}/c{i}/cgroup.procs && exec python3 -c \"$RT_HOLD\" {ws} 40"
-        );
+        let inner =
+            format!("mkdir -p {t}/c{i} && echo $$ > {t}/c{i}/cgroup.procs && exec python3 -c \"$RT_HOLD\" {ws} 40");
         let outer = format!(
             "echo $$ > {t}/cgroup.procs && exec setpriv --reuid {RT_NOBODY} --regid {RT_NOBODY} --clear-groups sh -c '{inner}'"
         );
