@@ -61,6 +61,8 @@ pub const FDS_PER_CONNECTION: u64 = 2;
 /// runtime), on top of two per FUSE mount (`[limits] max_mounts`); at most
 /// half the soft limit.
 const RESERVED_FDS: u64 = 256;
+// The FUSE callers' pidfds the attestor keeps fit well within the reserve.
+const _: () = assert!((crate::identity::KNOWN_MAX as u64) <= RESERVED_FDS / 2);
 /// Connections kept for admins: strangers never take the last of them.
 const ADMIN_CONNECTIONS: usize = 32;
 
