@@ -362,6 +362,22 @@ pub fn open_regular_in_root(root: &std::path::Path, rel: &str, max: u64) -> io::
     Ok(Some(bytes))
 }
 
+/// The uid that owns a user namespace (`ioctl(NS_GET_OWNER_UID)` on an
+/// open `/proc/<pid>/ns/user`), as this process's user namespace sees it:
+/// whoever created it (0 for namespaces root made, such as Docker's with
+/// userns-remap; the user's own uid for `unshare -U`).
+pub fn userns_owner(ns: &std::fs::File) -> io::Result<u32> {
+    const NS_GET_OWNER_UID: libc::c_ulong = 0xb704; // _IO(0xb7, 0x4)
+    let mut uid: libc::uid_t = 0;
+    // SAFETY: the ioctl writes one uid_t into `uid`, which is valid for
+    // that write and outlives the call; `ns` is an open fd.
+    let r = unsafe { libc::ioctl(ns.as_raw_fd(), NS_GET_OWNER_UID as _, &raw mut uid) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(uid)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,8 +2,11 @@
 //! the limits every connection is held to until it closes.
 //!
 //! At accept time we take `SO_PEERCRED` (uid, gid, pid as of connect) and
-//! a pidfd for that process (`SO_PEERPIDFD`, or `pidfd_open` on older
-//! kernels), and attach them to every request on the connection. The
+//! the kernel's pidfd for that process (`SO_PEERPIDFD`, Linux 6.5+), and
+//! attach them to every request on the connection. Without
+//! `SO_PEERPIDFD` the connection is refused: a pid re-pinned later with
+//! `pidfd_open` may be a newcomer's, if the connector exited while queued
+//! (fail closed; `keyhole doctor` checks the kernel). The
 //! peer is then attested once, off the accept loop: an admin's connection
 //! goes to the server with the Admin service and normal HTTP/2 limits;
 //! everyone else's (a *stranger's*) to a server with small windows, few
@@ -58,8 +61,8 @@ pub const FDS_PER_CONNECTION: u64 = 2;
 /// runtime), on top of two per FUSE mount (`[limits] max_mounts`); at most
 /// half the soft limit.
 const RESERVED_FDS: u64 = 256;
-/// How much of a caller's cgroup path its connection key keeps.
-const KEY_CGROUP_BYTES: usize = 200;
+// The FUSE callers' pidfds the attestor keeps fit well within the reserve.
+const _: () = assert!((crate::identity::KNOWN_MAX as u64) <= RESERVED_FDS / 2);
 /// Connections kept for admins: strangers never take the last of them.
 const ADMIN_CONNECTIONS: usize = 32;
 
@@ -155,10 +158,18 @@ pub struct PeerStream {
     timer: Pin<Box<tokio::time::Sleep>>,
 }
 
-/// The connection limits of one socket: in all, and per caller (uid and
-/// cgroup, read at accept), within the broker's [`Budget`]. A connection
-/// over any is closed at once, and audited (at most a line a second per
-/// caller).
+/// The connection limits of one socket: in all, and per caller, within
+/// the broker's [`Budget`]. A connection over any is closed at once, and
+/// audited (at most a line a second per caller).
+///
+/// A caller is what attestation proved, never a name the caller chose
+/// (such as its cgroup path, which a user with a delegated cgroup picks):
+/// the container, once Docker confirmed it and the peer is in its
+/// namespaces; else the peer's uid (`SO_PEERCRED`, as the broker's user
+/// namespace sees it: a host uid). Until its peer is attested, a
+/// connection counts against its uid's *attesting* share (also held to
+/// the per-caller limit), then moves to its caller's share
+/// ([`Gate::settle`]).
 pub struct Gate {
     name: String,
     max: usize,
@@ -171,6 +182,8 @@ pub struct Gate {
     audit: Arc<AuditLog>,
     refusals: Refusals,
     classifying: Arc<Semaphore>,
+    /// Log lines about peers that cannot be pinned (at most one a second).
+    unpinned: crate::identity::Throttle,
 }
 
 impl Gate {
@@ -190,18 +203,12 @@ impl Gate {
             audit,
             refusals: Refusals::default(),
             classifying: Arc::new(Semaphore::new(CLASSIFYING)),
+            unpinned: crate::identity::Throttle::default(),
         })
     }
 
     fn admit(self: &Arc<Self>, peer: &Peer) -> Option<Admitted> {
-        let cgroup = std::fs::read_to_string(format!("/proc/{}/cgroup", peer.pid)).unwrap_or_default();
-        // A delegated cgroup's path is the caller's to choose: only its
-        // start is kept (the uid comes first, so callers of different uids
-        // never share a key).
-        let line = cgroup.lines().next().unwrap_or("?");
-        let cut = (0..=line.len().min(KEY_CGROUP_BYTES)).rev().find(|&i| line.is_char_boundary(i)).unwrap_or(0);
-        let line = &line[..cut];
-        let key = format!("uid {} {line}", peer.uid);
+        let key = attesting_key(peer);
         let refused = {
             let mut open = self.open.lock().expect("gate lock");
             let mut budget = self.budget.open.lock().expect("budget lock");
@@ -226,10 +233,47 @@ impl Gate {
         match refused {
             None => Some(Admitted { gate: self.clone(), key }),
             Some(limit) => {
-                self.refuse(&key, &limit, peer);
+                self.refuse(&caller_key(peer, None), &limit, peer);
                 None
             }
         }
+    }
+
+    /// Move an attested connection from its uid's attesting share to its
+    /// caller's (see [`caller_key`]); false, and audited, if that caller
+    /// already holds its limit (the connection then closes as `admitted`
+    /// drops).
+    fn settle(&self, admitted: &mut Admitted, peer: &Peer, identity: Option<&Identity>) -> bool {
+        let key = caller_key(peer, identity);
+        {
+            let mut open = self.open.lock().expect("gate lock");
+            let (_, per) = &mut *open;
+            let mine = per.get(&key).copied().unwrap_or(0);
+            if mine < self.max_per_caller {
+                per.insert(key.clone(), mine + 1);
+                forget_one(per, &admitted.key);
+                admitted.key = key;
+                return true;
+            }
+        }
+        let limit = format!("max_connections_per_caller ({}) reached on {}", self.max_per_caller, self.name);
+        self.refuse(&key, &limit, peer);
+        false
+    }
+
+    /// A peer the kernel would not give a pidfd for: refused, logged and
+    /// audited at most once a second.
+    fn refuse_unpinned(&self, peer: &Peer, error: &io::Error) {
+        if let Some(held) = self.unpinned.allow() {
+            tracing::error!(
+                uid = peer.uid,
+                pid = peer.pid,
+                error = %error,
+                held_back = held,
+                "refusing a connection: no SO_PEERPIDFD for its peer (keyhole needs Linux 6.5 or later)"
+            );
+        }
+        self.refuse("unpinned", &format!("no pidfd for the peer on {} (SO_PEERPIDFD)", self.name), peer);
     }
 
     /// A place among the strangers' connections, if one is free.
@@ -262,13 +306,33 @@ impl Drop for Admitted {
         let mut open = self.gate.open.lock().expect("gate lock");
         let (total, per) = &mut *open;
         *total -= 1;
-        if let Some(n) = per.get_mut(&self.key) {
-            *n -= 1;
-            if *n == 0 {
-                per.remove(&self.key);
-            }
-        }
+        forget_one(per, &self.key);
         self.gate.budget.open.lock().expect("budget lock").0 -= 1;
+    }
+}
+
+/// One connection fewer for `key`.
+fn forget_one(per: &mut HashMap<String, usize>, key: &str) {
+    if let Some(n) = per.get_mut(key) {
+        *n -= 1;
+        if *n == 0 {
+            per.remove(key);
+        }
+    }
+}
+
+/// The share a connection counts against while its peer is attested.
+fn attesting_key(peer: &Peer) -> String {
+    format!("uid {} (attesting)", peer.uid)
+}
+
+/// Who a connection's peer is, for the per-caller limit: its container,
+/// only once attestation confirmed it; else its (host) uid. Never a cgroup
+/// path or any other name the caller picks.
+fn caller_key(peer: &Peer, identity: Option<&Identity>) -> String {
+    match identity.and_then(|id| id.container_id.as_deref()) {
+        Some(c) => format!("container {c}"),
+        None => format!("uid {}", peer.uid),
     }
 }
 
@@ -285,9 +349,16 @@ impl PeerStream {
     fn new(inner: UnixStream, gate: &Arc<Gate>) -> io::Result<Option<Self>> {
         let cred = inner.peer_cred()?;
         let pid = cred.pid().unwrap_or(0);
-        let pidfd =
-            crate::sys::peer_pidfd(inner.as_raw_fd()).or_else(|_| crate::sys::pidfd_open(pid)).ok().map(Arc::new);
-        let peer = Peer { uid: cred.uid(), gid: cred.gid(), pid, pidfd };
+        let mut peer = Peer { uid: cred.uid(), gid: cred.gid(), pid, pidfd: None };
+        // Only the kernel's own pin of the connector: no fallback to
+        // `pidfd_open(pid)`, which may pin whoever has that pid now.
+        match pin_peer(inner.as_raw_fd()) {
+            Ok(fd) => peer.pidfd = Some(fd),
+            Err(e) => {
+                gate.refuse_unpinned(&peer, &e);
+                return Ok(None);
+            }
+        }
         let Some(admitted) = gate.admit(&peer) else { return Ok(None) };
         let now = Instant::now();
         Ok(Some(Self {
@@ -455,16 +526,25 @@ async fn classify(mut s: PeerStream, (gate, attestor, admins, strangers): Route)
         Err(_) => None,
     };
     let admin = identity.as_ref().is_some_and(|id| id.admin);
+    if !gate.settle(&mut s.admitted, &s.info.peer, identity.as_ref()) {
+        return;
+    }
     s.info.identity = identity.map(Arc::new);
     if admin {
         let _ = admins.send(Ok(s)).await;
         return;
     }
-    let key = s.admitted.key.clone();
+    let key = caller_key(&s.info.peer, s.info.identity.as_deref());
     if let Some(slot) = gate.stranger(&s.info.peer, &key) {
         s._stranger = Some(slot);
         let _ = strangers.send(Ok(s)).await;
     }
+}
+
+/// The peer's pin from `SO_PEERPIDFD`, or why there is none (then the
+/// connection is refused: there is no fallback).
+fn pin_peer(sock: std::os::fd::RawFd) -> io::Result<Arc<std::os::fd::OwnedFd>> {
+    crate::sys::peer_pidfd(sock).map(Arc::new)
 }
 
 #[cfg(test)]
@@ -494,6 +574,75 @@ mod tests {
             assert!(b.max as u64 * FDS_PER_CONNECTION + b.reserved_fds <= soft.max(2 + b.reserved_fds), "{soft}");
             assert!(b.strangers_max <= b.max);
         }
+    }
+
+    fn gate(per_caller: usize) -> (Arc<Gate>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let audit = AuditLog::open(&dir.path().join("audit.log"), crate::secret::SecretBytes::copy_from(&[9; 32]));
+        let mut l = limits(10);
+        l.max_connections_per_caller = per_caller;
+        (Gate::new("workload.sock", &l, Budget::new(20_000, &l), Arc::new(audit.unwrap())), dir)
+    }
+
+    fn peer(uid: u32) -> Peer {
+        Peer { uid, gid: uid, pid: 1, pidfd: None }
+    }
+
+    fn in_container(uid: u32, c: &str) -> Identity {
+        Identity { uid, container_id: Some(c.into()), ..Identity::default() }
+    }
+
+    #[test]
+    fn a_callers_share_is_its_uid_or_its_attested_container_never_a_name_it_picks() {
+        let (g, _dir) = gate(3);
+        let host = Identity { uid: 1000, host: true, ..Identity::default() };
+        // A host uid keeps 3, however many cgroups its processes are in
+        // (nothing of the peer but its uid and attested container counts).
+        let mut kept = Vec::new();
+        for _ in 0..5 {
+            if let Some(mut a) = g.admit(&peer(1000)) {
+                if g.settle(&mut a, &peer(1000), Some(&host)) {
+                    kept.push(a);
+                }
+            }
+        }
+        assert_eq!(kept.len(), 3);
+        // Unattested (timed out): the same uid's share.
+        let mut a = g.admit(&peer(1000)).expect("the attesting share is apart");
+        assert!(!g.settle(&mut a, &peer(1000), None));
+        drop(a);
+        // Two containers running as root each have a share of their own,
+        // apart from host root's.
+        for c in ["c1", "c2"] {
+            for _ in 0..3 {
+                let mut a = g.admit(&peer(0)).unwrap();
+                assert!(g.settle(&mut a, &peer(0), Some(&in_container(0, c))));
+                kept.push(a);
+            }
+            let mut a = g.admit(&peer(0)).unwrap();
+            assert!(!g.settle(&mut a, &peer(0), Some(&in_container(0, c))), "{c} over its share");
+        }
+        let mut a = g.admit(&peer(0)).unwrap();
+        assert!(g.settle(&mut a, &peer(0), None), "host root has its own share");
+        kept.push(a);
+        // Being attested holds one of the uid's attesting places at most.
+        let attesting: Vec<_> = (0..5).filter_map(|_| g.admit(&peer(7))).collect();
+        assert_eq!(attesting.len(), 3);
+        drop(attesting);
+        drop(kept);
+        assert!(g.open.lock().unwrap().1.is_empty(), "every place was given back");
+        assert_eq!(g.open.lock().unwrap().0, 0);
+    }
+
+    #[test]
+    fn a_peer_is_pinned_only_by_so_peerpidfd_with_no_fallback() {
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let fd = pin_peer(a.as_raw_fd()).expect("SO_PEERPIDFD (Linux 6.5+)");
+        assert_eq!(crate::sys::pidfd_pid(&fd).unwrap(), Some(std::process::id() as i32));
+        // Where the kernel gives no pidfd (here: not a socket), the answer
+        // is an error, never a pidfd from the pid.
+        let file = std::fs::File::open("/dev/null").unwrap();
+        assert!(pin_peer(file.as_raw_fd()).is_err());
     }
 
     #[test]

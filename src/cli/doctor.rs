@@ -61,6 +61,7 @@ pub async fn run(config: anyhow::Result<Config>, json: bool) -> anyhow::Result<(
         }
     };
     checks.push(fuse());
+    checks.push(peer_pidfd());
     let broker = broker_pid(&config.admin_socket()).await;
     checks.push(match &broker {
         Ok(pid) => ok("broker", format!("pid {pid} answers on {}", config.admin_socket().display())),
@@ -116,6 +117,22 @@ pub async fn run(config: anyhow::Result<Config>, json: bool) -> anyhow::Result<(
         return Err(fail(1, format!("{failed} check(s) failed")));
     }
     Ok(())
+}
+
+/// `SO_PEERPIDFD` (Linux 6.5+): the broker pins every connection's peer
+/// with it and refuses connections without it.
+fn peer_pidfd() -> Check {
+    const NAME: &str = "SO_PEERPIDFD";
+    let probe = std::os::unix::net::UnixStream::pair()
+        .and_then(|(a, _b)| crate::sys::peer_pidfd(std::os::fd::AsRawFd::as_raw_fd(&a)));
+    match probe {
+        Ok(_) => ok(NAME, "the kernel pins a socket's peer (pidfd)"),
+        Err(e) => bad(
+            NAME,
+            format!("the kernel gives no pidfd for a socket's peer: {e}"),
+            "keyhole needs Linux 6.5 or later: every connection would be refused",
+        ),
+    }
 }
 
 fn fuse() -> Check {
@@ -432,5 +449,12 @@ mod tests {
             "{}",
             c.detail
         );
+    }
+
+    #[test]
+    fn this_kernel_pins_socket_peers() {
+        // The CI kernels are 6.5+; on an older one this is the failing check.
+        let c = peer_pidfd();
+        assert_eq!(c.status, Status::Ok, "{}", c.detail);
     }
 }

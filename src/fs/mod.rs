@@ -243,10 +243,23 @@ fn held_by_others(path: &Path) -> bool {
     let runtime = |pid: &Path| {
         std::fs::read_to_string(pid.join("comm")).is_ok_and(|c| c.starts_with("runc") || c.starts_with("crun"))
     };
+    // Only a holder root answers for counts: one in the broker's user
+    // namespace (containers without userns-remap), or in a user namespace
+    // root made (userns-remap). Any user can `unshare -U -r -m` and hold a
+    // copy of every mount; that must not leave them all dead at a stop.
+    let own_user_ns = std::fs::read_link("/proc/self/ns/user").ok();
+    let trusted = |pid: &Path| {
+        let ns = pid.join("ns/user");
+        match std::fs::read_link(&ns) {
+            Ok(link) if Some(&link) == own_user_ns.as_ref() => true,
+            Ok(_) => std::fs::File::open(&ns).and_then(|f| crate::sys::userns_owner(&f)).is_ok_and(|uid| uid == 0),
+            Err(_) => false,
+        }
+    };
     procs
         .filter_map(Result::ok)
         .filter(|e| e.file_name().to_str().is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit())))
-        .filter(|e| !runtime(&e.path()))
+        .filter(|e| !runtime(&e.path()) && trusted(&e.path()))
         .filter_map(|e| std::fs::read_to_string(e.path().join("mountinfo")).ok())
         .any(|m| m.lines().any(|l| l.split(' ').any(|f| f == tag)))
 }

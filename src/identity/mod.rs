@@ -21,7 +21,7 @@
 pub mod cgroup;
 pub mod docker;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
@@ -105,6 +105,16 @@ pub struct Identity {
     /// In the broker's pid and mount namespaces and container (none, for
     /// a broker on the host).
     pub host: bool,
+    /// Its uid and gid are a host user's, which `unix:` selectors name:
+    /// in no container (none claimed from a cgroup that is not delegated,
+    /// or the broker's own), and either in the broker's pid namespace or
+    /// in a user namespace other than the broker's (whose ids the kernel
+    /// maps to those its owner holds). Root in a container, or in a pid
+    /// namespace of the broker's user namespace (a container by another
+    /// runtime, `unshare -p`), can take any uid: not a host user. See
+    /// [`crate::policy::Workload::matches`].
+    #[serde(skip)]
+    pub host_user: bool,
     pub admin: bool,
     /// A remote admin client: its certificate subject and address.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -140,11 +150,12 @@ pub struct Attestor {
     admin: AdminPolicy,
     own_pid_ns: Option<PathBuf>,
     own_mnt_ns: Option<PathBuf>,
+    own_user_ns: Option<PathBuf>,
     /// The container the broker itself runs in (a compose sidecar), if any.
     own_container: Option<String>,
     docker: Option<Arc<docker::DockerCache>>,
     /// FUSE callers seen lately (see [`Attestor::attest_task`]).
-    tasks: Mutex<HashMap<i32, Known>>,
+    tasks: Mutex<Tasks>,
     /// Where the broker sees the cgroup hierarchies (delegation checks).
     cgroups: cgroup::CgroupMounts,
     warn: Throttle,
@@ -164,6 +175,7 @@ struct Known {
     container_id: Option<String>,
     docker: Option<Arc<ContainerInfo>>,
     host: bool,
+    host_user: bool,
     groups: Vec<u32>,
     at: Instant,
 }
@@ -177,8 +189,53 @@ impl fmt::Debug for Known {
 /// How long a FUSE caller's facts are reused. Bounds how long a task that
 /// root moves to another cgroup keeps its old container.
 const KNOWN_FOR: Duration = Duration::from_secs(1);
-/// Most FUSE callers remembered at once.
-const KNOWN_MAX: usize = 4096;
+/// Most FUSE callers remembered at once. Each holds a pidfd, so this stays
+/// far below the file descriptors the broker keeps in reserve (256 and two
+/// per mount, see `api::peer::Budget`): a burst of short-lived openers
+/// (every thread is a task of its own) must never use them up.
+pub const KNOWN_MAX: usize = 128;
+
+/// The remembered FUSE callers, and the order they were remembered in, so
+/// expired ones are dropped on every insert at the cost of the ones
+/// dropped: the map never holds a task older than [`KNOWN_FOR`] past the
+/// next insert, nor more than [`KNOWN_MAX`].
+#[derive(Debug, Default)]
+struct Tasks {
+    by_tid: HashMap<i32, Known>,
+    /// (tid, when remembered), oldest first; an entry whose time is not
+    /// its tid's in `by_tid` any more is stale and skipped.
+    order: VecDeque<(i32, Instant)>,
+}
+
+impl Tasks {
+    fn get(&self, tid: i32) -> Option<&Known> {
+        self.by_tid.get(&tid)
+    }
+
+    fn remove(&mut self, tid: i32) {
+        self.by_tid.remove(&tid);
+    }
+
+    fn insert(&mut self, tid: i32, known: Known) {
+        let now = known.at;
+        while let Some(&(old, at)) = self.order.front() {
+            if self.order.len() < KNOWN_MAX && now.duration_since(at) < KNOWN_FOR {
+                break;
+            }
+            self.order.pop_front();
+            if self.by_tid.get(&old).is_some_and(|k| k.at == at) {
+                self.by_tid.remove(&old);
+            }
+        }
+        self.order.push_back((tid, now));
+        self.by_tid.insert(tid, known);
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.by_tid.len()
+    }
+}
 
 impl Attestor {
     pub fn new(proc_root: impl Into<PathBuf>, admin: AdminPolicy, docker: Option<Arc<docker::DockerCache>>) -> Self {
@@ -190,12 +247,13 @@ impl Attestor {
         Self {
             own_pid_ns: own("pid"),
             own_mnt_ns: own("mnt"),
+            own_user_ns: own("user"),
             own_container,
             cgroups: cgroup::CgroupMounts::of_self(&proc_root),
             proc_root,
             admin,
             docker,
-            tasks: Mutex::new(HashMap::new()),
+            tasks: Mutex::new(Tasks::default()),
             warn: Throttle::default(),
         }
     }
@@ -241,7 +299,7 @@ impl Attestor {
         }
         {
             let mut tasks = self.tasks.lock().expect("tasks lock");
-            if let Some(k) = tasks.get(&tid) {
+            if let Some(k) = tasks.get(tid) {
                 if k.at.elapsed() < KNOWN_FOR && !crate::sys::pidfd_exited(&k.pidfd) {
                     return Ok(Identity {
                         uid,
@@ -250,11 +308,12 @@ impl Attestor {
                         container_id: k.container_id.clone(),
                         docker: k.docker.clone(),
                         host: k.host,
+                        host_user: k.host_user,
                         admin: k.host && self.admin.allows(uid, gid, &k.groups),
                         remote: None,
                     });
                 }
-                tasks.remove(&tid);
+                tasks.remove(tid);
             }
         }
         // Pin first, read /proc, then check the pin: the facts are the task's.
@@ -263,17 +322,12 @@ impl Attestor {
         // A container Docker cannot describe yet is asked about again.
         if let Some(pidfd) = pidfd.filter(|p| settled && !crate::sys::pidfd_exited(p)) {
             let mut tasks = self.tasks.lock().expect("tasks lock");
-            if tasks.len() >= KNOWN_MAX {
-                tasks.retain(|_, k| k.at.elapsed() < KNOWN_FOR);
-                if tasks.len() >= KNOWN_MAX {
-                    tasks.clear();
-                }
-            }
             let known = Known {
                 pidfd,
                 container_id: id.container_id.clone(),
                 docker: id.docker.clone(),
                 host: id.host,
+                host_user: id.host_user,
                 groups,
                 at: Instant::now(),
             };
@@ -293,7 +347,7 @@ impl Attestor {
         if tid <= 0 {
             return None;
         }
-        if let Some(k) = self.tasks.lock().expect("tasks lock").get(&tid) {
+        if let Some(k) = self.tasks.lock().expect("tasks lock").get(tid) {
             if k.at.elapsed() < KNOWN_FOR {
                 return None;
             }
@@ -348,9 +402,19 @@ impl Attestor {
         let (pid_ns, mnt_ns) = (ns("pid")?, ns("mnt")?);
         // "Host" is where the broker is: its pid and mount namespaces, and
         // its container (none, or the sidecar's own for `docker exec`).
-        let host = claimed == self.own_container
-            && self.own_pid_ns.as_ref() == Some(&pid_ns)
-            && self.own_mnt_ns.as_ref() == Some(&mnt_ns);
+        let in_own_container = claimed == self.own_container;
+        let host =
+            in_own_container && self.own_pid_ns.as_ref() == Some(&pid_ns) && self.own_mnt_ns.as_ref() == Some(&mnt_ns);
+        // A host user: not in a container; and in the broker's pid
+        // namespace (a mount namespace of its own changes nothing, e.g.
+        // `unshare -m` or a service's PrivateTmp), or in a user namespace
+        // of its own, where the kernel maps its ids and it cannot pick
+        // them. In a pid namespace of the broker's user namespace, root
+        // (a container of a runtime we do not know) picks any uid.
+        let host_user = in_own_container
+            && (host
+                || self.own_pid_ns.as_ref() == Some(&pid_ns)
+                || ns("user").is_ok_and(|u| self.own_user_ns.as_ref().is_some_and(|own| *own != u)));
         // The container only once Docker confirmed it running and the
         // caller shares its init's namespaces; `docker:*` never matches
         // without Docker.
@@ -376,7 +440,8 @@ impl Attestor {
         };
         let groups = if host { supplementary_groups(&dir).map_err(proc_err)? } else { Vec::new() };
         let admin = host && self.admin.allows(uid, gid, &groups);
-        Ok((Identity { uid, gid, pid, container_id, docker, host, admin, remote: None }, groups, settled))
+        let id = Identity { uid, gid, pid, container_id, docker, host, host_user, admin, remote: None };
+        Ok((id, groups, settled))
     }
 
     fn check_alive(&self, peer: &Peer) -> Result<(), IdentityError> {
@@ -447,7 +512,7 @@ mod tests {
             s.spawn(|| {
                 let t = tid();
                 let first = a.attest_task(t, 0, 0).unwrap();
-                assert!(a.tasks.lock().unwrap().contains_key(&t), "a live task is remembered");
+                assert!(a.tasks.lock().unwrap().get(t).is_some(), "a live task is remembered");
                 // Served from memory: same facts, this request's uid and gid.
                 let again = a.attest_task(t, 1000, 1000).unwrap();
                 assert_eq!((again.host, again.container_id), (first.host, first.container_id));
@@ -460,7 +525,40 @@ mod tests {
         });
         // The thread is gone: its pidfd says so, and /proc has no such task.
         assert!(a.attest_task(t, 0, 0).is_err(), "an exited task was attested from memory");
-        assert!(!a.tasks.lock().unwrap().contains_key(&t));
+        assert!(a.tasks.lock().unwrap().get(t).is_none());
+    }
+
+    /// A stand-in for a task's pidfd (any fd will do for the cache).
+    fn some_fd() -> OwnedFd {
+        std::fs::File::open("/dev/null").unwrap().into()
+    }
+
+    fn known(at: Instant) -> Known {
+        Known { pidfd: some_fd(), container_id: None, docker: None, host: true, host_user: true, groups: vec![], at }
+    }
+
+    #[test]
+    fn the_task_cache_drops_expired_tasks_on_insert_and_never_holds_more_than_its_cap() {
+        let mut t = Tasks::default();
+        let start = Instant::now();
+        // A burst: 5,000 distinct tasks within a moment hold at most KNOWN_MAX fds.
+        for tid in 0..5000 {
+            t.insert(tid, known(start));
+            assert!(t.len() <= KNOWN_MAX && t.order.len() <= KNOWN_MAX);
+        }
+        assert_eq!(t.len(), KNOWN_MAX);
+        assert!(t.get(4999).is_some() && t.get(0).is_none(), "the newest are kept");
+        // One insert after KNOWN_FOR drops every expired one.
+        t.insert(9999, known(start + KNOWN_FOR));
+        assert_eq!(t.len(), 1);
+        assert!(t.get(9999).is_some());
+        // A task remembered again keeps its newer entry when the older expires.
+        let mut t = Tasks::default();
+        t.insert(1, known(start));
+        t.insert(1, known(start + KNOWN_FOR / 2));
+        t.insert(2, known(start + KNOWN_FOR + KNOWN_FOR / 4));
+        assert!(t.get(1).is_some(), "the newer entry of task 1 was dropped with its stale one");
+        assert_eq!(t.order.len(), 2);
     }
 
     /// A /proc tree under a temp dir: the broker (`self`) on the host in
@@ -495,6 +593,7 @@ mod tests {
             std::fs::write(root.join("self/cgroup"), "0::/system.slice/keyhole.service\n").unwrap();
             std::os::unix::fs::symlink("pid:[100]", root.join("self/ns/pid")).unwrap();
             std::os::unix::fs::symlink("mnt:[200]", root.join("self/ns/mnt")).unwrap();
+            std::os::unix::fs::symlink("user:[1]", root.join("self/ns/user")).unwrap();
             let me = std::process::id() as i32;
             docker::tests::proc_entry(root, me, &format!("0::/docker/{ID}\n"), "pid:[300]", "mnt:[400]");
             let init = std::process::Command::new("sleep").arg("60").spawn().unwrap();
@@ -542,6 +641,37 @@ mod tests {
         {
             let t = tree.task(T + 1 + n as i32, &format!("0::/docker/{ID}\n"), p, m);
             assert!(matches!(a.attest_task(t, 0, 0), Err(IdentityError::NotInContainer { .. })), "{p} {m}");
+        }
+    }
+
+    #[test]
+    fn a_host_user_is_in_no_container_and_in_the_hosts_pid_ns_or_a_user_ns_of_its_own() {
+        let tree = Tree::new();
+        let a = tree.attestor(true);
+        let host_cg = "0::/user.slice/user-1000.slice/session-1.scope\n";
+        let user = |t: i32, ns: &str| {
+            std::os::unix::fs::symlink(ns, tree.dir.path().join(t.to_string()).join("ns/user")).unwrap();
+            t
+        };
+        let cases = [
+            // (pid ns, mnt ns, user ns, host user?)
+            ("pid:[100]", "mnt:[200]", "user:[1]", true),  // the host
+            ("pid:[100]", "mnt:[999]", "user:[1]", true),  // `unshare -m`, PrivateTmp
+            ("pid:[100]", "mnt:[999]", "user:[2]", true),  // `unshare -U -r -m`
+            ("pid:[998]", "mnt:[999]", "user:[2]", true),  // `unshare -U -r -p -f`, flatpak
+            ("pid:[998]", "mnt:[999]", "user:[1]", false), // root's `unshare -p`, another runtime
+        ];
+        for (n, (p, m, u, want)) in cases.into_iter().enumerate() {
+            let t = user(tree.task(T + 50 + n as i32, host_cg, p, m), u);
+            let id = a.attest_task(t, 0, 0).unwrap();
+            assert_eq!(id.host_user, want, "{p} {m} {u}");
+            assert_eq!(a.attest_task(t, 0, 0).unwrap().host_user, want, "remembered");
+        }
+        // A container, whatever its user namespace, is no host user.
+        for (n, u) in ["user:[1]", "user:[3]"].into_iter().enumerate() {
+            let t = user(tree.task(T + 60 + n as i32, &format!("0::/docker/{ID}\n"), "pid:[300]", "mnt:[400]"), u);
+            let id = a.attest_task(t, 0, 0).unwrap();
+            assert!(id.container_id.is_some() && !id.host_user, "{u}");
         }
     }
 

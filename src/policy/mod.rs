@@ -1,7 +1,12 @@
 //! Workloads, grants, and the decision. Pure: no I/O.
 //!
 //! A workload is a name and selectors; a caller matches it when it
-//! matches every selector. A grant shows a secret (or every secret under
+//! matches every selector. `unix:` selectors name host users: a workload
+//! of `unix:` selectors only matches host users ([`Identity::host_user`]:
+//! in no container, and in the broker's pid namespace or a user namespace
+//! of their own), never root in a container, who can take any uid; a
+//! workload that also names containers matches those containers whose
+//! uid and gid match too. A grant shows a secret (or every secret under
 //! a prefix, `db/*`) in a workload's mount as a file with a name, mode
 //! and owner.
 #![forbid(unsafe_code)]
@@ -141,9 +146,19 @@ impl Workload {
         Ok(Workload { name: name.to_owned(), selectors })
     }
 
-    /// A caller matches when it matches every selector.
+    /// A caller matches when it matches every selector; and, when every
+    /// selector is a `unix:` one, only if it is a host user (in a
+    /// container, or in a pid namespace of its own with the broker's user
+    /// namespace, root picks its uid: a uid there names no host user).
     pub fn matches(&self, id: &Identity) -> bool {
-        !self.selectors.is_empty() && self.selectors.iter().all(|s| s.matches(id))
+        !self.selectors.is_empty()
+            && (id.host_user || !self.unix_only())
+            && self.selectors.iter().all(|s| s.matches(id))
+    }
+
+    /// Every selector is `unix:uid` or `unix:gid`.
+    pub fn unix_only(&self) -> bool {
+        self.selectors.iter().all(|s| matches!(s, Selector::UnixUid(_) | Selector::UnixGid(_)))
     }
 }
 
@@ -324,6 +339,7 @@ mod tests {
             uid,
             gid: uid,
             pid: 1,
+            host_user: container.is_none(),
             container_id: container.map(|_| "ab".repeat(32)),
             docker: container.map(|(name, image, labels)| {
                 std::sync::Arc::new(ContainerInfo {
@@ -372,6 +388,26 @@ mod tests {
         for bad in ["", ".x", "-x", "a/b", "a b", &"a".repeat(65)] {
             assert!(Workload::new(bad, &["unix:uid:0".into()]).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn unix_selectors_alone_match_host_users_only() {
+        let w = Workload::new("backup", &["unix:uid:0".into()]).unwrap();
+        assert!(w.unix_only());
+        assert!(w.matches(&id(0, None)), "host root");
+        assert!(!w.matches(&id(0, Some(("c1", "img", &[])))), "root in a container");
+        // Neither host nor a container: another runtime's, or root in a pid
+        // namespace of its own.
+        assert!(!w.matches(&Identity { host_user: false, ..id(0, None) }));
+        let g = Workload::new("g", &["unix:gid:50".into(), "unix:uid:7".into()]).unwrap();
+        assert!(g.matches(&Identity { gid: 50, ..id(7, None) }));
+        assert_eq!(decide(&Identity { gid: 50, ..id(7, Some(("c", "i", &[]))) }, &g), Decision::WrongWorkload);
+        // Mixed with a container selector: that container, as that uid.
+        let m = Workload::new("m", &["unix:uid:0".into(), "docker:label:app=web".into()]).unwrap();
+        assert!(!m.unix_only());
+        assert!(m.matches(&id(0, Some(("c1", "img", &[("app", "web")])))));
+        assert!(!m.matches(&id(5, Some(("c1", "img", &[("app", "web")])))));
+        assert!(!m.matches(&id(0, None)));
     }
 
     #[test]

@@ -17,6 +17,7 @@ mod limits;
 mod mounts;
 mod operate;
 mod pool;
+mod redteam;
 mod replay;
 mod secrets;
 mod strangers;

@@ -1,0 +1,322 @@
+//! Red-team findings that issue 14 did not name, each as the attack that
+//! worked: a burst of short-lived openers that filled the broker's file
+//! table with cached pidfds; one uid taking many connection shares from
+//! cgroups of its own; root in a container matching a `unix:` workload;
+//! a stranger's user namespace keeping every mount alive (dead) after a
+//! clean stop.
+
+use std::io::BufRead;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use crate::support::*;
+
+const RT_NOBODY: u32 = 65534;
+/// A host user granted a file in these tests.
+const RT_READER: u32 = 4343;
+
+/// The broker's open file descriptors.
+fn rt_fds(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+}
+
+/// `keyhole` started under `prlimit --nofile=SOFT:HARD`.
+fn rt_broker_under_nofile(limits: &str) -> (Broker, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let wrapper = dir.path().join("keyhole-nofile");
+    std::fs::write(&wrapper, format!("#!/bin/sh\nexec prlimit --nofile={limits} {BIN} \"$@\"\n")).unwrap();
+    std::fs::set_permissions(&wrapper, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    (Broker::start_from(&wrapper, &[]), dir)
+}
+
+/// `n` threads, each a task of its own, each opening `file` once and
+/// exiting (at most 64 alive at once); prints how many opens succeeded.
+const RT_OPENERS: &str = r#"
+import sys, threading
+path, n = sys.argv[1], int(sys.argv[2])
+ok = [0]
+lock = threading.Lock()
+def one():
+    try:
+        with open(path, "rb") as f:
+            f.read()
+        with lock:
+            ok[0] += 1
+    except OSError:
+        pass
+alive = []
+for i in range(n):
+    t = threading.Thread(target=one)
+    t.start()
+    alive.append(t)
+    if len(alive) >= 64:
+        for t in alive:
+            t.join()
+        alive = []
+for t in alive:
+    t.join()
+print(ok[0], flush=True)
+"#;
+
+fn rt_openers(uid: u32, file: &Path, n: usize) -> usize {
+    let o = Command::new("python3")
+        .args(["-c", RT_OPENERS, file.to_str().unwrap(), &n.to_string()])
+        .uid(uid)
+        .gid(uid)
+        .stdin(Stdio::null())
+        .output()
+        .expect("python3");
+    assert!(o.status.success(), "openers: {}", stderr(&o));
+    String::from_utf8_lossy(&o.stdout).trim().parse().unwrap()
+}
+
+fn rt_cat_as(uid: u32, file: &Path) -> Output {
+    run_as(uid, &["cat", file.to_str().unwrap()])
+}
+
+/// Finding 1: every FUSE caller task was remembered with a pidfd until
+/// 4096 of them; 1,100 openers took the broker's 1024 fds and every later
+/// open failed. 5,000 openers (granted and denied) must leave the broker
+/// serving, and its file table back near where it was.
+#[test]
+fn redteam_a_burst_of_5000_short_lived_openers_leaves_the_brokers_fds() {
+    if !require_root() {
+        return;
+    }
+    let (b, _wrapper) = rt_broker_under_nofile("1024:1024");
+    b.put("rt/pw", b"burst-granted-7d1e");
+    b.ok(&["workload", "add", "reader", "--selector", &format!("unix:uid:{RT_READER}")]);
+    b.ok(&["grant", "rt/pw", "--to", "reader", "--mode", "0400", "--uid", &RT_READER.to_string()]);
+    let file = b.mount("reader").join("pw");
+    assert_eq!(rt_cat_as(RT_READER, &file).stdout, b"burst-granted-7d1e");
+    let pid = b.pid();
+    let before = rt_fds(pid);
+    // Granted callers and denied strangers, 2,500 tasks each.
+    let granted = rt_openers(RT_READER, &file, 2500);
+    let denied = rt_openers(RT_NOBODY, &file, 2500);
+    let during = rt_fds(pid);
+    eprintln!(
+        "broker fds: {before} before, {during} after 5000 openers ({granted} granted reads, {denied} stranger reads)"
+    );
+    assert_eq!(denied, 0, "a stranger read the file");
+    assert!(granted >= 2400, "granted openers failed during the burst: {granted} of 2500 read");
+    // A granted read still succeeds, and the cache gave its fds back.
+    std::thread::sleep(Duration::from_millis(1500));
+    let o = rt_cat_as(RT_READER, &file);
+    assert_eq!(o.stdout, b"burst-granted-7d1e", "granted read after the burst: {}", stderr(&o));
+    let after = rt_fds(pid);
+    eprintln!("broker fds after a later read: {after}");
+    assert!(after <= before + 16, "the broker holds {after} fds, {before} before the burst");
+    assert!(during <= before + 200, "the broker held {during} fds right after the burst ({before} before)");
+}
+
+/// Open up to `n` connections to `socket` with the HTTP/2 preface, wait,
+/// and report how many the broker kept open.
+const RT_HOLD: &str = r#"
+import socket, sys, time
+path, n = sys.argv[1], int(sys.argv[2])
+socks = []
+for i in range(n):
+    s = socket.socket(socket.AF_UNIX)
+    try:
+        s.connect(path)
+        s.send(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+    except OSError:
+        pass
+    socks.append(s)
+time.sleep(1.5)
+def is_open(s):
+    s.setblocking(False)
+    try:
+        while s.recv(65536):
+            pass
+        return False
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+print(sum(is_open(s) for s in socks), flush=True)
+sys.stdin.read()
+"#;
+
+/// Finding 4: the per-caller connection key held the caller's cgroup line,
+/// and a user with a delegated cgroup picks its own. One uid in 8 cgroups
+/// of its own keeps no more than `max_connections_per_caller` in all.
+#[test]
+fn redteam_one_uid_in_8_delegated_cgroups_gets_one_connection_share() {
+    if !require_root() {
+        return;
+    }
+    let b = Broker::start_with("[limits]\nmax_connections = 1000\nmax_connections_per_caller = 20\n");
+    // A directory delegated to nobody in the v1 `name=systemd` hierarchy,
+    // whose line comes first in /proc/<pid>/cgroup on this hybrid host.
+    let top = Path::new("/sys/fs/cgroup/systemd").join(unique("khrt"));
+    std::fs::create_dir(&top).unwrap();
+    let chown = Command::new("chown")
+        .arg(RT_NOBODY.to_string())
+        .args([top.clone(), top.join("cgroup.procs"), top.join("tasks")])
+        .output()
+        .unwrap();
+    assert!(chown.status.success(), "{}", stderr(&chown));
+    let ws = b.workload_socket();
+    let mut holders = Vec::new();
+    let mut kept = 0;
+    for i in 0..8 {
+        let (t, ws) = (top.display(), ws.display());
+        let inner =
+            format!("mkdir -p {t}/c{i} && echo $$ > {t}/c{i}/cgroup.procs && exec python3 -c \"$RT_HOLD\" {ws} 40");
+        let outer = format!(
+            "echo $$ > {t}/cgroup.procs && exec setpriv --reuid {RT_NOBODY} --regid {RT_NOBODY} --clear-groups sh -c '{inner}'"
+        );
+        let mut child = Command::new("sh")
+            .args(["-c", &outer])
+            .env("RT_HOLD", RT_HOLD)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
+        let n: usize = line.trim().parse().unwrap_or_else(|_| panic!("holder {i}: {line:?}"));
+        eprintln!("cgroup c{i}: {n} connections kept");
+        kept += n;
+        holders.push(child);
+    }
+    for mut h in holders {
+        let _ = h.kill();
+        let _ = h.wait();
+    }
+    for i in 0..8 {
+        let d = top.join(format!("c{i}"));
+        for _ in 0..50 {
+            if std::fs::remove_dir(&d).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let _ = std::fs::remove_dir(&top);
+    assert!(kept <= 20, "one uid kept {kept} connections from 8 cgroups of its own (limit 20)");
+    assert!(kept >= 19, "the uid's own share was not served: {kept}");
+    let limit = b.audit_events("limit");
+    assert!(!limit.is_empty(), "refusals are audited");
+    assert_eq!(limit[0]["caller"]["uid"], RT_NOBODY);
+}
+
+/// Finding 6: `unix:uid:0` matched root in any container (root in a
+/// container can become any uid). A workload of `unix:` selectors only
+/// matches host users; one that also names containers keeps matching its
+/// containers.
+#[test]
+fn redteam_root_in_a_container_does_not_match_a_unix_only_workload() {
+    if !require_docker() {
+        return;
+    }
+    let b = Broker::start();
+    let t = unique("rtunix");
+    b.put("rt/backup", b"host-only-backup-9a3c");
+    b.ok(&["workload", "add", "hostbackup", "--selector", "unix:uid:0"]);
+    b.ok(&["grant", "rt/backup", "--to", "hostbackup", "--mode", "0400"]);
+    b.ok(&["workload", "add", "mixed", "--selector", "unix:uid:0", "--selector", &format!("docker:label:rt={t}")]);
+    b.ok(&["grant", "rt/backup", "--to", "mixed", "--mode", "0400"]);
+    let run = format!("{}:/r:ro,rslave", b.run().display());
+    let c = Container::start(&["-v", &run, "--label", &format!("rt={t}")]);
+    // Root in the container, as root and as any uid it picks.
+    let err = c.cat("/r/workloads/hostbackup/backup").unwrap_err();
+    assert!(err.contains("Permission denied"), "{err}");
+    let deny = b.audit_events("deny");
+    assert!(!deny.is_empty(), "no deny line");
+    assert_eq!(deny[0]["caller"]["container_id"], c.id.as_str(), "{}", deny[0]);
+    // The mixed workload: the labelled container as root reads.
+    assert_eq!(c.cat("/r/workloads/mixed/backup").unwrap(), b"host-only-backup-9a3c");
+    // Host root reads the host-only workload, also from a mount namespace
+    // of its own (`unshare -m`).
+    let file = b.mount("hostbackup").join("backup");
+    assert_eq!(std::fs::read(&file).unwrap(), b"host-only-backup-9a3c");
+    let o = Command::new("unshare").args(["-m", "--propagation", "slave", "cat"]).arg(&file).output().unwrap();
+    assert_eq!(o.stdout, b"host-only-backup-9a3c", "root in its own mount ns: {}", stderr(&o));
+    // Host root in a pid namespace of its own (a container by another
+    // runtime would look the same): not a host user.
+    let o = Command::new("unshare")
+        .args(["-p", "-f", "-m", "--mount-proc", "--propagation", "slave", "cat"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(!o.status.success() && stderr(&o).contains("Permission denied"), "pid ns: {}", stderr(&o));
+    // The mixed workload is no host user's.
+    assert!(std::fs::read(b.mount("mixed").join("backup")).is_err());
+    b.assert_never_leaked(&[b"host-only-backup-9a3c"]);
+}
+
+/// A host user in a user namespace of its own (`unshare -U -r`) is still
+/// that user: the kernel maps its ids, it cannot choose them.
+#[test]
+fn redteam_a_host_user_in_its_own_user_namespace_reads_its_grant() {
+    if !require_root() {
+        return;
+    }
+    let b = Broker::start();
+    b.put("rt/mine", b"own-userns-4e1b");
+    b.ok(&["workload", "add", "mine", "--selector", &format!("unix:uid:{RT_READER}")]);
+    b.ok(&["grant", "rt/mine", "--to", "mine", "--mode", "0400", "--uid", &RT_READER.to_string()]);
+    let file = b.mount("mine").join("mine");
+    let o = run_as(RT_READER, &["unshare", "-U", "-r", "-m", "--propagation", "slave", "cat", file.to_str().unwrap()]);
+    assert_eq!(o.stdout, b"own-userns-4e1b", "{}", stderr(&o));
+    let o = run_as(RT_READER, &["unshare", "-U", "-r", "-p", "-f", "cat", file.to_str().unwrap()]);
+    assert_eq!(o.stdout, b"own-userns-4e1b", "{}", stderr(&o));
+    // Its root there is not host root.
+    let o = run_as(RT_NOBODY, &["unshare", "-U", "-r", "cat", file.to_str().unwrap()]);
+    assert!(!o.status.success());
+}
+
+fn rt_mounted(path: &Path) -> bool {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let want = format!(" {} ", path.display());
+    info.lines().any(|l| l.contains(&want))
+}
+
+/// Finding 10: a stranger's `unshare -U -r -m --propagation slave` holds a
+/// copy of every mount; a clean stop took it for a container's and left
+/// every mount dead (ENOTCONN) for everyone.
+#[test]
+fn redteam_a_strangers_user_namespace_does_not_keep_mounts_dead_after_a_clean_stop() {
+    if !require_root() {
+        return;
+    }
+    let mut b = Broker::start();
+    b.put("rt/k", b"clean-stop-0c4d");
+    b.ok(&["workload", "add", "app", "--selector", &format!("unix:uid:{RT_READER}")]);
+    b.ok(&["grant", "rt/k", "--to", "app", "--mode", "0444"]);
+    let dir: PathBuf = b.mount("app");
+    assert!(rt_mounted(&dir));
+    let mut holder = Command::new("setpriv")
+        .args(["--reuid", &RT_NOBODY.to_string(), "--regid", &RT_NOBODY.to_string(), "--clear-groups"])
+        .args(["unshare", "-U", "-r", "-m", "--propagation", "slave", "sleep", "60"])
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(b.terminate().success());
+    let _ = holder.kill();
+    let _ = holder.wait();
+    assert!(!b.log().contains("containers hold the mount"), "a stranger's namespace held the mount:\n{}", b.log());
+    assert!(!rt_mounted(&dir), "a dead mount was left at {}", dir.display());
+    let err = rt_cat_as(RT_READER, &dir.join("k"));
+    assert!(!stderr(&err).contains("Transport endpoint is not connected"), "{}", stderr(&err));
+    b.restart();
+    assert_eq!(rt_cat_as(RT_READER, &dir.join("k")).stdout, b"clean-stop-0c4d");
+}
+
+/// Finding 9: without `SO_PEERPIDFD` the broker fell back to re-pinning
+/// the pid. It now refuses such connections; `doctor` says whether the
+/// kernel has it.
+#[test]
+fn redteam_doctor_checks_the_kernel_pins_socket_peers() {
+    let o = Command::new(BIN).args(["doctor", "--json"]).output().unwrap();
+    let r = json(&o.stdout);
+    let check = r["checks"].as_array().unwrap().iter().find(|c| c["check"] == "SO_PEERPIDFD").cloned();
+    let check = check.unwrap_or_else(|| panic!("no SO_PEERPIDFD check: {r:#}"));
+    assert_eq!(check["status"], "ok", "{check}");
+}
