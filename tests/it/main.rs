@@ -13,6 +13,7 @@ mod docker;
 mod hostile;
 mod lifecycle;
 mod limits;
+mod listeners;
 mod mounts;
 mod operate;
 mod replay;
