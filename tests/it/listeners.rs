@@ -26,11 +26,14 @@ fn broker_under_nofile(toml: &str) -> (Broker, tempfile::TempDir) {
     let cfg = dir.path().join("keyhole.toml");
     std::fs::write(&cfg, format!("{toml}\n[docker]\nplugin = \"\"\n")).unwrap();
     let wrapper = dir.path().join("keyhole-nofile");
-    std::fs::write(
-        &wrapper,
-        format!("#!/bin/sh\nexec prlimit --nofile=1024:1024 {BIN} \"$@\" --config {}\n", cfg.display()),
-    )
-    .unwrap();
+    // The harness passes a config of its own: ours replaces it.
+    let script = format!(
+        "#!/bin/sh\nskip=0\nfor a in \"$@\"; do\n  shift\n  if [ $skip = 1 ]; then skip=0; continue; fi\n  \
+         if [ \"$a\" = --config ]; then skip=1; continue; fi\n  set -- \"$@\" \"$a\"\ndone\n\
+         exec prlimit --nofile=1024:1024 {BIN} \"$@\" --config {}\n",
+        cfg.display()
+    );
+    std::fs::write(&wrapper, script).unwrap();
     std::fs::set_permissions(&wrapper, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     (Broker::start_from(&wrapper, &[]), dir)
 }
