@@ -173,7 +173,12 @@ impl Alerts {
     }
 }
 
-async fn run_hooks(cfg: AlertConfig, mut rx: mpsc::Receiver<String>, budget: Arc<Mutex<Budget>>, audit: Weak<AuditLog>) {
+async fn run_hooks(
+    cfg: AlertConfig,
+    mut rx: mpsc::Receiver<String>,
+    budget: Arc<Mutex<Budget>>,
+    audit: Weak<AuditLog>,
+) {
     while let Some(line) = rx.recv().await {
         let skipped = std::mem::take(&mut budget.lock().expect("alerts lock").suppressed);
         let input = skipped.input(&line);

@@ -198,7 +198,10 @@ impl NetGate {
             let mut ok = true;
             if mine >= self.max_per_address || mine_pending >= PENDING_PER_ADDRESS {
                 let limit = if mine >= self.max_per_address {
-                    format!("max_connections_per_caller ({}) reached on {} from {address}", self.max_per_address, self.name)
+                    format!(
+                        "max_connections_per_caller ({}) reached on {} from {address}",
+                        self.max_per_address, self.name
+                    )
                 } else {
                     format!("{PENDING_PER_ADDRESS} connections in their handshake from {address} on {}", self.name)
                 };
@@ -224,7 +227,11 @@ impl NetGate {
                         self.budget.max, self.budget.soft_nofile
                     );
                     let freed = st.evict_oldest(None);
-                    notes.push(if freed { format!("{limit}: the oldest still in its handshake closed") } else { limit });
+                    notes.push(if freed {
+                        format!("{limit}: the oldest still in its handshake closed")
+                    } else {
+                        limit
+                    });
                     if freed { self.budget.take_place() } else { None }
                 })
             } else {

@@ -595,14 +595,19 @@ fn spawn_services(
     }
     if let Some(listen) = &broker.config.metrics {
         let l = bind_metrics(listen).with_context(|| format!("cannot listen for metrics on {listen}"))?;
-        let gate = crate::api::listen::NetGate::new("metrics", &broker.config.limits, budget.clone(), broker.audit.clone());
+        let gate =
+            crate::api::listen::NetGate::new("metrics", &broker.config.limits, budget.clone(), broker.audit.clone());
         let l = crate::api::listen::MetricsListener { inner: l, gate };
         tasks.push(tokio::spawn(crate::metrics::serve(broker.clone(), l)));
         tracing::info!(listen = %listen, "serving metrics");
     }
     if let Some(remote) = &broker.config.remote_admin {
-        let gate =
-            crate::api::listen::NetGate::new("remote admin", &broker.config.limits, budget.clone(), broker.audit.clone());
+        let gate = crate::api::listen::NetGate::new(
+            "remote admin",
+            &broker.config.limits,
+            budget.clone(),
+            broker.audit.clone(),
+        );
         tasks.push(spawn_remote_admin(broker, remote, max_msg, gate)?);
         tracing::info!(listen = %remote.listen, "serving remote admin (mutual TLS)");
     }
