@@ -457,10 +457,13 @@ pub type RemoteStream = tokio_rustls::server::TlsStream<NetStream<TcpStream>>;
 /// Accept remote admin connections: admitted by `gate`, each handshake
 /// run on its own task within [`HANDSHAKE_TIMEOUT`], established ones
 /// handed to tonic. Accept errors are logged and retried after a pause.
+/// The listener closes as soon as `stop` turns true (a successor may bind
+/// the port while calls under way finish).
 pub fn remote_incoming(
     listener: TcpListener,
     gate: Arc<NetGate>,
     tls: Arc<rustls::ServerConfig>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> ReceiverStream<io::Result<RemoteStream>> {
     let (tx, rx) = mpsc::channel(16);
     tokio::spawn(async move {
@@ -470,6 +473,7 @@ pub fn remote_incoming(
             let accepted = tokio::select! {
                 r = listener.accept() => r,
                 () = tx.closed() => return,
+                _ = stop.wait_for(|s| *s) => return,
             };
             let (tcp, addr) = match accepted {
                 Ok(a) => a,

@@ -646,7 +646,12 @@ fn spawn_remote_admin(
     let l = std::net::TcpListener::bind(remote.listen)
         .with_context(|| format!("cannot listen for remote admin on {}", remote.listen))?;
     l.set_nonblocking(true)?;
-    let incoming = crate::api::listen::remote_incoming(tokio::net::TcpListener::from_std(l)?, gate.clone(), tls);
+    let incoming = crate::api::listen::remote_incoming(
+        tokio::net::TcpListener::from_std(l)?,
+        gate.clone(),
+        tls,
+        broker.stopping.subscribe(),
+    );
     let admin = AdminServer::new(AdminService(broker.clone()))
         .max_decoding_message_size(max_msg)
         .max_encoding_message_size(max_msg);

@@ -300,3 +300,63 @@ fn a_stranger_denied_all_minute_does_not_silence_the_alert_hook_for_others() {
         assert!(!r.to_string().contains(std::str::from_utf8(value).unwrap()));
     }
 }
+
+/// Connect with a client certificate, finish the TLS handshake, send
+/// nothing more; print after how many seconds the broker closed it
+/// (`null`: not within `wait`).
+const TLS_IDLE: &str = r#"
+import json, socket, ssl, sys, time
+host, port, ca, crt, key, wait = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5], float(sys.argv[6])
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+ctx.load_verify_locations(ca)
+ctx.load_cert_chain(crt, key)
+ctx.set_alpn_protocols(["h2"])
+s = ctx.wrap_socket(socket.create_connection((host, port)), server_hostname="localhost")
+t0 = time.time()
+s.settimeout(0.2)
+closed = None
+while time.time() - t0 < wait:
+    try:
+        got = s.recv(65536)
+    except socket.timeout:
+        continue
+    except (OSError, ssl.SSLError):
+        got = b""
+    if not got:
+        closed = time.time() - t0
+        break
+print(json.dumps(closed), flush=True)
+"#;
+
+#[test]
+fn a_remote_admin_connection_with_no_call_is_closed_after_the_idle_timeout() {
+    if !require_root() {
+        return;
+    }
+    let pki = Pki::new("keyhole idle CA");
+    let (server_crt, server_key) = pki.issue("server", "broker", true);
+    let (admin_crt, admin_key) = pki.issue("admin", "ops", false);
+    let port = free_port();
+    let b = Broker::start_with(&format!(
+        "[limits]\nidle_timeout = \"2s\"\n\
+         [admin]\nlisten = \"127.0.0.1:{port}\"\ntls_cert = \"{server_crt}\"\ntls_key = \"{server_key}\"\n\
+         client_ca = \"{}\"\nsubjects = [\"CN=ops\"]\n",
+        pki.ca()
+    ));
+    let o = Command::new("python3")
+        .args(["-c", TLS_IDLE, "127.0.0.1", &port.to_string(), &pki.ca(), &admin_crt, &admin_key, "10"])
+        .output()
+        .unwrap();
+    let closed: Option<f64> = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", stderr(&o)));
+    let closed = closed.expect("an idle remote admin connection stayed open 10 s");
+    assert!((1.5..6.0).contains(&closed), "closed after {closed} s");
+    // Calls still work.
+    let o = Command::new(BIN)
+        .args(["--endpoint", &format!("https://localhost:{port}"), "--cert", &admin_crt, "--key", &admin_key])
+        .args(["--ca", &pki.ca(), "secret", "ls"])
+        .env_remove("KEYHOLE_SOCKET")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    drop(b);
+}
