@@ -485,7 +485,19 @@ impl AuditLog {
         crate::metrics::audited(event);
         if event.event == "deny" || event.event == "deny_summary" {
             if let Some(a) = self.alerts.get() {
-                a.deny(&line, event.count.unwrap_or(1));
+                // The caller as the denial limiter keys it; a summary's
+                // workloads from its files (`workload:path`).
+                let caller =
+                    event.caller.map_or_else(|| crate::limits::DENY_OVERFLOW.to_owned(), crate::limits::deny_key);
+                let mut workloads: Vec<&str> = event.workload.into_iter().collect();
+                for f in event.files.unwrap_or_default() {
+                    if let Some((w, _)) = f.split_once(':') {
+                        if !workloads.contains(&w) {
+                            workloads.push(w);
+                        }
+                    }
+                }
+                a.deny(&line, event.count.unwrap_or(1), &caller, &workloads);
             }
         }
         let _ = self.lines.send((seq, line));

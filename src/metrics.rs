@@ -228,7 +228,7 @@ pub enum Listener {
 }
 
 /// Serve `GET /metrics` until the broker stops.
-pub async fn serve(broker: std::sync::Arc<crate::broker::Broker>, listener: Listener) {
+pub async fn serve(broker: std::sync::Arc<crate::broker::Broker>, listener: crate::api::listen::MetricsListener) {
     use axum::routing::get;
     let b = broker.clone();
     let app = axum::Router::new().route(
@@ -245,10 +245,9 @@ pub async fn serve(broker: std::sync::Arc<crate::broker::Broker>, listener: List
     let shutdown = async move {
         let _ = stopping.wait_for(|s| *s).await;
     };
-    let served = match listener {
-        Listener::Tcp(l) => axum::serve(l, app).with_graceful_shutdown(shutdown).await,
-        Listener::Unix(l) => axum::serve(l, app).with_graceful_shutdown(shutdown).await,
-    };
+    // Connections held to the broker's budget and deadlines (see
+    // crate::api::listen).
+    let served = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
     if let Err(e) = served {
         tracing::error!(error = %e, "metrics listener stopped");
     }

@@ -9,6 +9,7 @@
 //! itself otherwise.
 
 pub mod admin;
+pub mod listen;
 pub mod peer;
 mod redact;
 pub mod remote;

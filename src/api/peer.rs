@@ -142,6 +142,31 @@ impl Budget {
     }
 }
 
+/// A place in the [`Budget`] taken by a connection that is not on one of
+/// the Unix sockets (the remote admin and metrics listeners); given back
+/// when it drops.
+#[derive(Debug)]
+pub struct BudgetSlot(Arc<Budget>);
+
+impl Budget {
+    /// A place for a connection on a TCP (or metrics) listener, if one is
+    /// free once the places kept for `admin.sock` are left.
+    pub fn take_place(self: &Arc<Self>) -> Option<BudgetSlot> {
+        let mut open = self.open.lock().expect("budget lock");
+        if open.0 + ADMIN_CONNECTIONS.min(self.max / 2) >= self.max {
+            return None;
+        }
+        open.0 += 1;
+        Some(BudgetSlot(self.clone()))
+    }
+}
+
+impl Drop for BudgetSlot {
+    fn drop(&mut self) {
+        self.0.open.lock().expect("budget lock").0 -= 1;
+    }
+}
+
 pub struct PeerStream {
     inner: UnixStream,
     info: ConnInfo,

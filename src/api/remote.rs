@@ -23,6 +23,38 @@ pub fn tls_config(cfg: &RemoteAdmin) -> anyhow::Result<ServerTlsConfig> {
     Ok(ServerTlsConfig::new().identity(TlsIdentity::from_pem(cert, key)).client_ca_root(Certificate::from_pem(ca)))
 }
 
+/// The same settings as [`tls_config`], for a TLS acceptor of our own
+/// (the broker runs each handshake with a timeout, see
+/// [`crate::api::listen`]): the server's certificate, client certificates
+/// required and verified against `client_ca`, ALPN `h2`.
+pub fn rustls_config(cfg: &RemoteAdmin) -> anyhow::Result<std::sync::Arc<rustls::ServerConfig>> {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let read = |p: &std::path::Path, what: &str| {
+        std::fs::read(p).with_context(|| format!("[admin] {what} {}: cannot read it", p.display()))
+    };
+    let certs = CertificateDer::pem_slice_iter(&read(&cfg.tls_cert, "tls_cert")?)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow::anyhow!("[admin] tls_cert {}: {e}", cfg.tls_cert.display()))?;
+    // Not shown: a key's parse error could quote it.
+    let key = PrivateKeyDer::from_pem_slice(&read(&cfg.tls_key, "tls_key")?)
+        .map_err(|_| anyhow::anyhow!("[admin] tls_key {}: no readable private key", cfg.tls_key.display()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    let cas = CertificateDer::pem_slice_iter(&read(&cfg.client_ca, "client_ca")?)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow::anyhow!("[admin] client_ca {}: {e}", cfg.client_ca.display()))?;
+    roots.add_parsable_certificates(cas);
+    let verifier = rustls::server::WebPkiClientVerifier::builder(roots.into())
+        .build()
+        .with_context(|| format!("[admin] client_ca {}", cfg.client_ca.display()))?;
+    let mut config = rustls::ServerConfig::builder()
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs, key)
+        .context("[admin] tls_cert and tls_key")?;
+    config.alpn_protocols.push(b"h2".to_vec());
+    Ok(std::sync::Arc::new(config))
+}
+
 /// The subject of a DER certificate, as [`crate::config::parse_subject`]
 /// reads a configured one.
 pub fn subject_of(der: &[u8]) -> Result<Subject, String> {

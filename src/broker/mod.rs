@@ -599,11 +599,20 @@ fn spawn_services(
     }
     if let Some(listen) = &broker.config.metrics {
         let l = bind_metrics(listen).with_context(|| format!("cannot listen for metrics on {listen}"))?;
+        let gate =
+            crate::api::listen::NetGate::new("metrics", &broker.config.limits, budget.clone(), broker.audit.clone());
+        let l = crate::api::listen::MetricsListener { inner: l, gate };
         tasks.push(tokio::spawn(crate::metrics::serve(broker.clone(), l)));
         tracing::info!(listen = %listen, "serving metrics");
     }
     if let Some(remote) = &broker.config.remote_admin {
-        tasks.push(spawn_remote_admin(broker, remote, max_msg)?);
+        let gate = crate::api::listen::NetGate::new(
+            "remote admin",
+            &broker.config.limits,
+            budget.clone(),
+            broker.audit.clone(),
+        );
+        tasks.push(spawn_remote_admin(broker, remote, max_msg, gate)?);
         tracing::info!(listen = %remote.listen, "serving remote admin (mutual TLS)");
     }
     Ok(tasks)
@@ -632,25 +641,32 @@ fn spawn_remote_admin(
     broker: &Arc<Broker>,
     remote: &crate::config::RemoteAdmin,
     max_msg: usize,
+    gate: Arc<crate::api::listen::NetGate>,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     check_private(&remote.tls_key, "[admin] tls_key")?;
-    let tls = crate::api::remote::tls_config(remote)?;
+    // Each TLS handshake runs with a timeout, and every connection within
+    // the gate's caps and the fd budget (see crate::api::listen).
+    let tls = crate::api::remote::rustls_config(remote)?;
     let l = std::net::TcpListener::bind(remote.listen)
         .with_context(|| format!("cannot listen for remote admin on {}", remote.listen))?;
     l.set_nonblocking(true)?;
-    let incoming = tonic::transport::server::TcpIncoming::from(tokio::net::TcpListener::from_std(l)?);
+    let incoming = crate::api::listen::remote_incoming(
+        tokio::net::TcpListener::from_std(l)?,
+        gate.clone(),
+        tls,
+        broker.stopping.subscribe(),
+    );
     let admin = AdminServer::new(AdminService(broker.clone()))
         .max_decoding_message_size(max_msg)
         .max_encoding_message_size(max_msg);
     let mut stop = broker.stopping.subscribe();
     let server = Server::builder()
-        .tls_config(tls)
-        .context("[admin] TLS settings")?
         .max_concurrent_streams(Some(64))
         .http2_keepalive_interval(Some(KEEPALIVE))
         .http2_keepalive_timeout(Some(KEEPALIVE))
         .layer(crate::api::CountCalls)
         .layer(crate::api::strangers::Calls::remote(broker.clone()))
+        .layer(crate::api::listen::Track(gate))
         .add_service(admin)
         .serve_with_incoming_shutdown(incoming, async move {
             let _ = stop.wait_for(|s| *s).await;

@@ -14,6 +14,7 @@ mod hostile;
 mod labels;
 mod lifecycle;
 mod limits;
+mod listeners;
 mod mounts;
 mod operate;
 mod pool;
