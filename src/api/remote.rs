@@ -7,24 +7,12 @@
 #![forbid(unsafe_code)]
 
 use anyhow::Context as _;
-use tonic::transport::{Certificate, Identity as TlsIdentity, ServerTlsConfig};
 use x509_cert::der::Decode;
 
 use crate::config::{RemoteAdmin, Subject};
 
-/// The server's TLS settings, read from the configured files.
-pub fn tls_config(cfg: &RemoteAdmin) -> anyhow::Result<ServerTlsConfig> {
-    let read = |p: &std::path::Path, what: &str| {
-        std::fs::read(p).with_context(|| format!("[admin] {what} {}: cannot read it", p.display()))
-    };
-    let cert = read(&cfg.tls_cert, "tls_cert")?;
-    let key = read(&cfg.tls_key, "tls_key")?;
-    let ca = read(&cfg.client_ca, "client_ca")?;
-    Ok(ServerTlsConfig::new().identity(TlsIdentity::from_pem(cert, key)).client_ca_root(Certificate::from_pem(ca)))
-}
-
-/// The same settings as [`tls_config`], for a TLS acceptor of our own
-/// (the broker runs each handshake with a timeout, see
+/// The server's TLS settings, read from the configured files, for the
+/// broker's own TLS acceptor (it runs each handshake with a timeout, see
 /// [`crate::api::listen`]): the server's certificate, client certificates
 /// required and verified against `client_ca`, ALPN `h2`.
 pub fn rustls_config(cfg: &RemoteAdmin) -> anyhow::Result<std::sync::Arc<rustls::ServerConfig>> {
