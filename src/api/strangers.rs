@@ -49,7 +49,8 @@ use std::task::{Context, Poll};
 use tonic::codegen::http;
 use tonic::{Code, Status};
 
-use super::peer::{CallGuard, ConnInfo};
+use super::conn::Counted;
+use super::peer::ConnInfo;
 use super::{BoxFuture, describe};
 use crate::audit::Event;
 use crate::broker::Broker;
@@ -196,7 +197,7 @@ where
         let call = self.inner.call(req);
         Box::pin(async move {
             let res = call.await?;
-            Ok(res.map(|body| tonic::body::Body::new(Counted { body, _guard: guard })))
+            Ok(res.map(|body| tonic::body::Body::new(Counted::new(body, guard))))
         })
     }
 }
@@ -205,32 +206,6 @@ where
 fn admin_method(path: &str) -> &'static str {
     let name = path.strip_prefix("/keyhole.v1.Admin/").unwrap_or("unknown");
     ADMIN_METHODS.iter().find(|m| **m == name).copied().unwrap_or("unknown")
-}
-
-/// A response body that keeps its call counted until it is done with.
-struct Counted<R> {
-    body: R,
-    _guard: Option<CallGuard>,
-}
-
-impl<R: http_body::Body + Unpin> http_body::Body for Counted<R> {
-    type Data = R::Data;
-    type Error = R::Error;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        std::pin::Pin::new(&mut self.body).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.body.size_hint()
-    }
 }
 
 /// A stranger called an admin method: refused as `AdminService` refuses
