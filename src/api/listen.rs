@@ -27,18 +27,18 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Waker};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::codegen::http;
-use tonic::transport::server::{Connected, TcpConnectInfo, TlsConnectInfo};
+use tonic::transport::server::{Connected, TcpConnectInfo};
 
-use super::conn::{Activity, CallGuard, Counted, Seen, Watch, Watched};
-use super::peer::{Budget, BudgetSlot};
+use super::conn::{Activity, CallGuard, Seen, Watch, Watched};
+use super::peer::{Budget, BudgetSlot, forget_one};
+use super::strangers::{Calls, CallsService};
 use crate::audit::AuditLog;
 use crate::config::Limits;
 use crate::limits::Refusals;
@@ -95,12 +95,7 @@ impl NetState {
 
     fn remove(&mut self, id: u64) {
         let Some(c) = self.conns.remove(&id) else { return };
-        if let Some(n) = self.per_address.get_mut(&c.address) {
-            *n -= 1;
-            if *n == 0 {
-                self.per_address.remove(&c.address);
-            }
-        }
+        forget_one(&mut self.per_address, &c.address);
         c.evict.evict();
     }
 }
@@ -203,10 +198,7 @@ impl NetGate {
             }
             let budget = if ok {
                 self.budget.take_place().or_else(|| {
-                    let limit = format!(
-                        "the broker's connection budget ({}, from its file limit of {}) reached",
-                        self.budget.max, self.budget.soft_nofile
-                    );
+                    let limit = self.budget.full();
                     let freed = st.evict_oldest(None);
                     notes.push(if freed {
                         format!("{limit}: the oldest still in its handshake closed")
@@ -242,7 +234,7 @@ impl NetGate {
     }
 
     /// A call begins on the remote admin connection from `addr`.
-    fn begin(&self, addr: SocketAddr) -> Option<CallGuard> {
+    pub(super) fn begin(&self, addr: SocketAddr) -> Option<CallGuard> {
         Some(self.state.lock().expect("net gate lock").calls.get(&addr)?.begin())
     }
 }
@@ -437,41 +429,9 @@ impl axum::serve::Listener for MetricsListener {
 pub struct Track(pub Arc<NetGate>);
 
 impl<S> tower_layer::Layer<S> for Track {
-    type Service = TrackService<S>;
+    type Service = CallsService<S>;
 
-    fn layer(&self, inner: S) -> TrackService<S> {
-        TrackService { inner, gate: self.0.clone() }
-    }
-}
-
-#[derive(Clone)]
-pub struct TrackService<S> {
-    inner: S,
-    gate: Arc<NetGate>,
-}
-
-impl<S, B, R> tonic::codegen::Service<http::Request<B>> for TrackService<S>
-where
-    S: tonic::codegen::Service<http::Request<B>, Response = http::Response<R>>,
-    S::Future: Send + 'static,
-    R: http_body::Body<Data = tonic::codegen::Bytes> + Unpin + Send + 'static,
-    R::Error: Into<tonic::codegen::StdError>,
-{
-    type Response = http::Response<tonic::body::Body>;
-    type Error = S::Error;
-    type Future = tonic::codegen::BoxFuture<Self::Response, S::Error>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let addr = req.extensions().get::<TlsConnectInfo<TcpConnectInfo>>().and_then(|t| t.get_ref().remote_addr());
-        let guard = addr.and_then(|a| self.gate.begin(a));
-        let call = self.inner.call(req);
-        Box::pin(async move {
-            let res = call.await?;
-            Ok(res.map(|body| tonic::body::Body::new(Counted::new(body, guard))))
-        })
+    fn layer(&self, inner: S) -> CallsService<S> {
+        Calls::tracking(self.0.clone()).layer(inner)
     }
 }

@@ -106,6 +106,11 @@ impl Budget {
 pub struct BudgetSlot(Arc<Budget>);
 
 impl Budget {
+    /// Why a connection is refused when the budget is spent (audited).
+    pub fn full(&self) -> String {
+        format!("the broker's connection budget ({}, from its file limit of {}) reached", self.max, self.soft_nofile)
+    }
+
     /// A place for a connection on a TCP (or metrics) listener, if one is
     /// free once the places kept for `admin.sock` are left.
     pub fn take_place(self: &Arc<Self>) -> Option<BudgetSlot> {
@@ -199,10 +204,7 @@ impl Gate {
             } else if mine >= self.max_per_caller {
                 Some(format!("max_connections_per_caller ({}) reached on {}", self.max_per_caller, self.name))
             } else if budget.0 + self.leave >= self.budget.max {
-                Some(format!(
-                    "the broker's connection budget ({}, from its file limit of {}) reached",
-                    self.budget.max, self.budget.soft_nofile
-                ))
+                Some(self.budget.full())
             } else {
                 *total += 1;
                 budget.0 += 1;
@@ -292,7 +294,7 @@ impl Drop for Admitted {
 }
 
 /// One connection fewer for `key`.
-fn forget_one(per: &mut HashMap<String, usize>, key: &str) {
+pub(super) fn forget_one(per: &mut HashMap<String, usize>, key: &str) {
     if let Some(n) = per.get_mut(key) {
         *n -= 1;
         if *n == 0 {

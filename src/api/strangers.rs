@@ -111,7 +111,8 @@ const ADMIN_METHODS: [&str; 18] = [
 /// The layer every gRPC server runs: it counts calls and, on the
 /// strangers' server, refuses everything but the Workload service; on
 /// the remote admin listener, admin calls from certificate subjects not
-/// listed in `[admin] subjects`.
+/// listed in `[admin] subjects`; there also (as [`super::listen::Track`])
+/// it keeps each call counted on its connection, for its idle timeout.
 #[derive(Clone)]
 pub struct Calls {
     mode: Mode,
@@ -122,6 +123,8 @@ enum Mode {
     Admins,
     Strangers(Arc<Broker>),
     Remote(Arc<Broker>),
+    /// Calls counted on remote admin connections (by their address).
+    Tracking(Arc<super::listen::NetGate>),
 }
 
 impl Calls {
@@ -138,6 +141,11 @@ impl Calls {
     /// For the remote admin listener (mutual TLS).
     pub fn remote(broker: Arc<Broker>) -> Self {
         Calls { mode: Mode::Remote(broker) }
+    }
+
+    /// Counts calls on the remote admin connections of `gate`.
+    pub fn tracking(gate: Arc<super::listen::NetGate>) -> Self {
+        Calls { mode: Mode::Tracking(gate) }
     }
 }
 
@@ -172,7 +180,14 @@ where
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         let info = req.extensions().get::<ConnInfo>().cloned();
-        let guard = info.as_ref().map(|i| i.activity.begin());
+        let guard = match &self.mode {
+            Mode::Tracking(gate) => {
+                use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+                let tls = req.extensions().get::<TlsConnectInfo<TcpConnectInfo>>();
+                tls.and_then(|t| t.get_ref().remote_addr()).and_then(|a| gate.begin(a))
+            }
+            _ => info.as_ref().map(|i| i.activity.begin()),
+        };
         match &self.mode {
             Mode::Strangers(broker) if !req.uri().path().starts_with(OPEN_TO_ALL) => {
                 let method = admin_method(req.uri().path());
