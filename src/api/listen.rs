@@ -13,7 +13,7 @@
 //! there is none. Either is audited (`limit`), at most a line a second
 //! per listener and address.
 //!
-//! Deadlines ([`NetStream`]): a TLS handshake must end within
+//! Deadlines ([`NetConn`]): a TLS handshake must end within
 //! [`HANDSHAKE_TIMEOUT`]; a remote admin connection with no call under
 //! way for `[limits] idle_timeout` is closed; a metrics connection must
 //! send its request within [`HANDSHAKE_TIMEOUT`], is closed when it has
@@ -23,23 +23,22 @@
 #![forbid(unsafe_code)]
 
 use std::collections::{BTreeMap, HashMap};
-use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Waker};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::codegen::http;
-use tonic::transport::server::{Connected, TcpConnectInfo, TlsConnectInfo};
+use tonic::transport::server::{Connected, TcpConnectInfo};
 
-use super::peer::{Budget, BudgetSlot};
+use super::conn::{Activity, CallGuard, Seen, Watch, Watched};
+use super::peer::{Budget, BudgetSlot, forget_one};
+use super::strangers::{Calls, CallsService};
 use crate::audit::AuditLog;
 use crate::config::Limits;
 use crate::limits::Refusals;
@@ -74,7 +73,7 @@ struct NetState {
     conns: BTreeMap<u64, Conn>,
     per_address: HashMap<String, usize>,
     /// Calls under way per remote admin connection.
-    calls: HashMap<SocketAddr, Arc<Calls>>,
+    calls: HashMap<SocketAddr, Arc<Activity>>,
 }
 
 struct Conn {
@@ -96,12 +95,7 @@ impl NetState {
 
     fn remove(&mut self, id: u64) {
         let Some(c) = self.conns.remove(&id) else { return };
-        if let Some(n) = self.per_address.get_mut(&c.address) {
-            *n -= 1;
-            if *n == 0 {
-                self.per_address.remove(&c.address);
-            }
-        }
+        forget_one(&mut self.per_address, &c.address);
         c.evict.evict();
     }
 }
@@ -124,24 +118,6 @@ impl Evict {
     fn evicted(&self, cx: &mut Context<'_>) -> bool {
         *self.waker.lock().expect("evict lock") = Some(cx.waker().clone());
         self.evicted.load(Ordering::SeqCst)
-    }
-}
-
-/// Calls under way on a connection, and since when it has had none.
-struct Calls {
-    n: AtomicUsize,
-    idle_since: Mutex<Instant>,
-}
-
-/// A call under way on a remote admin connection.
-pub struct CallGuard(Arc<Calls>);
-
-impl Drop for CallGuard {
-    fn drop(&mut self) {
-        let mut since = self.0.idle_since.lock().expect("calls lock");
-        if self.0.n.fetch_sub(1, Ordering::SeqCst) == 1 {
-            *since = Instant::now();
-        }
     }
 }
 
@@ -222,10 +198,7 @@ impl NetGate {
             }
             let budget = if ok {
                 self.budget.take_place().or_else(|| {
-                    let limit = format!(
-                        "the broker's connection budget ({}, from its file limit of {}) reached",
-                        self.budget.max, self.budget.soft_nofile
-                    );
+                    let limit = self.budget.full();
                     let freed = st.evict_oldest(None);
                     notes.push(if freed {
                         format!("{limit}: the oldest still in its handshake closed")
@@ -257,26 +230,12 @@ impl NetGate {
     /// A new connection as a [`NetStream`], if admitted.
     pub fn stream<S>(self: &Arc<Self>, inner: S, address: &str, rules: Rules) -> Option<NetStream<S>> {
         let (slot, evict) = self.admit(address)?;
-        let now = Instant::now();
-        Some(NetStream {
-            inner,
-            slot,
-            evict,
-            rules,
-            accepted: now,
-            read_any: false,
-            last_read: now,
-            write_blocked: None,
-            calls: None,
-            timer: Box::pin(tokio::time::sleep(HANDSHAKE_TIMEOUT)),
-        })
+        Some(Watched::new(inner, NetConn { slot, evict, rules, calls: None }, HANDSHAKE_TIMEOUT))
     }
 
     /// A call begins on the remote admin connection from `addr`.
-    fn begin(&self, addr: SocketAddr) -> Option<CallGuard> {
-        let calls = self.state.lock().expect("net gate lock").calls.get(&addr).cloned()?;
-        calls.n.fetch_add(1, Ordering::SeqCst);
-        Some(CallGuard(calls))
+    pub(super) fn begin(&self, addr: SocketAddr) -> Option<CallGuard> {
+        Some(self.state.lock().expect("net gate lock").calls.get(&addr)?.begin())
     }
 }
 
@@ -289,13 +248,13 @@ pub struct NetSlot {
 
 impl NetSlot {
     /// No longer pending; calls are tracked for `addr` (remote admin).
-    fn established(&mut self, addr: Option<SocketAddr>) -> Option<Arc<Calls>> {
+    fn established(&mut self, addr: Option<SocketAddr>) -> Option<Arc<Activity>> {
         let mut st = self.gate.state.lock().expect("net gate lock");
         if let Some(c) = st.conns.get_mut(&self.id) {
             c.pending = false;
         }
         let addr = addr?;
-        let calls = Arc::new(Calls { n: AtomicUsize::new(0), idle_since: Mutex::new(Instant::now()) });
+        let calls = Activity::new();
         st.calls.insert(addr, calls.clone());
         self.calls_at = Some(addr);
         Some(calls)
@@ -314,132 +273,50 @@ impl Drop for NetSlot {
 
 /// A connection on one of these listeners, closed past its deadlines
 /// (see the module doc).
-pub struct NetStream<S> {
-    inner: S,
+pub type NetStream<S> = Watched<S, NetConn>;
+
+/// What a [`NetStream`] holds besides its stream.
+pub struct NetConn {
     slot: NetSlot,
     evict: Arc<Evict>,
     rules: Rules,
-    accepted: Instant,
-    read_any: bool,
-    last_read: Instant,
-    write_blocked: Option<Instant>,
-    calls: Option<Arc<Calls>>,
-    timer: Pin<Box<tokio::time::Sleep>>,
+    /// Calls under way (remote admin, once past its handshake).
+    calls: Option<Arc<Activity>>,
 }
 
-impl<S> NetStream<S> {
-    /// Why this connection must close now, or when to look again.
-    fn deadline(&self, now: Instant) -> Result<Instant, &'static str> {
+impl Watch for NetConn {
+    fn deadline(&self, seen: &Seen, now: Instant) -> Result<Instant, &'static str> {
         let due = |at: Instant, why| if now >= at { Err(why) } else { Ok(at) };
         let mut next = now + self.rules.idle;
-        if !self.read_any {
-            next = next.min(due(self.accepted + HANDSHAKE_TIMEOUT, "nothing sent")?);
+        if seen.read == 0 {
+            next = next.min(due(seen.accepted + HANDSHAKE_TIMEOUT, "nothing sent")?);
         }
         if let Some(age) = self.rules.max_age {
-            next = next.min(due(self.accepted + age, "open too long")?);
+            next = next.min(due(seen.accepted + age, "open too long")?);
         }
-        if let Some(since) = self.write_blocked {
+        if let Some(since) = seen.write_blocked {
             next = next.min(due(since + self.rules.idle, "the peer does not read what it asked for")?);
         }
         if self.rules.idle_by_reads {
-            next = next.min(due(self.last_read + self.rules.idle, "idle")?);
-        } else if let Some(calls) = &self.calls {
-            if calls.n.load(Ordering::SeqCst) == 0 {
-                let since = *calls.idle_since.lock().expect("calls lock");
-                next = next.min(due(since + self.rules.idle, "idle")?);
-            }
+            next = next.min(due(seen.last_read + self.rules.idle, "idle")?);
+        } else if let Some(since) = self.calls.as_ref().and_then(|c| c.idle_since()) {
+            next = next.min(due(since + self.rules.idle, "idle")?);
         }
         Ok(next)
     }
 
-    /// Called whenever the connection waits on its peer: close it past a
-    /// deadline or when pushed out, else be woken at the next deadline.
-    fn poll_deadline(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
-        if self.evict.evicted(cx) {
-            return Poll::Ready(io::Error::new(io::ErrorKind::TimedOut, "pushed out by a newer connection"));
-        }
-        loop {
-            match self.deadline(Instant::now()) {
-                Err(why) => {
-                    tracing::debug!(listener = self.slot.gate.name, why, "closing a connection");
-                    return Poll::Ready(io::Error::new(io::ErrorKind::TimedOut, why));
-                }
-                Ok(at) => {
-                    let at = tokio::time::Instant::from_std(at);
-                    if self.timer.deadline() != at {
-                        self.timer.as_mut().reset(at);
-                    }
-                    if self.timer.as_mut().poll(cx).is_pending() {
-                        return Poll::Pending;
-                    }
-                }
-            }
+    fn pushed_out(&self, cx: &mut Context<'_>) -> bool {
+        self.evict.evicted(cx)
+    }
+
+    fn first_read(&mut self) {
+        if self.rules.established_on_first_read {
+            self.slot.established(None);
         }
     }
 
-    fn wrote<T>(&mut self, r: Poll<io::Result<T>>, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
-        match r {
-            Poll::Ready(r) => {
-                self.write_blocked = None;
-                Poll::Ready(r)
-            }
-            Poll::Pending => {
-                self.write_blocked.get_or_insert_with(Instant::now);
-                self.poll_deadline(cx).map(Err)
-            }
-        }
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for NetStream<S> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        let this = &mut *self;
-        if this.evict.evicted(cx) {
-            return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "pushed out by a newer connection")));
-        }
-        let before = buf.filled().len();
-        if let Poll::Ready(r) = Pin::new(&mut this.inner).poll_read(cx, buf) {
-            if buf.filled().len() > before {
-                this.last_read = Instant::now();
-                if !this.read_any {
-                    this.read_any = true;
-                    if this.rules.established_on_first_read {
-                        this.slot.established(None);
-                    }
-                }
-            }
-            return Poll::Ready(r);
-        }
-        this.poll_deadline(cx).map(Err)
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for NetStream<S> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
-        self.wrote(r, cx)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        self.wrote(r, cx)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let r = Pin::new(&mut self.inner).poll_flush(cx);
-        self.wrote(r, cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+    fn closing(&self, why: &'static str) {
+        tracing::debug!(listener = self.slot.gate.name, why, "closing a connection");
     }
 }
 
@@ -447,7 +324,7 @@ impl Connected for NetStream<TcpStream> {
     type ConnectInfo = TcpConnectInfo;
 
     fn connect_info(&self) -> TcpConnectInfo {
-        self.inner.connect_info()
+        self.get_ref().connect_info()
     }
 }
 
@@ -489,8 +366,8 @@ pub fn remote_incoming(
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                     Ok(Ok(mut tls)) => {
-                        let s = tls.get_mut().0;
-                        s.calls = s.slot.established(Some(addr));
+                        let c = &mut tls.get_mut().0.watch;
+                        c.calls = c.slot.established(Some(addr));
                         let _ = tx.send(Ok(tls)).await;
                     }
                     Ok(Err(e)) => tracing::debug!(error = %e, from = %addr, "remote admin: TLS handshake failed"),
@@ -552,67 +429,9 @@ impl axum::serve::Listener for MetricsListener {
 pub struct Track(pub Arc<NetGate>);
 
 impl<S> tower_layer::Layer<S> for Track {
-    type Service = TrackService<S>;
+    type Service = CallsService<S>;
 
-    fn layer(&self, inner: S) -> TrackService<S> {
-        TrackService { inner, gate: self.0.clone() }
-    }
-}
-
-#[derive(Clone)]
-pub struct TrackService<S> {
-    inner: S,
-    gate: Arc<NetGate>,
-}
-
-impl<S, B, R> tonic::codegen::Service<http::Request<B>> for TrackService<S>
-where
-    S: tonic::codegen::Service<http::Request<B>, Response = http::Response<R>>,
-    S::Future: Send + 'static,
-    R: http_body::Body<Data = tonic::codegen::Bytes> + Unpin + Send + 'static,
-    R::Error: Into<tonic::codegen::StdError>,
-{
-    type Response = http::Response<tonic::body::Body>;
-    type Error = S::Error;
-    type Future = tonic::codegen::BoxFuture<Self::Response, S::Error>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let addr = req.extensions().get::<TlsConnectInfo<TcpConnectInfo>>().and_then(|t| t.get_ref().remote_addr());
-        let guard = addr.and_then(|a| self.gate.begin(a));
-        let call = self.inner.call(req);
-        Box::pin(async move {
-            let res = call.await?;
-            Ok(res.map(|body| tonic::body::Body::new(Tracked { body, _guard: guard })))
-        })
-    }
-}
-
-/// A response body that keeps its call counted until it is done with.
-struct Tracked<R> {
-    body: R,
-    _guard: Option<CallGuard>,
-}
-
-impl<R: http_body::Body + Unpin> http_body::Body for Tracked<R> {
-    type Data = R::Data;
-    type Error = R::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.body.size_hint()
+    fn layer(&self, inner: S) -> CallsService<S> {
+        Calls::tracking(self.0.clone()).layer(inner)
     }
 }

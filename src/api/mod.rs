@@ -9,6 +9,7 @@
 //! itself otherwise.
 
 pub mod admin;
+pub mod conn;
 pub mod listen;
 pub mod peer;
 mod redact;

@@ -24,21 +24,17 @@
 #![forbid(unsafe_code)]
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 
+use super::conn::{Seen, Watch, Watched};
 use crate::audit::AuditLog;
 use crate::config::Limits;
 use crate::identity::{Attestor, Identity, Peer};
@@ -76,46 +72,7 @@ pub struct ConnInfo {
     pub activity: Arc<Activity>,
 }
 
-/// Calls under way on a connection, and since when it has had none.
-#[derive(Debug)]
-pub struct Activity {
-    calls: AtomicUsize,
-    idle_since: Mutex<Instant>,
-}
-
-impl Activity {
-    fn new() -> Arc<Self> {
-        Arc::new(Activity { calls: AtomicUsize::new(0), idle_since: Mutex::new(Instant::now()) })
-    }
-
-    /// One call begins; it ends when the guard drops (with the response
-    /// body, for a streamed answer such as `audit --follow`).
-    pub fn begin(self: &Arc<Self>) -> CallGuard {
-        self.calls.fetch_add(1, Ordering::SeqCst);
-        CallGuard(self.clone())
-    }
-
-    /// When the connection became idle, if it is.
-    fn idle_since(&self) -> Option<Instant> {
-        if self.calls.load(Ordering::SeqCst) > 0 {
-            return None;
-        }
-        Some(*self.idle_since.lock().expect("activity lock"))
-    }
-}
-
-/// A call under way (see [`Activity::begin`]).
-#[derive(Debug)]
-pub struct CallGuard(Arc<Activity>);
-
-impl Drop for CallGuard {
-    fn drop(&mut self) {
-        let mut since = self.0.idle_since.lock().expect("activity lock");
-        if self.0.calls.fetch_sub(1, Ordering::SeqCst) == 1 {
-            *since = Instant::now();
-        }
-    }
-}
+pub use super::conn::{Activity, CallGuard};
 
 /// The broker's connection budget, over all its sockets: connections in
 /// all (from the file descriptors left once [`RESERVED_FDS`] are kept),
@@ -149,6 +106,11 @@ impl Budget {
 pub struct BudgetSlot(Arc<Budget>);
 
 impl Budget {
+    /// Why a connection is refused when the budget is spent (audited).
+    pub fn full(&self) -> String {
+        format!("the broker's connection budget ({}, from its file limit of {}) reached", self.max, self.soft_nofile)
+    }
+
     /// A place for a connection on a TCP (or metrics) listener, if one is
     /// free once the places kept for `admin.sock` are left.
     pub fn take_place(self: &Arc<Self>) -> Option<BudgetSlot> {
@@ -167,20 +129,18 @@ impl Drop for BudgetSlot {
     }
 }
 
-pub struct PeerStream {
-    inner: UnixStream,
+/// A Unix-socket connection: its peer, its places in the limits and its
+/// deadlines (see the module doc).
+pub type PeerStream = Watched<UnixStream, PeerConn>;
+
+/// What a [`PeerStream`] holds besides its socket.
+pub struct PeerConn {
     info: ConnInfo,
     /// Counts this connection against the limits while it is open.
     admitted: Admitted,
     /// Counts a stranger's connection against the strangers' budget.
     _stranger: Option<StrangerSlot>,
-    accepted: Instant,
-    /// Bytes read so far, up to the preface's length.
-    read: usize,
-    /// Since when a write has been waiting for the peer to read.
-    write_blocked: Option<Instant>,
     idle_timeout: Duration,
-    timer: Pin<Box<tokio::time::Sleep>>,
 }
 
 /// The connection limits of one socket: in all, and per caller, within
@@ -244,10 +204,7 @@ impl Gate {
             } else if mine >= self.max_per_caller {
                 Some(format!("max_connections_per_caller ({}) reached on {}", self.max_per_caller, self.name))
             } else if budget.0 + self.leave >= self.budget.max {
-                Some(format!(
-                    "the broker's connection budget ({}, from its file limit of {}) reached",
-                    self.budget.max, self.budget.soft_nofile
-                ))
+                Some(self.budget.full())
             } else {
                 *total += 1;
                 budget.0 += 1;
@@ -337,7 +294,7 @@ impl Drop for Admitted {
 }
 
 /// One connection fewer for `key`.
-fn forget_one(per: &mut HashMap<String, usize>, key: &str) {
+pub(super) fn forget_one(per: &mut HashMap<String, usize>, key: &str) {
     if let Some(n) = per.get_mut(key) {
         *n -= 1;
         if *n == 0 {
@@ -369,44 +326,38 @@ impl Drop for StrangerSlot {
     }
 }
 
-impl PeerStream {
-    /// The stream, if the gate admits its peer.
-    fn new(inner: UnixStream, gate: &Arc<Gate>) -> io::Result<Option<Self>> {
-        let cred = inner.peer_cred()?;
-        let pid = cred.pid().unwrap_or(0);
-        let mut peer = Peer { uid: cred.uid(), gid: cred.gid(), pid, pidfd: None };
-        // Only the kernel's own pin of the connector: no fallback to
-        // `pidfd_open(pid)`, which may pin whoever has that pid now.
-        match pin_peer(inner.as_raw_fd()) {
-            Ok(fd) => peer.pidfd = Some(fd),
-            Err(e) => {
-                gate.refuse_unpinned(&peer, &e);
-                return Ok(None);
-            }
+/// The stream, if the gate admits its peer.
+fn new_peer_stream(inner: UnixStream, gate: &Arc<Gate>) -> io::Result<Option<PeerStream>> {
+    let cred = inner.peer_cred()?;
+    let pid = cred.pid().unwrap_or(0);
+    let mut peer = Peer { uid: cred.uid(), gid: cred.gid(), pid, pidfd: None };
+    // Only the kernel's own pin of the connector: no fallback to
+    // `pidfd_open(pid)`, which may pin whoever has that pid now.
+    match pin_peer(inner.as_raw_fd()) {
+        Ok(fd) => peer.pidfd = Some(fd),
+        Err(e) => {
+            gate.refuse_unpinned(&peer, &e);
+            return Ok(None);
         }
-        let Some(admitted) = gate.admit(&peer) else { return Ok(None) };
-        let now = Instant::now();
-        Ok(Some(Self {
-            inner,
-            info: ConnInfo { peer, identity: None, activity: Activity::new() },
-            admitted,
-            _stranger: None,
-            accepted: now,
-            read: 0,
-            write_blocked: None,
-            idle_timeout: gate.idle_timeout,
-            timer: Box::pin(tokio::time::sleep(PREFACE_TIMEOUT)),
-        }))
     }
+    let Some(admitted) = gate.admit(&peer) else { return Ok(None) };
+    let conn = PeerConn {
+        info: ConnInfo { peer, identity: None, activity: Activity::new() },
+        admitted,
+        _stranger: None,
+        idle_timeout: gate.idle_timeout,
+    };
+    Ok(Some(Watched::new(inner, conn, PREFACE_TIMEOUT)))
+}
 
-    /// Why this connection must close now, or when to look again.
-    fn deadline(&self, now: Instant) -> Result<Instant, &'static str> {
+impl Watch for PeerConn {
+    fn deadline(&self, seen: &Seen, now: Instant) -> Result<Instant, &'static str> {
         let due = |at: Instant, why| if now >= at { Err(why) } else { Ok(at) };
-        if self.read < PREFACE_LEN {
-            return due(self.accepted + PREFACE_TIMEOUT, "no HTTP/2 preface");
+        if seen.read < PREFACE_LEN {
+            return due(seen.accepted + PREFACE_TIMEOUT, "no HTTP/2 preface");
         }
         let mut next = now + self.idle_timeout;
-        if let Some(since) = self.write_blocked {
+        if let Some(since) = seen.write_blocked {
             next = next.min(due(since + self.idle_timeout, "the peer does not read what it asked for")?);
         }
         if let Some(since) = self.info.activity.idle_since() {
@@ -415,26 +366,8 @@ impl PeerStream {
         Ok(next)
     }
 
-    /// Called whenever the connection waits on its peer: close it past a
-    /// deadline, else be woken at the next one.
-    fn poll_deadline(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
-        loop {
-            match self.deadline(Instant::now()) {
-                Err(why) => {
-                    tracing::debug!(uid = self.info.peer.uid, pid = self.info.peer.pid, why, "closing a connection");
-                    return Poll::Ready(io::Error::new(io::ErrorKind::TimedOut, why));
-                }
-                Ok(at) => {
-                    let at = tokio::time::Instant::from_std(at);
-                    if self.timer.deadline() != at {
-                        self.timer.as_mut().reset(at);
-                    }
-                    if self.timer.as_mut().poll(cx).is_pending() {
-                        return Poll::Pending;
-                    }
-                }
-            }
-        }
+    fn closing(&self, why: &'static str) {
+        tracing::debug!(uid = self.info.peer.uid, pid = self.info.peer.pid, why, "closing a connection");
     }
 }
 
@@ -442,63 +375,7 @@ impl Connected for PeerStream {
     type ConnectInfo = ConnInfo;
 
     fn connect_info(&self) -> ConnInfo {
-        self.info.clone()
-    }
-}
-
-impl AsyncRead for PeerStream {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        let this = &mut *self;
-        let before = buf.filled().len();
-        if let Poll::Ready(r) = Pin::new(&mut this.inner).poll_read(cx, buf) {
-            this.read = this.read.saturating_add(buf.filled().len() - before).min(PREFACE_LEN);
-            return Poll::Ready(r);
-        }
-        this.poll_deadline(cx).map(Err)
-    }
-}
-
-impl PeerStream {
-    fn wrote<T>(&mut self, r: Poll<io::Result<T>>, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
-        match r {
-            Poll::Ready(r) => {
-                self.write_blocked = None;
-                Poll::Ready(r)
-            }
-            Poll::Pending => {
-                self.write_blocked.get_or_insert_with(Instant::now);
-                self.poll_deadline(cx).map(Err)
-            }
-        }
-    }
-}
-
-impl AsyncWrite for PeerStream {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
-        self.wrote(r, cx)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        self.wrote(r, cx)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let r = Pin::new(&mut self.inner).poll_flush(cx);
-        self.wrote(r, cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+        self.watch.info.clone()
     }
 }
 
@@ -516,7 +393,7 @@ pub fn incoming(listener: UnixListener, gate: Arc<Gate>, attestor: Arc<Attestor>
                 r = listener.accept() => r,
                 () = async { tokio::join!(admins.closed(), strangers.closed()); } => return,
             };
-            let stream = accepted.and_then(|(s, _)| PeerStream::new(s, &gate));
+            let stream = accepted.and_then(|(s, _)| new_peer_stream(s, &gate));
             match stream {
                 // Over a limit: closed as it drops.
                 Ok(None) => {}
@@ -541,7 +418,7 @@ type Route = (Arc<Gate>, Arc<Attestor>, mpsc::Sender<io::Result<PeerStream>>, mp
 async fn classify(mut s: PeerStream, (gate, attestor, admins, strangers): Route) {
     let identity = match gate.classifying.clone().acquire_owned().await {
         Ok(permit) => {
-            let peer = s.info.peer.clone();
+            let peer = s.watch.info.peer.clone();
             let attest = tokio::task::spawn_blocking(move || {
                 let _permit = permit;
                 attestor.attest(&peer).ok()
@@ -551,17 +428,17 @@ async fn classify(mut s: PeerStream, (gate, attestor, admins, strangers): Route)
         Err(_) => None,
     };
     let admin = identity.as_ref().is_some_and(|id| id.admin);
-    if !gate.settle(&mut s.admitted, &s.info.peer, identity.as_ref()) {
+    if !gate.settle(&mut s.watch.admitted, &s.watch.info.peer, identity.as_ref()) {
         return;
     }
-    s.info.identity = identity.map(Arc::new);
+    s.watch.info.identity = identity.map(Arc::new);
     if admin {
         let _ = admins.send(Ok(s)).await;
         return;
     }
-    let key = caller_key(&s.info.peer, s.info.identity.as_deref());
-    if let Some(slot) = gate.stranger(&s.info.peer, &key) {
-        s._stranger = Some(slot);
+    let key = caller_key(&s.watch.info.peer, s.watch.info.identity.as_deref());
+    if let Some(slot) = gate.stranger(&s.watch.info.peer, &key) {
+        s.watch._stranger = Some(slot);
         let _ = strangers.send(Ok(s)).await;
     }
 }
@@ -668,19 +545,5 @@ mod tests {
         // is an error, never a pidfd from the pid.
         let file = std::fs::File::open("/dev/null").unwrap();
         assert!(pin_peer(file.as_raw_fd()).is_err());
-    }
-
-    #[test]
-    fn a_guard_counts_a_call_until_it_drops() {
-        let a = Activity::new();
-        assert!(a.idle_since().is_some());
-        let g = a.begin();
-        let h = a.begin();
-        assert!(a.idle_since().is_none());
-        drop(g);
-        assert!(a.idle_since().is_none());
-        let before = Instant::now();
-        drop(h);
-        assert!(a.idle_since().unwrap() >= before);
     }
 }

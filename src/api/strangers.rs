@@ -49,7 +49,8 @@ use std::task::{Context, Poll};
 use tonic::codegen::http;
 use tonic::{Code, Status};
 
-use super::peer::{CallGuard, ConnInfo};
+use super::conn::Counted;
+use super::peer::ConnInfo;
 use super::{BoxFuture, describe};
 use crate::audit::Event;
 use crate::broker::Broker;
@@ -110,7 +111,8 @@ const ADMIN_METHODS: [&str; 18] = [
 /// The layer every gRPC server runs: it counts calls and, on the
 /// strangers' server, refuses everything but the Workload service; on
 /// the remote admin listener, admin calls from certificate subjects not
-/// listed in `[admin] subjects`.
+/// listed in `[admin] subjects`; there also (as [`super::listen::Track`])
+/// it keeps each call counted on its connection, for its idle timeout.
 #[derive(Clone)]
 pub struct Calls {
     mode: Mode,
@@ -121,6 +123,8 @@ enum Mode {
     Admins,
     Strangers(Arc<Broker>),
     Remote(Arc<Broker>),
+    /// Calls counted on remote admin connections (by their address).
+    Tracking(Arc<super::listen::NetGate>),
 }
 
 impl Calls {
@@ -137,6 +141,11 @@ impl Calls {
     /// For the remote admin listener (mutual TLS).
     pub fn remote(broker: Arc<Broker>) -> Self {
         Calls { mode: Mode::Remote(broker) }
+    }
+
+    /// Counts calls on the remote admin connections of `gate`.
+    pub fn tracking(gate: Arc<super::listen::NetGate>) -> Self {
+        Calls { mode: Mode::Tracking(gate) }
     }
 }
 
@@ -171,7 +180,14 @@ where
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         let info = req.extensions().get::<ConnInfo>().cloned();
-        let guard = info.as_ref().map(|i| i.activity.begin());
+        let guard = match &self.mode {
+            Mode::Tracking(gate) => {
+                use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+                let tls = req.extensions().get::<TlsConnectInfo<TcpConnectInfo>>();
+                tls.and_then(|t| t.get_ref().remote_addr()).and_then(|a| gate.begin(a))
+            }
+            _ => info.as_ref().map(|i| i.activity.begin()),
+        };
         match &self.mode {
             Mode::Strangers(broker) if !req.uri().path().starts_with(OPEN_TO_ALL) => {
                 let method = admin_method(req.uri().path());
@@ -196,7 +212,7 @@ where
         let call = self.inner.call(req);
         Box::pin(async move {
             let res = call.await?;
-            Ok(res.map(|body| tonic::body::Body::new(Counted { body, _guard: guard })))
+            Ok(res.map(|body| tonic::body::Body::new(Counted::new(body, guard))))
         })
     }
 }
@@ -205,32 +221,6 @@ where
 fn admin_method(path: &str) -> &'static str {
     let name = path.strip_prefix("/keyhole.v1.Admin/").unwrap_or("unknown");
     ADMIN_METHODS.iter().find(|m| **m == name).copied().unwrap_or("unknown")
-}
-
-/// A response body that keeps its call counted until it is done with.
-struct Counted<R> {
-    body: R,
-    _guard: Option<CallGuard>,
-}
-
-impl<R: http_body::Body + Unpin> http_body::Body for Counted<R> {
-    type Data = R::Data;
-    type Error = R::Error;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        std::pin::Pin::new(&mut self.body).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.body.size_hint()
-    }
 }
 
 /// A stranger called an admin method: refused as `AdminService` refuses

@@ -2,83 +2,11 @@
 //! connections, garbage or calls is held to its share, audited, and the
 //! broker keeps serving everyone else.
 
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use crate::support::*;
 
 const NOBODY: u32 = 65534;
-
-/// Open up to `n` connections to `socket` as `uid` (garbage on the first
-/// `garbage`, the HTTP/2 preface on the others), wait, and report how
-/// many the broker kept open.
-const FLOOD: &str = r#"
-import resource, socket, sys, time
-path, n, garbage = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-n = min(n, hard - 64)
-socks = []
-for i in range(n):
-    s = socket.socket(socket.AF_UNIX)
-    s.connect(path)
-    if i < garbage:
-        s.send(b"\x00\xffnot http/2\r\n" * 64)
-    else:
-        # An idle HTTP/2 client: without the preface it is closed in 5 s.
-        try:
-            s.send(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
-        except OSError:
-            pass  # refused: already closed
-    socks.append(s)
-time.sleep(1.5)
-def is_open(s):
-    s.setblocking(False)
-    try:
-        while s.recv(65536):
-            pass  # what the broker said before closing (a GOAWAY)
-        return False
-    except BlockingIOError:
-        return True
-    except OSError:
-        return False
-open_ = sum(is_open(s) for s in socks)
-print(n, open_, flush=True)
-sys.stdin.read()
-"#;
-
-struct Flood {
-    child: std::process::Child,
-    tried: usize,
-    kept: usize,
-}
-
-impl Flood {
-    fn start(uid: u32, socket: &std::path::Path, n: usize, garbage: usize) -> Flood {
-        use std::io::BufRead;
-        use std::os::unix::process::CommandExt;
-        let mut child = Command::new("python3")
-            .args(["-c", FLOOD, socket.to_str().unwrap(), &n.to_string(), &garbage.to_string()])
-            .uid(uid)
-            .gid(uid)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("python3");
-        let mut line = String::new();
-        std::io::BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
-        let mut f = line.split_whitespace().map(|w| w.parse::<usize>().unwrap());
-        let (tried, kept) = (f.next().expect("flood output"), f.next().unwrap());
-        Flood { child, tried, kept }
-    }
-}
-
-impl Drop for Flood {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 #[test]
 fn a_connection_flood_is_held_to_its_share_and_the_broker_serves_on() {

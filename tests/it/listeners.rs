@@ -4,20 +4,17 @@
 //! granted read and the legitimate client still get through, idle
 //! connections are closed, and a second caller's denial still alerts.
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::process::CommandExt;
+use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
+
+use rcgen::DnType::CommonName as CN;
 
 use crate::support::*;
 
 const NOBODY: u32 = 65534;
 const READER: u32 = 4345;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
 /// `keyhole serve` under `prlimit --nofile=1024:1024` (so the fd limit
 /// is within a local user's reach) with a config file holding `toml`.
@@ -83,8 +80,7 @@ sys.stdin.read()
 "#;
 
 struct Hold {
-    child: std::process::Child,
-    out: BufReader<std::process::ChildStdout>,
+    script: Script,
     connected: usize,
     at: Instant,
 }
@@ -92,45 +88,23 @@ struct Hold {
 impl Hold {
     fn start(uid: u32, addr: &str, n: usize) -> Hold {
         let (host, port) = addr.rsplit_once(':').unwrap();
-        let mut child = Command::new("python3")
-            .args(["-c", HOLD_TCP, host, port, &n.to_string()])
-            .uid(uid)
-            .gid(uid)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("python3");
-        let mut out = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        out.read_line(&mut line).unwrap();
+        let mut script = Script::start(uid, HOLD_TCP, &[host, port, &n.to_string()]);
+        let line = script.line();
         let connected = line.trim().parse().unwrap_or_else(|e| panic!("{e}: {line:?}"));
-        Hold { child, out, connected, at: Instant::now() }
+        Hold { script, connected, at: Instant::now() }
     }
 
     /// How many of the connections the broker has not closed.
     fn still_open(&mut self) -> usize {
-        self.child.stdin.as_mut().unwrap().write_all(b"\n").unwrap();
-        let mut line = String::new();
-        self.out.read_line(&mut line).unwrap();
-        line.trim().parse().unwrap()
+        self.script.send(b"\n");
+        self.script.line().trim().parse().unwrap()
     }
-}
-
-impl Drop for Hold {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn fds(pid: i32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
 }
 
 /// A granted read works while the connections are held, and they are
 /// all closed once the handshake timeout has passed.
 fn granted_reads_hold(b: &Broker, file: &Path, value: &[u8], hold: &Hold) {
-    eprintln!("held {} connections; broker fds now {}", hold.connected, fds(b.pid()));
+    eprintln!("held {} connections; broker fds now {}", hold.connected, fd_count(b.pid()));
     for _ in 0..5 {
         let o = run_as(READER, &["cat", file.to_str().unwrap()]);
         assert_eq!(o.stdout, value, "a granted read failed under the flood: {}", stderr(&o));
@@ -144,57 +118,14 @@ fn closed_after_the_handshake_timeout(hold: &mut Hold) {
     assert_eq!(open, 0, "{open} of {} silent connections still open after 8 s", hold.connected);
 }
 
-/// A CA (rcgen), and certificates it issues.
-struct Pki {
-    dir: tempfile::TempDir,
-    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
-}
-
-impl Pki {
-    fn new(name: &str) -> Pki {
-        let dir = tempfile::tempdir().unwrap();
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params.distinguished_name.push(rcgen::DnType::CommonName, name);
-        params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::DigitalSignature];
-        let key = rcgen::KeyPair::generate().unwrap();
-        let cert = params.self_signed(&key).unwrap();
-        std::fs::write(dir.path().join("ca.crt"), cert.pem()).unwrap();
-        Pki { dir, issuer: rcgen::Issuer::new(params, key) }
-    }
-
-    fn ca(&self) -> String {
-        self.dir.path().join("ca.crt").display().to_string()
-    }
-
-    fn issue(&self, file: &str, cn: &str, server: bool) -> (String, String) {
-        let sans = if server { vec!["localhost".to_owned(), "127.0.0.1".to_owned()] } else { vec![] };
-        let mut params = rcgen::CertificateParams::new(sans).unwrap();
-        params.distinguished_name = rcgen::DistinguishedName::new();
-        params.distinguished_name.push(rcgen::DnType::CommonName, cn);
-        params.extended_key_usages = vec![if server {
-            rcgen::ExtendedKeyUsagePurpose::ServerAuth
-        } else {
-            rcgen::ExtendedKeyUsagePurpose::ClientAuth
-        }];
-        let key = rcgen::KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        let (c, k) = (self.dir.path().join(format!("{file}.crt")), self.dir.path().join(format!("{file}.key")));
-        std::fs::write(&c, cert.pem()).unwrap();
-        std::fs::write(&k, key.serialize_pem()).unwrap();
-        std::fs::set_permissions(&k, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-        (c.display().to_string(), k.display().to_string())
-    }
-}
-
 #[test]
 fn idle_tcp_connections_to_remote_admin_leave_reads_and_admins_their_fds() {
     if !require_root() {
         return;
     }
     let pki = Pki::new("keyhole listeners CA");
-    let (server_crt, server_key) = pki.issue("server", "broker", true);
-    let (admin_crt, admin_key) = pki.issue("admin", "ops", false);
+    let (server_crt, server_key) = pki.issue("server", &[(CN, "broker")], true);
+    let (admin_crt, admin_key) = pki.issue("admin", &[(CN, "ops")], false);
     let port = free_port();
     let (b, _dir) = broker_under_nofile(&format!(
         "[admin]\nlisten = \"127.0.0.1:{port}\"\ntls_cert = \"{server_crt}\"\ntls_key = \"{server_key}\"\n\
@@ -334,8 +265,8 @@ fn a_remote_admin_connection_with_no_call_is_closed_after_the_idle_timeout() {
         return;
     }
     let pki = Pki::new("keyhole idle CA");
-    let (server_crt, server_key) = pki.issue("server", "broker", true);
-    let (admin_crt, admin_key) = pki.issue("admin", "ops", false);
+    let (server_crt, server_key) = pki.issue("server", &[(CN, "broker")], true);
+    let (admin_crt, admin_key) = pki.issue("admin", &[(CN, "ops")], false);
     let port = free_port();
     let b = Broker::start_with(&format!(
         "[limits]\nidle_timeout = \"2s\"\n\

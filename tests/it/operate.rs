@@ -11,10 +11,6 @@ use crate::support::*;
 const NOBODY: u32 = 65534;
 const DAEMON: u32 = 1;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 /// GET /metrics over a TCP address or a unix socket path.
 fn scrape(at: &str) -> String {
     let req = b"GET /metrics HTTP/1.1\r\nHost: keyhole\r\nConnection: close\r\n\r\n";
@@ -408,52 +404,6 @@ fn completions_and_the_man_page_are_generated() {
     }
     assert_eq!(std::fs::read_to_string(dir.path().join("keyhole.1")).unwrap(), man, "the same main page");
     assert!(!dir.path().join("keyhole-help.1").exists());
-}
-
-/// A CA (rcgen), and certificates it issues.
-struct Pki {
-    dir: tempfile::TempDir,
-    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
-}
-
-impl Pki {
-    fn new(name: &str) -> Pki {
-        let dir = tempfile::tempdir().unwrap();
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params.distinguished_name.push(rcgen::DnType::CommonName, name);
-        params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::DigitalSignature];
-        let key = rcgen::KeyPair::generate().unwrap();
-        let cert = params.self_signed(&key).unwrap();
-        std::fs::write(dir.path().join("ca.crt"), cert.pem()).unwrap();
-        Pki { dir, issuer: rcgen::Issuer::new(params, key) }
-    }
-
-    fn ca(&self) -> String {
-        self.dir.path().join("ca.crt").display().to_string()
-    }
-
-    /// Issue a certificate; returns (cert, key) paths.
-    fn issue(&self, file: &str, subject: &[(rcgen::DnType, &str)], server: bool) -> (String, String) {
-        let sans = if server { vec!["localhost".to_owned(), "127.0.0.1".to_owned()] } else { vec![] };
-        let mut params = rcgen::CertificateParams::new(sans).unwrap();
-        params.distinguished_name = rcgen::DistinguishedName::new();
-        for (t, v) in subject {
-            params.distinguished_name.push(t.clone(), *v);
-        }
-        params.extended_key_usages = vec![if server {
-            rcgen::ExtendedKeyUsagePurpose::ServerAuth
-        } else {
-            rcgen::ExtendedKeyUsagePurpose::ClientAuth
-        }];
-        let key = rcgen::KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        let (c, k) = (self.dir.path().join(format!("{file}.crt")), self.dir.path().join(format!("{file}.key")));
-        std::fs::write(&c, cert.pem()).unwrap();
-        std::fs::write(&k, key.serialize_pem()).unwrap();
-        std::fs::set_permissions(&k, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-        (c.display().to_string(), k.display().to_string())
-    }
 }
 
 #[test]

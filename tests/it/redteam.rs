@@ -17,20 +17,6 @@ const RT_NOBODY: u32 = 65534;
 /// A host user granted a file in these tests.
 const RT_READER: u32 = 4343;
 
-/// The broker's open file descriptors.
-fn rt_fds(pid: i32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
-}
-
-/// `keyhole` started under `prlimit --nofile=SOFT:HARD`.
-fn rt_broker_under_nofile(limits: &str) -> (Broker, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let wrapper = dir.path().join("keyhole-nofile");
-    std::fs::write(&wrapper, format!("#!/bin/sh\nexec prlimit --nofile={limits} {BIN} \"$@\"\n")).unwrap();
-    std::fs::set_permissions(&wrapper, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    (Broker::start_from(&wrapper, &[]), dir)
-}
-
 /// `n` threads, each a task of its own, each opening `file` once and
 /// exiting (at most 64 alive at once); prints how many opens succeeded.
 const RT_OPENERS: &str = r#"
@@ -85,18 +71,18 @@ fn redteam_a_burst_of_5000_short_lived_openers_leaves_the_brokers_fds() {
     if !require_root() {
         return;
     }
-    let (b, _wrapper) = rt_broker_under_nofile("1024:1024");
+    let (b, _wrapper) = broker_under_prlimit("1024:1024");
     b.put("rt/pw", b"burst-granted-7d1e");
     b.ok(&["workload", "add", "reader", "--selector", &format!("unix:uid:{RT_READER}")]);
     b.ok(&["grant", "rt/pw", "--to", "reader", "--mode", "0400", "--uid", &RT_READER.to_string()]);
     let file = b.mount("reader").join("pw");
     assert_eq!(rt_cat_as(RT_READER, &file).stdout, b"burst-granted-7d1e");
     let pid = b.pid();
-    let before = rt_fds(pid);
+    let before = fd_count(pid);
     // Granted callers and denied strangers, 2,500 tasks each.
     let granted = rt_openers(RT_READER, &file, 2500);
     let denied = rt_openers(RT_NOBODY, &file, 2500);
-    let during = rt_fds(pid);
+    let during = fd_count(pid);
     eprintln!(
         "broker fds: {before} before, {during} after 5000 openers ({granted} granted reads, {denied} stranger reads)"
     );
@@ -106,40 +92,11 @@ fn redteam_a_burst_of_5000_short_lived_openers_leaves_the_brokers_fds() {
     std::thread::sleep(Duration::from_millis(1500));
     let o = rt_cat_as(RT_READER, &file);
     assert_eq!(o.stdout, b"burst-granted-7d1e", "granted read after the burst: {}", stderr(&o));
-    let after = rt_fds(pid);
+    let after = fd_count(pid);
     eprintln!("broker fds after a later read: {after}");
     assert!(after <= before + 16, "the broker holds {after} fds, {before} before the burst");
     assert!(during <= before + 200, "the broker held {during} fds right after the burst ({before} before)");
 }
-
-/// Open up to `n` connections to `socket` with the HTTP/2 preface, wait,
-/// and report how many the broker kept open.
-const RT_HOLD: &str = r#"
-import socket, sys, time
-path, n = sys.argv[1], int(sys.argv[2])
-socks = []
-for i in range(n):
-    s = socket.socket(socket.AF_UNIX)
-    try:
-        s.connect(path)
-        s.send(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
-    except OSError:
-        pass
-    socks.append(s)
-time.sleep(1.5)
-def is_open(s):
-    s.setblocking(False)
-    try:
-        while s.recv(65536):
-            pass
-        return False
-    except BlockingIOError:
-        return True
-    except OSError:
-        return False
-print(sum(is_open(s) for s in socks), flush=True)
-sys.stdin.read()
-"#;
 
 /// Finding 4: the per-caller connection key held the caller's cgroup line,
 /// and a user with a delegated cgroup picks its own. One uid in 8 cgroups
@@ -166,20 +123,20 @@ fn redteam_one_uid_in_8_delegated_cgroups_gets_one_connection_share() {
     for i in 0..8 {
         let (t, ws) = (top.display(), ws.display());
         let inner =
-            format!("mkdir -p {t}/c{i} && echo $$ > {t}/c{i}/cgroup.procs && exec python3 -c \"$RT_HOLD\" {ws} 40");
+            format!("mkdir -p {t}/c{i} && echo $$ > {t}/c{i}/cgroup.procs && exec python3 -c \"$HOLD_UNIX\" {ws} 40 0");
         let outer = format!(
             "echo $$ > {t}/cgroup.procs && exec setpriv --reuid {RT_NOBODY} --regid {RT_NOBODY} --clear-groups sh -c '{inner}'"
         );
         let mut child = Command::new("sh")
             .args(["-c", &outer])
-            .env("RT_HOLD", RT_HOLD)
+            .env("HOLD_UNIX", HOLD_UNIX)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
             .unwrap();
         let mut line = String::new();
         std::io::BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
-        let n: usize = line.trim().parse().unwrap_or_else(|_| panic!("holder {i}: {line:?}"));
+        let (_, n) = parse_flood(&line);
         eprintln!("cgroup c{i}: {n} connections kept");
         kept += n;
         holders.push(child);

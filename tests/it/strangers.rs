@@ -179,7 +179,7 @@ sys.stdin.read()
 "#;
 
 struct H2Flood {
-    child: std::process::Child,
+    _script: Script,
     stats: serde_json::Value,
 }
 
@@ -195,35 +195,19 @@ impl H2Flood {
         secs: f64,
         mode: &str,
     ) -> Self {
-        let mut child = Command::new("python3")
-            .args([
-                "-c",
-                H2FLOOD,
-                socket.to_str().unwrap(),
-                &conns.to_string(),
-                &streams.to_string(),
-                &size.to_string(),
-                method,
-                &secs.to_string(),
-                mode,
-            ])
-            .uid(uid)
-            .gid(uid)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("python3");
-        let mut line = String::new();
-        std::io::BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
+        let args = [
+            socket.to_str().unwrap(),
+            &conns.to_string(),
+            &streams.to_string(),
+            &size.to_string(),
+            method,
+            &secs.to_string(),
+            mode,
+        ];
+        let mut script = Script::start(uid, H2FLOOD, &args);
+        let line = script.line();
         let stats = serde_json::from_str(&line).unwrap_or_else(|e| panic!("flood output {line:?}: {e}"));
-        H2Flood { child, stats }
-    }
-}
-
-impl Drop for H2Flood {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        H2Flood { _script: script, stats }
     }
 }
 
@@ -231,10 +215,6 @@ fn kib(pid: i32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let line = status.lines().find_map(|l| l.strip_prefix(field)).unwrap_or_else(|| panic!("{field} in {status}"));
     line.trim().trim_end_matches(" kB").parse().unwrap()
-}
-
-fn fds(pid: i32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
 }
 
 /// A host user the test can read a granted file as.
@@ -265,7 +245,7 @@ fn a_stream_flood_by_strangers_stays_within_the_memory_budget() {
     assert!(cli_as(&b.workload_socket(), &["whoami"], None, Some(NOBODY)).status.success());
     assert_eq!(read_as_reader(&file).stdout, b"granted-during-flood-6d1e");
     let before = kib(pid, "VmRSS:");
-    let fds_before = fds(pid);
+    let fds_before = fd_count(pid);
     // The attack as found: 4 connections of 64 streams of ~1 MiB each, to
     // the Admin service on the world-writable workload socket.
     let ws = b.workload_socket();
@@ -303,7 +283,7 @@ fn a_stream_flood_by_strangers_stays_within_the_memory_budget() {
         eprintln!("flood: {}", f.stats);
     }
     let peak = kib(pid, "VmHWM:");
-    eprintln!("RSS before {before} KiB, peak {peak} KiB; fds before {fds_before}, now {}", fds(pid));
+    eprintln!("RSS before {before} KiB, peak {peak} KiB; fds before {fds_before}, now {}", fd_count(pid));
     assert_eq!(read_as_reader(&file).stdout, b"granted-during-flood-6d1e");
     assert_eq!(b.get("app/pw"), b"granted-during-flood-6d1e");
     let me = json(&cli_as(&ws, &["whoami", "--json"], None, None).stdout);
@@ -333,52 +313,29 @@ print(len(socks), refused, flush=True)
 sys.stdin.read()
 "#;
 
-struct Idle(std::process::Child);
+/// [`IDLE`] run as a user: the connections held until it drops.
+struct Idle {
+    _script: Script,
+}
 
 impl Idle {
     fn hold(uid: u32, path: &Path, n: usize) -> Idle {
-        let mut child = Command::new("python3")
-            .args(["-c", IDLE, path.to_str().unwrap(), &n.to_string()])
-            .uid(uid)
-            .gid(uid)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("python3");
-        let mut line = String::new();
-        std::io::BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
-        eprintln!("uid {uid}: {line}");
-        Idle(child)
+        let mut script = Script::start(uid, IDLE, &[path.to_str().unwrap(), &n.to_string()]);
+        eprintln!("uid {uid}: {}", script.line());
+        Idle { _script: script }
     }
-}
-
-impl Drop for Idle {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// `keyhole` started under `prlimit --nofile=SOFT:HARD`, as systemd's
-/// default soft limit of 1024 would have it.
-fn broker_under_nofile(limits: &str) -> (Broker, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let wrapper = dir.path().join("keyhole-nofile");
-    std::fs::write(&wrapper, format!("#!/bin/sh\nexec prlimit --nofile={limits} {BIN} \"$@\"\n")).unwrap();
-    std::fs::set_permissions(&wrapper, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    (Broker::start_from(&wrapper, &[]), dir)
 }
 
 fn idle_connections_leave_fds_for_a_granted_open(limits: &str) {
-    let (b, _wrapper) = broker_under_nofile(limits);
+    let (b, _wrapper) = broker_under_prlimit(limits);
     let file = grant_to_reader(&b, b"granted-under-fd-flood-21c9");
     assert_eq!(read_as_reader(&file).stdout, b"granted-under-fd-flood-21c9");
     let pid = b.pid();
-    let fds_before = fds(pid);
+    let fds_before = fd_count(pid);
     let ws = b.workload_socket();
     let held: Vec<Idle> = (3101..3105).map(|uid| Idle::hold(uid, &ws, 128)).collect();
     std::thread::sleep(Duration::from_millis(500));
-    eprintln!("broker fds: {fds_before} before, {} with the idle connections held", fds(pid));
+    eprintln!("broker fds: {fds_before} before, {} with the idle connections held", fd_count(pid));
     for _ in 0..20 {
         let o = read_as_reader(&file);
         assert_eq!(o.stdout, b"granted-under-fd-flood-21c9", "granted open failed: {}", stderr(&o));

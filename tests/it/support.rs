@@ -639,3 +639,177 @@ pub fn serve_must_fail(toml: &str) -> String {
     assert_eq!(o.status.code(), Some(1), "serve did not fail as it should: {err}");
     err
 }
+
+/// A free TCP port on 127.0.0.1 (free when asked).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// How many file descriptors process `pid` holds (0 once it is gone).
+pub fn fd_count(pid: i32) -> usize {
+    fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+}
+
+/// A `python3 -c` script run as host user `uid` (its uid and gid), its
+/// stdin and stdout piped; killed when dropped (closing its stdin ends
+/// the scripts that wait on it).
+pub struct Script {
+    child: Child,
+    out: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl Script {
+    pub fn start(uid: u32, code: &str, args: &[&str]) -> Script {
+        let mut child = Command::new("python3")
+            .arg("-c")
+            .arg(code)
+            .args(args)
+            .uid(uid)
+            .gid(uid)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3");
+        let out = std::io::BufReader::new(child.stdout.take().unwrap());
+        Script { child, out }
+    }
+
+    /// Its next line of output.
+    pub fn line(&mut self) -> String {
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut self.out, &mut line).unwrap();
+        line
+    }
+
+    /// Write `bytes` to its stdin.
+    pub fn send(&mut self, bytes: &[u8]) {
+        self.child.stdin.as_mut().unwrap().write_all(bytes).unwrap();
+    }
+}
+
+impl Drop for Script {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Open up to `n` connections to the Unix socket `path` (garbage on the
+/// first `garbage`, the HTTP/2 preface on the others), wait, print how
+/// many were tried and how many the broker kept open, and hold them until
+/// stdin closes. Arguments: path, n, garbage.
+pub const HOLD_UNIX: &str = r#"
+import resource, socket, sys, time
+path, n, garbage = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+n = min(n, hard - 64)
+socks = []
+for i in range(n):
+    s = socket.socket(socket.AF_UNIX)
+    try:
+        s.connect(path)
+        if i < garbage:
+            s.send(b"\x00\xffnot http/2\r\n" * 64)
+        else:
+            # An idle HTTP/2 client: without the preface it is closed in 5 s.
+            s.send(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+    except OSError:
+        pass  # refused: already closed
+    socks.append(s)
+time.sleep(1.5)
+def is_open(s):
+    s.setblocking(False)
+    try:
+        while s.recv(65536):
+            pass  # what the broker said before closing (a GOAWAY)
+        return False
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+open_ = sum(is_open(s) for s in socks)
+print(n, open_, flush=True)
+sys.stdin.read()
+"#;
+
+/// [`HOLD_UNIX`] run as `uid`: the connections held until it drops.
+pub struct Flood {
+    _script: Script,
+    pub tried: usize,
+    pub kept: usize,
+}
+
+impl Flood {
+    pub fn start(uid: u32, socket: &Path, n: usize, garbage: usize) -> Flood {
+        let mut script =
+            Script::start(uid, HOLD_UNIX, &[socket.to_str().unwrap(), &n.to_string(), &garbage.to_string()]);
+        let (tried, kept) = parse_flood(&script.line());
+        Flood { _script: script, tried, kept }
+    }
+}
+
+/// The two numbers [`HOLD_UNIX`] prints: tried, kept.
+pub fn parse_flood(line: &str) -> (usize, usize) {
+    let mut f = line.split_whitespace().map(|w| w.parse::<usize>().unwrap_or_else(|e| panic!("{e}: {line:?}")));
+    (f.next().unwrap_or_else(|| panic!("flood output {line:?}")), f.next().unwrap())
+}
+
+/// A CA (rcgen) in a temporary directory, and certificates it issues.
+pub struct Pki {
+    dir: tempfile::TempDir,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+impl Pki {
+    pub fn new(name: &str) -> Pki {
+        let dir = tempfile::tempdir().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.distinguished_name.push(rcgen::DnType::CommonName, name);
+        params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::DigitalSignature];
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        fs::write(dir.path().join("ca.crt"), cert.pem()).unwrap();
+        Pki { dir, issuer: rcgen::Issuer::new(params, key) }
+    }
+
+    /// The CA certificate's path.
+    pub fn ca(&self) -> String {
+        self.dir.path().join("ca.crt").display().to_string()
+    }
+
+    /// Issue a certificate (a server's for localhost and 127.0.0.1, or a
+    /// client's) for `subject`; returns (cert, key) paths.
+    pub fn issue(&self, file: &str, subject: &[(rcgen::DnType, &str)], server: bool) -> (String, String) {
+        let sans = if server { vec!["localhost".to_owned(), "127.0.0.1".to_owned()] } else { vec![] };
+        let mut params = rcgen::CertificateParams::new(sans).unwrap();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        for (t, v) in subject {
+            params.distinguished_name.push(t.clone(), *v);
+        }
+        params.extended_key_usages = vec![if server {
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth
+        } else {
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth
+        }];
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        let (c, k) = (self.dir.path().join(format!("{file}.crt")), self.dir.path().join(format!("{file}.key")));
+        fs::write(&c, cert.pem()).unwrap();
+        fs::write(&k, key.serialize_pem()).unwrap();
+        fs::set_permissions(&k, fs::Permissions::from_mode(0o600)).unwrap();
+        (c.display().to_string(), k.display().to_string())
+    }
+}
+
+/// `keyhole serve` under `prlimit --nofile=SOFT:HARD` (`limits`), as
+/// systemd's default soft limit of 1024 would have it; the directory holds
+/// the wrapper.
+pub fn broker_under_prlimit(limits: &str) -> (Broker, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let wrapper = dir.path().join("keyhole-nofile");
+    fs::write(&wrapper, format!("#!/bin/sh\nexec prlimit --nofile={limits} {BIN} \"$@\"\n")).unwrap();
+    fs::set_permissions(&wrapper, fs::Permissions::from_mode(0o755)).unwrap();
+    (Broker::start_from(&wrapper, &[]), dir)
+}
