@@ -3,7 +3,6 @@
 //! them is summarised per caller, so it can neither fill the disk nor push
 //! older audit files out of a rotated log.
 
-use std::io::{Read, Write};
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -13,26 +12,6 @@ use crate::support::*;
 /// The uid a workload is for, and one that it is not.
 const OWNER: u32 = 4242;
 const INTRUDER: u32 = 4243;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn scrape(addr: &str) -> String {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: keyhole\r\nConnection: close\r\n\r\n").unwrap();
-    let mut m = String::new();
-    s.read_to_string(&mut m).unwrap();
-    m
-}
-
-fn sample(text: &str, series: &str) -> f64 {
-    text.lines()
-        .filter_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .map(|v| v.parse().unwrap())
-        .next()
-        .unwrap_or(0.0)
-}
 
 /// Opens `path` for `secs` seconds from child processes it forks (25
 /// opens each, so every few opens come from a new pid), and prints how

@@ -1,7 +1,6 @@
 //! Operating keyhole: metrics, the alert hook, `doctor`, completions and
 //! the man page, remote admin over mutual TLS, JSON logs, tables.
 
-use std::io::{Read, Write};
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -10,33 +9,6 @@ use crate::support::*;
 
 const NOBODY: u32 = 65534;
 const DAEMON: u32 = 1;
-
-/// GET /metrics over a TCP address or a unix socket path.
-fn scrape(at: &str) -> String {
-    let req = b"GET /metrics HTTP/1.1\r\nHost: keyhole\r\nConnection: close\r\n\r\n";
-    let mut resp = String::new();
-    if at.starts_with('/') {
-        let mut s = std::os::unix::net::UnixStream::connect(at).unwrap();
-        s.write_all(req).unwrap();
-        s.read_to_string(&mut resp).unwrap();
-    } else {
-        let mut s = std::net::TcpStream::connect(at).unwrap();
-        s.write_all(req).unwrap();
-        s.read_to_string(&mut resp).unwrap();
-    }
-    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
-    assert!(resp.contains("application/openmetrics-text"), "{resp}");
-    resp
-}
-
-/// The value of one sample (`name{labels}` exactly as exported), 0 if absent.
-fn sample(text: &str, series: &str) -> f64 {
-    text.lines()
-        .filter_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .map(|v| v.parse::<f64>().unwrap())
-        .next()
-        .unwrap_or(0.0)
-}
 
 /// A workload `web` for uid NOBODY with `db/pw` granted to it. The file
 /// mode lets anyone past the kernel's check, so the broker's check is

@@ -2,7 +2,7 @@
 //! and the real CLI to talk to it.
 
 use std::fs;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -812,4 +812,31 @@ pub fn broker_under_prlimit(limits: &str) -> (Broker, tempfile::TempDir) {
     fs::write(&wrapper, format!("#!/bin/sh\nexec prlimit --nofile={limits} {BIN} \"$@\"\n")).unwrap();
     fs::set_permissions(&wrapper, fs::Permissions::from_mode(0o755)).unwrap();
     (Broker::start_from(&wrapper, &[]), dir)
+}
+
+/// GET /metrics over a TCP address or a unix socket path.
+pub fn scrape(at: &str) -> String {
+    let req = b"GET /metrics HTTP/1.1\r\nHost: keyhole\r\nConnection: close\r\n\r\n";
+    let mut resp = String::new();
+    if at.starts_with('/') {
+        let mut s = std::os::unix::net::UnixStream::connect(at).unwrap();
+        s.write_all(req).unwrap();
+        s.read_to_string(&mut resp).unwrap();
+    } else {
+        let mut s = std::net::TcpStream::connect(at).unwrap();
+        s.write_all(req).unwrap();
+        s.read_to_string(&mut resp).unwrap();
+    }
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert!(resp.contains("application/openmetrics-text"), "{resp}");
+    resp
+}
+
+/// The value of one sample (`name{labels}` exactly as exported), 0 if absent.
+pub fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .filter_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .map(|v| v.parse::<f64>().unwrap())
+        .next()
+        .unwrap_or(0.0)
 }
