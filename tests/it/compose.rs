@@ -6,7 +6,7 @@ use std::process::{Command, Output, Stdio};
 use crate::support::*;
 
 const COMPOSE_FILE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/docker-compose.yml");
-const BROKER_IMAGE: &str = "keyhole:0.1.0";
+const BROKER_IMAGE: &str = "keyhole:0.2.0";
 
 /// `docker compose` v2 and the broker image (scripts/image.sh) are needed.
 fn require_compose() -> bool {
@@ -20,7 +20,7 @@ fn require_compose() -> bool {
         // locally imported busybox stands in for it.
         return docker(&["tag", IMAGE, "busybox:1.36.1"]).status.success();
     }
-    let missing = if compose { "the keyhole:0.1.0 image (scripts/image.sh)" } else { "docker compose v2" };
+    let missing = if compose { "the keyhole:0.2.0 image (scripts/image.sh)" } else { "docker compose v2" };
     assert!(std::env::var_os("CI").is_none(), "CI=true but {missing} is missing");
     eprintln!("SKIPPED: {missing} is missing (scripts/test.sh provides it)");
     false
