@@ -364,7 +364,7 @@ impl Attestor {
         }
         let file = std::fs::read_to_string(self.proc_root.join(tid.to_string()).join("cgroup")).ok()?;
         let claim = cgroup::claim(&file).ok()??;
-        if claim.delegated(&self.cgroups, cgroup::dir_owner).is_some() {
+        if claim.delegated(&self.cgroups, cgroup::dir_facts).is_some() {
             return None;
         }
         d.pending(&claim.id)
@@ -384,7 +384,7 @@ impl Attestor {
     fn claim(&self, pid: i32, cgroup_file: &str) -> Result<Option<String>, IdentityError> {
         let claim = cgroup::claim(cgroup_file).map_err(|source| IdentityError::Cgroup { pid, source })?;
         let Some(claim) = claim else { return Ok(None) };
-        if let Some(why) = claim.delegated(&self.cgroups, cgroup::dir_owner) {
+        if let Some(why) = claim.delegated(&self.cgroups, cgroup::dir_facts) {
             if let Some(held) = self.warn.allow() {
                 tracing::warn!(
                     pid,
