@@ -121,15 +121,42 @@ const DENY_CALLERS: usize = 4096;
 const DENY_FILES: usize = 32;
 /// The key of the overflow's summaries.
 pub const DENY_OVERFLOW: &str = "overflow";
+/// Most lines (in full and summaries) written for all callers together in
+/// any second; beyond them, denials and summaries are summed up in the
+/// overflow's summary (at most one more line a second), so no number of
+/// callers floods the audit log.
+pub const DENY_LINES_PER_SECOND: usize = 50;
+
+/// The times of the lines written in the last second, at most
+/// [`DENY_LINES_PER_SECOND`] of them: a sliding window, so no second
+/// (aligned or not) holds more.
+#[derive(Debug, Default)]
+struct LineCap(std::collections::VecDeque<Instant>);
+
+impl LineCap {
+    fn take(&mut self, now: Instant) -> bool {
+        while self.0.front().is_some_and(|t| now.saturating_duration_since(*t) >= Duration::from_secs(1)) {
+            self.0.pop_front();
+        }
+        if self.0.len() >= DENY_LINES_PER_SECOND {
+            return false;
+        }
+        self.0.push_back(now);
+        true
+    }
+}
 
 /// Whose denials are limited together: a container, a remote admin
-/// client, or else a host uid. Never a pid: a fork must not start afresh.
+/// client, the owner of a user namespace (every host uid mapped in it is
+/// that one user's), or else a host uid. Never a pid: a fork must not
+/// start afresh.
 pub fn deny_key(id: &crate::identity::Identity) -> String {
-    match (&id.container_id, &id.remote) {
-        (Some(c), _) => format!("container:{c}"),
+    match (&id.container_id, &id.remote, id.userns_owner) {
+        (Some(c), _, _) => format!("container:{c}"),
         // "<subject> from <address:port>": the subject, not the connection.
-        (None, Some(r)) => format!("remote:{}", r.rsplit_once(" from ").map_or(r.as_str(), |(s, _)| s)),
-        (None, None) => format!("uid:{}", id.uid),
+        (None, Some(r), _) => format!("remote:{}", r.rsplit_once(" from ").map_or(r.as_str(), |(s, _)| s)),
+        (None, None, Some(owner)) => format!("userns:{owner}"),
+        (None, None, None) => format!("uid:{}", id.uid),
     }
 }
 
@@ -157,6 +184,24 @@ impl Held {
         self.first.get_or_insert(wall);
         self.last = Some(wall);
         self.caller = Some(caller.clone());
+    }
+
+    /// Add a caller's summary that cannot be written now.
+    fn merge(&mut self, s: DenySummary) {
+        self.count += s.count;
+        self.unnamed += s.unnamed;
+        for f in s.files {
+            if self.files.contains(&f) || self.files.len() < DENY_FILES {
+                self.files.insert(f);
+            } else {
+                self.unnamed += 1;
+            }
+        }
+        self.first = Some(self.first.map_or(s.first, |t| t.min(s.first)));
+        self.last = Some(self.last.map_or(s.last, |t| t.max(s.last)));
+        if s.caller.is_some() {
+            self.caller = s.caller;
+        }
     }
 
     fn take(&mut self, key: &str) -> Option<DenySummary> {
@@ -208,6 +253,30 @@ struct DenyState {
     callers: HashMap<String, CallerDenials>,
     overflow: Held,
     overflow_summary: Option<Instant>,
+    /// The lines written for callers lately (not the overflow's).
+    lines: LineCap,
+}
+
+impl DenyState {
+    /// A caller's summary `s` if the cap allows a line now; else it is
+    /// added to the overflow, whose summary is returned if due.
+    fn capped(&mut self, now: Instant, s: Option<DenySummary>) -> Option<DenySummary> {
+        let s = s?;
+        if self.lines.take(now) {
+            return Some(s);
+        }
+        self.overflow.merge(s);
+        self.overflow_due(now)
+    }
+
+    fn overflow_due(&mut self, now: Instant) -> Option<DenySummary> {
+        let last = self.overflow_summary.get_or_insert(now);
+        if now.saturating_duration_since(*last) >= DENY_PERIOD {
+            self.overflow_summary = Some(now);
+            return self.overflow.take(DENY_OVERFLOW);
+        }
+        None
+    }
 }
 
 /// Decides which denials the audit log writes in full and sums up the
@@ -215,7 +284,9 @@ struct DenyState {
 /// `DENY_BURST`, then one a second), every other one held and summed up
 /// at most once per [`DENY_PERIOD`]. Memory is bounded: at most
 /// `DENY_CALLERS` callers of `DENY_FILES` files each; beyond that,
-/// denials are held together under [`DENY_OVERFLOW`].
+/// denials are held together under [`DENY_OVERFLOW`]. Lines for all
+/// callers together are capped at [`DENY_LINES_PER_SECOND`] in any
+/// second; what the cap holds back is summed up with the overflow.
 #[derive(Debug, Default)]
 pub struct DenyLimiter {
     state: Mutex<DenyState>,
@@ -238,13 +309,9 @@ impl DenyLimiter {
         }
         if st.callers.len() >= DENY_CALLERS && !st.callers.contains_key(key) {
             st.overflow.add(wall, file, caller);
-            let last = st.overflow_summary.get_or_insert(now);
-            if now.saturating_duration_since(*last) >= DENY_PERIOD {
-                st.overflow_summary = Some(now);
-                return (false, st.overflow.take(DENY_OVERFLOW));
-            }
-            return (false, None);
+            return (false, st.overflow_due(now));
         }
+        let st = &mut *st;
         let c = st.callers.entry(key.to_owned()).or_insert_with(|| CallerDenials {
             seen: Default::default(),
             full: Bucket::new(DENY_BURST, DENY_PERIOD * DENY_BURST, now),
@@ -253,14 +320,17 @@ impl DenyLimiter {
             last_deny: now,
         });
         c.last_deny = now;
-        if !c.seen.contains(file) && c.seen.len() < DENY_FILES && c.full.take(now) {
+        // Held by the cap, a new file's denial is held (and summed up) like
+        // any other.
+        if !c.seen.contains(file) && c.seen.len() < DENY_FILES && c.full.take(now) && st.lines.take(now) {
             c.seen.insert(file.to_owned());
             return (true, None);
         }
         c.held.add(wall, file, caller);
         if now.saturating_duration_since(c.last_summary) >= DENY_PERIOD {
             c.last_summary = now;
-            return (false, c.held.take(key));
+            let s = c.held.take(key);
+            return (false, st.capped(now, s));
         }
         (false, None)
     }
@@ -269,12 +339,17 @@ impl DenyLimiter {
     /// quiet long enough are forgotten.
     pub fn due(&self, now: Instant, all: bool) -> Vec<DenySummary> {
         let mut st = self.state.lock().expect("deny lock");
+        let st = &mut *st;
         let mut out = Vec::new();
         for (key, c) in &mut st.callers {
             if all || now.saturating_duration_since(c.last_summary) >= DENY_PERIOD {
                 if let Some(s) = c.held.take(key) {
                     c.last_summary = now;
-                    out.push(s);
+                    if st.lines.take(now) {
+                        out.push(s);
+                    } else {
+                        st.overflow.merge(s);
+                    }
                 }
             }
         }
@@ -287,6 +362,11 @@ impl DenyLimiter {
         }
         forget_idle(&mut st.callers, now);
         out
+    }
+
+    #[cfg(test)]
+    fn lines_now(&self) -> usize {
+        self.state.lock().expect("deny lock").lines.0.len()
     }
 }
 
@@ -373,25 +453,51 @@ mod deny_tests {
     fn memory_is_bounded_and_the_overflow_is_summed_up_too() {
         let l = DenyLimiter::default();
         let (t0, w, who) = (Instant::now(), SystemTime::now(), Identity::default());
-        for i in 0..DENY_CALLERS {
-            assert!(l.deny(t0, w, &format!("uid:{i}"), "w:a", &who).0);
-        }
+        let full = (0..DENY_CALLERS).filter(|i| l.deny(t0, w, &format!("uid:{i}"), "w:a", &who).0).count();
+        assert_eq!(full, DENY_LINES_PER_SECOND, "the cap of lines a second, whatever the callers");
         for f in 0..100 {
-            l.deny(t0, w, "uid:0", &format!("w:{f}"), &who);
+            assert!(!l.deny(t0, w, "uid:0", &format!("w:{f}"), &who).0, "the cap is spent");
         }
         let (full, s) = l.deny(t0, w, "uid:x", "w:a", &who);
         assert!(!full && s.is_none());
         assert!(!l.deny(t0, w, "uid:y", "w:a", &who).0);
         let s = l.due(at(t0, 1000), false);
         let over = s.iter().find(|s| s.key == DENY_OVERFLOW).unwrap();
-        assert_eq!((over.count, over.caller.is_some()), (2, true));
-        let zero = s.iter().find(|s| s.key == "uid:0").unwrap();
-        // Three more new files were written in full (the burst of 4).
-        assert_eq!((zero.count, zero.files.len() as u64 + zero.unnamed), (97, 97));
-        assert!(zero.files.len() <= DENY_FILES);
+        assert!(over.caller.is_some() && over.count >= 2);
+        assert_eq!(s.len(), DENY_LINES_PER_SECOND + 1, "the cap's worth of callers' summaries, and the overflow's");
+        let held = (DENY_CALLERS - DENY_LINES_PER_SECOND + 100 + 2) as u64;
+        assert_eq!(s.iter().map(|s| s.count).sum::<u64>(), held, "every denial held is summed up");
+        assert!(s.iter().all(|s| s.files.len() <= DENY_FILES));
         let st = l.state.lock().unwrap();
         assert!(st.callers.len() <= DENY_CALLERS);
         assert!(st.callers.values().all(|c| c.seen.len() <= DENY_FILES));
+    }
+
+    #[test]
+    fn no_number_of_callers_writes_more_than_the_cap_a_second_and_counts_add_up() {
+        let l = DenyLimiter::default();
+        let (t0, w, who) = (Instant::now(), SystemTime::now(), Identity::default());
+        let (mut lines, mut counted, mut denied) = (0u64, 0u64, 0u64);
+        let mut per_second = std::collections::BTreeMap::<u64, u64>::new();
+        let mut write = |t: u64, full: bool, s: Vec<DenySummary>, counted: &mut u64| {
+            let n = u64::from(full) + s.iter().filter(|s| s.key != DENY_OVERFLOW).count() as u64;
+            *per_second.entry(t / 1000).or_default() += n;
+            lines += n;
+            *counted += u64::from(full) + s.iter().map(|s| s.count).sum::<u64>();
+        };
+        // 1,000 callers, each denied every 100 ms for 5 s.
+        for ms in (0..5000).step_by(100) {
+            for i in 0..1000 {
+                let (full, s) = l.deny(at(t0, ms), w, &format!("uid:{i}"), "w:a", &who);
+                denied += 1;
+                write(ms, full, s.into_iter().collect(), &mut counted);
+            }
+            write(ms, false, l.due(at(t0, ms + 50), false), &mut counted);
+        }
+        write(9000, false, l.due(at(t0, 9000), true), &mut counted);
+        assert_eq!(counted, denied, "every denial is accounted for");
+        assert!(per_second.values().all(|n| *n <= DENY_LINES_PER_SECOND as u64), "{per_second:?}");
+        assert!(lines > 0 && l.lines_now() <= DENY_LINES_PER_SECOND);
     }
 
     #[test]
@@ -402,5 +508,9 @@ mod deny_tests {
         assert_eq!(deny_key(&c), "container:abc");
         let r = |a: &str| Identity { remote: Some(format!("CN=x from {a}")), ..Identity::default() };
         assert_eq!(deny_key(&r("10.0.0.1:5000")), deny_key(&r("10.0.0.1:5001")));
+        // Host uids mapped in one user's namespace are that user.
+        let ns = |uid| Identity { uid, userns_owner: Some(4500), ..Identity::default() };
+        assert_eq!(deny_key(&ns(200_000)), "userns:4500");
+        assert_eq!(deny_key(&ns(200_000)), deny_key(&ns(200_019)));
     }
 }

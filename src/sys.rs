@@ -378,6 +378,22 @@ pub fn userns_owner(ns: &std::fs::File) -> io::Result<u32> {
     Ok(uid)
 }
 
+/// The parent of a user namespace (`ioctl(NS_GET_PARENT)` on an open
+/// `/proc/<pid>/ns/user`, or on a namespace this returned), as a new fd.
+/// Fails with `EPERM` once the parent is outside this process's user
+/// namespace (the initial one has none).
+pub fn userns_parent(ns: &std::fs::File) -> io::Result<std::fs::File> {
+    const NS_GET_PARENT: libc::c_ulong = 0xb702; // _IO(0xb7, 0x2)
+    // SAFETY: NS_GET_PARENT takes no argument and returns a new fd (or
+    // -1); `ns` is an open fd for the duration of the call.
+    let fd = unsafe { libc::ioctl(ns.as_raw_fd(), NS_GET_PARENT as _) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a new fd that nothing else owns.
+    Ok(unsafe { std::fs::File::from_raw_fd(fd) })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

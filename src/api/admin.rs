@@ -437,6 +437,8 @@ impl admin_server::Admin for AdminService {
         let reply = self
             .audited_for(id, "grant", Some(g.workload.clone()), Some(path), move |b| {
                 let grant = grant_from_pb(g).map_err(ApiError::from)?;
+                let existing = b.store.grants(Some(&grant.workload))?;
+                crate::policy::check_file_clash(&existing, &grant).map_err(ApiError::from)?;
                 b.store.put_grant(&grant)?;
                 b.prefetch(&grant.target);
                 b.changed();

@@ -58,6 +58,7 @@ pub enum ApiError {
 impl From<ApiError> for Status {
     fn from(e: ApiError) -> Status {
         let code = match &e {
+            ApiError::Policy(crate::policy::PolicyError::FileClash { .. }) => Code::FailedPrecondition,
             ApiError::InvalidArgument(_) | ApiError::Path(_) | ApiError::Policy(_) => Code::InvalidArgument,
             ApiError::PermissionDenied(_) => Code::PermissionDenied,
             ApiError::ResourceExhausted(_) => Code::ResourceExhausted,

@@ -11,6 +11,12 @@
 //! namespace other than the broker's counts only if the file's uid and
 //! gid are both mapped in that namespace (`capable_wrt_inode_uidgid`).
 //!
+//! `access(2)` (without `AT_EACCESS`) checks with the real ids, and the
+//! kernel drops the effective capabilities of a caller whose real uid is
+//! not root in its user namespace (unless `SECBIT_NO_SETUID_FIXUP`,
+//! which the broker cannot see: it fails closed). So for an access
+//! request made with the real ids, only that root's capabilities count.
+//!
 //! A FUSE request carries only the fsuid and fsgid; the groups and
 //! capabilities are read from `/proc/<tid>/status` of the calling task
 //! (blocked in its syscall while we answer), and only when the mode bits
@@ -149,7 +155,20 @@ pub fn read_creds(proc: &Path, tid: i32, uid: u32, gid: u32, ids: Ids) -> Result
     // Only capabilities that could grant need their namespace known.
     let userns =
         if cap_eff & (CAP_DAC_OVERRIDE | CAP_DAC_READ_SEARCH) == 0 { UserNs::Broker } else { user_ns(proc, &task) };
+    // access(2) with the real ids (the request's are the real ones, not
+    // only the fs ones): the kernel cleared CapEff unless the real uid is
+    // root in the caller's user namespace.
+    let real_ids = ids == Ids::RealOrFs && (ruid, rgid) == (uid, gid);
+    let cap_eff = if real_ids && !is_ns_root(uid, &userns) { 0 } else { cap_eff };
     Ok(Creds { uid, gid, groups, cap_eff, userns })
+}
+
+/// Whether host uid `uid` is root in the user namespace `ns`.
+fn is_ns_root(uid: u32, ns: &UserNs) -> bool {
+    match ns {
+        UserNs::Broker => uid == 0,
+        UserNs::Other { uid_map, .. } => uid_map.iter().any(|r| r.inside == 0 && r.outside == uid),
+    }
 }
 
 /// The task's user namespace: the broker's, or another with its maps.
@@ -318,6 +337,33 @@ mod tests {
         let d = fake_proc(&empty, false);
         let c = read_creds(d.path(), 77, 4243, 4300, Ids::RealOrFs).unwrap();
         assert_eq!((c.groups.len(), c.userns), (0, UserNs::Broker), "no capability: its namespace is not read");
+    }
+
+    #[test]
+    fn an_access_check_with_real_ids_counts_only_roots_capabilities() {
+        // uid 4243 with CAP_DAC_OVERRIDE in CapEff (a file capability).
+        let d = fake_proc(STATUS, true);
+        let f = file(1, 1, 0o400);
+        assert!(check_read(d.path(), f, 77, 4243, 4300, Ids::Fs).is_ok(), "an open: CapEff counts");
+        let e = check_read(d.path(), f, 77, 4243, 4300, Ids::RealOrFs).unwrap_err();
+        assert!(e.contains("does not let uid 4243 read"), "{e}");
+        // Root keeps its capabilities for access(2).
+        let root = STATUS.replace("4243", "0").replace("4300", "0");
+        let d = fake_proc(&root, true);
+        assert!(check_read(d.path(), f, 77, 0, 0, Ids::RealOrFs).is_ok());
+        // faccessat(AT_EACCESS): the fs ids, not the real ones; CapEff counts.
+        let eaccess = STATUS.replace("Uid:\t4243\t4243\t4243\t4243", "Uid:\t4243\t5000\t5000\t5000");
+        let d = fake_proc(&eaccess, true);
+        assert!(check_read(d.path(), f, 77, 5000, 4300, Ids::RealOrFs).is_ok());
+        // In another user namespace: its root (host 100000) keeps them.
+        let ns_root = STATUS.replace("4243", "100000");
+        let d = fake_proc(&ns_root, false);
+        let mapped = file(100_001, 100_001, 0o400);
+        assert!(check_read(d.path(), mapped, 77, 100_000, 4300, Ids::RealOrFs).is_ok());
+        let ns_user = STATUS.replace("4243", "100001");
+        let d = fake_proc(&ns_user, false);
+        assert!(check_read(d.path(), file(100_002, 100_002, 0o400), 77, 100_001, 4300, Ids::RealOrFs).is_err());
+        assert!(check_read(d.path(), file(100_002, 100_002, 0o400), 77, 100_001, 4300, Ids::Fs).is_ok());
     }
 
     #[test]

@@ -104,6 +104,12 @@ pub enum Delegated {
     UserService,
     /// A directory on the claiming path belongs to a user, not root.
     Owner { dir: PathBuf, uid: u32 },
+    /// A directory on the claiming path is root's but group- or
+    /// other-writable: anyone may make cgroups in it.
+    Writable { dir: PathBuf, mode: u32 },
+    /// A directory's `cgroup.procs` belongs to a user, who may move
+    /// processes into it (systemd's `Delegate=` hands over these files).
+    ProcsOwner { dir: PathBuf, uid: u32 },
 }
 
 impl std::fmt::Display for Delegated {
@@ -111,6 +117,8 @@ impl std::fmt::Display for Delegated {
         match self {
             Delegated::UserService => write!(f, "it is under a user@.service subtree"),
             Delegated::Owner { dir, uid } => write!(f, "{} belongs to uid {uid}", dir.display()),
+            Delegated::Writable { dir, mode } => write!(f, "{} is writable by others (mode {mode:04o})", dir.display()),
+            Delegated::ProcsOwner { dir, uid } => write!(f, "{}/cgroup.procs belongs to uid {uid}", dir.display()),
         }
     }
 }
@@ -118,10 +126,10 @@ impl std::fmt::Display for Delegated {
 impl Claim {
     /// Whether the claim was made under a delegated subtree, which makes it
     /// worthless: the user who holds the subtree names its directories.
-    /// `owner` gives the owner of a directory, `None` when it cannot be
-    /// seen from here (another cgroup namespace, a container's view): the
+    /// `facts` gives what a stat says of a directory ([`dir_facts`]),
+    /// `None` when it cannot be seen from here (another cgroup namespace, a container's view): the
     /// namespace check against the runtime then decides alone.
-    pub fn delegated(&self, mounts: &CgroupMounts, owner: impl Fn(&Path) -> Option<u32>) -> Option<Delegated> {
+    pub fn delegated(&self, mounts: &CgroupMounts, facts: impl Fn(&Path) -> Option<DirFacts>) -> Option<Delegated> {
         if self.under_user_service {
             return Some(Delegated::UserService);
         }
@@ -130,9 +138,15 @@ impl Claim {
             let mut dir = top;
             for seg in rel.split('/').filter(|s| !s.is_empty()) {
                 dir.push(seg);
-                match owner(&dir) {
-                    Some(0) | None => {}
-                    Some(uid) => return Some(Delegated::Owner { dir, uid }),
+                let Some(f) = facts(&dir) else { continue };
+                if f.uid != 0 {
+                    return Some(Delegated::Owner { dir, uid: f.uid });
+                }
+                if f.mode & 0o022 != 0 {
+                    return Some(Delegated::Writable { dir, mode: f.mode & 0o7777 });
+                }
+                if let Some(uid) = f.procs_uid.filter(|u| *u != 0) {
+                    return Some(Delegated::ProcsOwner { dir, uid });
                 }
             }
         }
@@ -140,9 +154,23 @@ impl Claim {
     }
 }
 
-/// The owner of a directory, if it can be stat'ed.
-pub fn dir_owner(dir: &Path) -> Option<u32> {
-    std::fs::symlink_metadata(dir).ok().map(|m| std::os::unix::fs::MetadataExt::uid(&m))
+/// What decides whether a cgroup directory is root's alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DirFacts {
+    pub uid: u32,
+    /// The directory's mode bits.
+    pub mode: u32,
+    /// The owner of its `cgroup.procs`, if it can be stat'ed.
+    pub procs_uid: Option<u32>,
+}
+
+/// The owner and mode of a directory and the owner of its
+/// `cgroup.procs`, if the directory can be stat'ed.
+pub fn dir_facts(dir: &Path) -> Option<DirFacts> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::symlink_metadata(dir).ok()?;
+    let procs_uid = std::fs::symlink_metadata(dir.join("cgroup.procs")).ok().map(|p| p.uid());
+    Some(DirFacts { uid: m.uid(), mode: m.mode(), procs_uid })
 }
 
 /// One cgroup hierarchy mounted in the broker's view.
@@ -299,8 +327,30 @@ mod tests {
     }
 
     /// Directories owned by someone other than root, as a stat would say.
-    fn owners(not_root: &'static [(&'static str, u32)]) -> impl Fn(&Path) -> Option<u32> {
-        move |p| Some(not_root.iter().find(|(d, _)| Path::new(d) == p).map_or(0, |(_, u)| *u))
+    fn owners(not_root: &'static [(&'static str, u32)]) -> impl Fn(&Path) -> Option<DirFacts> {
+        move |p| Some(root_dir(not_root.iter().find(|(d, _)| Path::new(d) == p).map_or(0, |(_, u)| *u)))
+    }
+
+    /// A directory owned by `uid`, mode 0755, its cgroup.procs root's.
+    fn root_dir(uid: u32) -> DirFacts {
+        DirFacts { uid, mode: 0o40755, procs_uid: Some(0) }
+    }
+
+    #[test]
+    fn a_root_directory_others_may_write_or_whose_procs_a_user_owns_is_delegated() {
+        let m = mountinfo("hybrid");
+        let c = claim(&fixture("delegated-v2")).unwrap().unwrap();
+        let top = Path::new("/sys/fs/cgroup/unified/khattest");
+        for mode in [0o40775, 0o40757, 0o40777] {
+            let f = move |p: &Path| Some(if p == top { DirFacts { mode, ..root_dir(0) } } else { root_dir(0) });
+            assert_eq!(c.delegated(&m, f), Some(Delegated::Writable { dir: top.into(), mode: mode & 0o7777 }));
+        }
+        let f = |p: &Path| Some(if p == top { DirFacts { procs_uid: Some(1000), ..root_dir(0) } } else { root_dir(0) });
+        assert_eq!(c.delegated(&m, f), Some(Delegated::ProcsOwner { dir: top.into(), uid: 1000 }));
+        // Root's, 0755, cgroup.procs root's or unseen: not delegated.
+        assert_eq!(c.delegated(&m, |_| Some(DirFacts { procs_uid: None, ..root_dir(0) })), None);
+        assert_eq!(c.delegated(&m, |_| Some(DirFacts { mode: 0o40555, ..root_dir(0) })), None);
+        assert!(Delegated::Writable { dir: top.into(), mode: 0o777 }.to_string().contains("writable by others"));
     }
 
     #[test]
@@ -324,7 +374,7 @@ mod tests {
         );
         // The leaf alone, made by the user inside a root-owned parent.
         let leaf = "/sys/fs/cgroup/unified/khattest/docker-3f1c0a6b2d4e5f60718293a4b5c6d7e8f90112233445566778899aabbccddeef.scope";
-        let owned_leaf = move |p: &Path| Some(if p == Path::new(leaf) { 1000 } else { 0 });
+        let owned_leaf = move |p: &Path| Some(root_dir(if p == Path::new(leaf) { 1000 } else { 0 }));
         assert!(matches!(c.delegated(&m, owned_leaf), Some(Delegated::Owner { uid: 1000, .. })));
         // All root's: not delegated (the namespace check decides).
         assert_eq!(c.delegated(&m, owners(&[])), None);
@@ -378,8 +428,8 @@ mod tests {
     fn an_unseen_directory_leaves_the_decision_to_the_namespaces() {
         let c = claim(&fixture("delegated-v2")).unwrap().unwrap();
         assert_eq!(c.delegated(&mountinfo("hybrid"), |_| None), None);
-        assert_eq!(c.delegated(&CgroupMounts::default(), |_| Some(65534)), None);
+        assert_eq!(c.delegated(&CgroupMounts::default(), |_| Some(root_dir(65534))), None);
         let fixed = CgroupMounts::fixed(Some(Path::new("/cg")), &[("pids", Path::new("/cg1/pids"))]);
-        assert!(c.delegated(&fixed, |p| Some(if p == Path::new("/cg/khattest") { 7 } else { 0 })).is_some());
+        assert!(c.delegated(&fixed, |p| Some(root_dir(if p == Path::new("/cg/khattest") { 7 } else { 0 }))).is_some());
     }
 }

@@ -115,6 +115,13 @@ pub struct Identity {
     /// [`crate::policy::Workload::matches`].
     #[serde(skip)]
     pub host_user: bool,
+    /// In a user namespace other than the broker's: the uid owning the
+    /// outermost of its namespaces below the broker's (whoever made it;
+    /// a user with subordinate ids runs as thousands of host uids there).
+    /// Its denials are limited as that one caller (see
+    /// [`crate::limits::deny_key`]). None in the broker's user namespace.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub userns_owner: Option<u32>,
     pub admin: bool,
     /// A remote admin client: its certificate subject and address.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -176,6 +183,7 @@ struct Known {
     docker: Option<Arc<ContainerInfo>>,
     host: bool,
     host_user: bool,
+    userns_owner: Option<u32>,
     groups: Vec<u32>,
     at: Instant,
 }
@@ -309,6 +317,7 @@ impl Attestor {
                         docker: k.docker.clone(),
                         host: k.host,
                         host_user: k.host_user,
+                        userns_owner: k.userns_owner,
                         admin: k.host && self.admin.allows(uid, gid, &k.groups),
                         remote: None,
                     });
@@ -328,6 +337,7 @@ impl Attestor {
                 docker: id.docker.clone(),
                 host: id.host,
                 host_user: id.host_user,
+                userns_owner: id.userns_owner,
                 groups,
                 at: Instant::now(),
             };
@@ -354,7 +364,7 @@ impl Attestor {
         }
         let file = std::fs::read_to_string(self.proc_root.join(tid.to_string()).join("cgroup")).ok()?;
         let claim = cgroup::claim(&file).ok()??;
-        if claim.delegated(&self.cgroups, cgroup::dir_owner).is_some() {
+        if claim.delegated(&self.cgroups, cgroup::dir_facts).is_some() {
             return None;
         }
         d.pending(&claim.id)
@@ -374,7 +384,7 @@ impl Attestor {
     fn claim(&self, pid: i32, cgroup_file: &str) -> Result<Option<String>, IdentityError> {
         let claim = cgroup::claim(cgroup_file).map_err(|source| IdentityError::Cgroup { pid, source })?;
         let Some(claim) = claim else { return Ok(None) };
-        if let Some(why) = claim.delegated(&self.cgroups, cgroup::dir_owner) {
+        if let Some(why) = claim.delegated(&self.cgroups, cgroup::dir_facts) {
             if let Some(held) = self.warn.allow() {
                 tracing::warn!(
                     pid,
@@ -411,10 +421,10 @@ impl Attestor {
         // of its own, where the kernel maps its ids and it cannot pick
         // them. In a pid namespace of the broker's user namespace, root
         // (a container of a runtime we do not know) picks any uid.
-        let host_user = in_own_container
-            && (host
-                || self.own_pid_ns.as_ref() == Some(&pid_ns)
-                || ns("user").is_ok_and(|u| self.own_user_ns.as_ref().is_some_and(|own| *own != u)));
+        let other_user_ns = ns("user").is_ok_and(|u| self.own_user_ns.as_ref().is_some_and(|own| *own != u));
+        let host_user = in_own_container && (host || self.own_pid_ns.as_ref() == Some(&pid_ns) || other_user_ns);
+        // Only off the common path: a user namespace not the broker's.
+        let userns_owner = if other_user_ns { outermost_userns_owner(&dir.join("ns").join("user")) } else { None };
         // The container only once Docker confirmed it running and the
         // caller shares its init's namespaces; `docker:*` never matches
         // without Docker.
@@ -440,7 +450,7 @@ impl Attestor {
         };
         let groups = if host { supplementary_groups(&dir).map_err(proc_err)? } else { Vec::new() };
         let admin = host && self.admin.allows(uid, gid, &groups);
-        let id = Identity { uid, gid, pid, container_id, docker, host, host_user, admin, remote: None };
+        let id = Identity { uid, gid, pid, container_id, docker, host, host_user, userns_owner, admin, remote: None };
         Ok((id, groups, settled))
     }
 
@@ -452,6 +462,32 @@ impl Attestor {
             Err(source) => Err(IdentityError::Proc { pid: peer.pid, source }),
         }
     }
+}
+
+/// Most user namespaces nested (the kernel's limit is 32).
+const USERNS_DEPTH: usize = 33;
+
+/// The owner of the outermost user namespace below the broker's on the
+/// way from `ns` (a task's `ns/user`) up: the user who made it, however
+/// many namespaces it nested inside. None if `ns` is the broker's own or
+/// not below it (or cannot be read).
+fn outermost_userns_owner(ns: &Path) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    let own = std::fs::metadata("/proc/self/ns/user").ok()?;
+    let own = (own.dev(), own.ino());
+    let id = |f: &std::fs::File| f.metadata().ok().map(|m| (m.dev(), m.ino()));
+    let mut cur = std::fs::File::open(ns).ok()?;
+    if id(&cur)? == own {
+        return None;
+    }
+    for _ in 0..USERNS_DEPTH {
+        let parent = crate::sys::userns_parent(&cur).ok()?;
+        if id(&parent)? == own {
+            return crate::sys::userns_owner(&cur).ok();
+        }
+        cur = parent;
+    }
+    None
 }
 
 fn supplementary_groups(proc_dir: &std::path::Path) -> std::io::Result<Vec<u32>> {
@@ -534,7 +570,16 @@ mod tests {
     }
 
     fn known(at: Instant) -> Known {
-        Known { pidfd: some_fd(), container_id: None, docker: None, host: true, host_user: true, groups: vec![], at }
+        Known {
+            pidfd: some_fd(),
+            container_id: None,
+            docker: None,
+            host: true,
+            host_user: true,
+            userns_owner: None,
+            groups: vec![],
+            at,
+        }
     }
 
     #[test]

@@ -35,6 +35,8 @@ pub enum PolicyError {
     BadMode(u32),
     #[error("signal {0:?} is not one of HUP, INT, QUIT, USR1, USR2, TERM, WINCH, ALRM")]
     BadSignal(String),
+    #[error("workload {workload} already shows {shown} as file {file}; pass --file NAME")]
+    FileClash { workload: String, shown: String, file: String },
     #[error("--file cannot be used with a prefix grant ({0}): each secret keeps its own name")]
     FileWithPrefix(String),
     #[error(transparent)]
@@ -265,6 +267,22 @@ impl Grant {
     }
 }
 
+/// Refuse an exact grant whose file name another exact grant of the same
+/// workload (in `existing`) already shows: the second would silently
+/// swap what the workload reads. Prefix grants keep their precedence
+/// (see [`files_for`]); granting the same secret again is an update.
+pub fn check_file_clash<'a>(existing: impl IntoIterator<Item = &'a Grant>, new: &Grant) -> Result<(), PolicyError> {
+    let Target::Exact(p) = &new.target else { return Ok(()) };
+    let Some(name) = new.file_for(p.as_str()) else { return Ok(()) };
+    for g in existing {
+        let Target::Exact(q) = &g.target else { continue };
+        if g.workload == new.workload && q != p && g.file_for(q.as_str()).as_deref() == Some(name.as_str()) {
+            return Err(PolicyError::FileClash { workload: new.workload.clone(), shown: q.to_string(), file: name });
+        }
+    }
+    Ok(())
+}
+
 /// One file a workload's mount shows.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FileSpec {
@@ -439,6 +457,23 @@ mod tests {
         assert!(parse_signal("").is_err());
         let g = Grant::new("a", "w", None, None, None, None).unwrap().with_notify(Some("usr2")).unwrap();
         assert_eq!(g.notify.as_deref(), Some("SIGUSR2"));
+    }
+
+    #[test]
+    fn a_second_exact_grant_of_the_same_file_name_is_refused() {
+        let g = |t: &str, w: &str, f: Option<&str>| Grant::new(t, w, f.map(str::to_owned), None, None, None).unwrap();
+        let have = [g("r/pw", "w", None), g("db/*", "w", None)];
+        let e = check_file_clash(&have, &g("d/pw", "w", None)).unwrap_err();
+        assert_eq!(e.to_string(), "workload w already shows r/pw as file pw; pass --file NAME");
+        assert!(check_file_clash(&have, &g("x/y", "w", Some("pw"))).is_err(), "--file names count");
+        assert!(check_file_clash(&have, &g("d/pw", "w", Some("d_pw"))).is_ok());
+        assert!(check_file_clash(&have, &g("r/pw", "w", None)).is_ok(), "the same grant again");
+        assert!(check_file_clash(&have, &g("d/pw", "v", None)).is_ok(), "another workload");
+        assert!(
+            check_file_clash(&have, &g("a/x", "w", None)).is_ok(),
+            "a prefix's names (db/x as x) keep their precedence"
+        );
+        assert!(check_file_clash(&have, &g("e/*", "w", None)).is_ok());
     }
 
     #[test]

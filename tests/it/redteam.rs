@@ -277,3 +277,216 @@ fn redteam_doctor_checks_the_kernel_pins_socket_peers() {
     let check = check.unwrap_or_else(|| panic!("no SO_PEERPIDFD check: {r:#}"));
     assert_eq!(check["status"], "ok", "{check}");
 }
+
+/// The owner of the user namespace in these tests, and the host uids its
+/// processes run as (a subordinate range, as `newuidmap` would map).
+const RT_NS_OWNER: u32 = 4500;
+const RT_SUBUID: u32 = 200_000;
+
+/// A process of `RT_NS_OWNER` in a user namespace of its own, whose ids
+/// 0..100 are host ids `RT_SUBUID`.. (root writes the maps, as the
+/// setuid `newuidmap` does for a user with a /etc/subuid range).
+fn rt_subuid_namespace() -> std::process::Child {
+    let owner = RT_NS_OWNER.to_string();
+    let holder = Command::new("setpriv")
+        .args(["--reuid", &owner, "--regid", &owner, "--clear-groups", "unshare", "-U", "sleep", "120"])
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = holder.id();
+    let own = std::fs::read_link("/proc/self/ns/user").unwrap();
+    eventually(10, "the holder's user namespace", || {
+        std::fs::read_link(format!("/proc/{pid}/ns/user")).is_ok_and(|ns| ns != own)
+    });
+    let map = format!("0 {RT_SUBUID} 100\n");
+    std::fs::write(format!("/proc/{pid}/uid_map"), &map).unwrap();
+    std::fs::write(format!("/proc/{pid}/gid_map"), &map).unwrap();
+    holder
+}
+
+/// `cat file` as `uid` inside the namespace of `holder` (host uid
+/// `RT_SUBUID + uid`).
+fn rt_cat_in_ns(holder: u32, uid: u32, file: &Path) -> Output {
+    let (t, u) = (holder.to_string(), uid.to_string());
+    Command::new("nsenter")
+        .args(["-t", &t, "-U", "--setuid", &u, "--setgid", &u, "cat", file.to_str().unwrap()])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+/// Red team 2, finding 1a: a user with subordinate uids runs processes as
+/// thousands of host uids in a user namespace of its own; each host uid
+/// was a caller of its own, with its own denial lines and alert budget.
+/// They are now one caller, the namespace's owner: 20 of its uids denied
+/// make at most the burst of full lines and at most `max_per_minute`
+/// (plus the first-pair) hook runs; another user still runs the hook.
+#[test]
+fn redteam2_host_uids_of_one_users_namespace_are_one_caller() {
+    if !require_root() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let hook = dir.path().join("hook");
+    let out = dir.path().join("alerts");
+    std::fs::write(&hook, format!("#!/bin/sh\ncat > {}.$$\n", out.display())).unwrap();
+    std::fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let b = Broker::start_with(&format!("[alerts]\non_deny = \"{}\"\nmax_per_minute = 2\n", hook.display()));
+    b.put("rt/ns", b"subuid-never-logged-7d21");
+    b.ok(&["workload", "add", "w", "--selector", &format!("unix:uid:{RT_READER}")]);
+    b.ok(&["grant", "rt/ns", "--to", "w", "--mode", "0444"]);
+    let file = b.mount("w").join("ns");
+    let mut holder = rt_subuid_namespace();
+    for u in 0..20 {
+        let o = rt_cat_in_ns(holder.id(), u, &file);
+        assert!(!o.status.success(), "uid {u} in the namespace read the file");
+    }
+    let in_ns = |c: &serde_json::Value| c["uid"].as_u64().is_some_and(|u| u >= u64::from(RT_SUBUID));
+    let accounted = |lines: &[serde_json::Value]| -> (usize, u64) {
+        let mine: Vec<_> = lines
+            .iter()
+            .filter(|l| l["event"] == "deny" && in_ns(&l["caller"]))
+            .chain(lines.iter().filter(|l| l["event"] == "deny_summary" && in_ns(&l["caller"])))
+            .collect();
+        let n = mine.iter().map(|l| l["count"].as_u64().unwrap_or(1)).sum();
+        (mine.len(), n)
+    };
+    eventually(10, "all 20 denials accounted for", || accounted(&b.audit_lines()).1 == 20);
+    let full: Vec<_> = b.audit_events("deny").into_iter().filter(|l| in_ns(&l["caller"])).collect();
+    assert!(full.len() <= 4, "{} denial lines in full for one user's namespace: {full:?}", full.len());
+    assert!(full.iter().all(|l| l["caller"]["userns_owner"] == RT_NS_OWNER), "{full:?}");
+    // Another user is a caller of its own: its probe runs the hook.
+    assert!(!rt_cat_as(RT_NOBODY, &file).status.success());
+    let runs = || -> Vec<serde_json::Value> {
+        std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().starts_with("alerts."))
+            .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+            .filter(|s| s.ends_with('\n'))
+            .map(|s| json(s.as_bytes()))
+            .collect()
+    };
+    eventually(10, "the other user's hook run", || runs().iter().any(|r| r["denial"]["caller"]["uid"] == RT_NOBODY));
+    std::thread::sleep(Duration::from_millis(1500));
+    let ns_runs = runs().iter().filter(|r| in_ns(&r["denial"]["caller"])).count();
+    assert!(ns_runs <= 3, "{ns_runs} hook runs for one user's namespace (max_per_minute 2 + its first pair)");
+    let _ = holder.kill();
+    let _ = holder.wait();
+    b.assert_never_leaked(&[b"subuid-never-logged-7d21"]);
+}
+
+/// 200 host uids, each denied in a loop for `secs`, from one root
+/// process forking a child per uid; prints the denials.
+const RT_MANY_UIDS: &str = r#"
+import os, sys, time
+path, first, n, secs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+r, w = os.pipe()
+kids = []
+for i in range(n):
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        uid = first + i
+        os.setgroups([]); os.setgid(uid); os.setuid(uid)
+        end, denied = time.time() + secs, 0
+        while time.time() < end:
+            try:
+                open(path, "rb").close()
+            except OSError:
+                denied += 1
+            time.sleep(0.02)
+        os.write(w, b"%d\n" % denied)
+        os._exit(0)
+    kids.append(pid)
+os.close(w)
+data = b""
+while True:
+    chunk = os.read(r, 65536)
+    if not chunk:
+        break
+    data += chunk
+for k in kids:
+    os.waitpid(k, 0)
+print(sum(int(x) for x in data.split()))
+"#;
+
+/// Red team 2, finding 1b: no number of callers floods the audit log:
+/// 200 host uids denied in a loop write at most 50 denial lines (in full
+/// and summaries) in any second, plus the overflow's summary, and every
+/// denial is still accounted for.
+#[test]
+fn redteam2_many_callers_cannot_flood_the_audit_log() {
+    if !require_root() {
+        return;
+    }
+    let b = Broker::start();
+    b.put("rt/many", b"many-uids-never-logged-5a90");
+    b.ok(&["workload", "add", "w", "--selector", &format!("unix:uid:{RT_READER}")]);
+    b.ok(&["grant", "rt/many", "--to", "w", "--mode", "0444"]);
+    let file = b.mount("w").join("many");
+    let o = Command::new("python3")
+        .args(["-c", RT_MANY_UIDS, file.to_str().unwrap(), "300000", "200", "4"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let denied: u64 = String::from_utf8_lossy(&o.stdout).trim().parse().unwrap();
+    assert!(denied > 2000, "only {denied} denials");
+    let counted = |lines: &[serde_json::Value]| -> u64 {
+        lines
+            .iter()
+            .map(|l| match l["event"].as_str() {
+                Some("deny") => 1,
+                Some("deny_summary") => l["count"].as_u64().unwrap_or(0),
+                _ => 0,
+            })
+            .sum()
+    };
+    eventually(15, "every denial accounted for", || counted(&b.audit_lines()) == denied);
+    let lines = b.audit_lines();
+    assert_eq!(counted(&lines), denied);
+    let mut per_second = std::collections::BTreeMap::<String, (u64, u64)>::new();
+    for l in lines.iter().filter(|l| l["event"] == "deny" || l["event"] == "deny_summary") {
+        let second = l["time"].as_str().unwrap()[..19].to_owned();
+        let e = per_second.entry(second).or_default();
+        if l["caller"].is_null() {
+            e.1 += 1; // the overflow's summary
+        } else {
+            e.0 += 1;
+        }
+    }
+    eprintln!("{denied} denials; lines a second (callers', overflow's): {per_second:?}");
+    // The cap holds for the limiter's decisions; a line's time is stamped
+    // a moment later, so one may cross into the next second.
+    assert!(per_second.values().all(|(callers, overflow)| *callers <= 51 && *overflow <= 1), "{per_second:?}");
+    b.assert_never_leaked(&[b"many-uids-never-logged-5a90"]);
+}
+
+/// Red team 2, finding 2: a second exact grant whose file name clashes
+/// with another's in the same workload silently swapped what the workload
+/// read (`pw` served d/pw, only a WARN in the broker log). It is refused,
+/// exit 7, and the workload still reads r/pw; `--file` gets it in.
+#[test]
+fn redteam2_an_exact_grant_clashing_with_anothers_file_name_is_refused() {
+    if !require_root() {
+        return;
+    }
+    let b = Broker::start();
+    b.put("r/pw", b"first-pw-3c1e");
+    b.put("d/pw", b"second-pw-8b02");
+    b.ok(&["workload", "add", "w", "--selector", &format!("unix:uid:{RT_READER}")]);
+    b.ok(&["grant", "r/pw", "--to", "w", "--mode", "0444"]);
+    let dir = b.mount("w");
+    assert_eq!(rt_cat_as(RT_READER, &dir.join("pw")).stdout, b"first-pw-3c1e");
+    let o = b.cli(&["grant", "d/pw", "--to", "w", "--mode", "0444"]);
+    assert_fails(&o, 7, "workload w already shows r/pw as file pw; pass --file NAME");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(rt_cat_as(RT_READER, &dir.join("pw")).stdout, b"first-pw-3c1e", "the file was swapped");
+    b.ok(&["grant", "d/pw", "--to", "w", "--mode", "0444", "--file", "d_pw"]);
+    eventually(10, "d_pw shown", || rt_cat_as(RT_READER, &dir.join("d_pw")).stdout == b"second-pw-8b02");
+    // A prefix grant keeps the documented precedence (the exact one wins).
+    b.ok(&["grant", "d/*", "--to", "w", "--mode", "0444"]);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(rt_cat_as(RT_READER, &dir.join("pw")).stdout, b"first-pw-3c1e");
+}
