@@ -17,6 +17,7 @@ mod mounts;
 mod operate;
 mod pool;
 mod replay;
+mod scale;
 mod secrets;
 mod strangers;
 mod takeover;
