@@ -501,12 +501,8 @@ impl Admin {
     }
 
     fn grant_as(&mut self, secret: &str, workload: &str, file: &str) {
-        let spec = pb::GrantSpec {
-            secret: secret.into(),
-            workload: workload.into(),
-            file: file.into(),
-            ..Default::default()
-        };
+        let spec =
+            pb::GrantSpec { secret: secret.into(), workload: workload.into(), file: file.into(), ..Default::default() };
         self.rt.block_on(self.client.grant(spec)).unwrap();
     }
 

@@ -969,16 +969,16 @@ mod tests {
         ix.grants(&b, &gb, true);
         ix.grants(&c, &gc, true);
         assert_eq!(showing(&ix, "db/pass"), [a.clone(), b.clone()]);
-        assert_eq!(showing(&ix, "db/user"), [a.clone()]);
+        assert_eq!(showing(&ix, "db/user"), vec![a.clone()]);
         assert_eq!(showing(&ix, "db/x/y/z"), [a.clone(), c.clone()]);
-        assert_eq!(showing(&ix, "web/tls/key"), [b.clone()]);
+        assert_eq!(showing(&ix, "web/tls/key"), vec![b.clone()]);
         // Whole segments only, and a prefix does not cover itself.
         assert!(showing(&ix, "dbx/pass").is_empty());
         assert!(showing(&ix, "db").is_empty());
         assert!(showing(&ix, "web").is_empty());
         // Grants that go leave the index; nothing empty stays behind.
         ix.grants(&b, &gb, false);
-        assert_eq!(showing(&ix, "db/pass"), [a.clone()]);
+        assert_eq!(showing(&ix, "db/pass"), vec![a.clone()]);
         assert!(showing(&ix, "web/x").is_empty());
         ix.grants(&a, &ga, false);
         ix.grants(&c, &gc, false);
