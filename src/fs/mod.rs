@@ -867,6 +867,16 @@ impl MountTable {
         Ok(())
     }
 
+    /// How many mounts there are.
+    pub fn count(&self) -> usize {
+        self.mounts.lock().expect("mounts lock").by_key.len()
+    }
+
+    /// The workload a mount shows, if the mount exists.
+    pub fn workload_of(&self, key: &MountKey) -> Option<String> {
+        self.mounts.lock().expect("mounts lock").by_key.get(key).map(|m| m.shape.workload.name.clone())
+    }
+
     pub fn list(&self) -> Vec<MountInfo> {
         let mounts = self.mounts.lock().expect("mounts lock");
         mounts
