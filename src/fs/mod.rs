@@ -191,6 +191,8 @@ pub struct Loaded {
 /// Largest read the kernel may ask for (values are at most 16 MiB, but a
 /// page-sized read is the common case).
 const MAX_READ: usize = 128 * 1024;
+/// Room for one notice to the kernel (an entry's name is at most 255 bytes).
+const NOTICE_BUF: usize = 4096;
 /// How long a handover waits for parked requests to be answered (they
 /// wait at most [`pool::PARK_FOR`], then take a blocking thread).
 const PARKED_DRAIN: Duration = Duration::from_secs(5);
@@ -498,22 +500,22 @@ impl MountTable {
         tracing::info!(path = %path.display(), "unmounted");
     }
 
-    /// Tell the kernel to forget entries (and the directory listing).
-    fn invalidate(m: &Mount, names: &[String]) {
-        if names.is_empty() {
-            return;
-        }
-        let mut buf = vec![0u8; 4096];
+    /// Tell the kernel to forget the entries of `names`, and, if a name
+    /// went (`gone`), the directory's attributes and listing. A rotation
+    /// keeps every name: its entries alone are enough.
+    fn invalidate(m: &Mount, names: &[String], gone: bool, buf: &mut [u8]) {
         let fd = m.conn.dev().as_raw_fd();
         for name in names {
             let Ok(c) = CString::new(name.as_str()) else { continue };
-            if let Ok(w) = FuseDevWriter::<()>::new(fd, &mut buf) {
+            if let Ok(w) = FuseDevWriter::<()>::new(fd, buf) {
                 // ENOENT just means the kernel had nothing cached.
                 let _ = m.conn.server.notify_inval_entry(w, ROOT, &c);
             }
         }
-        if let Ok(w) = FuseDevWriter::<()>::new(fd, &mut buf) {
-            let _ = m.conn.server.notify_inval_inode(w, ROOT, 0, 0);
+        if gone {
+            if let Ok(w) = FuseDevWriter::<()>::new(fd, buf) {
+                let _ = m.conn.server.notify_inval_inode(w, ROOT, 0, 0);
+            }
         }
     }
 
@@ -614,6 +616,7 @@ impl MountTable {
         key: &MountKey,
         what: &Changed<'_>,
         notices: &mut Vec<Notice>,
+        buf: &mut [u8],
     ) -> anyhow::Result<()> {
         let Some(m) = mounts.by_key.get_mut(key) else { return Ok(()) };
         let read = match what {
@@ -632,8 +635,9 @@ impl MountTable {
         let m = mounts.by_key.get_mut(key).expect("present above");
         if read.is_ok() {
             let view = self.make_view(cat, m, notices);
+            let gone = m.fs.view().by_name.keys().any(|name| !view.by_name.contains_key(name));
             let changed = m.fs.replace(view);
-            Self::invalidate(m, &changed);
+            Self::invalidate(m, &changed, gone, buf);
         }
         // A mount adopted from a predecessor is served once it is
         // current (or as current as it can be). First, any request the
@@ -707,7 +711,7 @@ impl MountTable {
                     }
                 }
             }
-            if let Err(e) = self.update(cat, mounts, &key, &Changed::Policy, notices) {
+            if let Err(e) = self.update(cat, mounts, &key, &Changed::Policy, notices, &mut [0; NOTICE_BUF]) {
                 tracing::error!(mount = ?key, error = format!("{e:#}"), "cannot update mount");
             }
         }
@@ -785,8 +789,9 @@ impl MountTable {
         for p in paths {
             mounts.index.showing(p, &mut touched);
         }
+        let mut buf = [0; NOTICE_BUF];
         for key in touched {
-            if let Err(e) = self.update(cat, &mut mounts, &key, &Changed::Secrets(paths), &mut notices) {
+            if let Err(e) = self.update(cat, &mut mounts, &key, &Changed::Secrets(paths), &mut notices, &mut buf) {
                 tracing::error!(mount = ?key, error = format!("{e:#}"), "cannot update mount");
             }
         }
