@@ -38,6 +38,8 @@ const VALUE: &[u8; 64] = b"0123456789abcdef0123456789abcdef0123456789abcdef01234
 struct Opts {
     short: bool,
     json: bool,
+    /// `--mounts=1,100`: the scale table's rows instead of the mode's.
+    mounts: Option<Vec<usize>>,
 }
 
 /// One part of the run; its figures go in the report under its name.
@@ -45,15 +47,20 @@ type Section = fn(&Opts) -> Value;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let opts = Opts { short: args.iter().any(|a| a == "--short"), json: args.iter().any(|a| a == "--json") };
+    let mounts = args.iter().find_map(|a| a.strip_prefix("--mounts=")).map(|l| {
+        l.split(',').map(|n| n.parse().unwrap_or_else(|_| panic!("--mounts={l}: a list of numbers"))).collect()
+    });
+    let opts = Opts { short: args.iter().any(|a| a == "--short"), json: args.iter().any(|a| a == "--json"), mounts };
     let only: Vec<&str> = args.iter().filter_map(|a| a.strip_prefix("--only=")).collect();
     let save = args.iter().find_map(|a| a.strip_prefix("--save="));
     let known = |a: &String| {
-        ["--short", "--json", "--bench"].contains(&a.as_str()) || a.starts_with("--only=") || a.starts_with("--save=")
+        ["--short", "--json", "--bench"].contains(&a.as_str())
+            || ["--only=", "--save=", "--mounts="].iter().any(|p| a.starts_with(p))
     };
     if let Some(bad) = args.iter().find(|a| !known(a)) {
         eprintln!(
-            "usage: cargo bench --bench keyhole -- [--short] [--json] [--only=SECTION]... [--save=FILE.json]   (unknown: {bad})"
+            "usage: cargo bench --bench keyhole -- [--short] [--json] [--only=SECTION]... [--save=FILE.json] \
+             [--mounts=1,100,...]   (unknown: {bad})"
         );
         std::process::exit(2);
     }
@@ -387,6 +394,11 @@ impl Broker {
         self.child.as_ref().unwrap().id()
     }
 
+    /// The broker's threads.
+    fn threads(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/task", self.pid())).map_or(0, Iterator::count)
+    }
+
     fn rss_kib(&self) -> u64 {
         std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
             .unwrap_or_default()
@@ -485,12 +497,12 @@ impl Admin {
     }
 
     fn grant(&mut self, secret: &str, workload: &str) {
-        let spec = pb::GrantSpec {
-            secret: secret.into(),
-            workload: workload.into(),
-            file: "key".into(),
-            ..Default::default()
-        };
+        self.grant_as(secret, workload, "key");
+    }
+
+    fn grant_as(&mut self, secret: &str, workload: &str, file: &str) {
+        let spec =
+            pb::GrantSpec { secret: secret.into(), workload: workload.into(), file: file.into(), ..Default::default() };
         self.rt.block_on(self.client.grant(spec)).unwrap();
     }
 
@@ -515,24 +527,33 @@ impl Admin {
     }
 }
 
-/// Rotation through every mount, revocation of one, open latency and RSS,
-/// as the number of mounts grows to 1, 100 and 1,000.
+/// Rotation of a secret every mount shows and of one only one mount
+/// shows, revocation of one, mount creation, open latency, threads and
+/// RSS, as the number of mounts grows to 1, 100, 1,000 and 10,000 (full
+/// mode; `--mounts=` picks other sizes).
 fn propagation_and_scale(o: &Opts) -> Value {
-    let steps: &[usize] = if o.short { &[1, 20] } else { &[1, 100, 1000] };
+    let steps: Vec<usize> =
+        o.mounts.clone().unwrap_or_else(|| if o.short { vec![1, 20] } else { vec![1, 100, 1000, 10_000] });
     let rounds = if o.short { 3 } else { 10 };
-    let b = Broker::start("");
+    // Each mount holds a /dev/fuse descriptor: room for 10,000 of them.
+    let b = Broker::start("[limits]\nmax_mounts = 12000\n");
     b.put("bench/rot", b"v-0");
+    b.put("bench/one", b"o-0");
     let mut admin = Admin::connect(&b);
     let rss_empty = b.rss_kib();
+    let threads_empty = b.threads();
     let mut made = 0;
     let mut rows = Vec::new();
     let mut version = 0;
     let mut create_total = Duration::ZERO;
-    for &n in steps {
+    for &n in &steps {
         let t = Instant::now();
         for i in made..n {
             admin.workload(&format!("w{i}"));
             admin.grant("bench/rot", &format!("w{i}"));
+            if i == 0 {
+                admin.grant_as("bench/one", "w0", "one");
+            }
         }
         create_total += t.elapsed();
         let per_mount_ms = if n > made { t.elapsed().as_secs_f64() * 1000.0 / (n - made) as f64 } else { 0.0 };
@@ -543,10 +564,12 @@ fn propagation_and_scale(o: &Opts) -> Value {
         }
         std::thread::sleep(Duration::from_millis(200));
         let rss = b.rss_kib();
+        let threads = b.threads();
 
-        // Rotation: the call (the broker updates every mount before it
-        // answers), then from its return until each mount's first read
-        // shows the new value (4 threads share the mounts).
+        // Rotation of the secret every mount shows: the call (the broker
+        // updates every mount before it answers), then from its return
+        // until each mount's first read shows the new value (4 threads
+        // share the mounts).
         let (mut calls, mut seen, mut stale_reads) = (Vec::new(), Vec::new(), 0u64);
         for _ in 0..rounds {
             version += 1;
@@ -559,6 +582,19 @@ fn propagation_and_scale(o: &Opts) -> Value {
         }
         let (call_p50, call_p99) = percentiles(calls);
         let (rot_p50, rot_p99) = percentiles(seen);
+
+        // Rotation of a secret only the first mount shows.
+        let one = [b.file("w0", "one")];
+        let mut ones = Vec::new();
+        for _ in 0..rounds.max(20) {
+            version += 1;
+            let want = format!("o-{version}");
+            ones.push(admin.rotate("bench/one", want.as_bytes()).as_nanos() as u64);
+            let (_, stale) =
+                visible_in_all(&one, Instant::now(), |f| std::fs::read(f).is_ok_and(|v| v == want.as_bytes()));
+            stale_reads += stale;
+        }
+        let (one_p50, one_p99) = percentiles(ones);
 
         // Revocation of one mount's grant: the call, then until the file is gone.
         let (mut rcalls, mut revoked) = (Vec::new(), Vec::new());
@@ -574,8 +610,10 @@ fn propagation_and_scale(o: &Opts) -> Value {
         let ms = |us: f64| (us / 10.0).round() / 100.0;
         rows.push(json!({
             "mounts": n,
-            "rotate_call_p50_ms": ms(call_p50),
-            "rotate_call_p99_ms": ms(call_p99),
+            "rotate_all_call_p50_ms": ms(call_p50),
+            "rotate_all_call_p99_ms": ms(call_p99),
+            "rotate_one_call_p50_ms": ms(one_p50),
+            "rotate_one_call_p99_ms": ms(one_p99),
             "rotation_visible_p50_ms": ms(rot_p50),
             "rotation_visible_p99_ms": ms(rot_p99),
             "stale_reads_after_return": stale_reads,
@@ -585,6 +623,7 @@ fn propagation_and_scale(o: &Opts) -> Value {
             "revocation_visible_p99_ms": ms(rev_p99),
             "create_per_mount_ms": (per_mount_ms * 100.0).round() / 100.0,
             "create_total_s": (create_total.as_secs_f64() * 100.0).round() / 100.0,
+            "threads": threads,
             "rss_kib": rss,
             "rss_per_mount_kib": (rss.saturating_sub(rss_empty)) / n as u64,
             "open_p50_us": open["p50_us"],
@@ -592,7 +631,7 @@ fn propagation_and_scale(o: &Opts) -> Value {
         }));
         eprintln!("   {n} mounts");
     }
-    json!({ "rounds": rounds, "rss_no_mounts_kib": rss_empty, "rows": rows })
+    json!({ "rounds": rounds, "rss_no_mounts_kib": rss_empty, "threads_no_mounts": threads_empty, "rows": rows })
 }
 
 /// For each file, ns from `since` until `ok(file)` first holds, checked
@@ -909,9 +948,10 @@ fn print_tables(r: &BTreeMap<String, Value>) {
     if let Some(ps) = r.get("propagation_and_scale") {
         println!("\nPropagation and scale ({} rounds each; call, then ms from its return until seen)", ps["rounds"]);
         println!(
-            "{:>6}  {:>13}  {:>13}  {:>5}  {:>13}  {:>13}  {:>9}  {:>7}  {:>7}  {:>13}",
+            "{:>6}  {:>13}  {:>13}  {:>13}  {:>5}  {:>13}  {:>13}  {:>9}  {:>7}  {:>7}  {:>7}  {:>13}",
             "mounts",
-            "rotate call",
+            "rotate one",
+            "rotate all",
             "then visible",
             "stale",
             "revoke call",
@@ -919,15 +959,17 @@ fn print_tables(r: &BTreeMap<String, Value>) {
             "create",
             "RSS KiB",
             "KiB/mnt",
+            "threads",
             "open µs"
         );
         for row in ps["rows"].as_array().into_iter().flatten() {
             let g = |k: &str| row[k].as_f64().map_or("-".into(), |x| format!("{x:.2}"));
             let pair = |a: &str, b: &str| format!("{} / {}", g(a), g(b));
             println!(
-                "{:>6}  {:>13}  {:>13}  {:>5}  {:>13}  {:>13}  {:>9}  {:>7}  {:>7}  {:>13}",
+                "{:>6}  {:>13}  {:>13}  {:>13}  {:>5}  {:>13}  {:>13}  {:>9}  {:>7}  {:>7}  {:>7}  {:>13}",
                 row["mounts"].to_string(),
-                pair("rotate_call_p50_ms", "rotate_call_p99_ms"),
+                pair("rotate_one_call_p50_ms", "rotate_one_call_p99_ms"),
+                pair("rotate_all_call_p50_ms", "rotate_all_call_p99_ms"),
                 pair("rotation_visible_p50_ms", "rotation_visible_p99_ms"),
                 row["stale_reads_after_return"].to_string(),
                 pair("revoke_call_p50_ms", "revoke_call_p99_ms"),
@@ -935,10 +977,15 @@ fn print_tables(r: &BTreeMap<String, Value>) {
                 format!("{} ms", g("create_per_mount_ms")),
                 row["rss_kib"].to_string(),
                 row["rss_per_mount_kib"].to_string(),
+                row["threads"].to_string(),
                 format!("{} / {}", f(&row["open_p50_us"]), f(&row["open_p99_us"])),
             );
         }
-        println!("  (p50 / p99; times in ms except open)");
+        println!(
+            "  (p50 / p99; times in ms except open; rotate one: a secret one mount shows, all: every mount; \
+             broker threads with no mounts: {})",
+            ps["threads_no_mounts"]
+        );
     }
     if let Some(be) = r.get("backend") {
         println!("\nBackend (OpenBao dev server on loopback)");

@@ -211,7 +211,7 @@ pub fn age(t: std::time::SystemTime) -> f64 {
 
 /// Bring the gauges up to date from the broker, then render.
 fn scrape(broker: &crate::broker::Broker) -> String {
-    METRICS.mounts.set(broker.mounts.list().len() as i64);
+    METRICS.mounts.set(broker.mounts.count() as i64);
     for v in &broker.vaults {
         let l = backend_labels(&v.cfg.name);
         let (_, last_ok, _) = v.health.snapshot();

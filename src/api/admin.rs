@@ -238,7 +238,7 @@ impl admin_server::Admin for AdminService {
             .audited(id, event, Some(path.clone()), move |b| {
                 let path = SecretPath::parse(&path)?;
                 let meta = b.put_secret(&path, &value?, rotate, if_version, now_ms())?;
-                b.changed();
+                b.secret_changed(&[path.to_string()]);
                 Ok((version_pb(path.as_str(), meta.clone()), Some(meta.version)))
             })
             .await?;
@@ -296,7 +296,7 @@ impl admin_server::Admin for AdminService {
             .audited(id, "rm", Some(path.clone()), move |b| {
                 let path = SecretPath::parse(&path)?;
                 let n = b.delete_secret(&path)?;
-                b.changed();
+                b.secret_changed(&[path.to_string()]);
                 Ok((n as u32, None))
             })
             .await?;
@@ -402,7 +402,7 @@ impl admin_server::Admin for AdminService {
             .audited(id, "workload_add", None, move |b| {
                 let w = Workload::new(&spec.name, &spec.selectors).map_err(ApiError::from)?;
                 b.store.add_workload(&w)?;
-                b.changed();
+                b.workload_changed(&w.name);
                 Ok((workload_pb(&w), None))
             })
             .await?;
@@ -423,7 +423,7 @@ impl admin_server::Admin for AdminService {
         let removed = self
             .audited(id, "workload_rm", None, move |b| {
                 let n = b.store.remove_workload(&name)?;
-                b.changed();
+                b.workload_changed(&name);
                 Ok((n as u32, None))
             })
             .await?;
@@ -440,8 +440,9 @@ impl admin_server::Admin for AdminService {
                 let existing = b.store.grants(Some(&grant.workload))?;
                 crate::policy::check_file_clash(&existing, &grant).map_err(ApiError::from)?;
                 b.store.put_grant(&grant)?;
-                b.prefetch(&grant.target);
-                b.changed();
+                let fetched = b.prefetch(&grant.target);
+                b.secret_changed(&fetched);
+                b.workload_changed(&grant.workload);
                 Ok((grant_pb(&grant), None))
             })
             .await?;
@@ -456,7 +457,7 @@ impl admin_server::Admin for AdminService {
             // Normalize through the parser so `db/*` and friends match.
             let target = crate::policy::Target::parse(&r.secret).map_err(ApiError::from)?;
             b.store.remove_grant(&r.workload, &target.to_string())?;
-            b.changed();
+            b.workload_changed(&r.workload);
             Ok(((), None))
         })
         .await?;

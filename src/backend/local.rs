@@ -712,6 +712,14 @@ impl LocalStore {
         Ok(out)
     }
 
+    /// One workload, if it exists.
+    pub fn workload(&self, name: &str) -> Result<Option<Workload>, StoreError> {
+        let txn = self.begin_read()?;
+        let t = txn.open_table(WORKLOADS)?;
+        let Some(v) = t.get(name)? else { return Ok(None) };
+        Ok(Some(self.open_json(v.value(), &workload_aad(name), || format!("workload {name}"))?))
+    }
+
     /// Add or replace the grant of `g.target` to `g.workload`, which must exist.
     pub fn put_grant(&self, g: &Grant) -> Result<(), StoreError> {
         let target = g.target.to_string();

@@ -394,11 +394,30 @@ impl Broker {
         Ok(broker)
     }
 
-    /// After any change to secrets or policy: bring the mounts up to date.
-    /// The change itself is already durable, so a failure here is logged.
+    /// After a change that may touch any mount (a volume mounted or
+    /// unmounted): bring every mount up to date. The change itself is
+    /// already durable, so a failure here is logged.
     pub fn changed(&self) {
         let started = Instant::now();
-        match self.mounts.sync(self) {
+        self.propagated(started, self.mounts.sync(self));
+    }
+
+    /// After a change of secrets' values (put, rotate, rm, a backend's
+    /// news): update only the mounts that show one of `paths`.
+    pub fn secret_changed(&self, paths: &[String]) {
+        let started = Instant::now();
+        self.propagated(started, self.mounts.secret_changed(self, paths));
+    }
+
+    /// After a change of one workload's policy (workload added or
+    /// removed, grant, revoke): update only that workload's mounts.
+    pub fn workload_changed(&self, workload: &str) {
+        let started = Instant::now();
+        self.propagated(started, self.mounts.workload_changed(self, workload));
+    }
+
+    fn propagated(&self, started: Instant, outcome: anyhow::Result<Vec<crate::fs::Notice>>) {
+        match outcome {
             Ok(notices) => {
                 crate::metrics::METRICS.propagation_seconds.observe(started.elapsed().as_secs_f64());
                 self.announce(notices)

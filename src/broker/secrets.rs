@@ -123,10 +123,11 @@ impl Broker {
     }
 
     /// Fetch what a new grant shows now, if its backend answers, so the
-    /// file is readable when `grant` returns.
-    pub fn prefetch(&self, target: &Target) {
+    /// file is readable when `grant` returns. Returns the paths whose
+    /// cached value changed (other mounts may show them).
+    pub fn prefetch(&self, target: &Target) -> Vec<String> {
         let (Target::Exact(p) | Target::Prefix(p)) = target;
-        let Some((v, rel)) = self.vault_for(p.as_str()) else { return };
+        let Some((v, rel)) = self.vault_for(p.as_str()) else { return Vec::new() };
         let set = BTreeSet::from([rel.to_owned()]);
         let (exact, prefixes) = match target {
             Target::Exact(_) => (set, BTreeSet::new()),
@@ -137,8 +138,12 @@ impl Broker {
                 for (path, c) in &changed {
                     self.persist(path, c.as_ref());
                 }
+                changed.into_iter().map(|(path, _)| path).collect()
             }
-            Err(e) => tracing::warn!(error = %e, "cannot prefetch a new grant; the watcher will retry"),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot prefetch a new grant; the watcher will retry");
+                Vec::new()
+            }
         }
     }
 }
@@ -174,6 +179,21 @@ impl Catalog for Broker {
             found.push((p.to_string(), VersionMeta { version: 0, created_unix_ms: 0, size: 0 }));
         }
         Ok(found)
+    }
+
+    fn current(&self, path: &str) -> anyhow::Result<Option<VersionMeta>> {
+        if let Some((v, _)) = self.vault_for(path) {
+            return Ok(v.cached(path).map(|c| c.meta));
+        }
+        match self.store.history(&SecretPath::parse(path)?) {
+            Ok(h) => Ok(h.last().cloned()),
+            Err(crate::backend::local::StoreError::NotFound(_)) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn workload(&self, name: &str) -> anyhow::Result<Option<Workload>> {
+        Ok(self.store.workload(name)?)
     }
 
     fn volume_mounts(&self) -> anyhow::Result<Vec<VolumeMount>> {
@@ -248,7 +268,8 @@ pub async fn watch_backend(broker: Arc<Broker>, v: Arc<VaultBackend>) {
                         }
                         if !changed.is_empty() {
                             crate::metrics::METRICS.rotations.inc_by(changed.len() as u64);
-                            b.changed();
+                            let paths: Vec<String> = changed.into_iter().map(|(path, _)| path).collect();
+                            b.secret_changed(&paths);
                         }
                     })
                     .await;

@@ -120,7 +120,7 @@ fn mount(b: &Broker, r: &Request, container: Option<String>) -> Result<Value, St
         return Err(format!("bad mount id {:?}", r.id));
     }
     let max = b.config.limits.max_mounts;
-    if b.mounts.list().len() >= max {
+    if b.mounts.count() >= max {
         let limit = format!("max_mounts ({max}) reached: volume {} not mounted", r.name);
         b.refusals.refused(&b.audit, "volume mounts", &limit, None);
         return Err(format!("keyhole: max_mounts ({max}) reached; the volume {} is not mounted", r.name));
@@ -135,9 +135,10 @@ fn mount(b: &Broker, r: &Request, container: Option<String>) -> Result<Value, St
         container,
     };
     b.store.put_record(VOLUME_MOUNTS, &m.id, &m).map_err(|e| e.to_string())?;
-    b.changed();
-    let path = b.mounts.path_of(&MountKey::Volume(m.id.clone()));
-    if !b.mounts.list().iter().any(|i| i.path == path) {
+    b.workload_changed(&m.workload);
+    let key = MountKey::Volume(m.id.clone());
+    let path = b.mounts.path_of(&key);
+    if b.mounts.workload_of(&key).is_none() {
         let _ = b.store.remove_record(VOLUME_MOUNTS, &m.id);
         return Err(format!("cannot mount volume {}: see the broker's log", r.name));
     }
@@ -146,8 +147,12 @@ fn mount(b: &Broker, r: &Request, container: Option<String>) -> Result<Value, St
 }
 
 fn unmount(b: &Broker, r: &Request) -> Result<Value, String> {
+    let workload = b.mounts.workload_of(&MountKey::Volume(r.id.clone()));
     b.store.remove_record(VOLUME_MOUNTS, &r.id).map_err(|e| e.to_string())?;
-    b.changed();
+    match workload {
+        Some(w) => b.workload_changed(&w),
+        None => b.changed(),
+    }
     audit(b, "volume_unmount", &r.name, None, None);
     Ok(json!({ "Err": "" }))
 }

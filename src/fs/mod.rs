@@ -5,8 +5,12 @@
 //! [`MountTable::sync`] makes the mounts and their contents match the
 //! store: it mounts new workloads, unmounts removed ones, swaps in each
 //! mount's new view, and invalidates the kernel's entries for every file
-//! that changed or went. It runs after every change, before the admin call
-//! returns, so a rotate, grant or revoke is visible on the next open.
+//! that changed or went. A change touches only the mounts it affects:
+//! [`MountTable::secret_changed`] finds the mounts that show a secret in
+//! an index of every mount's grants (exact paths and prefixes), and
+//! [`MountTable::workload_changed`] redoes one workload's mounts after a
+//! change of its policy. Each runs before the admin call returns, so a
+//! rotate, grant or revoke is visible on the next open.
 //!
 //! # Surviving restarts
 //!
@@ -27,7 +31,7 @@ pub mod access;
 pub mod pool;
 pub mod workload;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ffi::CString;
 use std::fs::{File, OpenOptions};
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -57,6 +61,16 @@ pub trait Catalog {
     fn covered(&self, target: &Target) -> anyhow::Result<Vec<(String, VersionMeta)>>;
     /// The value of `path` at `meta.version`.
     fn load(&self, path: &str, meta: &VersionMeta) -> anyhow::Result<Loaded>;
+    /// The current version of the secret at `path`, if there is one (as
+    /// a prefix grant would find it: a Vault secret not fetched is none).
+    fn current(&self, path: &str) -> anyhow::Result<Option<VersionMeta>> {
+        let target = Target::Exact(crate::secret::SecretPath::parse(path)?);
+        Ok(self.covered(&target)?.into_iter().find(|(s, m)| s == path && m.version != 0).map(|(_, m)| m))
+    }
+    /// One workload, if it exists.
+    fn workload(&self, name: &str) -> anyhow::Result<Option<Workload>> {
+        Ok(self.workloads()?.into_iter().find(|w| w.name == name))
+    }
     /// The Docker volume mounts that should exist (see `docker::plugin`).
     fn volume_mounts(&self) -> anyhow::Result<Vec<VolumeMount>>;
 }
@@ -110,12 +124,13 @@ struct Shape {
 struct Memo<'a, C> {
     cat: &'a C,
     covered: std::cell::RefCell<BTreeMap<Target, Vec<(String, VersionMeta)>>>,
+    current: std::cell::RefCell<BTreeMap<String, Option<VersionMeta>>>,
     loaded: std::cell::RefCell<BTreeMap<(String, u64), Loaded>>,
 }
 
 impl<'a, C: Catalog> Memo<'a, C> {
     fn new(cat: &'a C) -> Self {
-        Memo { cat, covered: Default::default(), loaded: Default::default() }
+        Memo { cat, covered: Default::default(), current: Default::default(), loaded: Default::default() }
     }
 }
 
@@ -135,6 +150,19 @@ impl<C: Catalog> Catalog for Memo<'_, C> {
         let c = self.cat.covered(target)?;
         self.covered.borrow_mut().insert(target.clone(), c.clone());
         Ok(c)
+    }
+
+    fn current(&self, path: &str) -> anyhow::Result<Option<VersionMeta>> {
+        if let Some(c) = self.current.borrow().get(path) {
+            return Ok(c.clone());
+        }
+        let c = self.cat.current(path)?;
+        self.current.borrow_mut().insert(path.to_owned(), c.clone());
+        Ok(c)
+    }
+
+    fn workload(&self, name: &str) -> anyhow::Result<Option<Workload>> {
+        self.cat.workload(name)
     }
 
     fn load(&self, path: &str, meta: &VersionMeta) -> anyhow::Result<Loaded> {
@@ -163,6 +191,8 @@ pub struct Loaded {
 /// Largest read the kernel may ask for (values are at most 16 MiB, but a
 /// page-sized read is the common case).
 const MAX_READ: usize = 128 * 1024;
+/// Room for one notice to the kernel (an entry's name is at most 255 bytes).
+const NOTICE_BUF: usize = 4096;
 /// How long a handover waits for parked requests to be answered (they
 /// wait at most [`pool::PARK_FOR`], then take a blocking thread).
 const PARKED_DRAIN: Duration = Duration::from_secs(5);
@@ -175,6 +205,98 @@ struct Mount {
     /// Whether the pool serves it (an adopted mount waits for its first
     /// sync).
     served: bool,
+    /// The workload's grants as the view was last built (in the index).
+    grants: Vec<Grant>,
+    /// Every secret those grants covered then, with its version.
+    secrets: BTreeMap<String, VersionMeta>,
+}
+
+/// Which mounts show what: every mount's grants by exact path and by
+/// prefix, and the mounts of each workload. Kept with the mounts, under
+/// their lock, so a change finds the mounts it touches without looking
+/// at the others.
+#[derive(Default)]
+struct Index {
+    exact: HashMap<String, BTreeSet<MountKey>>,
+    prefix: HashMap<String, BTreeSet<MountKey>>,
+    workload: HashMap<String, BTreeSet<MountKey>>,
+}
+
+impl Index {
+    fn grants(&mut self, key: &MountKey, grants: &[Grant], add: bool) {
+        for g in grants {
+            let (map, p) = match &g.target {
+                Target::Exact(p) => (&mut self.exact, p),
+                Target::Prefix(p) => (&mut self.prefix, p),
+            };
+            if add {
+                map.entry(p.as_str().to_owned()).or_default().insert(key.clone());
+            } else if let Some(keys) = map.get_mut(p.as_str()) {
+                keys.remove(key);
+                if keys.is_empty() {
+                    map.remove(p.as_str());
+                }
+            }
+        }
+    }
+
+    /// The mounts whose grants may cover `path`: those naming it, and
+    /// those granting a prefix above it.
+    fn showing(&self, path: &str, out: &mut BTreeSet<MountKey>) {
+        out.extend(self.exact.get(path).into_iter().flatten().cloned());
+        for (i, _) in path.match_indices('/') {
+            out.extend(self.prefix.get(&path[..i]).into_iter().flatten().cloned());
+        }
+    }
+}
+
+/// The mounts and their index.
+#[derive(Default)]
+struct Mounts {
+    by_key: BTreeMap<MountKey, Mount>,
+    index: Index,
+}
+
+impl Mounts {
+    /// A new mount: it shows nothing until its first update.
+    fn insert(&mut self, key: MountKey, m: Mount) {
+        debug_assert!(m.grants.is_empty(), "grants come with the first update");
+        self.index.workload.entry(m.shape.workload.name.clone()).or_default().insert(key.clone());
+        self.by_key.insert(key, m);
+    }
+
+    fn remove(&mut self, key: &MountKey) -> Option<Mount> {
+        let m = self.by_key.remove(key)?;
+        self.index.grants(key, &m.grants, false);
+        let name = &m.shape.workload.name;
+        if let Some(keys) = self.index.workload.get_mut(name) {
+            keys.remove(key);
+            if keys.is_empty() {
+                self.index.workload.remove(name);
+            }
+        }
+        Some(m)
+    }
+
+    /// Note the grants a mount's view is now built from.
+    fn set_grants(&mut self, key: &MountKey, grants: Vec<Grant>) {
+        let Some(m) = self.by_key.get_mut(key) else { return };
+        self.index.grants(key, &m.grants, false);
+        self.index.grants(key, &grants, true);
+        m.grants = grants;
+    }
+
+    fn of_workload(&self, name: &str) -> BTreeSet<MountKey> {
+        self.index.workload.get(name).cloned().unwrap_or_default()
+    }
+}
+
+/// What a mount's update starts from.
+enum Changed<'a> {
+    /// Its workload's grants (or the mount) are new: read them again.
+    Policy,
+    /// Only these secrets' values (or existence) changed.
+    Secrets(&'a [String]),
 }
 
 /// One live mount as handed to a successor broker; its `/dev/fuse`
@@ -202,7 +324,7 @@ pub struct MountTable {
     shared: Arc<FsShared>,
     /// The workers that serve every mount.
     pool: Arc<Pool>,
-    mounts: Mutex<BTreeMap<MountKey, Mount>>,
+    mounts: Mutex<Mounts>,
     next_ino: AtomicU64,
     /// Serializes syncs: each one sees the store after the previous.
     sync_lock: Mutex<()>,
@@ -356,7 +478,7 @@ impl MountTable {
             let _ = crate::sys::umount_detach(&path);
             return Err(e).with_context(|| format!("cannot serve {}", path.display()));
         }
-        let m = Mount { shape, fs, conn, served: true };
+        let m = Mount { shape, fs, conn, served: true, grants: Vec::new(), secrets: BTreeMap::new() };
         if stacked {
             tracing::info!(path = %path.display(), "mounted over the mount a previous broker left");
         } else {
@@ -391,41 +513,62 @@ impl MountTable {
         tracing::info!(path = %path.display(), "unmounted");
     }
 
-    /// Tell the kernel to forget entries (and the directory listing).
-    fn invalidate(m: &Mount, names: &[String]) {
-        if names.is_empty() {
-            return;
-        }
-        let mut buf = vec![0u8; 4096];
+    /// Tell the kernel to forget the entries of `names`, and, if a name
+    /// went (`gone`), the directory's attributes and listing. A rotation
+    /// keeps every name: its entries alone are enough.
+    fn invalidate(m: &Mount, names: &[String], gone: bool, buf: &mut [u8]) {
         let fd = m.conn.dev().as_raw_fd();
         for name in names {
             let Ok(c) = CString::new(name.as_str()) else { continue };
-            if let Ok(w) = FuseDevWriter::<()>::new(fd, &mut buf) {
+            if let Ok(w) = FuseDevWriter::<()>::new(fd, buf) {
                 // ENOENT just means the kernel had nothing cached.
                 let _ = m.conn.server.notify_inval_entry(w, ROOT, &c);
             }
         }
-        if let Ok(w) = FuseDevWriter::<()>::new(fd, &mut buf) {
-            let _ = m.conn.server.notify_inval_inode(w, ROOT, 0, 0);
+        if gone {
+            if let Ok(w) = FuseDevWriter::<()>::new(fd, buf) {
+                let _ = m.conn.server.notify_inval_inode(w, ROOT, 0, 0);
+            }
         }
     }
 
-    /// Build one workload's view from the store, reusing the nodes (and
-    /// inode numbers, and loaded values) of files that did not change.
-    fn build_view(
-        &self,
-        cat: &impl Catalog,
-        fs: &Arc<WorkloadFs>,
-        shape: &Shape,
-        notices: &mut Vec<Notice>,
-    ) -> anyhow::Result<View> {
-        let grants = cat.grants(&fs.workload.name)?;
-        let mut secrets: BTreeMap<String, VersionMeta> = BTreeMap::new();
-        for g in &grants {
+    /// Every secret `grants` cover now, with its version.
+    fn covered_all(cat: &impl Catalog, grants: &[Grant]) -> anyhow::Result<BTreeMap<String, VersionMeta>> {
+        let mut secrets = BTreeMap::new();
+        for g in grants {
             secrets.extend(cat.covered(&g.target)?);
         }
+        Ok(secrets)
+    }
+
+    /// Bring what a mount knows of `paths` up to date: each is shown now
+    /// if one of its grants covers it and it exists (an exact grant of a
+    /// Vault secret not fetched yet shows it as version 0).
+    fn recover(cat: &impl Catalog, m: &mut Mount, paths: &[String]) -> anyhow::Result<()> {
+        for p in paths {
+            let mut found = None;
+            for g in m.grants.iter().filter(|g| g.target.file_for(p).is_some()) {
+                let now = match &g.target {
+                    Target::Exact(_) => cat.covered(&g.target)?.into_iter().find(|(s, _)| s == p).map(|(_, m)| m),
+                    Target::Prefix(_) => cat.current(p)?,
+                };
+                found = now.or(found);
+            }
+            match found {
+                Some(meta) => m.secrets.insert(p.clone(), meta),
+                None => m.secrets.remove(p),
+            };
+        }
+        Ok(())
+    }
+
+    /// Build one mount's view from its grants and the secrets they
+    /// cover, reusing the nodes (and inode numbers, and loaded values) of
+    /// files that did not change.
+    fn make_view(&self, cat: &impl Catalog, m: &Mount, notices: &mut Vec<Notice>) -> View {
+        let (fs, shape, secrets) = (&m.fs, &m.shape, &m.secrets);
         let names: Vec<String> = secrets.keys().cloned().collect();
-        let (mut specs, clashes) = files_for(&grants, &names);
+        let (mut specs, clashes) = files_for(&m.grants, &names);
         if let Some(mode) = shape.mode {
             specs.iter_mut().for_each(|s| s.mode = mode);
         }
@@ -436,16 +579,13 @@ impl MountTable {
         let mut nodes = Vec::with_capacity(specs.len());
         for spec in specs {
             let meta = &secrets[&spec.secret];
-            let reuse = old
-                .by_name
-                .get(&spec.name)
-                .filter(|n| n.same_as(&spec.secret, meta.version, spec.mode, spec.uid, spec.gid));
+            let before = old.by_name.get(&spec.name);
+            let reuse = before.filter(|n| n.same_as(&spec.secret, meta.version, spec.mode, spec.uid, spec.gid));
             if let Some(n) = reuse {
                 nodes.push(n.clone());
                 continue;
             }
-            let rotated =
-                old.by_name.get(&spec.name).is_some_and(|n| n.secret == spec.secret && n.version != meta.version);
+            let rotated = before.is_some_and(|n| n.secret == spec.secret && n.version != meta.version);
             if let (true, Some(signal)) = (rotated, &spec.notify) {
                 let (fs, secret, signal) = (fs.clone(), spec.secret.clone(), signal.clone());
                 notices.push(Notice { fs, secret, version: meta.version, signal });
@@ -458,7 +598,10 @@ impl MountTable {
                     continue;
                 }
             };
-            let reads = crate::metrics::reads_of(&fs.workload.name, &spec.secret);
+            let reads = match before.filter(|n| n.secret == spec.secret) {
+                Some(n) => n.reads.clone(),
+                None => crate::metrics::reads_of(&fs.workload.name, &spec.secret),
+            };
             nodes.push(Arc::new(Node {
                 ino: self.next_ino.fetch_add(1, Ordering::Relaxed),
                 name: spec.name,
@@ -474,7 +617,66 @@ impl MountTable {
                 notify: spec.notify,
             }));
         }
-        Ok(View::new(nodes))
+        View::new(nodes)
+    }
+
+    /// Bring one mount up to date: read what changed, swap in its new
+    /// view, tell the kernel what changed, and serve it if it is adopted.
+    fn update(
+        &self,
+        cat: &impl Catalog,
+        mounts: &mut Mounts,
+        key: &MountKey,
+        what: &Changed<'_>,
+        notices: &mut Vec<Notice>,
+        buf: &mut [u8],
+    ) -> anyhow::Result<()> {
+        let Some(m) = mounts.by_key.get_mut(key) else { return Ok(()) };
+        let read = match what {
+            Changed::Policy => {
+                match cat.grants(&m.fs.workload.name).and_then(|g| Ok((Self::covered_all(cat, &g)?, g))) {
+                    Ok((secrets, grants)) => {
+                        m.secrets = secrets;
+                        mounts.set_grants(key, grants);
+                        Ok(())
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            Changed::Secrets(paths) => Self::recover(cat, m, paths),
+        };
+        let m = mounts.by_key.get_mut(key).expect("present above");
+        if read.is_ok() {
+            let view = self.make_view(cat, m, notices);
+            let gone = m.fs.view().by_name.keys().any(|name| !view.by_name.contains_key(name));
+            let changed = m.fs.replace(view);
+            Self::invalidate(m, &changed, gone, buf);
+        }
+        // A mount adopted from a predecessor is served once it is
+        // current (or as current as it can be). First, any request the
+        // predecessor read and never answered is queued again.
+        if !m.served {
+            m.conn.resend();
+            match self.pool.add(&m.conn) {
+                Ok(()) => m.served = true,
+                Err(e) => tracing::error!(mount = ?key, error = format!("{e:#}"), "cannot serve mount"),
+            }
+        }
+        read
+    }
+
+    /// The shape of a workload's own mount.
+    fn workload_shape(w: Workload) -> Shape {
+        Shape { workload: w, uid: None, gid: None, mode: None, volume: None, container: None }
+    }
+
+    /// The shape of a container's mount of a volume (`workload`: the
+    /// volume's workload, if it exists).
+    fn volume_shape(v: VolumeMount, workload: Option<Workload>) -> Shape {
+        // A volume whose workload is gone shows nothing and matches
+        // nobody (a workload without selectors matches no caller).
+        let workload = workload.unwrap_or(Workload { name: v.workload.clone(), selectors: vec![] });
+        Shape { workload, uid: v.uid, gid: v.gid, mode: v.mode, volume: Some(v.volume), container: v.container }
     }
 
     /// The mounts the catalog asks for, and how each shows its files.
@@ -482,29 +684,55 @@ impl MountTable {
         let workloads: HashMap<String, Workload> = cat.workloads()?.into_iter().map(|w| (w.name.clone(), w)).collect();
         let mut wanted = BTreeMap::new();
         for w in workloads.values() {
-            let shape = Shape { workload: w.clone(), uid: None, gid: None, mode: None, volume: None, container: None };
-            wanted.insert(MountKey::Workload(w.name.clone()), shape);
+            wanted.insert(MountKey::Workload(w.name.clone()), Self::workload_shape(w.clone()));
         }
         for v in cat.volume_mounts()? {
-            // A volume whose workload is gone shows nothing and matches
-            // nobody (a workload without selectors matches no caller).
-            let workload =
-                workloads.get(&v.workload).cloned().unwrap_or(Workload { name: v.workload.clone(), selectors: vec![] });
-            let shape = Shape {
-                workload,
-                uid: v.uid,
-                gid: v.gid,
-                mode: v.mode,
-                volume: Some(v.volume),
-                container: v.container,
-            };
-            wanted.insert(MountKey::Volume(v.id), shape);
+            let w = workloads.get(&v.workload).cloned();
+            wanted.insert(MountKey::Volume(v.id.clone()), Self::volume_shape(v, w));
         }
         Ok(wanted)
     }
 
-    /// Make the mounts match the store. Errors for one mount are logged
-    /// and do not stop the others. Returns the rotations to announce.
+    /// Make the mounts in `scope` match `wanted` (the wanted mounts are
+    /// in scope too): unmount the unwanted or reshaped, mount the new,
+    /// and rebuild each wanted mount's view from its grants. Errors for
+    /// one mount are logged and do not stop the others.
+    fn reconcile(
+        &self,
+        cat: &impl Catalog,
+        mounts: &mut Mounts,
+        scope: BTreeSet<MountKey>,
+        wanted: BTreeMap<MountKey, Shape>,
+        notices: &mut Vec<Notice>,
+    ) {
+        let gone: Vec<MountKey> = scope
+            .into_iter()
+            .filter(|k| mounts.by_key.get(k).is_some_and(|m| wanted.get(k) != Some(&m.shape)))
+            .collect();
+        for key in gone {
+            if let Some(m) = mounts.remove(&key) {
+                self.unmount(&key, m);
+            }
+        }
+        for (key, shape) in wanted {
+            if !mounts.by_key.contains_key(&key) {
+                match self.mount(&key, shape) {
+                    Ok(m) => mounts.insert(key.clone(), m),
+                    Err(e) => {
+                        tracing::error!(mount = ?key, error = format!("{e:#}"), "cannot mount");
+                        continue;
+                    }
+                }
+            }
+            if let Err(e) = self.update(cat, mounts, &key, &Changed::Policy, notices, &mut [0; NOTICE_BUF]) {
+                tracing::error!(mount = ?key, error = format!("{e:#}"), "cannot update mount");
+            }
+        }
+    }
+
+    /// Make every mount match the store (at start, after a takeover, and
+    /// for changes that may touch any mount). Returns the rotations to
+    /// announce.
     pub fn sync(&self, cat: &impl Catalog) -> anyhow::Result<Vec<Notice>> {
         let mut notices = Vec::new();
         let _serial = self.sync_lock.lock().expect("sync lock");
@@ -514,15 +742,12 @@ impl MountTable {
         let cat = &Memo::new(cat);
         let wanted = Self::wanted(cat)?;
         let mut mounts = self.mounts.lock().expect("mounts lock");
-        let gone: Vec<MountKey> =
-            mounts.iter().filter(|(k, m)| wanted.get(*k) != Some(&m.shape)).map(|(k, _)| k.clone()).collect();
-        for key in gone {
-            if let Some(m) = mounts.remove(&key) {
-                self.unmount(&key, m);
-            }
-        }
         // Leftovers that nothing wants any more have no one to serve them.
-        let wanted_paths: Vec<PathBuf> = wanted.keys().map(|k| self.path_of(k)).collect();
+        let wanted_paths: BTreeSet<PathBuf> = wanted.keys().map(|k| self.path_of(k)).collect();
+        let all: BTreeSet<MountKey> = mounts.by_key.keys().cloned().collect();
+        let gone: BTreeSet<MountKey> = all.iter().filter(|k| !wanted.contains_key(*k)).cloned().collect();
+        // Unmount first: a leftover below a gone mount is detached too.
+        self.reconcile(cat, &mut mounts, gone, BTreeMap::new(), &mut notices);
         self.leftovers.lock().expect("leftovers lock").retain(|p| {
             let keep = wanted_paths.contains(p);
             if !keep {
@@ -532,35 +757,55 @@ impl MountTable {
             }
             keep
         });
-        for (key, shape) in wanted {
-            if !mounts.contains_key(&key) {
-                match self.mount(&key, shape) {
-                    Ok(m) => {
-                        mounts.insert(key.clone(), m);
-                    }
-                    Err(e) => {
-                        tracing::error!(mount = ?key, error = format!("{e:#}"), "cannot mount");
-                        continue;
-                    }
-                }
-            }
-            let m = mounts.get_mut(&key).expect("mounted above");
-            match self.build_view(cat, &m.fs, &m.shape, &mut notices) {
-                Ok(view) => {
-                    let changed = m.fs.replace(view);
-                    Self::invalidate(m, &changed);
-                }
-                Err(e) => tracing::error!(mount = ?key, error = format!("{e:#}"), "cannot update mount"),
-            }
-            // A mount adopted from a predecessor is served once it is
-            // current. First, any request the predecessor read and never
-            // answered is queued again.
-            if !m.served {
-                m.conn.resend();
-                match self.pool.add(&m.conn) {
-                    Ok(()) => m.served = true,
-                    Err(e) => tracing::error!(mount = ?key, error = format!("{e:#}"), "cannot serve mount"),
-                }
+        self.reconcile(cat, &mut mounts, all, wanted, &mut notices);
+        Ok(notices)
+    }
+
+    /// After a change of one workload's policy (the workload added or
+    /// removed, a grant or revoke): its own mount and its volumes'
+    /// mounts are made, remade or unmounted, and rebuilt; no other mount
+    /// is looked at. Returns the rotations to announce.
+    pub fn workload_changed(&self, cat: &impl Catalog, name: &str) -> anyhow::Result<Vec<Notice>> {
+        let mut notices = Vec::new();
+        let _serial = self.sync_lock.lock().expect("sync lock");
+        if self.frozen.load(Ordering::SeqCst) {
+            return Ok(notices);
+        }
+        let cat = &Memo::new(cat);
+        let workload = cat.workload(name)?;
+        let mut wanted = BTreeMap::new();
+        if let Some(w) = &workload {
+            wanted.insert(MountKey::Workload(name.to_owned()), Self::workload_shape(w.clone()));
+        }
+        for v in cat.volume_mounts()?.into_iter().filter(|v| v.workload == name) {
+            wanted.insert(MountKey::Volume(v.id.clone()), Self::volume_shape(v, workload.clone()));
+        }
+        let mut mounts = self.mounts.lock().expect("mounts lock");
+        let scope = mounts.of_workload(name);
+        self.reconcile(cat, &mut mounts, scope, wanted, &mut notices);
+        Ok(notices)
+    }
+
+    /// After a change of secrets' values (put, rotate, rm, a backend's
+    /// news): only the mounts whose grants cover one of `paths` (by the
+    /// index) are rebuilt, each read of the store made once for all of
+    /// them. Returns the rotations to announce.
+    pub fn secret_changed(&self, cat: &impl Catalog, paths: &[String]) -> anyhow::Result<Vec<Notice>> {
+        let mut notices = Vec::new();
+        let _serial = self.sync_lock.lock().expect("sync lock");
+        if self.frozen.load(Ordering::SeqCst) || paths.is_empty() {
+            return Ok(notices);
+        }
+        let cat = &Memo::new(cat);
+        let mut mounts = self.mounts.lock().expect("mounts lock");
+        let mut touched = BTreeSet::new();
+        for p in paths {
+            mounts.index.showing(p, &mut touched);
+        }
+        let mut buf = [0; NOTICE_BUF];
+        for key in touched {
+            if let Err(e) = self.update(cat, &mut mounts, &key, &Changed::Secrets(paths), &mut notices, &mut buf) {
+                tracing::error!(mount = ?key, error = format!("{e:#}"), "cannot update mount");
             }
         }
         Ok(notices)
@@ -589,8 +834,8 @@ impl MountTable {
     /// and the next inode number, for a successor broker.
     pub fn snapshot(&self) -> std::io::Result<(Vec<(MountState, OwnedFd)>, u64)> {
         let mounts = self.mounts.lock().expect("mounts lock");
-        let mut handed = Vec::with_capacity(mounts.len());
-        for (key, m) in mounts.iter() {
+        let mut handed = Vec::with_capacity(mounts.by_key.len());
+        for (key, m) in mounts.by_key.iter() {
             handed.push((MountState { key: key.clone(), fs: m.fs.export() }, m.conn.dev().try_clone()?.into()));
         }
         Ok((handed, self.next_ino.load(Ordering::SeqCst)))
@@ -633,15 +878,27 @@ impl MountTable {
             let fs = Arc::new(fs);
             let conn = Conn::new(dev, fs.clone());
             tracing::info!(path = %path.display(), "took over the live mount");
-            mounts.insert(st.key, Mount { shape, fs, conn, served: false });
+            let m = Mount { shape, fs, conn, served: false, grants: Vec::new(), secrets: BTreeMap::new() };
+            mounts.insert(st.key, m);
         }
         self.next_ino.fetch_max(next_ino, Ordering::SeqCst);
         Ok(())
     }
 
+    /// How many mounts there are.
+    pub fn count(&self) -> usize {
+        self.mounts.lock().expect("mounts lock").by_key.len()
+    }
+
+    /// The workload a mount shows, if the mount exists.
+    pub fn workload_of(&self, key: &MountKey) -> Option<String> {
+        self.mounts.lock().expect("mounts lock").by_key.get(key).map(|m| m.shape.workload.name.clone())
+    }
+
     pub fn list(&self) -> Vec<MountInfo> {
         let mounts = self.mounts.lock().expect("mounts lock");
         mounts
+            .by_key
             .iter()
             .map(|(key, m)| MountInfo {
                 workload: m.fs.workload.name.clone(),
@@ -658,7 +915,7 @@ impl MountTable {
     pub fn shutdown(&self) {
         self.pool.stop();
         let mut mounts = self.mounts.lock().expect("mounts lock");
-        for (key, m) in std::mem::take(&mut *mounts) {
+        for (key, m) in std::mem::take(&mut *mounts).by_key {
             self.stop(m);
             let path = self.path_of(&key);
             if held_by_others(&path) {
@@ -719,6 +976,41 @@ mod tests {
         memo.load("a", &meta(2)).unwrap();
         assert_eq!((real.covered.get(), real.loaded.get()), (2, 2));
         assert!(Arc::ptr_eq(first.value.as_ref().unwrap(), again.value.as_ref().unwrap()));
+    }
+
+    fn grant(target: &str) -> Grant {
+        Grant::new(target, "w", None, None, None, None).unwrap()
+    }
+
+    fn showing(ix: &Index, path: &str) -> Vec<MountKey> {
+        let mut out = BTreeSet::new();
+        ix.showing(path, &mut out);
+        out.into_iter().collect()
+    }
+
+    #[test]
+    fn the_index_finds_the_mounts_of_a_path_by_exact_grant_and_by_prefix() {
+        let (a, b, c) = (MountKey::Workload("a".into()), MountKey::Workload("b".into()), MountKey::Volume("c".into()));
+        let mut ix = Index::default();
+        let (ga, gb, gc) = (vec![grant("db/*")], vec![grant("db/pass"), grant("web/*")], vec![grant("db/x/*")]);
+        ix.grants(&a, &ga, true);
+        ix.grants(&b, &gb, true);
+        ix.grants(&c, &gc, true);
+        assert_eq!(showing(&ix, "db/pass"), [a.clone(), b.clone()]);
+        assert_eq!(showing(&ix, "db/user"), vec![a.clone()]);
+        assert_eq!(showing(&ix, "db/x/y/z"), [a.clone(), c.clone()]);
+        assert_eq!(showing(&ix, "web/tls/key"), vec![b.clone()]);
+        // Whole segments only, and a prefix does not cover itself.
+        assert!(showing(&ix, "dbx/pass").is_empty());
+        assert!(showing(&ix, "db").is_empty());
+        assert!(showing(&ix, "web").is_empty());
+        // Grants that go leave the index; nothing empty stays behind.
+        ix.grants(&b, &gb, false);
+        assert_eq!(showing(&ix, "db/pass"), vec![a.clone()]);
+        assert!(showing(&ix, "web/x").is_empty());
+        ix.grants(&a, &ga, false);
+        ix.grants(&c, &gc, false);
+        assert!(ix.exact.is_empty() && ix.prefix.is_empty());
     }
 
     #[test]

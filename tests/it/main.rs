@@ -20,6 +20,7 @@ mod operate;
 mod pool;
 mod redteam;
 mod replay;
+mod scale;
 mod secrets;
 mod strangers;
 mod takeover;
