@@ -80,6 +80,13 @@ pub fn peer_pidfd(sock: RawFd) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// Whether this kernel gives a pidfd for a socket's peer (`SO_PEERPIDFD`,
+/// Linux 6.5+), tried on a socket pair of our own.
+pub fn probe_peer_pidfd() -> io::Result<()> {
+    let (a, _b) = std::os::unix::net::UnixStream::pair()?;
+    peer_pidfd(a.as_raw_fd()).map(drop)
+}
+
 fn pidfd_open_flags(pid: i32, flags: libc::c_long) -> io::Result<OwnedFd> {
     // SAFETY: a raw syscall with two integer arguments.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, flags) };

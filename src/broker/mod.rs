@@ -820,6 +820,12 @@ pub async fn serve(config: Config, takeover: bool, new_audit_log: bool) -> anyho
     let _ = rustls::crypto::ring::default_provider().install_default();
     crate::sys::umask(0o077);
     crate::sys::harden_process().context("cannot disable core dumps")?;
+    // Every caller is pinned by the pidfd the kernel took at connect: where
+    // there is none, no caller could be told from a recycled pid.
+    crate::sys::probe_peer_pidfd().context(
+        "keyhole needs Linux 6.5 or later: this kernel gives no pidfd for a socket's peer (SO_PEERPIDFD); \
+         on Debian 12, install a newer kernel (bookworm-backports)",
+    )?;
     // Connections, FUSE mounts and attestation all take file descriptors:
     // the soft limit (often 1024) is raised to the hard one.
     match crate::sys::raise_nofile() {

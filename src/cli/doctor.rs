@@ -123,9 +123,7 @@ pub async fn run(config: anyhow::Result<Config>, json: bool) -> anyhow::Result<(
 /// with it and refuses connections without it.
 fn peer_pidfd() -> Check {
     const NAME: &str = "SO_PEERPIDFD";
-    let probe = std::os::unix::net::UnixStream::pair()
-        .and_then(|(a, _b)| crate::sys::peer_pidfd(std::os::fd::AsRawFd::as_raw_fd(&a)));
-    match probe {
+    match crate::sys::probe_peer_pidfd() {
         Ok(_) => ok(NAME, "the kernel pins a socket's peer (pidfd)"),
         Err(e) => bad(
             NAME,

@@ -185,9 +185,10 @@ fn a_caller_outside_the_brokers_pid_namespace_is_denied() {
     b.ok(&["grant", "k", "--to", "app", "--mode", "0444"]);
     assert!(b.terminate().success());
     // The same broker in a pid namespace of its own: every host process
-    // reaches it as pid 0, which cannot be attested.
+    // reaches it as pid 0, which cannot be attested. (--kill-child: the
+    // broker must die with unshare, not outlive the test.)
     let mut child = std::process::Command::new("unshare")
-        .args(["--pid", "--fork", BIN])
+        .args(["--pid", "--fork", "--kill-child", BIN])
         .args(b.serve_args())
         .stdout(std::process::Stdio::null())
         .stderr(b.log_file())
