@@ -433,19 +433,9 @@ fn redteam2_many_callers_cannot_flood_the_audit_log() {
     assert!(o.status.success(), "{}", stderr(&o));
     let denied: u64 = String::from_utf8_lossy(&o.stdout).trim().parse().unwrap();
     assert!(denied > 2000, "only {denied} denials");
-    let counted = |lines: &[serde_json::Value]| -> u64 {
-        lines
-            .iter()
-            .map(|l| match l["event"].as_str() {
-                Some("deny") => 1,
-                Some("deny_summary") => l["count"].as_u64().unwrap_or(0),
-                _ => 0,
-            })
-            .sum()
-    };
-    eventually(15, "every denial accounted for", || counted(&b.audit_lines()) == denied);
+    eventually(15, "every denial accounted for", || b.denials() == denied);
     let lines = b.audit_lines();
-    assert_eq!(counted(&lines), denied);
+    assert_eq!(denials_in(&lines), denied);
     let mut per_second = std::collections::BTreeMap::<String, (u64, u64)>::new();
     for l in lines.iter().filter(|l| l["event"] == "deny" || l["event"] == "deny_summary") {
         let second = l["time"].as_str().unwrap()[..19].to_owned();

@@ -117,15 +117,7 @@ impl Broker {
     /// The denials the audit log accounts for: one per `deny` line, plus
     /// the `count` of each `deny_summary` line (denials summed up).
     pub fn denials(&self) -> u64 {
-        let lines = self.audit_lines();
-        lines
-            .iter()
-            .map(|l| match l["event"].as_str() {
-                Some("deny") => 1,
-                Some("deny_summary") => l["count"].as_u64().unwrap_or(0),
-                _ => 0,
-            })
-            .sum()
+        denials_in(&self.audit_lines())
     }
 
     pub fn audit_lines(&self) -> Vec<serde_json::Value> {
@@ -839,4 +831,17 @@ pub fn sample(text: &str, series: &str) -> f64 {
         .map(|v| v.parse::<f64>().unwrap())
         .next()
         .unwrap_or(0.0)
+}
+
+/// The denials audit `lines` account for: one per `deny` line, plus the
+/// `count` of each `deny_summary` line.
+pub fn denials_in(lines: &[serde_json::Value]) -> u64 {
+    lines
+        .iter()
+        .map(|l| match l["event"].as_str() {
+            Some("deny") => 1,
+            Some("deny_summary") => l["count"].as_u64().unwrap_or(0),
+            _ => 0,
+        })
+        .sum()
 }
