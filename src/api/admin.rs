@@ -13,10 +13,10 @@ use super::remote::{show, subject_of};
 use super::{ApiError, blocking, describe, peer_of};
 use crate::audit::Event;
 use crate::backend::VersionMeta;
-use crate::broker::Broker;
+use crate::broker::{Broker, GrantRequest, NewValue};
 use crate::identity::Identity;
 use crate::policy::{Grant, Workload};
-use crate::secret::{SecretBytes, SecretPath, generate_alnum, validate_prefix};
+use crate::secret::{SecretBytes, SecretPath, validate_prefix};
 
 pub struct AdminService(pub Arc<Broker>);
 
@@ -63,18 +63,6 @@ fn backend_status(v: &crate::backend::vault::VaultBackend) -> pb::BackendStatus 
         last_error: last_error.unwrap_or_default(),
         cached_secrets: v.cached_count() as u64,
     }
-}
-
-/// A grant as a caller sent it, checked (empty fields: the defaults).
-pub fn grant_from_pb(g: pb::GrantSpec) -> Result<Grant, crate::policy::PolicyError> {
-    let file = (!g.file.is_empty()).then_some(g.file);
-    let mode = (g.mode != 0).then_some(g.mode);
-    let notify = (!g.notify.is_empty()).then_some(g.notify.as_str());
-    Grant::new(&g.secret, &g.workload, file, mode, g.uid, g.gid).and_then(|grant| grant.with_notify(notify))
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
 impl AdminService {
@@ -153,7 +141,18 @@ impl AdminService {
         )))
     }
 
-    /// Run `op` off the async workers and audit its outcome as `event`:
+    /// Run a broker operation (which stores, updates the mounts,
+    /// announces and audits; see `crate::broker::ops`) off the async
+    /// workers.
+    async fn op<T: Send + 'static>(
+        &self,
+        op: impl FnOnce(&Broker) -> Result<T, ApiError> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        let broker = self.0.clone();
+        blocking(move || op(&broker)).await
+    }
+
+    /// Run a read off the async workers and audit its outcome as `event`:
     /// with the version it reports on success, with the error otherwise.
     /// If the audit line cannot be written, the call fails.
     async fn audited<T: Send + 'static>(
@@ -196,31 +195,6 @@ impl AdminService {
     }
 }
 
-fn take_value(source: Option<Source>, max: u64) -> Result<SecretBytes, ApiError> {
-    match source {
-        Some(Source::Value(mut v)) => {
-            let len = v.len() as u64;
-            let value = SecretBytes::take(&mut v);
-            if len == 0 {
-                Err(ApiError::InvalidArgument("the value is empty".into()))
-            } else if len > max {
-                Err(ApiError::InvalidArgument(format!(
-                    "the value is {len} bytes; the limit is {max} (max_value_bytes)"
-                )))
-            } else {
-                Ok(value)
-            }
-        }
-        Some(Source::GenerateLength(n)) if n == 0 || u64::from(n) > max => {
-            Err(ApiError::InvalidArgument(format!("cannot generate {n} characters: the length must be 1 to {max}")))
-        }
-        Some(Source::GenerateLength(n)) => {
-            generate_alnum(n as usize).map_err(|e| ApiError::Internal(format!("no randomness: {e}")))
-        }
-        None => Err(ApiError::InvalidArgument("no value: send a value or a length to generate".into())),
-    }
-}
-
 #[tonic::async_trait]
 impl admin_server::Admin for AdminService {
     async fn put_secret(&self, req: Request<pb::PutSecretRequest>) -> Reply<pb::SecretVersion> {
@@ -231,18 +205,14 @@ impl admin_server::Admin for AdminService {
             Ok(_) => false,
             Err(_) => return Err(ApiError::InvalidArgument(format!("unknown put mode {}", r.mode)).into()),
         };
-        let event = if rotate { "rotate" } else { "put" };
-        let value = take_value(r.source, self.0.config.max_value_bytes);
+        let value = match r.source {
+            Some(Source::Value(mut v)) => NewValue::Bytes(SecretBytes::take(&mut v)),
+            Some(Source::GenerateLength(n)) => NewValue::Generate(n),
+            None => NewValue::Missing,
+        };
         let (path, if_version) = (r.path, r.if_version);
-        let reply = self
-            .audited(id, event, Some(path.clone()), move |b| {
-                let path = SecretPath::parse(&path)?;
-                let meta = b.put_secret(&path, &value?, rotate, if_version, now_ms())?;
-                b.secret_changed(&[path.to_string()]);
-                Ok((version_pb(path.as_str(), meta.clone()), Some(meta.version)))
-            })
-            .await?;
-        Ok(Response::new(reply))
+        let meta = self.op(move |b| b.put(&id, &path, value, rotate, if_version).map(|m| (path, m))).await?;
+        Ok(Response::new(version_pb(&meta.0, meta.1)))
     }
 
     async fn get_secret(&self, req: Request<pb::GetSecretRequest>) -> Reply<pb::GetSecretResponse> {
@@ -292,15 +262,8 @@ impl admin_server::Admin for AdminService {
     async fn delete_secret(&self, req: Request<pb::DeleteSecretRequest>) -> Reply<pb::DeleteSecretResponse> {
         let id = self.authorize(&req, "DeleteSecret").await?;
         let path = req.into_inner().path;
-        let removed = self
-            .audited(id, "rm", Some(path.clone()), move |b| {
-                let path = SecretPath::parse(&path)?;
-                let n = b.delete_secret(&path)?;
-                b.secret_changed(&[path.to_string()]);
-                Ok((n as u32, None))
-            })
-            .await?;
-        Ok(Response::new(pb::DeleteSecretResponse { versions_removed: removed }))
+        let removed = self.op(move |b| b.remove(&id, &path)).await?;
+        Ok(Response::new(pb::DeleteSecretResponse { versions_removed: removed as u32 }))
     }
 
     async fn ping(&self, _req: Request<pb::PingRequest>) -> Reply<pb::PingResponse> {
@@ -398,15 +361,8 @@ impl admin_server::Admin for AdminService {
     async fn add_workload(&self, req: Request<pb::WorkloadSpec>) -> Reply<pb::WorkloadSpec> {
         let id = self.authorize(&req, "AddWorkload").await?;
         let spec = req.into_inner();
-        let reply = self
-            .audited(id, "workload_add", None, move |b| {
-                let w = Workload::new(&spec.name, &spec.selectors).map_err(ApiError::from)?;
-                b.store.add_workload(&w)?;
-                b.workload_changed(&w.name);
-                Ok((workload_pb(&w), None))
-            })
-            .await?;
-        Ok(Response::new(reply))
+        let w = self.op(move |b| b.add_workload(&id, &spec.name, &spec.selectors)).await?;
+        Ok(Response::new(workload_pb(&w)))
     }
 
     async fn list_workloads(&self, req: Request<pb::ListWorkloadsRequest>) -> Reply<pb::ListWorkloadsResponse> {
@@ -420,47 +376,30 @@ impl admin_server::Admin for AdminService {
     async fn remove_workload(&self, req: Request<pb::RemoveWorkloadRequest>) -> Reply<pb::RemoveWorkloadResponse> {
         let id = self.authorize(&req, "RemoveWorkload").await?;
         let name = req.into_inner().name;
-        let removed = self
-            .audited(id, "workload_rm", None, move |b| {
-                let n = b.store.remove_workload(&name)?;
-                b.workload_changed(&name);
-                Ok((n as u32, None))
-            })
-            .await?;
-        Ok(Response::new(pb::RemoveWorkloadResponse { grants_removed: removed }))
+        let removed = self.op(move |b| b.remove_workload(&id, &name)).await?;
+        Ok(Response::new(pb::RemoveWorkloadResponse { grants_removed: removed as u32 }))
     }
 
     async fn grant(&self, req: Request<pb::GrantSpec>) -> Reply<pb::GrantSpec> {
         let id = self.authorize(&req, "Grant").await?;
         let g = req.into_inner();
-        let path = g.secret.clone();
-        let reply = self
-            .audited_for(id, "grant", Some(g.workload.clone()), Some(path), move |b| {
-                let grant = grant_from_pb(g).map_err(ApiError::from)?;
-                let existing = b.store.grants(Some(&grant.workload))?;
-                crate::policy::check_file_clash(&existing, &grant).map_err(ApiError::from)?;
-                b.store.put_grant(&grant)?;
-                let fetched = b.prefetch(&grant.target);
-                b.secret_changed(&fetched);
-                b.workload_changed(&grant.workload);
-                Ok((grant_pb(&grant), None))
-            })
-            .await?;
-        Ok(Response::new(reply))
+        let asked = GrantRequest {
+            secret: g.secret,
+            workload: g.workload,
+            file: g.file,
+            mode: g.mode,
+            uid: g.uid,
+            gid: g.gid,
+            notify: g.notify,
+        };
+        let grant = self.op(move |b| b.grant(&id, &asked)).await?;
+        Ok(Response::new(grant_pb(&grant)))
     }
 
     async fn revoke(&self, req: Request<pb::RevokeRequest>) -> Reply<pb::RevokeResponse> {
         let id = self.authorize(&req, "Revoke").await?;
         let r = req.into_inner();
-        let path = r.secret.clone();
-        self.audited_for(id, "revoke", Some(r.workload.clone()), Some(path), move |b| {
-            // Normalize through the parser so `db/*` and friends match.
-            let target = crate::policy::Target::parse(&r.secret).map_err(ApiError::from)?;
-            b.store.remove_grant(&r.workload, &target.to_string())?;
-            b.workload_changed(&r.workload);
-            Ok(((), None))
-        })
-        .await?;
+        self.op(move |b| b.revoke(&id, &r.workload, &r.secret)).await?;
         Ok(Response::new(pb::RevokeResponse {}))
     }
 

@@ -24,51 +24,31 @@ pub mod pb {
 
 use tonic::{Code, Request, Status};
 
-use crate::audit::AuditError;
 use crate::backend::local::StoreError;
-use crate::identity::{Identity, IdentityError, Peer};
-use crate::secret::PathError;
+use crate::identity::{Identity, Peer};
 
-/// Everything a call can fail with. Messages name paths, versions and
-/// ids — never a value.
-#[derive(Debug, thiserror::Error)]
-pub enum ApiError {
-    #[error("{0}")]
-    InvalidArgument(String),
-    #[error(transparent)]
-    Path(#[from] PathError),
-    #[error(transparent)]
-    Policy(#[from] crate::policy::PolicyError),
-    #[error("{0}")]
-    PermissionDenied(String),
-    #[error("{0}")]
-    ResourceExhausted(String),
-    #[error("cannot attest the caller: {0}")]
-    Unauthenticated(#[from] IdentityError),
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    #[error(transparent)]
-    Backend(#[from] crate::backend::BackendError),
-    #[error("audit log unavailable, so the call was refused: {0}")]
-    Audit(#[from] AuditError),
-    #[error("internal error: {0}")]
-    Internal(String),
-}
+/// Everything a call can fail with: the broker's one error type (the
+/// name `ApiError` stays for the code in `api/`).
+pub use crate::broker::BrokerError as ApiError;
+use crate::broker::BrokerError;
 
-impl From<ApiError> for Status {
-    fn from(e: ApiError) -> Status {
+/// The one place a [`BrokerError`] becomes a gRPC status.
+impl From<BrokerError> for Status {
+    fn from(e: BrokerError) -> Status {
         let code = match &e {
-            ApiError::Policy(crate::policy::PolicyError::FileClash { .. }) => Code::FailedPrecondition,
-            ApiError::InvalidArgument(_) | ApiError::Path(_) | ApiError::Policy(_) => Code::InvalidArgument,
-            ApiError::PermissionDenied(_) => Code::PermissionDenied,
-            ApiError::ResourceExhausted(_) => Code::ResourceExhausted,
-            ApiError::Unauthenticated(_) => Code::Unauthenticated,
-            ApiError::Store(StoreError::NotFound(_) | StoreError::NoVersion { .. } | StoreError::Missing(_)) => {
+            BrokerError::Policy(crate::policy::PolicyError::FileClash { .. }) => Code::FailedPrecondition,
+            BrokerError::InvalidArgument(_) | BrokerError::Path(_) | BrokerError::Policy(_) => Code::InvalidArgument,
+            BrokerError::PermissionDenied(_) => Code::PermissionDenied,
+            BrokerError::Precondition(_) => Code::FailedPrecondition,
+            BrokerError::Unavailable(_) => Code::Unavailable,
+            BrokerError::ResourceExhausted(_) => Code::ResourceExhausted,
+            BrokerError::Unauthenticated(_) => Code::Unauthenticated,
+            BrokerError::Store(StoreError::NotFound(_) | StoreError::NoVersion { .. } | StoreError::Missing(_)) => {
                 Code::NotFound
             }
-            ApiError::Store(StoreError::Exists(_)) => Code::AlreadyExists,
-            ApiError::Store(StoreError::Conflict { .. }) => Code::FailedPrecondition,
-            ApiError::Backend(b) => {
+            BrokerError::Store(StoreError::Exists(_)) => Code::AlreadyExists,
+            BrokerError::Store(StoreError::Conflict { .. }) => Code::FailedPrecondition,
+            BrokerError::Backend(b) => {
                 use crate::backend::BackendError as B;
                 match b {
                     B::NotFound(_) => Code::NotFound,
@@ -78,9 +58,9 @@ impl From<ApiError> for Status {
                     B::Config(_) => Code::Internal,
                 }
             }
-            ApiError::Store(StoreError::Tampered { .. }) => Code::DataLoss,
-            ApiError::Store(_) | ApiError::Internal(_) => Code::Internal,
-            ApiError::Audit(_) => Code::Unavailable,
+            BrokerError::Store(StoreError::Tampered { .. }) => Code::DataLoss,
+            BrokerError::Store(_) | BrokerError::Internal(_) => Code::Internal,
+            BrokerError::Audit(_) => Code::Unavailable,
         };
         Status::new(code, e.to_string())
     }

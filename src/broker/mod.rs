@@ -4,9 +4,14 @@
 //! everything to a successor on request (see [`takeover`]).
 #![forbid(unsafe_code)]
 
+mod error;
+mod ops;
 mod secrets;
 mod systemd;
 pub mod takeover;
+
+pub use error::BrokerError;
+pub use ops::{GrantRequest, NewValue};
 
 use std::fs::{self, OpenOptions};
 use std::io::Write;
@@ -219,7 +224,7 @@ impl Broker {
     /// Count one gRPC call of `id` against `[limits] calls_per_second`,
     /// or `admin_calls_per_second` for an admin; over it, the call is
     /// refused (and audited, at most a line a second per caller).
-    pub fn allow_call(&self, id: &crate::identity::Identity, method: &str) -> Result<(), crate::api::ApiError> {
+    pub fn allow_call(&self, id: &crate::identity::Identity, method: &str) -> Result<(), BrokerError> {
         let key = match (&id.remote, &id.container_id) {
             (Some(r), _) => format!("remote {}", r.split(" from ").next().unwrap_or(r)),
             (None, Some(c)) => format!("container {c}"),
@@ -236,7 +241,7 @@ impl Broker {
         }
         let limit = format!("{name} ({rate}) for {key}");
         self.refusals.refused(&self.audit, &key, &limit, Some(id));
-        Err(crate::api::ApiError::ResourceExhausted(format!(
+        Err(BrokerError::ResourceExhausted(format!(
             "{method}: too many calls from this caller (limit {rate} a second); try again shortly"
         )))
     }
@@ -392,68 +397,6 @@ impl Broker {
         }
         broker.mounts.sync(&broker)?;
         Ok(broker)
-    }
-
-    /// After a change that may touch any mount (a volume mounted or
-    /// unmounted): bring every mount up to date. The change itself is
-    /// already durable, so a failure here is logged.
-    pub fn changed(&self) {
-        let started = Instant::now();
-        self.propagated(started, self.mounts.sync(self));
-    }
-
-    /// After a change of secrets' values (put, rotate, rm, a backend's
-    /// news): update only the mounts that show one of `paths`.
-    pub fn secret_changed(&self, paths: &[String]) {
-        let started = Instant::now();
-        self.propagated(started, self.mounts.secret_changed(self, paths));
-    }
-
-    /// After a change of one workload's policy (workload added or
-    /// removed, grant, revoke): update only that workload's mounts.
-    pub fn workload_changed(&self, workload: &str) {
-        let started = Instant::now();
-        self.propagated(started, self.mounts.workload_changed(self, workload));
-    }
-
-    fn propagated(&self, started: Instant, outcome: anyhow::Result<Vec<crate::fs::Notice>>) {
-        match outcome {
-            Ok(notices) => {
-                crate::metrics::METRICS.propagation_seconds.observe(started.elapsed().as_secs_f64());
-                self.announce(notices)
-            }
-            Err(e) => tracing::error!(error = format!("{e:#}"), "mounts not updated"),
-        }
-    }
-
-    /// Signal the containers that read a rotated secret (`grant --notify`),
-    /// through the Docker API, without waiting for it.
-    fn announce(&self, notices: Vec<crate::fs::Notice>) {
-        let Some(docker) = &self.docker else { return };
-        for n in notices {
-            for container in n.fs.readers_of(&n.secret) {
-                let (docker, audit, fs) = (docker.clone(), self.audit.clone(), n.fs.clone());
-                let (secret, signal, version) = (n.secret.clone(), n.signal.clone(), n.version);
-                self.rt.spawn(async move {
-                    let outcome = docker.signal(&container, &signal).await;
-                    let reason = match &outcome {
-                        Ok(()) => format!("sent {signal} to container {container}"),
-                        Err(e) => format!("could not send {signal} to container {container}: {e}"),
-                    };
-                    if outcome.is_err() {
-                        fs.forget_reader(&secret, &container);
-                    }
-                    let event = Event {
-                        workload: Some(&fs.workload.name),
-                        path: Some(&secret),
-                        version: Some(version),
-                        reason: Some(&reason),
-                        ..Event::new("notify")
-                    };
-                    let _ = audit.record(&event);
-                });
-            }
-        }
     }
 }
 

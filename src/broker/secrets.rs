@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use super::Broker;
-use crate::api::ApiError;
+use super::BrokerError;
 use crate::audit::Event;
 use crate::backend::local::VOLUME_MOUNTS;
 use crate::backend::vault::{Cached, VaultBackend};
@@ -31,16 +31,16 @@ impl Broker {
     }
 
     /// Reject the bare name of a backend: it is a directory, not a secret.
-    fn check_not_backend_root(&self, path: &str) -> Result<(), ApiError> {
+    fn check_not_backend_root(&self, path: &str) -> Result<(), BrokerError> {
         match self.vault_named(path) {
-            Some(_) => Err(ApiError::InvalidArgument(format!("{path} is a backend; name a secret under {path}/"))),
+            Some(_) => Err(BrokerError::InvalidArgument(format!("{path} is a backend; name a secret under {path}/"))),
             None => Ok(()),
         }
     }
 
     /// Keep a fetched value sealed in the local store (for restarts
     /// during an outage); a failure only costs that resilience.
-    fn persist(&self, path: &str, cached: Option<&Cached>) {
+    pub(super) fn persist(&self, path: &str, cached: Option<&Cached>) {
         let r = match cached {
             Some(c) => self.store.cache_put(path, &c.meta, &c.value),
             None => self.store.cache_remove(path),
@@ -50,14 +50,14 @@ impl Broker {
         }
     }
 
-    pub fn put_secret(
+    pub(super) fn put_secret(
         &self,
         path: &SecretPath,
         value: &SecretBytes,
         rotate: bool,
         if_version: Option<u64>,
         now_ms: i64,
-    ) -> Result<VersionMeta, ApiError> {
+    ) -> Result<VersionMeta, BrokerError> {
         self.check_not_backend_root(path.as_str())?;
         match self.vault_for(path.as_str()) {
             Some((v, rel)) => {
@@ -69,7 +69,11 @@ impl Broker {
         }
     }
 
-    pub fn get_secret(&self, path: &SecretPath, version: Option<u64>) -> Result<(VersionMeta, SecretBytes), ApiError> {
+    pub fn get_secret(
+        &self,
+        path: &SecretPath,
+        version: Option<u64>,
+    ) -> Result<(VersionMeta, SecretBytes), BrokerError> {
         self.check_not_backend_root(path.as_str())?;
         match self.vault_for(path.as_str()) {
             Some((v, rel)) => Ok(self.rt.block_on(v.get(rel, version))?),
@@ -77,7 +81,7 @@ impl Broker {
         }
     }
 
-    pub fn secret_history(&self, path: &SecretPath) -> Result<Vec<VersionMeta>, ApiError> {
+    pub fn secret_history(&self, path: &SecretPath) -> Result<Vec<VersionMeta>, BrokerError> {
         self.check_not_backend_root(path.as_str())?;
         match self.vault_for(path.as_str()) {
             Some((v, rel)) => Ok(self.rt.block_on(v.history(rel))?),
@@ -85,7 +89,7 @@ impl Broker {
         }
     }
 
-    pub fn delete_secret(&self, path: &SecretPath) -> Result<usize, ApiError> {
+    pub(super) fn delete_secret(&self, path: &SecretPath) -> Result<usize, BrokerError> {
         self.check_not_backend_root(path.as_str())?;
         match self.vault_for(path.as_str()) {
             Some((v, rel)) => {
@@ -99,7 +103,7 @@ impl Broker {
 
     /// Secrets at or under `prefix` with their current version, local and
     /// remote. Listing a backend asks it (one request per secret).
-    pub fn list_secrets(&self, prefix: &str) -> Result<Vec<(String, VersionMeta)>, ApiError> {
+    pub fn list_secrets(&self, prefix: &str) -> Result<Vec<(String, VersionMeta)>, BrokerError> {
         let prefix = prefix.trim_end_matches('/');
         let mut out: Vec<(String, VersionMeta)> =
             self.store.list(prefix)?.into_iter().filter(|(p, _)| self.vault_for(p).is_none()).collect();
@@ -125,7 +129,7 @@ impl Broker {
     /// Fetch what a new grant shows now, if its backend answers, so the
     /// file is readable when `grant` returns. Returns the paths whose
     /// cached value changed (other mounts may show them).
-    pub fn prefetch(&self, target: &Target) -> Vec<String> {
+    pub(super) fn prefetch(&self, target: &Target) -> Vec<String> {
         let (Target::Exact(p) | Target::Prefix(p)) = target;
         let Some((v, rel)) = self.vault_for(p.as_str()) else { return Vec::new() };
         let set = BTreeSet::from([rel.to_owned()]);
@@ -260,17 +264,10 @@ pub async fn watch_backend(broker: Arc<Broker>, v: Arc<VaultBackend>) {
                     let b = broker.clone();
                     let key = note_key.clone();
                     let _ = tokio::task::spawn_blocking(move || {
-                        for (path, c) in &changed {
-                            b.persist(path, c.as_ref());
-                        }
                         if due {
                             let _ = b.store.put_note(&key, &SystemTime::now());
                         }
-                        if !changed.is_empty() {
-                            crate::metrics::METRICS.rotations.inc_by(changed.len() as u64);
-                            let paths: Vec<String> = changed.into_iter().map(|(path, _)| path).collect();
-                            b.secret_changed(&paths);
-                        }
+                        b.backend_changed(changed);
                     })
                     .await;
                     if due {

@@ -21,8 +21,6 @@ use axum::routing::post;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::audit::Event;
-use crate::backend::local::{VOLUME_MOUNTS, VOLUMES};
 use crate::broker::Broker;
 use crate::fs::{MountKey, VolumeMount};
 use crate::policy::check_workload_name;
@@ -83,34 +81,17 @@ fn err(message: impl Into<String>) -> Value {
     json!({ "Err": message.into() })
 }
 
-fn audit(b: &Broker, event: &str, volume: &str, workload: Option<&str>, reason: Option<&str>) {
-    let _ = b.audit.record(&Event { path: Some(volume), workload, reason, ..Event::new(event) });
-}
-
 fn spec_of(b: &Broker, name: &str) -> Result<Option<VolumeSpec>, String> {
-    let all: Vec<(String, VolumeSpec)> = b.store.records(VOLUMES).map_err(|e| e.to_string())?;
-    Ok(all.into_iter().find(|(n, _)| n == name).map(|(_, s)| s))
+    b.volume(name).map_err(|e| e.to_string())
 }
 
 fn mounts_of(b: &Broker, name: &str) -> Result<Vec<VolumeMount>, String> {
-    let all: Vec<(String, VolumeMount)> = b.store.records(VOLUME_MOUNTS).map_err(|e| e.to_string())?;
-    Ok(all.into_iter().map(|(_, m)| m).filter(|m| m.volume == name).collect())
+    b.mounts_of_volume(name).map_err(|e| e.to_string())
 }
 
 fn create(b: &Broker, r: &Request) -> Result<Value, String> {
     let spec = parse_opts(&r.opts.clone().unwrap_or_default())?;
-    if !b.store.workloads().map_err(|e| e.to_string())?.iter().any(|w| w.name == spec.workload) {
-        return Err(format!(
-            "workload {} does not exist: add it first (keyhole workload add {} --selector ...)",
-            spec.workload, spec.workload
-        ));
-    }
-    match spec_of(b, &r.name)? {
-        Some(existing) if existing != spec => return Err(format!("volume {} exists with other options", r.name)),
-        Some(_) => {}
-        None => b.store.put_record(VOLUMES, &r.name, &spec).map_err(|e| e.to_string())?,
-    }
-    audit(b, "volume_create", &r.name, Some(&spec.workload), None);
+    b.create_volume(&r.name, &spec).map_err(|e| e.to_string())?;
     Ok(json!({ "Err": "" }))
 }
 
@@ -118,12 +99,6 @@ fn mount(b: &Broker, r: &Request, container: Option<String>) -> Result<Value, St
     let spec = spec_of(b, &r.name)?.ok_or_else(|| format!("no keyhole volume {}", r.name))?;
     if r.id.is_empty() || !r.id.bytes().all(|c| c.is_ascii_alphanumeric()) {
         return Err(format!("bad mount id {:?}", r.id));
-    }
-    let max = b.config.limits.max_mounts;
-    if b.mounts.count() >= max {
-        let limit = format!("max_mounts ({max}) reached: volume {} not mounted", r.name);
-        b.refusals.refused(&b.audit, "volume mounts", &limit, None);
-        return Err(format!("keyhole: max_mounts ({max}) reached; the volume {} is not mounted", r.name));
     }
     let m = VolumeMount {
         id: r.id.clone(),
@@ -134,35 +109,17 @@ fn mount(b: &Broker, r: &Request, container: Option<String>) -> Result<Value, St
         mode: spec.mode,
         container,
     };
-    b.store.put_record(VOLUME_MOUNTS, &m.id, &m).map_err(|e| e.to_string())?;
-    b.workload_changed(&m.workload);
-    let key = MountKey::Volume(m.id.clone());
-    let path = b.mounts.path_of(&key);
-    if b.mounts.workload_of(&key).is_none() {
-        let _ = b.store.remove_record(VOLUME_MOUNTS, &m.id);
-        return Err(format!("cannot mount volume {}: see the broker's log", r.name));
-    }
-    audit(b, "volume_mount", &r.name, Some(&spec.workload), None);
+    let path = b.mount_volume(m).map_err(|e| e.to_string())?;
     Ok(json!({ "Mountpoint": path, "Err": "" }))
 }
 
 fn unmount(b: &Broker, r: &Request) -> Result<Value, String> {
-    let workload = b.mounts.workload_of(&MountKey::Volume(r.id.clone()));
-    b.store.remove_record(VOLUME_MOUNTS, &r.id).map_err(|e| e.to_string())?;
-    match workload {
-        Some(w) => b.workload_changed(&w),
-        None => b.changed(),
-    }
-    audit(b, "volume_unmount", &r.name, None, None);
+    b.unmount_volume(&r.id, &r.name).map_err(|e| e.to_string())?;
     Ok(json!({ "Err": "" }))
 }
 
 fn remove(b: &Broker, r: &Request) -> Result<Value, String> {
-    if !mounts_of(b, &r.name)?.is_empty() {
-        return Err(format!("volume {} is in use by a running container", r.name));
-    }
-    b.store.remove_record(VOLUMES, &r.name).map_err(|e| e.to_string())?;
-    audit(b, "volume_remove", &r.name, None, None);
+    b.remove_volume(&r.name).map_err(|e| e.to_string())?;
     Ok(json!({ "Err": "" }))
 }
 
@@ -191,7 +148,7 @@ fn handle(b: &Broker, call: &str, r: &Request, container: Option<String>) -> Res
             Ok(json!({ "Mountpoint": describe(b, &r.name, &spec)?["Mountpoint"], "Err": "" }))
         }
         "VolumeDriver.List" => {
-            let all: Vec<(String, VolumeSpec)> = b.store.records(VOLUMES).map_err(|e| e.to_string())?;
+            let all = b.volumes().map_err(|e| e.to_string())?;
             let vols = all.iter().map(|(n, s)| describe(b, n, s)).collect::<Result<Vec<_>, _>>()?;
             Ok(json!({ "Volumes": vols, "Err": "" }))
         }
