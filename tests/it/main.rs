@@ -27,3 +27,4 @@ mod takeover;
 mod takeover_auth;
 mod tamper;
 mod vault;
+mod writes;
