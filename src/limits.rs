@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::audit::{AuditLog, Event};
+use crate::audit::{AuditLog, Event, EventKind};
 
 /// Allows `rate` events per `per`, in bursts of up to `rate`.
 #[derive(Debug)]
@@ -101,7 +101,7 @@ impl Refusals {
         };
         if let Some(n) = due {
             let reason = format!("{limit}: refused {n} since the last such line");
-            let _ = audit.record(&Event { caller, reason: Some(&reason), ..Event::new("limit") });
+            let _ = audit.record(&Event { caller, reason: Some(&reason), ..Event::new(EventKind::Limit) });
         }
     }
 }

@@ -11,7 +11,7 @@ use tonic::{Request, Response, Status};
 use super::pb::{self, admin_server, put_secret_request::Source};
 use super::remote::{show, subject_of};
 use super::{ApiError, blocking, describe, peer_of};
-use crate::audit::Event;
+use crate::audit::{Event, EventKind};
 use crate::backend::VersionMeta;
 use crate::broker::Broker;
 use crate::identity::Identity;
@@ -100,7 +100,7 @@ impl AdminService {
                         method: Some(method),
                         caller: Some(&id),
                         reason: Some("not an admin"),
-                        ..Event::new("deny")
+                        ..Event::new(EventKind::Deny)
                     },
                 )?;
                 Err(ApiError::PermissionDenied(format!(
@@ -113,7 +113,12 @@ impl AdminService {
                 let reason = e.to_string();
                 audit.deny(
                     &crate::limits::deny_key(&who),
-                    &Event { method: Some(method), caller: Some(&who), reason: Some(&reason), ..Event::new("deny") },
+                    &Event {
+                        method: Some(method),
+                        caller: Some(&who),
+                        reason: Some(&reason),
+                        ..Event::new(EventKind::Deny)
+                    },
                 )?;
                 Err(e.into())
             }
@@ -145,7 +150,7 @@ impl AdminService {
                 method: Some(method),
                 caller: Some(&id),
                 reason: Some("client certificate subject is not in [admin] subjects"),
-                ..Event::new("deny")
+                ..Event::new(EventKind::Deny)
             },
         )?;
         Err(ApiError::PermissionDenied(format!(
@@ -159,7 +164,7 @@ impl AdminService {
     async fn audited<T: Send + 'static>(
         &self,
         id: Identity,
-        event: &'static str,
+        event: EventKind,
         path: Option<String>,
         op: impl FnOnce(&Broker) -> Result<(T, Option<u64>), ApiError> + Send + 'static,
     ) -> Result<T, ApiError> {
@@ -170,7 +175,7 @@ impl AdminService {
     async fn audited_for<T: Send + 'static>(
         &self,
         id: Identity,
-        event: &'static str,
+        event: EventKind,
         workload: Option<String>,
         path: Option<String>,
         op: impl FnOnce(&Broker) -> Result<(T, Option<u64>), ApiError> + Send + 'static,
@@ -231,7 +236,7 @@ impl admin_server::Admin for AdminService {
             Ok(_) => false,
             Err(_) => return Err(ApiError::InvalidArgument(format!("unknown put mode {}", r.mode)).into()),
         };
-        let event = if rotate { "rotate" } else { "put" };
+        let event = if rotate { EventKind::Rotate } else { EventKind::Put };
         let value = take_value(r.source, self.0.config.max_value_bytes);
         let (path, if_version) = (r.path, r.if_version);
         let reply = self
@@ -249,7 +254,7 @@ impl admin_server::Admin for AdminService {
         let id = self.authorize(&req, "GetSecret").await?;
         let pb::GetSecretRequest { path, version } = req.into_inner();
         let reply = self
-            .audited(id, "get", Some(path.clone()), move |b| {
+            .audited(id, EventKind::Get, Some(path.clone()), move |b| {
                 let path = SecretPath::parse(&path)?;
                 let (meta, value) = b.get_secret(&path, (version != 0).then_some(version))?;
                 let v = meta.version;
@@ -267,7 +272,7 @@ impl admin_server::Admin for AdminService {
         let prefix = req.into_inner().prefix;
         let shown = (!prefix.is_empty()).then(|| prefix.clone());
         let secrets = self
-            .audited(id, "ls", shown, move |b| {
+            .audited(id, EventKind::Ls, shown, move |b| {
                 validate_prefix(&prefix)?;
                 let list = b.list_secrets(&prefix)?;
                 Ok((list.into_iter().map(|(p, m)| version_pb(&p, m)).collect(), None))
@@ -280,7 +285,7 @@ impl admin_server::Admin for AdminService {
         let id = self.authorize(&req, "SecretHistory").await?;
         let path = req.into_inner().path;
         let versions = self
-            .audited(id, "history", Some(path.clone()), move |b| {
+            .audited(id, EventKind::History, Some(path.clone()), move |b| {
                 let path = SecretPath::parse(&path)?;
                 let h = b.secret_history(&path)?;
                 Ok((h.into_iter().map(|m| version_pb(path.as_str(), m)).collect(), None))
@@ -293,7 +298,7 @@ impl admin_server::Admin for AdminService {
         let id = self.authorize(&req, "DeleteSecret").await?;
         let path = req.into_inner().path;
         let removed = self
-            .audited(id, "rm", Some(path.clone()), move |b| {
+            .audited(id, EventKind::Rm, Some(path.clone()), move |b| {
                 let path = SecretPath::parse(&path)?;
                 let n = b.delete_secret(&path)?;
                 b.secret_changed(&[path.to_string()]);
@@ -310,7 +315,7 @@ impl admin_server::Admin for AdminService {
     async fn status(&self, req: Request<pb::StatusRequest>) -> Reply<pb::StatusResponse> {
         let id = self.authorize(&req, "Status").await?;
         let reply = self
-            .audited(id, "status", None, |b| {
+            .audited(id, EventKind::Status, None, |b| {
                 let (buffers, locked) = SecretBytes::counts();
                 let c = &b.config;
                 let status = pb::StatusResponse {
@@ -340,7 +345,7 @@ impl admin_server::Admin for AdminService {
         let id = self.authorize(&req, "AuditLog").await?;
         let follow = req.into_inner().follow;
         let (lines, mut seen, mut rx) =
-            self.audited(id, "audit_read", None, |b| Ok((b.audit.subscribe(), None))).await?;
+            self.audited(id, EventKind::AuditRead, None, |b| Ok((b.audit.subscribe(), None))).await?;
         let (tx, out) = mpsc::channel(256);
         let mut stopping = self.0.stopping.subscribe();
         tokio::spawn(async move {
@@ -384,7 +389,11 @@ impl admin_server::Admin for AdminService {
         let reply = blocking(move || {
             let checked = b.audit.verify();
             let problem = checked.as_ref().err().map(|e| e.to_string());
-            b.audit.record(&Event { caller: Some(&id), reason: problem.as_deref(), ..Event::new("audit_verify") })?;
+            b.audit.record(&Event {
+                caller: Some(&id),
+                reason: problem.as_deref(),
+                ..Event::new(EventKind::AuditVerify)
+            })?;
             Ok(pb::AuditVerifyResponse {
                 ok: problem.is_none(),
                 lines: checked.unwrap_or(0),
@@ -399,7 +408,7 @@ impl admin_server::Admin for AdminService {
         let id = self.authorize(&req, "AddWorkload").await?;
         let spec = req.into_inner();
         let reply = self
-            .audited(id, "workload_add", None, move |b| {
+            .audited(id, EventKind::WorkloadAdd, None, move |b| {
                 let w = Workload::new(&spec.name, &spec.selectors).map_err(ApiError::from)?;
                 b.store.add_workload(&w)?;
                 b.workload_changed(&w.name);
@@ -412,7 +421,9 @@ impl admin_server::Admin for AdminService {
     async fn list_workloads(&self, req: Request<pb::ListWorkloadsRequest>) -> Reply<pb::ListWorkloadsResponse> {
         let id = self.authorize(&req, "ListWorkloads").await?;
         let workloads = self
-            .audited(id, "workload_ls", None, |b| Ok((b.store.workloads()?.iter().map(workload_pb).collect(), None)))
+            .audited(id, EventKind::WorkloadLs, None, |b| {
+                Ok((b.store.workloads()?.iter().map(workload_pb).collect(), None))
+            })
             .await?;
         Ok(Response::new(pb::ListWorkloadsResponse { workloads }))
     }
@@ -421,7 +432,7 @@ impl admin_server::Admin for AdminService {
         let id = self.authorize(&req, "RemoveWorkload").await?;
         let name = req.into_inner().name;
         let removed = self
-            .audited(id, "workload_rm", None, move |b| {
+            .audited(id, EventKind::WorkloadRm, None, move |b| {
                 let n = b.store.remove_workload(&name)?;
                 b.workload_changed(&name);
                 Ok((n as u32, None))
@@ -435,7 +446,7 @@ impl admin_server::Admin for AdminService {
         let g = req.into_inner();
         let path = g.secret.clone();
         let reply = self
-            .audited_for(id, "grant", Some(g.workload.clone()), Some(path), move |b| {
+            .audited_for(id, EventKind::Grant, Some(g.workload.clone()), Some(path), move |b| {
                 let grant = grant_from_pb(g).map_err(ApiError::from)?;
                 let existing = b.store.grants(Some(&grant.workload))?;
                 crate::policy::check_file_clash(&existing, &grant).map_err(ApiError::from)?;
@@ -453,7 +464,7 @@ impl admin_server::Admin for AdminService {
         let id = self.authorize(&req, "Revoke").await?;
         let r = req.into_inner();
         let path = r.secret.clone();
-        self.audited_for(id, "revoke", Some(r.workload.clone()), Some(path), move |b| {
+        self.audited_for(id, EventKind::Revoke, Some(r.workload.clone()), Some(path), move |b| {
             // Normalize through the parser so `db/*` and friends match.
             let target = crate::policy::Target::parse(&r.secret).map_err(ApiError::from)?;
             b.store.remove_grant(&r.workload, &target.to_string())?;
@@ -468,7 +479,7 @@ impl admin_server::Admin for AdminService {
         let id = self.authorize(&req, "ListGrants").await?;
         let w = req.into_inner().workload;
         let grants = self
-            .audited(id, "grants", None, move |b| {
+            .audited(id, EventKind::Grants, None, move |b| {
                 let only = (!w.is_empty()).then_some(w.as_str());
                 Ok((b.store.grants(only)?.iter().map(grant_pb).collect(), None))
             })
@@ -479,7 +490,7 @@ impl admin_server::Admin for AdminService {
     async fn list_mounts(&self, req: Request<pb::ListMountsRequest>) -> Reply<pb::ListMountsResponse> {
         let id = self.authorize(&req, "ListMounts").await?;
         let mounts = self
-            .audited(id, "mounts", None, |b| {
+            .audited(id, EventKind::Mounts, None, |b| {
                 let list = b.mounts.list().into_iter().map(|m| pb::MountEntry {
                     workload: m.workload,
                     path: m.path.display().to_string(),

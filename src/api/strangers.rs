@@ -52,7 +52,7 @@ use tonic::{Code, Status};
 use super::conn::Counted;
 use super::peer::ConnInfo;
 use super::{BoxFuture, describe};
-use crate::audit::Event;
+use crate::audit::{Event, EventKind};
 use crate::broker::Broker;
 use crate::identity::Identity;
 
@@ -238,8 +238,12 @@ async fn refuse(broker: &Arc<Broker>, info: Option<ConnInfo>, method: &'static s
                 let p = &info.peer;
                 let who = Identity { uid: p.uid, gid: p.gid, pid: p.pid, ..Identity::default() };
                 let reason = e.to_string();
-                let event =
-                    Event { method: Some(method), caller: Some(&who), reason: Some(&reason), ..Event::new("deny") };
+                let event = Event {
+                    method: Some(method),
+                    caller: Some(&who),
+                    reason: Some(&reason),
+                    ..Event::new(EventKind::Deny)
+                };
                 b.audit.deny(&crate::limits::deny_key(&who), &event)?;
                 return Err(e.into());
             }
@@ -251,8 +255,12 @@ async fn refuse(broker: &Arc<Broker>, info: Option<ConnInfo>, method: &'static s
                 "{method}: this connection was not attested as an admin's when it was opened; connect again"
             )));
         }
-        let event =
-            Event { method: Some(method), caller: Some(&id), reason: Some("not an admin"), ..Event::new("deny") };
+        let event = Event {
+            method: Some(method),
+            caller: Some(&id),
+            reason: Some("not an admin"),
+            ..Event::new(EventKind::Deny)
+        };
         b.audit.deny(&crate::limits::deny_key(&id), &event)?;
         Err(super::ApiError::PermissionDenied(format!(
             "{method} needs an admin caller (a host process with uid 0 or an [admin] uid/gid); the broker sees {}",
@@ -301,7 +309,7 @@ async fn refuse_remote(broker: &Arc<Broker>, shown: String, from: String, method
         let reason = "client certificate subject is not in [admin] subjects";
         b.audit.deny(
             &crate::limits::deny_key(&id),
-            &Event { method: Some(method), caller: Some(&id), reason: Some(reason), ..Event::new("deny") },
+            &Event { method: Some(method), caller: Some(&id), reason: Some(reason), ..Event::new(EventKind::Deny) },
         )?;
         Err(super::ApiError::PermissionDenied(format!(
             "{method} needs an admin: the subject {shown} is not listed in the broker's [admin] subjects"

@@ -7,7 +7,7 @@ use tonic::{Request, Response, Status};
 
 use super::pb::{WhoAmIRequest, WhoAmIResponse, workload_server};
 use super::{blocking_bounded, peer_of};
-use crate::audit::Event;
+use crate::audit::{Event, EventKind};
 use crate::broker::Broker;
 use crate::identity::Identity;
 
@@ -24,8 +24,12 @@ impl workload_server::Workload for WorkloadService {
                 // cannot be read: a refusal worth a line.
                 let who = Identity { uid: peer.uid, gid: peer.gid, pid: peer.pid, ..Identity::default() };
                 let reason = e.to_string();
-                let event =
-                    Event { method: Some("WhoAmI"), caller: Some(&who), reason: Some(&reason), ..Event::new("deny") };
+                let event = Event {
+                    method: Some("WhoAmI"),
+                    caller: Some(&who),
+                    reason: Some(&reason),
+                    ..Event::new(EventKind::Deny)
+                };
                 let _ = b.audit.deny(&crate::limits::deny_key(&who), &event);
             })?;
             b.allow_call(&id, "WhoAmI")?;

@@ -25,7 +25,7 @@ use crate::api::admin::AdminService;
 use crate::api::pb::{admin_server::AdminServer, workload_server::WorkloadServer};
 use crate::api::peer;
 use crate::api::workload::WorkloadService;
-use crate::audit::{AuditLog, Event};
+use crate::audit::{AuditLog, Event, EventKind};
 use crate::backend::local::{KeyMaterial, LocalStore};
 use crate::backend::vault::VaultBackend;
 use crate::config::{Config, KeySource};
@@ -301,7 +301,7 @@ impl Broker {
                 }
                 let why = format!("started with --new-audit-log: {e}");
                 tracing::warn!(path = %a, reason = %why, "the audit log does not hold the sealed head; going on");
-                audit.record(&Event { reason: Some(&why), ..Event::new("audit_reset") })?;
+                audit.record(&Event { reason: Some(&why), ..Event::new(EventKind::AuditReset) })?;
             }
         }
         let docker = if config.docker_socket.exists() {
@@ -448,7 +448,7 @@ impl Broker {
                         path: Some(&secret),
                         version: Some(version),
                         reason: Some(&reason),
-                        ..Event::new("notify")
+                        ..Event::new(EventKind::Notify)
                     };
                     let _ = audit.record(&event);
                 });
@@ -745,7 +745,7 @@ async fn handshake(
             let _ = ready.send(out).await;
         }
         Ok(Ok(takeover::Offered::Declined(_))) => {
-            let e = Event { reason: Some("the successor refused the state"), ..Event::new("takeover_refused") };
+            let e = Event { reason: Some("the successor refused the state"), ..Event::new(EventKind::TakeoverRefused) };
             let _ = broker.audit.record(&e);
         }
         Ok(Ok(takeover::Offered::Refused(why))) => {
@@ -772,7 +772,7 @@ async fn hand_over(
     let b = broker.clone();
     tokio::task::spawn_blocking(move || b.mounts.quiesce()).await?;
     let to = format!("to pid {pid}");
-    broker.audit.record(&Event { reason: Some(&to), ..Event::new("handover") })?;
+    broker.audit.record(&Event { reason: Some(&to), ..Event::new(EventKind::Handover) })?;
     let (audit_seq, mac) = broker.audit.seal();
     let b = broker.clone();
     if let Err(e) = tokio::task::spawn_blocking(move || b.store.seal_audit()).await? {
@@ -806,7 +806,7 @@ async fn hand_over(
         tokio::task::spawn_blocking(move || b.mounts.resume()).await?;
         *services = spawn_services(broker, listeners)?;
         let why = format!("{e:#}");
-        broker.audit.record(&Event { reason: Some(&why), ..Event::new("handover_failed") })?;
+        broker.audit.record(&Event { reason: Some(&why), ..Event::new(EventKind::HandoverFailed) })?;
         return Err(e.context("the handover failed; serving again"));
     }
     Ok(Some(pid))
@@ -868,11 +868,11 @@ pub async fn serve(config: Config, takeover: bool, new_audit_log: bool) -> anyho
     match from {
         Some(pid) => {
             let reason = format!("keyhole {} from pid {pid}", env!("CARGO_PKG_VERSION"));
-            broker.audit.record(&Event { reason: Some(&reason), ..Event::new("takeover") })?;
+            broker.audit.record(&Event { reason: Some(&reason), ..Event::new(EventKind::Takeover) })?;
             systemd::notify(&format!("MAINPID={}\nREADY=1", std::process::id()));
         }
         None => {
-            broker.audit.record(&Event { reason: Some(env!("CARGO_PKG_VERSION")), ..Event::new("start") })?;
+            broker.audit.record(&Event { reason: Some(env!("CARGO_PKG_VERSION")), ..Event::new(EventKind::Start) })?;
             systemd::notify("READY=1");
         }
     }
@@ -932,7 +932,7 @@ pub async fn serve(config: Config, takeover: bool, new_audit_log: bool) -> anyho
     }
     let b = broker.clone();
     tokio::task::spawn_blocking(move || b.mounts.shutdown()).await?;
-    broker.audit.record(&Event { reason: Some(why), ..Event::new("stop") })?;
+    broker.audit.record(&Event { reason: Some(why), ..Event::new(EventKind::Stop) })?;
     seal_audit_head(&broker).await;
     Ok(())
 }

@@ -21,7 +21,7 @@ use axum::routing::post;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::audit::Event;
+use crate::audit::{Event, EventKind};
 use crate::backend::local::{VOLUME_MOUNTS, VOLUMES};
 use crate::broker::Broker;
 use crate::fs::{MountKey, VolumeMount};
@@ -83,7 +83,7 @@ fn err(message: impl Into<String>) -> Value {
     json!({ "Err": message.into() })
 }
 
-fn audit(b: &Broker, event: &str, volume: &str, workload: Option<&str>, reason: Option<&str>) {
+fn audit(b: &Broker, event: EventKind, volume: &str, workload: Option<&str>, reason: Option<&str>) {
     let _ = b.audit.record(&Event { path: Some(volume), workload, reason, ..Event::new(event) });
 }
 
@@ -110,7 +110,7 @@ fn create(b: &Broker, r: &Request) -> Result<Value, String> {
         Some(_) => {}
         None => b.store.put_record(VOLUMES, &r.name, &spec).map_err(|e| e.to_string())?,
     }
-    audit(b, "volume_create", &r.name, Some(&spec.workload), None);
+    audit(b, EventKind::VolumeCreate, &r.name, Some(&spec.workload), None);
     Ok(json!({ "Err": "" }))
 }
 
@@ -142,7 +142,7 @@ fn mount(b: &Broker, r: &Request, container: Option<String>) -> Result<Value, St
         let _ = b.store.remove_record(VOLUME_MOUNTS, &m.id);
         return Err(format!("cannot mount volume {}: see the broker's log", r.name));
     }
-    audit(b, "volume_mount", &r.name, Some(&spec.workload), None);
+    audit(b, EventKind::VolumeMount, &r.name, Some(&spec.workload), None);
     Ok(json!({ "Mountpoint": path, "Err": "" }))
 }
 
@@ -153,7 +153,7 @@ fn unmount(b: &Broker, r: &Request) -> Result<Value, String> {
         Some(w) => b.workload_changed(&w),
         None => b.changed(),
     }
-    audit(b, "volume_unmount", &r.name, None, None);
+    audit(b, EventKind::VolumeUnmount, &r.name, None, None);
     Ok(json!({ "Err": "" }))
 }
 
@@ -162,7 +162,7 @@ fn remove(b: &Broker, r: &Request) -> Result<Value, String> {
         return Err(format!("volume {} is in use by a running container", r.name));
     }
     b.store.remove_record(VOLUMES, &r.name).map_err(|e| e.to_string())?;
-    audit(b, "volume_remove", &r.name, None, None);
+    audit(b, EventKind::VolumeRemove, &r.name, None, None);
     Ok(json!({ "Err": "" }))
 }
 

@@ -33,7 +33,7 @@ use fuse_backend_rs::abi::fuse_abi::{FsOptions, OpenOptions, stat64};
 use fuse_backend_rs::api::filesystem::{Context, DirEntry, Entry, FileSystem, ZeroCopyWriter};
 
 use super::access::{FileMode, Ids, check_task};
-use crate::audit::{AuditLog, Event};
+use crate::audit::{AuditLog, Event, EventKind};
 use crate::backend::vault::{Freshness, Health};
 use crate::identity::{Attestor, Identity};
 use crate::policy::{Decision, Workload, decide};
@@ -397,7 +397,7 @@ impl WorkloadFs {
                 path: Some(node.secret.as_str()),
                 version: Some(node.version),
                 reason: Some(reason),
-                ..Event::new("deny")
+                ..Event::new(EventKind::Deny)
             };
             self.shared.audit.deny(&crate::limits::deny_key(who), &e).map_err(|_| errno(libc::EIO))?;
             Err(errno(libc::EACCES))
@@ -422,12 +422,12 @@ impl WorkloadFs {
                     match (&node.value, freshness) {
                         (None, _) => {
                             let why = "not fetched from its backend yet (is it reachable?)";
-                            audit(&event("backend_error", Some(&id), Some(why)))?;
+                            audit(&event(EventKind::BackendError, Some(&id), Some(why)))?;
                             Err(errno(libc::EIO))
                         }
                         (Some(_), Freshness::Expired) => {
                             let why = "the backend has been failing for longer than max_stale";
-                            audit(&event("stale_expired", Some(&id), Some(why)))?;
+                            audit(&event(EventKind::StaleExpired, Some(&id), Some(why)))?;
                             Err(errno(libc::EIO))
                         }
                         (Some(_), fresh) => {
@@ -436,9 +436,9 @@ impl WorkloadFs {
                                 .get_or_create(&crate::metrics::secret_labels(workload, &node.secret))
                                 .inc();
                             if fresh == Freshness::Stale {
-                                audit(&event("stale_serve", Some(&id), None))?;
+                                audit(&event(EventKind::StaleServe, Some(&id), None))?;
                             } else if self.shared.audit_reads {
-                                audit(&event("read", Some(&id), None))?;
+                                audit(&event(EventKind::Read, Some(&id), None))?;
                             }
                             if let Some(c) = &id.container_id {
                                 let mut readers = self.readers.lock().expect("readers lock");
@@ -616,7 +616,7 @@ impl FileSystem for WorkloadFs {
             path: Some(node.secret.as_str()),
             version: Some(node.version),
             reason: Some(&why),
-            ..Event::new("deny")
+            ..Event::new(EventKind::Deny)
         };
         self.shared.audit.deny(&crate::limits::deny_key(&who), &e).map_err(|_| errno(libc::EIO))?;
         Err(errno(libc::EACCES))
