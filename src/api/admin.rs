@@ -9,13 +9,13 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::pb::{self, admin_server, put_secret_request::Source};
-use super::remote::{show, subject_of};
+use super::remote;
 use super::{ApiError, blocking, describe, peer_of};
 use crate::audit::{Event, EventKind};
 use crate::backend::VersionMeta;
 use crate::broker::Broker;
 use crate::identity::Identity;
-use crate::policy::{Grant, Workload};
+use crate::policy::{Grant, Workload, admin};
 use crate::secret::{SecretBytes, SecretPath, generate_alnum, validate_prefix};
 
 pub struct AdminService(pub Arc<Broker>);
@@ -87,7 +87,8 @@ impl AdminService {
         let audit = &self.0.audit;
         let attestor = self.0.attestor.clone();
         let p = peer.clone();
-        let attested = blocking(move || Ok(attestor.attest(&p))).await?;
+        let admins = self.0.config.admin.clone();
+        let attested = blocking(move || Ok(attestor.attest(&p).map(|id| admin::decided(id, &admins)))).await?;
         if let Ok(id) = &attested {
             self.0.allow_call(id, method)?;
         }
@@ -109,7 +110,7 @@ impl AdminService {
                 )))
             }
             Err(e) => {
-                let who = Identity { uid: peer.uid, gid: peer.gid, pid: peer.pid, ..Identity::default() };
+                let who = Identity::unattested(peer.uid, peer.gid, peer.pid);
                 let reason = e.to_string();
                 audit.deny(
                     &crate::limits::deny_key(&who),
@@ -133,17 +134,12 @@ impl AdminService {
         certs: &[tonic::transport::CertificateDer<'static>],
         method: &'static str,
     ) -> Result<Identity, ApiError> {
-        let from = req.remote_addr().map_or_else(|| "an unknown address".into(), |a| a.to_string());
-        let subject = certs.first().ok_or_else(|| "no client certificate".to_owned()).and_then(|c| subject_of(c));
-        let (shown, admin) = match &subject {
-            Ok(s) => (show(s), self.0.config.admin.allows_subject(s)),
-            Err(e) => (e.clone(), false),
-        };
-        let id = Identity { remote: Some(format!("{shown} from {from}")), admin, ..Identity::default() };
+        let id = admin::decided(remote::caller(Some(certs), req.remote_addr()), &self.0.config.admin);
         self.0.allow_call(&id, method)?;
-        if admin {
+        if id.admin {
             return Ok(id);
         }
+        let shown = id.remote.as_ref().map(crate::identity::Remote::subject_shown).unwrap_or_default();
         self.0.audit.deny(
             &crate::limits::deny_key(&id),
             &Event {

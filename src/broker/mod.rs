@@ -221,7 +221,7 @@ impl Broker {
     /// refused (and audited, at most a line a second per caller).
     pub fn allow_call(&self, id: &crate::identity::Identity, method: &str) -> Result<(), crate::api::ApiError> {
         let key = match (&id.remote, &id.container_id) {
-            (Some(r), _) => format!("remote {}", r.split(" from ").next().unwrap_or(r)),
+            (Some(r), _) => format!("remote {}", r.subject_shown()),
             (None, Some(c)) => format!("container {c}"),
             (None, None) => format!("uid {}", id.uid),
         };
@@ -353,7 +353,7 @@ impl Broker {
         if let Some(a) = &config.alerts {
             audit.alert_on_deny(crate::alerts::Alerts::start(a.clone(), Arc::downgrade(&audit), &rt));
         }
-        let attestor = Arc::new(Attestor::new("/proc", config.admin.clone(), docker.clone()));
+        let attestor = Arc::new(Attestor::new("/proc", docker.clone()));
         let run_dir = &config.run_dir;
         if run_dir.exists() {
             check_run_dir(run_dir)?;
@@ -366,6 +366,7 @@ impl Broker {
             attestor: attestor.clone(),
             audit: audit.clone(),
             audit_reads: config.audit_reads,
+            admin: config.admin.clone(),
             rt: rt.clone(),
         });
         let mounts = MountTable::new(run_dir, shared)?;
@@ -553,7 +554,8 @@ fn spawn_services(
     );
     for (l, name) in [(&listeners.admin, "admin.sock"), (&listeners.workload, "workload.sock")] {
         let gate = peer::Gate::new(name, &broker.config.limits, budget.clone(), broker.audit.clone());
-        let (admins, strangers) = peer::incoming(serving_copy(l)?, gate, broker.attestor.clone());
+        let admin_policy = Arc::new(broker.config.admin.clone());
+        let (admins, strangers) = peer::incoming(serving_copy(l)?, gate, broker.attestor.clone(), admin_policy);
         let admin = AdminServer::new(AdminService(broker.clone()))
             .max_decoding_message_size(max_msg)
             .max_encoding_message_size(max_msg);

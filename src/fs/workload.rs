@@ -125,6 +125,8 @@ pub struct FsShared {
     pub audit: Arc<AuditLog>,
     /// Audit allowed opens too (`[audit] reads`); denials always are.
     pub audit_reads: bool,
+    /// `[admin]`: a caller's audit lines say whether it is an admin.
+    pub admin: crate::config::AdminPolicy,
     /// Where parked FUSE requests wait (see [`super::pool`]).
     pub rt: tokio::runtime::Handle,
 }
@@ -406,11 +408,10 @@ impl WorkloadFs {
         // refused as such, whatever the file's mode; a member then needs
         // the mode to let it read (the check the kernel made before).
         // Never waits: the pool parked this open until Docker answered.
-        match self.shared.attestor.attest_task(ctx.pid, ctx.uid, ctx.gid) {
-            Err(e) => {
-                let who = Identity { uid: ctx.uid, gid: ctx.gid, pid: ctx.pid, ..Identity::default() };
-                deny(&who, &e.to_string())
-            }
+        // Policy decides admin (for the audit line only, here).
+        let attested = self.shared.attestor.attest_task(ctx.pid, ctx.uid, ctx.gid);
+        match attested.map(|id| crate::policy::admin::decided(id, &self.shared.admin)) {
+            Err(e) => deny(&Identity::unattested(ctx.uid, ctx.gid, ctx.pid), &e.to_string()),
             Ok(id) => match decide(&id, &self.workload) {
                 Decision::Allow => {
                     let st = self.attr(node);
@@ -608,7 +609,7 @@ impl FileSystem for WorkloadFs {
         let Err(why) = check_task(file, ctx.pid, ctx.uid, ctx.gid, Ids::RealOrFs) else {
             return Ok(());
         };
-        let who = Identity { uid: ctx.uid, gid: ctx.gid, pid: ctx.pid, ..Identity::default() };
+        let who = Identity::unattested(ctx.uid, ctx.gid, ctx.pid);
         let e = Event {
             method: Some("access"),
             caller: Some(&who),
