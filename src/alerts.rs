@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
-use crate::audit::{AuditLog, Event};
+use crate::audit::{AuditLog, Event, EventKind};
 use crate::config::AlertConfig;
 use crate::limits::Bucket;
 use crate::metrics::{METRICS, ResultLabels};
@@ -190,7 +190,7 @@ async fn run_hooks(
         let Some(audit) = audit.upgrade() else { return };
         let seq = crate::audit::seq_of(&line).unwrap_or(0);
         let reason = format!("on_deny hook for audit line {seq}: {outcome}");
-        let _ = audit.record(&Event { reason: Some(&reason), ..Event::new("alert") });
+        let _ = audit.record(&Event { reason: Some(&reason), ..Event::new(EventKind::Alert) });
     }
 }
 

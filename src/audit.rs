@@ -31,10 +31,138 @@ const MAC_LEN: usize = 32;
 /// `,"hmac":"` + 64 hex digits + `"}`.
 const TRAILER_LEN: usize = 9 + 2 * MAC_LEN + 2;
 
+/// Declares [`EventKind`]: each variant with its name on the wire.
+macro_rules! event_kinds {
+    ($($(#[$doc:meta])* $variant:ident = $name:literal,)*) => {
+        /// What an audit line records. The names ([`EventKind::as_str`])
+        /// are the `event` field of the log's lines, as documented in
+        /// `docs/src/reference/audit-events.md`: renaming one changes the
+        /// log format.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        pub enum EventKind {
+            $($(#[$doc])* $variant,)*
+        }
+
+        impl EventKind {
+            /// Every kind, in the order declared.
+            pub const ALL: &'static [EventKind] = &[$(EventKind::$variant,)*];
+
+            /// The name written in the `event` field.
+            pub const fn as_str(self) -> &'static str {
+                match self {
+                    $(EventKind::$variant => $name,)*
+                }
+            }
+        }
+    };
+}
+
+event_kinds! {
+    // Reads and denials.
+    /// A file opened through a mount, allowed.
+    Read = "read",
+    /// An open, or an admin call, refused (in full).
+    Deny = "deny",
+    /// A caller's denials summed up.
+    DenySummary = "deny_summary",
+    /// A caller held to a `[limits]` value.
+    Limit = "limit",
+    /// A run of the `[alerts] on_deny` hook.
+    Alert = "alert",
+    // Admin calls, one line per call.
+    /// `secret put`.
+    Put = "put",
+    /// `secret rotate`.
+    Rotate = "rotate",
+    /// `secret get`.
+    Get = "get",
+    /// `secret ls`.
+    Ls = "ls",
+    /// `secret history`.
+    History = "history",
+    /// `secret rm`.
+    Rm = "rm",
+    /// `workload add`.
+    WorkloadAdd = "workload_add",
+    /// `workload ls`.
+    WorkloadLs = "workload_ls",
+    /// `workload rm`.
+    WorkloadRm = "workload_rm",
+    /// `grant`.
+    Grant = "grant",
+    /// `revoke`.
+    Revoke = "revoke",
+    /// `grants`.
+    Grants = "grants",
+    /// `mounts`.
+    Mounts = "mounts",
+    /// `status`.
+    Status = "status",
+    /// `audit` (and `--follow`).
+    AuditRead = "audit_read",
+    /// `audit --verify`.
+    AuditVerify = "audit_verify",
+    // Containers and Docker.
+    /// A `grant --notify` signal sent after a rotation.
+    Notify = "notify",
+    /// dockerd created a keyhole volume.
+    VolumeCreate = "volume_create",
+    /// dockerd mounted one.
+    VolumeMount = "volume_mount",
+    /// dockerd unmounted one.
+    VolumeUnmount = "volume_unmount",
+    /// dockerd removed one.
+    VolumeRemove = "volume_remove",
+    // Backends.
+    /// A Vault/OpenBao backend started failing.
+    BackendError = "backend_error",
+    /// An open served from the cache while its backend fails.
+    StaleServe = "stale_serve",
+    /// An open refused: the cache is older than `max_stale`.
+    StaleExpired = "stale_expired",
+    // The broker's life.
+    /// A broker started (not by a takeover).
+    Start = "start",
+    /// A clean stop.
+    Stop = "stop",
+    /// Sessions handed to a successor.
+    Handover = "handover",
+    /// A successor took over.
+    Takeover = "takeover",
+    /// A handover that did not complete.
+    HandoverFailed = "handover_failed",
+    /// A would-be successor refused.
+    TakeoverRefused = "takeover_refused",
+    /// The first line of a new file after a rotation.
+    AuditRotate = "audit_rotate",
+    /// A start with `serve --new-audit-log` on a log that does not hold
+    /// the sealed head.
+    AuditReset = "audit_reset",
+}
+
+impl EventKind {
+    /// A denial, written in full or summed up: what the alert hook hears.
+    pub fn is_denial(self) -> bool {
+        matches!(self, EventKind::Deny | EventKind::DenySummary)
+    }
+}
+
+impl std::fmt::Display for EventKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for EventKind {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
 /// One audited event. Deliberately has no field that could hold a value.
 #[derive(Debug, Serialize)]
 pub struct Event<'a> {
-    pub event: &'a str,
+    pub event: EventKind,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub method: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -64,7 +192,7 @@ pub struct Event<'a> {
 }
 
 impl<'a> Event<'a> {
-    pub fn new(event: &'a str) -> Self {
+    pub fn new(event: EventKind) -> Self {
         Event {
             event,
             method: None,
@@ -210,7 +338,7 @@ fn chain_start(first_line: &str) -> (u64, [u8; MAC_LEN]) {
     let mut prev = [0u8; MAC_LEN];
     match serde_json::from_str::<First>(first_line) {
         Ok(f)
-            if f.event == "audit_rotate"
+            if f.event == EventKind::AuditRotate.as_str()
                 && f.prev_hmac.as_ref().is_some_and(|h| hex::decode_to_slice(h, &mut prev).is_ok()) =>
         {
             (f.seq, prev)
@@ -395,7 +523,7 @@ impl AuditLog {
         let mac = hex::encode(head.mac);
         let name = previous.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let reason = format!("continues {name}");
-        let event = Event { reason: Some(&reason), prev_hmac: Some(&mac), ..Event::new("audit_rotate") };
+        let event = Event { reason: Some(&reason), prev_hmac: Some(&mac), ..Event::new(EventKind::AuditRotate) };
         let written = self.append(head, &event)?;
         crate::metrics::audited(&event);
         Ok(written)
@@ -483,7 +611,7 @@ impl AuditLog {
         }
         drop(head);
         crate::metrics::audited(event);
-        if event.event == "deny" || event.event == "deny_summary" {
+        if event.event.is_denial() {
             if let Some(a) = self.alerts.get() {
                 // The caller as the denial limiter keys it; a summary's
                 // workloads from its files (`workload:path`).
@@ -550,7 +678,7 @@ impl AuditLog {
             files: Some(&s.files),
             first: Some(&first),
             last: Some(&last),
-            ..Event::new("deny_summary")
+            ..Event::new(EventKind::DenySummary)
         };
         if let Err(e) = self.record(&event) {
             tracing::error!(error = %e, count = s.count, "a summary of denials was not audited");
@@ -772,10 +900,44 @@ mod tests {
         let log = AuditLog::open(&path, key()).unwrap();
         for i in 0..n {
             let p = format!("s{i}");
-            log.record(&Event { path: Some(&p), version: Some(i as u64), ..Event::new("put") }).unwrap();
+            log.record(&Event { path: Some(&p), version: Some(i as u64), ..Event::new(EventKind::Put) }).unwrap();
         }
         assert_eq!(log.verify().unwrap(), n as u64);
         path
+    }
+
+    /// The reference page lists every event, and nothing else: the
+    /// docs cannot drift from the code.
+    #[test]
+    fn every_event_kind_is_documented_and_every_documented_event_exists() {
+        const DOC: &str = include_str!("../docs/src/reference/audit-events.md");
+        let mut names = std::collections::HashSet::new();
+        for k in EventKind::ALL {
+            assert!(names.insert(k.as_str()), "{k:?}: its name {} is taken twice", k.as_str());
+            let row = format!("| `{}`", k.as_str());
+            let listed = DOC.lines().any(|l| {
+                l.starts_with("| `") && l.split('|').nth(1).is_some_and(|cell| cell.contains(&format!("`{k}`")))
+            });
+            assert!(listed, "{k:?} ({row} ...) is not in a table of docs/src/reference/audit-events.md");
+        }
+        // The event tables follow the first heading (the fields table
+        // comes before it); their first cells name events only.
+        let tables = DOC.split_once("\n## ").expect("a heading").1;
+        for line in tables.lines().filter(|l| l.starts_with("| `")) {
+            let cell = line.split('|').nth(1).unwrap_or_default();
+            for name in cell.split('`').skip(1).step_by(2) {
+                assert!(names.contains(name), "the docs list an event `{name}` that no EventKind names");
+            }
+        }
+    }
+
+    #[test]
+    fn an_event_is_written_under_its_wire_name() {
+        let e = Event { path: Some("db/pw"), ..Event::new(EventKind::WorkloadAdd) };
+        let json = serde_json::to_value(&e).unwrap();
+        assert_eq!(json["event"], "workload_add");
+        assert_eq!(EventKind::DenySummary.to_string(), "deny_summary");
+        assert!(EventKind::DenySummary.is_denial() && !EventKind::Limit.is_denial());
     }
 
     #[test]
@@ -783,7 +945,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let path = write(d.path(), 5);
         let log = AuditLog::open(&path, key()).unwrap();
-        assert_eq!(log.record(&Event::new("status")).unwrap(), 6);
+        assert_eq!(log.record(&Event::new(EventKind::Status)).unwrap(), 6);
         assert_eq!(log.verify().unwrap(), 6);
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(text.lines().all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()));
@@ -817,7 +979,7 @@ mod tests {
         let path = d.path().join("audit.log");
         let log = AuditLog::open(&path, key()).unwrap();
         for _ in 0..3 {
-            log.record(&Event::new("get")).unwrap();
+            log.record(&Event::new(EventKind::Get)).unwrap();
         }
         let text = std::fs::read_to_string(&path).unwrap();
         let keep: usize = text.lines().take(2).map(|l| l.len() + 1).sum();
@@ -832,7 +994,7 @@ mod tests {
         let mut f = OpenOptions::new().append(true).open(&path).unwrap();
         f.write_all(b"{\"seq\":3,\"ti").unwrap();
         let log = AuditLog::open(&path, key()).unwrap();
-        assert_eq!(log.record(&Event::new("get")).unwrap(), 3);
+        assert_eq!(log.record(&Event::new(EventKind::Get)).unwrap(), 3);
         assert_eq!(log.verify().unwrap(), 3);
         drop(log);
         // A partial line longer than the block the tail is read back in.
@@ -853,7 +1015,7 @@ mod tests {
         log.rotate_at(Rotation { max_bytes: 1000, keep: 3, min_keep: std::time::Duration::ZERO });
         for i in 0..n {
             let p = format!("secret/number/{i}");
-            log.record(&Event { path: Some(&p), version: Some(i as u64), ..Event::new("put") }).unwrap();
+            log.record(&Event { path: Some(&p), version: Some(i as u64), ..Event::new(EventKind::Put) }).unwrap();
         }
         (path, log)
     }
@@ -883,7 +1045,7 @@ mod tests {
         // A start verifies only the current file, and continues the chain.
         drop(log);
         let log = AuditLog::open(&path, key()).unwrap();
-        log.record(&Event::new("status")).unwrap();
+        log.record(&Event::new(EventKind::Status)).unwrap();
         assert_eq!(log.verify().unwrap(), checked + 1);
     }
 
@@ -953,7 +1115,7 @@ mod tests {
                 s.spawn(move || {
                     for i in 0..200 {
                         let p = format!("t{t}/{i}");
-                        log.record(&Event { path: Some(&p), ..Event::new("get") }).unwrap();
+                        log.record(&Event { path: Some(&p), ..Event::new(EventKind::Get) }).unwrap();
                     }
                 });
             }

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::audit::{AuditLog, Event};
+use crate::audit::{AuditLog, Event, EventKind};
 
 /// Allows `rate` events per `per`, in bursts of up to `rate`.
 #[derive(Debug)]
@@ -101,7 +101,7 @@ impl Refusals {
         };
         if let Some(n) = due {
             let reason = format!("{limit}: refused {n} since the last such line");
-            let _ = audit.record(&Event { caller, reason: Some(&reason), ..Event::new("limit") });
+            let _ = audit.record(&Event { caller, reason: Some(&reason), ..Event::new(EventKind::Limit) });
         }
     }
 }
@@ -154,7 +154,7 @@ pub fn deny_key(id: &crate::identity::Identity) -> String {
     match (&id.container_id, &id.remote, id.userns_owner) {
         (Some(c), _, _) => format!("container:{c}"),
         // "<subject> from <address:port>": the subject, not the connection.
-        (None, Some(r), _) => format!("remote:{}", r.rsplit_once(" from ").map_or(r.as_str(), |(s, _)| s)),
+        (None, Some(r), _) => format!("remote:{}", r.subject_shown()),
         (None, None, Some(owner)) => format!("userns:{owner}"),
         (None, None, None) => format!("uid:{}", id.uid),
     }
@@ -506,8 +506,9 @@ mod deny_tests {
         assert_eq!(deny_key(&host), deny_key(&Identity { pid: 2, ..host.clone() }));
         let c = Identity { container_id: Some("abc".into()), ..host.clone() };
         assert_eq!(deny_key(&c), "container:abc");
-        let r = |a: &str| Identity { remote: Some(format!("CN=x from {a}")), ..Identity::default() };
+        let r = |a: &str| Identity::remote(crate::config::parse_subject("CN=x"), Some(a.parse().unwrap()));
         assert_eq!(deny_key(&r("10.0.0.1:5000")), deny_key(&r("10.0.0.1:5001")));
+        assert_eq!(deny_key(&r("10.0.0.1:5000")), "remote:CN=x", "the subject, not the connection");
         // Host uids mapped in one user's namespace are that user.
         let ns = |uid| Identity { uid, userns_owner: Some(4500), ..Identity::default() };
         assert_eq!(deny_key(&ns(200_000)), "userns:4500");

@@ -42,7 +42,13 @@ pub struct GrpcLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EventLabels {
-    pub event: String,
+    pub event: crate::audit::EventKind,
+}
+
+impl prometheus_client::encoding::EncodeLabelValue for crate::audit::EventKind {
+    fn encode(&self, encoder: &mut prometheus_client::encoding::LabelValueEncoder<'_>) -> std::fmt::Result {
+        std::fmt::Write::write_str(encoder, self.as_str())
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -181,14 +187,15 @@ pub fn backend_request(backend: &str, started: Instant, failed: bool) {
 /// Count an audit line; denials and stale serves are counted from here,
 /// so every path that audits one (FUSE or gRPC) is counted alike.
 pub fn audited(e: &crate::audit::Event<'_>) {
-    METRICS.audit_lines.get_or_create(&EventLabels { event: e.event.to_owned() }).inc();
+    use crate::audit::EventKind;
+    METRICS.audit_lines.get_or_create(&EventLabels { event: e.event }).inc();
     let (workload, secret) = (e.workload.unwrap_or_default(), e.path.unwrap_or_default());
     match e.event {
-        "deny" => denied(e),
-        "stale_serve" => {
+        EventKind::Deny => denied(e),
+        EventKind::StaleServe => {
             METRICS.stale_serves.get_or_create(&secret_labels(workload, secret)).inc();
         }
-        "put" | "rotate" if e.reason.is_none() => {
+        EventKind::Put | EventKind::Rotate if e.reason.is_none() => {
             METRICS.rotations.inc();
         }
         _ => {}
@@ -268,5 +275,13 @@ mod tests {
         assert!(text.contains("# TYPE keyhole_reads counter"), "{text}");
         assert!(text.contains("keyhole_rotations_total 0"), "plain counters show from the start: {text}");
         assert!(text.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn audit_lines_are_labelled_by_the_events_wire_name() {
+        let m = Metrics::new();
+        m.audit_lines.get_or_create(&EventLabels { event: crate::audit::EventKind::StaleExpired }).inc();
+        let text = m.render();
+        assert!(text.contains("keyhole_audit_lines_total{event=\"stale_expired\"} 1"), "{text}");
     }
 }

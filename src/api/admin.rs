@@ -9,13 +9,13 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::pb::{self, admin_server, put_secret_request::Source};
-use super::remote::{show, subject_of};
+use super::remote;
 use super::{ApiError, blocking, describe, peer_of};
-use crate::audit::Event;
+use crate::audit::{Event, EventKind};
 use crate::backend::VersionMeta;
 use crate::broker::{Broker, GrantRequest, NewValue};
 use crate::identity::Identity;
-use crate::policy::{Grant, Workload};
+use crate::policy::{Grant, Workload, admin};
 use crate::secret::{SecretBytes, SecretPath, validate_prefix};
 
 pub struct AdminService(pub Arc<Broker>);
@@ -75,7 +75,8 @@ impl AdminService {
         let audit = &self.0.audit;
         let attestor = self.0.attestor.clone();
         let p = peer.clone();
-        let attested = blocking(move || Ok(attestor.attest(&p))).await?;
+        let admins = self.0.config.admin.clone();
+        let attested = blocking(move || Ok(attestor.attest(&p).map(|id| admin::decided(id, &admins)))).await?;
         if let Ok(id) = &attested {
             self.0.allow_call(id, method)?;
         }
@@ -88,7 +89,7 @@ impl AdminService {
                         method: Some(method),
                         caller: Some(&id),
                         reason: Some("not an admin"),
-                        ..Event::new("deny")
+                        ..Event::new(EventKind::Deny)
                     },
                 )?;
                 Err(ApiError::PermissionDenied(format!(
@@ -97,11 +98,16 @@ impl AdminService {
                 )))
             }
             Err(e) => {
-                let who = Identity { uid: peer.uid, gid: peer.gid, pid: peer.pid, ..Identity::default() };
+                let who = Identity::unattested(peer.uid, peer.gid, peer.pid);
                 let reason = e.to_string();
                 audit.deny(
                     &crate::limits::deny_key(&who),
-                    &Event { method: Some(method), caller: Some(&who), reason: Some(&reason), ..Event::new("deny") },
+                    &Event {
+                        method: Some(method),
+                        caller: Some(&who),
+                        reason: Some(&reason),
+                        ..Event::new(EventKind::Deny)
+                    },
                 )?;
                 Err(e.into())
             }
@@ -116,24 +122,19 @@ impl AdminService {
         certs: &[tonic::transport::CertificateDer<'static>],
         method: &'static str,
     ) -> Result<Identity, ApiError> {
-        let from = req.remote_addr().map_or_else(|| "an unknown address".into(), |a| a.to_string());
-        let subject = certs.first().ok_or_else(|| "no client certificate".to_owned()).and_then(|c| subject_of(c));
-        let (shown, admin) = match &subject {
-            Ok(s) => (show(s), self.0.config.admin.allows_subject(s)),
-            Err(e) => (e.clone(), false),
-        };
-        let id = Identity { remote: Some(format!("{shown} from {from}")), admin, ..Identity::default() };
+        let id = admin::decided(remote::caller(Some(certs), req.remote_addr()), &self.0.config.admin);
         self.0.allow_call(&id, method)?;
-        if admin {
+        if id.admin {
             return Ok(id);
         }
+        let shown = id.remote.as_ref().map(crate::identity::Remote::subject_shown).unwrap_or_default();
         self.0.audit.deny(
             &crate::limits::deny_key(&id),
             &Event {
                 method: Some(method),
                 caller: Some(&id),
                 reason: Some("client certificate subject is not in [admin] subjects"),
-                ..Event::new("deny")
+                ..Event::new(EventKind::Deny)
             },
         )?;
         Err(ApiError::PermissionDenied(format!(
@@ -158,7 +159,7 @@ impl AdminService {
     async fn audited<T: Send + 'static>(
         &self,
         id: Identity,
-        event: &'static str,
+        event: EventKind,
         path: Option<String>,
         op: impl FnOnce(&Broker) -> Result<(T, Option<u64>), ApiError> + Send + 'static,
     ) -> Result<T, ApiError> {
@@ -169,7 +170,7 @@ impl AdminService {
     async fn audited_for<T: Send + 'static>(
         &self,
         id: Identity,
-        event: &'static str,
+        event: EventKind,
         workload: Option<String>,
         path: Option<String>,
         op: impl FnOnce(&Broker) -> Result<(T, Option<u64>), ApiError> + Send + 'static,
@@ -219,7 +220,7 @@ impl admin_server::Admin for AdminService {
         let id = self.authorize(&req, "GetSecret").await?;
         let pb::GetSecretRequest { path, version } = req.into_inner();
         let reply = self
-            .audited(id, "get", Some(path.clone()), move |b| {
+            .audited(id, EventKind::Get, Some(path.clone()), move |b| {
                 let path = SecretPath::parse(&path)?;
                 let (meta, value) = b.get_secret(&path, (version != 0).then_some(version))?;
                 let v = meta.version;
@@ -237,7 +238,7 @@ impl admin_server::Admin for AdminService {
         let prefix = req.into_inner().prefix;
         let shown = (!prefix.is_empty()).then(|| prefix.clone());
         let secrets = self
-            .audited(id, "ls", shown, move |b| {
+            .audited(id, EventKind::Ls, shown, move |b| {
                 validate_prefix(&prefix)?;
                 let list = b.list_secrets(&prefix)?;
                 Ok((list.into_iter().map(|(p, m)| version_pb(&p, m)).collect(), None))
@@ -250,7 +251,7 @@ impl admin_server::Admin for AdminService {
         let id = self.authorize(&req, "SecretHistory").await?;
         let path = req.into_inner().path;
         let versions = self
-            .audited(id, "history", Some(path.clone()), move |b| {
+            .audited(id, EventKind::History, Some(path.clone()), move |b| {
                 let path = SecretPath::parse(&path)?;
                 let h = b.secret_history(&path)?;
                 Ok((h.into_iter().map(|m| version_pb(path.as_str(), m)).collect(), None))
@@ -273,7 +274,7 @@ impl admin_server::Admin for AdminService {
     async fn status(&self, req: Request<pb::StatusRequest>) -> Reply<pb::StatusResponse> {
         let id = self.authorize(&req, "Status").await?;
         let reply = self
-            .audited(id, "status", None, |b| {
+            .audited(id, EventKind::Status, None, |b| {
                 let (buffers, locked) = SecretBytes::counts();
                 let c = &b.config;
                 let status = pb::StatusResponse {
@@ -303,7 +304,7 @@ impl admin_server::Admin for AdminService {
         let id = self.authorize(&req, "AuditLog").await?;
         let follow = req.into_inner().follow;
         let (lines, mut seen, mut rx) =
-            self.audited(id, "audit_read", None, |b| Ok((b.audit.subscribe(), None))).await?;
+            self.audited(id, EventKind::AuditRead, None, |b| Ok((b.audit.subscribe(), None))).await?;
         let (tx, out) = mpsc::channel(256);
         let mut stopping = self.0.stopping.subscribe();
         tokio::spawn(async move {
@@ -347,7 +348,11 @@ impl admin_server::Admin for AdminService {
         let reply = blocking(move || {
             let checked = b.audit.verify();
             let problem = checked.as_ref().err().map(|e| e.to_string());
-            b.audit.record(&Event { caller: Some(&id), reason: problem.as_deref(), ..Event::new("audit_verify") })?;
+            b.audit.record(&Event {
+                caller: Some(&id),
+                reason: problem.as_deref(),
+                ..Event::new(EventKind::AuditVerify)
+            })?;
             Ok(pb::AuditVerifyResponse {
                 ok: problem.is_none(),
                 lines: checked.unwrap_or(0),
@@ -368,7 +373,9 @@ impl admin_server::Admin for AdminService {
     async fn list_workloads(&self, req: Request<pb::ListWorkloadsRequest>) -> Reply<pb::ListWorkloadsResponse> {
         let id = self.authorize(&req, "ListWorkloads").await?;
         let workloads = self
-            .audited(id, "workload_ls", None, |b| Ok((b.store.workloads()?.iter().map(workload_pb).collect(), None)))
+            .audited(id, EventKind::WorkloadLs, None, |b| {
+                Ok((b.store.workloads()?.iter().map(workload_pb).collect(), None))
+            })
             .await?;
         Ok(Response::new(pb::ListWorkloadsResponse { workloads }))
     }
@@ -407,7 +414,7 @@ impl admin_server::Admin for AdminService {
         let id = self.authorize(&req, "ListGrants").await?;
         let w = req.into_inner().workload;
         let grants = self
-            .audited(id, "grants", None, move |b| {
+            .audited(id, EventKind::Grants, None, move |b| {
                 let only = (!w.is_empty()).then_some(w.as_str());
                 Ok((b.store.grants(only)?.iter().map(grant_pb).collect(), None))
             })
@@ -418,7 +425,7 @@ impl admin_server::Admin for AdminService {
     async fn list_mounts(&self, req: Request<pb::ListMountsRequest>) -> Reply<pb::ListMountsResponse> {
         let id = self.authorize(&req, "ListMounts").await?;
         let mounts = self
-            .audited(id, "mounts", None, |b| {
+            .audited(id, EventKind::Mounts, None, |b| {
                 let list = b.mounts.list().into_iter().map(|m| pb::MountEntry {
                     workload: m.workload,
                     path: m.path.display().to_string(),

@@ -36,7 +36,7 @@ use tonic::transport::server::Connected;
 
 use super::conn::{Seen, Watch, Watched};
 use crate::audit::AuditLog;
-use crate::config::Limits;
+use crate::config::{AdminPolicy, Limits};
 use crate::identity::{Attestor, Identity, Peer};
 use crate::limits::Refusals;
 
@@ -273,7 +273,7 @@ impl Gate {
     }
 
     fn refuse(&self, key: &str, limit: &str, peer: &Peer) {
-        let who = Identity { uid: peer.uid, gid: peer.gid, pid: peer.pid, ..Identity::default() };
+        let who = Identity::unattested(peer.uid, peer.gid, peer.pid);
         self.refusals.refused(&self.audit, key, limit, Some(&who));
     }
 }
@@ -384,7 +384,12 @@ type Incoming = ReceiverStream<io::Result<PeerStream>>;
 /// Accept connections for tonic: admins' on the first stream, strangers'
 /// on the second. Accept errors (such as running out of file descriptors)
 /// are logged and retried after a pause; they never end the server.
-pub fn incoming(listener: UnixListener, gate: Arc<Gate>, attestor: Arc<Attestor>) -> (Incoming, Incoming) {
+pub fn incoming(
+    listener: UnixListener,
+    gate: Arc<Gate>,
+    attestor: Arc<Attestor>,
+    admin: Arc<AdminPolicy>,
+) -> (Incoming, Incoming) {
     let (admins, admins_rx) = mpsc::channel(16);
     let (strangers, strangers_rx) = mpsc::channel(16);
     tokio::spawn(async move {
@@ -398,7 +403,7 @@ pub fn incoming(listener: UnixListener, gate: Arc<Gate>, attestor: Arc<Attestor>
                 // Over a limit: closed as it drops.
                 Ok(None) => {}
                 Ok(Some(s)) => {
-                    let route = (gate.clone(), attestor.clone(), admins.clone(), strangers.clone());
+                    let route = (gate.clone(), attestor.clone(), admin.clone(), admins.clone(), strangers.clone());
                     tokio::spawn(classify(s, route));
                 }
                 Err(e) => {
@@ -411,17 +416,23 @@ pub fn incoming(listener: UnixListener, gate: Arc<Gate>, attestor: Arc<Attestor>
     (ReceiverStream::new(admins_rx), ReceiverStream::new(strangers_rx))
 }
 
-type Route = (Arc<Gate>, Arc<Attestor>, mpsc::Sender<io::Result<PeerStream>>, mpsc::Sender<io::Result<PeerStream>>);
+type Route = (
+    Arc<Gate>,
+    Arc<Attestor>,
+    Arc<AdminPolicy>,
+    mpsc::Sender<io::Result<PeerStream>>,
+    mpsc::Sender<io::Result<PeerStream>>,
+);
 
 /// Attest a new connection's peer and hand the connection to the server
 /// for its kind.
-async fn classify(mut s: PeerStream, (gate, attestor, admins, strangers): Route) {
+async fn classify(mut s: PeerStream, (gate, attestor, policy, admins, strangers): Route) {
     let identity = match gate.classifying.clone().acquire_owned().await {
         Ok(permit) => {
             let peer = s.watch.info.peer.clone();
             let attest = tokio::task::spawn_blocking(move || {
                 let _permit = permit;
-                attestor.attest(&peer).ok()
+                attestor.attest(&peer).ok().map(|id| crate::policy::admin::decided(id, &policy))
             });
             tokio::time::timeout(CLASSIFY_TIMEOUT, attest).await.ok().and_then(Result::ok).flatten()
         }

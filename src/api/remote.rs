@@ -54,9 +54,16 @@ pub fn subject_of(der: &[u8]) -> Result<Subject, String> {
     Ok(set)
 }
 
-/// A subject for messages and the audit log: `CN=alice,O=Example`.
-pub fn show(subject: &Subject) -> String {
-    subject.iter().cloned().collect::<Vec<_>>().join(",")
+/// A client that came through mutual TLS, as the broker knows it: the
+/// subject of its certificate (the first of its chain) and its address.
+/// Whether it is an admin is policy's call ([`crate::policy::admin`]).
+pub fn caller(
+    certs: Option<&[tonic::transport::CertificateDer<'static>]>,
+    address: Option<std::net::SocketAddr>,
+) -> crate::identity::Identity {
+    let subject =
+        certs.and_then(|c| c.first()).ok_or_else(|| "no client certificate".to_owned()).and_then(|c| subject_of(c));
+    crate::identity::Identity::remote(subject, address)
 }
 
 #[cfg(test)]
@@ -75,7 +82,11 @@ mod tests {
         let got = subject_of(cert.der()).unwrap();
         assert_eq!(got, parse_subject("o=Example, CN=ops-laptop").unwrap());
         assert_ne!(got, parse_subject("CN=ops-laptop").unwrap(), "every attribute must match");
-        assert_eq!(show(&got), "CN=ops-laptop,O=Example");
+        let id = caller(Some(&[cert.der().clone()]), Some("192.0.2.9:50123".parse().unwrap()));
+        let r = id.remote.as_ref().unwrap();
+        assert_eq!(r.subject.as_ref(), Ok(&got));
+        assert_eq!(r.to_string(), "CN=ops-laptop,O=Example from 192.0.2.9:50123");
+        assert_eq!(caller(None, None).remote.unwrap().to_string(), "no client certificate from an unknown address");
         assert!(subject_of(b"not a certificate").is_err());
         assert!(parse_subject("CN").is_err());
     }

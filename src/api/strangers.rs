@@ -52,7 +52,7 @@ use tonic::{Code, Status};
 use super::conn::Counted;
 use super::peer::ConnInfo;
 use super::{BoxFuture, describe};
-use crate::audit::Event;
+use crate::audit::{Event, EventKind};
 use crate::broker::Broker;
 use crate::identity::Identity;
 
@@ -201,10 +201,10 @@ where
                 });
             }
             Mode::Remote(broker) => {
-                if let Some((shown, from, method)) = unlisted_subject(broker, &req) {
+                if let Some((id, method)) = unlisted_subject(broker, &req) {
                     let broker = broker.clone();
                     drop(req);
-                    return Box::pin(async move { Ok(refuse_remote(&broker, shown, from, method).await.into_http()) });
+                    return Box::pin(async move { Ok(refuse_remote(&broker, id, method).await.into_http()) });
                 }
             }
             _ => {}
@@ -231,15 +231,19 @@ async fn refuse(broker: &Arc<Broker>, info: Option<ConnInfo>, method: &'static s
     let b = broker.clone();
     let outcome = super::blocking_bounded(move || {
         // Attested afresh, as every call is: the process may have exited.
-        let attested = b.attestor.attest(&info.peer);
+        let attested = b.attestor.attest(&info.peer).map(|id| crate::policy::admin::decided(id, &b.config.admin));
         let id = match attested {
             Ok(id) => id,
             Err(e) => {
                 let p = &info.peer;
-                let who = Identity { uid: p.uid, gid: p.gid, pid: p.pid, ..Identity::default() };
+                let who = Identity::unattested(p.uid, p.gid, p.pid);
                 let reason = e.to_string();
-                let event =
-                    Event { method: Some(method), caller: Some(&who), reason: Some(&reason), ..Event::new("deny") };
+                let event = Event {
+                    method: Some(method),
+                    caller: Some(&who),
+                    reason: Some(&reason),
+                    ..Event::new(EventKind::Deny)
+                };
                 b.audit.deny(&crate::limits::deny_key(&who), &event)?;
                 return Err(e.into());
             }
@@ -251,8 +255,12 @@ async fn refuse(broker: &Arc<Broker>, info: Option<ConnInfo>, method: &'static s
                 "{method}: this connection was not attested as an admin's when it was opened; connect again"
             )));
         }
-        let event =
-            Event { method: Some(method), caller: Some(&id), reason: Some("not an admin"), ..Event::new("deny") };
+        let event = Event {
+            method: Some(method),
+            caller: Some(&id),
+            reason: Some("not an admin"),
+            ..Event::new(EventKind::Deny)
+        };
         b.audit.deny(&crate::limits::deny_key(&id), &event)?;
         Err(super::ApiError::PermissionDenied(format!(
             "{method} needs an admin caller (a host process with uid 0 or an [admin] uid/gid); the broker sees {}",
@@ -268,40 +276,31 @@ async fn refuse(broker: &Arc<Broker>, info: Option<ConnInfo>, method: &'static s
 
 /// A remote admin call (any but Ping, open to every client the TLS
 /// handshake let in) from a certificate whose subject is not listed: its
-/// subject, address and method. `AdminService` checks again.
-fn unlisted_subject<B>(broker: &Broker, req: &http::Request<B>) -> Option<(String, String, &'static str)> {
+/// identity (subject and address) and method. `AdminService` checks again.
+fn unlisted_subject<B>(broker: &Broker, req: &http::Request<B>) -> Option<(Identity, &'static str)> {
     use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
     let method = admin_method(req.uri().path());
     if method == "Ping" {
         return None;
     }
     let tls = req.extensions().get::<TlsConnectInfo<TcpConnectInfo>>();
-    let from =
-        tls.and_then(|t| t.get_ref().remote_addr()).map_or_else(|| "an unknown address".into(), |a| a.to_string());
     let certs = tls.and_then(|t| t.peer_certs());
-    let subject = certs
-        .as_ref()
-        .and_then(|c| c.first())
-        .ok_or_else(|| "no client certificate".to_owned())
-        .and_then(|c| super::remote::subject_of(c));
-    match subject {
-        Ok(s) if broker.config.admin.allows_subject(&s) => None,
-        Ok(s) => Some((super::remote::show(&s), from, method)),
-        Err(e) => Some((e, from, method)),
-    }
+    let id = super::remote::caller(certs.as_deref().map(Vec::as_slice), tls.and_then(|t| t.get_ref().remote_addr()));
+    let id = crate::policy::admin::decided(id, &broker.config.admin);
+    (!id.admin).then_some((id, method))
 }
 
 /// As `AdminService` refuses a remote client whose subject is not
 /// listed (same status, message and audit line), on the headers.
-async fn refuse_remote(broker: &Arc<Broker>, shown: String, from: String, method: &'static str) -> Status {
+async fn refuse_remote(broker: &Arc<Broker>, id: Identity, method: &'static str) -> Status {
     let b = broker.clone();
     let outcome = super::blocking_bounded(move || {
-        let id = Identity { remote: Some(format!("{shown} from {from}")), ..Identity::default() };
+        let shown = id.remote.as_ref().map(crate::identity::Remote::subject_shown).unwrap_or_default();
         b.allow_call(&id, method)?;
         let reason = "client certificate subject is not in [admin] subjects";
         b.audit.deny(
             &crate::limits::deny_key(&id),
-            &Event { method: Some(method), caller: Some(&id), reason: Some(reason), ..Event::new("deny") },
+            &Event { method: Some(method), caller: Some(&id), reason: Some(reason), ..Event::new(EventKind::Deny) },
         )?;
         Err(super::ApiError::PermissionDenied(format!(
             "{method} needs an admin: the subject {shown} is not listed in the broker's [admin] subjects"

@@ -7,7 +7,7 @@ use tonic::{Request, Response, Status};
 
 use super::pb::{WhoAmIRequest, WhoAmIResponse, workload_server};
 use super::{blocking_bounded, peer_of};
-use crate::audit::Event;
+use crate::audit::{Event, EventKind};
 use crate::broker::Broker;
 use crate::identity::Identity;
 
@@ -19,13 +19,18 @@ impl workload_server::Workload for WorkloadService {
         let peer = peer_of(&req)?;
         let b = self.0.clone();
         let (id, workloads) = blocking_bounded(move || {
-            let id = b.attestor.attest(&peer).inspect_err(|e| {
+            let id = b.attestor.attest(&peer).map(|id| crate::policy::admin::decided(id, &b.config.admin));
+            let id = id.inspect_err(|e| {
                 // Someone spoke on a connection whose process is gone, or
                 // cannot be read: a refusal worth a line.
-                let who = Identity { uid: peer.uid, gid: peer.gid, pid: peer.pid, ..Identity::default() };
+                let who = Identity::unattested(peer.uid, peer.gid, peer.pid);
                 let reason = e.to_string();
-                let event =
-                    Event { method: Some("WhoAmI"), caller: Some(&who), reason: Some(&reason), ..Event::new("deny") };
+                let event = Event {
+                    method: Some("WhoAmI"),
+                    caller: Some(&who),
+                    reason: Some(&reason),
+                    ..Event::new(EventKind::Deny)
+                };
                 let _ = b.audit.deny(&crate::limits::deny_key(&who), &event);
             })?;
             b.allow_call(&id, "WhoAmI")?;

@@ -30,7 +30,7 @@ use crate::api::admin::AdminService;
 use crate::api::pb::{admin_server::AdminServer, workload_server::WorkloadServer};
 use crate::api::peer;
 use crate::api::workload::WorkloadService;
-use crate::audit::{AuditLog, Event};
+use crate::audit::{AuditLog, Event, EventKind};
 use crate::backend::local::{KeyMaterial, LocalStore};
 use crate::backend::vault::VaultBackend;
 use crate::config::{Config, KeySource};
@@ -226,7 +226,7 @@ impl Broker {
     /// refused (and audited, at most a line a second per caller).
     pub fn allow_call(&self, id: &crate::identity::Identity, method: &str) -> Result<(), BrokerError> {
         let key = match (&id.remote, &id.container_id) {
-            (Some(r), _) => format!("remote {}", r.split(" from ").next().unwrap_or(r)),
+            (Some(r), _) => format!("remote {}", r.subject_shown()),
             (None, Some(c)) => format!("container {c}"),
             (None, None) => format!("uid {}", id.uid),
         };
@@ -306,7 +306,7 @@ impl Broker {
                 }
                 let why = format!("started with --new-audit-log: {e}");
                 tracing::warn!(path = %a, reason = %why, "the audit log does not hold the sealed head; going on");
-                audit.record(&Event { reason: Some(&why), ..Event::new("audit_reset") })?;
+                audit.record(&Event { reason: Some(&why), ..Event::new(EventKind::AuditReset) })?;
             }
         }
         let docker = if config.docker_socket.exists() {
@@ -358,7 +358,7 @@ impl Broker {
         if let Some(a) = &config.alerts {
             audit.alert_on_deny(crate::alerts::Alerts::start(a.clone(), Arc::downgrade(&audit), &rt));
         }
-        let attestor = Arc::new(Attestor::new("/proc", config.admin.clone(), docker.clone()));
+        let attestor = Arc::new(Attestor::new("/proc", docker.clone()));
         let run_dir = &config.run_dir;
         if run_dir.exists() {
             check_run_dir(run_dir)?;
@@ -371,6 +371,7 @@ impl Broker {
             attestor: attestor.clone(),
             audit: audit.clone(),
             audit_reads: config.audit_reads,
+            admin: config.admin.clone(),
             rt: rt.clone(),
         });
         let mounts = MountTable::new(run_dir, shared)?;
@@ -496,7 +497,8 @@ fn spawn_services(
     );
     for (l, name) in [(&listeners.admin, "admin.sock"), (&listeners.workload, "workload.sock")] {
         let gate = peer::Gate::new(name, &broker.config.limits, budget.clone(), broker.audit.clone());
-        let (admins, strangers) = peer::incoming(serving_copy(l)?, gate, broker.attestor.clone());
+        let admin_policy = Arc::new(broker.config.admin.clone());
+        let (admins, strangers) = peer::incoming(serving_copy(l)?, gate, broker.attestor.clone(), admin_policy);
         let admin = AdminServer::new(AdminService(broker.clone()))
             .max_decoding_message_size(max_msg)
             .max_encoding_message_size(max_msg);
@@ -688,7 +690,7 @@ async fn handshake(
             let _ = ready.send(out).await;
         }
         Ok(Ok(takeover::Offered::Declined(_))) => {
-            let e = Event { reason: Some("the successor refused the state"), ..Event::new("takeover_refused") };
+            let e = Event { reason: Some("the successor refused the state"), ..Event::new(EventKind::TakeoverRefused) };
             let _ = broker.audit.record(&e);
         }
         Ok(Ok(takeover::Offered::Refused(why))) => {
@@ -715,7 +717,7 @@ async fn hand_over(
     let b = broker.clone();
     tokio::task::spawn_blocking(move || b.mounts.quiesce()).await?;
     let to = format!("to pid {pid}");
-    broker.audit.record(&Event { reason: Some(&to), ..Event::new("handover") })?;
+    broker.audit.record(&Event { reason: Some(&to), ..Event::new(EventKind::Handover) })?;
     let (audit_seq, mac) = broker.audit.seal();
     let b = broker.clone();
     if let Err(e) = tokio::task::spawn_blocking(move || b.store.seal_audit()).await? {
@@ -749,7 +751,7 @@ async fn hand_over(
         tokio::task::spawn_blocking(move || b.mounts.resume()).await?;
         *services = spawn_services(broker, listeners)?;
         let why = format!("{e:#}");
-        broker.audit.record(&Event { reason: Some(&why), ..Event::new("handover_failed") })?;
+        broker.audit.record(&Event { reason: Some(&why), ..Event::new(EventKind::HandoverFailed) })?;
         return Err(e.context("the handover failed; serving again"));
     }
     Ok(Some(pid))
@@ -811,11 +813,11 @@ pub async fn serve(config: Config, takeover: bool, new_audit_log: bool) -> anyho
     match from {
         Some(pid) => {
             let reason = format!("keyhole {} from pid {pid}", env!("CARGO_PKG_VERSION"));
-            broker.audit.record(&Event { reason: Some(&reason), ..Event::new("takeover") })?;
+            broker.audit.record(&Event { reason: Some(&reason), ..Event::new(EventKind::Takeover) })?;
             systemd::notify(&format!("MAINPID={}\nREADY=1", std::process::id()));
         }
         None => {
-            broker.audit.record(&Event { reason: Some(env!("CARGO_PKG_VERSION")), ..Event::new("start") })?;
+            broker.audit.record(&Event { reason: Some(env!("CARGO_PKG_VERSION")), ..Event::new(EventKind::Start) })?;
             systemd::notify("READY=1");
         }
     }
@@ -875,7 +877,7 @@ pub async fn serve(config: Config, takeover: bool, new_audit_log: bool) -> anyho
     }
     let b = broker.clone();
     tokio::task::spawn_blocking(move || b.mounts.shutdown()).await?;
-    broker.audit.record(&Event { reason: Some(why), ..Event::new("stop") })?;
+    broker.audit.record(&Event { reason: Some(why), ..Event::new(EventKind::Stop) })?;
     seal_audit_head(&broker).await;
     Ok(())
 }

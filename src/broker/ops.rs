@@ -26,7 +26,7 @@
 //!
 //! ```ignore
 //! pub fn template_put(&self, by: &Identity, name: &str, body: &str) -> Result<(), BrokerError> {
-//!     self.write(Audit::by(by, "template_put").path(name), |b| {
+//!     self.write(Audit::by(by, EventKind::TemplatePut).path(name), |b| {
 //!         let t = Template::parse(name, body)?;    // refusals are audited too
 //!         b.store.put_record(TEMPLATES, name, &t)?; // 1. store
 //!         Ok(Done::new(()).workloads(t.users()))  // 2-4: what it touched
@@ -44,7 +44,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use super::{Broker, BrokerError};
-use crate::audit::Event;
+use crate::audit::{Event, EventKind};
 use crate::backend::VersionMeta;
 use crate::backend::local::{VOLUME_MOUNTS, VOLUMES};
 use crate::backend::vault::Cached;
@@ -139,7 +139,7 @@ impl<T> Done<T> {
 
 /// How an operation is audited.
 pub(super) struct Audit<'a> {
-    event: &'static str,
+    event: EventKind,
     caller: Option<&'a Identity>,
     workload: Option<&'a str>,
     path: Option<&'a str>,
@@ -151,12 +151,12 @@ pub(super) struct Audit<'a> {
 
 impl<'a> Audit<'a> {
     /// An admin's call, audited as `event` whatever its outcome.
-    pub(super) fn by(caller: &'a Identity, event: &'static str) -> Self {
+    pub(super) fn by(caller: &'a Identity, event: EventKind) -> Self {
         Audit { event, caller: Some(caller), workload: None, path: None, strict: true }
     }
 
     /// A call from dockerd (no attested caller): successes audited.
-    pub(super) fn plugin(event: &'static str) -> Self {
+    pub(super) fn plugin(event: EventKind) -> Self {
         Audit { event, caller: None, workload: None, path: None, strict: false }
     }
 
@@ -207,7 +207,7 @@ impl Broker {
             Ok(_) => Ok(()),
             Err(e) if a.strict => Err(e.into()),
             Err(e) => {
-                tracing::warn!(event = a.event, error = %e, "cannot audit");
+                tracing::warn!(event = a.event.as_str(), error = %e, "cannot audit");
                 Ok(())
             }
         }
@@ -265,7 +265,7 @@ impl Broker {
                         path: Some(&secret),
                         version: Some(version),
                         reason: Some(&reason),
-                        ..Event::new("notify")
+                        ..Event::new(EventKind::Notify)
                     };
                     let _ = audit.record(&event);
                 });
@@ -285,7 +285,7 @@ impl Broker {
         rotate: bool,
         if_version: Option<u64>,
     ) -> Result<VersionMeta, BrokerError> {
-        let event = if rotate { "rotate" } else { "put" };
+        let event = if rotate { EventKind::Rotate } else { EventKind::Put };
         self.write(Audit::by(by, event).path(path), |b| {
             let path = SecretPath::parse(path)?;
             let value = b.checked_value(value)?;
@@ -324,7 +324,7 @@ impl Broker {
 
     /// `rm`: delete a secret and all its versions; returns how many.
     pub fn remove(&self, by: &Identity, path: &str) -> Result<usize, BrokerError> {
-        self.write(Audit::by(by, "rm").path(path), |b| {
+        self.write(Audit::by(by, EventKind::Rm).path(path), |b| {
             let path = SecretPath::parse(path)?;
             let n = b.delete_secret(&path)?;
             Ok(Done::new(n).secrets([path.to_string()]))
@@ -350,7 +350,7 @@ impl Broker {
 
     /// `workload add`.
     pub fn add_workload(&self, by: &Identity, name: &str, selectors: &[String]) -> Result<Workload, BrokerError> {
-        self.write(Audit::by(by, "workload_add"), |b| {
+        self.write(Audit::by(by, EventKind::WorkloadAdd), |b| {
             let w = Workload::new(name, selectors)?;
             b.store.add_workload(&w)?;
             let name = w.name.clone();
@@ -360,7 +360,7 @@ impl Broker {
 
     /// `workload rm`, with its grants; returns how many grants went.
     pub fn remove_workload(&self, by: &Identity, name: &str) -> Result<usize, BrokerError> {
-        self.write(Audit::by(by, "workload_rm"), |b| {
+        self.write(Audit::by(by, EventKind::WorkloadRm), |b| {
             let n = b.store.remove_workload(name)?;
             Ok(Done::new(n).workload(name))
         })
@@ -369,7 +369,7 @@ impl Broker {
     /// `grant`: what a new grant shows is fetched now, if its backend
     /// answers, so the file is readable when the call returns.
     pub fn grant(&self, by: &Identity, req: &GrantRequest) -> Result<Grant, BrokerError> {
-        self.write(Audit::by(by, "grant").workload(&req.workload).path(&req.secret), |b| {
+        self.write(Audit::by(by, EventKind::Grant).workload(&req.workload).path(&req.secret), |b| {
             let grant = req.parse()?;
             let existing = b.store.grants(Some(&grant.workload))?;
             crate::policy::check_file_clash(&existing, &grant)?;
@@ -382,7 +382,7 @@ impl Broker {
 
     /// `revoke` a workload's grant of `secret` (a path or a prefix).
     pub fn revoke(&self, by: &Identity, workload: &str, secret: &str) -> Result<(), BrokerError> {
-        self.write(Audit::by(by, "revoke").workload(workload).path(secret), |b| {
+        self.write(Audit::by(by, EventKind::Revoke).workload(workload).path(secret), |b| {
             // Normalize through the parser so `db/*` and friends match.
             let target = Target::parse(secret)?;
             b.store.remove_grant(workload, &target.to_string())?;
@@ -395,7 +395,7 @@ impl Broker {
     /// `docker volume create -d keyhole`: record the volume (again, with
     /// the same options, is fine).
     pub fn create_volume(&self, name: &str, spec: &VolumeSpec) -> Result<(), BrokerError> {
-        self.write(Audit::plugin("volume_create").path(name).workload(&spec.workload), |b| {
+        self.write(Audit::plugin(EventKind::VolumeCreate).path(name).workload(&spec.workload), |b| {
             if !b.store.workloads()?.iter().any(|w| w.name == spec.workload) {
                 return Err(BrokerError::Precondition(format!(
                     "workload {} does not exist: add it first (keyhole workload add {} --selector ...)",
@@ -415,7 +415,7 @@ impl Broker {
 
     /// `docker volume rm`: only a volume no container mounts.
     pub fn remove_volume(&self, name: &str) -> Result<(), BrokerError> {
-        self.write(Audit::plugin("volume_remove").path(name), |b| {
+        self.write(Audit::plugin(EventKind::VolumeRemove).path(name), |b| {
             if !b.mounts_of_volume(name)?.is_empty() {
                 return Err(BrokerError::Precondition(format!("volume {name} is in use by a running container")));
             }
@@ -446,13 +446,13 @@ impl Broker {
             return Err(BrokerError::Unavailable(format!("cannot mount volume {}: see the broker's log", m.volume)));
         }
         // 4. audit
-        self.audit_outcome(&Audit::plugin("volume_mount").path(&m.volume).workload(&m.workload), None, None)?;
+        self.audit_outcome(&Audit::plugin(EventKind::VolumeMount).path(&m.volume).workload(&m.workload), None, None)?;
         Ok(self.mounts.path_of(&key))
     }
 
     /// A container that mounted a volume stopped: unmount it.
     pub fn unmount_volume(&self, id: &str, volume: &str) -> Result<(), BrokerError> {
-        self.write(Audit::plugin("volume_unmount").path(volume), |b| {
+        self.write(Audit::plugin(EventKind::VolumeUnmount).path(volume), |b| {
             let workload = b.mounts.workload_of(&MountKey::Volume(id.to_owned()));
             b.store.remove_record(VOLUME_MOUNTS, id)?;
             Ok(match workload {

@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime};
 
 use super::Broker;
 use super::BrokerError;
-use crate::audit::Event;
+use crate::audit::{Event, EventKind};
 use crate::backend::local::VOLUME_MOUNTS;
 use crate::backend::vault::{Cached, VaultBackend};
 use crate::backend::{BackendError, VersionMeta};
@@ -308,7 +308,7 @@ fn report_failure(broker: &Broker, v: &VaultBackend, e: &BackendError) {
         let _ = broker.audit.record(&Event {
             path: Some(&v.cfg.name),
             reason: Some(&reason),
-            ..Event::new("backend_error")
+            ..Event::new(EventKind::BackendError)
         });
     }
 }

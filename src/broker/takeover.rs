@@ -215,7 +215,10 @@ impl RefusalLog {
         st.1 = st.1.or(Some(now));
         st.2 = 0;
         drop(st);
-        let event = crate::audit::Event { reason: Some(&reason), ..crate::audit::Event::new("takeover_refused") };
+        let event = crate::audit::Event {
+            reason: Some(&reason),
+            ..crate::audit::Event::new(crate::audit::EventKind::TakeoverRefused)
+        };
         let _ = audit.record(&event);
     }
 }

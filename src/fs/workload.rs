@@ -33,7 +33,7 @@ use fuse_backend_rs::abi::fuse_abi::{FsOptions, OpenOptions, stat64};
 use fuse_backend_rs::api::filesystem::{Context, DirEntry, Entry, FileSystem, ZeroCopyWriter};
 
 use super::access::{FileMode, Ids, check_task};
-use crate::audit::{AuditLog, Event};
+use crate::audit::{AuditLog, Event, EventKind};
 use crate::backend::vault::{Freshness, Health};
 use crate::identity::{Attestor, Identity};
 use crate::policy::{Decision, Workload, decide};
@@ -125,6 +125,8 @@ pub struct FsShared {
     pub audit: Arc<AuditLog>,
     /// Audit allowed opens too (`[audit] reads`); denials always are.
     pub audit_reads: bool,
+    /// `[admin]`: a caller's audit lines say whether it is an admin.
+    pub admin: crate::config::AdminPolicy,
     /// Where parked FUSE requests wait (see [`super::pool`]).
     pub rt: tokio::runtime::Handle,
 }
@@ -397,7 +399,7 @@ impl WorkloadFs {
                 path: Some(node.secret.as_str()),
                 version: Some(node.version),
                 reason: Some(reason),
-                ..Event::new("deny")
+                ..Event::new(EventKind::Deny)
             };
             self.shared.audit.deny(&crate::limits::deny_key(who), &e).map_err(|_| errno(libc::EIO))?;
             Err(errno(libc::EACCES))
@@ -406,11 +408,10 @@ impl WorkloadFs {
         // refused as such, whatever the file's mode; a member then needs
         // the mode to let it read (the check the kernel made before).
         // Never waits: the pool parked this open until Docker answered.
-        match self.shared.attestor.attest_task(ctx.pid, ctx.uid, ctx.gid) {
-            Err(e) => {
-                let who = Identity { uid: ctx.uid, gid: ctx.gid, pid: ctx.pid, ..Identity::default() };
-                deny(&who, &e.to_string())
-            }
+        // Policy decides admin (for the audit line only, here).
+        let attested = self.shared.attestor.attest_task(ctx.pid, ctx.uid, ctx.gid);
+        match attested.map(|id| crate::policy::admin::decided(id, &self.shared.admin)) {
+            Err(e) => deny(&Identity::unattested(ctx.uid, ctx.gid, ctx.pid), &e.to_string()),
             Ok(id) => match decide(&id, &self.workload) {
                 Decision::Allow => {
                     let st = self.attr(node);
@@ -422,12 +423,12 @@ impl WorkloadFs {
                     match (&node.value, freshness) {
                         (None, _) => {
                             let why = "not fetched from its backend yet (is it reachable?)";
-                            audit(&event("backend_error", Some(&id), Some(why)))?;
+                            audit(&event(EventKind::BackendError, Some(&id), Some(why)))?;
                             Err(errno(libc::EIO))
                         }
                         (Some(_), Freshness::Expired) => {
                             let why = "the backend has been failing for longer than max_stale";
-                            audit(&event("stale_expired", Some(&id), Some(why)))?;
+                            audit(&event(EventKind::StaleExpired, Some(&id), Some(why)))?;
                             Err(errno(libc::EIO))
                         }
                         (Some(_), fresh) => {
@@ -436,9 +437,9 @@ impl WorkloadFs {
                                 .get_or_create(&crate::metrics::secret_labels(workload, &node.secret))
                                 .inc();
                             if fresh == Freshness::Stale {
-                                audit(&event("stale_serve", Some(&id), None))?;
+                                audit(&event(EventKind::StaleServe, Some(&id), None))?;
                             } else if self.shared.audit_reads {
-                                audit(&event("read", Some(&id), None))?;
+                                audit(&event(EventKind::Read, Some(&id), None))?;
                             }
                             if let Some(c) = &id.container_id {
                                 let mut readers = self.readers.lock().expect("readers lock");
@@ -608,7 +609,7 @@ impl FileSystem for WorkloadFs {
         let Err(why) = check_task(file, ctx.pid, ctx.uid, ctx.gid, Ids::RealOrFs) else {
             return Ok(());
         };
-        let who = Identity { uid: ctx.uid, gid: ctx.gid, pid: ctx.pid, ..Identity::default() };
+        let who = Identity::unattested(ctx.uid, ctx.gid, ctx.pid);
         let e = Event {
             method: Some("access"),
             caller: Some(&who),
@@ -616,7 +617,7 @@ impl FileSystem for WorkloadFs {
             path: Some(node.secret.as_str()),
             version: Some(node.version),
             reason: Some(&why),
-            ..Event::new("deny")
+            ..Event::new(EventKind::Deny)
         };
         self.shared.audit.deny(&crate::limits::deny_key(&who), &e).map_err(|_| errno(libc::EIO))?;
         Err(errno(libc::EACCES))

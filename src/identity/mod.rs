@@ -3,8 +3,9 @@
 //! Three steps, kept apart: the kernel tells us the peer of a connection
 //! (uid, gid, pid at connect time, and a pidfd pinning that process —
 //! [`Peer`]); the [`Attestor`] turns the pinned process into facts (its
-//! container, whether it is a host process — [`Identity`]); and policy
-//! decides what those facts may do. Attestation re-checks the pidfd after
+//! container, whether it is a host process, its groups — [`Identity`]);
+//! and policy decides what those facts may do, admin or not included
+//! ([`crate::policy::admin`]). Attestation re-checks the pidfd after
 //! reading `/proc`, so a process that exited and had its pid reused is
 //! never attested as the newcomer.
 //!
@@ -28,7 +29,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::config::AdminPolicy;
+use crate::config::Subject;
 use crate::policy::ContainerInfo;
 
 #[derive(Debug, thiserror::Error)]
@@ -122,10 +123,65 @@ pub struct Identity {
     /// [`crate::limits::deny_key`]). None in the broker's user namespace.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub userns_owner: Option<u32>,
+    /// Decided by policy from the facts ([`crate::policy::admin`]), never
+    /// by attestation, which leaves it false.
     pub admin: bool,
-    /// A remote admin client: its certificate subject and address.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub remote: Option<String>,
+    /// A remote admin client: its certificate subject and address, in
+    /// place of a uid, gid and pid (left 0). Written as `remote`
+    /// (`"<subject> from <address>"`), `subject` and `address`.
+    #[serde(flatten, serialize_with = "remote_fields")]
+    pub remote: Option<Remote>,
+    /// A host process's supplementary groups (`/proc/<pid>/status`), for
+    /// `[admin] gids`; empty for anyone else.
+    #[serde(skip)]
+    pub groups: Arc<[u32]>,
+}
+
+/// A remote client that came through mutual TLS: what its certificate
+/// says and where it connected from. Who it may be is policy's call.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Remote {
+    /// Its certificate's subject, or why none could be read.
+    pub subject: Result<Subject, String>,
+    /// Its address, if the transport told us.
+    pub address: Option<std::net::SocketAddr>,
+}
+
+impl Remote {
+    /// The subject as configured and audited (`CN=alice,O=Example`), or
+    /// why there is none.
+    pub fn subject_shown(&self) -> String {
+        match &self.subject {
+            Ok(s) => s.iter().cloned().collect::<Vec<_>>().join(","),
+            Err(e) => e.clone(),
+        }
+    }
+}
+
+impl fmt::Display for Remote {
+    /// `<subject> from <address>`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.address {
+            Some(a) => write!(f, "{} from {a}", self.subject_shown()),
+            None => write!(f, "{} from an unknown address", self.subject_shown()),
+        }
+    }
+}
+
+/// A remote caller's fields in its audited identity: `remote` as ever,
+/// and (since 0.2) `subject` and `address` apart.
+fn remote_fields<S: serde::Serializer>(r: &Option<Remote>, s: S) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeMap;
+    let Some(r) = r else { return s.serialize_map(Some(0))?.end() };
+    let mut m = s.serialize_map(None)?;
+    m.serialize_entry("remote", &r.to_string())?;
+    if r.subject.is_ok() {
+        m.serialize_entry("subject", &r.subject_shown())?;
+    }
+    if let Some(a) = r.address {
+        m.serialize_entry("address", &a.to_string())?;
+    }
+    m.end()
 }
 
 fn name_only<S: serde::Serializer>(d: &Option<Arc<ContainerInfo>>, s: S) -> Result<S::Ok, S::Error> {
@@ -133,6 +189,20 @@ fn name_only<S: serde::Serializer>(d: &Option<Arc<ContainerInfo>>, s: S) -> Resu
 }
 
 impl Identity {
+    /// A caller the kernel named but attestation could not describe (it
+    /// exited, its `/proc` was unreadable, its container unconfirmed):
+    /// the ids as the kernel reported them, and no other fact. Such a
+    /// caller is refused; this is what its refusal is audited as.
+    pub fn unattested(uid: u32, gid: u32, pid: i32) -> Identity {
+        Identity { uid, gid, pid, ..Identity::default() }
+    }
+
+    /// A remote client that came through mutual TLS. It has no uid, gid
+    /// or pid (they read 0); what it is, is its certificate's subject.
+    pub fn remote(subject: Result<Subject, String>, address: Option<std::net::SocketAddr>) -> Identity {
+        Identity { remote: Some(Remote { subject, address }), ..Identity::default() }
+    }
+
     pub fn selectors(&self) -> Vec<String> {
         let mut s = vec![format!("unix:uid:{}", self.uid), format!("unix:gid:{}", self.gid)];
         // Set only once Docker confirmed the container (see `describe`):
@@ -154,7 +224,6 @@ impl Identity {
 #[derive(Debug)]
 pub struct Attestor {
     proc_root: PathBuf,
-    admin: AdminPolicy,
     own_pid_ns: Option<PathBuf>,
     own_mnt_ns: Option<PathBuf>,
     own_user_ns: Option<PathBuf>,
@@ -184,7 +253,7 @@ struct Known {
     host: bool,
     host_user: bool,
     userns_owner: Option<u32>,
-    groups: Vec<u32>,
+    groups: Arc<[u32]>,
     at: Instant,
 }
 
@@ -246,7 +315,7 @@ impl Tasks {
 }
 
 impl Attestor {
-    pub fn new(proc_root: impl Into<PathBuf>, admin: AdminPolicy, docker: Option<Arc<docker::DockerCache>>) -> Self {
+    pub fn new(proc_root: impl Into<PathBuf>, docker: Option<Arc<docker::DockerCache>>) -> Self {
         let proc_root = proc_root.into();
         let own = |ns: &str| std::fs::read_link(proc_root.join("self/ns").join(ns)).ok();
         let own_container = std::fs::read_to_string(proc_root.join("self/cgroup"))
@@ -259,7 +328,6 @@ impl Attestor {
             own_container,
             cgroups: cgroup::CgroupMounts::of_self(&proc_root),
             proc_root,
-            admin,
             docker,
             tasks: Mutex::new(Tasks::default()),
             warn: Throttle::default(),
@@ -283,7 +351,7 @@ impl Attestor {
         }
         self.check_alive(peer)?;
         self.wait_pending(peer.pid);
-        let (id, _, _) = self.describe(peer.pid, peer.uid, peer.gid)?;
+        let (id, _) = self.describe(peer.pid, peer.uid, peer.gid)?;
         // Everything was read from /proc/<pid>; it describes the peer only
         // if the pinned process is still the one with that pid.
         self.check_alive(peer)?;
@@ -318,8 +386,9 @@ impl Attestor {
                         host: k.host,
                         host_user: k.host_user,
                         userns_owner: k.userns_owner,
-                        admin: k.host && self.admin.allows(uid, gid, &k.groups),
+                        admin: false,
                         remote: None,
+                        groups: k.groups.clone(),
                     });
                 }
                 tasks.remove(tid);
@@ -327,7 +396,7 @@ impl Attestor {
         }
         // Pin first, read /proc, then check the pin: the facts are the task's.
         let pidfd = crate::sys::pidfd_open_task(tid).ok();
-        let (id, groups, settled) = self.describe(tid, uid, gid)?;
+        let (id, settled) = self.describe(tid, uid, gid)?;
         // A container Docker cannot describe yet is asked about again.
         if let Some(pidfd) = pidfd.filter(|p| settled && !crate::sys::pidfd_exited(p)) {
             let mut tasks = self.tasks.lock().expect("tasks lock");
@@ -338,7 +407,7 @@ impl Attestor {
                 host: id.host,
                 host_user: id.host_user,
                 userns_owner: id.userns_owner,
-                groups,
+                groups: id.groups.clone(),
                 at: Instant::now(),
             };
             tasks.insert(tid, known);
@@ -399,9 +468,9 @@ impl Attestor {
         Ok(Some(claim.id))
     }
 
-    /// The identity, the supplementary groups it was judged by, and
-    /// whether it may be remembered (false while Docker has no answer).
-    fn describe(&self, pid: i32, uid: u32, gid: u32) -> Result<(Identity, Vec<u32>, bool), IdentityError> {
+    /// The identity, and whether it may be remembered (false while Docker
+    /// has no answer).
+    fn describe(&self, pid: i32, uid: u32, gid: u32) -> Result<(Identity, bool), IdentityError> {
         let dir = self.proc_root.join(pid.to_string());
         let proc_err = |source| IdentityError::Proc { pid, source };
         let cgroup_file = std::fs::read_to_string(dir.join("cgroup")).map_err(proc_err)?;
@@ -448,10 +517,22 @@ impl Attestor {
                 }
             },
         };
-        let groups = if host { supplementary_groups(&dir).map_err(proc_err)? } else { Vec::new() };
-        let admin = host && self.admin.allows(uid, gid, &groups);
-        let id = Identity { uid, gid, pid, container_id, docker, host, host_user, userns_owner, admin, remote: None };
-        Ok((id, groups, settled))
+        // Only a host process's groups are a host user's, for policy.
+        let groups = if host { supplementary_groups(&dir).map_err(proc_err)?.into() } else { Arc::default() };
+        let id = Identity {
+            uid,
+            gid,
+            pid,
+            container_id,
+            docker,
+            host,
+            host_user,
+            userns_owner,
+            admin: false,
+            remote: None,
+            groups,
+        };
+        Ok((id, settled))
     }
 
     fn check_alive(&self, peer: &Peer) -> Result<(), IdentityError> {
@@ -509,7 +590,7 @@ mod tests {
 
     #[test]
     fn this_process_is_a_host_process() {
-        let a = Attestor::new("/proc", AdminPolicy::default(), None);
+        let a = Attestor::new("/proc", None);
         let fd = crate::sys::pidfd_open(std::process::id() as i32).ok().map(Arc::new);
         let id = a.attest(&me(fd)).unwrap();
         assert!(id.host);
@@ -518,8 +599,29 @@ mod tests {
     }
 
     #[test]
+    fn an_audited_remote_caller_shows_its_subject_and_address_and_a_local_one_does_not() {
+        let subject = crate::config::parse_subject("CN=ops,O=Example");
+        let id = Identity::remote(subject, Some("192.0.2.7:4431".parse().unwrap()));
+        let json = serde_json::to_value(&id).unwrap();
+        assert_eq!(json["remote"], "CN=ops,O=Example from 192.0.2.7:4431", "as before 0.2: {json}");
+        assert_eq!(json["subject"], "CN=ops,O=Example");
+        assert_eq!(json["address"], "192.0.2.7:4431");
+        assert_eq!((json["uid"].as_u64(), json["admin"].as_bool()), (Some(0), Some(false)));
+        let unread = serde_json::to_value(Identity::remote(Err("no client certificate".into()), None)).unwrap();
+        assert_eq!(unread["remote"], "no client certificate from an unknown address");
+        assert!(unread.get("subject").is_none() && unread.get("address").is_none(), "{unread}");
+        let local = serde_json::to_string(&Identity::unattested(1000, 1000, 42)).unwrap();
+        assert_eq!(local, r#"{"uid":1000,"gid":1000,"pid":42,"host":false,"admin":false}"#, "as ever");
+        let remote = serde_json::to_string(&Identity::remote(Err("x".into()), None)).unwrap();
+        assert_eq!(
+            remote,
+            r#"{"uid":0,"gid":0,"pid":0,"host":false,"admin":false,"remote":"x from an unknown address"}"#
+        );
+    }
+
+    #[test]
     fn pid_zero_is_refused() {
-        let a = Attestor::new("/proc", AdminPolicy::default(), None);
+        let a = Attestor::new("/proc", None);
         let p = Peer { pid: 0, ..me(None) };
         assert!(matches!(a.attest(&p), Err(IdentityError::NoPid)));
     }
@@ -530,7 +632,7 @@ mod tests {
         let pid = child.id() as i32;
         let fd = Arc::new(crate::sys::pidfd_open(pid).unwrap());
         child.wait().unwrap();
-        let a = Attestor::new("/proc", AdminPolicy::default(), None);
+        let a = Attestor::new("/proc", None);
         let p = Peer { uid: 0, gid: 0, pid, pidfd: Some(fd) };
         assert!(matches!(a.attest(&p), Err(IdentityError::Gone(_))));
     }
@@ -543,7 +645,7 @@ mod tests {
 
     #[test]
     fn a_task_is_remembered_while_it_lives_and_forgotten_when_it_exits() {
-        let a = Attestor::new("/proc", AdminPolicy { uids: vec![1000], ..AdminPolicy::default() }, None);
+        let a = Attestor::new("/proc", None);
         let t = std::thread::scope(|s| {
             s.spawn(|| {
                 let t = tid();
@@ -551,9 +653,12 @@ mod tests {
                 assert!(a.tasks.lock().unwrap().get(t).is_some(), "a live task is remembered");
                 // Served from memory: same facts, this request's uid and gid.
                 let again = a.attest_task(t, 1000, 1000).unwrap();
-                assert_eq!((again.host, again.container_id), (first.host, first.container_id));
-                assert_eq!((again.uid, again.gid, again.admin), (1000, 1000, true));
-                assert!(!a.attest_task(t, 1001, 1001).unwrap().admin);
+                assert_eq!((again.host, &again.container_id), (first.host, &first.container_id));
+                assert_eq!((again.uid, again.gid, again.admin), (1000, 1000, false), "policy decides admin");
+                assert_eq!(again.groups, first.groups, "the facts policy decides by are remembered too");
+                let cfg = crate::config::AdminPolicy { uids: vec![1000], ..Default::default() };
+                assert!(crate::policy::admin::is_admin(&again, &cfg));
+                assert!(!crate::policy::admin::is_admin(&a.attest_task(t, 1001, 1001).unwrap(), &cfg));
                 t
             })
             .join()
@@ -577,7 +682,7 @@ mod tests {
             host: true,
             host_user: true,
             userns_owner: None,
-            groups: vec![],
+            groups: Arc::default(),
             at,
         }
     }
@@ -660,8 +765,7 @@ mod tests {
 
         fn attestor(&self, docker: bool) -> Attestor {
             let d = docker.then(|| self.docker.clone());
-            Attestor::new(self.dir.path(), AdminPolicy { uids: vec![0], ..AdminPolicy::default() }, d)
-                .with_cgroup_mounts(cgroup::CgroupMounts::default())
+            Attestor::new(self.dir.path(), d).with_cgroup_mounts(cgroup::CgroupMounts::default())
         }
     }
 

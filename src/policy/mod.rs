@@ -19,6 +19,8 @@ use serde::{Deserialize, Serialize};
 use crate::identity::Identity;
 use crate::secret::{PathError, SecretPath};
 
+pub mod admin;
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PolicyError {
     #[error(

@@ -416,6 +416,9 @@ fn remote_admin_over_mutual_tls() {
     assert_eq!(rotated.len(), 20);
     let line = b.audit_events("rotate").pop().unwrap();
     assert!(line["caller"]["remote"].as_str().unwrap().starts_with("CN=ops-laptop,O=Example from 127.0.0.1:"));
+    // Its subject and address apart, too.
+    assert_eq!(line["caller"]["subject"], "CN=ops-laptop,O=Example", "{line}");
+    assert!(line["caller"]["address"].as_str().unwrap().starts_with("127.0.0.1:"), "{line}");
     // The same through the environment, as a remote operator would set it.
     let o = Command::new(BIN)
         .args(["secret", "ls", "--json"])
@@ -438,6 +441,7 @@ fn remote_admin_over_mutual_tls() {
     let deny = b.audit_events("deny").pop().unwrap();
     assert_eq!(deny["method"], "PutSecret");
     assert!(deny["caller"]["remote"].as_str().unwrap().starts_with("CN=intern from 127.0.0.1:"));
+    assert_eq!((&deny["caller"]["subject"], deny["caller"]["admin"].as_bool()), (&"CN=intern".into(), Some(false)));
     assert_eq!(b.get("db/pw"), rotated, "neither refused call changed the secret");
     // A broker whose certificate the client's CA did not issue.
     let o = remote(&admin_crt, &admin_key, &rogue.ca(), &["secret", "ls"]);
