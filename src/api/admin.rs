@@ -43,7 +43,7 @@ fn grant_pb(g: &Grant) -> pb::GrantSpec {
 }
 
 fn backend_status(v: &crate::backend::vault::VaultBackend) -> pb::BackendStatus {
-    use crate::backend::vault::Freshness;
+    use crate::backend::health::Freshness;
     let (_, last_ok, last_error) = v.health.snapshot();
     let (address, auth) = v.describe();
     let state = match v.health.freshness() {
@@ -289,7 +289,7 @@ impl admin_server::Admin for AdminService {
                     max_value_bytes: c.max_value_bytes,
                     secret_buffers: buffers,
                     secret_buffers_locked: locked,
-                    backends: b.vaults.iter().map(|v| backend_status(v)).collect(),
+                    backends: b.vaults.iter().map(|v| backend_status(&v.backend)).collect(),
                 };
                 Ok((status, None))
             })

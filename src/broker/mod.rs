@@ -69,7 +69,7 @@ pub struct Broker {
     pub attestor: Arc<Attestor>,
     pub docker: Option<Arc<DockerCache>>,
     /// Remote backends, each owning the paths under its name.
-    pub vaults: Vec<Arc<VaultBackend>>,
+    pub vaults: Vec<crate::backend::VaultSource>,
     pub mounts: MountTable,
     /// The runtime, for backend calls made from blocking threads.
     pub rt: tokio::runtime::Handle,
@@ -340,7 +340,7 @@ impl Broker {
             if let Some(t) = store.note::<std::time::SystemTime>(&format!("backend-ok:{}", cfg.name))? {
                 v.health.restore_last_ok(t);
             }
-            vaults.push(Arc::new(v));
+            vaults.push(crate::backend::VaultSource::new(Arc::new(v), rt.clone()));
         }
         if let Some(r) = config.audit_rotation {
             audit.rotate_at(r);
@@ -557,7 +557,7 @@ fn spawn_services(
         tracing::info!(socket = %sock.display(), "serving the Docker volume plugin");
     }
     for v in &broker.vaults {
-        tasks.push(tokio::spawn(secrets::watch_backend(broker.clone(), v.clone())));
+        tasks.push(tokio::spawn(secrets::watch_backend(broker.clone(), v.backend.clone())));
     }
     if let Some(listen) = &broker.config.metrics {
         let l = bind_metrics(listen).with_context(|| format!("cannot listen for metrics on {listen}"))?;
