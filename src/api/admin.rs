@@ -72,8 +72,8 @@ impl AdminService {
             return self.authorize_remote(req, &certs, method);
         }
         let peer = peer_of(req)?;
-        let audit = &self.0.audit;
-        let attestor = self.0.attestor.clone();
+        let audit = self.0.audit();
+        let attestor = self.0.attestor().clone();
         let p = peer.clone();
         let attested = blocking(move || Ok(attestor.attest(&p))).await?;
         if let Ok(id) = &attested {
@@ -119,7 +119,7 @@ impl AdminService {
         let from = req.remote_addr().map_or_else(|| "an unknown address".into(), |a| a.to_string());
         let subject = certs.first().ok_or_else(|| "no client certificate".to_owned()).and_then(|c| subject_of(c));
         let (shown, admin) = match &subject {
-            Ok(s) => (show(s), self.0.config.admin.allows_subject(s)),
+            Ok(s) => (show(s), self.0.config().admin.allows_subject(s)),
             Err(e) => (e.clone(), false),
         };
         let id = Identity { remote: Some(format!("{shown} from {from}")), admin, ..Identity::default() };
@@ -127,7 +127,7 @@ impl AdminService {
         if admin {
             return Ok(id);
         }
-        self.0.audit.deny(
+        self.0.audit().deny(
             &crate::limits::deny_key(&id),
             &Event {
                 method: Some(method),
@@ -181,7 +181,7 @@ impl AdminService {
                 Ok((_, v)) => (*v, None),
                 Err(e) => (None, Some(e.to_string())),
             };
-            broker.audit.record(&Event {
+            broker.audit().record(&Event {
                 caller: Some(&id),
                 workload: workload.as_deref(),
                 path: path.as_deref(),
@@ -275,21 +275,21 @@ impl admin_server::Admin for AdminService {
         let reply = self
             .audited(id, "status", None, |b| {
                 let (buffers, locked) = SecretBytes::counts();
-                let c = &b.config;
+                let c = b.config();
                 let status = pb::StatusResponse {
                     version: env!("CARGO_PKG_VERSION").into(),
                     pid: std::process::id(),
-                    uptime_seconds: b.started.elapsed().as_secs(),
+                    uptime_seconds: b.uptime().as_secs(),
                     state_dir: c.state_dir.display().to_string(),
                     run_dir: c.run_dir.display().to_string(),
                     key_source: c.key.label().into(),
-                    secrets: b.store.count()?,
-                    audit_lines: b.audit.lines_written(),
+                    secrets: b.secret_count()?,
+                    audit_lines: b.audit().lines_written(),
                     history_depth: c.history_depth,
                     max_value_bytes: c.max_value_bytes,
                     secret_buffers: buffers,
                     secret_buffers_locked: locked,
-                    backends: b.vaults.iter().map(|v| backend_status(&v.backend)).collect(),
+                    backends: b.backends().map(|v| backend_status(v)).collect(),
                 };
                 Ok((status, None))
             })
@@ -303,9 +303,9 @@ impl admin_server::Admin for AdminService {
         let id = self.authorize(&req, "AuditLog").await?;
         let follow = req.into_inner().follow;
         let (lines, mut seen, mut rx) =
-            self.audited(id, "audit_read", None, |b| Ok((b.audit.subscribe(), None))).await?;
+            self.audited(id, "audit_read", None, |b| Ok((b.audit().subscribe(), None))).await?;
         let (tx, out) = mpsc::channel(256);
-        let mut stopping = self.0.stopping.subscribe();
+        let mut stopping = self.0.stopping();
         tokio::spawn(async move {
             for json in lines {
                 if tx.send(Ok(pb::AuditLine { json })).await.is_err() {
@@ -345,9 +345,9 @@ impl admin_server::Admin for AdminService {
         let id = self.authorize(&req, "AuditVerify").await?;
         let b = self.0.clone();
         let reply = blocking(move || {
-            let checked = b.audit.verify();
+            let checked = b.audit().verify();
             let problem = checked.as_ref().err().map(|e| e.to_string());
-            b.audit.record(&Event { caller: Some(&id), reason: problem.as_deref(), ..Event::new("audit_verify") })?;
+            b.audit().record(&Event { caller: Some(&id), reason: problem.as_deref(), ..Event::new("audit_verify") })?;
             Ok(pb::AuditVerifyResponse {
                 ok: problem.is_none(),
                 lines: checked.unwrap_or(0),
@@ -368,7 +368,7 @@ impl admin_server::Admin for AdminService {
     async fn list_workloads(&self, req: Request<pb::ListWorkloadsRequest>) -> Reply<pb::ListWorkloadsResponse> {
         let id = self.authorize(&req, "ListWorkloads").await?;
         let workloads = self
-            .audited(id, "workload_ls", None, |b| Ok((b.store.workloads()?.iter().map(workload_pb).collect(), None)))
+            .audited(id, "workload_ls", None, |b| Ok((b.list_workloads()?.iter().map(workload_pb).collect(), None)))
             .await?;
         Ok(Response::new(pb::ListWorkloadsResponse { workloads }))
     }
@@ -409,7 +409,7 @@ impl admin_server::Admin for AdminService {
         let grants = self
             .audited(id, "grants", None, move |b| {
                 let only = (!w.is_empty()).then_some(w.as_str());
-                Ok((b.store.grants(only)?.iter().map(grant_pb).collect(), None))
+                Ok((b.list_grants(only)?.iter().map(grant_pb).collect(), None))
             })
             .await?;
         Ok(Response::new(pb::ListGrantsResponse { grants }))
@@ -419,7 +419,7 @@ impl admin_server::Admin for AdminService {
         let id = self.authorize(&req, "ListMounts").await?;
         let mounts = self
             .audited(id, "mounts", None, |b| {
-                let list = b.mounts.list().into_iter().map(|m| pb::MountEntry {
+                let list = b.list_mounts().into_iter().map(|m| pb::MountEntry {
                     workload: m.workload,
                     path: m.path.display().to_string(),
                     files: m.files,

@@ -231,7 +231,7 @@ async fn refuse(broker: &Arc<Broker>, info: Option<ConnInfo>, method: &'static s
     let b = broker.clone();
     let outcome = super::blocking_bounded(move || {
         // Attested afresh, as every call is: the process may have exited.
-        let attested = b.attestor.attest(&info.peer);
+        let attested = b.attestor().attest(&info.peer);
         let id = match attested {
             Ok(id) => id,
             Err(e) => {
@@ -240,7 +240,7 @@ async fn refuse(broker: &Arc<Broker>, info: Option<ConnInfo>, method: &'static s
                 let reason = e.to_string();
                 let event =
                     Event { method: Some(method), caller: Some(&who), reason: Some(&reason), ..Event::new("deny") };
-                b.audit.deny(&crate::limits::deny_key(&who), &event)?;
+                b.audit().deny(&crate::limits::deny_key(&who), &event)?;
                 return Err(e.into());
             }
         };
@@ -253,7 +253,7 @@ async fn refuse(broker: &Arc<Broker>, info: Option<ConnInfo>, method: &'static s
         }
         let event =
             Event { method: Some(method), caller: Some(&id), reason: Some("not an admin"), ..Event::new("deny") };
-        b.audit.deny(&crate::limits::deny_key(&id), &event)?;
+        b.audit().deny(&crate::limits::deny_key(&id), &event)?;
         Err(super::ApiError::PermissionDenied(format!(
             "{method} needs an admin caller (a host process with uid 0 or an [admin] uid/gid); the broker sees {}",
             describe(&id)
@@ -285,7 +285,7 @@ fn unlisted_subject<B>(broker: &Broker, req: &http::Request<B>) -> Option<(Strin
         .ok_or_else(|| "no client certificate".to_owned())
         .and_then(|c| super::remote::subject_of(c));
     match subject {
-        Ok(s) if broker.config.admin.allows_subject(&s) => None,
+        Ok(s) if broker.config().admin.allows_subject(&s) => None,
         Ok(s) => Some((super::remote::show(&s), from, method)),
         Err(e) => Some((e, from, method)),
     }
@@ -299,7 +299,7 @@ async fn refuse_remote(broker: &Arc<Broker>, shown: String, from: String, method
         let id = Identity { remote: Some(format!("{shown} from {from}")), ..Identity::default() };
         b.allow_call(&id, method)?;
         let reason = "client certificate subject is not in [admin] subjects";
-        b.audit.deny(
+        b.audit().deny(
             &crate::limits::deny_key(&id),
             &Event { method: Some(method), caller: Some(&id), reason: Some(reason), ..Event::new("deny") },
         )?;

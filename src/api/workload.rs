@@ -19,17 +19,17 @@ impl workload_server::Workload for WorkloadService {
         let peer = peer_of(&req)?;
         let b = self.0.clone();
         let (id, workloads) = blocking_bounded(move || {
-            let id = b.attestor.attest(&peer).inspect_err(|e| {
+            let id = b.attestor().attest(&peer).inspect_err(|e| {
                 // Someone spoke on a connection whose process is gone, or
                 // cannot be read: a refusal worth a line.
                 let who = Identity { uid: peer.uid, gid: peer.gid, pid: peer.pid, ..Identity::default() };
                 let reason = e.to_string();
                 let event =
                     Event { method: Some("WhoAmI"), caller: Some(&who), reason: Some(&reason), ..Event::new("deny") };
-                let _ = b.audit.deny(&crate::limits::deny_key(&who), &event);
+                let _ = b.audit().deny(&crate::limits::deny_key(&who), &event);
             })?;
             b.allow_call(&id, "WhoAmI")?;
-            let all = b.store.workloads()?;
+            let all = b.list_workloads()?;
             let names = all.into_iter().filter(|w| w.matches(&id)).map(|w| w.name).collect::<Vec<_>>();
             Ok((id, names))
         })
