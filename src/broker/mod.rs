@@ -68,7 +68,7 @@ pub struct Adopt {
 
 /// The running broker's shared state. Its parts are private: callers
 /// read through the accessors below and change things only through the
-/// write operations (see [`ops`]), which keep the mounts up to date.
+/// write operations (`src/broker/ops.rs`), which keep the mounts up to date.
 #[derive(Debug)]
 pub struct Broker {
     config: Config,
@@ -94,7 +94,7 @@ pub struct Broker {
 }
 
 /// Reads of the broker's state, for the services. Nothing here changes
-/// anything: writes are [`ops`].
+/// anything: writes are in `src/broker/ops.rs`.
 impl Broker {
     pub fn config(&self) -> &Config {
         &self.config
