@@ -9,7 +9,9 @@
 //! # Layout
 //!
 //! - [`cli`]: clap definitions and dispatch; one file per command group.
-//! - [`broker`]: `keyhole serve` — wiring, directories, sockets, shutdown.
+//! - [`broker`]: `keyhole serve` — wiring, directories, sockets, shutdown;
+//!   `broker::ops`, the one write operation per change (store, update the
+//!   touched mounts, announce, audit), returning [`broker::BrokerError`].
 //! - [`api`]: the tonic services, peer credentials on Unix sockets, and
 //!   the one place errors become `tonic::Status`.
 //! - [`identity`]: peer → pinned process → identity (cgroup → container
@@ -18,8 +20,10 @@
 //! - [`fs`]: one FUSE filesystem per workload, the mount table that
 //!   keeps them in step with the store, and the one pool of workers that
 //!   serves every mount (parking requests that must wait).
-//! - [`backend`]: where values live; `local` is the embedded redb store of
-//!   AES-256-GCM-sealed records, `vault` is Vault/OpenBao KV v2.
+//! - [`backend`]: where values live, behind one [`backend::SecretSource`]
+//!   trait; `local` is the broker's store (embedded redb,
+//!   AES-256-GCM-sealed records: secrets, policy, volumes, Vault copies),
+//!   `vault` is Vault/OpenBao KV v2; `health` is whether a source answers.
 //! - [`docker`]: the Docker volume plugin (per-container mounts).
 //! - [`audit`]: the HMAC-chained JSON-lines audit log.
 //! - [`crypto`]: the master key, key derivation, sealing.

@@ -218,8 +218,8 @@ pub fn age(t: std::time::SystemTime) -> f64 {
 
 /// Bring the gauges up to date from the broker, then render.
 fn scrape(broker: &crate::broker::Broker) -> String {
-    METRICS.mounts.set(broker.mounts.count() as i64);
-    for v in &broker.vaults {
+    METRICS.mounts.set(broker.mount_count() as i64);
+    for v in broker.backends() {
         let l = backend_labels(&v.cfg.name);
         let (_, last_ok, _) = v.health.snapshot();
         METRICS.backend_last_ok_age.get_or_create(&l).set(last_ok.map_or(f64::INFINITY, age));
@@ -248,7 +248,7 @@ pub async fn serve(broker: std::sync::Arc<crate::broker::Broker>, listener: crat
             }
         }),
     );
-    let mut stopping = broker.stopping.subscribe();
+    let mut stopping = broker.stopping();
     let shutdown = async move {
         let _ = stopping.wait_for(|s| *s).await;
     };

@@ -43,7 +43,7 @@ fn grant_pb(g: &Grant) -> pb::GrantSpec {
 }
 
 fn backend_status(v: &crate::backend::vault::VaultBackend) -> pb::BackendStatus {
-    use crate::backend::vault::Freshness;
+    use crate::backend::health::Freshness;
     let (_, last_ok, last_error) = v.health.snapshot();
     let (address, auth) = v.describe();
     let state = match v.health.freshness() {
@@ -72,10 +72,10 @@ impl AdminService {
             return self.authorize_remote(req, &certs, method);
         }
         let peer = peer_of(req)?;
-        let audit = &self.0.audit;
-        let attestor = self.0.attestor.clone();
+        let audit = self.0.audit();
+        let attestor = self.0.attestor().clone();
         let p = peer.clone();
-        let admins = self.0.config.admin.clone();
+        let admins = self.0.config().admin.clone();
         let attested = blocking(move || Ok(attestor.attest(&p).map(|id| admin::decided(id, &admins)))).await?;
         if let Ok(id) = &attested {
             self.0.allow_call(id, method)?;
@@ -122,13 +122,13 @@ impl AdminService {
         certs: &[tonic::transport::CertificateDer<'static>],
         method: &'static str,
     ) -> Result<Identity, ApiError> {
-        let id = admin::decided(remote::caller(Some(certs), req.remote_addr()), &self.0.config.admin);
+        let id = admin::decided(remote::caller(Some(certs), req.remote_addr()), &self.0.config().admin);
         self.0.allow_call(&id, method)?;
         if id.admin {
             return Ok(id);
         }
         let shown = id.remote.as_ref().map(crate::identity::Remote::subject_shown).unwrap_or_default();
-        self.0.audit.deny(
+        self.0.audit().deny(
             &crate::limits::deny_key(&id),
             &Event {
                 method: Some(method),
@@ -182,7 +182,7 @@ impl AdminService {
                 Ok((_, v)) => (*v, None),
                 Err(e) => (None, Some(e.to_string())),
             };
-            broker.audit.record(&Event {
+            broker.audit().record(&Event {
                 caller: Some(&id),
                 workload: workload.as_deref(),
                 path: path.as_deref(),
@@ -276,21 +276,21 @@ impl admin_server::Admin for AdminService {
         let reply = self
             .audited(id, EventKind::Status, None, |b| {
                 let (buffers, locked) = SecretBytes::counts();
-                let c = &b.config;
+                let c = b.config();
                 let status = pb::StatusResponse {
                     version: env!("CARGO_PKG_VERSION").into(),
                     pid: std::process::id(),
-                    uptime_seconds: b.started.elapsed().as_secs(),
+                    uptime_seconds: b.uptime().as_secs(),
                     state_dir: c.state_dir.display().to_string(),
                     run_dir: c.run_dir.display().to_string(),
                     key_source: c.key.label().into(),
-                    secrets: b.store.count()?,
-                    audit_lines: b.audit.lines_written(),
+                    secrets: b.secret_count()?,
+                    audit_lines: b.audit().lines_written(),
                     history_depth: c.history_depth,
                     max_value_bytes: c.max_value_bytes,
                     secret_buffers: buffers,
                     secret_buffers_locked: locked,
-                    backends: b.vaults.iter().map(|v| backend_status(v)).collect(),
+                    backends: b.backends().map(|v| backend_status(v)).collect(),
                 };
                 Ok((status, None))
             })
@@ -304,9 +304,9 @@ impl admin_server::Admin for AdminService {
         let id = self.authorize(&req, "AuditLog").await?;
         let follow = req.into_inner().follow;
         let (lines, mut seen, mut rx) =
-            self.audited(id, EventKind::AuditRead, None, |b| Ok((b.audit.subscribe(), None))).await?;
+            self.audited(id, EventKind::AuditRead, None, |b| Ok((b.audit().subscribe(), None))).await?;
         let (tx, out) = mpsc::channel(256);
-        let mut stopping = self.0.stopping.subscribe();
+        let mut stopping = self.0.stopping();
         tokio::spawn(async move {
             for json in lines {
                 if tx.send(Ok(pb::AuditLine { json })).await.is_err() {
@@ -346,9 +346,9 @@ impl admin_server::Admin for AdminService {
         let id = self.authorize(&req, "AuditVerify").await?;
         let b = self.0.clone();
         let reply = blocking(move || {
-            let checked = b.audit.verify();
+            let checked = b.audit().verify();
             let problem = checked.as_ref().err().map(|e| e.to_string());
-            b.audit.record(&Event {
+            b.audit().record(&Event {
                 caller: Some(&id),
                 reason: problem.as_deref(),
                 ..Event::new(EventKind::AuditVerify)
@@ -374,7 +374,7 @@ impl admin_server::Admin for AdminService {
         let id = self.authorize(&req, "ListWorkloads").await?;
         let workloads = self
             .audited(id, EventKind::WorkloadLs, None, |b| {
-                Ok((b.store.workloads()?.iter().map(workload_pb).collect(), None))
+                Ok((b.list_workloads()?.iter().map(workload_pb).collect(), None))
             })
             .await?;
         Ok(Response::new(pb::ListWorkloadsResponse { workloads }))
@@ -416,7 +416,7 @@ impl admin_server::Admin for AdminService {
         let grants = self
             .audited(id, EventKind::Grants, None, move |b| {
                 let only = (!w.is_empty()).then_some(w.as_str());
-                Ok((b.store.grants(only)?.iter().map(grant_pb).collect(), None))
+                Ok((b.list_grants(only)?.iter().map(grant_pb).collect(), None))
             })
             .await?;
         Ok(Response::new(pb::ListGrantsResponse { grants }))
@@ -426,7 +426,7 @@ impl admin_server::Admin for AdminService {
         let id = self.authorize(&req, "ListMounts").await?;
         let mounts = self
             .audited(id, EventKind::Mounts, None, |b| {
-                let list = b.mounts.list().into_iter().map(|m| pb::MountEntry {
+                let list = b.list_mounts().into_iter().map(|m| pb::MountEntry {
                     workload: m.workload,
                     path: m.path.display().to_string(),
                     files: m.files,

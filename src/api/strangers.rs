@@ -231,7 +231,7 @@ async fn refuse(broker: &Arc<Broker>, info: Option<ConnInfo>, method: &'static s
     let b = broker.clone();
     let outcome = super::blocking_bounded(move || {
         // Attested afresh, as every call is: the process may have exited.
-        let attested = b.attestor.attest(&info.peer).map(|id| crate::policy::admin::decided(id, &b.config.admin));
+        let attested = b.attestor().attest(&info.peer).map(|id| crate::policy::admin::decided(id, &b.config().admin));
         let id = match attested {
             Ok(id) => id,
             Err(e) => {
@@ -244,7 +244,7 @@ async fn refuse(broker: &Arc<Broker>, info: Option<ConnInfo>, method: &'static s
                     reason: Some(&reason),
                     ..Event::new(EventKind::Deny)
                 };
-                b.audit.deny(&crate::limits::deny_key(&who), &event)?;
+                b.audit().deny(&crate::limits::deny_key(&who), &event)?;
                 return Err(e.into());
             }
         };
@@ -261,7 +261,7 @@ async fn refuse(broker: &Arc<Broker>, info: Option<ConnInfo>, method: &'static s
             reason: Some("not an admin"),
             ..Event::new(EventKind::Deny)
         };
-        b.audit.deny(&crate::limits::deny_key(&id), &event)?;
+        b.audit().deny(&crate::limits::deny_key(&id), &event)?;
         Err(super::ApiError::PermissionDenied(format!(
             "{method} needs an admin caller (a host process with uid 0 or an [admin] uid/gid); the broker sees {}",
             describe(&id)
@@ -286,7 +286,7 @@ fn unlisted_subject<B>(broker: &Broker, req: &http::Request<B>) -> Option<(Ident
     let tls = req.extensions().get::<TlsConnectInfo<TcpConnectInfo>>();
     let certs = tls.and_then(|t| t.peer_certs());
     let id = super::remote::caller(certs.as_deref().map(Vec::as_slice), tls.and_then(|t| t.get_ref().remote_addr()));
-    let id = crate::policy::admin::decided(id, &broker.config.admin);
+    let id = crate::policy::admin::decided(id, &broker.config().admin);
     (!id.admin).then_some((id, method))
 }
 
@@ -298,7 +298,7 @@ async fn refuse_remote(broker: &Arc<Broker>, id: Identity, method: &'static str)
         let shown = id.remote.as_ref().map(crate::identity::Remote::subject_shown).unwrap_or_default();
         b.allow_call(&id, method)?;
         let reason = "client certificate subject is not in [admin] subjects";
-        b.audit.deny(
+        b.audit().deny(
             &crate::limits::deny_key(&id),
             &Event { method: Some(method), caller: Some(&id), reason: Some(reason), ..Event::new(EventKind::Deny) },
         )?;

@@ -19,7 +19,7 @@ impl workload_server::Workload for WorkloadService {
         let peer = peer_of(&req)?;
         let b = self.0.clone();
         let (id, workloads) = blocking_bounded(move || {
-            let id = b.attestor.attest(&peer).map(|id| crate::policy::admin::decided(id, &b.config.admin));
+            let id = b.attestor().attest(&peer).map(|id| crate::policy::admin::decided(id, &b.config().admin));
             let id = id.inspect_err(|e| {
                 // Someone spoke on a connection whose process is gone, or
                 // cannot be read: a refusal worth a line.
@@ -31,10 +31,10 @@ impl workload_server::Workload for WorkloadService {
                     reason: Some(&reason),
                     ..Event::new(EventKind::Deny)
                 };
-                let _ = b.audit.deny(&crate::limits::deny_key(&who), &event);
+                let _ = b.audit().deny(&crate::limits::deny_key(&who), &event);
             })?;
             b.allow_call(&id, "WhoAmI")?;
-            let all = b.store.workloads()?;
+            let all = b.list_workloads()?;
             let names = all.into_iter().filter(|w| w.matches(&id)).map(|w| w.name).collect::<Vec<_>>();
             Ok((id, names))
         })

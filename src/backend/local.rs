@@ -1,4 +1,8 @@
-//! The local store: a redb database of sealed records.
+//! The local store: a redb database of sealed records. It is the
+//! broker's one store (also `backend::Store`): the secrets no backend
+//! owns (it is their [`super::SecretSource`]), the policy, the Docker
+//! volumes and their mounts, the sealed copies of Vault values, notes
+//! (a backend's last success), and the audit log's sealed head.
 //!
 //! | table | key | value |
 //! |---|---|---|

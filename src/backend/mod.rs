@@ -1,10 +1,22 @@
-//! Where secret values live. `local` is the embedded encrypted store, the
-//! default backend; it also keeps the policy and the sealed copies of
-//! values fetched from `vault` backends (Vault / OpenBao KV v2), which
-//! own every path under their name (`prod/...`).
+//! Where secret values live, behind one trait ([`SecretSource`], in
+//! `source`): the local store for every path no backend owns, and each
+//! `vault` backend (Vault / OpenBao KV v2) for the paths under its name
+//! (`prod/...`). `health` says whether a source answers and how fresh
+//! what it caches is.
+//!
+//! `local` is more than a source: it is the broker's store
+//! ([`Store`]) — the secrets no backend owns, and also the policy
+//! (workloads, grants), the Docker volumes and their mounts, the sealed
+//! copies of values fetched from Vault, and the audit log's sealed head.
 
+pub mod health;
 pub mod local;
+pub mod source;
 pub mod vault;
+
+/// The broker's embedded, encrypted store (see `local`).
+pub use local::LocalStore as Store;
+pub use source::{SecretSource, SourceError, VaultSource};
 
 /// Errors of a remote backend. Messages name paths, never values.
 #[derive(Debug, thiserror::Error)]

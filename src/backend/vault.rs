@@ -9,93 +9,22 @@
 //! Values of granted secrets are cached here (and, sealed, in the local
 //! store, by the caller) and refreshed by [`VaultBackend::refresh`], which
 //! costs one metadata request per watched secret; mounts only ever read
-//! this cache, never the network. [`Health`] tracks whether the backend
+//! this cache, never the network. [`Health`] (in `super::health`) tracks whether the backend
 //! answers, so stale values are served (and audited) up to `max_stale`.
 #![forbid(unsafe_code)]
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use vaultrs::api::kv2::requests::{ReadSecretRequest, SetSecretRequestOptions};
 use vaultrs::client::{Client, VaultClient, VaultClientSettingsBuilder};
 use vaultrs::error::ClientError;
 
+pub use super::health::{Freshness, Health};
 use super::{BackendError, VersionMeta};
 use crate::config::{VaultAuth, VaultConfig};
 use crate::secret::SecretBytes;
-
-/// Freshness of what a backend's cache holds.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Freshness {
-    /// The last refresh succeeded.
-    Fresh,
-    /// The backend is failing, but it answered within `max_stale`.
-    Stale,
-    /// Failing for longer than `max_stale` (or never answered).
-    Expired,
-}
-
-#[derive(Debug, Default)]
-struct HealthState {
-    ok: bool,
-    last_ok: Option<SystemTime>,
-    last_error: Option<String>,
-}
-
-/// Whether a backend answers; shared with the mounts' nodes.
-#[derive(Debug)]
-pub struct Health {
-    pub name: String,
-    pub max_stale: Duration,
-    state: Mutex<HealthState>,
-}
-
-impl Health {
-    pub fn freshness(&self) -> Freshness {
-        let s = self.state.lock().expect("health lock");
-        if s.ok {
-            return Freshness::Fresh;
-        }
-        match s.last_ok.and_then(|t| t.elapsed().ok()) {
-            Some(age) if age <= self.max_stale => Freshness::Stale,
-            _ => Freshness::Expired,
-        }
-    }
-
-    /// (healthy, last success, last error)
-    pub fn snapshot(&self) -> (bool, Option<SystemTime>, Option<String>) {
-        let s = self.state.lock().expect("health lock");
-        (s.ok, s.last_ok, s.last_error.clone())
-    }
-
-    /// Record a success; returns whether the backend was failing before.
-    pub fn succeeded(&self) -> bool {
-        let mut s = self.state.lock().expect("health lock");
-        let recovered = !s.ok;
-        s.ok = true;
-        s.last_ok = Some(SystemTime::now());
-        s.last_error = None;
-        recovered
-    }
-
-    /// Record a failure; returns whether it was healthy before.
-    pub fn failed(&self, error: &str) -> bool {
-        let mut s = self.state.lock().expect("health lock");
-        let was_ok = s.ok;
-        s.ok = false;
-        s.last_error = Some(error.to_owned());
-        was_ok
-    }
-
-    /// Restore the last success time a previous broker persisted.
-    pub fn restore_last_ok(&self, t: SystemTime) {
-        let mut s = self.state.lock().expect("health lock");
-        if s.last_ok.is_none_or(|cur| cur < t) {
-            s.last_ok = Some(t);
-        }
-    }
-}
 
 /// A value held for the mounts.
 #[derive(Clone)]
@@ -204,11 +133,7 @@ impl VaultBackend {
         let settings = settings.build().map_err(|e| BackendError::Config(format!("backend {}: {e}", cfg.name)))?;
         let client =
             VaultClient::new(settings).map_err(|e| BackendError::Config(format!("backend {}: {e}", cfg.name)))?;
-        let health = Arc::new(Health {
-            name: cfg.name.clone(),
-            max_stale: cfg.max_stale,
-            state: Mutex::new(HealthState::default()),
-        });
+        let health = Arc::new(Health::new(&cfg.name, cfg.max_stale));
         Ok(VaultBackend {
             cfg,
             client: tokio::sync::RwLock::new(client),

@@ -46,3 +46,16 @@ pub enum BrokerError {
     #[error("internal error: {0}")]
     Internal(String),
 }
+
+/// A source's error keeps its kind (a store's or a backend's), so it maps
+/// to the same status as before the trait.
+impl From<crate::backend::SourceError> for BrokerError {
+    fn from(e: crate::backend::SourceError) -> Self {
+        use crate::backend::SourceError as S;
+        match e {
+            S::Local(e) => BrokerError::Store(e),
+            S::Remote(e) => BrokerError::Backend(e),
+            S::Path(e) => BrokerError::Path(e),
+        }
+    }
+}

@@ -2,44 +2,50 @@
 //! the key, the store and the audit log, connects the backends, serves
 //! gRPC on both sockets, shuts down cleanly on SIGTERM/SIGINT, and hands
 //! everything to a successor on request (see [`takeover`]).
+//!
+//! | file | owns |
+//! |---|---|
+//! | `mod.rs` | [`Broker`] (private state, read accessors), opening it, the serve loop, the handover |
+//! | `ops.rs` | every write: store, update the touched mounts, announce, audit |
+//! | `error.rs` | [`BrokerError`], the one error of broker operations |
+//! | `secrets.rs` | routing a path to its [`crate::backend::SecretSource`]; the mounts' catalog; the Vault watcher |
+//! | `private.rs` | the private-file checks (state dir, run dir, key files) and reading the key |
+//! | `services.rs` | binding the sockets, starting and stopping what serves callers |
+//! | `takeover.rs`, `systemd.rs` | the handover protocol; sd_notify |
 #![forbid(unsafe_code)]
 
 mod error;
 mod ops;
+mod private;
 mod secrets;
+mod services;
 mod systemd;
 pub mod takeover;
 
 pub use error::BrokerError;
 pub use ops::{GrantRequest, NewValue};
+pub use private::{NotPrivate, not_private};
 
-use std::fs::{self, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{Context, bail};
-use tokio::net::UnixListener;
+use anyhow::Context;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
-use tonic::transport::Server;
 
-use crate::api::admin::AdminService;
-use crate::api::pb::{admin_server::AdminServer, workload_server::WorkloadServer};
-use crate::api::peer;
-use crate::api::workload::WorkloadService;
 use crate::audit::{AuditLog, Event, EventKind};
-use crate::backend::local::{KeyMaterial, LocalStore};
+use crate::backend::local::LocalStore;
 use crate::backend::vault::VaultBackend;
-use crate::config::{Config, KeySource};
-use crate::crypto::MasterKey;
+use crate::config::Config;
 use crate::fs::MountTable;
 use crate::fs::workload::FsShared;
 use crate::identity::Attestor;
 use crate::identity::docker::DockerCache;
-use crate::secret::SecretBytes;
+use private::{check_private, check_run_dir, private_dir, read_key};
+use services::{bind, bind_listeners, refuse_if_live, spawn_services, stop_services};
 
 /// A start refused because the store or the audit log was tampered with
 /// (or cut, or replaced) while no broker ran: `keyhole serve` exits 6.
@@ -60,163 +66,95 @@ pub struct Adopt {
     pub containers: Vec<crate::identity::docker::Exported>,
 }
 
-/// The running broker's shared state.
+/// The running broker's shared state. Its parts are private: callers
+/// read through the accessors below and change things only through the
+/// write operations (`src/broker/ops.rs`), which keep the mounts up to date.
 #[derive(Debug)]
 pub struct Broker {
-    pub config: Config,
-    pub store: LocalStore,
-    pub audit: Arc<AuditLog>,
-    pub attestor: Arc<Attestor>,
-    pub docker: Option<Arc<DockerCache>>,
+    config: Config,
+    store: LocalStore,
+    audit: Arc<AuditLog>,
+    attestor: Arc<Attestor>,
+    docker: Option<Arc<DockerCache>>,
     /// Remote backends, each owning the paths under its name.
-    pub vaults: Vec<Arc<VaultBackend>>,
-    pub mounts: MountTable,
+    vaults: Vec<crate::backend::VaultSource>,
+    mounts: MountTable,
     /// The runtime, for backend calls made from blocking threads.
-    pub rt: tokio::runtime::Handle,
-    pub started: Instant,
+    rt: tokio::runtime::Handle,
+    started: Instant,
     /// Flips to true when the broker begins shutting down.
-    pub stopping: watch::Sender<bool>,
+    stopping: watch::Sender<bool>,
     /// gRPC calls per caller (`[limits] calls_per_second`).
-    pub calls: crate::limits::PerCaller,
+    calls: crate::limits::PerCaller,
     /// gRPC calls per admin caller (`[limits] admin_calls_per_second`).
-    pub admin_calls: crate::limits::PerCaller,
-    pub refusals: crate::limits::Refusals,
+    admin_calls: crate::limits::PerCaller,
+    refusals: crate::limits::Refusals,
     /// Peers refused on `takeover.sock` (audited at most once a second).
-    pub takeover_refusals: takeover::RefusalLog,
+    takeover_refusals: takeover::RefusalLog,
 }
 
-/// Why a file or directory is not private to this process, if it is not.
-pub enum NotPrivate {
-    /// Someone else owns it.
-    Owner { owner: u32, me: u32 },
-    /// Group or others have some access (the permission bits).
-    Mode(u32),
-}
+/// Reads of the broker's state, for the services. Nothing here changes
+/// anything: writes are in `src/broker/ops.rs`.
+impl Broker {
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
 
-/// Whether `md` is private to us: ours, with no access for group or others.
-pub fn not_private(md: &fs::Metadata) -> Option<NotPrivate> {
-    let me = euid();
-    if md.uid() != me {
-        return Some(NotPrivate::Owner { owner: md.uid(), me });
+    pub fn audit(&self) -> &Arc<AuditLog> {
+        &self.audit
     }
-    let mode = md.mode() & 0o7777;
-    (mode & 0o077 != 0).then_some(NotPrivate::Mode(mode))
-}
 
-/// Refuse a file or directory that others could read or write, or that
-/// belongs to someone else: it would hold or guard the master key.
-fn check_private(path: &Path, what: &str) -> anyhow::Result<()> {
-    let md = fs::metadata(path).with_context(|| format!("cannot stat {what} {}", path.display()))?;
-    let p = path.display();
-    match not_private(&md) {
-        None => Ok(()),
-        Some(NotPrivate::Owner { owner, me }) => {
-            bail!("{what} {p} belongs to uid {owner}, not to the broker's uid {me}; fix with: chown {me} {p}")
-        }
-        Some(NotPrivate::Mode(mode)) => {
-            let want = if md.is_dir() { "0700" } else { "0400" };
-            bail!("{what} {p} has mode {mode:04o}: group and others must have no access; fix with: chmod {want} {p}")
-        }
+    pub fn attestor(&self) -> &Arc<Attestor> {
+        &self.attestor
     }
-}
 
-/// The run dir holds `admin.sock` and `takeover.sock`: whoever may
-/// rename or create entries in it could put their own sockets there.
-/// It must be ours and writable by nobody else (0755, as created, is fine).
-fn check_run_dir(path: &Path) -> anyhow::Result<()> {
-    let md = fs::metadata(path).with_context(|| format!("cannot stat run dir {}", path.display()))?;
-    let (p, me) = (path.display(), euid());
-    if !md.is_dir() {
-        bail!("run dir {p} is not a directory");
+    /// The Docker Engine cache, if there is a Docker socket.
+    pub fn docker(&self) -> Option<&Arc<DockerCache>> {
+        self.docker.as_ref()
     }
-    if md.uid() != me {
-        bail!(
-            "run dir {p} belongs to uid {}, not to the broker's uid {me}: its owner could replace admin.sock; \
-             fix with: chown {me} {p}",
-            md.uid()
-        );
-    }
-    let mode = md.mode() & 0o7777;
-    if mode & 0o022 != 0 {
-        bail!(
-            "run dir {p} has mode {mode:04o}: group and others must not write to it (they could replace \
-             admin.sock); fix with: chmod 0755 {p}"
-        );
-    }
-    Ok(())
-}
 
-fn euid() -> u32 {
-    // /proc/self is owned by our effective uid: a safe way to learn it.
-    fs::metadata("/proc/self").map_or(0, |m| m.uid())
-}
-
-fn private_dir(path: &Path, what: &str) -> anyhow::Result<()> {
-    if !path.exists() {
-        fs::create_dir_all(path).with_context(|| format!("cannot create {what} {}", path.display()))?;
-        fs::set_permissions(path, fs::Permissions::from_mode(0o700))?;
+    /// The Vault backends, in `[[backend]]` order.
+    pub fn backends(&self) -> impl Iterator<Item = &Arc<VaultBackend>> {
+        self.vaults.iter().map(|v| &v.backend)
     }
-    // An empty directory holds nothing yet (e.g. a fresh Docker volume,
-    // created 0755): make it private rather than refuse it.
-    let empty = fs::read_dir(path).map(|mut d| d.next().is_none()).unwrap_or(false);
-    if empty && fs::metadata(path)?.mode() & 0o077 != 0 {
-        fs::set_permissions(path, fs::Permissions::from_mode(0o700))?;
-        tracing::info!(path = %path.display(), "made the empty {what} private (0700)");
-    }
-    check_private(path, what)
-}
 
-/// Write a new file that nobody else can read, durably.
-fn create_private_file(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> {
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(path)
-        .with_context(|| format!("cannot create {}", path.display()))?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    if let Some(dir) = path.parent() {
-        fs::File::open(dir)?.sync_all()?;
+    /// How long this broker has been serving (since it opened).
+    pub fn uptime(&self) -> std::time::Duration {
+        self.started.elapsed()
     }
-    Ok(())
-}
 
-fn read_key(config: &Config) -> anyhow::Result<KeyMaterial> {
-    match &config.key {
-        KeySource::KeyFile(path) if path.exists() => {
-            check_private(path, "master key file")?;
-            let bytes = zeroize::Zeroizing::new(
-                fs::read(path).with_context(|| format!("cannot read master key {}", path.display()))?,
-            );
-            let key = MasterKey::from_bytes(&bytes).with_context(|| {
-                format!("master key {} is {} bytes; it must be exactly {}", path.display(), bytes.len(), MasterKey::LEN)
-            })?;
-            Ok(KeyMaterial::Key(key))
-        }
-        KeySource::KeyFile(path) => {
-            if config.store_file().exists() {
-                bail!(
-                    "the store {} exists but its master key {} is missing: restore the key file (a new key cannot open the store)",
-                    config.store_file().display(),
-                    path.display()
-                );
-            }
-            let key = MasterKey::generate()?;
-            create_private_file(path, key.expose(), 0o400)?;
-            tracing::info!(path = %path.display(), "created a new master key");
-            Ok(KeyMaterial::Key(key))
-        }
-        KeySource::Passphrase(path) => {
-            check_private(path, "passphrase file")?;
-            let mut raw = fs::read(path).with_context(|| format!("cannot read passphrase file {}", path.display()))?;
-            let trimmed = raw.strip_suffix(b"\n").unwrap_or(&raw).len();
-            raw.truncate(trimmed);
-            if raw.is_empty() {
-                bail!("passphrase file {} is empty", path.display());
-            }
-            Ok(KeyMaterial::Passphrase(SecretBytes::take(&mut raw)))
-        }
+    /// Becomes true when the broker begins shutting down.
+    pub fn stopping(&self) -> watch::Receiver<bool> {
+        self.stopping.subscribe()
+    }
+
+    /// How many secrets the local store holds.
+    pub fn secret_count(&self) -> Result<u64, BrokerError> {
+        Ok(self.store.count()?)
+    }
+
+    /// Every workload.
+    pub fn list_workloads(&self) -> Result<Vec<crate::policy::Workload>, BrokerError> {
+        Ok(self.store.workloads()?)
+    }
+
+    /// The grants of one workload, or all.
+    pub fn list_grants(&self, workload: Option<&str>) -> Result<Vec<crate::policy::Grant>, BrokerError> {
+        Ok(self.store.grants(workload)?)
+    }
+
+    /// The mounts being served.
+    pub fn list_mounts(&self) -> Vec<crate::fs::MountInfo> {
+        self.mounts.list()
+    }
+
+    pub fn mount_count(&self) -> usize {
+        self.mounts.count()
+    }
+
+    /// Where the mount of `key` is (or would be).
+    pub fn mount_path(&self, key: &crate::fs::MountKey) -> std::path::PathBuf {
+        self.mounts.path_of(key)
     }
 }
 
@@ -340,7 +278,7 @@ impl Broker {
             if let Some(t) = store.note::<std::time::SystemTime>(&format!("backend-ok:{}", cfg.name))? {
                 v.health.restore_last_ok(t);
             }
-            vaults.push(Arc::new(v));
+            vaults.push(crate::backend::VaultSource::new(Arc::new(v), rt.clone()));
         }
         if let Some(r) = config.audit_rotation {
             audit.rotate_at(r);
@@ -398,257 +336,6 @@ impl Broker {
         }
         broker.mounts.sync(&broker)?;
         Ok(broker)
-    }
-}
-
-/// Refuse to start where a live broker answers on `path`.
-async fn refuse_if_live(path: &Path) -> anyhow::Result<()> {
-    if tokio::net::UnixStream::connect(path).await.is_ok() {
-        bail!("another broker is serving on {}; stop it first", path.display());
-    }
-    Ok(())
-}
-
-/// Bind a socket, replacing a stale one left by a broker that died.
-async fn bind(path: &Path, mode: u32) -> anyhow::Result<UnixListener> {
-    if path.exists() {
-        refuse_if_live(path).await?;
-        fs::remove_file(path).with_context(|| format!("cannot remove stale socket {}", path.display()))?;
-    }
-    let l = UnixListener::bind(path).with_context(|| format!("cannot bind {}", path.display()))?;
-    fs::set_permissions(path, fs::Permissions::from_mode(mode))?;
-    Ok(l)
-}
-
-/// Bind the admin, workload and (if configured, with Docker) plugin
-/// sockets, replacing stale ones.
-async fn bind_listeners(broker: &Broker) -> anyhow::Result<takeover::Listeners> {
-    let mut plugin = None;
-    if let (Some(sock), Some(_)) = (&broker.config.plugin_socket, &broker.docker) {
-        // Optional: without it, host-bind mounts still work.
-        let dir = sock.parent().unwrap_or(Path::new("/"));
-        match fs::create_dir_all(dir) {
-            Ok(()) => plugin = Some(bind(sock, 0o600).await?.into_std()?),
-            Err(e) => {
-                tracing::warn!(dir = %dir.display(), error = %e, "no Docker volume plugin: cannot create its socket dir")
-            }
-        }
-    }
-    let admin_path = broker.config.admin_socket();
-    let admin = match broker.config.admin.socket_group {
-        // Admins by group reach the admin socket; everyone else is still
-        // refused by the kernel.
-        Some(gid) => {
-            let l = bind(&admin_path, 0o600).await?;
-            std::os::unix::fs::chown(&admin_path, None, Some(gid))
-                .with_context(|| format!("cannot give {} to group {gid}", admin_path.display()))?;
-            fs::set_permissions(&admin_path, fs::Permissions::from_mode(0o660))?;
-            l
-        }
-        None => bind(&admin_path, 0o600).await?,
-    }
-    .into_std()?;
-    let workload = bind(&broker.config.workload_socket(), 0o666).await?.into_std()?;
-    Ok(takeover::Listeners { admin, workload, plugin })
-}
-
-/// A tokio listener on a copy of `l`: the original stays open, so a
-/// stopped server can be started again, or its socket handed on.
-fn serving_copy(l: &std::os::unix::net::UnixListener) -> std::io::Result<UnixListener> {
-    let copy = l.try_clone()?;
-    copy.set_nonblocking(true)?;
-    UnixListener::from_std(copy)
-}
-
-/// HTTP/2 keepalive: a PING after this long without a frame from the
-/// peer, and the connection closed if it is not answered as long again.
-/// Long streams (`audit --follow`) stay up; dead peers do not.
-const KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(20);
-/// How long a stranger's call may take, its request body included.
-const STRANGER_CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-
-/// Start what serves callers: gRPC on both sockets, the volume plugin,
-/// and the backend pollers. They all stop when `broker.stopping` flips.
-///
-/// Each socket has two gRPC servers: one for connections whose peer was
-/// attested as an admin when it connected (the Admin and Workload
-/// services, normal limits), one for everyone else's (the Workload
-/// service only, small HTTP/2 windows and few streams, admin calls
-/// refused on the headers; see [`crate::api::strangers`]).
-fn spawn_services(
-    broker: &Arc<Broker>,
-    listeners: &takeover::Listeners,
-) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
-    use crate::api::strangers as s;
-    broker.stopping.send_replace(false);
-    let max_msg = broker.config.max_value_bytes as usize + 64 * 1024;
-    let mut tasks = Vec::new();
-    let soft = crate::sys::nofile().map_or(1024, |(soft, _)| soft);
-    let budget = peer::Budget::new(soft, &broker.config.limits);
-    let idle = broker.config.limits.idle_timeout;
-    tracing::info!(
-        nofile = soft,
-        reserved_fds = budget.reserved_fds,
-        fds_per_connection = peer::FDS_PER_CONNECTION,
-        max_connections = budget.max,
-        max_non_admin_connections = budget.strangers_max,
-        non_admin_bytes_per_connection = s::CONNECTION_BYTES,
-        "connection budget"
-    );
-    for (l, name) in [(&listeners.admin, "admin.sock"), (&listeners.workload, "workload.sock")] {
-        let gate = peer::Gate::new(name, &broker.config.limits, budget.clone(), broker.audit.clone());
-        let admin_policy = Arc::new(broker.config.admin.clone());
-        let (admins, strangers) = peer::incoming(serving_copy(l)?, gate, broker.attestor.clone(), admin_policy);
-        let admin = AdminServer::new(AdminService(broker.clone()))
-            .max_decoding_message_size(max_msg)
-            .max_encoding_message_size(max_msg);
-        let workload = WorkloadServer::new(WorkloadService(broker.clone())).max_decoding_message_size(4096);
-        let mut stop = broker.stopping.subscribe();
-        let for_admins = Server::builder()
-            .max_concurrent_streams(Some(64))
-            .http2_keepalive_interval(Some(KEEPALIVE))
-            .http2_keepalive_timeout(Some(KEEPALIVE))
-            .layer(crate::api::CountCalls)
-            .layer(s::Calls::admins())
-            .add_service(admin)
-            .add_service(workload)
-            .serve_with_incoming_shutdown(admins, async move {
-                let _ = stop.wait_for(|s| *s).await;
-            });
-        let workload = WorkloadServer::new(WorkloadService(broker.clone()))
-            .max_decoding_message_size(s::MAX_REQUEST)
-            .max_encoding_message_size(s::MAX_RESPONSE);
-        let mut stop = broker.stopping.subscribe();
-        let for_strangers = Server::builder()
-            .max_concurrent_streams(Some(s::STREAMS))
-            .initial_stream_window_size(Some(s::STREAM_WINDOW))
-            .initial_connection_window_size(Some(s::CONNECTION_WINDOW))
-            .max_frame_size(Some(s::MAX_FRAME))
-            .http2_max_header_list_size(Some(s::MAX_HEADER_LIST))
-            .http2_max_pending_accept_reset_streams(Some(8))
-            .http2_max_local_error_reset_streams(Some(64))
-            .http2_keepalive_interval(Some(KEEPALIVE))
-            .http2_keepalive_timeout(Some(KEEPALIVE))
-            .timeout(STRANGER_CALL_TIMEOUT)
-            // A stranger whose answers wait on a window it never opens (or
-            // who answers PINGs and nothing else) is not served for ever:
-            // every stranger's connection ends after the idle timeout,
-            // with a grace for calls under way.
-            .max_connection_age(idle)
-            .max_connection_age_grace(STRANGER_CALL_TIMEOUT.min(idle))
-            .layer(crate::api::CountCalls)
-            .layer(s::Calls::strangers(broker.clone()))
-            .add_service(workload)
-            .serve_with_incoming_shutdown(strangers, async move {
-                let _ = stop.wait_for(|s| *s).await;
-            });
-        tasks.push(tokio::spawn(async move {
-            if let Err(e) = for_admins.await {
-                tracing::warn!(error = %e, "gRPC server ended with an error");
-            }
-        }));
-        tasks.push(tokio::spawn(async move {
-            if let Err(e) = for_strangers.await {
-                tracing::warn!(error = %e, "gRPC server ended with an error");
-            }
-        }));
-    }
-    if let (Some(l), Some(sock)) = (&listeners.plugin, &broker.config.plugin_socket) {
-        let (b, s, l) = (broker.clone(), sock.clone(), serving_copy(l)?);
-        tasks.push(tokio::spawn(async move { crate::docker::plugin::serve(b, l, &s).await }));
-        tracing::info!(socket = %sock.display(), "serving the Docker volume plugin");
-    }
-    for v in &broker.vaults {
-        tasks.push(tokio::spawn(secrets::watch_backend(broker.clone(), v.clone())));
-    }
-    if let Some(listen) = &broker.config.metrics {
-        let l = bind_metrics(listen).with_context(|| format!("cannot listen for metrics on {listen}"))?;
-        let gate =
-            crate::api::listen::NetGate::new("metrics", &broker.config.limits, budget.clone(), broker.audit.clone());
-        let l = crate::api::listen::MetricsListener { inner: l, gate };
-        tasks.push(tokio::spawn(crate::metrics::serve(broker.clone(), l)));
-        tracing::info!(listen = %listen, "serving metrics");
-    }
-    if let Some(remote) = &broker.config.remote_admin {
-        let gate = crate::api::listen::NetGate::new(
-            "remote admin",
-            &broker.config.limits,
-            budget.clone(),
-            broker.audit.clone(),
-        );
-        tasks.push(spawn_remote_admin(broker, remote, max_msg, gate)?);
-        tracing::info!(listen = %remote.listen, "serving remote admin (mutual TLS)");
-    }
-    Ok(tasks)
-}
-
-fn bind_metrics(listen: &crate::config::Listen) -> anyhow::Result<crate::metrics::Listener> {
-    use crate::config::Listen;
-    Ok(match listen {
-        Listen::Tcp(addr) => {
-            let l = std::net::TcpListener::bind(addr)?;
-            l.set_nonblocking(true)?;
-            crate::metrics::Listener::Tcp(tokio::net::TcpListener::from_std(l)?)
-        }
-        Listen::Unix(path) => {
-            // A predecessor's socket: it stopped serving before we started.
-            let _ = fs::remove_file(path);
-            let l = UnixListener::bind(path)?;
-            fs::set_permissions(path, fs::Permissions::from_mode(0o600))?;
-            crate::metrics::Listener::Unix(l)
-        }
-    })
-}
-
-/// The Admin service on TCP with mutual TLS (`[admin] listen`).
-fn spawn_remote_admin(
-    broker: &Arc<Broker>,
-    remote: &crate::config::RemoteAdmin,
-    max_msg: usize,
-    gate: Arc<crate::api::listen::NetGate>,
-) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    check_private(&remote.tls_key, "[admin] tls_key")?;
-    // Each TLS handshake runs with a timeout, and every connection within
-    // the gate's caps and the fd budget (see crate::api::listen).
-    let tls = crate::api::remote::rustls_config(remote)?;
-    let l = std::net::TcpListener::bind(remote.listen)
-        .with_context(|| format!("cannot listen for remote admin on {}", remote.listen))?;
-    l.set_nonblocking(true)?;
-    let incoming = crate::api::listen::remote_incoming(
-        tokio::net::TcpListener::from_std(l)?,
-        gate.clone(),
-        tls,
-        broker.stopping.subscribe(),
-    );
-    let admin = AdminServer::new(AdminService(broker.clone()))
-        .max_decoding_message_size(max_msg)
-        .max_encoding_message_size(max_msg);
-    let mut stop = broker.stopping.subscribe();
-    let server = Server::builder()
-        .max_concurrent_streams(Some(64))
-        .http2_keepalive_interval(Some(KEEPALIVE))
-        .http2_keepalive_timeout(Some(KEEPALIVE))
-        .layer(crate::api::CountCalls)
-        .layer(crate::api::strangers::Calls::remote(broker.clone()))
-        .layer(crate::api::listen::Track(gate))
-        .add_service(admin)
-        .serve_with_incoming_shutdown(incoming, async move {
-            let _ = stop.wait_for(|s| *s).await;
-        });
-    Ok(tokio::spawn(async move {
-        if let Err(e) = server.await {
-            tracing::warn!(error = %e, "remote admin server ended with an error");
-        }
-    }))
-}
-
-/// Stop what [`spawn_services`] started; calls under way may finish.
-async fn stop_services(broker: &Broker, tasks: Vec<tokio::task::JoinHandle<()>>) {
-    broker.stopping.send_replace(true);
-    for t in tasks {
-        if tokio::time::timeout(std::time::Duration::from_secs(10), t).await.is_err() {
-            tracing::warn!("a server did not stop within 10 s");
-        }
     }
 }
 

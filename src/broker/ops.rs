@@ -34,6 +34,11 @@
 //! }
 //! ```
 //!
+//! A new family of operations (templates, roles) may live in a sibling
+//! file of `src/broker/` with its own `impl Broker`: [`Done`], [`Audit`]
+//! and `write` are visible to the whole `broker` module, and nothing
+//! outside it can reach the store or the mounts.
+//!
 //! An operation whose steps do not fit `write` (the volume mount, which
 //! checks that the mount came up and undoes the record if not) uses the
 //! same private pieces in the same order.
@@ -334,7 +339,7 @@ impl Broker {
     /// What a Vault backend's watcher found changed (`None`: gone): kept
     /// sealed in the store, then shown. Not audited: a backend's own
     /// changes have no caller here (its failures are, by the watcher).
-    pub fn backend_changed(&self, changed: Vec<(String, Option<Cached>)>) {
+    pub(super) fn backend_changed(&self, changed: Vec<(String, Option<Cached>)>) {
         for (path, c) in &changed {
             self.persist(path, c.as_ref());
         }

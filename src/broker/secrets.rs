@@ -3,7 +3,8 @@
 //! fresh.
 //!
 //! A path under a `[[backend]]`'s name goes to that backend; every other
-//! path lives in the local store. Mounts never touch the network: they
+//! path lives in the local store: [`Broker::source_for`] picks the one
+//! [`SecretSource`] that owns a path, and every call goes through it. Mounts never touch the network: they
 //! read local values, or the Vault cache that [`watch_backend`] refreshes.
 #![forbid(unsafe_code)]
 
@@ -16,23 +17,24 @@ use super::BrokerError;
 use crate::audit::{Event, EventKind};
 use crate::backend::local::VOLUME_MOUNTS;
 use crate::backend::vault::{Cached, VaultBackend};
-use crate::backend::{BackendError, VersionMeta};
+use crate::backend::{BackendError, SecretSource, VersionMeta};
 use crate::fs::{Catalog, Loaded, VolumeMount};
 use crate::policy::{Grant, Target, Workload};
 use crate::secret::{SecretBytes, SecretPath};
 
 impl Broker {
-    fn vault_for<'a>(&self, path: &'a str) -> Option<(&Arc<VaultBackend>, &'a str)> {
-        self.vaults.iter().find_map(|v| v.relative(path).map(|rel| (v, rel)))
-    }
-
-    fn vault_named(&self, path: &str) -> Option<&Arc<VaultBackend>> {
-        self.vaults.iter().find(|v| v.cfg.name == path)
+    /// The one source that owns `path`: the backend named by its first
+    /// segment(s), or else the local store.
+    fn source_for(&self, path: &str) -> &dyn SecretSource {
+        match self.vaults.iter().find(|v| v.owns(path)) {
+            Some(v) => v,
+            None => &self.store,
+        }
     }
 
     /// Reject the bare name of a backend: it is a directory, not a secret.
     fn check_not_backend_root(&self, path: &str) -> Result<(), BrokerError> {
-        match self.vault_named(path) {
+        match self.vaults.iter().find(|v| v.name() == path) {
             Some(_) => Err(BrokerError::InvalidArgument(format!("{path} is a backend; name a secret under {path}/"))),
             None => Ok(()),
         }
@@ -50,6 +52,13 @@ impl Broker {
         }
     }
 
+    /// After a write to `source`: keep its copy of `path`, if it is remote.
+    fn keep_copy(&self, source: &dyn SecretSource, path: &str) {
+        if let Some(copy) = source.copy_of(path) {
+            self.persist(path, copy.as_ref());
+        }
+    }
+
     pub(super) fn put_secret(
         &self,
         path: &SecretPath,
@@ -59,14 +68,10 @@ impl Broker {
         now_ms: i64,
     ) -> Result<VersionMeta, BrokerError> {
         self.check_not_backend_root(path.as_str())?;
-        match self.vault_for(path.as_str()) {
-            Some((v, rel)) => {
-                let meta = self.rt.block_on(v.put(rel, value, rotate, if_version))?;
-                self.persist(path.as_str(), v.cached(path.as_str()).as_ref());
-                Ok(meta)
-            }
-            None => Ok(self.store.put(path, value, rotate, if_version, now_ms)?),
-        }
+        let source = self.source_for(path.as_str());
+        let meta = source.put(path, value, rotate, if_version, now_ms)?;
+        self.keep_copy(source, path.as_str());
+        Ok(meta)
     }
 
     pub fn get_secret(
@@ -75,52 +80,31 @@ impl Broker {
         version: Option<u64>,
     ) -> Result<(VersionMeta, SecretBytes), BrokerError> {
         self.check_not_backend_root(path.as_str())?;
-        match self.vault_for(path.as_str()) {
-            Some((v, rel)) => Ok(self.rt.block_on(v.get(rel, version))?),
-            None => Ok(self.store.get(path, version)?),
-        }
+        Ok(self.source_for(path.as_str()).get(path, version)?)
     }
 
     pub fn secret_history(&self, path: &SecretPath) -> Result<Vec<VersionMeta>, BrokerError> {
         self.check_not_backend_root(path.as_str())?;
-        match self.vault_for(path.as_str()) {
-            Some((v, rel)) => Ok(self.rt.block_on(v.history(rel))?),
-            None => Ok(self.store.history(path)?),
-        }
+        Ok(self.source_for(path.as_str()).history(path)?)
     }
 
     pub(super) fn delete_secret(&self, path: &SecretPath) -> Result<usize, BrokerError> {
         self.check_not_backend_root(path.as_str())?;
-        match self.vault_for(path.as_str()) {
-            Some((v, rel)) => {
-                let n = self.rt.block_on(v.delete(rel))?;
-                self.persist(path.as_str(), None);
-                Ok(n)
-            }
-            None => Ok(self.store.delete(path)?),
-        }
+        let source = self.source_for(path.as_str());
+        let n = source.delete(path)?;
+        self.keep_copy(source, path.as_str());
+        Ok(n)
     }
 
     /// Secrets at or under `prefix` with their current version, local and
     /// remote. Listing a backend asks it (one request per secret).
     pub fn list_secrets(&self, prefix: &str) -> Result<Vec<(String, VersionMeta)>, BrokerError> {
         let prefix = prefix.trim_end_matches('/');
+        let local: &dyn SecretSource = &self.store;
         let mut out: Vec<(String, VersionMeta)> =
-            self.store.list(prefix)?.into_iter().filter(|(p, _)| self.vault_for(p).is_none()).collect();
+            local.list(prefix)?.into_iter().filter(|(p, _)| !self.vaults.iter().any(|v| v.owns(p))).collect();
         for v in &self.vaults {
-            let name = v.cfg.name.as_str();
-            let rel = match v.relative(prefix) {
-                Some(rel) => rel,
-                None if prefix.is_empty() || prefix == name => "",
-                None => continue,
-            };
-            for r in self.rt.block_on(v.list(rel))? {
-                match self.rt.block_on(v.history(&r)) {
-                    Ok(h) => out.extend(h.last().map(|m| (format!("{name}/{r}"), m.clone()))),
-                    Err(BackendError::NotFound(_)) => {}
-                    Err(e) => return Err(e.into()),
-                }
-            }
+            out.extend(v.list(prefix)?);
         }
         out.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(out)
@@ -131,13 +115,7 @@ impl Broker {
     /// cached value changed (other mounts may show them).
     pub(super) fn prefetch(&self, target: &Target) -> Vec<String> {
         let (Target::Exact(p) | Target::Prefix(p)) = target;
-        let Some((v, rel)) = self.vault_for(p.as_str()) else { return Vec::new() };
-        let set = BTreeSet::from([rel.to_owned()]);
-        let (exact, prefixes) = match target {
-            Target::Exact(_) => (set, BTreeSet::new()),
-            Target::Prefix(_) => (BTreeSet::new(), set),
-        };
-        match self.rt.block_on(v.refresh(&exact, &prefixes)) {
+        match self.source_for(p.as_str()).prefetch(target) {
             Ok(changed) => {
                 for (path, c) in &changed {
                     self.persist(path, c.as_ref());
@@ -163,37 +141,11 @@ impl Catalog for Broker {
 
     fn covered(&self, target: &Target) -> anyhow::Result<Vec<(String, VersionMeta)>> {
         let (Target::Exact(p) | Target::Prefix(p)) = target;
-        let Some((v, _)) = self.vault_for(p.as_str()) else {
-            return Ok(self
-                .store
-                .list(p.as_str())?
-                .into_iter()
-                .filter(|(s, _)| target.file_for(s).is_some())
-                .collect());
-        };
-        let mut found: Vec<(String, VersionMeta)> = v
-            .cached_under(p.as_str())
-            .into_iter()
-            .filter(|(s, _)| target.file_for(s).is_some())
-            .map(|(s, c)| (s, c.meta))
-            .collect();
-        // A granted secret not fetched yet still shows, as version 0,
-        // so opening it fails at once (EIO) instead of looking absent.
-        if matches!(target, Target::Exact(_)) && found.is_empty() {
-            found.push((p.to_string(), VersionMeta { version: 0, created_unix_ms: 0, size: 0 }));
-        }
-        Ok(found)
+        Ok(self.source_for(p.as_str()).covered(target)?)
     }
 
     fn current(&self, path: &str) -> anyhow::Result<Option<VersionMeta>> {
-        if let Some((v, _)) = self.vault_for(path) {
-            return Ok(v.cached(path).map(|c| c.meta));
-        }
-        match self.store.history(&SecretPath::parse(path)?) {
-            Ok(h) => Ok(h.last().cloned()),
-            Err(crate::backend::local::StoreError::NotFound(_)) => Ok(None),
-            Err(e) => Err(e.into()),
-        }
+        Ok(self.source_for(path).current(path)?)
     }
 
     fn workload(&self, name: &str) -> anyhow::Result<Option<Workload>> {
@@ -205,16 +157,8 @@ impl Catalog for Broker {
     }
 
     fn load(&self, path: &str, meta: &VersionMeta) -> anyhow::Result<Loaded> {
-        match self.vault_for(path) {
-            Some((v, _)) => Ok(Loaded {
-                value: v.cached(path).filter(|c| c.meta.version == meta.version).map(|c| c.value),
-                health: Some(v.health.clone()),
-            }),
-            None => {
-                let (_, value) = self.store.get(&SecretPath::parse(path)?, Some(meta.version))?;
-                Ok(Loaded { value: Some(Arc::new(value)), health: None })
-            }
-        }
+        let shown = self.source_for(path).load(path, meta)?;
+        Ok(Loaded { value: shown.value, health: shown.health })
     }
 }
 
@@ -232,7 +176,7 @@ const NOTE_EVERY: Duration = Duration::from_secs(60);
 /// Keep one Vault backend's cache fresh: log in, renew, poll the watched
 /// secrets' versions, and update the mounts when anything changed. Runs
 /// until the broker stops.
-pub async fn watch_backend(broker: Arc<Broker>, v: Arc<VaultBackend>) {
+pub(super) async fn watch_backend(broker: Arc<Broker>, v: Arc<VaultBackend>) {
     let name = v.cfg.name.clone();
     let note_key = format!("backend-ok:{name}");
     let mut logged_in = false;

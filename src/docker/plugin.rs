@@ -126,7 +126,7 @@ fn remove(b: &Broker, r: &Request) -> Result<Value, String> {
 fn describe(b: &Broker, name: &str, spec: &VolumeSpec) -> Result<Value, String> {
     let mountpoint = mounts_of(b, name)?
         .first()
-        .map(|m| b.mounts.path_of(&MountKey::Volume(m.id.clone())).display().to_string())
+        .map(|m| b.mount_path(&MountKey::Volume(m.id.clone())).display().to_string())
         .unwrap_or_default();
     Ok(json!({ "Name": name, "Mountpoint": mountpoint, "Status": { "workload": spec.workload } }))
 }
@@ -163,7 +163,7 @@ async fn call(State(b): State<Arc<Broker>>, UrlPath(call): UrlPath<String>, body
     };
     // Files in a container's mount belong to its configured user: note
     // the (one) not-yet-running container that mounts this volume.
-    let container = match (call.as_str(), &b.docker) {
+    let container = match (call.as_str(), b.docker()) {
         ("VolumeDriver.Mount", Some(d)) => d.starting_container(&r.name).await,
         _ => None,
     };
@@ -179,7 +179,7 @@ async fn call(State(b): State<Arc<Broker>>, UrlPath(call): UrlPath<String>, body
 /// Serve the plugin protocol on `socket` until the broker stops.
 pub async fn serve(broker: Arc<Broker>, listener: tokio::net::UnixListener, socket: &Path) {
     let app = Router::new().route("/{call}", post(call)).with_state(broker.clone());
-    let mut stopping = broker.stopping.subscribe();
+    let mut stopping = broker.stopping();
     let shutdown = async move {
         let _ = stopping.wait_for(|s| *s).await;
     };
