@@ -15,10 +15,17 @@ use crate::audit::Event;
 use crate::backend::VersionMeta;
 use crate::broker::Broker;
 use crate::identity::Identity;
+use crate::policy::roles::{Need, Scope, Verb};
 use crate::policy::{Grant, Workload};
 use crate::secret::{SecretBytes, SecretPath, generate_alnum, validate_prefix};
 
 pub struct AdminService(pub Arc<Broker>);
+
+/// An authorized caller: who it is, and what it may do.
+pub(crate) struct Caller {
+    pub id: Identity,
+    pub scope: Scope,
+}
 
 type Reply<T> = Result<Response<T>, Status>;
 
@@ -78,11 +85,35 @@ fn now_ms() -> i64 {
 }
 
 impl AdminService {
-    /// Attest the caller and require an admin. A refusal is audited.
-    async fn authorize<T>(&self, req: &Request<T>, method: &'static str) -> Result<Identity, ApiError> {
-        if let Some(certs) = req.peer_certs() {
-            return self.authorize_remote(req, &certs, method);
+    /// Attest the caller, require an admin, and decide `need` against its
+    /// scope: a full admin may do anything; a scoped admin (some role
+    /// names it) what its roles allow (see [`crate::policy::roles`]). The
+    /// one authorization of every Admin call. A refusal is audited, with
+    /// the caller's roles and what they lacked.
+    pub(super) async fn authorize<T>(
+        &self,
+        req: &Request<T>,
+        method: &'static str,
+        need: Need<'_>,
+    ) -> Result<Caller, ApiError> {
+        let (id, scope) = if let Some(certs) = req.peer_certs() {
+            self.authorize_remote(req, &certs, method)?
+        } else {
+            self.authorize_local(req, method).await?
+        };
+        if let Err(lack) = scope.check(need) {
+            let reason = format!("role {}: {}", lack.roles, lack.lacked);
+            self.0.audit.deny(
+                &crate::limits::deny_key(&id),
+                &Event { method: Some(method), caller: Some(&id), reason: Some(&reason), ..Event::new("deny") },
+            )?;
+            return Err(ApiError::PermissionDenied(format!("{method}: {}", lack)));
         }
+        Ok(Caller { id, scope })
+    }
+
+    /// A local caller: a full admin, or a scoped one.
+    async fn authorize_local<T>(&self, req: &Request<T>, method: &'static str) -> Result<(Identity, Scope), ApiError> {
         let peer = peer_of(req)?;
         let audit = &self.0.audit;
         let attestor = self.0.attestor.clone();
@@ -92,8 +123,11 @@ impl AdminService {
             self.0.allow_call(id, method)?;
         }
         match attested {
-            Ok(id) if id.admin => Ok(id),
+            Ok(id) if id.admin => Ok((id, Scope::Full)),
             Ok(id) => {
+                if let Some(scope) = self.0.roles.scope_of(&super::caller_facts(&id)) {
+                    return Ok((id, scope));
+                }
                 audit.deny(
                     &crate::limits::deny_key(&id),
                     &Event {
@@ -120,24 +154,30 @@ impl AdminService {
         }
     }
 
-    /// A remote client, already through mutual TLS: an admin if its
-    /// certificate's subject is listed. A refusal is audited.
+    /// A remote client, already through mutual TLS: a full admin if its
+    /// certificate's subject is listed, a scoped one if a role names it.
+    /// A refusal is audited.
     fn authorize_remote<T>(
         &self,
         req: &Request<T>,
         certs: &[tonic::transport::CertificateDer<'static>],
         method: &'static str,
-    ) -> Result<Identity, ApiError> {
+    ) -> Result<(Identity, Scope), ApiError> {
         let from = req.remote_addr().map_or_else(|| "an unknown address".into(), |a| a.to_string());
         let subject = certs.first().ok_or_else(|| "no client certificate".to_owned()).and_then(|c| subject_of(c));
-        let (shown, admin) = match &subject {
-            Ok(s) => (show(s), self.0.config.admin.allows_subject(s)),
-            Err(e) => (e.clone(), false),
+        let (shown, scope) = match &subject {
+            Ok(s) if self.0.config.admin.allows_subject(s) => (show(s), Some(Scope::Full)),
+            Ok(s) => {
+                let facts = crate::policy::roles::Caller { uid: 0, gid: 0, groups: &[], host: false, subject: Some(s) };
+                (show(s), self.0.roles.scope_of(&facts))
+            }
+            Err(e) => (e.clone(), None),
         };
+        let admin = scope.as_ref().is_some_and(Scope::is_full);
         let id = Identity { remote: Some(format!("{shown} from {from}")), admin, ..Identity::default() };
         self.0.allow_call(&id, method)?;
-        if admin {
-            return Ok(id);
+        if let Some(scope) = scope {
+            return Ok((id, scope));
         }
         self.0.audit.deny(
             &crate::limits::deny_key(&id),
@@ -164,6 +204,31 @@ impl AdminService {
         op: impl FnOnce(&Broker) -> Result<(T, Option<u64>), ApiError> + Send + 'static,
     ) -> Result<T, ApiError> {
         self.audited_for(id, event, None, path, op).await
+    }
+
+    /// [`Self::audited`] for calls about a named thing that is neither a
+    /// secret nor a workload (a role; an apply's summary): the name goes in
+    /// the line's `reason` (with the error, if it failed).
+    pub(super) async fn audited_named<T: Send + 'static>(
+        &self,
+        id: Identity,
+        event: &'static str,
+        name: Option<String>,
+        op: impl FnOnce(&Broker) -> Result<(T, Option<u64>), ApiError> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        let broker = self.0.clone();
+        blocking(move || {
+            let result = op(&broker);
+            let reason = match (&result, &name) {
+                (Ok(_), Some(n)) => Some(n.clone()),
+                (Ok(_), None) => None,
+                (Err(e), Some(n)) => Some(format!("{n}: {e}")),
+                (Err(e), None) => Some(e.to_string()),
+            };
+            broker.audit.record(&Event { caller: Some(&id), reason: reason.as_deref(), ..Event::new(event) })?;
+            result.map(|(t, _)| t)
+        })
+        .await
     }
 
     /// [`Self::audited`], naming the workload the call concerns.
@@ -224,7 +289,7 @@ fn take_value(source: Option<Source>, max: u64) -> Result<SecretBytes, ApiError>
 #[tonic::async_trait]
 impl admin_server::Admin for AdminService {
     async fn put_secret(&self, req: Request<pb::PutSecretRequest>) -> Reply<pb::SecretVersion> {
-        let id = self.authorize(&req, "PutSecret").await?;
+        let Caller { id, .. } = self.authorize(&req, "PutSecret", Need::Path(Verb::Write, &req.get_ref().path)).await?;
         let r = req.into_inner();
         let rotate = match pb::PutMode::try_from(r.mode) {
             Ok(pb::PutMode::Rotate) => true,
@@ -246,7 +311,7 @@ impl admin_server::Admin for AdminService {
     }
 
     async fn get_secret(&self, req: Request<pb::GetSecretRequest>) -> Reply<pb::GetSecretResponse> {
-        let id = self.authorize(&req, "GetSecret").await?;
+        let Caller { id, .. } = self.authorize(&req, "GetSecret", Need::Path(Verb::Read, &req.get_ref().path)).await?;
         let pb::GetSecretRequest { path, version } = req.into_inner();
         let reply = self
             .audited(id, "get", Some(path.clone()), move |b| {
@@ -263,21 +328,23 @@ impl admin_server::Admin for AdminService {
     }
 
     async fn list_secrets(&self, req: Request<pb::ListSecretsRequest>) -> Reply<pb::ListSecretsResponse> {
-        let id = self.authorize(&req, "ListSecrets").await?;
+        let Caller { id, scope } = self.authorize(&req, "ListSecrets", Need::Verb(Verb::Read)).await?;
         let prefix = req.into_inner().prefix;
         let shown = (!prefix.is_empty()).then(|| prefix.clone());
         let secrets = self
             .audited(id, "ls", shown, move |b| {
                 validate_prefix(&prefix)?;
                 let list = b.list_secrets(&prefix)?;
-                Ok((list.into_iter().map(|(p, m)| version_pb(&p, m)).collect(), None))
+                let mine = list.into_iter().filter(|(p, _)| scope.covers_path(Verb::Read, p));
+                Ok((mine.map(|(p, m)| version_pb(&p, m)).collect(), None))
             })
             .await?;
         Ok(Response::new(pb::ListSecretsResponse { secrets }))
     }
 
     async fn secret_history(&self, req: Request<pb::SecretHistoryRequest>) -> Reply<pb::SecretHistoryResponse> {
-        let id = self.authorize(&req, "SecretHistory").await?;
+        let Caller { id, .. } =
+            self.authorize(&req, "SecretHistory", Need::Path(Verb::Read, &req.get_ref().path)).await?;
         let path = req.into_inner().path;
         let versions = self
             .audited(id, "history", Some(path.clone()), move |b| {
@@ -290,7 +357,8 @@ impl admin_server::Admin for AdminService {
     }
 
     async fn delete_secret(&self, req: Request<pb::DeleteSecretRequest>) -> Reply<pb::DeleteSecretResponse> {
-        let id = self.authorize(&req, "DeleteSecret").await?;
+        let Caller { id, .. } =
+            self.authorize(&req, "DeleteSecret", Need::Path(Verb::Write, &req.get_ref().path)).await?;
         let path = req.into_inner().path;
         let removed = self
             .audited(id, "rm", Some(path.clone()), move |b| {
@@ -308,7 +376,7 @@ impl admin_server::Admin for AdminService {
     }
 
     async fn status(&self, req: Request<pb::StatusRequest>) -> Reply<pb::StatusResponse> {
-        let id = self.authorize(&req, "Status").await?;
+        let Caller { id, .. } = self.authorize(&req, "Status", Need::FullAdmin).await?;
         let reply = self
             .audited(id, "status", None, |b| {
                 let (buffers, locked) = SecretBytes::counts();
@@ -337,7 +405,7 @@ impl admin_server::Admin for AdminService {
     type AuditLogStream = ReceiverStream<Result<pb::AuditLine, Status>>;
 
     async fn audit_log(&self, req: Request<pb::AuditLogRequest>) -> Reply<Self::AuditLogStream> {
-        let id = self.authorize(&req, "AuditLog").await?;
+        let Caller { id, .. } = self.authorize(&req, "AuditLog", Need::Verb(Verb::Audit)).await?;
         let follow = req.into_inner().follow;
         let (lines, mut seen, mut rx) =
             self.audited(id, "audit_read", None, |b| Ok((b.audit.subscribe(), None))).await?;
@@ -379,7 +447,7 @@ impl admin_server::Admin for AdminService {
     }
 
     async fn audit_verify(&self, req: Request<pb::AuditVerifyRequest>) -> Reply<pb::AuditVerifyResponse> {
-        let id = self.authorize(&req, "AuditVerify").await?;
+        let Caller { id, .. } = self.authorize(&req, "AuditVerify", Need::Verb(Verb::Audit)).await?;
         let b = self.0.clone();
         let reply = blocking(move || {
             let checked = b.audit.verify();
@@ -396,7 +464,9 @@ impl admin_server::Admin for AdminService {
     }
 
     async fn add_workload(&self, req: Request<pb::WorkloadSpec>) -> Reply<pb::WorkloadSpec> {
-        let id = self.authorize(&req, "AddWorkload").await?;
+        let r = req.get_ref();
+        let need = Need::Workload(Verb::Workload, &r.name, Some(&r.selectors));
+        let Caller { id, .. } = self.authorize(&req, "AddWorkload", need).await?;
         let spec = req.into_inner();
         let reply = self
             .audited(id, "workload_add", None, move |b| {
@@ -410,15 +480,19 @@ impl admin_server::Admin for AdminService {
     }
 
     async fn list_workloads(&self, req: Request<pb::ListWorkloadsRequest>) -> Reply<pb::ListWorkloadsResponse> {
-        let id = self.authorize(&req, "ListWorkloads").await?;
+        let Caller { id, scope } = self.authorize(&req, "ListWorkloads", Need::AnyRole).await?;
         let workloads = self
-            .audited(id, "workload_ls", None, |b| Ok((b.store.workloads()?.iter().map(workload_pb).collect(), None)))
+            .audited(id, "workload_ls", None, move |b| {
+                let all = b.store.workloads()?;
+                Ok((all.iter().filter(|w| scope.sees_workload(&w.name)).map(workload_pb).collect(), None))
+            })
             .await?;
         Ok(Response::new(pb::ListWorkloadsResponse { workloads }))
     }
 
     async fn remove_workload(&self, req: Request<pb::RemoveWorkloadRequest>) -> Reply<pb::RemoveWorkloadResponse> {
-        let id = self.authorize(&req, "RemoveWorkload").await?;
+        let need = Need::Workload(Verb::Workload, &req.get_ref().name, None);
+        let Caller { id, .. } = self.authorize(&req, "RemoveWorkload", need).await?;
         let name = req.into_inner().name;
         let removed = self
             .audited(id, "workload_rm", None, move |b| {
@@ -431,7 +505,8 @@ impl admin_server::Admin for AdminService {
     }
 
     async fn grant(&self, req: Request<pb::GrantSpec>) -> Reply<pb::GrantSpec> {
-        let id = self.authorize(&req, "Grant").await?;
+        let need = Need::Grant(Verb::Grant, &req.get_ref().secret, &req.get_ref().workload);
+        let Caller { id, .. } = self.authorize(&req, "Grant", need).await?;
         let g = req.into_inner();
         let path = g.secret.clone();
         let reply = self
@@ -450,7 +525,8 @@ impl admin_server::Admin for AdminService {
     }
 
     async fn revoke(&self, req: Request<pb::RevokeRequest>) -> Reply<pb::RevokeResponse> {
-        let id = self.authorize(&req, "Revoke").await?;
+        let need = Need::Grant(Verb::Grant, &req.get_ref().secret, &req.get_ref().workload);
+        let Caller { id, .. } = self.authorize(&req, "Revoke", need).await?;
         let r = req.into_inner();
         let path = r.secret.clone();
         self.audited_for(id, "revoke", Some(r.workload.clone()), Some(path), move |b| {
@@ -465,29 +541,48 @@ impl admin_server::Admin for AdminService {
     }
 
     async fn list_grants(&self, req: Request<pb::ListGrantsRequest>) -> Reply<pb::ListGrantsResponse> {
-        let id = self.authorize(&req, "ListGrants").await?;
+        let Caller { id, scope } = self.authorize(&req, "ListGrants", Need::AnyRole).await?;
         let w = req.into_inner().workload;
         let grants = self
             .audited(id, "grants", None, move |b| {
                 let only = (!w.is_empty()).then_some(w.as_str());
-                Ok((b.store.grants(only)?.iter().map(grant_pb).collect(), None))
+                let all = b.store.grants(only)?;
+                Ok((all.iter().filter(|g| scope.sees_workload(&g.workload)).map(grant_pb).collect(), None))
             })
             .await?;
         Ok(Response::new(pb::ListGrantsResponse { grants }))
     }
 
     async fn list_mounts(&self, req: Request<pb::ListMountsRequest>) -> Reply<pb::ListMountsResponse> {
-        let id = self.authorize(&req, "ListMounts").await?;
+        let Caller { id, scope } = self.authorize(&req, "ListMounts", Need::AnyRole).await?;
         let mounts = self
-            .audited(id, "mounts", None, |b| {
-                let list = b.mounts.list().into_iter().map(|m| pb::MountEntry {
-                    workload: m.workload,
-                    path: m.path.display().to_string(),
-                    files: m.files,
+            .audited(id, "mounts", None, move |b| {
+                let list = b.mounts.list().into_iter().filter(|m| scope.sees_workload(&m.workload)).map(|m| {
+                    pb::MountEntry { workload: m.workload, path: m.path.display().to_string(), files: m.files }
                 });
                 Ok((list.collect(), None))
             })
             .await?;
         Ok(Response::new(pb::ListMountsResponse { mounts }))
+    }
+
+    async fn add_role(&self, req: Request<pb::RoleSpec>) -> Reply<pb::RoleSpec> {
+        super::roles::add_role(self, req).await
+    }
+
+    async fn list_roles(&self, req: Request<pb::ListRolesRequest>) -> Reply<pb::ListRolesResponse> {
+        super::roles::list_roles(self, req).await
+    }
+
+    async fn remove_role(&self, req: Request<pb::RemoveRoleRequest>) -> Reply<pb::RemoveRoleResponse> {
+        super::roles::remove_role(self, req).await
+    }
+
+    async fn apply_policy(&self, req: Request<pb::ApplyPolicyRequest>) -> Reply<pb::ApplyPolicyResponse> {
+        super::roles::apply_policy(self, req).await
+    }
+
+    async fn export_policy(&self, req: Request<pb::ExportPolicyRequest>) -> Reply<pb::ExportPolicyResponse> {
+        super::roles::export_policy(self, req).await
     }
 }

@@ -39,6 +39,7 @@ use crate::audit::AuditLog;
 use crate::config::Limits;
 use crate::identity::{Attestor, Identity, Peer};
 use crate::limits::Refusals;
+use crate::policy::roles::RoleTable;
 
 /// How long a new connection has to send the HTTP/2 client preface.
 pub const PREFACE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -384,7 +385,12 @@ type Incoming = ReceiverStream<io::Result<PeerStream>>;
 /// Accept connections for tonic: admins' on the first stream, strangers'
 /// on the second. Accept errors (such as running out of file descriptors)
 /// are logged and retried after a pause; they never end the server.
-pub fn incoming(listener: UnixListener, gate: Arc<Gate>, attestor: Arc<Attestor>) -> (Incoming, Incoming) {
+pub fn incoming(
+    listener: UnixListener,
+    gate: Arc<Gate>,
+    attestor: Arc<Attestor>,
+    roles: Arc<RoleTable>,
+) -> (Incoming, Incoming) {
     let (admins, admins_rx) = mpsc::channel(16);
     let (strangers, strangers_rx) = mpsc::channel(16);
     tokio::spawn(async move {
@@ -398,7 +404,7 @@ pub fn incoming(listener: UnixListener, gate: Arc<Gate>, attestor: Arc<Attestor>
                 // Over a limit: closed as it drops.
                 Ok(None) => {}
                 Ok(Some(s)) => {
-                    let route = (gate.clone(), attestor.clone(), admins.clone(), strangers.clone());
+                    let route = (gate.clone(), attestor.clone(), roles.clone(), admins.clone(), strangers.clone());
                     tokio::spawn(classify(s, route));
                 }
                 Err(e) => {
@@ -411,11 +417,17 @@ pub fn incoming(listener: UnixListener, gate: Arc<Gate>, attestor: Arc<Attestor>
     (ReceiverStream::new(admins_rx), ReceiverStream::new(strangers_rx))
 }
 
-type Route = (Arc<Gate>, Arc<Attestor>, mpsc::Sender<io::Result<PeerStream>>, mpsc::Sender<io::Result<PeerStream>>);
+type Route = (
+    Arc<Gate>,
+    Arc<Attestor>,
+    Arc<RoleTable>,
+    mpsc::Sender<io::Result<PeerStream>>,
+    mpsc::Sender<io::Result<PeerStream>>,
+);
 
 /// Attest a new connection's peer and hand the connection to the server
 /// for its kind.
-async fn classify(mut s: PeerStream, (gate, attestor, admins, strangers): Route) {
+async fn classify(mut s: PeerStream, (gate, attestor, roles, admins, strangers): Route) {
     let identity = match gate.classifying.clone().acquire_owned().await {
         Ok(permit) => {
             let peer = s.watch.info.peer.clone();
@@ -427,7 +439,8 @@ async fn classify(mut s: PeerStream, (gate, attestor, admins, strangers): Route)
         }
         Err(_) => None,
     };
-    let admin = identity.as_ref().is_some_and(|id| id.admin);
+    // A full admin, or a scoped one (some role names it).
+    let admin = identity.as_ref().is_some_and(|id| id.admin || roles.any_match(&crate::api::caller_facts(id)));
     if !gate.settle(&mut s.watch.admitted, &s.watch.info.peer, identity.as_ref()) {
         return;
     }

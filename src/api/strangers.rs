@@ -87,7 +87,7 @@ const OPEN_TO_ALL: &str = "/keyhole.v1.Workload/";
 
 /// The Admin service's methods, so an audit line names one only if it is
 /// real (a caller cannot write what it likes into the log).
-const ADMIN_METHODS: [&str; 18] = [
+const ADMIN_METHODS: [&str; 23] = [
     "PutSecret",
     "GetSecret",
     "ListSecrets",
@@ -105,6 +105,11 @@ const ADMIN_METHODS: [&str; 18] = [
     "ListMounts",
     "Ping",
     "WhoAmI",
+    "AddRole",
+    "ListRoles",
+    "RemoveRole",
+    "ApplyPolicy",
+    "ExportPolicy",
     "unknown",
 ];
 
@@ -245,7 +250,7 @@ async fn refuse(broker: &Arc<Broker>, info: Option<ConnInfo>, method: &'static s
             }
         };
         b.allow_call(&id, method)?;
-        if id.admin {
+        if id.admin || b.roles.any_match(&super::caller_facts(&id)) {
             // An admin now, not when it connected (attestation timed out).
             return Err(super::ApiError::PermissionDenied(format!(
                 "{method}: this connection was not attested as an admin's when it was opened; connect again"
@@ -286,6 +291,18 @@ fn unlisted_subject<B>(broker: &Broker, req: &http::Request<B>) -> Option<(Strin
         .and_then(|c| super::remote::subject_of(c));
     match subject {
         Ok(s) if broker.config.admin.allows_subject(&s) => None,
+        // A scoped admin: the Admin service checks each call against its roles.
+        Ok(s)
+            if broker.roles.any_match(&crate::policy::roles::Caller {
+                uid: 0,
+                gid: 0,
+                groups: &[],
+                host: false,
+                subject: Some(&s),
+            }) =>
+        {
+            None
+        }
         Ok(s) => Some((super::remote::show(&s), from, method)),
         Err(e) => Some((e, from, method)),
     }

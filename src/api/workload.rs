@@ -18,7 +18,7 @@ impl workload_server::Workload for WorkloadService {
     async fn who_am_i(&self, req: Request<WhoAmIRequest>) -> Result<Response<WhoAmIResponse>, Status> {
         let peer = peer_of(&req)?;
         let b = self.0.clone();
-        let (id, workloads) = blocking_bounded(move || {
+        let (id, workloads, roles) = blocking_bounded(move || {
             let id = b.attestor.attest(&peer).inspect_err(|e| {
                 // Someone spoke on a connection whose process is gone, or
                 // cannot be read: a refusal worth a line.
@@ -31,7 +31,9 @@ impl workload_server::Workload for WorkloadService {
             b.allow_call(&id, "WhoAmI")?;
             let all = b.store.workloads()?;
             let names = all.into_iter().filter(|w| w.matches(&id)).map(|w| w.name).collect::<Vec<_>>();
-            Ok((id, names))
+            let facts = super::caller_facts(&id);
+            let roles = b.roles.get().iter().filter(|r| r.matches(&facts)).map(|r| r.name.clone()).collect();
+            Ok((id, names, roles))
         })
         .await?;
         Ok(Response::new(WhoAmIResponse {
@@ -44,6 +46,7 @@ impl workload_server::Workload for WorkloadService {
             container_id: id.container_id.unwrap_or_default(),
             host_process: id.host,
             admin: id.admin,
+            roles,
         }))
     }
 }

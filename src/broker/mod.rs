@@ -4,6 +4,7 @@
 //! everything to a successor on request (see [`takeover`]).
 #![forbid(unsafe_code)]
 
+mod policy_ops;
 mod secrets;
 mod systemd;
 pub mod takeover;
@@ -78,6 +79,8 @@ pub struct Broker {
     pub refusals: crate::limits::Refusals,
     /// Peers refused on `takeover.sock` (audited at most once a second).
     pub takeover_refusals: takeover::RefusalLog,
+    /// The roles in force (scoped admins), as the store holds them.
+    pub roles: Arc<crate::policy::roles::RoleTable>,
 }
 
 /// Why a file or directory is not private to this process, if it is not.
@@ -386,7 +389,9 @@ impl Broker {
             admin_calls: crate::limits::PerCaller::new(config_admin_calls),
             refusals: crate::limits::Refusals::default(),
             takeover_refusals: takeover::RefusalLog::default(),
+            roles: Arc::default(),
         };
+        broker.roles.set(broker.store.roles()?);
         if let Some(a) = adopt {
             broker.mounts.adopt(&broker, a.mounts, a.next_ino)?;
         }
@@ -553,7 +558,7 @@ fn spawn_services(
     );
     for (l, name) in [(&listeners.admin, "admin.sock"), (&listeners.workload, "workload.sock")] {
         let gate = peer::Gate::new(name, &broker.config.limits, budget.clone(), broker.audit.clone());
-        let (admins, strangers) = peer::incoming(serving_copy(l)?, gate, broker.attestor.clone());
+        let (admins, strangers) = peer::incoming(serving_copy(l)?, gate, broker.attestor.clone(), broker.roles.clone());
         let admin = AdminServer::new(AdminService(broker.clone()))
             .max_decoding_message_size(max_msg)
             .max_encoding_message_size(max_msg);

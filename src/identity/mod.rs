@@ -126,6 +126,9 @@ pub struct Identity {
     /// A remote admin client: its certificate subject and address.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub remote: Option<String>,
+    /// Supplementary groups of a host process (role principals `gid:N`).
+    #[serde(skip)]
+    pub groups: Vec<u32>,
 }
 
 fn name_only<S: serde::Serializer>(d: &Option<Arc<ContainerInfo>>, s: S) -> Result<S::Ok, S::Error> {
@@ -320,6 +323,7 @@ impl Attestor {
                         userns_owner: k.userns_owner,
                         admin: k.host && self.admin.allows(uid, gid, &k.groups),
                         remote: None,
+                        groups: k.groups.clone(),
                     });
                 }
                 tasks.remove(tid);
@@ -450,7 +454,19 @@ impl Attestor {
         };
         let groups = if host { supplementary_groups(&dir).map_err(proc_err)? } else { Vec::new() };
         let admin = host && self.admin.allows(uid, gid, &groups);
-        let id = Identity { uid, gid, pid, container_id, docker, host, host_user, userns_owner, admin, remote: None };
+        let id = Identity {
+            uid,
+            gid,
+            pid,
+            container_id,
+            docker,
+            host,
+            host_user,
+            userns_owner,
+            admin,
+            remote: None,
+            groups: groups.clone(),
+        };
         Ok((id, groups, settled))
     }
 
