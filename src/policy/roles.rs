@@ -415,6 +415,10 @@ impl Scope {
             Need::AnyRole => Ok(()),
             Need::Verb(v) if s.roles.iter().any(|r| r.has(v)) => Ok(()),
             Need::Verb(v) => lack(format!("no role grants {v}")),
+            // Only a valid path is ever covered: patterns compare raw strings.
+            Need::Path(_, path) if crate::secret::SecretPath::parse(path).is_err() => {
+                lack(format!("{path:?} is not a secret path"))
+            }
             Need::Path(v, path) if self.covers_path(v, path) => Ok(()),
             Need::Path(v, path) => lack(format!("no role grants {v} on {path}")),
             Need::Grant(v, target, workload) => {
@@ -622,6 +626,8 @@ mod tests {
         assert!(s.check(Need::Path(Verb::Write, "a/x/y")).is_ok());
         assert!(s.check(Need::Path(Verb::Read, "a")).is_err(), "a/* is under a/, not a itself");
         assert!(s.check(Need::Path(Verb::Read, "ab/x")).is_err());
+        assert!(s.check(Need::Path(Verb::Read, "a/../b/db")).is_err(), "never a path that is no path");
+        assert!(s.check(Need::Path(Verb::Read, "a/x y")).is_err());
         assert!(s.check(Need::Path(Verb::Read, "b/db")).is_err());
         assert!(s.check(Need::Path(Verb::Audit, "a/db")).is_err());
         let e = s.check(Need::Path(Verb::Write, "b/db")).unwrap_err();
