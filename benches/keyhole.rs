@@ -71,12 +71,13 @@ fn main() {
     let mut report = BTreeMap::new();
     report.insert("machine".to_owned(), machine());
     report.insert("mode".to_owned(), json!(if opts.short { "short" } else { "full" }));
-    let sections: [(&str, Section); 5] = [
+    let sections: [(&str, Section); 6] = [
         ("read_path", read_path),
         ("propagation_and_scale", propagation_and_scale),
         ("backend", backend),
         ("outage", outage),
         ("audit", audit_cost),
+        ("apply", apply_policy),
     ];
     for (name, f) in sections {
         if !only.is_empty() && !only.contains(&name) {
@@ -905,6 +906,42 @@ fn audit_cost(o: &Opts) -> Value {
     })
 }
 
+/// `keyhole apply` of a policy file with N workloads, each with a grant
+/// (`--mounts=` picks N; 1,000 by default, 100 in short mode): the call's
+/// time (one transaction, one propagation; every mount is there when it
+/// returns), and a second apply of the same file (no changes).
+fn apply_policy(o: &Opts) -> Value {
+    let n = o.mounts.as_ref().and_then(|m| m.iter().max().copied()).unwrap_or(if o.short { 100 } else { 1000 });
+    let b = Broker::start(&format!("[limits]\nmax_mounts = {}\n", n + 100));
+    b.put("bench/key", VALUE);
+    let mut file = String::new();
+    for i in 0..n {
+        file.push_str(&format!(
+            "[[workload]]\nname = \"w{i}\"\nselectors = [\"unix:uid:0\"]\n\n\
+             [[grant]]\nsecret = \"bench/key\"\nworkload = \"w{i}\"\nfile = \"key\"\n\n"
+        ));
+    }
+    let path = b.dir.path().join("policy.toml");
+    std::fs::write(&path, &file).unwrap();
+    let apply = |what: &str| {
+        let t = Instant::now();
+        let o = b.cli(&["apply", "-f", path.to_str().unwrap()], None);
+        let took = t.elapsed();
+        assert!(o.status.success(), "{what}: {}", String::from_utf8_lossy(&o.stderr));
+        took
+    };
+    let first = apply("apply");
+    let present = (0..n).filter(|i| b.file(&format!("w{i}"), "key").exists()).count();
+    let again = apply("second apply");
+    json!({
+        "workloads": n,
+        "file_bytes": file.len(),
+        "apply_ms": first.as_secs_f64() * 1000.0,
+        "mounts_present_at_return": present,
+        "second_apply_ms": again.as_secs_f64() * 1000.0,
+    })
+}
+
 // ---------------------------------------------------------------- output
 
 fn print_tables(r: &BTreeMap<String, Value>) {
@@ -1032,6 +1069,17 @@ fn print_tables(r: &BTreeMap<String, Value>) {
             f(&a["audit_on"]["p50_us"]),
             f(&a["audit_off"]["p50_us"]),
             a["on_vs_off_p50"].as_f64().unwrap_or(0.0)
+        );
+    }
+    if let Some(a) = r.get("apply") {
+        println!(
+            "\nkeyhole apply: {} workloads with a grant each ({} bytes): {} ms, {} mounts present at return; \
+             again (no changes): {} ms",
+            a["workloads"],
+            a["file_bytes"],
+            f(&a["apply_ms"]),
+            a["mounts_present_at_return"],
+            f(&a["second_apply_ms"])
         );
     }
 }

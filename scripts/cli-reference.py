@@ -16,6 +16,7 @@ COMMANDS = [
     "workload", "workload add", "workload ls", "workload rm",
     "grant", "revoke", "grants", "mounts", "status", "whoami", "audit",
     "doctor", "completions", "man",
+    "role", "role add", "role ls", "role rm", "apply", "diff", "export",
 ]
 
 NOTES = '''# Command line
@@ -42,6 +43,9 @@ keyhole status  |  whoami  |  audit [--follow | --verify]
 keyhole doctor [--config FILE] [--state-dir DIR] [--run-dir DIR]
 keyhole completions bash|zsh|fish|elvish|powershell
 keyhole man [SUBCOMMAND...] | man --dir DIR
+keyhole role add NAME --principal uid:N|gid:N|subject:DN... [--paths P]... [--workloads W]... --verbs V,...
+keyhole role ls  |  role rm NAME
+keyhole apply -f FILE [--prune]  |  diff -f FILE [--prune]  |  export
 global: --socket PATH (env KEYHOLE_SOCKET), --json,
         --endpoint https://HOST:PORT --cert F --key F --ca F (env KEYHOLE_ENDPOINT, _CERT, _KEY, _CA)
 ```
@@ -74,6 +78,10 @@ global: --socket PATH (env KEYHOLE_SOCKET), --json,
 - Values: 1 byte to `max_value_bytes` (1 MiB by default).
 - Errors are one line on stderr and never contain a value; the [exit
   status](../troubleshooting.md#exit-status) says what kind.
+- `keyhole diff` exits **10** when the broker differs from the file (what
+  `apply` would change is printed), 0 when it matches, and 1-7 on errors
+  only: CI tells drift from failure. A scoped admin's call outside its
+  roles exits 4 (see [Teams](../teams.md)).
 - The CLI waits up to 5 s for a broker that is starting, restarting or
   handing over, and repeats a read cut off by a handover; a change cut off
   mid-call is not repeated — it exits 5 saying the change may or may not

@@ -102,6 +102,19 @@ event_kinds! {
     AuditRead = "audit_read",
     /// `audit --verify`.
     AuditVerify = "audit_verify",
+    // Teams.
+    /// `role add`.
+    RoleAdd = "role_add",
+    /// `role ls`.
+    RoleLs = "role_ls",
+    /// `role rm`.
+    RoleRm = "role_rm",
+    /// `apply -f`.
+    Apply = "apply",
+    /// `diff -f`.
+    Diff = "diff",
+    /// `export`.
+    Export = "export",
     // Containers and Docker.
     /// A `grant --notify` signal sent after a rotation.
     Notify = "notify",

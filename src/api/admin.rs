@@ -15,10 +15,17 @@ use crate::audit::{Event, EventKind};
 use crate::backend::VersionMeta;
 use crate::broker::{Broker, GrantRequest, NewValue};
 use crate::identity::Identity;
+use crate::policy::roles::{Need, Scope, Verb};
 use crate::policy::{Grant, Workload, admin};
 use crate::secret::{SecretBytes, SecretPath, validate_prefix};
 
 pub struct AdminService(pub Arc<Broker>);
+
+/// An authorized caller: who it is, and what it may do.
+pub(crate) struct Caller {
+    pub id: Identity,
+    pub scope: Scope,
+}
 
 type Reply<T> = Result<Response<T>, Status>;
 
@@ -66,11 +73,35 @@ fn backend_status(v: &crate::backend::vault::VaultBackend) -> pb::BackendStatus 
 }
 
 impl AdminService {
-    /// Attest the caller and require an admin. A refusal is audited.
-    async fn authorize<T>(&self, req: &Request<T>, method: &'static str) -> Result<Identity, ApiError> {
-        if let Some(certs) = req.peer_certs() {
-            return self.authorize_remote(req, &certs, method);
+    /// Attest the caller, require an admin, and decide `need` against its
+    /// scope: a full admin may do anything; a scoped admin (some role
+    /// names it) what its roles allow (see [`crate::policy::roles`]). The
+    /// one authorization of every Admin call. A refusal is audited, with
+    /// the caller's roles and what they lacked.
+    pub(super) async fn authorize<T>(
+        &self,
+        req: &Request<T>,
+        method: &'static str,
+        need: Need<'_>,
+    ) -> Result<Caller, ApiError> {
+        let (id, scope) = if let Some(certs) = req.peer_certs() {
+            self.authorize_remote(req, &certs, method)?
+        } else {
+            self.authorize_local(req, method).await?
+        };
+        if let Err(lack) = scope.check(need) {
+            let reason = format!("role {}: {}", lack.roles, lack.lacked);
+            self.0.audit().deny(
+                &crate::limits::deny_key(&id),
+                &Event { method: Some(method), caller: Some(&id), reason: Some(&reason), ..Event::new(EventKind::Deny) },
+            )?;
+            return Err(ApiError::PermissionDenied(format!("{method}: {}", lack)));
         }
+        Ok(Caller { id, scope })
+    }
+
+    /// A local caller: a full admin, or a scoped one.
+    async fn authorize_local<T>(&self, req: &Request<T>, method: &'static str) -> Result<(Identity, Scope), ApiError> {
         let peer = peer_of(req)?;
         let audit = self.0.audit();
         let attestor = self.0.attestor().clone();
@@ -81,8 +112,11 @@ impl AdminService {
             self.0.allow_call(id, method)?;
         }
         match attested {
-            Ok(id) if id.admin => Ok(id),
+            Ok(id) if id.admin => Ok((id, Scope::Full)),
             Ok(id) => {
+                if let Some(scope) = self.0.roles().scope_of(&super::caller_facts(&id)) {
+                    return Ok((id, scope));
+                }
                 audit.deny(
                     &crate::limits::deny_key(&id),
                     &Event {
@@ -114,18 +148,22 @@ impl AdminService {
         }
     }
 
-    /// A remote client, already through mutual TLS: an admin if its
-    /// certificate's subject is listed. A refusal is audited.
+    /// A remote client, already through mutual TLS: a full admin if its
+    /// certificate's subject is listed, a scoped one if a role names it.
+    /// A refusal is audited.
     fn authorize_remote<T>(
         &self,
         req: &Request<T>,
         certs: &[tonic::transport::CertificateDer<'static>],
         method: &'static str,
-    ) -> Result<Identity, ApiError> {
+    ) -> Result<(Identity, Scope), ApiError> {
         let id = admin::decided(remote::caller(Some(certs), req.remote_addr()), &self.0.config().admin);
         self.0.allow_call(&id, method)?;
         if id.admin {
-            return Ok(id);
+            return Ok((id, Scope::Full));
+        }
+        if let Some(scope) = self.0.roles().scope_of(&super::caller_facts(&id)) {
+            return Ok((id, scope));
         }
         let shown = id.remote.as_ref().map(crate::identity::Remote::subject_shown).unwrap_or_default();
         self.0.audit().deny(
@@ -145,7 +183,7 @@ impl AdminService {
     /// Run a broker operation (which stores, updates the mounts,
     /// announces and audits; see `crate::broker::ops`) off the async
     /// workers.
-    async fn op<T: Send + 'static>(
+    pub(super) async fn op<T: Send + 'static>(
         &self,
         op: impl FnOnce(&Broker) -> Result<T, ApiError> + Send + 'static,
     ) -> Result<T, ApiError> {
@@ -156,7 +194,7 @@ impl AdminService {
     /// Run a read off the async workers and audit its outcome as `event`:
     /// with the version it reports on success, with the error otherwise.
     /// If the audit line cannot be written, the call fails.
-    async fn audited<T: Send + 'static>(
+    pub(super) async fn audited<T: Send + 'static>(
         &self,
         id: Identity,
         event: EventKind,
@@ -199,7 +237,7 @@ impl AdminService {
 #[tonic::async_trait]
 impl admin_server::Admin for AdminService {
     async fn put_secret(&self, req: Request<pb::PutSecretRequest>) -> Reply<pb::SecretVersion> {
-        let id = self.authorize(&req, "PutSecret").await?;
+        let Caller { id, .. } = self.authorize(&req, "PutSecret", Need::Path(Verb::Write, &req.get_ref().path)).await?;
         let r = req.into_inner();
         let rotate = match pb::PutMode::try_from(r.mode) {
             Ok(pb::PutMode::Rotate) => true,
@@ -217,7 +255,7 @@ impl admin_server::Admin for AdminService {
     }
 
     async fn get_secret(&self, req: Request<pb::GetSecretRequest>) -> Reply<pb::GetSecretResponse> {
-        let id = self.authorize(&req, "GetSecret").await?;
+        let Caller { id, .. } = self.authorize(&req, "GetSecret", Need::Path(Verb::Read, &req.get_ref().path)).await?;
         let pb::GetSecretRequest { path, version } = req.into_inner();
         let reply = self
             .audited(id, EventKind::Get, Some(path.clone()), move |b| {
@@ -234,21 +272,23 @@ impl admin_server::Admin for AdminService {
     }
 
     async fn list_secrets(&self, req: Request<pb::ListSecretsRequest>) -> Reply<pb::ListSecretsResponse> {
-        let id = self.authorize(&req, "ListSecrets").await?;
+        let Caller { id, scope } = self.authorize(&req, "ListSecrets", Need::Verb(Verb::Read)).await?;
         let prefix = req.into_inner().prefix;
         let shown = (!prefix.is_empty()).then(|| prefix.clone());
         let secrets = self
             .audited(id, EventKind::Ls, shown, move |b| {
                 validate_prefix(&prefix)?;
                 let list = b.list_secrets(&prefix)?;
-                Ok((list.into_iter().map(|(p, m)| version_pb(&p, m)).collect(), None))
+                let mine = list.into_iter().filter(|(p, _)| scope.covers_path(Verb::Read, p));
+                Ok((mine.map(|(p, m)| version_pb(&p, m)).collect(), None))
             })
             .await?;
         Ok(Response::new(pb::ListSecretsResponse { secrets }))
     }
 
     async fn secret_history(&self, req: Request<pb::SecretHistoryRequest>) -> Reply<pb::SecretHistoryResponse> {
-        let id = self.authorize(&req, "SecretHistory").await?;
+        let Caller { id, .. } =
+            self.authorize(&req, "SecretHistory", Need::Path(Verb::Read, &req.get_ref().path)).await?;
         let path = req.into_inner().path;
         let versions = self
             .audited(id, EventKind::History, Some(path.clone()), move |b| {
@@ -261,7 +301,8 @@ impl admin_server::Admin for AdminService {
     }
 
     async fn delete_secret(&self, req: Request<pb::DeleteSecretRequest>) -> Reply<pb::DeleteSecretResponse> {
-        let id = self.authorize(&req, "DeleteSecret").await?;
+        let Caller { id, .. } =
+            self.authorize(&req, "DeleteSecret", Need::Path(Verb::Write, &req.get_ref().path)).await?;
         let path = req.into_inner().path;
         let removed = self.op(move |b| b.remove(&id, &path)).await?;
         Ok(Response::new(pb::DeleteSecretResponse { versions_removed: removed as u32 }))
@@ -272,7 +313,7 @@ impl admin_server::Admin for AdminService {
     }
 
     async fn status(&self, req: Request<pb::StatusRequest>) -> Reply<pb::StatusResponse> {
-        let id = self.authorize(&req, "Status").await?;
+        let Caller { id, .. } = self.authorize(&req, "Status", Need::FullAdmin).await?;
         let reply = self
             .audited(id, EventKind::Status, None, |b| {
                 let (buffers, locked) = SecretBytes::counts();
@@ -301,7 +342,7 @@ impl admin_server::Admin for AdminService {
     type AuditLogStream = ReceiverStream<Result<pb::AuditLine, Status>>;
 
     async fn audit_log(&self, req: Request<pb::AuditLogRequest>) -> Reply<Self::AuditLogStream> {
-        let id = self.authorize(&req, "AuditLog").await?;
+        let Caller { id, .. } = self.authorize(&req, "AuditLog", Need::Verb(Verb::Audit)).await?;
         let follow = req.into_inner().follow;
         let (lines, mut seen, mut rx) =
             self.audited(id, EventKind::AuditRead, None, |b| Ok((b.audit().subscribe(), None))).await?;
@@ -343,7 +384,7 @@ impl admin_server::Admin for AdminService {
     }
 
     async fn audit_verify(&self, req: Request<pb::AuditVerifyRequest>) -> Reply<pb::AuditVerifyResponse> {
-        let id = self.authorize(&req, "AuditVerify").await?;
+        let Caller { id, .. } = self.authorize(&req, "AuditVerify", Need::Verb(Verb::Audit)).await?;
         let b = self.0.clone();
         let reply = blocking(move || {
             let checked = b.audit().verify();
@@ -364,31 +405,36 @@ impl admin_server::Admin for AdminService {
     }
 
     async fn add_workload(&self, req: Request<pb::WorkloadSpec>) -> Reply<pb::WorkloadSpec> {
-        let id = self.authorize(&req, "AddWorkload").await?;
+        let r = req.get_ref();
+        let need = Need::Workload(Verb::Workload, &r.name, Some(&r.selectors));
+        let Caller { id, .. } = self.authorize(&req, "AddWorkload", need).await?;
         let spec = req.into_inner();
         let w = self.op(move |b| b.add_workload(&id, &spec.name, &spec.selectors)).await?;
         Ok(Response::new(workload_pb(&w)))
     }
 
     async fn list_workloads(&self, req: Request<pb::ListWorkloadsRequest>) -> Reply<pb::ListWorkloadsResponse> {
-        let id = self.authorize(&req, "ListWorkloads").await?;
+        let Caller { id, scope } = self.authorize(&req, "ListWorkloads", Need::AnyRole).await?;
         let workloads = self
-            .audited(id, EventKind::WorkloadLs, None, |b| {
-                Ok((b.list_workloads()?.iter().map(workload_pb).collect(), None))
+            .audited(id, EventKind::WorkloadLs, None, move |b| {
+                let all = b.list_workloads()?;
+                Ok((all.iter().filter(|w| scope.sees_workload(&w.name)).map(workload_pb).collect(), None))
             })
             .await?;
         Ok(Response::new(pb::ListWorkloadsResponse { workloads }))
     }
 
     async fn remove_workload(&self, req: Request<pb::RemoveWorkloadRequest>) -> Reply<pb::RemoveWorkloadResponse> {
-        let id = self.authorize(&req, "RemoveWorkload").await?;
+        let need = Need::Workload(Verb::Workload, &req.get_ref().name, None);
+        let Caller { id, .. } = self.authorize(&req, "RemoveWorkload", need).await?;
         let name = req.into_inner().name;
         let removed = self.op(move |b| b.remove_workload(&id, &name)).await?;
         Ok(Response::new(pb::RemoveWorkloadResponse { grants_removed: removed as u32 }))
     }
 
     async fn grant(&self, req: Request<pb::GrantSpec>) -> Reply<pb::GrantSpec> {
-        let id = self.authorize(&req, "Grant").await?;
+        let need = Need::Grant(Verb::Grant, &req.get_ref().secret, &req.get_ref().workload);
+        let Caller { id, .. } = self.authorize(&req, "Grant", need).await?;
         let g = req.into_inner();
         let asked = GrantRequest {
             secret: g.secret,
@@ -404,36 +450,56 @@ impl admin_server::Admin for AdminService {
     }
 
     async fn revoke(&self, req: Request<pb::RevokeRequest>) -> Reply<pb::RevokeResponse> {
-        let id = self.authorize(&req, "Revoke").await?;
+        let need = Need::Grant(Verb::Grant, &req.get_ref().secret, &req.get_ref().workload);
+        let Caller { id, .. } = self.authorize(&req, "Revoke", need).await?;
         let r = req.into_inner();
         self.op(move |b| b.revoke(&id, &r.workload, &r.secret)).await?;
         Ok(Response::new(pb::RevokeResponse {}))
     }
 
     async fn list_grants(&self, req: Request<pb::ListGrantsRequest>) -> Reply<pb::ListGrantsResponse> {
-        let id = self.authorize(&req, "ListGrants").await?;
+        let Caller { id, scope } = self.authorize(&req, "ListGrants", Need::AnyRole).await?;
         let w = req.into_inner().workload;
         let grants = self
             .audited(id, EventKind::Grants, None, move |b| {
                 let only = (!w.is_empty()).then_some(w.as_str());
-                Ok((b.list_grants(only)?.iter().map(grant_pb).collect(), None))
+                let all = b.list_grants(only)?;
+                Ok((all.iter().filter(|g| scope.sees_workload(&g.workload)).map(grant_pb).collect(), None))
             })
             .await?;
         Ok(Response::new(pb::ListGrantsResponse { grants }))
     }
 
     async fn list_mounts(&self, req: Request<pb::ListMountsRequest>) -> Reply<pb::ListMountsResponse> {
-        let id = self.authorize(&req, "ListMounts").await?;
+        let Caller { id, scope } = self.authorize(&req, "ListMounts", Need::AnyRole).await?;
         let mounts = self
-            .audited(id, EventKind::Mounts, None, |b| {
-                let list = b.list_mounts().into_iter().map(|m| pb::MountEntry {
-                    workload: m.workload,
-                    path: m.path.display().to_string(),
-                    files: m.files,
+            .audited(id, EventKind::Mounts, None, move |b| {
+                let list = b.list_mounts().into_iter().filter(|m| scope.sees_workload(&m.workload)).map(|m| {
+                    pb::MountEntry { workload: m.workload, path: m.path.display().to_string(), files: m.files }
                 });
                 Ok((list.collect(), None))
             })
             .await?;
         Ok(Response::new(pb::ListMountsResponse { mounts }))
+    }
+
+    async fn add_role(&self, req: Request<pb::RoleSpec>) -> Reply<pb::RoleSpec> {
+        super::roles::add_role(self, req).await
+    }
+
+    async fn list_roles(&self, req: Request<pb::ListRolesRequest>) -> Reply<pb::ListRolesResponse> {
+        super::roles::list_roles(self, req).await
+    }
+
+    async fn remove_role(&self, req: Request<pb::RemoveRoleRequest>) -> Reply<pb::RemoveRoleResponse> {
+        super::roles::remove_role(self, req).await
+    }
+
+    async fn apply_policy(&self, req: Request<pb::ApplyPolicyRequest>) -> Reply<pb::ApplyPolicyResponse> {
+        super::roles::apply_policy(self, req).await
+    }
+
+    async fn export_policy(&self, req: Request<pb::ExportPolicyRequest>) -> Reply<pb::ExportPolicyResponse> {
+        super::roles::export_policy(self, req).await
     }
 }

@@ -14,6 +14,7 @@ pub mod listen;
 pub mod peer;
 mod redact;
 pub mod remote;
+pub mod roles;
 pub mod strangers;
 pub mod workload;
 
@@ -88,6 +89,17 @@ async fn blocking_bounded<T: Send + 'static>(
     static SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(strangers::BLOCKING);
     let _slot = SLOTS.acquire().await.map_err(|e| ApiError::Internal(format!("blocking slots: {e}")))?;
     blocking(f).await
+}
+
+/// The facts about a caller that role principals match.
+pub(crate) fn caller_facts(id: &Identity) -> crate::policy::roles::Caller<'_> {
+    crate::policy::roles::Caller {
+        uid: id.uid,
+        gid: id.gid,
+        groups: &id.groups,
+        host: id.host && id.remote.is_none(),
+        subject: id.remote.as_ref().and_then(|r| r.subject.as_ref().ok()),
+    }
 }
 
 pub(crate) fn describe(id: &Identity) -> String {

@@ -39,6 +39,7 @@ use crate::audit::AuditLog;
 use crate::config::{AdminPolicy, Limits};
 use crate::identity::{Attestor, Identity, Peer};
 use crate::limits::Refusals;
+use crate::policy::roles::RoleTable;
 
 /// How long a new connection has to send the HTTP/2 client preface.
 pub const PREFACE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -389,6 +390,7 @@ pub fn incoming(
     gate: Arc<Gate>,
     attestor: Arc<Attestor>,
     admin: Arc<AdminPolicy>,
+    roles: Arc<RoleTable>,
 ) -> (Incoming, Incoming) {
     let (admins, admins_rx) = mpsc::channel(16);
     let (strangers, strangers_rx) = mpsc::channel(16);
@@ -403,7 +405,8 @@ pub fn incoming(
                 // Over a limit: closed as it drops.
                 Ok(None) => {}
                 Ok(Some(s)) => {
-                    let route = (gate.clone(), attestor.clone(), admin.clone(), admins.clone(), strangers.clone());
+                    let route =
+                        (gate.clone(), attestor.clone(), admin.clone(), roles.clone(), admins.clone(), strangers.clone());
                     tokio::spawn(classify(s, route));
                 }
                 Err(e) => {
@@ -420,13 +423,14 @@ type Route = (
     Arc<Gate>,
     Arc<Attestor>,
     Arc<AdminPolicy>,
+    Arc<RoleTable>,
     mpsc::Sender<io::Result<PeerStream>>,
     mpsc::Sender<io::Result<PeerStream>>,
 );
 
 /// Attest a new connection's peer and hand the connection to the server
 /// for its kind.
-async fn classify(mut s: PeerStream, (gate, attestor, policy, admins, strangers): Route) {
+async fn classify(mut s: PeerStream, (gate, attestor, policy, roles, admins, strangers): Route) {
     let identity = match gate.classifying.clone().acquire_owned().await {
         Ok(permit) => {
             let peer = s.watch.info.peer.clone();
@@ -438,7 +442,8 @@ async fn classify(mut s: PeerStream, (gate, attestor, policy, admins, strangers)
         }
         Err(_) => None,
     };
-    let admin = identity.as_ref().is_some_and(|id| id.admin);
+    // A full admin, or a scoped one (some role names it).
+    let admin = identity.as_ref().is_some_and(|id| id.admin || roles.any_match(&crate::api::caller_facts(id)));
     if !gate.settle(&mut s.watch.admitted, &s.watch.info.peer, identity.as_ref()) {
         return;
     }

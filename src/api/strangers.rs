@@ -87,7 +87,7 @@ const OPEN_TO_ALL: &str = "/keyhole.v1.Workload/";
 
 /// The Admin service's methods, so an audit line names one only if it is
 /// real (a caller cannot write what it likes into the log).
-const ADMIN_METHODS: [&str; 18] = [
+const ADMIN_METHODS: [&str; 23] = [
     "PutSecret",
     "GetSecret",
     "ListSecrets",
@@ -105,6 +105,11 @@ const ADMIN_METHODS: [&str; 18] = [
     "ListMounts",
     "Ping",
     "WhoAmI",
+    "AddRole",
+    "ListRoles",
+    "RemoveRole",
+    "ApplyPolicy",
+    "ExportPolicy",
     "unknown",
 ];
 
@@ -249,7 +254,7 @@ async fn refuse(broker: &Arc<Broker>, info: Option<ConnInfo>, method: &'static s
             }
         };
         b.allow_call(&id, method)?;
-        if id.admin {
+        if id.admin || b.roles().any_match(&super::caller_facts(&id)) {
             // An admin now, not when it connected (attestation timed out).
             return Err(super::ApiError::PermissionDenied(format!(
                 "{method}: this connection was not attested as an admin's when it was opened; connect again"
@@ -287,7 +292,10 @@ fn unlisted_subject<B>(broker: &Broker, req: &http::Request<B>) -> Option<(Ident
     let certs = tls.and_then(|t| t.peer_certs());
     let id = super::remote::caller(certs.as_deref().map(Vec::as_slice), tls.and_then(|t| t.get_ref().remote_addr()));
     let id = crate::policy::admin::decided(id, &broker.config().admin);
-    (!id.admin).then_some((id, method))
+    // A scoped admin (some role names it): the Admin service checks each
+    // call against its roles.
+    let scoped = broker.roles().any_match(&super::caller_facts(&id));
+    (!id.admin && !scoped).then_some((id, method))
 }
 
 /// As `AdminService` refuses a remote client whose subject is not

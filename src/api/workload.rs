@@ -18,7 +18,7 @@ impl workload_server::Workload for WorkloadService {
     async fn who_am_i(&self, req: Request<WhoAmIRequest>) -> Result<Response<WhoAmIResponse>, Status> {
         let peer = peer_of(&req)?;
         let b = self.0.clone();
-        let (id, workloads) = blocking_bounded(move || {
+        let (id, workloads, roles) = blocking_bounded(move || {
             let id = b.attestor().attest(&peer).map(|id| crate::policy::admin::decided(id, &b.config().admin));
             let id = id.inspect_err(|e| {
                 // Someone spoke on a connection whose process is gone, or
@@ -36,7 +36,9 @@ impl workload_server::Workload for WorkloadService {
             b.allow_call(&id, "WhoAmI")?;
             let all = b.list_workloads()?;
             let names = all.into_iter().filter(|w| w.matches(&id)).map(|w| w.name).collect::<Vec<_>>();
-            Ok((id, names))
+            let facts = super::caller_facts(&id);
+            let roles = b.roles().get().iter().filter(|r| r.matches(&facts)).map(|r| r.name.clone()).collect();
+            Ok((id, names, roles))
         })
         .await?;
         Ok(Response::new(WhoAmIResponse {
@@ -49,6 +51,7 @@ impl workload_server::Workload for WorkloadService {
             container_id: id.container_id.unwrap_or_default(),
             host_process: id.host,
             admin: id.admin,
+            roles,
         }))
     }
 }

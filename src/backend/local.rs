@@ -12,6 +12,7 @@
 //! | `workloads` | name | sealed JSON workload; AAD `keyhole/v1/workload\0<name>` |
 //! | `grants` | (workload, target) | sealed JSON grant; AAD `keyhole/v1/grant\0<workload>\0<target>` |
 //! | `volumes`, `volume_mounts` | name, mount id | sealed JSON; AAD `keyhole/v1/<table>\0<key>` |
+//! | `meta` `role:<name>` | role name | sealed JSON role; AAD `keyhole/v1/role\0<name>` (see `policy_txn`) |
 //! | `backend_cache` | path | a value fetched from Vault: sealed version, time, bytes; AAD `keyhole/v1/cache\0<path>` |
 //!
 //! Everything a reader acts on is authenticated: a record edited, or
@@ -42,6 +43,8 @@
 //! a 0.1 store (`... v1`, no manifest) is upgraded once at open.
 #![forbid(unsafe_code)]
 
+mod policy_txn;
+
 use std::path::Path;
 
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, TableHandle};
@@ -50,6 +53,8 @@ use super::VersionMeta;
 use crate::crypto::{CryptoError, MasterKey, Sealer};
 use crate::policy::{Grant, Workload};
 use crate::secret::{SecretBytes, SecretPath};
+
+pub use policy_txn::PolicyChange;
 
 const VALUES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("values");
 const HEADS: TableDefinition<&str, &[u8]> = TableDefinition::new("heads");

@@ -16,6 +16,7 @@
 
 mod error;
 mod ops;
+mod policy_ops;
 mod private;
 mod secrets;
 mod services;
@@ -91,6 +92,10 @@ pub struct Broker {
     refusals: crate::limits::Refusals,
     /// Peers refused on `takeover.sock` (audited at most once a second).
     takeover_refusals: takeover::RefusalLog,
+    /// The roles in force (scoped admins), as the store holds them.
+    roles: Arc<crate::policy::roles::RoleTable>,
+    /// Serializes policy changes (see `policy_ops`).
+    policy_lock: std::sync::Mutex<()>,
 }
 
 /// Reads of the broker's state, for the services. Nothing here changes
@@ -106,6 +111,11 @@ impl Broker {
 
     pub fn attestor(&self) -> &Arc<Attestor> {
         &self.attestor
+    }
+
+    /// The roles in force (scoped admins).
+    pub fn roles(&self) -> &Arc<crate::policy::roles::RoleTable> {
+        &self.roles
     }
 
     /// The Docker Engine cache, if there is a Docker socket.
@@ -330,7 +340,10 @@ impl Broker {
             admin_calls: crate::limits::PerCaller::new(config_admin_calls),
             refusals: crate::limits::Refusals::default(),
             takeover_refusals: takeover::RefusalLog::default(),
+            roles: Arc::default(),
+            policy_lock: std::sync::Mutex::new(()),
         };
+        broker.roles.set(broker.store.roles()?);
         if let Some(a) = adopt {
             broker.mounts.adopt(&broker, a.mounts, a.next_ino)?;
         }

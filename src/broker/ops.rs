@@ -225,17 +225,26 @@ impl Broker {
         if t.everything {
             let started = Instant::now();
             self.propagated(started, self.mounts.sync(self));
-            return;
         }
         if !t.secrets.is_empty() {
             let started = Instant::now();
             self.propagated(started, self.mounts.secret_changed(self, &t.secrets));
+        }
+        if t.everything {
+            return;
         }
         let mut seen = BTreeSet::new();
         for w in t.workloads.iter().filter(|w| seen.insert(w.as_str())) {
             let started = Instant::now();
             self.propagated(started, self.mounts.workload_changed(self, w));
         }
+    }
+
+    /// A change that may touch any mount (a policy file applied): every
+    /// mount brought up to date, then those showing `secrets` (values
+    /// fetched for new grants).
+    pub(super) fn everything_changed(&self, secrets: Vec<String>) {
+        self.update_mounts(&Touched { secrets, workloads: Vec::new(), everything: true });
     }
 
     fn propagated(&self, started: Instant, outcome: anyhow::Result<Vec<crate::fs::Notice>>) {
@@ -357,6 +366,7 @@ impl Broker {
     pub fn add_workload(&self, by: &Identity, name: &str, selectors: &[String]) -> Result<Workload, BrokerError> {
         self.write(Audit::by(by, EventKind::WorkloadAdd), |b| {
             let w = Workload::new(name, selectors)?;
+            let _serial = b.policy_serial();
             b.store.add_workload(&w)?;
             let name = w.name.clone();
             Ok(Done::new(w).workload(name))
@@ -366,6 +376,7 @@ impl Broker {
     /// `workload rm`, with its grants; returns how many grants went.
     pub fn remove_workload(&self, by: &Identity, name: &str) -> Result<usize, BrokerError> {
         self.write(Audit::by(by, EventKind::WorkloadRm), |b| {
+            let _serial = b.policy_serial();
             let n = b.store.remove_workload(name)?;
             Ok(Done::new(n).workload(name))
         })
@@ -376,6 +387,8 @@ impl Broker {
     pub fn grant(&self, by: &Identity, req: &GrantRequest) -> Result<Grant, BrokerError> {
         self.write(Audit::by(by, EventKind::Grant).workload(&req.workload).path(&req.secret), |b| {
             let grant = req.parse()?;
+            // The clash check and the write, with no other policy change between.
+            let _serial = b.policy_serial();
             let existing = b.store.grants(Some(&grant.workload))?;
             crate::policy::check_file_clash(&existing, &grant)?;
             b.store.put_grant(&grant)?;
@@ -390,6 +403,7 @@ impl Broker {
         self.write(Audit::by(by, EventKind::Revoke).workload(workload).path(secret), |b| {
             // Normalize through the parser so `db/*` and friends match.
             let target = Target::parse(secret)?;
+            let _serial = b.policy_serial();
             b.store.remove_grant(workload, &target.to_string())?;
             Ok(Done::new(()).workload(workload))
         })

@@ -104,6 +104,7 @@ pub async fn whoami(socket: &Target, json: bool) -> anyhow::Result<()> {
             "selectors": w.selectors,
             "workloads": w.workloads,
             "container_name": (!w.container_name.is_empty()).then_some(&w.container_name),
+            "roles": w.roles,
         }));
         return Ok(());
     }
@@ -116,7 +117,11 @@ pub async fn whoami(socket: &Target, json: bool) -> anyhow::Result<()> {
     if !w.container_name.is_empty() {
         println!("container name: {}", w.container_name);
     }
-    println!("admin: {}", if w.admin { "yes" } else { "no" });
+    match (w.admin, w.roles.as_slice()) {
+        (true, _) => println!("admin: yes"),
+        (false, []) => println!("admin: no"),
+        (false, roles) => println!("admin: scoped, roles {}", roles.join(", ")),
+    }
     match w.workloads.as_slice() {
         [] => println!("workloads: none match"),
         names => println!("workloads: {}", names.join(", ")),

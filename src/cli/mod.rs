@@ -5,6 +5,7 @@ mod client;
 mod doctor;
 mod inspect;
 mod policy;
+mod roles;
 mod secret;
 
 use std::path::PathBuf;
@@ -27,7 +28,8 @@ Exit status:
   5  unavailable: the broker (not running, socket unreachable), a backend,
      or too many calls from this caller ([limits])
   6  integrity failure: a tampered store record or audit log
-  7  conflict: it changed meanwhile (--if-version, check-and-set), or exists already";
+  7  conflict: it changed meanwhile (--if-version, check-and-set), or exists already
+ 10  `keyhole diff` only: the broker differs from the file (not an error)";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -126,6 +128,32 @@ same secret to the same workload replaces the earlier one.")]
 
     /// List the live mounts and the files each shows
     Mounts,
+
+    /// Add, list and remove roles: admins scoped to secret paths and
+    /// workloads (full admins only)
+    #[command(subcommand)]
+    Role(roles::RoleCmd),
+
+    /// Make the broker's workloads, grants and roles what a policy file says
+    #[command(after_help = "One transaction and one update of the mounts: every item is checked (and,
+for a scoped admin, must be within its roles) before anything changes; an
+invalid file changes nothing and names its line. Without --prune nothing
+the file does not name is removed. Names only: a file never holds a value.
+
+Examples:
+  keyhole diff -f policy.toml && keyhole apply -f policy.toml
+  keyhole export > policy.toml
+  keyhole apply -f policy.toml --prune")]
+    Apply(roles::ApplyArgs),
+
+    /// Print what `apply` would change; exit 0 if nothing, 10 if something
+    #[command(after_help = "Exit status: 0 when the broker matches the file, 10 when apply would change
+something (drift, not an error), and the usual codes (1-7) on errors.
+With --prune, what apply --prune would remove is listed too (lines with -).")]
+    Diff(roles::ApplyArgs),
+
+    /// Print the current policy (roles, workloads, grants) as a policy file
+    Export,
 
     /// Show the broker's state (admin)
     Status,
@@ -391,6 +419,10 @@ async fn dispatch(command: Command, target: Option<client::Target>, json: bool) 
         Command::Revoke { secret, from } => policy::revoke(secret, from, admin_socket(), json).await,
         Command::Grants { workload } => policy::grants(workload, admin_socket(), json).await,
         Command::Mounts => policy::mounts(admin_socket(), json).await,
+        Command::Role(cmd) => roles::role(cmd, admin_socket(), json).await,
+        Command::Apply(args) => roles::apply(args, false, admin_socket(), json).await,
+        Command::Diff(args) => roles::apply(args, true, admin_socket(), json).await,
+        Command::Export => roles::export(admin_socket(), json).await,
         Command::Status => inspect::status(admin_socket(), json).await,
         Command::Audit(args) => inspect::audit(args, admin_socket(), json).await,
     }

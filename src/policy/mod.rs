@@ -11,6 +11,9 @@
 //! and owner.
 #![forbid(unsafe_code)]
 
+pub mod file;
+pub mod roles;
+
 use std::collections::BTreeMap;
 use std::fmt;
 

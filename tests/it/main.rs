@@ -26,5 +26,6 @@ mod strangers;
 mod takeover;
 mod takeover_auth;
 mod tamper;
+mod teams;
 mod vault;
 mod writes;
