@@ -117,7 +117,7 @@ fn each_team_admin_is_allowed_in_its_corner_and_refused_outside_it() {
     assert_fails(&as_uid(&b, A, &["secret", "get", "a/db"]), 4, "needs an admin caller");
     let ls = String::from_utf8(b.ok(&["role", "ls"])).unwrap();
     assert!(ls.contains("team-b") && !ls.contains("team-a"), "{ls}");
-    assert_eq!(b.audit_events("role_rm").pop().unwrap()["reason"], "team-a");
+    assert_eq!(b.audit_events("role_rm").pop().unwrap()["path"], "team-a");
     b.assert_never_leaked(&[b"team-a-db-value-7f1e", b"team-b-db-value-90c2"]);
 }
 
