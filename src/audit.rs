@@ -61,6 +61,9 @@ pub struct Event<'a> {
     pub first: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last: Option<&'a str>,
+    /// A template's file: every input its render read, as `path@version`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub inputs: Option<&'a [String]>,
 }
 
 impl<'a> Event<'a> {
@@ -78,6 +81,7 @@ impl<'a> Event<'a> {
             files: None,
             first: None,
             last: None,
+            inputs: None,
         }
     }
 }

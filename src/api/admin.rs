@@ -31,8 +31,10 @@ fn workload_pb(w: &Workload) -> pb::WorkloadSpec {
 }
 
 fn grant_pb(g: &Grant) -> pb::GrantSpec {
+    let template = crate::broker::templates::template_of(&g.target).unwrap_or_default().to_owned();
     pb::GrantSpec {
-        secret: g.target.to_string(),
+        secret: if template.is_empty() { g.target.to_string() } else { String::new() },
+        template,
         workload: g.workload.clone(),
         file: g.file.clone().unwrap_or_default(),
         mode: g.mode,
@@ -66,7 +68,8 @@ fn backend_status(v: &crate::backend::vault::VaultBackend) -> pb::BackendStatus 
 }
 
 /// A grant as a caller sent it, checked (empty fields: the defaults).
-pub fn grant_from_pb(g: pb::GrantSpec) -> Result<Grant, crate::policy::PolicyError> {
+pub fn grant_from_pb(mut g: pb::GrantSpec) -> Result<Grant, crate::policy::PolicyError> {
+    super::templates::template_target(&mut g)?;
     let file = (!g.file.is_empty()).then_some(g.file);
     let mode = (g.mode != 0).then_some(g.mode);
     let notify = (!g.notify.is_empty()).then_some(g.notify.as_str());
@@ -433,10 +436,11 @@ impl admin_server::Admin for AdminService {
     async fn grant(&self, req: Request<pb::GrantSpec>) -> Reply<pb::GrantSpec> {
         let id = self.authorize(&req, "Grant").await?;
         let g = req.into_inner();
-        let path = g.secret.clone();
+        let path = super::templates::shown_path(&g);
         let reply = self
             .audited_for(id, "grant", Some(g.workload.clone()), Some(path), move |b| {
                 let grant = grant_from_pb(g).map_err(ApiError::from)?;
+                b.check_template_grant(&grant)?;
                 let existing = b.store.grants(Some(&grant.workload))?;
                 crate::policy::check_file_clash(&existing, &grant).map_err(ApiError::from)?;
                 b.store.put_grant(&grant)?;
@@ -489,5 +493,51 @@ impl admin_server::Admin for AdminService {
             })
             .await?;
         Ok(Response::new(pb::ListMountsResponse { mounts }))
+    }
+
+    async fn put_template(&self, req: Request<pb::PutTemplateRequest>) -> Reply<pb::TemplateVersion> {
+        let id = self.authorize(&req, "PutTemplate").await?;
+        let r = req.into_inner();
+        let broker = self.0.clone();
+        let reply = self
+            .audited(id, "template_put", Some(r.name.clone()), move |_| {
+                let t = broker.put_template(&r.name, &r.source, now_ms())?;
+                Ok((super::templates::version_pb(&r.name, &t), Some(t.version)))
+            })
+            .await?;
+        Ok(Response::new(reply))
+    }
+
+    async fn get_template(&self, req: Request<pb::GetTemplateRequest>) -> Reply<pb::GetTemplateResponse> {
+        let id = self.authorize(&req, "GetTemplate").await?;
+        let r = req.into_inner();
+        let reply = self
+            .audited(id, "template_get", Some(r.name.clone()), move |b| {
+                let t = b.get_template(&r.name, (r.version != 0).then_some(r.version))?;
+                let meta = super::templates::version_pb(&r.name, &t);
+                Ok((pb::GetTemplateResponse { meta: Some(meta), source: t.source }, Some(t.version)))
+            })
+            .await?;
+        Ok(Response::new(reply))
+    }
+
+    async fn list_templates(&self, req: Request<pb::ListTemplatesRequest>) -> Reply<pb::ListTemplatesResponse> {
+        let id = self.authorize(&req, "ListTemplates").await?;
+        let templates = self
+            .audited(id, "template_ls", None, |b| {
+                let all = b.list_templates()?;
+                Ok((all.iter().map(|(n, t)| super::templates::version_pb(n, t)).collect(), None))
+            })
+            .await?;
+        Ok(Response::new(pb::ListTemplatesResponse { templates }))
+    }
+
+    async fn delete_template(&self, req: Request<pb::DeleteTemplateRequest>) -> Reply<pb::DeleteTemplateResponse> {
+        let id = self.authorize(&req, "DeleteTemplate").await?;
+        let name = req.into_inner().name;
+        let removed = self
+            .audited(id, "template_rm", Some(name.clone()), move |b| Ok((b.delete_template(&name)? as u32, None)))
+            .await?;
+        Ok(Response::new(pb::DeleteTemplateResponse { versions_removed: removed }))
     }
 }

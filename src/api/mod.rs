@@ -15,6 +15,7 @@ pub mod peer;
 mod redact;
 pub mod remote;
 pub mod strangers;
+pub mod templates;
 pub mod workload;
 
 #[allow(clippy::all, missing_docs)]

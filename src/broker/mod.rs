@@ -6,6 +6,7 @@
 
 mod secrets;
 mod systemd;
+pub mod templates;
 pub mod takeover;
 
 use std::fs::{self, OpenOptions};
@@ -78,6 +79,8 @@ pub struct Broker {
     pub refusals: crate::limits::Refusals,
     /// Peers refused on `takeover.sock` (audited at most once a second).
     pub takeover_refusals: takeover::RefusalLog,
+    /// Template renders and which templates read which secret.
+    pub templates: templates::TemplateState,
 }
 
 /// Why a file or directory is not private to this process, if it is not.
@@ -386,6 +389,7 @@ impl Broker {
             admin_calls: crate::limits::PerCaller::new(config_admin_calls),
             refusals: crate::limits::Refusals::default(),
             takeover_refusals: takeover::RefusalLog::default(),
+            templates: Default::default(),
         };
         if let Some(a) = adopt {
             broker.mounts.adopt(&broker, a.mounts, a.next_ino)?;
@@ -406,7 +410,8 @@ impl Broker {
     /// news): update only the mounts that show one of `paths`.
     pub fn secret_changed(&self, paths: &[String]) {
         let started = Instant::now();
-        self.propagated(started, self.mounts.secret_changed(self, paths));
+        let paths = self.with_templates(paths);
+        self.propagated(started, self.mounts.secret_changed(self, &paths));
     }
 
     /// After a change of one workload's policy (workload added or

@@ -158,6 +158,10 @@ impl Catalog for Broker {
     }
 
     fn covered(&self, target: &Target) -> anyhow::Result<Vec<(String, VersionMeta)>> {
+        if super::templates::template_of(target).is_some() {
+            let (Target::Exact(p) | Target::Prefix(p)) = target;
+            return Ok(self.template_meta(p.as_str())?.map(|m| (p.to_string(), m)).into_iter().collect());
+        }
         let (Target::Exact(p) | Target::Prefix(p)) = target;
         let Some((v, _)) = self.vault_for(p.as_str()) else {
             return Ok(self
@@ -182,6 +186,9 @@ impl Catalog for Broker {
     }
 
     fn current(&self, path: &str) -> anyhow::Result<Option<VersionMeta>> {
+        if path.starts_with(crate::secret::TEMPLATE_PREFIX) {
+            return self.template_meta(path);
+        }
         if let Some((v, _)) = self.vault_for(path) {
             return Ok(v.cached(path).map(|c| c.meta));
         }
@@ -201,14 +208,18 @@ impl Catalog for Broker {
     }
 
     fn load(&self, path: &str, meta: &VersionMeta) -> anyhow::Result<Loaded> {
+        if path.starts_with(crate::secret::TEMPLATE_PREFIX) {
+            return self.template_load(path, meta);
+        }
         match self.vault_for(path) {
             Some((v, _)) => Ok(Loaded {
                 value: v.cached(path).filter(|c| c.meta.version == meta.version).map(|c| c.value),
                 health: Some(v.health.clone()),
+                template: None,
             }),
             None => {
                 let (_, value) = self.store.get(&SecretPath::parse(path)?, Some(meta.version))?;
-                Ok(Loaded { value: Some(Arc::new(value)), health: None })
+                Ok(Loaded { value: Some(Arc::new(value)), health: None, template: None })
             }
         }
     }
@@ -246,7 +257,8 @@ pub async fn watch_backend(broker: Arc<Broker>, v: Arc<VaultBackend>) {
         }
         if logged_in {
             let b = broker.clone();
-            let targets = tokio::task::spawn_blocking(move || b.store.grants(None)).await;
+            let targets =
+                tokio::task::spawn_blocking(move || b.store.grants(None).map(|g| b.with_template_inputs(g))).await;
             let (exact, prefixes) = match targets {
                 Ok(Ok(grants)) => split_targets(&v, &grants),
                 _ => (BTreeSet::new(), BTreeSet::new()),

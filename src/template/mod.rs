@@ -52,6 +52,16 @@ pub enum TemplateError {
     Render(String),
 }
 
+/// One kept version of a template, as the store keeps it (sealed).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TemplateVersion {
+    pub version: u64,
+    pub created_unix_ms: i64,
+    pub source: String,
+    /// The secrets it reads (recorded at put).
+    pub inputs: Vec<String>,
+}
+
 /// What a template reads: a secret path (and a field, for later).
 pub type Inputs = BTreeSet<String>;
 
