@@ -26,4 +26,5 @@ mod strangers;
 mod takeover;
 mod takeover_auth;
 mod tamper;
+mod templates;
 mod vault;
