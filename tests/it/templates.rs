@@ -324,3 +324,27 @@ fn takeover_and_kill9_keep_serving_templates() {
     b.cli_in(&["secret", "rotate", "db/user", "--stdin"], Some(b"bob"));
     assert_eq!(std::fs::read(&f).unwrap(), b"bob:two");
 }
+
+#[test]
+fn a_change_the_vault_watcher_sees_re_renders_a_template_with_vault_and_local_inputs() {
+    if !require_bao() || !require_root() {
+        return;
+    }
+    let bao = Bao::start();
+    let b = Broker::start_with(&bao.backend_toml("prod", "1s"));
+    b.ok(&["workload", "add", "app", "--selector", "unix:uid:0"]);
+    bao.ok(&["kv", "put", "secret/db/pass", "value=vault-one"]);
+    b.put("db/user", b"alice");
+    let o = put_template(&b, "mixed", "{{ secret('db/user') }}:{{ secret('prod/db/pass') }}");
+    assert!(o.status.success(), "{}", stderr(&o));
+    b.ok(&["grant", "--template", "mixed", "--to", "app"]);
+    let f = b.mount("app").join("mixed");
+    assert_eq!(std::fs::read(&f).unwrap(), b"alice:vault-one");
+    // Changed behind keyhole's back: the watcher's poll re-renders.
+    bao.ok(&["kv", "put", "secret/db/pass", "value=vault-two"]);
+    eventually(15, "the watcher's change in the template", || {
+        std::fs::read(&f).ok().as_deref() == Some(b"alice:vault-two")
+    });
+    let reads = b.audit_events("read");
+    assert_eq!(reads.last().unwrap()["inputs"], serde_json::json!(["db/user@1", "prod/db/pass@2"]));
+}
