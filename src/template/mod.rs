@@ -108,12 +108,35 @@ fn line_col(src: &str, at: usize) -> (usize, usize) {
     (line, col)
 }
 
-/// A minijinja error as a position and a message (never a value: our
-/// functions' errors name paths only).
+/// Marks the errors of our own functions and filters, whose details name
+/// paths and limits only.
+const OURS: &str = "keyhole: ";
+
+fn ours(msg: impl std::fmt::Display) -> Error {
+    Error::new(ErrorKind::InvalidOperation, format!("{OURS}{msg}"))
+}
+
+/// A minijinja error as a position and a message, never a value: only
+/// details made from the source (syntax, unknown names) or by our own
+/// functions are kept; any other error (minijinja's, which may quote a
+/// value) is shown by its kind alone.
 fn located(src: &str, e: &Error) -> TemplateError {
+    let from_source = matches!(
+        e.kind(),
+        ErrorKind::SyntaxError
+            | ErrorKind::UnknownFilter
+            | ErrorKind::UnknownFunction
+            | ErrorKind::UnknownTest
+            | ErrorKind::TooManyArguments
+            | ErrorKind::MissingArgument
+            | ErrorKind::BadInclude
+            | ErrorKind::TemplateNotFound
+            | ErrorKind::InvalidDelimiter
+    );
     let msg = match e.detail() {
-        Some(d) => format!("{}: {d}", e.kind()),
-        None => e.kind().to_string(),
+        Some(d) if d.starts_with(OURS) => d[OURS.len()..].to_owned(),
+        Some(d) if from_source => format!("{}: {d}", e.kind()),
+        _ => e.kind().to_string(),
     };
     match (e.range(), e.line()) {
         (Some(r), _) => {
@@ -122,6 +145,16 @@ fn located(src: &str, e: &Error) -> TemplateError {
         }
         (None, Some(line)) => TemplateError::At { line, col: 1, msg },
         _ => TemplateError::Invalid(msg),
+    }
+}
+
+/// A path as an error may show it: quoted if the source spells it out,
+/// otherwise not at all (it was built at render time, maybe from a value).
+fn shown(source: &str, path: &str) -> String {
+    if !path.is_empty() && source.contains(path) {
+        format!("{path:?}")
+    } else {
+        "(a path built at render time, not written in the template)".to_owned()
     }
 }
 
@@ -147,9 +180,7 @@ fn bytes_of(v: &Value) -> Result<Vec<u8>, Error> {
 }
 
 fn text_of(v: &Value, filter: &str) -> Result<String, Error> {
-    String::from_utf8(bytes_of(v)?).map_err(|_| {
-        Error::new(ErrorKind::InvalidOperation, format!("{filter}: the value is not UTF-8 (use b64encode)"))
-    })
+    String::from_utf8(bytes_of(v)?).map_err(|_| ours(format!("{filter}: the value is not UTF-8 (use b64encode)")))
 }
 
 /// POSIX shell single quotes: `'...'`, a `'` as `'\''`. `set -a; . file`
@@ -200,21 +231,18 @@ fn environment(lookup: Lookup) -> Environment<'static> {
         let field: Option<String> = kwargs.get("field")?;
         kwargs.assert_all_used()?;
         if field.is_some() {
-            return Err(Error::new(
-                ErrorKind::InvalidOperation,
-                format!("secret({path:?}, field=...): fields of Vault KV v2 secrets are not served yet"),
-            ));
+            return Err(ours("secret(..., field=...): fields of Vault KV v2 secrets are not served yet"));
         }
-        lookup(&path).map_err(|m| Error::new(ErrorKind::InvalidOperation, m))
+        lookup(&path).map_err(ours)
     });
     env.add_filter("tojson", |v: Value| -> Result<String, Error> {
         let r = match v.as_bytes().filter(|_| v.as_str().is_none()) {
-            Some(b) => serde_json::to_string(&String::from_utf8(b.to_vec()).map_err(|_| {
-                Error::new(ErrorKind::InvalidOperation, "tojson: the value is not UTF-8 (use b64encode)")
-            })?),
+            Some(b) => serde_json::to_string(
+                &String::from_utf8(b.to_vec()).map_err(|_| ours("tojson: the value is not UTF-8 (use b64encode)"))?,
+            ),
             None => serde_json::to_string(&v),
         };
-        r.map_err(|e| Error::new(ErrorKind::InvalidOperation, format!("tojson: {e}")))
+        r.map_err(|_| ours("tojson: the value cannot be written as JSON"))
     });
     env.add_filter("b64encode", |v: Value| -> Result<String, Error> {
         Ok(base64::engine::general_purpose::STANDARD.encode(bytes_of(&v)?))
@@ -223,11 +251,11 @@ fn environment(lookup: Lookup) -> Environment<'static> {
         let text = text_of(&v, "b64decode")?;
         let b = base64::engine::general_purpose::STANDARD
             .decode(text.trim())
-            .map_err(|e| Error::new(ErrorKind::InvalidOperation, format!("b64decode: not base64 ({e})")))?;
+            .map_err(|_| ours("b64decode: the value is not base64"))?;
         Ok(value_of(&b))
     });
     env.add_filter("env", |v: Value| -> Result<String, Error> {
-        shell_quote(&text_of(&v, "env")?).map_err(|m| Error::new(ErrorKind::InvalidOperation, m))
+        shell_quote(&text_of(&v, "env")?).map_err(ours)
     });
     env.add_filter("yaml", |v: Value| -> Result<String, Error> { Ok(yaml_quote(&text_of(&v, "yaml")?)) });
     env
@@ -280,13 +308,15 @@ pub fn check(
     }
     let seen: Arc<Mutex<Inputs>> = Arc::default();
     let rec = seen.clone();
+    let src = source.to_owned();
     let lookup: Lookup = Arc::new(move |path: &str| {
-        crate::secret::SecretPath::parse(path).map_err(|e| format!("secret({path:?}): {e}"))?;
+        let shown = |p| shown(&src, p);
+        crate::secret::SecretPath::parse(path).map_err(|e| format!("secret({}): {e}", shown(path)))?;
         let mut inputs = rec.lock().expect("inputs lock");
         if !inputs.contains(path) && inputs.len() >= MAX_INPUTS {
             return Err(format!("a template may read at most {MAX_INPUTS} secrets"));
         }
-        let v = get(path).ok_or_else(|| format!("secret {path:?} does not exist"))?;
+        let v = get(path).ok_or_else(|| format!("secret {} does not exist", shown(path)))?;
         inputs.insert(path.to_owned());
         Ok(value_of(v.expose()))
     });
@@ -351,10 +381,12 @@ fn render_with(env: &Environment<'_>, source: &str, max: usize) -> Result<Secret
 /// Render `source` from `values` (its inputs, read at one snapshot). The
 /// error names a position and a reason, never a value.
 pub fn render(source: &str, values: BTreeMap<String, Arc<SecretBytes>>, max: usize) -> Result<SecretBytes, String> {
+    let src = source.to_owned();
     let lookup: Lookup = Arc::new(move |path: &str| match values.get(path) {
         Some(v) => Ok(value_of(v.expose())),
         None => Err(format!(
-            "secret {path:?} is not one of the inputs recorded when the template was put (put the template again)"
+            "secret {} is not one of the inputs recorded when the template was put (put the template again)",
+            shown(&src, path)
         )),
     });
     let env = environment(lookup);
@@ -401,6 +433,34 @@ mod tests {
         assert!(e.contains("larger"), "{e}");
         let e = render("{{ secret('other') }}", BTreeMap::new(), 10).unwrap_err();
         assert!(e.contains("not one of the inputs"), "{e}");
+    }
+
+    #[test]
+    fn render_errors_never_quote_a_value() {
+        let v = "hunter2-secret-value";
+        let values = || -> BTreeMap<String, Arc<SecretBytes>> {
+            [("s".to_owned(), Arc::new(SecretBytes::copy_from(v.as_bytes())))].into_iter().collect()
+        };
+        for t in [
+            "{{ secret('s')|int }}",
+            "{{ secret('s') + 1 }}",
+            "{{ secret('s')|b64decode }}",
+            "{{ secret('s')[1000] }}",
+            "{{ secret('s').nope }}",
+            "{{ secret('s')|float }}",
+            "{{ range(secret('s')) }}",
+            "{% for x in secret('s') %}{{ x.y.z }}{% endfor %}",
+            "{{ secret('s') is divisibleby 3 }}",
+            "{{ secret(secret('s')) }}",
+        ] {
+            if let Err(e) = render(t, values(), 1000) {
+                assert!(!e.contains("hunter2"), "{t}: {e}");
+            }
+            let get = |p: &str| (p == "s").then(|| SecretBytes::copy_from(b"hunter2-secret-value"));
+            if let Err(e) = check(t, 1000, get) {
+                assert!(!e.to_string().contains("hunter2"), "{t}: {e}");
+            }
+        }
     }
 
     #[test]
