@@ -6,8 +6,8 @@
 
 mod secrets;
 mod systemd;
-pub mod templates;
 pub mod takeover;
+pub mod templates;
 
 use std::fs::{self, OpenOptions};
 use std::io::Write;

@@ -315,7 +315,11 @@ impl Broker {
             Some(r) => Loaded { value: r.value.clone(), health: None, template: Some(r.info.clone()) },
             None => {
                 let error = Some("this rendering of the template is gone; open the file again".to_owned());
-                Loaded { value: None, health: None, template: Some(Arc::new(Rendering { error, ..Default::default() })) }
+                Loaded {
+                    value: None,
+                    health: None,
+                    template: Some(Arc::new(Rendering { error, ..Default::default() })),
+                }
             }
         })
     }

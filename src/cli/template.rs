@@ -132,7 +132,9 @@ pub async fn run(cmd: TemplateCmd, socket: &Target, json: bool) -> anyhow::Resul
                 let rows: Vec<_> = r
                     .templates
                     .iter()
-                    .map(|t| vec![t.name.clone(), t.version.to_string(), time_ms(t.created_unix_ms), t.inputs.join(" ")])
+                    .map(|t| {
+                        vec![t.name.clone(), t.version.to_string(), time_ms(t.created_unix_ms), t.inputs.join(" ")]
+                    })
                     .collect();
                 print_table(&["TEMPLATE", "VERSION", "CREATED", "INPUTS"], &rows, &[1]);
             }

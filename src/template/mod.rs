@@ -93,9 +93,7 @@ pub fn check_name(name: &str) -> Result<(), TemplateError> {
     if ok {
         Ok(())
     } else {
-        Err(TemplateError::Invalid(format!(
-            "{name:?} is not a template name: use 1 to 128 of [A-Za-z0-9._-] (no '/')"
-        )))
+        Err(TemplateError::Invalid(format!("{name:?} is not a template name: use 1 to 128 of [A-Za-z0-9._-] (no '/')")))
     }
 }
 
@@ -254,9 +252,7 @@ fn environment(lookup: Lookup) -> Environment<'static> {
             .map_err(|_| ours("b64decode: the value is not base64"))?;
         Ok(value_of(&b))
     });
-    env.add_filter("env", |v: Value| -> Result<String, Error> {
-        shell_quote(&text_of(&v, "env")?).map_err(ours)
-    });
+    env.add_filter("env", |v: Value| -> Result<String, Error> { shell_quote(&text_of(&v, "env")?).map_err(ours) });
     env.add_filter("yaml", |v: Value| -> Result<String, Error> { Ok(yaml_quote(&text_of(&v, "yaml")?)) });
     env
 }
@@ -476,9 +472,6 @@ mod tests {
             1000,
         )
         .unwrap();
-        assert_eq!(
-            std::str::from_utf8(out.expose()).unwrap(),
-            "\"q\\\"'\\n€\" cSInCuKCrA== 'q\"'\\''\n€'"
-        );
+        assert_eq!(std::str::from_utf8(out.expose()).unwrap(), "\"q\\\"'\\n€\" cSInCuKCrA== 'q\"'\\''\n€'");
     }
 }

@@ -55,7 +55,8 @@ fn json_env_and_yaml_render_values_that_parse_back_to_the_exact_bytes() {
     }
     let json_t = "{\"user\": {{ secret(\"cfg/user\")|tojson }}, \"pass\": {{ secret(\"cfg/pass\")|tojson }}, \
                   \"note\": {{ secret(\"cfg/note\")|tojson }}}\n";
-    let env_t = "USER={{ secret('cfg/user')|env }}\nPASS={{ secret('cfg/pass')|env }}\nNOTE={{ secret('cfg/note')|env }}\n";
+    let env_t =
+        "USER={{ secret('cfg/user')|env }}\nPASS={{ secret('cfg/pass')|env }}\nNOTE={{ secret('cfg/note')|env }}\n";
     let yaml_t = "db:\n  user: {{ secret('cfg/user')|yaml }}\n  pass: {{ secret('cfg/pass')|yaml }}\n  note: {{ secret('cfg/note')|yaml }}\n";
     for (name, src) in [("j", json_t), ("e", env_t), ("y", yaml_t)] {
         let o = put_template(&b, name, src);
@@ -68,7 +69,10 @@ fn json_env_and_yaml_render_values_that_parse_back_to_the_exact_bytes() {
     let want: Vec<&str> = NASTY.iter().map(|(_, v)| *v).collect();
 
     let j = std::fs::read(m.join("config.json")).unwrap();
-    let out = python("import json,sys; d=json.load(sys.stdin); sys.stdout.write(d['user']+'\\0'+d['pass']+'\\0'+d['note'])", &j);
+    let out = python(
+        "import json,sys; d=json.load(sys.stdin); sys.stdout.write(d['user']+'\\0'+d['pass']+'\\0'+d['note'])",
+        &j,
+    );
     assert_eq!(String::from_utf8(out).unwrap(), want.join("\0"));
 
     let y = std::fs::read(m.join("database.yml")).unwrap();
