@@ -102,6 +102,17 @@ event_kinds! {
     AuditRead = "audit_read",
     /// `audit --verify`.
     AuditVerify = "audit_verify",
+    // Templates.
+    /// `template put`.
+    TemplatePut = "template_put",
+    /// `template get`.
+    TemplateGet = "template_get",
+    /// `template ls`.
+    TemplateLs = "template_ls",
+    /// `template rm`.
+    TemplateRm = "template_rm",
+    /// A template's file could not be rendered (the open got EIO).
+    TemplateError = "template_error",
     // Teams.
     /// `role add`.
     RoleAdd = "role_add",
@@ -202,6 +213,9 @@ pub struct Event<'a> {
     pub first: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last: Option<&'a str>,
+    /// A template's file: every input its render read, as `path@version`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub inputs: Option<&'a [String]>,
 }
 
 impl<'a> Event<'a> {
@@ -219,6 +233,7 @@ impl<'a> Event<'a> {
             files: None,
             first: None,
             last: None,
+            inputs: None,
         }
     }
 }

@@ -49,6 +49,7 @@ pub mod metrics;
 pub mod policy;
 pub mod secret;
 pub mod sys;
+pub mod template;
 
 /// An error and its sources, on one line: what actually failed, e.g.
 /// "connection refused", under a generic top error. A layer that repeats

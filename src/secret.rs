@@ -150,8 +150,34 @@ impl TryFrom<String> for SecretPath {
     type Error = PathError;
 
     fn try_from(s: String) -> Result<Self, PathError> {
+        // A grant of a template names it by its reserved path.
+        if let Some(name) = s.strip_prefix(TEMPLATE_PREFIX) {
+            return SecretPath::template(name);
+        }
         validate_path(&s)?;
         Ok(Self(s))
+    }
+}
+
+/// Where a template is shown among secret paths: `@template/NAME`. No
+/// secret path can start so (`@` is not allowed in one), so a template
+/// grant never clashes with a secret.
+pub const TEMPLATE_PREFIX: &str = "@template/";
+
+impl SecretPath {
+    /// The reserved path of template `name` (one segment, see
+    /// [`crate::template::check_name`]).
+    pub fn template(name: &str) -> Result<Self, PathError> {
+        validate_path(name)?;
+        if name.contains('/') {
+            return Err(PathError::BadChar(name.find('/').unwrap_or(0)));
+        }
+        Ok(Self(format!("{TEMPLATE_PREFIX}{name}")))
+    }
+
+    /// The template this path names, if it is a template's.
+    pub fn template_name(&self) -> Option<&str> {
+        self.0.strip_prefix(TEMPLATE_PREFIX)
     }
 }
 

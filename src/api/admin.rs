@@ -38,8 +38,10 @@ fn workload_pb(w: &Workload) -> pb::WorkloadSpec {
 }
 
 fn grant_pb(g: &Grant) -> pb::GrantSpec {
+    let template = crate::broker::templates::template_of(&g.target).unwrap_or_default().to_owned();
     pb::GrantSpec {
-        secret: g.target.to_string(),
+        secret: if template.is_empty() { g.target.to_string() } else { String::new() },
+        template,
         workload: g.workload.clone(),
         file: g.file.clone().unwrap_or_default(),
         mode: g.mode,
@@ -72,6 +74,10 @@ fn backend_status(v: &crate::backend::vault::VaultBackend) -> pb::BackendStatus 
     }
 }
 
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
 impl AdminService {
     /// Attest the caller, require an admin, and decide `need` against its
     /// scope: a full admin may do anything; a scoped admin (some role
@@ -93,7 +99,12 @@ impl AdminService {
             let reason = format!("role {}: {}", lack.roles, lack.lacked);
             self.0.audit().deny(
                 &crate::limits::deny_key(&id),
-                &Event { method: Some(method), caller: Some(&id), reason: Some(&reason), ..Event::new(EventKind::Deny) },
+                &Event {
+                    method: Some(method),
+                    caller: Some(&id),
+                    reason: Some(&reason),
+                    ..Event::new(EventKind::Deny)
+                },
             )?;
             return Err(ApiError::PermissionDenied(format!("{method}: {}", lack)));
         }
@@ -433,11 +444,16 @@ impl admin_server::Admin for AdminService {
     }
 
     async fn grant(&self, req: Request<pb::GrantSpec>) -> Reply<pb::GrantSpec> {
-        let need = Need::Grant(Verb::Grant, &req.get_ref().secret, &req.get_ref().workload);
+        // A template's grant is a grant of `@template/NAME`: no role's paths
+        // cover it, so only full admins grant templates (for now).
+        let shown = super::templates::shown_path(req.get_ref());
+        let need = Need::Grant(Verb::Grant, &shown, &req.get_ref().workload);
         let Caller { id, .. } = self.authorize(&req, "Grant", need).await?;
-        let g = req.into_inner();
+        let mut g = req.into_inner();
+        super::templates::template_target(&mut g).map_err(ApiError::from)?;
+        let secret = g.secret;
         let asked = GrantRequest {
-            secret: g.secret,
+            secret,
             workload: g.workload,
             file: g.file,
             mode: g.mode,
@@ -501,5 +517,44 @@ impl admin_server::Admin for AdminService {
 
     async fn export_policy(&self, req: Request<pb::ExportPolicyRequest>) -> Reply<pb::ExportPolicyResponse> {
         super::roles::export_policy(self, req).await
+    }
+
+    async fn put_template(&self, req: Request<pb::PutTemplateRequest>) -> Reply<pb::TemplateVersion> {
+        let Caller { id, .. } = self.authorize(&req, "PutTemplate", Need::FullAdmin).await?;
+        let r = req.into_inner();
+        let broker = self.0.clone();
+        let t = self.op(move |_| broker.put_template(&id, &r.name, &r.source, now_ms()).map(|t| (r.name, t))).await?;
+        Ok(Response::new(super::templates::version_pb(&t.0, &t.1)))
+    }
+
+    async fn get_template(&self, req: Request<pb::GetTemplateRequest>) -> Reply<pb::GetTemplateResponse> {
+        let Caller { id, .. } = self.authorize(&req, "GetTemplate", Need::FullAdmin).await?;
+        let r = req.into_inner();
+        let reply = self
+            .audited(id, EventKind::TemplateGet, Some(r.name.clone()), move |b| {
+                let t = b.get_template(&r.name, (r.version != 0).then_some(r.version))?;
+                let meta = super::templates::version_pb(&r.name, &t);
+                Ok((pb::GetTemplateResponse { meta: Some(meta), source: t.source }, Some(t.version)))
+            })
+            .await?;
+        Ok(Response::new(reply))
+    }
+
+    async fn list_templates(&self, req: Request<pb::ListTemplatesRequest>) -> Reply<pb::ListTemplatesResponse> {
+        let Caller { id, .. } = self.authorize(&req, "ListTemplates", Need::FullAdmin).await?;
+        let templates = self
+            .audited(id, EventKind::TemplateLs, None, |b| {
+                let all = b.list_templates()?;
+                Ok((all.iter().map(|(n, t)| super::templates::version_pb(n, t)).collect(), None))
+            })
+            .await?;
+        Ok(Response::new(pb::ListTemplatesResponse { templates }))
+    }
+
+    async fn delete_template(&self, req: Request<pb::DeleteTemplateRequest>) -> Reply<pb::DeleteTemplateResponse> {
+        let Caller { id, .. } = self.authorize(&req, "DeleteTemplate", Need::FullAdmin).await?;
+        let name = req.into_inner().name;
+        let removed = self.op(move |b| b.delete_template(&id, &name)).await?;
+        Ok(Response::new(pb::DeleteTemplateResponse { versions_removed: removed as u32 }))
     }
 }

@@ -16,6 +16,7 @@ mod redact;
 pub mod remote;
 pub mod roles;
 pub mod strangers;
+pub mod templates;
 pub mod workload;
 
 #[allow(clippy::all, missing_docs)]

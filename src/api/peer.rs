@@ -405,8 +405,14 @@ pub fn incoming(
                 // Over a limit: closed as it drops.
                 Ok(None) => {}
                 Ok(Some(s)) => {
-                    let route =
-                        (gate.clone(), attestor.clone(), admin.clone(), roles.clone(), admins.clone(), strangers.clone());
+                    let route = (
+                        gate.clone(),
+                        attestor.clone(),
+                        admin.clone(),
+                        roles.clone(),
+                        admins.clone(),
+                        strangers.clone(),
+                    );
                     tokio::spawn(classify(s, route));
                 }
                 Err(e) => {

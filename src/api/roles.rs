@@ -27,7 +27,8 @@ pub(crate) fn role_pb(r: &Role) -> pb::RoleSpec {
 pub(crate) async fn add_role(s: &AdminService, req: Request<pb::RoleSpec>) -> Reply<pb::RoleSpec> {
     let Caller { id, .. } = s.authorize(&req, "AddRole", Need::FullAdmin).await?;
     let spec = req.into_inner();
-    let role = Role::new(&spec.name, &spec.principals, &spec.paths, &spec.workloads, &spec.verbs).map_err(|e| e.to_string());
+    let role =
+        Role::new(&spec.name, &spec.principals, &spec.paths, &spec.workloads, &spec.verbs).map_err(|e| e.to_string());
     let role = s.op(move |b| b.put_role(&id, role)).await?;
     Ok(Response::new(role_pb(&role)))
 }

@@ -87,7 +87,7 @@ const OPEN_TO_ALL: &str = "/keyhole.v1.Workload/";
 
 /// The Admin service's methods, so an audit line names one only if it is
 /// real (a caller cannot write what it likes into the log).
-const ADMIN_METHODS: [&str; 23] = [
+const ADMIN_METHODS: &[&str] = &[
     "PutSecret",
     "GetSecret",
     "ListSecrets",
@@ -111,6 +111,10 @@ const ADMIN_METHODS: [&str; 23] = [
     "ApplyPolicy",
     "ExportPolicy",
     "unknown",
+    "PutTemplate",
+    "GetTemplate",
+    "ListTemplates",
+    "DeleteTemplate",
 ];
 
 /// The layer every gRPC server runs: it counts calls and, on the

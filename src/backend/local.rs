@@ -13,6 +13,7 @@
 //! | `grants` | (workload, target) | sealed JSON grant; AAD `keyhole/v1/grant\0<workload>\0<target>` |
 //! | `volumes`, `volume_mounts` | name, mount id | sealed JSON; AAD `keyhole/v1/<table>\0<key>` |
 //! | `meta` `role:<name>` | role name | sealed JSON role; AAD `keyhole/v1/role\0<name>` (see `policy_txn`) |
+//! | `templates` | name | sealed JSON list of kept template versions (source, inputs); AAD `keyhole/v1/templates\0<name>` |
 //! | `backend_cache` | path | a value fetched from Vault: sealed version, time, bytes; AAD `keyhole/v1/cache\0<path>` |
 //!
 //! Everything a reader acts on is authenticated: a record edited, or
@@ -65,6 +66,8 @@ const CACHE: TableDefinition<&str, &[u8]> = TableDefinition::new("backend_cache"
 /// Docker volumes (name → spec) and their live mounts (mount id → mount).
 pub const VOLUMES: TableDefinition<&str, &[u8]> = TableDefinition::new("volumes");
 pub const VOLUME_MOUNTS: TableDefinition<&str, &[u8]> = TableDefinition::new("volume_mounts");
+/// Templates (name → kept versions, see [`crate::template::TemplateVersion`]).
+pub const TEMPLATES: TableDefinition<&str, &[u8]> = TableDefinition::new("templates");
 
 /// The key check of a 0.1 store, which has no manifest.
 const KEYCHECK_V1: &[u8] = b"keyhole local store v1";
@@ -279,6 +282,7 @@ impl LocalStore {
             txn.open_table(CACHE)?;
             txn.open_table(VOLUMES)?;
             txn.open_table(VOLUME_MOUNTS)?;
+            txn.open_table(TEMPLATES)?;
             master = match key {
                 KeyMaterial::Key(k) => k,
                 KeyMaterial::Passphrase(pass) => {
@@ -413,7 +417,7 @@ impl LocalStore {
     fn scan(&self, txn: &redb::WriteTransaction) -> Result<(Digest, u64), StoreError> {
         let mut sum = Digest::default();
         let mut n = 0u64;
-        for def in [META, HEADS, WORKLOADS, CACHE, VOLUMES, VOLUME_MOUNTS] {
+        for def in [META, HEADS, WORKLOADS, CACHE, VOLUMES, VOLUME_MOUNTS, TEMPLATES] {
             let t = txn.open_table(def)?;
             for e in t.iter()? {
                 let (k, v) = e?;
@@ -891,6 +895,77 @@ impl LocalStore {
         let t = txn.open_table(META)?;
         let Some(v) = t.get(key.as_str())? else { return Ok(None) };
         self.open_json(v.value(), key.as_bytes(), || key.clone()).map(Some)
+    }
+
+    /// Several secrets' current versions and values, read in one
+    /// transaction: one consistent snapshot (a template's inputs). A
+    /// missing secret is `None`.
+    #[allow(clippy::type_complexity)]
+    pub fn get_many(&self, paths: &[String]) -> Result<Vec<Option<(VersionMeta, SecretBytes)>>, StoreError> {
+        let txn = self.begin_read()?;
+        let heads = txn.open_table(HEADS)?;
+        let values = txn.open_table(VALUES)?;
+        let mut out = Vec::with_capacity(paths.len());
+        for p in paths {
+            let Some(meta) = self.read_head(&heads, p)?.and_then(|v| v.last().cloned()) else {
+                out.push(None);
+                continue;
+            };
+            let tampered = || StoreError::Tampered { what: format!("{p} version {}", meta.version) };
+            let sealed = values.get((p.as_str(), meta.version))?.ok_or_else(tampered)?;
+            let value = self.sealer.open(sealed.value(), &value_aad(p, meta.version)).map_err(|_| tampered())?;
+            if value.len() as u64 != meta.size {
+                return Err(tampered());
+            }
+            out.push(Some((meta, value)));
+        }
+        Ok(out)
+    }
+
+    /// Add a version of a template (read, append and write in one
+    /// transaction; the oldest beyond the history depth go).
+    pub fn template_put(
+        &self,
+        name: &str,
+        source: &str,
+        inputs: Vec<String>,
+        now_ms: i64,
+    ) -> Result<crate::template::TemplateVersion, StoreError> {
+        let aad = format!("keyhole/v1/{}\0{name}", TEMPLATES.name());
+        let txn = self.begin_write()?;
+        let mut ch = Changes::default();
+        let made;
+        {
+            let mut t = txn.open_table(TEMPLATES)?;
+            let mut versions: Vec<crate::template::TemplateVersion> = match t.get(name)? {
+                Some(v) => self.open_json(v.value(), aad.as_bytes(), || format!("template {name}"))?,
+                None => Vec::new(),
+            };
+            let version = versions.last().map_or(0, |v| v.version) + 1;
+            made = crate::template::TemplateVersion {
+                version,
+                created_unix_ms: now_ms,
+                source: source.to_owned(),
+                inputs,
+            };
+            versions.push(made.clone());
+            let excess = versions.len().saturating_sub(self.history_depth.max(1));
+            versions.drain(..excess);
+            let sealed = self.seal_json(&versions, aad.as_bytes())?;
+            let old = t.insert(name, sealed.as_slice())?.map(|g| g.value().to_vec());
+            self.changed(&mut ch, TEMPLATES.name(), &key_str(name), old.as_deref(), Some(&sealed));
+        }
+        self.commit(txn, ch)?;
+        Ok(made)
+    }
+
+    /// A template's kept versions, oldest first (`None`: no such template).
+    pub fn template_versions(&self, name: &str) -> Result<Option<Vec<crate::template::TemplateVersion>>, StoreError> {
+        let txn = self.begin_read()?;
+        let t = txn.open_table(TEMPLATES)?;
+        let Some(v) = t.get(name)? else { return Ok(None) };
+        let aad = format!("keyhole/v1/{}\0{name}", TEMPLATES.name());
+        self.open_json(v.value(), aad.as_bytes(), || format!("template {name}")).map(Some)
     }
 
     pub fn count(&self) -> Result<u64, StoreError> {

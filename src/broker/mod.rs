@@ -22,6 +22,7 @@ mod secrets;
 mod services;
 mod systemd;
 pub mod takeover;
+pub mod templates;
 
 pub use error::BrokerError;
 pub use ops::{GrantRequest, NewValue};
@@ -96,6 +97,8 @@ pub struct Broker {
     roles: Arc<crate::policy::roles::RoleTable>,
     /// Serializes policy changes (see `policy_ops`).
     policy_lock: std::sync::Mutex<()>,
+    /// Template renders and which templates read which secret.
+    templates: templates::TemplateState,
 }
 
 /// Reads of the broker's state, for the services. Nothing here changes
@@ -342,6 +345,7 @@ impl Broker {
             takeover_refusals: takeover::RefusalLog::default(),
             roles: Arc::default(),
             policy_lock: std::sync::Mutex::new(()),
+            templates: Default::default(),
         };
         broker.roles.set(broker.store.roles()?);
         if let Some(a) = adopt {

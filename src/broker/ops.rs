@@ -228,7 +228,9 @@ impl Broker {
         }
         if !t.secrets.is_empty() {
             let started = Instant::now();
-            self.propagated(started, self.mounts.secret_changed(self, &t.secrets));
+            // Templates that read one of them change too.
+            let paths = self.with_templates(&t.secrets);
+            self.propagated(started, self.mounts.secret_changed(self, &paths));
         }
         if t.everything {
             return;
@@ -387,6 +389,7 @@ impl Broker {
     pub fn grant(&self, by: &Identity, req: &GrantRequest) -> Result<Grant, BrokerError> {
         self.write(Audit::by(by, EventKind::Grant).workload(&req.workload).path(&req.secret), |b| {
             let grant = req.parse()?;
+            b.check_template_grant(&grant)?;
             // The clash check and the write, with no other policy change between.
             let _serial = b.policy_serial();
             let existing = b.store.grants(Some(&grant.workload))?;

@@ -70,20 +70,30 @@ impl Broker {
         dry_run: bool,
     ) -> Result<Vec<String>, BrokerError> {
         let event = if dry_run { EventKind::Diff } else { EventKind::Apply };
-        let record = |reason: &str| self.audit.record(&Event { caller: Some(by), reason: Some(reason), ..Event::new(event) });
+        let record =
+            |reason: &str| self.audit.record(&Event { caller: Some(by), reason: Some(reason), ..Event::new(event) });
         let _serial = self.policy_serial();
         let planned = PolicyFile::parse(text).and_then(|file| {
             if let Some(e) = file.unsupported() {
                 return Err(e);
             }
-            let cur = self.policy_now().map_err(|e| FileError { line: None, message: format!("store: {e}"), denied: false })?;
+            let cur = self.policy_now().map_err(|e| FileError {
+                line: None,
+                message: format!("store: {e}"),
+                denied: false,
+            })?;
             plan(&file, &cur, prune, scope)
         });
         let plan = match planned {
             Ok(p) => p,
             Err(e) if e.denied => {
                 let reason = format!("role {}: {e}", scope.names());
-                let event = Event { method: Some("ApplyPolicy"), caller: Some(by), reason: Some(&reason), ..Event::new(EventKind::Deny) };
+                let event = Event {
+                    method: Some("ApplyPolicy"),
+                    caller: Some(by),
+                    reason: Some(&reason),
+                    ..Event::new(EventKind::Deny)
+                };
                 self.audit.deny(&crate::limits::deny_key(by), &event)?;
                 return Err(BrokerError::PermissionDenied(format!("ApplyPolicy: {e}")));
             }

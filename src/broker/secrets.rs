@@ -140,11 +140,18 @@ impl Catalog for Broker {
     }
 
     fn covered(&self, target: &Target) -> anyhow::Result<Vec<(String, VersionMeta)>> {
+        if super::templates::template_of(target).is_some() {
+            let (Target::Exact(p) | Target::Prefix(p)) = target;
+            return Ok(self.template_meta(p.as_str())?.map(|m| (p.to_string(), m)).into_iter().collect());
+        }
         let (Target::Exact(p) | Target::Prefix(p)) = target;
         Ok(self.source_for(p.as_str()).covered(target)?)
     }
 
     fn current(&self, path: &str) -> anyhow::Result<Option<VersionMeta>> {
+        if path.starts_with(crate::secret::TEMPLATE_PREFIX) {
+            return self.template_meta(path);
+        }
         Ok(self.source_for(path).current(path)?)
     }
 
@@ -157,8 +164,11 @@ impl Catalog for Broker {
     }
 
     fn load(&self, path: &str, meta: &VersionMeta) -> anyhow::Result<Loaded> {
+        if path.starts_with(crate::secret::TEMPLATE_PREFIX) {
+            return self.template_load(path, meta);
+        }
         let shown = self.source_for(path).load(path, meta)?;
-        Ok(Loaded { value: shown.value, health: shown.health })
+        Ok(Loaded { value: shown.value, health: shown.health, template: None })
     }
 }
 
@@ -194,7 +204,8 @@ pub(super) async fn watch_backend(broker: Arc<Broker>, v: Arc<VaultBackend>) {
         }
         if logged_in {
             let b = broker.clone();
-            let targets = tokio::task::spawn_blocking(move || b.store.grants(None)).await;
+            let targets =
+                tokio::task::spawn_blocking(move || b.store.grants(None).map(|g| b.with_template_inputs(g))).await;
             let (exact, prefixes) = match targets {
                 Ok(Ok(grants)) => split_targets(&v, &grants),
                 _ => (BTreeSet::new(), BTreeSet::new()),

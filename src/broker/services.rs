@@ -116,7 +116,8 @@ pub(super) fn spawn_services(
     for (l, name) in [(&listeners.admin, "admin.sock"), (&listeners.workload, "workload.sock")] {
         let gate = peer::Gate::new(name, &broker.config.limits, budget.clone(), broker.audit.clone());
         let admin_policy = Arc::new(broker.config.admin.clone());
-        let (admins, strangers) = peer::incoming(serving_copy(l)?, gate, broker.attestor.clone(), admin_policy, broker.roles.clone());
+        let (admins, strangers) =
+            peer::incoming(serving_copy(l)?, gate, broker.attestor.clone(), admin_policy, broker.roles.clone());
         let admin = AdminServer::new(AdminService(broker.clone()))
             .max_decoding_message_size(max_msg)
             .max_encoding_message_size(max_msg);

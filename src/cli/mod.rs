@@ -7,6 +7,7 @@ mod inspect;
 mod policy;
 mod roles;
 mod secret;
+mod template;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -105,15 +106,24 @@ Examples:
   keyhole grant db/password --to web
   keyhole grant 'db/*' --to web --mode 0440 --gid 1000
   keyhole grant tls/key.pem --to web --file server.key --uid 101
+  keyhole grant --template app-config --to web --file config.json --notify HUP
 
 The file appears at once in <run-dir>/workloads/<workload>/. A grant of the
 same secret to the same workload replaces the earlier one.")]
     Grant(policy::GrantArgs),
 
+    /// Put, read, list and remove templates (files rendered from secrets)
+    #[command(subcommand)]
+    Template(template::TemplateCmd),
+
     /// Take a grant back; the file disappears from the mount at once
     Revoke {
         /// Secret path or prefix, as granted
-        secret: String,
+        #[arg(required_unless_present = "template")]
+        secret: Option<String>,
+        /// Revoke the grant of this template instead of a secret
+        #[arg(long, value_name = "NAME", conflicts_with = "secret")]
+        template: Option<String>,
         /// The workload to take it from
         #[arg(long, value_name = "WORKLOAD")]
         from: String,
@@ -416,7 +426,14 @@ async fn dispatch(command: Command, target: Option<client::Target>, json: bool) 
         Command::Secret(cmd) => secret::run(cmd, admin_socket(), json).await,
         Command::Workload(cmd) => policy::workload(cmd, admin_socket(), json).await,
         Command::Grant(args) => policy::grant(args, admin_socket(), json).await,
-        Command::Revoke { secret, from } => policy::revoke(secret, from, admin_socket(), json).await,
+        Command::Template(cmd) => template::run(cmd, admin_socket(), json).await,
+        Command::Revoke { secret, template, from } => {
+            let secret = match template {
+                Some(t) => format!("{}{t}", crate::secret::TEMPLATE_PREFIX),
+                None => secret.unwrap_or_default(),
+            };
+            policy::revoke(secret, from, admin_socket(), json).await
+        }
         Command::Grants { workload } => policy::grants(workload, admin_socket(), json).await,
         Command::Mounts => policy::mounts(admin_socket(), json).await,
         Command::Role(cmd) => roles::role(cmd, admin_socket(), json).await,

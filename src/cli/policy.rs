@@ -40,7 +40,12 @@ Each workload gets a mount at <run-dir>/workloads/<name>.")]
 #[derive(Debug, Args)]
 pub struct GrantArgs {
     /// Secret path, or a prefix ending in /* (quote it: 'db/*')
-    pub secret: String,
+    #[arg(required_unless_present = "template")]
+    pub secret: Option<String>,
+    /// Grant a template's rendered file instead of a secret (see
+    /// `keyhole template put`); its inputs are granted for that file only
+    #[arg(long, value_name = "NAME", conflicts_with = "secret")]
+    pub template: Option<String>,
     /// The workload to grant it to
     #[arg(long, value_name = "WORKLOAD")]
     pub to: String,
@@ -118,6 +123,7 @@ pub async fn workload(cmd: WorkloadCmd, socket: &Target, json: bool) -> anyhow::
 fn grant_json(g: &pb::GrantSpec) -> serde_json::Value {
     serde_json::json!({
         "secret": g.secret,
+        "template": (!g.template.is_empty()).then_some(&g.template),
         "workload": g.workload,
         "file": (!g.file.is_empty()).then_some(&g.file),
         "mode": format!("{:04o}", g.mode),
@@ -129,7 +135,8 @@ fn grant_json(g: &pb::GrantSpec) -> serde_json::Value {
 
 pub async fn grant(a: GrantArgs, socket: &Target, json: bool) -> anyhow::Result<()> {
     let spec = pb::GrantSpec {
-        secret: a.secret,
+        secret: a.secret.unwrap_or_default(),
+        template: a.template.unwrap_or_default(),
         workload: a.to,
         file: a.file.unwrap_or_default(),
         mode: a.mode.unwrap_or(0),
@@ -141,7 +148,8 @@ pub async fn grant(a: GrantArgs, socket: &Target, json: bool) -> anyhow::Result<
     if json {
         print_json(&grant_json(&g));
     } else {
-        println!("granted {} to {} (mode {:04o})", g.secret, g.workload, g.mode);
+        let what = if g.template.is_empty() { g.secret.clone() } else { format!("template {}", g.template) };
+        println!("granted {what} to {} (mode {:04o})", g.workload, g.mode);
     }
     Ok(())
 }
@@ -170,7 +178,8 @@ pub async fn grants(workload: Option<String>, socket: &Target, json: bool) -> an
         .iter()
         .map(|g| {
             let file = if g.file.is_empty() { "-" } else { &g.file };
-            vec![g.workload.clone(), format!("{:04o}", g.mode), id(g.uid), id(g.gid), file.into(), g.secret.clone()]
+            let what = if g.template.is_empty() { g.secret.clone() } else { format!("template {}", g.template) };
+            vec![g.workload.clone(), format!("{:04o}", g.mode), id(g.uid), id(g.gid), file.into(), what]
         })
         .collect();
     print_table(&["WORKLOAD", "MODE", "UID", "GID", "FILE", "SECRET"], &rows, &[]);

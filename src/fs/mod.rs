@@ -186,6 +186,8 @@ impl<C: Catalog> Catalog for Memo<'_, C> {
 pub struct Loaded {
     pub value: Option<Arc<SecretBytes>>,
     pub health: Option<Arc<Health>>,
+    /// For a template's file: the render's inputs, or why it failed.
+    pub template: Option<Arc<crate::template::Rendering>>,
 }
 
 /// Largest read the kernel may ask for (values are at most 16 MiB, but a
@@ -615,6 +617,7 @@ impl MountTable {
                 health: loaded.health,
                 reads,
                 notify: spec.notify,
+                template: loaded.template,
             }));
         }
         View::new(nodes)
@@ -850,9 +853,9 @@ impl MountTable {
         let mut mounts = self.mounts.lock().expect("mounts lock");
         let load = |n: Node, workload: &str| {
             let meta = VersionMeta { version: n.version, created_unix_ms: n.mtime_ms, size: 0 };
-            let loaded = cat.load(&n.secret, &meta).unwrap_or(Loaded { value: None, health: None });
+            let loaded = cat.load(&n.secret, &meta).unwrap_or(Loaded { value: None, health: None, template: None });
             let reads = crate::metrics::reads_of(workload, &n.secret);
-            Arc::new(Node { value: loaded.value, health: loaded.health, reads, ..n })
+            Arc::new(Node { value: loaded.value, health: loaded.health, reads, template: loaded.template, ..n })
         };
         for (st, dev) in handed {
             let path = self.path_of(&st.key);
@@ -954,7 +957,7 @@ mod tests {
         }
         fn load(&self, _: &str, _: &VersionMeta) -> anyhow::Result<Loaded> {
             self.loaded.set(self.loaded.get() + 1);
-            Ok(Loaded { value: Some(Arc::new(SecretBytes::copy_from(b"v"))), health: None })
+            Ok(Loaded { value: Some(Arc::new(SecretBytes::copy_from(b"v"))), health: None, template: None })
         }
         fn volume_mounts(&self) -> anyhow::Result<Vec<VolumeMount>> {
             Ok(Vec::new())

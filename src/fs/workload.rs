@@ -70,6 +70,10 @@ pub struct Node {
     /// when the node is made, so an open only adds to it.
     #[serde(skip)]
     pub reads: crate::metrics::Counter,
+    /// A template's file: the inputs its render read, or why it failed
+    /// (then `value` is None). Never leaves the process either.
+    #[serde(skip)]
+    pub template: Option<Arc<crate::template::Rendering>>,
 }
 
 impl Node {
@@ -420,7 +424,15 @@ impl WorkloadFs {
                         return deny(&id, &why);
                     }
                     let freshness = node.health.as_ref().map_or(Freshness::Fresh, |h| h.freshness());
+                    let inputs = node.template.as_ref().map(|t| t.describe());
                     match (&node.value, freshness) {
+                        (None, _) if node.template.as_ref().is_some_and(|t| t.error.is_some()) => {
+                            let why = node.template.as_ref().and_then(|t| t.error.as_deref());
+                            let e =
+                                Event { inputs: inputs.as_deref(), ..event(EventKind::TemplateError, Some(&id), why) };
+                            audit(&e)?;
+                            Err(errno(libc::EIO))
+                        }
                         (None, _) => {
                             let why = "not fetched from its backend yet (is it reachable?)";
                             audit(&event(EventKind::BackendError, Some(&id), Some(why)))?;
@@ -439,7 +451,7 @@ impl WorkloadFs {
                             if fresh == Freshness::Stale {
                                 audit(&event(EventKind::StaleServe, Some(&id), None))?;
                             } else if self.shared.audit_reads {
-                                audit(&event(EventKind::Read, Some(&id), None))?;
+                                audit(&Event { inputs: inputs.as_deref(), ..event(EventKind::Read, Some(&id), None) })?;
                             }
                             if let Some(c) = &id.container_id {
                                 let mut readers = self.readers.lock().expect("readers lock");

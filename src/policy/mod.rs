@@ -46,6 +46,8 @@ pub enum PolicyError {
     FileWithPrefix(String),
     #[error(transparent)]
     Path(#[from] PathError),
+    #[error("{0}")]
+    BadTemplateGrant(String),
 }
 
 /// One fact about a caller that a workload can require.
@@ -178,6 +180,9 @@ pub enum Target {
 
 impl Target {
     pub fn parse(s: &str) -> Result<Self, PolicyError> {
+        if let Some(name) = s.strip_prefix(crate::secret::TEMPLATE_PREFIX) {
+            return Ok(Target::Exact(SecretPath::template(name)?));
+        }
         match s.strip_suffix("/*") {
             Some(p) => Ok(Target::Prefix(SecretPath::parse(p)?)),
             None => Ok(Target::Exact(SecretPath::parse(s)?)),

@@ -27,5 +27,6 @@ mod takeover;
 mod takeover_auth;
 mod tamper;
 mod teams;
+mod templates;
 mod vault;
 mod writes;
