@@ -304,14 +304,7 @@ impl Broker {
                 audit.record(&Event { reason: Some(&why), ..Event::new("audit_reset") })?;
             }
         }
-        let docker = if config.docker_socket.exists() {
-            let d = DockerCache::connect(&config.docker_socket, rt.clone())
-                .with_context(|| format!("cannot use the Docker socket {}", config.docker_socket.display()))?;
-            Some(d)
-        } else {
-            tracing::info!(socket = %config.docker_socket.display(), "no Docker socket: docker:* selectors never match");
-            None
-        };
+        let docker = crate::identity::runtime::connect(&config.runtimes, rt.clone())?;
         if let Some(d) = &docker {
             // Before serving: the predecessor's containers (checked again),
             // the events stream, then every running container, so the
