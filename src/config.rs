@@ -652,7 +652,10 @@ impl RuntimeConfig {
             };
             let socket = absolute("[[runtime]] socket", r.socket.unwrap_or_else(|| default.into()))?;
             if out.iter().any(|o| o.socket == socket) {
-                return Err(ConfigError::Invalid(format!("two [[runtime]] tables name the socket {}", socket.display())));
+                return Err(ConfigError::Invalid(format!(
+                    "two [[runtime]] tables name the socket {}",
+                    socket.display()
+                )));
             }
             out.push(RuntimeConfig { kind, socket, explicit: true });
         }
@@ -767,7 +770,10 @@ mod tests {
             [RuntimeConfig { kind: Runtime::Docker, socket: DEFAULT_DOCKER_SOCKET.into(), explicit: false }]
         );
         let old = parse("[docker]\nsocket = \"/tmp/d.sock\"").unwrap();
-        assert_eq!((old.runtimes[0].socket.to_str(), old.docker_socket.to_str()), (Some("/tmp/d.sock"), Some("/tmp/d.sock")));
+        assert_eq!(
+            (old.runtimes[0].socket.to_str(), old.docker_socket.to_str()),
+            (Some("/tmp/d.sock"), Some("/tmp/d.sock"))
+        );
         let both = parse(
             "[[runtime]]\nkind = \"podman\"\n[[runtime]]\nkind = \"docker\"\nsocket = \"/tmp/d.sock\"\n\
              [[runtime]]\nkind = \"podman\"\nsocket = \"/tmp/p2.sock\"",
@@ -776,7 +782,11 @@ mod tests {
         let got: Vec<(Runtime, &str)> = both.runtimes.iter().map(|r| (r.kind, r.socket.to_str().unwrap())).collect();
         assert_eq!(
             got,
-            [(Runtime::Podman, DEFAULT_PODMAN_SOCKET), (Runtime::Docker, "/tmp/d.sock"), (Runtime::Podman, "/tmp/p2.sock")]
+            [
+                (Runtime::Podman, DEFAULT_PODMAN_SOCKET),
+                (Runtime::Docker, "/tmp/d.sock"),
+                (Runtime::Podman, "/tmp/p2.sock")
+            ]
         );
         assert_eq!(both.docker_socket.to_str(), Some("/tmp/d.sock"), "doctor asks the configured Docker");
         assert!(both.runtimes.iter().all(|r| r.explicit));

@@ -389,7 +389,7 @@ impl DockerCache {
         let (mut unreachable, mut timed_out, mut found) = (false, false, None);
         for (n, client) in self.clients.iter().enumerate() {
             self.inspects.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(container = %short(id), runtime = %client.kind, "asking the runtime about a container");
+            tracing::debug!(container = %short(id), "asking {} about a container", client.kind.title());
             match tokio::time::timeout(INSPECT_TIMEOUT, client.api.inspect_container(id, None)).await {
                 // A name or prefix that happens to look like an id is not it.
                 Ok(Ok(c)) if c.id.as_deref() == Some(id) => {
@@ -775,7 +775,7 @@ impl DockerCache {
                 match ev {
                     Ok(ev) => {
                         if since.take().is_some() {
-                            tracing::info!(runtime = %kind, "events stream back");
+                            tracing::info!("{kind} events stream back");
                         }
                         backoff = Duration::from_millis(200);
                         let action = ev.action.unwrap_or_default();
@@ -783,13 +783,13 @@ impl DockerCache {
                         self.on_event(&action, &id);
                     }
                     Err(e) => {
-                        tracing::debug!(runtime = %kind, error = %e, "events stream ended");
+                        tracing::debug!(error = %e, "{kind} events stream ended");
                         break;
                     }
                 }
             }
             if since.is_none() {
-                tracing::warn!(runtime = %kind, "events stream lost; reconnecting");
+                tracing::warn!("{kind} events stream lost; reconnecting");
                 let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
                 since = Some(now.as_secs().saturating_sub(1));
             }

@@ -24,7 +24,10 @@ pub enum RuntimeError {
 /// Docker default if its socket exists. `None` when there is none: then
 /// no container is ever confirmed, and `docker:`/`container:` selectors
 /// never match.
-pub fn connect(runtimes: &[RuntimeConfig], rt: tokio::runtime::Handle) -> Result<Option<Arc<DockerCache>>, RuntimeError> {
+pub fn connect(
+    runtimes: &[RuntimeConfig],
+    rt: tokio::runtime::Handle,
+) -> Result<Option<Arc<DockerCache>>, RuntimeError> {
     let mut using: Vec<(Runtime, PathBuf)> = Vec::new();
     for r in runtimes {
         if r.socket.exists() {

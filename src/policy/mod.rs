@@ -150,6 +150,14 @@ impl Runtime {
         }
     }
 
+    /// "Docker", "Podman": for log lines.
+    pub fn title(self) -> &'static str {
+        match self {
+            Runtime::Docker => "Docker",
+            Runtime::Podman => "Podman",
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Runtime::Docker => "docker",
@@ -621,16 +629,21 @@ mod tests {
 
     #[test]
     fn container_selectors_match_any_runtime_and_docker_ones_only_docker() {
-        for s in ["container:id:abababababab", "container:name:web", "container:image:busybox:1", "container:label:a=b"] {
+        for s in ["container:id:abababababab", "container:name:web", "container:image:busybox:1", "container:label:a=b"]
+        {
             assert_eq!(Selector::parse(s).unwrap().to_string(), s);
         }
-        for bad in ["container:uid:0", "container:id:xyz", "container:label:novalue", "container:name:", "podman:name:x"] {
+        for bad in
+            ["container:uid:0", "container:id:xyz", "container:label:novalue", "container:name:", "podman:name:x"]
+        {
             assert!(Selector::parse(bad).is_err(), "{bad}");
         }
         let podman = in_runtime(Runtime::Podman, "localhost/busybox:1", &[("app", "web")]);
         let docker = in_runtime(Runtime::Docker, "busybox:1", &[("app", "web")]);
         let w = |s: &str| Workload::new("w", &[s.to_owned()]).unwrap();
-        for s in ["container:label:app=web", "container:name:web", "container:id:abababababab", "container:image:busybox:1"] {
+        for s in
+            ["container:label:app=web", "container:name:web", "container:id:abababababab", "container:image:busybox:1"]
+        {
             assert!(w(s).matches(&podman), "{s} on podman");
             assert!(w(s).matches(&docker), "{s} on docker");
         }

@@ -1,0 +1,454 @@
+//! Podman hosts, with a real rootful `podman` (Debian's 4.3): each test
+//! starts its own `podman system service` on a socket in its temp dir
+//! (killed at the end) and names it in `[[runtime]] kind = "podman"`.
+//! A labelled Podman container reads its grant through the host mount
+//! (also by `podman exec`, and across rotation, revoke and a broker
+//! restart); an unlabelled one is denied; a cgroup named like a Podman
+//! container (`libpod-<id>`) is only a claim; `docker:` selectors match
+//! Docker's containers only, `container:` ones any runtime's.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::support::*;
+
+/// The test image, imported from busybox-static (no registry); Podman
+/// reports it as `localhost/keyhole-test-busybox:1`.
+pub const PODMAN_IMAGE: &str = "localhost/keyhole-test-busybox:1";
+const NOBODY: u32 = 65534;
+const V2: &str = "/sys/fs/cgroup/unified";
+
+/// Podman is needed for these tests: under CI its absence fails the suite
+/// (scripts/test.sh installs it); elsewhere they skip loudly.
+pub fn require_podman() -> bool {
+    if !require_root() {
+        return false;
+    }
+    static READY: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    let ready = READY.get_or_init(|| {
+        match Command::new("podman").args(["version", "--format", "{{.Client.Version}}"]).output() {
+            Ok(o) if o.status.success() => {}
+            Ok(o) => return Err(format!("podman version failed: {}", stderr(&o).trim())),
+            Err(e) => return Err(format!("no podman: {e}")),
+        }
+        ensure_podman_image()
+    });
+    match ready {
+        Ok(()) => true,
+        Err(e) => {
+            assert!(std::env::var_os("CI").is_none(), "CI=true but podman is not usable: {e}");
+            eprintln!("SKIPPED: {e} (scripts/test.sh installs podman)");
+            false
+        }
+    }
+}
+
+pub fn podman(args: &[&str]) -> Output {
+    Command::new("podman").args(args).stdin(Stdio::null()).output().unwrap()
+}
+
+/// `tar -C rootfs -c . | podman import --change 'CMD ["/bin/sh"]' - IMAGE`.
+fn ensure_podman_image() -> Result<(), String> {
+    if podman(&["image", "exists", PODMAN_IMAGE]).status.success() {
+        return Ok(());
+    }
+    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .ok_or("busybox is not installed (apt-get install busybox-static)")?;
+    let root = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let bin = root.path().join("bin");
+    for d in ["bin", "run/secrets", "tmp", "proc", "sys", "dev", "etc"] {
+        fs::create_dir_all(root.path().join(d)).map_err(|e| e.to_string())?;
+    }
+    fs::copy(busybox, bin.join("busybox")).map_err(|e| e.to_string())?;
+    fs::write(root.path().join("etc/passwd"), "root:x:0:0::/:/bin/sh\n").map_err(|e| e.to_string())?;
+    fs::write(root.path().join("etc/group"), "root:x:0:\n").map_err(|e| e.to_string())?;
+    for applet in ["sh", "cat", "ls", "sleep", "echo", "id", "true", "stat"] {
+        std::os::unix::fs::symlink("busybox", bin.join(applet)).map_err(|e| e.to_string())?;
+    }
+    let tar = Command::new("tar").arg("-C").arg(root.path()).args(["-c", "."]).stdout(Stdio::piped()).spawn();
+    let tar = tar.map_err(|e| e.to_string())?;
+    let out = Command::new("podman")
+        .args(["import", "--change", "CMD [\"/bin/sh\"]", "-", PODMAN_IMAGE])
+        .stdin(tar.stdout.unwrap())
+        .output()
+        .map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        return Err(format!("podman import failed: {}", stderr(&out)));
+    }
+    Ok(())
+}
+
+/// `podman system service --time=0` on a socket of its own, killed on drop.
+pub struct PodmanService {
+    pub dir: tempfile::TempDir,
+    child: Child,
+}
+
+impl PodmanService {
+    pub fn start() -> PodmanService {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("podman.sock");
+        let log = fs::File::create(dir.path().join("service.log")).unwrap();
+        let child = Command::new("podman")
+            .args(["system", "service", "--time=0"])
+            .arg(format!("unix://{}", sock.display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let s = PodmanService { dir, child };
+        let ping = || {
+            let o =
+                Command::new("curl").args(["-sf", "--unix-socket"]).arg(&sock).arg("http://d/_ping").output().unwrap();
+            o.status.success()
+        };
+        eventually(30, "podman system service to answer", ping);
+        s
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("podman.sock")
+    }
+
+    /// `[[runtime]]` for this service.
+    pub fn runtime_toml(&self) -> String {
+        format!("[[runtime]]\nkind = \"podman\"\nsocket = \"{}\"\n", self.socket().display())
+    }
+}
+
+impl Drop for PodmanService {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A running Podman container, removed on drop.
+pub struct Pod {
+    pub id: String,
+}
+
+impl Pod {
+    /// `podman run -d --rm` with `args` (options), sleeping.
+    pub fn start(args: &[&str]) -> Pod {
+        let mut all = vec!["run", "-d", "--rm", "--ulimit", "nofile=4096:4096", "--ulimit", "nproc=4096:4096"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&[PODMAN_IMAGE, "sleep", "3600"]);
+        let o = podman(&all);
+        assert!(o.status.success(), "podman run: {}", stderr(&o));
+        Pod { id: String::from_utf8(o.stdout).unwrap().trim().to_owned() }
+    }
+
+    pub fn exec(&self, cmd: &[&str]) -> Output {
+        let mut all = vec!["exec", self.id.as_str()];
+        all.extend_from_slice(cmd);
+        podman(&all)
+    }
+
+    /// `cat` a file inside the container: its bytes, or the error text.
+    pub fn cat(&self, path: &str) -> Result<Vec<u8>, String> {
+        let o = self.exec(&["cat", path]);
+        if o.status.success() { Ok(o.stdout) } else { Err(stderr(&o)) }
+    }
+
+    pub fn init_pid(&self) -> i32 {
+        let o = podman(&["inspect", "--format", "{{.State.Pid}}", &self.id]);
+        String::from_utf8_lossy(&o.stdout).trim().parse().unwrap()
+    }
+}
+
+impl Drop for Pod {
+    fn drop(&mut self) {
+        let _ = podman(&["rm", "-f", "-t", "0", &self.id]);
+    }
+}
+
+/// A broker asking only `svc`'s Podman. `KEYHOLE_TEST_BIN` runs another
+/// build (main's, to see an attack's outcome there), which knows no
+/// `[[runtime]]`: it is pointed at the Podman socket as its Docker's.
+fn broker_on_podman(svc: &PodmanService) -> Broker {
+    let Ok(bin) = std::env::var("KEYHOLE_TEST_BIN") else { return Broker::start_with(&svc.runtime_toml()) };
+    let mut b = Broker::start_from(Path::new(&bin), &[]);
+    let cfg = b.dir.path().join("keyhole.toml");
+    fs::write(&cfg, format!("[docker]\nsocket = \"{}\"\nplugin = \"\"\n", svc.socket().display())).unwrap();
+    assert!(b.terminate().success());
+    b.config = Some(cfg);
+    b.restart();
+    b
+}
+
+fn secrets_bind(b: &Broker, workload: &str) -> String {
+    format!("{}:/run/secrets:ro,rslave", b.mount(workload).display())
+}
+
+#[test]
+fn a_labelled_podman_container_reads_its_grant_and_an_unlabelled_one_is_denied() {
+    if !require_podman() {
+        return;
+    }
+    let svc = PodmanService::start();
+    let b = Broker::start_with(&svc.runtime_toml());
+    let t = unique("pm");
+    let label = format!("keyhole.test={t}");
+    b.put("db/password", b"podman-s3cret");
+    b.ok(&["workload", "add", "w", "--selector", &format!("container:label:{label}")]);
+    // Docker's selectors are Docker's: a Podman container never matches them.
+    b.ok(&["workload", "add", "d", "--selector", &format!("docker:label:{label}")]);
+    // The image as typed; Podman reports it resolved (localhost/...).
+    b.ok(&[
+        "workload",
+        "add",
+        "i",
+        "--selector",
+        "container:image:keyhole-test-busybox:1",
+        "--selector",
+        &format!("container:label:{label}"),
+    ]);
+    for w in ["w", "d", "i"] {
+        b.ok(&["grant", "db/password", "--to", w]);
+    }
+    let c = Pod::start(&["--label", &label, "--name", &t, "-v", &secrets_bind(&b, "w")]);
+    // `podman exec` shares the container's namespaces: it reads.
+    assert_eq!(c.cat("/run/secrets/password").unwrap(), b"podman-s3cret");
+    let reads = b.audit_events("read");
+    assert_eq!(reads.len(), 1, "{reads:?}");
+    assert_eq!(reads[0]["caller"]["container_id"], c.id.as_str());
+    assert_eq!(reads[0]["caller"]["container_name"], t.as_str());
+
+    let i = Pod::start(&["--label", &label, "-v", &secrets_bind(&b, "i")]);
+    assert_eq!(i.cat("/run/secrets/password").unwrap(), b"podman-s3cret", "container:image as typed");
+
+    // Rotation and revoke, seen inside the running container.
+    b.put("db/password", b"podman-rotated");
+    eventually(5, "the rotated value inside the container", || {
+        c.cat("/run/secrets/password").ok().as_deref() == Some(b"podman-rotated")
+    });
+    b.ok(&["revoke", "db/password", "--from", "w"]);
+    eventually(5, "the revoked file gone inside the container", || c.cat("/run/secrets/password").is_err());
+
+    // Matches only docker:label — denied, and the deny names the container.
+    let before = b.audit_events("deny").len();
+    let d = Pod::start(&["--label", &label, "-v", &secrets_bind(&b, "d")]);
+    let err = d.cat("/run/secrets/password").expect_err("a docker: selector matched a Podman container");
+    assert!(err.contains("Permission denied"), "{err}");
+    // An unlabelled container in a workload's mount: denied.
+    let u = Pod::start(&["-v", &secrets_bind(&b, "i")]);
+    let err = u.cat("/run/secrets/password").expect_err("an unlabelled container read");
+    assert!(err.contains("Permission denied"), "{err}");
+    let denies = b.audit_events("deny");
+    let denied: Vec<&str> = denies[before..].iter().filter_map(|d| d["caller"]["container_id"].as_str()).collect();
+    assert_eq!(denied, [d.id.as_str(), u.id.as_str()], "{denies:?}");
+    b.assert_never_leaked(&[b"podman-s3cret", b"podman-rotated"]);
+}
+
+/// As root, move a shell into `top`; then, as `NOBODY`, make `top/leaf`,
+/// move into it and `cat file`.
+fn cat_from_delegated(top: &Path, leaf: &str, file: &Path) -> Output {
+    let (top, file) = (top.display(), file.display());
+    let inner = format!("mkdir -p {top}/{leaf} && echo $$ > {top}/{leaf}/cgroup.procs && exec cat {file}");
+    let outer = format!(
+        "echo $$ > {top}/cgroup.procs && exec setpriv --reuid {NOBODY} --regid {NOBODY} --clear-groups sh -c '{inner}'"
+    );
+    Command::new("sh").args(["-c", &outer]).output().unwrap()
+}
+
+/// Cgroup directories made for a test, removed (deepest first) on drop.
+struct Cgroups(Vec<PathBuf>);
+
+impl Cgroups {
+    /// A fresh directory under `mount`, owned by `NOBODY` (as systemd's
+    /// `Delegate=yes` leaves a user's), or root's when `owner` is 0.
+    fn made(mount: &str, owner: u32) -> (Cgroups, PathBuf) {
+        let dir = Path::new(mount).join(unique("khpodman"));
+        fs::create_dir(&dir).unwrap();
+        if owner != 0 {
+            let mut chown = vec![dir.clone()];
+            for f in ["cgroup.procs", "cgroup.threads", "cgroup.subtree_control", "tasks"] {
+                if dir.join(f).exists() {
+                    chown.push(dir.join(f));
+                }
+            }
+            let o = Command::new("chown").arg(owner.to_string()).args(&chown).output().unwrap();
+            assert!(o.status.success(), "chown: {}", stderr(&o));
+        }
+        (Cgroups(vec![dir.clone()]), dir)
+    }
+
+    fn will_hold(&mut self, top: &Path, rel: &str) {
+        let mut p = top.to_path_buf();
+        for seg in rel.split('/') {
+            p.push(seg);
+            self.0.push(p.clone());
+        }
+    }
+}
+
+impl Drop for Cgroups {
+    fn drop(&mut self) {
+        for d in self.0.iter().rev() {
+            for _ in 0..50 {
+                if !d.exists() || fs::remove_dir(d).is_ok() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+#[test]
+fn a_cgroup_named_like_a_podman_container_is_not_that_container() {
+    if !require_podman() {
+        return;
+    }
+    let svc = PodmanService::start();
+    let b = broker_on_podman(&svc);
+    let t = unique("spoof");
+    let label = format!("keyhole.test={t}");
+    b.put("db/password", b"spoofed-s3cret");
+    // main knows no container: selectors; `docker:` ones on a Podman
+    // socket are what an operator of main would have written.
+    let selector = if std::env::var_os("KEYHOLE_TEST_BIN").is_some() { "docker" } else { "container" };
+    b.ok(&["workload", "add", "w", "--selector", &format!("{selector}:label:{label}")]);
+    b.ok(&["grant", "db/password", "--to", "w", "--uid", &NOBODY.to_string()]);
+    let c = Pod::start(&["--label", &label, "--name", &t, "-v", &secrets_bind(&b, "w")]);
+    let file = b.mount("w").join("password");
+    assert_eq!(c.cat("/run/secrets/password").unwrap(), b"spoofed-s3cret", "the real container reads");
+    let reads_before = b.audit_events("read").len();
+
+    // A user's delegated subtree, a directory named as Podman names the
+    // container's (cgroupfs manager: /libpod_parent/libpod-<id>), on
+    // cgroup v2 and on v1.
+    let mut outcomes = Vec::new();
+    for mount in [V2, "/sys/fs/cgroup/pids"] {
+        for leaf in [format!("libpod_parent/libpod-{}", c.id), format!("libpod-{}.scope", c.id)] {
+            let (mut cg, top) = Cgroups::made(mount, NOBODY);
+            cg.will_hold(&top, &leaf);
+            let o = cat_from_delegated(&top, &leaf, &file);
+            outcomes.push((format!("{mount} {leaf}"), o));
+        }
+    }
+    // A host process root put in such a cgroup (not delegated): only the
+    // namespace check against the container's init tells it apart.
+    let (mut cg, top) = Cgroups::made(V2, 0);
+    let leaf = format!("libpod_parent/libpod-{}", c.id);
+    cg.will_hold(&top, &leaf);
+    let cmd = format!(
+        "mkdir -p {top}/{leaf} && echo $$ > {top}/{leaf}/cgroup.procs && \
+         exec setpriv --reuid {NOBODY} --regid {NOBODY} --clear-groups cat {file}",
+        top = top.display(),
+        file = file.display()
+    );
+    outcomes.push(("root-made".into(), Command::new("sh").args(["-c", &cmd]).output().unwrap()));
+    drop(cg);
+
+    let leaked: Vec<&String> = outcomes.iter().filter(|(_, o)| o.status.success()).map(|(w, _)| w).collect();
+    eprintln!("spoofed libpod cgroups that read the secret: {leaked:?}");
+    assert!(leaked.is_empty(), "a spoofed libpod cgroup read the secret: {leaked:?}");
+    for (what, o) in &outcomes {
+        assert!(stderr(o).contains("Permission denied"), "{what}: {}", stderr(o));
+    }
+    assert_eq!(b.audit_events("read").len(), reads_before, "a spoofed read was audited");
+    for d in b.audit_events("deny") {
+        assert!(d["caller"]["container_id"].is_null(), "a deny credits the container: {d}");
+        assert_eq!(d["caller"]["uid"], NOBODY, "{d}");
+    }
+    // The conmon monitor's cgroup names no container.
+    let conmon = fs::read_to_string(format!("/proc/{}/cgroup", conmon_of(&c))).unwrap();
+    assert!(!conmon.contains(&c.id), "conmon's cgroup names the container: {conmon}");
+    b.assert_never_leaked(&[b"spoofed-s3cret"]);
+}
+
+/// The pid of the conmon that monitors `c`.
+fn conmon_of(c: &Pod) -> i32 {
+    let o = podman(&["inspect", "--format", "{{.State.ConmonPid}}", &c.id]);
+    String::from_utf8_lossy(&o.stdout).trim().parse().unwrap()
+}
+
+#[test]
+fn the_broker_restarted_under_running_podman_containers_serves_them_again() {
+    if !require_podman() {
+        return;
+    }
+    let svc = PodmanService::start();
+    let mut b = Broker::start_with(&svc.runtime_toml());
+    let label = format!("keyhole.test={}", unique("pmrestart"));
+    b.put("db/password", b"restart-s3cret");
+    b.ok(&["workload", "add", "w", "--selector", &format!("container:label:{label}")]);
+    b.ok(&["grant", "db/password", "--to", "w"]);
+    let c = Pod::start(&["--label", &label, "-v", &secrets_bind(&b, "w")]);
+    assert_eq!(c.cat("/run/secrets/password").unwrap(), b"restart-s3cret");
+    let short = c.id[..12].to_owned();
+
+    // Killed and started again: the container is known before serving.
+    b.kill9();
+    let before = b.log().len();
+    b.restart();
+    let log = b.log()[before..].to_owned();
+    let confirmed = log.find(&format!("container confirmed container={short}")).expect("not primed");
+    assert!(confirmed < log.find("keyhole is serving").unwrap(), "confirmed only after serving began");
+    assert!(log.contains("runtime=podman"), "{log}");
+    eventually(10, "the container reads after the restart", || {
+        c.cat("/run/secrets/password").ok().as_deref() == Some(b"restart-s3cret")
+    });
+
+    // A takeover hands the Podman container over, checked again.
+    let before = b.log().len();
+    b.takeover();
+    let log = b.log()[before..].to_owned();
+    assert!(log.contains("containers taken from the predecessor"), "{log}");
+    assert!(!log.contains(&format!("asking Podman about a container container={short}")), "{log}");
+    assert_eq!(c.cat("/run/secrets/password").unwrap(), b"restart-s3cret");
+
+    // Removed: evicted on Podman's `remove` event; a new one is asked about.
+    let id = c.id.clone();
+    drop(c);
+    let c2 = Pod::start(&["--label", &label, "-v", &secrets_bind(&b, "w")]);
+    assert_eq!(c2.cat("/run/secrets/password").unwrap(), b"restart-s3cret");
+    let readers: Vec<String> =
+        b.audit_events("read").iter().filter_map(|r| r["caller"]["container_id"].as_str().map(str::to_owned)).collect();
+    assert!(readers.contains(&id) && readers.contains(&c2.id), "{readers:?}");
+    assert!(b.audit_events("deny").is_empty(), "{:?}", b.audit_events("deny"));
+}
+
+#[test]
+fn podman_and_docker_side_by_side_in_one_broker() {
+    if !require_podman() || !require_docker() {
+        return;
+    }
+    let svc = PodmanService::start();
+    let toml = format!("{}[[runtime]]\nkind = \"docker\"\n", svc.runtime_toml());
+    let b = Broker::start_with(&toml);
+    let label = format!("keyhole.test={}", unique("both"));
+    b.put("db/password", b"both-s3cret");
+    b.ok(&["workload", "add", "any", "--selector", &format!("container:label:{label}")]);
+    b.ok(&["workload", "add", "dock", "--selector", &format!("docker:label:{label}")]);
+    for w in ["any", "dock"] {
+        b.ok(&["grant", "db/password", "--to", w]);
+    }
+    let p = Pod::start(&["--label", &label, "-v", &secrets_bind(&b, "any")]);
+    let d = Container::start(&["--label", &label, "-v", &secrets_bind(&b, "any")]);
+    assert_eq!(p.cat("/run/secrets/password").unwrap(), b"both-s3cret", "podman under container:");
+    assert_eq!(d.cat("/run/secrets/password").unwrap(), b"both-s3cret", "docker under container:");
+    let pd = Pod::start(&["--label", &label, "-v", &secrets_bind(&b, "dock")]);
+    let dd = Container::start(&["--label", &label, "-v", &secrets_bind(&b, "dock")]);
+    assert_eq!(dd.cat("/run/secrets/password").unwrap(), b"both-s3cret", "docker under docker:");
+    assert!(pd.cat("/run/secrets/password").is_err(), "podman under docker: must be denied");
+    let log = b.log();
+    assert!(
+        log.contains(&format!("container confirmed container={} pid={} runtime=podman", &p.id[..12], p.init_pid())),
+        "{log}"
+    );
+    assert!(log.contains(&format!("container confirmed container={}", &d.id[..12])), "{log}");
+    let denies = b.audit_events("deny");
+    assert_eq!(denies.len(), 1, "{denies:?}");
+    assert_eq!(denies[0]["caller"]["container_id"], pd.id.as_str());
+    let started = Instant::now();
+    drop((p, d, pd, dd));
+    eprintln!("containers removed in {:?}", started.elapsed());
+}
