@@ -290,7 +290,9 @@ mod tests {
 
     #[test]
     fn every_runtime_form_yields_the_id() {
-        for case in ["docker-v1", "docker-v2-systemd", "docker-v2-cgroupfs", "containerd", "crio", "podman", "podman-cgroupfs"] {
+        for case in
+            ["docker-v1", "docker-v2-systemd", "docker-v2-cgroupfs", "containerd", "crio", "podman", "podman-cgroupfs"]
+        {
             assert_eq!(container_id(&fixture(case)).unwrap().as_deref(), Some(ID), "{case}");
         }
     }

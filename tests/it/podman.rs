@@ -452,3 +452,132 @@ fn podman_and_docker_side_by_side_in_one_broker() {
     drop((p, d, pd, dd));
     eprintln!("containers removed in {:?}", started.elapsed());
 }
+
+/// `podman` with `CONTAINERS_CONF` naming a containers.conf of its own.
+fn podman_with(conf: &Path, args: &[&str]) -> Output {
+    Command::new("podman").args(args).env("CONTAINERS_CONF", conf).stdin(Stdio::null()).output().unwrap()
+}
+
+/// Podman volumes of a keyhole plugin, removed on drop (before the
+/// broker, which must answer the `Remove`).
+struct Volumes<'a> {
+    conf: &'a Path,
+    names: Vec<String>,
+    pods: Vec<String>,
+}
+
+impl Drop for Volumes<'_> {
+    fn drop(&mut self) {
+        for p in &self.pods {
+            let _ = podman_with(self.conf, &["rm", "-f", "-t", "0", p]);
+        }
+        for v in &self.names {
+            let _ = podman_with(self.conf, &["volume", "rm", "-f", v]);
+        }
+    }
+}
+
+#[test]
+fn podman_volumes_of_two_workloads_each_show_their_own_grants() {
+    if !require_podman() {
+        return;
+    }
+    let svc = PodmanService::start();
+    let b = Broker::start_with_plugin_config(&svc.runtime_toml());
+    // The documented snippet, in a containers.conf of the test's own.
+    let conf = svc.dir.path().join("containers.conf");
+    let plugin_sock = format!("/run/docker/plugins/{}.sock", b.plugin);
+    fs::write(&conf, format!("[engine.volume_plugins]\n{} = \"{plugin_sock}\"\n", b.plugin)).unwrap();
+    let t = unique("pmvol");
+    b.put("web/token", b"web-volume-s3cret");
+    b.put("db/password", b"db-volume-s3cret");
+    b.ok(&["workload", "add", "web", "--selector", &format!("container:label:keyhole.test=web-{t}")]);
+    b.ok(&["workload", "add", "db", "--selector", &format!("container:label:keyhole.test=db-{t}")]);
+    b.ok(&["grant", "web/token", "--to", "web"]);
+    b.ok(&["grant", "db/password", "--to", "db"]);
+    let (vweb, vdb) = (format!("{t}-web"), format!("{t}-db"));
+    let mut vols = Volumes { conf: &conf, names: vec![vweb.clone(), vdb.clone()], pods: Vec::new() };
+    for (v, w) in [(&vweb, "web"), (&vdb, "db")] {
+        let o = podman_with(&conf, &["volume", "create", "--driver", &b.plugin, "-o", &format!("workload={w}"), v]);
+        assert!(o.status.success(), "podman volume create: {}", stderr(&o));
+    }
+    // A bad option is refused by the broker, through Podman.
+    let bad =
+        podman_with(&conf, &["volume", "create", "--driver", &b.plugin, "-o", "workload=nope", &format!("{t}-bad")]);
+    assert!(!bad.status.success(), "a volume of a missing workload was made");
+    assert!(stderr(&bad).contains("workload nope does not exist"), "{}", stderr(&bad));
+
+    let run = |label: &str, vol: &str| -> String {
+        let started = Instant::now();
+        let o = podman_with(
+            &conf,
+            &[
+                "run",
+                "-d",
+                "--rm",
+                "--ulimit",
+                "nofile=4096:4096",
+                "--ulimit",
+                "nproc=4096:4096",
+                "--label",
+                &format!("keyhole.test={label}"),
+                "-v",
+                &format!("{vol}:/run/secrets"),
+                PODMAN_IMAGE,
+                "sleep",
+                "3600",
+            ],
+        );
+        assert!(o.status.success(), "podman run: {}", stderr(&o));
+        // Well inside Podman's 5 s plugin timeout: no call back into it.
+        assert!(started.elapsed() < Duration::from_secs(4), "the start took {:?}", started.elapsed());
+        String::from_utf8(o.stdout).unwrap().trim().to_owned()
+    };
+    let web = run(&format!("web-{t}"), &vweb);
+    vols.pods.push(web.clone());
+    let db = run(&format!("db-{t}"), &vdb);
+    vols.pods.push(db.clone());
+    // A second container of the same volume: Podman mounts it once.
+    let web2 = run(&format!("web-{t}"), &vweb);
+    vols.pods.push(web2.clone());
+    // A db container on the web volume: mounted, and denied at open.
+    let intruder = run(&format!("db-{t}"), &vweb);
+    vols.pods.push(intruder.clone());
+
+    let cat = |id: &str, f: &str| podman(&["exec", id, "cat", &format!("/run/secrets/{f}")]);
+    for id in [&web, &web2] {
+        let o = cat(id, "token");
+        assert!(o.status.success(), "web reads its token: {}", stderr(&o));
+        assert_eq!(o.stdout, b"web-volume-s3cret");
+        assert!(!cat(id, "password").status.success(), "the web volume shows db's password");
+    }
+    let o = cat(&db, "password");
+    assert!(o.status.success(), "db reads its password: {}", stderr(&o));
+    assert_eq!(o.stdout, b"db-volume-s3cret");
+    assert!(!cat(&db, "token").status.success(), "the db volume shows web's token");
+    let o = cat(&intruder, "token");
+    assert!(!o.status.success() && stderr(&o).contains("Permission denied"), "{}", stderr(&o));
+    let denies = b.audit_events("deny");
+    assert_eq!(denies.len(), 1, "{denies:?}");
+    assert_eq!(denies[0]["caller"]["container_id"], intruder.as_str());
+
+    // Two volumes, two mounts, whatever one id Podman sends.
+    let mounts = b.audit_events("volume_mount");
+    let mounted: std::collections::BTreeSet<&str> = mounts.iter().filter_map(|m| m["path"].as_str()).collect();
+    assert_eq!(mounted, [vdb.as_str(), vweb.as_str()].into_iter().collect(), "{mounts:?}");
+
+    // Rotation seen in the volume of a running container.
+    b.put("web/token", b"web-volume-rotated");
+    eventually(5, "the rotated token in the volume", || cat(&web, "token").stdout == b"web-volume-rotated");
+
+    // Podman unmounts when the last container of a volume stops.
+    for id in [&web, &web2, &intruder] {
+        let _ = podman_with(&conf, &["rm", "-f", "-t", "0", id]);
+    }
+    eventually(10, "the web volume unmounted", || !b.audit_events("volume_unmount").is_empty());
+    let o = cat(&db, "password");
+    assert_eq!(o.stdout, b"db-volume-s3cret", "db's mount outlives web's: {}", stderr(&o));
+    drop(vols);
+    eventually(10, "both volumes removed", || b.audit_events("volume_remove").len() == 2);
+    b.assert_never_leaked(&[b"web-volume-s3cret", b"db-volume-s3cret", b"web-volume-rotated"]);
+}
