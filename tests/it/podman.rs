@@ -502,6 +502,7 @@ fn podman_volumes_of_two_workloads_each_show_their_own_grants() {
         assert!(o.status.success(), "podman volume create: {}", stderr(&o));
     }
     // A bad option is refused by the broker, through Podman.
+    vols.names.push(format!("{t}-bad"));
     let bad =
         podman_with(&conf, &["volume", "create", "--driver", &b.plugin, "-o", "workload=nope", &format!("{t}-bad")]);
     assert!(!bad.status.success(), "a volume of a missing workload was made");
