@@ -4,6 +4,7 @@
 //! everything to a successor on request (see [`takeover`]).
 #![forbid(unsafe_code)]
 
+mod activation;
 mod secrets;
 mod systemd;
 pub mod takeover;
@@ -471,9 +472,11 @@ async fn bind(path: &Path, mode: u32) -> anyhow::Result<UnixListener> {
 
 /// Bind the admin, workload and (if configured, with Docker) plugin
 /// sockets, replacing stale ones.
-async fn bind_listeners(broker: &Broker) -> anyhow::Result<takeover::Listeners> {
+async fn bind_listeners(broker: &Broker, held: activation::Activated) -> anyhow::Result<takeover::Listeners> {
     let mut plugin = None;
-    if let (Some(sock), Some(_)) = (&broker.config.plugin_socket, &broker.docker) {
+    if let Some(l) = held.plugin {
+        plugin = Some(l);
+    } else if let (Some(sock), Some(_)) = (&broker.config.plugin_socket, &broker.docker) {
         // Optional: without it, host-bind mounts still work.
         let dir = sock.parent().unwrap_or(Path::new("/"));
         match fs::create_dir_all(dir) {
@@ -484,20 +487,23 @@ async fn bind_listeners(broker: &Broker) -> anyhow::Result<takeover::Listeners> 
         }
     }
     let admin_path = broker.config.admin_socket();
-    let admin = match broker.config.admin.socket_group {
+    let admin = match (held.admin, broker.config.admin.socket_group) {
+        (Some(l), _) => l,
         // Admins by group reach the admin socket; everyone else is still
         // refused by the kernel.
-        Some(gid) => {
-            let l = bind(&admin_path, 0o600).await?;
+        (None, Some(gid)) => {
+            let l = bind(&admin_path, 0o600).await?.into_std()?;
             std::os::unix::fs::chown(&admin_path, None, Some(gid))
                 .with_context(|| format!("cannot give {} to group {gid}", admin_path.display()))?;
             fs::set_permissions(&admin_path, fs::Permissions::from_mode(0o660))?;
             l
         }
-        None => bind(&admin_path, 0o600).await?,
-    }
-    .into_std()?;
-    let workload = bind(&broker.config.workload_socket(), 0o666).await?.into_std()?;
+        (None, None) => bind(&admin_path, 0o600).await?.into_std()?,
+    };
+    let workload = match held.workload {
+        Some(l) => l,
+        None => bind(&broker.config.workload_socket(), 0o666).await?.into_std()?,
+    };
     Ok(takeover::Listeners { admin, workload, plugin })
 }
 
@@ -813,6 +819,9 @@ pub async fn serve(config: Config, takeover: bool, new_audit_log: bool) -> anyho
     let _ = rustls::crypto::ring::default_provider().install_default();
     crate::sys::umask(0o077);
     crate::sys::harden_process().context("cannot disable core dumps")?;
+    // The sockets systemd holds for us, if it started us (socket activation).
+    let activated = activation::take().context("socket activation")?;
+    let held = (activated.admin.is_some(), activated.workload.is_some(), activated.plugin.is_some());
     // Every caller is pinned by the pidfd the kernel took at connect: where
     // there is none, no caller could be told from a recycled pid.
     crate::sys::probe_peer_pidfd().context(
@@ -846,15 +855,18 @@ pub async fn serve(config: Config, takeover: bool, new_audit_log: bool) -> anyho
         };
         (Some((r.listeners, r.predecessor_pid)), Some(adopt))
     } else {
-        // Before touching the state: a running broker keeps it open.
-        refuse_if_live(&config.admin_socket()).await?;
+        // Before touching the state: a running broker keeps it open
+        // (unless systemd holds the socket: then it answers, queued).
+        if activated.admin.is_none() {
+            refuse_if_live(&config.admin_socket()).await?;
+        }
         (None, None)
     };
     let rt = tokio::runtime::Handle::current();
     let broker = Arc::new(tokio::task::spawn_blocking(move || Broker::open(config, rt, adopt, new_audit_log)).await??);
     let (listeners, from) = match received {
         Some((l, pid)) => (l, Some(pid)),
-        None => (bind_listeners(&broker).await?, None),
+        None => (bind_listeners(&broker, activated).await?, None),
     };
     let takeover_l = bind(&takeover_path, 0o600).await?;
     let mut services = spawn_services(&broker, &listeners)?;
@@ -919,8 +931,11 @@ pub async fn serve(config: Config, takeover: bool, new_audit_log: bool) -> anyho
     stop_services(&broker, services).await;
     let admin_path = broker.config.admin_socket();
     let workload_path = broker.config.workload_socket();
-    let plugin_path = broker.config.plugin_socket.as_ref().filter(|_| listeners.plugin.is_some());
-    for p in [Some(&admin_path), Some(&workload_path), Some(&takeover_path), plugin_path].into_iter().flatten() {
+    let plugin_path = broker.config.plugin_socket.as_ref().filter(|_| listeners.plugin.is_some() && !held.2);
+    // Sockets systemd holds stay: connections wait there for the next broker.
+    let admin_path = Some(&admin_path).filter(|_| !held.0);
+    let workload_path = Some(&workload_path).filter(|_| !held.1);
+    for p in [admin_path, workload_path, Some(&takeover_path), plugin_path].into_iter().flatten() {
         let _ = fs::remove_file(p);
     }
     let b = broker.clone();
