@@ -820,7 +820,12 @@ pub async fn serve(config: Config, takeover: bool, new_audit_log: bool) -> anyho
     crate::sys::umask(0o077);
     crate::sys::harden_process().context("cannot disable core dumps")?;
     // The sockets systemd holds for us, if it started us (socket activation).
-    let activated = activation::take().context("socket activation")?;
+    let paths = activation::Paths {
+        admin: &config.admin_socket(),
+        workload: &config.workload_socket(),
+        plugin: config.plugin_socket.as_deref(),
+    };
+    let activated = activation::take(paths).context("socket activation")?;
     let held = (activated.admin.is_some(), activated.workload.is_some(), activated.plugin.is_some());
     // Every caller is pinned by the pidfd the kernel took at connect: where
     // there is none, no caller could be told from a recycled pid.
