@@ -610,6 +610,37 @@ while not os.path.exists(stop):
     time.sleep(2)
 "#;
 
+/// The stand-in and the broker it runs, stopped however the test ends.
+struct StandIn {
+    child: Child,
+    stop: PathBuf,
+    /// The broker it started last.
+    last: i32,
+}
+
+impl StandIn {
+    fn stop(&mut self) {
+        let _ = fs::write(&self.stop, b"");
+        if self.last > 0 {
+            signal(self.last, libc::SIGTERM);
+        }
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for StandIn {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = fs::write(&self.stop, b"");
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            if self.last > 0 {
+                signal(self.last, libc::SIGKILL);
+            }
+        }
+    }
+}
+
 #[test]
 fn with_systemd_holding_the_sockets_a_broker_restart_stalls_no_volume_create() {
     if !require_docker() {
@@ -621,7 +652,7 @@ fn with_systemd_holding_the_sockets_a_broker_restart_stalls_no_volume_create() {
     let script = dir.path().join("standin.py");
     fs::write(&script, STANDIN).unwrap();
     let plugin_sock = PathBuf::from(format!("/run/docker/plugins/{}.sock", b.plugin));
-    let mut standin = Command::new("python3")
+    let standin = Command::new("python3")
         .arg(&script)
         .arg(b.socket())
         .arg(b.workload_socket())
@@ -633,17 +664,15 @@ fn with_systemd_holding_the_sockets_a_broker_restart_stalls_no_volume_create() {
         .stderr(b.log_file())
         .spawn()
         .unwrap();
-    let mut pids = std::io::BufReader::new(standin.stdout.take().unwrap());
+    let mut standin = StandIn { child: standin, stop: dir.path().join("stop"), last: 0 };
+    let mut pids = std::io::BufReader::new(standin.child.stdout.take().unwrap());
     let mut next_pid = || {
         let mut line = String::new();
         std::io::BufRead::read_line(&mut pids, &mut line).unwrap();
         line.trim().parse::<i32>().unwrap_or_else(|_| panic!("the stand-in said {line:?}"))
     };
-    let stop = |pid: i32| {
-        fs::write(dir.path().join("stop"), b"").unwrap();
-        signal(pid, libc::SIGTERM);
-    };
     let first = next_pid();
+    standin.last = first;
     eventually(30, "the activated broker answers", || b.cli(&["status"]).status.success());
     assert!(b.log().contains("listening on a socket systemd holds"), "{}", b.log());
     b.put("db/password", b"held-s3cret");
@@ -670,6 +699,7 @@ fn with_systemd_holding_the_sockets_a_broker_restart_stalls_no_volume_create() {
     let (local, local_took) = create(&vol("local"), "local");
     let (held, held_took) = create(&vol("b"), &b.plugin);
     let second = next_pid();
+    standin.last = second;
     eprintln!("while the broker was down: a local volume in {local_took:?}, a keyhole volume in {held_took:?}");
     assert!(local.status.success(), "{}", stderr(&local));
     assert!(local_took < Duration::from_secs(5), "a local volume stalled {local_took:?}");
@@ -681,8 +711,7 @@ fn with_systemd_holding_the_sockets_a_broker_restart_stalls_no_volume_create() {
     for v in [vol("a"), vol("b"), vol("local")] {
         let _ = docker(&["volume", "rm", "-f", &v]);
     }
-    stop(second);
-    let _ = standin.wait();
+    standin.stop();
     // A clean stop leaves systemd's sockets in place.
     assert!(plugin_sock.exists(), "the broker removed the socket systemd holds");
 }
