@@ -203,12 +203,11 @@ pub fn image_matches(want: &str, have: &str) -> bool {
     if has_registry(&want) {
         return false;
     }
-    let resolved = [
-        format!("localhost/{want}"),
-        format!("docker.io/{want}"),
-        (!want.contains('/')).then(|| format!("docker.io/library/{want}")).unwrap_or_default(),
-    ];
-    resolved.iter().any(|r| !r.is_empty() && *r == have)
+    let mut resolved = vec![format!("localhost/{want}"), format!("docker.io/{want}")];
+    if !want.contains('/') {
+        resolved.push(format!("docker.io/library/{want}"));
+    }
+    resolved.contains(&have)
 }
 
 /// The selectors a caller in container `id` (confirmed by a runtime)
