@@ -12,6 +12,8 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/keyhole";
 pub const DEFAULT_RUN_DIR: &str = "/run/keyhole";
 pub const DEFAULT_HISTORY_DEPTH: u32 = 10;
 pub const DEFAULT_DOCKER_SOCKET: &str = "/var/run/docker.sock";
+/// Where rootful `podman system service` listens by default.
+pub const DEFAULT_PODMAN_SOCKET: &str = "/run/podman/podman.sock";
 /// Where dockerd looks for legacy plugins' sockets.
 pub const PLUGIN_DIR: &str = "/run/docker/plugins";
 pub const DEFAULT_MAX_VALUE_BYTES: u64 = 1 << 20;
@@ -43,6 +45,20 @@ pub struct RawConfig {
     pub alerts: RawAlerts,
     #[serde(default)]
     pub backend: Vec<RawBackend>,
+    /// `[[runtime]]`: the container runtimes asked about containers.
+    #[serde(default)]
+    pub runtime: Vec<RawRuntime>,
+}
+
+/// One `[[runtime]]` table.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRuntime {
+    /// "docker" or "podman".
+    pub kind: String,
+    /// Its Engine API socket (Podman: `podman system service`); default
+    /// `/var/run/docker.sock` or `/run/podman/podman.sock`.
+    pub socket: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -424,6 +440,9 @@ pub struct Config {
     pub admin: AdminPolicy,
     pub key: KeySource,
     pub docker_socket: PathBuf,
+    /// The runtimes asked about containers, in order (`[[runtime]]`;
+    /// Docker on `docker_socket` when none is configured).
+    pub runtimes: Vec<RuntimeConfig>,
     /// The volume plugin's socket, if enabled.
     pub plugin_socket: Option<PathBuf>,
     /// Whether allowed file opens are audited (`[audit] reads`).
@@ -533,7 +552,17 @@ impl Config {
         let limits = Limits::from_raw(raw.limits)?;
         let metrics = raw.metrics.listen.map(|l| Listen::parse("[metrics] listen", &l)).transpose()?;
         let alerts = AlertConfig::from_raw(raw.alerts)?;
+        let runtimes = RuntimeConfig::from_raw(raw.runtime, raw.docker.socket.is_some())?;
         let docker_socket = absolute("docker.socket", raw.docker.socket.unwrap_or(DEFAULT_DOCKER_SOCKET.into()))?;
+        let docker_socket = runtimes
+            .iter()
+            .find(|r| r.kind == crate::policy::Runtime::Docker)
+            .map_or(docker_socket, |r| r.socket.clone());
+        let runtimes = if runtimes.is_empty() {
+            vec![RuntimeConfig { kind: crate::policy::Runtime::Docker, socket: docker_socket.clone(), explicit: false }]
+        } else {
+            runtimes
+        };
         let plugin = raw.docker.plugin.unwrap_or_else(|| "keyhole".into());
         let plugin_socket = match plugin.as_str() {
             "" => None,
@@ -554,6 +583,7 @@ impl Config {
             admin,
             key,
             docker_socket,
+            runtimes,
             plugin_socket,
             audit_reads: raw.audit.reads.unwrap_or(true),
             audit_rotation,
@@ -587,6 +617,49 @@ impl Config {
 
     pub fn workload_socket(&self) -> PathBuf {
         self.run_dir.join("workload.sock")
+    }
+}
+
+/// One container runtime keyhole asks about containers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RuntimeConfig {
+    pub kind: crate::policy::Runtime,
+    /// Its API socket: only ever this path, never one derived from a
+    /// caller's cgroup or uid.
+    pub socket: PathBuf,
+    /// Named by a `[[runtime]]` table (used even while its socket is
+    /// missing); false for the implicit Docker default (used only if its
+    /// socket exists at start, as before `[[runtime]]`).
+    pub explicit: bool,
+}
+
+impl RuntimeConfig {
+    fn from_raw(raw: Vec<RawRuntime>, docker_section_socket: bool) -> Result<Vec<RuntimeConfig>, ConfigError> {
+        if !raw.is_empty() && docker_section_socket {
+            return Err(ConfigError::Invalid(
+                "[docker] socket and [[runtime]] both name a socket: give Docker's as [[runtime]] kind = \"docker\""
+                    .into(),
+            ));
+        }
+        let mut out: Vec<RuntimeConfig> = Vec::with_capacity(raw.len());
+        for r in raw {
+            let kind = crate::policy::Runtime::parse(&r.kind).ok_or_else(|| {
+                ConfigError::Invalid(format!("[[runtime]] kind = {:?}: use \"docker\" or \"podman\"", r.kind))
+            })?;
+            let default = match kind {
+                crate::policy::Runtime::Docker => DEFAULT_DOCKER_SOCKET,
+                crate::policy::Runtime::Podman => DEFAULT_PODMAN_SOCKET,
+            };
+            let socket = absolute("[[runtime]] socket", r.socket.unwrap_or_else(|| default.into()))?;
+            if out.iter().any(|o| o.socket == socket) {
+                return Err(ConfigError::Invalid(format!(
+                    "two [[runtime]] tables name the socket {}",
+                    socket.display()
+                )));
+            }
+            out.push(RuntimeConfig { kind, socket, explicit: true });
+        }
+        Ok(out)
     }
 }
 
@@ -686,5 +759,48 @@ mod tests {
         assert!(c.admin.allows(7, 50, &[]));
         assert!(c.admin.allows(7, 7, &[50]));
         assert!(!c.admin.allows(7, 7, &[8]));
+    }
+
+    #[test]
+    fn runtimes_are_configured_or_docker_by_default() {
+        use crate::policy::Runtime;
+        let d = parse("").unwrap();
+        assert_eq!(
+            d.runtimes,
+            [RuntimeConfig { kind: Runtime::Docker, socket: DEFAULT_DOCKER_SOCKET.into(), explicit: false }]
+        );
+        let old = parse("[docker]\nsocket = \"/tmp/d.sock\"").unwrap();
+        assert_eq!(
+            (old.runtimes[0].socket.to_str(), old.docker_socket.to_str()),
+            (Some("/tmp/d.sock"), Some("/tmp/d.sock"))
+        );
+        let both = parse(
+            "[[runtime]]\nkind = \"podman\"\n[[runtime]]\nkind = \"docker\"\nsocket = \"/tmp/d.sock\"\n\
+             [[runtime]]\nkind = \"podman\"\nsocket = \"/tmp/p2.sock\"",
+        )
+        .unwrap();
+        let got: Vec<(Runtime, &str)> = both.runtimes.iter().map(|r| (r.kind, r.socket.to_str().unwrap())).collect();
+        assert_eq!(
+            got,
+            [
+                (Runtime::Podman, DEFAULT_PODMAN_SOCKET),
+                (Runtime::Docker, "/tmp/d.sock"),
+                (Runtime::Podman, "/tmp/p2.sock")
+            ]
+        );
+        assert_eq!(both.docker_socket.to_str(), Some("/tmp/d.sock"), "doctor asks the configured Docker");
+        assert!(both.runtimes.iter().all(|r| r.explicit));
+        let podman = parse("[[runtime]]\nkind = \"podman\"").unwrap();
+        assert_eq!(podman.runtimes.len(), 1, "no Docker unless named");
+        for bad in [
+            "[[runtime]]\nkind = \"rkt\"",
+            "[[runtime]]\nsocket = \"/x\"",
+            "[[runtime]]\nkind = \"docker\"\nsocket = \"\"",
+            "[[runtime]]\nkind = \"docker\"\nfoo = 1",
+            "[[runtime]]\nkind = \"docker\"\n[[runtime]]\nkind = \"docker\"",
+            "[docker]\nsocket = \"/d\"\n[[runtime]]\nkind = \"podman\"",
+        ] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -401,6 +401,27 @@ pub fn userns_parent(ns: &std::fs::File) -> io::Result<std::fs::File> {
     Ok(unsafe { std::fs::File::from_raw_fd(fd) })
 }
 
+/// Take a listening socket this process inherited at `fd` (systemd's
+/// socket activation, `LISTEN_FDS`): it must be an open socket; it is
+/// marked close-on-exec. Call once per fd: the fd is owned from here on.
+pub fn take_inherited_socket(fd: RawFd) -> io::Result<OwnedFd> {
+    let mut st = zeroed_stat();
+    // SAFETY: fstat64 only writes into `st`; an fd that is not open fails.
+    if unsafe { libc::fstat64(fd, &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("fd {fd} is not a socket")));
+    }
+    // SAFETY: F_SETFD on an open fd changes only its flags.
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the fd is open (fstat succeeded), was passed to this process
+    // (LISTEN_PID is ours), and the caller takes each listed fd once.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

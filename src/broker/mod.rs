@@ -14,6 +14,7 @@
 //! | `takeover.rs`, `systemd.rs` | the handover protocol; sd_notify |
 #![forbid(unsafe_code)]
 
+mod activation;
 mod error;
 mod ops;
 mod policy_ops;
@@ -260,14 +261,7 @@ impl Broker {
                 audit.record(&Event { reason: Some(&why), ..Event::new(EventKind::AuditReset) })?;
             }
         }
-        let docker = if config.docker_socket.exists() {
-            let d = DockerCache::connect(&config.docker_socket, rt.clone())
-                .with_context(|| format!("cannot use the Docker socket {}", config.docker_socket.display()))?;
-            Some(d)
-        } else {
-            tracing::info!(socket = %config.docker_socket.display(), "no Docker socket: docker:* selectors never match");
-            None
-        };
+        let docker = crate::identity::runtime::connect(&config.runtimes, rt.clone())?;
         if let Some(d) = &docker {
             // Before serving: the predecessor's containers (checked again),
             // the events stream, then every running container, so the
@@ -469,6 +463,14 @@ pub async fn serve(config: Config, takeover: bool, new_audit_log: bool) -> anyho
     let _ = rustls::crypto::ring::default_provider().install_default();
     crate::sys::umask(0o077);
     crate::sys::harden_process().context("cannot disable core dumps")?;
+    // The sockets systemd holds for us, if it started us (socket activation).
+    let paths = activation::Paths {
+        admin: &config.admin_socket(),
+        workload: &config.workload_socket(),
+        plugin: config.plugin_socket.as_deref(),
+    };
+    let activated = activation::take(paths).context("socket activation")?;
+    let held = (activated.admin.is_some(), activated.workload.is_some(), activated.plugin.is_some());
     // Every caller is pinned by the pidfd the kernel took at connect: where
     // there is none, no caller could be told from a recycled pid.
     crate::sys::probe_peer_pidfd().context(
@@ -502,15 +504,18 @@ pub async fn serve(config: Config, takeover: bool, new_audit_log: bool) -> anyho
         };
         (Some((r.listeners, r.predecessor_pid)), Some(adopt))
     } else {
-        // Before touching the state: a running broker keeps it open.
-        refuse_if_live(&config.admin_socket()).await?;
+        // Before touching the state: a running broker keeps it open
+        // (unless systemd holds the socket: then it answers, queued).
+        if activated.admin.is_none() {
+            refuse_if_live(&config.admin_socket()).await?;
+        }
         (None, None)
     };
     let rt = tokio::runtime::Handle::current();
     let broker = Arc::new(tokio::task::spawn_blocking(move || Broker::open(config, rt, adopt, new_audit_log)).await??);
     let (listeners, from) = match received {
         Some((l, pid)) => (l, Some(pid)),
-        None => (bind_listeners(&broker).await?, None),
+        None => (bind_listeners(&broker, activated).await?, None),
     };
     let takeover_l = bind(&takeover_path, 0o600).await?;
     let mut services = spawn_services(&broker, &listeners)?;
@@ -575,8 +580,11 @@ pub async fn serve(config: Config, takeover: bool, new_audit_log: bool) -> anyho
     stop_services(&broker, services).await;
     let admin_path = broker.config.admin_socket();
     let workload_path = broker.config.workload_socket();
-    let plugin_path = broker.config.plugin_socket.as_ref().filter(|_| listeners.plugin.is_some());
-    for p in [Some(&admin_path), Some(&workload_path), Some(&takeover_path), plugin_path].into_iter().flatten() {
+    let plugin_path = broker.config.plugin_socket.as_ref().filter(|_| listeners.plugin.is_some() && !held.2);
+    // Sockets systemd holds stay: connections wait there for the next broker.
+    let admin_path = Some(&admin_path).filter(|_| !held.0);
+    let workload_path = Some(&workload_path).filter(|_| !held.1);
+    for p in [admin_path, workload_path, Some(&takeover_path), plugin_path].into_iter().flatten() {
         let _ = fs::remove_file(p);
     }
     let b = broker.clone();

@@ -13,7 +13,7 @@ use tokio::net::UnixListener;
 use tonic::transport::Server;
 
 use super::private::check_private;
-use super::{Broker, secrets, takeover};
+use super::{Broker, activation, secrets, takeover};
 use crate::api::admin::AdminService;
 use crate::api::pb::{admin_server::AdminServer, workload_server::WorkloadServer};
 use crate::api::peer;
@@ -40,9 +40,14 @@ pub(super) async fn bind(path: &Path, mode: u32) -> anyhow::Result<UnixListener>
 
 /// Bind the admin, workload and (if configured, with Docker) plugin
 /// sockets, replacing stale ones.
-pub(super) async fn bind_listeners(broker: &Broker) -> anyhow::Result<takeover::Listeners> {
+pub(super) async fn bind_listeners(
+    broker: &Broker,
+    held: activation::Activated,
+) -> anyhow::Result<takeover::Listeners> {
     let mut plugin = None;
-    if let (Some(sock), Some(_)) = (&broker.config.plugin_socket, &broker.docker) {
+    if let Some(l) = held.plugin {
+        plugin = Some(l);
+    } else if let (Some(sock), Some(_)) = (&broker.config.plugin_socket, &broker.docker) {
         // Optional: without it, host-bind mounts still work.
         let dir = sock.parent().unwrap_or(Path::new("/"));
         match fs::create_dir_all(dir) {
@@ -53,20 +58,23 @@ pub(super) async fn bind_listeners(broker: &Broker) -> anyhow::Result<takeover::
         }
     }
     let admin_path = broker.config.admin_socket();
-    let admin = match broker.config.admin.socket_group {
+    let admin = match (held.admin, broker.config.admin.socket_group) {
+        (Some(l), _) => l,
         // Admins by group reach the admin socket; everyone else is still
         // refused by the kernel.
-        Some(gid) => {
-            let l = bind(&admin_path, 0o600).await?;
+        (None, Some(gid)) => {
+            let l = bind(&admin_path, 0o600).await?.into_std()?;
             std::os::unix::fs::chown(&admin_path, None, Some(gid))
                 .with_context(|| format!("cannot give {} to group {gid}", admin_path.display()))?;
             fs::set_permissions(&admin_path, fs::Permissions::from_mode(0o660))?;
             l
         }
-        None => bind(&admin_path, 0o600).await?,
-    }
-    .into_std()?;
-    let workload = bind(&broker.config.workload_socket(), 0o666).await?.into_std()?;
+        (None, None) => bind(&admin_path, 0o600).await?.into_std()?,
+    };
+    let workload = match held.workload {
+        Some(l) => l,
+        None => bind(&broker.config.workload_socket(), 0o666).await?.into_std()?,
+    };
     Ok(takeover::Listeners { admin, workload, plugin })
 }
 

@@ -90,6 +90,10 @@ pub async fn run(config: anyhow::Result<Config>, json: bool) -> anyhow::Result<(
         Vec::new()
     };
     checks.push(ptrace(scope.as_deref(), &exposed));
+    for r in config.runtimes.iter().filter(|r| r.kind == crate::policy::Runtime::Podman) {
+        checks.push(podman(&r.socket).await);
+    }
+    checks.push(rootless_podman());
     if let Some(sock) = &config.plugin_socket {
         checks.push(plugin(sock, docker_up, broker.is_ok()));
     }
@@ -351,6 +355,57 @@ async fn docker(socket: &Path) -> Check {
     }
 }
 
+/// A configured Podman API socket: root's, and answering.
+async fn podman(socket: &Path) -> Check {
+    const NAME: &str = "podman";
+    let s = socket.display();
+    if let Some(why) = crate::identity::runtime::not_roots(socket) {
+        return bad(NAME, format!("{s}: {why}"), "name a rootful Podman's socket (podman system service as root)");
+    }
+    if !socket.exists() {
+        return warn(
+            NAME,
+            format!("no Podman socket at {s}: its containers are never confirmed"),
+            format!("podman system service --time=0 unix://{s} (or systemctl enable --now podman.socket)"),
+        );
+    }
+    let version = async {
+        let d = bollard::Docker::connect_with_unix(&socket.to_string_lossy(), 5, bollard::API_DEFAULT_VERSION)?;
+        d.version().await
+    };
+    match tokio::time::timeout(std::time::Duration::from_secs(6), version).await {
+        Ok(Ok(v)) => ok(NAME, format!("Podman {} on {s}", v.version.unwrap_or_default())),
+        Ok(Err(e)) => bad(NAME, format!("{s}: {e}"), "start podman system service, or check the socket"),
+        Err(_) => bad(NAME, format!("{s}: no answer in 6 s"), "the Podman service is hung: restart it"),
+    }
+}
+
+/// Rootless Podman's containers, where any run: never attested.
+fn rootless_podman() -> Check {
+    const NAME: &str = "rootless podman";
+    // A user's Podman keeps its state under ~/.local/share/containers and
+    // its runtime dir under /run/user/<uid>/containers (or libpod).
+    let users: Vec<String> = std::fs::read_dir("/run/user")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.path().join("containers").exists() || e.path().join("libpod").exists())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    if users.is_empty() {
+        return ok(NAME, "none seen (rootless Podman is not attested: its processes match only unix: selectors)");
+    }
+    warn(
+        NAME,
+        format!(
+            "uid(s) {} run rootless Podman: its containers are not attested (no container id is visible \
+             from the host on cgroup v1, and a user-owned subtree on v2); their processes match only unix: selectors",
+            users.join(", ")
+        ),
+        "run containers that need secrets by name or label under rootful Podman or Docker",
+    )
+}
+
 fn plugin(sock: &Path, docker: bool, broker: bool) -> Check {
     const NAME: &str = "volume plugin";
     let s = sock.display();
@@ -366,7 +421,10 @@ fn plugin(sock: &Path, docker: bool, broker: bool) -> Check {
         Err(e) => bad(
             NAME,
             format!("{s} is dead ({e}): dockerd stalls ~100 s on new volumes while it exists"),
-            format!("start keyhole, or rm {s}"),
+            format!(
+                "start keyhole, or rm {s}; to never leave it dead, let systemd hold the sockets \
+                 (examples/keyhole.socket: connections wait while the broker restarts)"
+            ),
         ),
     }
 }

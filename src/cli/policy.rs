@@ -15,6 +15,9 @@ Selectors:
   docker:id:ID                                a container id (or its 12+ digit prefix)
   docker:name:NAME  docker:image:REF          the container's name / image as run
   docker:label:KEY=VALUE                      a container label
+  container:id|name|image|label:...           the same, for a container of any configured
+                                              runtime (Docker or Podman); docker: ones
+                                              match Docker's containers only
 
 Examples:
   keyhole workload add web --selector docker:label:com.example.app=web

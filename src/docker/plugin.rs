@@ -100,8 +100,10 @@ fn mount(b: &Broker, r: &Request, container: Option<String>) -> Result<Value, St
     if r.id.is_empty() || !r.id.bytes().all(|c| c.is_ascii_alphanumeric()) {
         return Err(format!("bad mount id {:?}", r.id));
     }
+    // Podman sends one fixed id for every mount: keyed by volume instead.
+    let id = super::podman::mount_key(&r.id, &r.name);
     let m = VolumeMount {
-        id: r.id.clone(),
+        id,
         volume: r.name.clone(),
         workload: spec.workload.clone(),
         uid: spec.uid,
@@ -114,7 +116,8 @@ fn mount(b: &Broker, r: &Request, container: Option<String>) -> Result<Value, St
 }
 
 fn unmount(b: &Broker, r: &Request) -> Result<Value, String> {
-    b.unmount_volume(&r.id, &r.name).map_err(|e| e.to_string())?;
+    let id = super::podman::mount_key(&r.id, &r.name);
+    b.unmount_volume(&id, &r.name).map_err(|e| e.to_string())?;
     Ok(json!({ "Err": "" }))
 }
 
@@ -156,20 +159,33 @@ fn handle(b: &Broker, call: &str, r: &Request, container: Option<String>) -> Res
     }
 }
 
-async fn call(State(b): State<Arc<Broker>>, UrlPath(call): UrlPath<String>, body: Bytes) -> axum::Json<Value> {
+/// An error answer: `{"Err": …}` with a 500 status. dockerd reads `Err`
+/// whatever the status; Podman reads it only from a status other than 200
+/// (and takes a 200 as success, whatever it says).
+type Answer = (axum::http::StatusCode, axum::Json<Value>);
+
+fn answer(v: Value) -> Answer {
+    let failed = v.get("Err").and_then(Value::as_str).is_some_and(|e| !e.is_empty());
+    let status = if failed { axum::http::StatusCode::INTERNAL_SERVER_ERROR } else { axum::http::StatusCode::OK };
+    (status, axum::Json(v))
+}
+
+async fn call(State(b): State<Arc<Broker>>, UrlPath(call): UrlPath<String>, body: Bytes) -> Answer {
     let r = match decode(&body) {
         Ok(r) => r,
-        Err(e) => return axum::Json(err(e)),
+        Err(e) => return answer(err(e)),
     };
     // Files in a container's mount belong to its configured user: note
-    // the (one) not-yet-running container that mounts this volume.
+    // the (one) not-yet-running container that mounts this volume. Never
+    // for Podman: it names no container, and its API would not answer
+    // until its 5 s plugin timeout failed the start.
     let container = match (call.as_str(), b.docker()) {
-        ("VolumeDriver.Mount", Some(d)) => d.starting_container(&r.name).await,
+        ("VolumeDriver.Mount", Some(d)) if !super::podman::is_podman(&r.id) => d.starting_container(&r.name).await,
         _ => None,
     };
     let b2 = b.clone();
-    let answer = tokio::task::spawn_blocking(move || handle(&b2, &call, &r, container)).await;
-    axum::Json(match answer {
+    let outcome = tokio::task::spawn_blocking(move || handle(&b2, &call, &r, container)).await;
+    answer(match outcome {
         Ok(Ok(v)) => v,
         Ok(Err(message)) => err(message),
         Err(e) => err(format!("internal error: {e}")),

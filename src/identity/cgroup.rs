@@ -10,7 +10,8 @@
 //! | docker, systemd driver | `docker-<id>.scope` |
 //! | containerd (CRI) | `cri-containerd-<id>.scope`, `/kubepods/.../<id>` |
 //! | CRI-O | `crio-<id>.scope` |
-//! | podman | `libpod-<id>.scope` (`libpod-conmon-*` is the host-side monitor) |
+//! | podman, systemd manager | `libpod-<id>.scope` (`libpod-conmon-*` is the host-side monitor) |
+//! | podman, cgroupfs manager (no systemd) | `/libpod_parent/libpod-<id>` (its conmon: `/libpod_parent/conmon`) |
 //!
 //! `<id>` is 64 lowercase hex digits. Two different ids in one file — in
 //! one line or across lines — is ambiguous and fails closed.
@@ -289,14 +290,16 @@ mod tests {
 
     #[test]
     fn every_runtime_form_yields_the_id() {
-        for case in ["docker-v1", "docker-v2-systemd", "docker-v2-cgroupfs", "containerd", "crio", "podman"] {
+        for case in
+            ["docker-v1", "docker-v2-systemd", "docker-v2-cgroupfs", "containerd", "crio", "podman", "podman-cgroupfs"]
+        {
             assert_eq!(container_id(&fixture(case)).unwrap().as_deref(), Some(ID), "{case}");
         }
     }
 
     #[test]
     fn host_processes_have_no_container() {
-        for case in ["host-v1", "host-v2", "podman-conmon"] {
+        for case in ["host-v1", "host-v2", "podman-conmon", "podman-cgroupfs-conmon"] {
             assert_eq!(container_id(&fixture(case)).unwrap(), None, "{case}");
         }
     }

@@ -1,4 +1,4 @@
-//! Container id → what Docker says of it (name, image, labels, user) and
+//! Container id → what the runtime says of it (name, image, labels, user) and
 //! the ground truth a caller is checked against: the container's init
 //! process (`State.Pid`), pinned by a pidfd taken at inspect time, and
 //! its pid and mount namespaces ([`Confirmed`]).
@@ -8,6 +8,13 @@
 //! container", or a miss), and [`DockerCache::pending`] starts the one
 //! inspect for an id (deduplicated, their total bounded) and hands back a
 //! future to wait on, bounded by [`WAIT_FOR`].
+//!
+//! Several runtimes may be configured (`[[runtime]]`: Docker, Podman —
+//! both speak Docker's Engine API): an id is asked of each in turn, on
+//! its configured socket only (never one derived from a caller), and the
+//! one that knows it running confirms it; the same ground truth (the
+//! caller's pid and mount namespaces equal those of `State.Pid`) holds
+//! whichever answers. Each runtime's events keep the cache honest.
 //!
 //! Kept honest by the events stream: `destroy`, `die`, `stop`, `rename`,
 //! `update` and `remove` evict a container (renamed and updated ones are
@@ -42,7 +49,7 @@ use std::time::{Duration, Instant};
 use bollard::Docker;
 use tokio_stream::StreamExt;
 
-use crate::policy::ContainerInfo;
+use crate::policy::{ContainerInfo, Runtime};
 
 /// How long one Docker call may take.
 const INSPECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -76,6 +83,8 @@ const IMAGES_MAX: usize = 1024;
 /// process pinned, with the namespaces every caller of it must share.
 pub struct Confirmed {
     pub info: Arc<ContainerInfo>,
+    /// Which configured runtime confirmed it (an index into the cache's).
+    client: usize,
     /// `State.Pid`, in the broker's pid namespace.
     pub pid: i32,
     pidfd: OwnedFd,
@@ -127,6 +136,10 @@ pub struct Exported {
     /// again rather than taken).
     #[serde(default)]
     pub own_labels: bool,
+    /// The socket of the runtime that confirmed it (none from a
+    /// predecessor that knew only Docker: the first Docker runtime).
+    #[serde(default)]
+    pub runtime_socket: Option<PathBuf>,
 }
 
 #[derive(Default)]
@@ -143,8 +156,16 @@ struct Inner {
 /// A future a caller may wait on (see [`DockerCache::pending`]).
 pub type Wait = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
 
+/// One configured runtime: its kind, its socket (only ever the
+/// configured one) and a lazy client on it.
+struct Client {
+    kind: Runtime,
+    socket: PathBuf,
+    api: Docker,
+}
+
 pub struct DockerCache {
-    client: Docker,
+    clients: Vec<Client>,
     inner: Mutex<Inner>,
     rt: tokio::runtime::Handle,
     proc_root: PathBuf,
@@ -205,9 +226,22 @@ pub fn own_labels(labels: BTreeMap<String, String>, image: &BTreeMap<String, Str
 impl DockerCache {
     /// Connect lazily to the Engine API on `socket`; nothing is sent yet.
     pub fn connect(socket: &Path, rt: tokio::runtime::Handle) -> Result<Arc<Self>, bollard::errors::Error> {
-        let client = Docker::connect_with_unix(&socket.to_string_lossy(), 5, bollard::API_DEFAULT_VERSION)?;
+        Self::connect_all(&[(Runtime::Docker, socket.to_owned())], rt)
+    }
+
+    /// Connect lazily to each runtime's API on its socket, asked in this
+    /// order; nothing is sent yet.
+    pub fn connect_all(
+        runtimes: &[(Runtime, PathBuf)],
+        rt: tokio::runtime::Handle,
+    ) -> Result<Arc<Self>, bollard::errors::Error> {
+        let mut clients = Vec::with_capacity(runtimes.len());
+        for (kind, socket) in runtimes {
+            let api = Docker::connect_with_unix(&socket.to_string_lossy(), 5, bollard::API_DEFAULT_VERSION)?;
+            clients.push(Client { kind: *kind, socket: socket.clone(), api });
+        }
         Ok(Arc::new(DockerCache {
-            client,
+            clients,
             inner: Mutex::default(),
             rt,
             proc_root: PathBuf::from("/proc"),
@@ -223,10 +257,10 @@ impl DockerCache {
     pub(crate) fn for_tests(proc_root: &Path, rt: tokio::runtime::Handle) -> Arc<Self> {
         let socket = proc_root.join("docker.sock"); // not a socket: calls fail at once
         std::fs::write(&socket, b"").expect("a dead socket");
-        let client = Docker::connect_with_unix(&socket.to_string_lossy(), 1, bollard::API_DEFAULT_VERSION)
+        let api = Docker::connect_with_unix(&socket.to_string_lossy(), 1, bollard::API_DEFAULT_VERSION)
             .expect("a lazy client");
         Arc::new(DockerCache {
-            client,
+            clients: vec![Client { kind: Runtime::Docker, socket, api }],
             inner: Mutex::default(),
             rt,
             proc_root: proc_root.to_owned(),
@@ -348,40 +382,51 @@ impl DockerCache {
         inner.absent.insert(id.to_owned(), Instant::now() + ttl);
     }
 
-    /// Inspect `id`; remember it confirmed, or absent for a while.
+    /// Inspect `id`, asking each runtime in turn until one knows it;
+    /// remember it confirmed, or absent for a while.
     async fn resolve(&self, id: &str) {
         let starts = self.starts.load(Ordering::SeqCst);
-        self.inspects.fetch_add(1, Ordering::Relaxed);
-        tracing::debug!(container = %short(id), "asking Docker about a container");
-        let r = tokio::time::timeout(INSPECT_TIMEOUT, self.client.inspect_container(id, None)).await;
-        let c = match r {
-            Ok(Ok(c)) => c,
-            Ok(Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. })) => {
-                if let Some(held) = self.warn.allow() {
-                    tracing::warn!(container = %short(id), held_back = held, "a caller claims a container Docker does not know");
+        let (mut unreachable, mut timed_out, mut found) = (false, false, None);
+        for (n, client) in self.clients.iter().enumerate() {
+            self.inspects.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(container = %short(id), "asking {} about a container", client.kind.title());
+            match tokio::time::timeout(INSPECT_TIMEOUT, client.api.inspect_container(id, None)).await {
+                // A name or prefix that happens to look like an id is not it.
+                Ok(Ok(c)) if c.id.as_deref() == Some(id) => {
+                    found = Some((n, c));
+                    break;
                 }
-                return self.absent(id, UNKNOWN_TTL, starts);
+                Ok(Ok(_)) | Ok(Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. })) => {}
+                Ok(Err(e)) => {
+                    if let Some(held) = self.warn.allow() {
+                        tracing::warn!(container = %short(id), runtime = %client.kind, socket = %client.socket.display(), error = %e, held_back = held, "container inspect failed");
+                    }
+                    unreachable = true;
+                }
+                Err(_) => {
+                    if let Some(held) = self.warn.allow() {
+                        tracing::warn!(container = %short(id), runtime = %client.kind, held_back = held, "container inspect timed out");
+                    }
+                    timed_out = true;
+                }
             }
-            Ok(Err(e)) => {
-                if let Some(held) = self.warn.allow() {
-                    tracing::warn!(container = %short(id), error = %e, held_back = held, "docker inspect failed");
-                }
-                return self.absent(id, UNREACHABLE_TTL, starts);
-            }
-            Err(_) => {
-                // Not remembered: dockerd answers a container being started
-                // only once the start is done, and that start may itself be
-                // waiting on us (runc touching a volume mount).
-                if let Some(held) = self.warn.allow() {
-                    tracing::warn!(container = %short(id), held_back = held, "docker inspect timed out");
-                }
+        }
+        let Some((n, c)) = found else {
+            // A timeout is not remembered: a runtime answers a container
+            // being started only once the start is done, and that start
+            // may itself be waiting on us (runc touching a volume mount).
+            if timed_out {
                 return;
             }
-        };
-        if c.id.as_deref() != Some(id) {
-            // A name or prefix that happens to look like an id.
+            if unreachable {
+                return self.absent(id, UNREACHABLE_TTL, starts);
+            }
+            if let Some(held) = self.warn.allow() {
+                tracing::warn!(container = %short(id), held_back = held, "a caller claims a container no runtime knows");
+            }
             return self.absent(id, UNKNOWN_TTL, starts);
-        }
+        };
+        let kind = self.clients[n].kind;
         let state = c.state.unwrap_or_default();
         let pid = state.pid.and_then(|p| i32::try_from(p).ok()).unwrap_or(0);
         if state.running != Some(true) || pid <= 0 {
@@ -399,7 +444,7 @@ impl DockerCache {
         let labels = if merged.is_empty() {
             merged
         } else {
-            match self.image_labels(c.image.as_deref().unwrap_or_default()).await {
+            match self.image_labels(n, c.image.as_deref().unwrap_or_default()).await {
                 Ok(image) => own_labels(merged, &image),
                 Err(ImageError::Gone) => {
                     if let Some(held) = self.warn.allow() {
@@ -425,11 +470,12 @@ impl DockerCache {
             image: config.image.unwrap_or_default(),
             labels,
             user: config.user.unwrap_or_default(),
+            runtime: kind,
         };
         match self.pin(id, pid, None) {
             Ok((pidfd, pid_ns, mnt_ns)) => {
-                tracing::debug!(container = %short(id), pid, "container confirmed");
-                let confirmed = Confirmed { info: Arc::new(info), pid, pidfd, pid_ns, mnt_ns };
+                tracing::debug!(container = %short(id), pid, runtime = %kind, "container confirmed");
+                let confirmed = Confirmed { info: Arc::new(info), client: n, pid, pidfd, pid_ns, mnt_ns };
                 self.lock().known.insert(id.to_owned(), Arc::new(confirmed));
             }
             Err(e) => {
@@ -443,14 +489,17 @@ impl DockerCache {
 
     /// The labels image `image` (an id, `sha256:…`) carries: remembered,
     /// or one inspect bounded by [`INSPECT_TIMEOUT`].
-    async fn image_labels(&self, image: &str) -> Result<Arc<BTreeMap<String, String>>, ImageError> {
+    async fn image_labels(&self, client: usize, image: &str) -> Result<Arc<BTreeMap<String, String>>, ImageError> {
         if image.is_empty() {
             return Err(ImageError::Gone);
         }
-        if let Some(l) = self.lock().images.get(image) {
+        // Image ids are per runtime: one runtime's says nothing of another's.
+        let key = format!("{client}/{image}");
+        if let Some(l) = self.lock().images.get(&key) {
             return Ok(l.clone());
         }
-        let labels = match tokio::time::timeout(INSPECT_TIMEOUT, self.client.inspect_image(image)).await {
+        let api = &self.clients[client].api;
+        let labels = match tokio::time::timeout(INSPECT_TIMEOUT, api.inspect_image(image)).await {
             Ok(Ok(i)) => {
                 let labels = i.config.and_then(|c| c.labels).unwrap_or_default();
                 Arc::new(labels.into_iter().collect::<BTreeMap<_, _>>())
@@ -465,7 +514,7 @@ impl DockerCache {
         if inner.images.len() >= IMAGES_MAX {
             inner.images.clear();
         }
-        inner.images.insert(image.to_owned(), labels.clone());
+        inner.images.insert(key, labels.clone());
         Ok(labels)
     }
 
@@ -502,13 +551,17 @@ impl DockerCache {
     /// Bounded in time; a Docker that does not answer is logged.
     pub async fn prime(self: &Arc<Self>) {
         let started = Instant::now();
-        let opts = bollard::query_parameters::ListContainersOptions::default(); // running ones
-        let list = match tokio::time::timeout(INSPECT_TIMEOUT, self.client.list_containers(Some(opts))).await {
-            Ok(Ok(list)) => list,
-            Ok(Err(e)) => return tracing::warn!(error = %e, "cannot list the running containers"),
-            Err(_) => return tracing::warn!("listing the running containers timed out"),
-        };
-        let ids: Vec<String> = list.into_iter().filter_map(|c| c.id).collect();
+        let mut ids: Vec<String> = Vec::new();
+        for client in &self.clients {
+            let opts = bollard::query_parameters::ListContainersOptions::default(); // running ones
+            match tokio::time::timeout(INSPECT_TIMEOUT, client.api.list_containers(Some(opts))).await {
+                Ok(Ok(list)) => ids.extend(list.into_iter().filter_map(|c| c.id)),
+                Ok(Err(e)) => {
+                    tracing::warn!(runtime = %client.kind, socket = %client.socket.display(), error = %e, "cannot list the running containers")
+                }
+                Err(_) => tracing::warn!(runtime = %client.kind, "listing the running containers timed out"),
+            }
+        }
         let total = ids.len();
         let work = async {
             let mut ids = ids.into_iter();
@@ -557,6 +610,7 @@ impl DockerCache {
                 labels: c.info.labels.clone(),
                 user: c.info.user.clone(),
                 own_labels: true,
+                runtime_socket: Some(self.clients[c.client].socket.clone()),
             })
             .collect()
     }
@@ -575,10 +629,27 @@ impl DockerCache {
                 tracing::debug!(container = %short(&e.id), "labels not sorted from the image's: asked about again");
                 continue;
             }
+            // The runtime it came from, by its socket; a predecessor that
+            // named none knew only Docker. One no longer configured: asked
+            // about again.
+            let client = match &e.runtime_socket {
+                Some(s) => self.clients.iter().position(|c| c.socket == *s),
+                None => self.clients.iter().position(|c| c.kind == Runtime::Docker),
+            };
+            let Some(client) = client else {
+                tracing::debug!(container = %short(&e.id), "its runtime is not configured: asked about again");
+                continue;
+            };
             match self.pin(&e.id, e.pid, Some((&e.pid_ns, &e.mnt_ns))) {
                 Ok((pidfd, pid_ns, mnt_ns)) => {
-                    let info = ContainerInfo { name: e.name, image: e.image, labels: e.labels, user: e.user };
-                    let c = Confirmed { info: Arc::new(info), pid: e.pid, pidfd, pid_ns, mnt_ns };
+                    let info = ContainerInfo {
+                        name: e.name,
+                        image: e.image,
+                        labels: e.labels,
+                        user: e.user,
+                        runtime: self.clients[client].kind,
+                    };
+                    let c = Confirmed { info: Arc::new(info), client, pid: e.pid, pidfd, pid_ns, mnt_ns };
                     self.lock().known.insert(e.id, Arc::new(c));
                     taken += 1;
                 }
@@ -593,13 +664,15 @@ impl DockerCache {
     /// more than one could be meant. (Docker lists it, but cannot inspect
     /// it until the start is under way.)
     pub async fn starting_container(&self, volume: &str) -> Option<String> {
+        // Docker's plugin socket is Docker's: ask the (first) Docker runtime.
+        let client = self.clients.iter().find(|c| c.kind == Runtime::Docker)?;
         let filters = HashMap::from([("volume".to_owned(), vec![volume.to_owned()])]);
         let opts = bollard::query_parameters::ListContainersOptions {
             all: true,
             filters: Some(filters),
             ..Default::default()
         };
-        let list = match tokio::time::timeout(INSPECT_TIMEOUT, self.client.list_containers(Some(opts))).await {
+        let list = match tokio::time::timeout(INSPECT_TIMEOUT, client.api.list_containers(Some(opts))).await {
             Ok(Ok(list)) => list,
             Ok(Err(e)) => {
                 tracing::warn!(%volume, error = %e, "cannot list the containers that mount a volume");
@@ -621,14 +694,24 @@ impl DockerCache {
         }
     }
 
-    /// Send `signal` (e.g. "SIGHUP") to a running container.
+    /// Send `signal` (e.g. "SIGHUP") to a running container, through the
+    /// runtime that confirmed it (or each, until one knows it).
     pub async fn signal(&self, id: &str, signal: &str) -> Result<(), String> {
-        let opts = bollard::query_parameters::KillContainerOptions { signal: signal.to_owned() };
-        match tokio::time::timeout(INSPECT_TIMEOUT, self.client.kill_container(id, Some(opts))).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err("timed out".into()),
+        let known = self.lock().known.get(id).map(|c| c.client);
+        let order: Vec<&Client> = match known {
+            Some(n) => vec![&self.clients[n]],
+            None => self.clients.iter().collect(),
+        };
+        let mut last = Err("no runtime is configured".to_owned());
+        for client in order {
+            let opts = bollard::query_parameters::KillContainerOptions { signal: signal.to_owned() };
+            last = match tokio::time::timeout(INSPECT_TIMEOUT, client.api.kill_container(id, Some(opts))).await {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err("timed out".into()),
+            };
         }
+        last
     }
 
     /// One container event.
@@ -636,7 +719,8 @@ impl DockerCache {
         // "exec_start: sh" and the like carry a suffix.
         let action = action.split(':').next().unwrap_or(action);
         match action {
-            "destroy" | "die" | "stop" | "remove" => {
+            // Podman says `remove` (and `died`, `cleanup`) where Docker says `destroy`.
+            "destroy" | "die" | "died" | "stop" | "remove" | "cleanup" => {
                 self.lock().known.remove(id);
             }
             "rename" | "update" => {
@@ -654,8 +738,21 @@ impl DockerCache {
         }
     }
 
-    /// Keep the cache honest from the events stream, reconnecting forever.
+    /// Keep the cache honest from each runtime's events stream,
+    /// reconnecting forever.
     pub async fn watch(self: Arc<Self>) {
+        let mut tasks = Vec::with_capacity(self.clients.len());
+        for n in 0..self.clients.len() {
+            tasks.push(tokio::spawn(self.clone().watch_one(n)));
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+    }
+
+    /// One runtime's events stream, forever.
+    async fn watch_one(self: Arc<Self>, client: usize) {
+        let kind = self.clients[client].kind;
         let mut backoff = Duration::from_millis(200);
         // After a lost stream, reconnect asking for the events since it was
         // lost: dockerd replays what it has, so none is missed across a
@@ -668,7 +765,7 @@ impl DockerCache {
                 since: since.map(|t| t.to_string()),
                 ..Default::default()
             };
-            let mut events = self.client.events(Some(opts));
+            let mut events = self.clients[client].api.events(Some(opts));
             if since.is_some() {
                 // The cache was cleared: learn the running containers again.
                 let me = self.clone();
@@ -678,7 +775,7 @@ impl DockerCache {
                 match ev {
                     Ok(ev) => {
                         if since.take().is_some() {
-                            tracing::info!("docker events stream back");
+                            tracing::info!("{kind} events stream back");
                         }
                         backoff = Duration::from_millis(200);
                         let action = ev.action.unwrap_or_default();
@@ -686,13 +783,13 @@ impl DockerCache {
                         self.on_event(&action, &id);
                     }
                     Err(e) => {
-                        tracing::debug!(error = %e, "docker events stream ended");
+                        tracing::debug!(error = %e, "{kind} events stream ended");
                         break;
                     }
                 }
             }
             if since.is_none() {
-                tracing::warn!("docker events stream lost; reconnecting");
+                tracing::warn!("{kind} events stream lost; reconnecting");
                 let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
                 since = Some(now.as_secs().saturating_sub(1));
             }
@@ -749,6 +846,7 @@ pub(crate) mod tests {
             labels: BTreeMap::from([("app".into(), "web".into())]),
             user: String::new(),
             own_labels: true,
+            runtime_socket: None,
         }
     }
 

@@ -21,6 +21,7 @@
 
 pub mod cgroup;
 pub mod docker;
+pub mod runtime;
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -205,16 +206,9 @@ impl Identity {
 
     pub fn selectors(&self) -> Vec<String> {
         let mut s = vec![format!("unix:uid:{}", self.uid), format!("unix:gid:{}", self.gid)];
-        // Set only once Docker confirmed the container (see `describe`):
-        // a cgroup name alone never yields `docker:id`.
-        if let Some(id) = &self.container_id {
-            s.push(format!("docker:id:{id}"));
-        }
-        if let Some(d) = &self.docker {
-            s.push(format!("docker:name:{}", d.name));
-            s.push(format!("docker:image:{}", d.image));
-            s.extend(d.labels.iter().map(|(k, v)| format!("docker:label:{k}={v}")));
-        }
+        // Set only once a runtime confirmed the container (see `describe`):
+        // a cgroup name alone never yields `container:id`.
+        s.extend(crate::policy::container_selectors(self.container_id.as_deref(), self.docker.as_deref()));
         s
     }
 }

@@ -27,7 +27,7 @@ pub mod admin;
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PolicyError {
     #[error(
-        "selector {0:?} is not one of unix:uid:N, unix:gid:N, docker:id:ID, docker:name:NAME, docker:image:REF, docker:label:KEY=VALUE"
+        "selector {0:?} is not one of unix:uid:N, unix:gid:N, container:id:ID, container:name:NAME, container:image:REF, container:label:KEY=VALUE (or docker:id|name|image|label:..., Docker containers only)"
     )]
     BadSelector(String),
     #[error("workload name {0:?} must be 1-64 characters of [A-Za-z0-9._-], not starting with '.' or '-'")]
@@ -59,6 +59,12 @@ pub enum Selector {
     DockerName(String),
     DockerImage(String),
     DockerLabel(String, String),
+    /// `container:id:ID` and the rest: a container of any configured
+    /// runtime (Docker or Podman); the `docker:` forms match Docker's only.
+    ContainerId(String),
+    ContainerName(String),
+    ContainerImage(String),
+    ContainerLabel(String, String),
 }
 
 impl Selector {
@@ -67,7 +73,9 @@ impl Selector {
         let (kind, rest) = s.split_once(':').ok_or_else(bad)?;
         let (key, value) = rest.split_once(':').ok_or_else(bad)?;
         let nonempty = |v: &str| (!v.is_empty() && !v.contains(char::is_control)).then(|| v.to_owned()).ok_or_else(bad);
-        Ok(match (kind, key) {
+        let any = kind == "container";
+        let kind = if any { "docker" } else { kind };
+        let sel = match (kind, key) {
             ("unix", "uid") => Selector::UnixUid(value.parse().map_err(|_| bad())?),
             ("unix", "gid") => Selector::UnixGid(value.parse().map_err(|_| bad())?),
             ("docker", "id") if value.len() >= 12 && value.bytes().all(|b| b.is_ascii_hexdigit()) => {
@@ -80,19 +88,36 @@ impl Selector {
                 Selector::DockerLabel(nonempty(k)?, v.to_owned())
             }
             _ => return Err(bad()),
+        };
+        Ok(match sel {
+            Selector::DockerId(i) if any => Selector::ContainerId(i),
+            Selector::DockerName(n) if any => Selector::ContainerName(n),
+            Selector::DockerImage(i) if any => Selector::ContainerImage(i),
+            Selector::DockerLabel(k, v) if any => Selector::ContainerLabel(k, v),
+            Selector::UnixUid(_) | Selector::UnixGid(_) if any => return Err(bad()),
+            other => other,
         })
     }
 
     pub fn matches(&self, id: &Identity) -> bool {
-        let docker = id.docker.as_ref();
+        // Facts only of a container a runtime confirmed (see `identity`).
+        let any = id.docker.as_ref();
+        let docker = any.filter(|d| d.runtime == Runtime::Docker);
+        // A short id matches as a prefix, as docker's CLI accepts it.
+        let id_is = |d: Option<&std::sync::Arc<ContainerInfo>>, want: &str| {
+            d.is_some() && id.container_id.as_deref().is_some_and(|c| c.starts_with(want))
+        };
         match self {
             Selector::UnixUid(u) => id.uid == *u,
             Selector::UnixGid(g) => id.gid == *g,
-            // A short id matches as a prefix, as docker's CLI accepts it.
-            Selector::DockerId(want) => id.container_id.as_deref().is_some_and(|c| c.starts_with(want.as_str())),
+            Selector::DockerId(want) => id_is(docker, want),
             Selector::DockerName(n) => docker.is_some_and(|d| d.name == *n),
-            Selector::DockerImage(i) => docker.is_some_and(|d| d.image == *i),
+            Selector::DockerImage(i) => docker.is_some_and(|d| image_matches(i, &d.image)),
             Selector::DockerLabel(k, v) => docker.is_some_and(|d| d.labels.get(k) == Some(v)),
+            Selector::ContainerId(want) => id_is(any, want),
+            Selector::ContainerName(n) => any.is_some_and(|d| d.name == *n),
+            Selector::ContainerImage(i) => any.is_some_and(|d| image_matches(i, &d.image)),
+            Selector::ContainerLabel(k, v) => any.is_some_and(|d| d.labels.get(k) == Some(v)),
         }
     }
 }
@@ -106,13 +131,115 @@ impl fmt::Display for Selector {
             Selector::DockerName(n) => write!(f, "docker:name:{n}"),
             Selector::DockerImage(i) => write!(f, "docker:image:{i}"),
             Selector::DockerLabel(k, v) => write!(f, "docker:label:{k}={v}"),
+            Selector::ContainerId(i) => write!(f, "container:id:{i}"),
+            Selector::ContainerName(n) => write!(f, "container:name:{n}"),
+            Selector::ContainerImage(i) => write!(f, "container:image:{i}"),
+            Selector::ContainerLabel(k, v) => write!(f, "container:label:{k}={v}"),
         }
     }
 }
 
-/// What Docker says about a container (from inspect).
+/// The container runtimes keyhole asks about containers (`[[runtime]]`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Runtime {
+    #[default]
+    Docker,
+    Podman,
+}
+
+impl Runtime {
+    pub fn parse(s: &str) -> Option<Runtime> {
+        match s {
+            "docker" => Some(Runtime::Docker),
+            "podman" => Some(Runtime::Podman),
+            _ => None,
+        }
+    }
+
+    /// "Docker", "Podman": for log lines.
+    pub fn title(self) -> &'static str {
+        match self {
+            Runtime::Docker => "Docker",
+            Runtime::Podman => "Podman",
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Runtime::Docker => "docker",
+            Runtime::Podman => "podman",
+        }
+    }
+}
+
+impl fmt::Display for Runtime {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An image reference with its defaults spelled out where they are
+/// unambiguous: a missing tag is `:latest` (a digest stays as it is).
+fn with_tag(r: &str) -> String {
+    let last = r.rsplit('/').next().unwrap_or(r);
+    if last.contains(':') || last.contains('@') { r.to_owned() } else { format!("{r}:latest") }
+}
+
+/// Whether the first component of an image reference names a registry
+/// (`localhost`, or a host with a '.' or a port), as Docker and Podman
+/// tell them apart.
+fn has_registry(r: &str) -> bool {
+    match r.split_once('/') {
+        Some((first, _)) => first == "localhost" || first.contains('.') || first.contains(':'),
+        None => false,
+    }
+}
+
+/// Whether a selector's image `want` names the image a runtime reports,
+/// `have`. A fully qualified `want` must equal it (up to `:latest`); a
+/// short name as typed (`busybox:1`) also matches the names runtimes
+/// resolve it to: `docker.io/library/busybox:1` (Docker Hub) and
+/// `localhost/busybox:1` (Podman's local images, as `podman import` and
+/// `podman build` name them).
+pub fn image_matches(want: &str, have: &str) -> bool {
+    let (want, have) = (with_tag(want), with_tag(have));
+    if want == have {
+        return true;
+    }
+    if has_registry(&want) {
+        return false;
+    }
+    let mut resolved = vec![format!("localhost/{want}"), format!("docker.io/{want}")];
+    if !want.contains('/') {
+        resolved.push(format!("docker.io/library/{want}"));
+    }
+    resolved.contains(&have)
+}
+
+/// The selectors a caller in container `id` (confirmed by a runtime)
+/// matches: the `container:` forms, and for Docker's the `docker:` ones.
+pub fn container_selectors(id: Option<&str>, info: Option<&ContainerInfo>) -> Vec<String> {
+    let (Some(id), Some(d)) = (id, info) else { return Vec::new() };
+    let mut kinds = vec!["container"];
+    if d.runtime == Runtime::Docker {
+        kinds.push("docker");
+    }
+    let mut s = Vec::new();
+    for k in kinds {
+        s.push(format!("{k}:id:{id}"));
+        s.push(format!("{k}:name:{}", d.name));
+        s.push(format!("{k}:image:{}", d.image));
+        s.extend(d.labels.iter().map(|(l, v)| format!("{k}:label:{l}={v}")));
+    }
+    s
+}
+
+/// What the runtime says about a container (from inspect).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct ContainerInfo {
+    /// Which runtime confirmed it.
+    pub runtime: Runtime,
     pub name: String,
     pub image: String,
     pub labels: BTreeMap<String, String>,
@@ -375,6 +502,7 @@ mod tests {
                     image: image.into(),
                     labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
                     user: String::new(),
+                    runtime: Runtime::Docker,
                 })
             }),
             ..Identity::default()
@@ -498,5 +626,76 @@ mod tests {
         let (again, _) = files_for([&exact, &prefix], &secrets);
         assert_eq!(files, again, "order of grants does not matter");
         assert_eq!((files[0].uid, files[1].uid), (None, Some(7)));
+    }
+
+    fn in_runtime(runtime: Runtime, image: &str, labels: &[(&str, &str)]) -> Identity {
+        let mut i = id(0, Some(("web", image, labels)));
+        if let Some(d) = i.docker.as_mut() {
+            std::sync::Arc::make_mut(d).runtime = runtime;
+        }
+        i
+    }
+
+    #[test]
+    fn container_selectors_match_any_runtime_and_docker_ones_only_docker() {
+        for s in ["container:id:abababababab", "container:name:web", "container:image:busybox:1", "container:label:a=b"]
+        {
+            assert_eq!(Selector::parse(s).unwrap().to_string(), s);
+        }
+        for bad in
+            ["container:uid:0", "container:id:xyz", "container:label:novalue", "container:name:", "podman:name:x"]
+        {
+            assert!(Selector::parse(bad).is_err(), "{bad}");
+        }
+        let podman = in_runtime(Runtime::Podman, "localhost/busybox:1", &[("app", "web")]);
+        let docker = in_runtime(Runtime::Docker, "busybox:1", &[("app", "web")]);
+        let w = |s: &str| Workload::new("w", &[s.to_owned()]).unwrap();
+        for s in
+            ["container:label:app=web", "container:name:web", "container:id:abababababab", "container:image:busybox:1"]
+        {
+            assert!(w(s).matches(&podman), "{s} on podman");
+            assert!(w(s).matches(&docker), "{s} on docker");
+        }
+        for s in ["docker:label:app=web", "docker:name:web", "docker:id:abababababab", "docker:image:busybox:1"] {
+            assert!(!w(s).matches(&podman), "{s} must not match a Podman container");
+            assert!(w(s).matches(&docker), "{s} on docker");
+        }
+        assert!(!w("container:label:app=web").matches(&id(0, None)), "a host process is in no container");
+        assert_eq!(
+            container_selectors(Some("ab"), podman.docker.as_deref()),
+            ["container:id:ab", "container:name:web", "container:image:localhost/busybox:1", "container:label:app=web"]
+        );
+        assert_eq!(container_selectors(Some("ab"), docker.docker.as_deref()).len(), 8);
+        assert!(container_selectors(None, docker.docker.as_deref()).is_empty());
+    }
+
+    #[test]
+    fn an_image_matches_as_typed_and_as_resolved() {
+        for (want, have) in [
+            ("busybox:1", "busybox:1"),
+            ("busybox:1", "localhost/busybox:1"),
+            ("busybox:1", "docker.io/library/busybox:1"),
+            ("busybox", "docker.io/library/busybox:latest"),
+            ("busybox:latest", "busybox"),
+            ("org/app:2", "docker.io/org/app:2"),
+            ("org/app:2", "localhost/org/app:2"),
+            ("localhost/busybox:1", "localhost/busybox:1"),
+            ("registry.example:5000/app:1", "registry.example:5000/app:1"),
+            ("busybox@sha256:ab", "docker.io/library/busybox@sha256:ab"),
+        ] {
+            assert!(image_matches(want, have), "{want} ~ {have}");
+        }
+        for (want, have) in [
+            ("busybox:1", "busybox:2"),
+            ("busybox:1", "evil.example/busybox:1"),
+            ("busybox:1", "quay.io/busybox:1"),
+            ("localhost/busybox:1", "docker.io/library/busybox:1"),
+            ("docker.io/library/busybox:1", "localhost/busybox:1"),
+            ("busybox", "busybox:1"),
+            ("box:1", "localhost/busybox:1"),
+            ("org/app:2", "docker.io/library/org/app:2"),
+        ] {
+            assert!(!image_matches(want, have), "{want} must not match {have}");
+        }
     }
 }

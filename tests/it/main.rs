@@ -17,6 +17,7 @@ mod limits;
 mod listeners;
 mod mounts;
 mod operate;
+mod podman;
 mod pool;
 mod redteam;
 mod replay;
