@@ -46,6 +46,7 @@ fn backend_status(v: &crate::backend::vault::VaultBackend) -> pb::BackendStatus 
     use crate::backend::vault::Freshness;
     let (_, last_ok, last_error) = v.health.snapshot();
     let (address, auth) = v.describe();
+    let (detection, note, scan) = v.change_detection();
     let state = match v.health.freshness() {
         Freshness::Fresh => "ok",
         Freshness::Stale => "stale",
@@ -62,6 +63,17 @@ fn backend_status(v: &crate::backend::vault::VaultBackend) -> pb::BackendStatus 
             .map_or(0, |d| d.as_millis() as i64),
         last_error: last_error.unwrap_or_default(),
         cached_secrets: v.cached_count() as u64,
+        change_detection: detection.into(),
+        change_detection_note: note.unwrap_or_default(),
+        scan_dirs: scan.dirs as u64,
+        scan_requests: scan.requests,
+        scan_bytes: scan.bytes,
+        watched_secrets: scan.watched,
+        scan_fetched: scan.fetched,
+        last_scan_unix_ms: scan
+            .at
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_millis() as i64),
     }
 }
 

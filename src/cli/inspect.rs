@@ -74,6 +74,13 @@ pub async fn status(socket: &Target, json: bool) -> anyhow::Result<()> {
         if !b.last_error.is_empty() {
             println!("  last error: {}", b.last_error);
         }
+        println!(
+            "  change detection: {}, last check {} request(s), {} bytes, {} dir(s), {} watched, {} read",
+            b.change_detection, b.scan_requests, b.scan_bytes, b.scan_dirs, b.watched_secrets, b.scan_fetched
+        );
+        if !b.change_detection_note.is_empty() {
+            println!("  per-secret because: {}", b.change_detection_note);
+        }
     }
     Ok(())
 }
@@ -88,6 +95,16 @@ fn backend_json(b: &pb::BackendStatus) -> serde_json::Value {
         "last_ok": (b.last_ok_unix_ms > 0).then(|| super::client::time_ms(b.last_ok_unix_ms)),
         "last_error": (!b.last_error.is_empty()).then_some(&b.last_error),
         "cached_secrets": b.cached_secrets,
+        "change_detection": b.change_detection,
+        "change_detection_note": (!b.change_detection_note.is_empty()).then_some(&b.change_detection_note),
+        "last_scan": {
+            "at": (b.last_scan_unix_ms > 0).then(|| super::client::time_ms(b.last_scan_unix_ms)),
+            "dirs": b.scan_dirs,
+            "requests": b.scan_requests,
+            "bytes": b.scan_bytes,
+            "watched": b.watched_secrets,
+            "fetched": b.scan_fetched,
+        },
     })
 }
 
