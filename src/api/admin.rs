@@ -278,6 +278,29 @@ impl admin_server::Admin for AdminService {
         Ok(Response::new(pb::DeleteSecretResponse { versions_removed: removed as u32 }))
     }
 
+    async fn refresh(&self, req: Request<pb::RefreshRequest>) -> Reply<pb::RefreshResponse> {
+        let id = self.authorize(&req, "Refresh").await?;
+        let r = req.into_inner();
+        let named = if r.path.is_empty() { r.backend.clone() } else { r.path.clone() };
+        let found = self
+            .audited(id, "refresh", (!named.is_empty()).then_some(named), move |b| {
+                Ok((b.refresh_backends(&r.path, &r.backend)?, None))
+            })
+            .await?;
+        let backends = found
+            .into_iter()
+            .map(|f| pb::RefreshedBackend {
+                name: f.backend,
+                change_detection: f.change_detection.into(),
+                requests: f.requests,
+                watched: f.watched,
+                changed: f.changed,
+                path_watched: f.path_watched,
+            })
+            .collect();
+        Ok(Response::new(pb::RefreshResponse { backends }))
+    }
+
     async fn ping(&self, _req: Request<pb::PingRequest>) -> Reply<pb::PingResponse> {
         Ok(Response::new(pb::PingResponse { version: env!("CARGO_PKG_VERSION").into() }))
     }

@@ -87,7 +87,7 @@ const OPEN_TO_ALL: &str = "/keyhole.v1.Workload/";
 
 /// The Admin service's methods, so an audit line names one only if it is
 /// real (a caller cannot write what it likes into the log).
-const ADMIN_METHODS: [&str; 18] = [
+const ADMIN_METHODS: [&str; 19] = [
     "PutSecret",
     "GetSecret",
     "ListSecrets",
@@ -105,6 +105,7 @@ const ADMIN_METHODS: [&str; 18] = [
     "ListMounts",
     "Ping",
     "WhoAmI",
+    "Refresh",
     "unknown",
 ];
 

@@ -6,6 +6,7 @@
 
 mod error;
 mod ops;
+mod refresh;
 mod secrets;
 mod systemd;
 pub mod takeover;

@@ -22,11 +22,11 @@ use crate::policy::{Grant, Target, Workload};
 use crate::secret::{SecretBytes, SecretPath};
 
 impl Broker {
-    fn vault_for<'a>(&self, path: &'a str) -> Option<(&Arc<VaultBackend>, &'a str)> {
+    pub(super) fn vault_for<'a>(&self, path: &'a str) -> Option<(&Arc<VaultBackend>, &'a str)> {
         self.vaults.iter().find_map(|v| v.relative(path).map(|rel| (v, rel)))
     }
 
-    fn vault_named(&self, path: &str) -> Option<&Arc<VaultBackend>> {
+    pub(super) fn vault_named(&self, path: &str) -> Option<&Arc<VaultBackend>> {
         self.vaults.iter().find(|v| v.cfg.name == path)
     }
 
@@ -289,7 +289,7 @@ pub async fn watch_backend(broker: Arc<Broker>, v: Arc<VaultBackend>) {
 }
 
 /// The relative paths of `v` that grants name exactly, and the prefixes.
-fn split_targets(v: &VaultBackend, grants: &[Grant]) -> (BTreeSet<String>, BTreeSet<String>) {
+pub(super) fn split_targets(v: &VaultBackend, grants: &[Grant]) -> (BTreeSet<String>, BTreeSet<String>) {
     let (mut exact, mut prefixes) = (BTreeSet::new(), BTreeSet::new());
     for g in grants {
         match &g.target {
@@ -301,7 +301,7 @@ fn split_targets(v: &VaultBackend, grants: &[Grant]) -> (BTreeSet<String>, BTree
 }
 
 /// Mark the backend failing; audit the transition once, not every poll.
-fn report_failure(broker: &Broker, v: &VaultBackend, e: &BackendError) {
+pub(super) fn report_failure(broker: &Broker, v: &VaultBackend, e: &BackendError) {
     let reason = e.to_string();
     if v.health.failed(&reason) {
         tracing::warn!(backend = %v.cfg.name, error = %reason, "backend failing; serving cached values up to max_stale");

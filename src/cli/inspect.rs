@@ -164,3 +164,44 @@ pub async fn audit(args: AuditArgs, socket: &Target, json: bool) -> anyhow::Resu
     }
     Ok(())
 }
+
+/// `keyhole refresh`: what each backend's check found.
+pub async fn refresh(path: Option<String>, backend: Option<String>, socket: &Target, json: bool) -> anyhow::Result<()> {
+    let req = pb::RefreshRequest { path: path.clone().unwrap_or_default(), backend: backend.unwrap_or_default() };
+    let r = rpc!(admin, socket, Safe, refresh, req)?;
+    if json {
+        let out: Vec<serde_json::Value> = r
+            .backends
+            .iter()
+            .map(|b| {
+                serde_json::json!({
+                    "backend": b.name,
+                    "change_detection": b.change_detection,
+                    "requests": b.requests,
+                    "watched": b.watched,
+                    "changed": b.changed,
+                    "path_watched": path.as_ref().map(|_| b.path_watched),
+                })
+            })
+            .collect();
+        print_json(&serde_json::Value::Array(out));
+        return Ok(());
+    }
+    for b in &r.backends {
+        println!(
+            "{}/: {} watched, {} changed ({} request(s), by {})",
+            b.name,
+            b.watched,
+            b.changed.len(),
+            b.requests,
+            b.change_detection
+        );
+        for c in &b.changed {
+            println!("  {c}");
+        }
+        if let Some(p) = path.as_ref().filter(|_| !b.path_watched) {
+            println!("  note: no grant shows {p}; nothing watches it on this host");
+        }
+    }
+    Ok(())
+}

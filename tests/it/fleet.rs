@@ -352,3 +352,54 @@ fn a_server_without_detailed_metadata_falls_back_to_per_secret_reads() {
     let out = String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
     assert!(out.contains("falls back to one metadata read per secret"), "{out}");
 }
+
+#[test]
+fn refresh_returns_once_every_mount_shows_the_change() {
+    if !require_bao() {
+        return;
+    }
+    let mut bao = AuditedBao::start();
+    bao.put_many(&[("ci/token".into(), "t1".into()), ("ci/user".into(), "u1".into())]);
+    // An hour between polls: only `refresh` can bring the change in time.
+    let hosts: Vec<Broker> =
+        ["ra", "rb"].iter().map(|w| Broker::start_with(&bao.backend_toml(w, "1h", &bao.addr))).collect();
+    for b in &hosts {
+        grant_to_app(b, "prod/ci/*");
+        b.put("local/here", b"l");
+        assert_eq!(read_as_app(b, "token").unwrap(), b"t1");
+    }
+    bao.ok(&["kv", "put", "secret/ci/token", "value=ci-token-2-9f3e"]);
+    bao.ok(&["kv", "put", "secret/ci/added", "value=ci-added-1-7c2d"]);
+    bao.ok(&["kv", "delete", "secret/ci/user"]);
+    for b in &hosts {
+        let r = json(&b.ok(&["refresh", "prod/ci/token", "--json"]));
+        assert_eq!(r[0]["backend"], "prod", "{r}");
+        assert_eq!(r[0]["path_watched"], true, "{r}");
+        assert_eq!(r[0]["changed"], serde_json::json!(["prod/ci/added", "prod/ci/token", "prod/ci/user"]), "{r}");
+        // Synchronous: the mount shows it as soon as the call returned.
+        assert_eq!(read_as_app(b, "token").unwrap(), b"ci-token-2-9f3e");
+        assert_eq!(read_as_app(b, "added").unwrap(), b"ci-added-1-7c2d");
+        assert!(read_as_app(b, "user").is_none());
+        let again = String::from_utf8(b.ok(&["refresh", "--backend", "prod"])).unwrap();
+        assert!(again.starts_with("prod/: 2 watched, 0 changed (1 request(s), by directory)"), "{again}");
+        let events = b.audit_events("refresh");
+        assert_eq!(events.len(), 2);
+        assert_eq!(events[0]["path"], "prod/ci/token");
+    }
+    let b = &hosts[0];
+    // Bad input: a clear error, nothing refreshed.
+    assert_fails(&b.cli(&["refresh", "local/here"]), 2, "local/here is not under a [[backend]]");
+    assert_fails(&b.cli(&["refresh", "--backend", "nope"]), 2, "no [[backend]] is named \"nope\"");
+    let o = b.cli(&["refresh", "prod/x", "--backend", "prod"]);
+    assert!(!o.status.success());
+    // Not an admin: refused.
+    let o = cli_as(&b.workload_socket(), &["refresh"], None, Some(65534));
+    assert_fails(&o, 4, "needs an admin caller");
+    // The backend down: exit 5, the mounts keep serving what they had.
+    bao.child.kill().unwrap();
+    let _ = bao.child.wait();
+    assert_fails(&b.cli(&["refresh"]), 5, "backend prod is unavailable");
+    assert_eq!(read_as_app(b, "token").unwrap(), b"ci-token-2-9f3e");
+    assert_eq!(json(&b.ok(&["status", "--json"]))["backends"][0]["state"], "stale");
+    b.assert_never_leaked(&[b"ci-token-2-9f3e", b"ci-added-1-7c2d"]);
+}

@@ -423,7 +423,7 @@ impl VaultBackend {
                 }
             }
         }
-        stats.watched = observed.len() as u64;
+        stats.watched = observed.values().filter(|v| v.is_some()).count() as u64;
         stats.fetched = fetch.len() as u64;
 
         // Read the changed ones, a bounded number at a time.
