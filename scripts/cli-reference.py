@@ -14,7 +14,7 @@ COMMANDS = [
     "", "serve",
     "secret", "secret put", "secret rotate", "secret get", "secret ls", "secret history", "secret rm",
     "workload", "workload add", "workload ls", "workload rm",
-    "grant", "revoke", "grants", "mounts", "status", "whoami", "audit",
+    "grant", "revoke", "grants", "mounts", "status", "refresh", "whoami", "audit",
     "doctor", "completions", "man",
 ]
 
@@ -38,7 +38,7 @@ keyhole secret ls [PREFIX]  |  history PATH  |  rm PATH
 keyhole workload add NAME --selector SEL...  |  ls  |  rm NAME
 keyhole grant SECRET --to WORKLOAD [--file NAME] [--mode 0400] [--uid N] [--gid N] [--notify SIGNAL]
 keyhole revoke SECRET --from WORKLOAD  |  grants [--workload W]  |  mounts
-keyhole status  |  whoami  |  audit [--follow | --verify]
+keyhole status  |  refresh [PATH | --backend NAME]  |  whoami  |  audit [--follow | --verify]
 keyhole doctor [--config FILE] [--state-dir DIR] [--run-dir DIR]
 keyhole completions bash|zsh|fish|elvish|powershell
 keyhole man [SUBCOMMAND...] | man --dir DIR

@@ -60,7 +60,9 @@ impl Broker {
             let (detection, _, stats) = v.change_detection();
             let path_watched = v.relative(path).is_some_and(|rel| {
                 exact.contains(rel)
-                    || prefixes.iter().any(|p| rel == p || rel.strip_prefix(p.as_str()).is_some_and(|r| r.starts_with('/')))
+                    || prefixes
+                        .iter()
+                        .any(|p| rel == p || rel.strip_prefix(p.as_str()).is_some_and(|r| r.starts_with('/')))
             });
             out.push(Refreshed {
                 backend: v.cfg.name.clone(),

@@ -142,7 +142,8 @@ fn brokers_watch_directories_with_one_request_each_per_interval() {
     // Steady state: one recursive scan of fleet/, one flat list of db/
     // per interval, and no data read at all.
     std::thread::sleep(Duration::from_secs(1));
-    let before: Vec<(usize, usize)> = who.iter().map(|w| (bao.requests(w, ""), bao.requests(w, "secret/data/"))).collect();
+    let before: Vec<(usize, usize)> =
+        who.iter().map(|w| (bao.requests(w, ""), bao.requests(w, "secret/data/"))).collect();
     let t = Instant::now();
     std::thread::sleep(Duration::from_secs(5));
     let polls_max = (t.elapsed().as_secs_f64() / 0.45).ceil() as usize + 1;
@@ -151,7 +152,11 @@ fn brokers_watch_directories_with_one_request_each_per_interval() {
         let all = bao.requests(w, "") - all0;
         let listings = all - (bao.requests(w, "secret/data/") - data0);
         assert_eq!(bao.requests(w, "secret/data/"), *data0, "{w} read data with nothing changed");
-        assert!(all % 2 == 0 && (2 * polls_min..=2 * polls_max).contains(&all), "{w}: {all} requests in {:?}", t.elapsed());
+        assert!(
+            all % 2 == 0 && (2 * polls_min..=2 * polls_max).contains(&all),
+            "{w}: {all} requests in {:?}",
+            t.elapsed()
+        );
         assert_eq!(listings, all, "{w}: only listings");
         assert_eq!(bao.requests(w, "secret/metadata/"), 0, "{w} fell back to per-secret reads");
     }

@@ -224,7 +224,13 @@ impl VaultBackend {
         let started = Instant::now();
         let sent = {
             let c = self.client.read().await;
-            c.http.http.get(url).header("X-Vault-Token", c.settings.token.as_str()).header("X-Vault-Request", "true").send().await
+            c.http
+                .http
+                .get(url)
+                .header("X-Vault-Token", c.settings.token.as_str())
+                .header("X-Vault-Request", "true")
+                .send()
+                .await
         };
         let mut resp = match sent {
             Ok(r) => r,
@@ -279,11 +285,17 @@ impl VaultBackend {
             let errors = || {
                 serde_json::from_slice::<serde_json::Value>(&body)
                     .ok()
-                    .and_then(|v| v["errors"].as_array().map(|a| a.iter().filter_map(|e| e.as_str()).collect::<Vec<_>>().join("; ")))
+                    .and_then(|v| {
+                        v["errors"]
+                            .as_array()
+                            .map(|a| a.iter().filter_map(|e| e.as_str()).collect::<Vec<_>>().join("; "))
+                    })
                     .unwrap_or_default()
             };
             let page = match status {
-                200 => parse_page(&body, &dir.path).map_err(|e| ScanError::Failed(format!("detailed-metadata: {e}")))?,
+                200 => {
+                    parse_page(&body, &dir.path).map_err(|e| ScanError::Failed(format!("detailed-metadata: {e}")))?
+                }
                 // No such directory (yet): nothing there.
                 404 if !errors().contains("unsupported") => Page::default(),
                 404 | 405 => {
@@ -291,7 +303,7 @@ impl VaultBackend {
                         "the server has no {}/detailed-metadata endpoint (HTTP {status}: {})",
                         self.cfg.mount,
                         errors().trim()
-                    )))
+                    )));
                 }
                 403 => return Err(ScanError::Denied),
                 code => return Err(ScanError::Failed(format!("HTTP {code}: {}", errors()))),
