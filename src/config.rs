@@ -259,6 +259,9 @@ pub struct RawBackend {
     pub request_timeout: Option<String>,
     /// Keys per page of a detailed-metadata listing; default 1000.
     pub list_page_size: Option<usize>,
+    /// "directory" (default; per-secret where the server lacks it) or
+    /// "per-secret".
+    pub change_detection: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -290,6 +293,8 @@ pub struct VaultConfig {
     pub request_timeout: std::time::Duration,
     /// Keys per page of a detailed-metadata listing (change detection).
     pub list_page_size: usize,
+    /// `change_detection = "per-secret"`: never list by directory.
+    pub per_secret: bool,
 }
 
 fn duration(key: &str, value: Option<String>, default: &str) -> Result<std::time::Duration, ConfigError> {
@@ -341,6 +346,13 @@ impl TryFrom<RawBackend> for VaultConfig {
                 None => 1000,
                 Some(n @ 1..=10_000) => n,
                 Some(n) => return Err(bad(format!("list_page_size = {n}: must be 1 to 10000"))),
+            },
+            per_secret: match b.change_detection.as_deref() {
+                None | Some("directory") => false,
+                Some("per-secret") => true,
+                Some(other) => {
+                    return Err(bad(format!("change_detection = {other:?}: \"directory\" or \"per-secret\"")));
+                }
             },
         })
     }

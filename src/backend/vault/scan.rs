@@ -187,6 +187,13 @@ impl VaultBackend {
 
     fn directory_mode(&self) -> bool {
         let mut mode = self.scan.mode.lock().expect("scan lock");
+        if self.cfg.per_secret {
+            *mode = Mode::PerSecret {
+                reason: "change_detection = \"per-secret\" in the config".into(),
+                since: Instant::now(),
+            };
+            return false;
+        }
         match &*mode {
             Mode::Directory => true,
             Mode::PerSecret { since, .. } if since.elapsed() >= REPROBE => {
