@@ -1122,8 +1122,10 @@ fn fleet(o: &Opts) -> Value {
             })
             .collect();
         std::thread::sleep(2 * interval);
-        let before = audited_requests(&bao, tag).len();
+        // The window runs from one read of the log to the next (parsing
+        // it takes long: the read times bound what is counted).
         let t0 = Instant::now();
+        let before = audited_requests(&bao, tag).len();
         std::thread::sleep(window);
         // Before parsing: the log is read at once, parsing takes long.
         let elapsed = t0.elapsed();
