@@ -40,6 +40,8 @@ struct Opts {
     json: bool,
     /// `--mounts=1,100`: the scale table's rows instead of the mode's.
     mounts: Option<Vec<usize>>,
+    /// `--fleet[=N]`: run the fleet section with N brokers (default 20).
+    fleet: Option<usize>,
 }
 
 /// One part of the run; its figures go in the report under its name.
@@ -50,17 +52,25 @@ fn main() {
     let mounts = args.iter().find_map(|a| a.strip_prefix("--mounts=")).map(|l| {
         l.split(',').map(|n| n.parse().unwrap_or_else(|_| panic!("--mounts={l}: a list of numbers"))).collect()
     });
-    let opts = Opts { short: args.iter().any(|a| a == "--short"), json: args.iter().any(|a| a == "--json"), mounts };
+    let fleet_n = args.iter().find_map(|a| {
+        (a == "--fleet").then_some(20).or_else(|| a.strip_prefix("--fleet=").map(|n| n.parse().expect("--fleet=N")))
+    });
+    let opts = Opts {
+        short: args.iter().any(|a| a == "--short"),
+        json: args.iter().any(|a| a == "--json"),
+        mounts,
+        fleet: fleet_n,
+    };
     let only: Vec<&str> = args.iter().filter_map(|a| a.strip_prefix("--only=")).collect();
     let save = args.iter().find_map(|a| a.strip_prefix("--save="));
     let known = |a: &String| {
-        ["--short", "--json", "--bench"].contains(&a.as_str())
-            || ["--only=", "--save=", "--mounts="].iter().any(|p| a.starts_with(p))
+        ["--short", "--json", "--bench", "--fleet"].contains(&a.as_str())
+            || ["--only=", "--save=", "--mounts=", "--fleet="].iter().any(|p| a.starts_with(p))
     };
     if let Some(bad) = args.iter().find(|a| !known(a)) {
         eprintln!(
             "usage: cargo bench --bench keyhole -- [--short] [--json] [--only=SECTION]... [--save=FILE.json] \
-             [--mounts=1,100,...]   (unknown: {bad})"
+             [--mounts=1,100,...] [--fleet[=N]]   (unknown: {bad})"
         );
         std::process::exit(2);
     }
@@ -81,11 +91,16 @@ fn main() {
         ("template", template_cost),
     ];
     for (name, f) in sections {
-        if !only.is_empty() && !only.contains(&name) {
+        if !only.is_empty() && !only.contains(&name) || opts.fleet.is_some() && !only.contains(&name) {
             continue;
         }
         eprintln!("== {name}");
         report.insert(name.to_owned(), f(&opts));
+    }
+    // Only when asked for: N brokers and one OpenBao.
+    if opts.fleet.is_some() {
+        eprintln!("== fleet");
+        report.insert("fleet".to_owned(), fleet(&opts));
     }
     let text = serde_json::to_string_pretty(&report).unwrap();
     if let Some(path) = save {
@@ -1129,4 +1144,144 @@ fn print_tables(r: &BTreeMap<String, Value>) {
             f(&t["rotate_input_p50_us"])
         );
     }
+}
+
+/// Write many KV v2 secrets over plain HTTP (no CLI start-up each).
+fn bao_put_many(bao: &Bao, items: &[(String, String)]) {
+    let host = bao.addr.trim_start_matches("http://").to_owned();
+    for (path, value) in items {
+        let body = format!("{{\"data\":{{\"value\":\"{value}\"}}}}");
+        let mut s = std::net::TcpStream::connect(&host).unwrap();
+        write!(
+            s,
+            "POST /v1/secret/data/{path} HTTP/1.1\r\nHost: {host}\r\nX-Vault-Token: root\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).unwrap();
+        assert!(out.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&out));
+    }
+}
+
+/// The audit device's requests by token display name `token-<prefix>*`:
+/// (display name, HH:MM:SS) of each.
+fn audited_requests(bao: &Bao, prefix: &str) -> Vec<(String, String)> {
+    let log = std::fs::read_to_string(bao.dir.path().join("audit.log")).unwrap_or_default();
+    let want = format!("token-{prefix}");
+    log.lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["type"] == "request")
+        .filter_map(|v| {
+            let who = v["auth"]["display_name"].as_str()?;
+            let t = v["time"].as_str()?;
+            who.starts_with(&want).then(|| (who.to_owned(), t.get(11..19).unwrap_or("").to_owned()))
+        })
+        .collect()
+}
+
+/// N brokers (own state and run dirs, one process each) on one OpenBao dev
+/// server with a file audit device, 200 watched secrets each (one prefix
+/// grant): requests per broker per interval counted at the server, bytes
+/// per listing, propagation of a `bao kv put` to every broker's mount,
+/// the request rate second by second; per-secret and directory modes side
+/// by side in one run.
+fn fleet(o: &Opts) -> Value {
+    let n = o.fleet.unwrap_or(20);
+    let Some(bao) = Bao::start() else {
+        return json!({ "skipped": "bao (OpenBao) not found" });
+    };
+    let secrets = 200;
+    let interval = Duration::from_secs(1);
+    let window = Duration::from_secs(if o.short { 5 } else { 10 });
+    let items: Vec<(String, String)> =
+        (0..secrets).map(|i| (format!("fleet/k{i:03}"), format!("v0-{i}-{}", "x".repeat(24)))).collect();
+    bao_put_many(&bao, &items);
+    let mut modes = serde_json::Map::new();
+    for mode in ["per-secret", "directory"] {
+        let tag = if mode == "directory" { "dir" } else { "per" };
+        let brokers: Vec<Broker> = (0..n)
+            .map(|i| {
+                let o = bao.cli(&["token", "create", "-policy=root", &format!("-display-name={tag}-{i:02}"), "-field=token"]);
+                let token = bao.dir.path().join(format!("token-{tag}-{i}"));
+                std::fs::write(&token, String::from_utf8_lossy(&o.stdout).trim()).unwrap();
+                let toml = format!(
+                    "[[backend]]\nname = \"prod\"\nkind = \"vault\"\naddress = \"{}\"\ntoken_file = \"{}\"\npoll_interval = \"1s\"\nchange_detection = \"{mode}\"\n",
+                    bao.addr,
+                    token.display()
+                );
+                let b = Broker::start(&toml);
+                b.ok(&["workload", "add", "w", "--selector", "unix:uid:0"]);
+                b.ok(&["grant", "prod/fleet/*", "--to", "w"]);
+                b
+            })
+            .collect();
+        std::thread::sleep(2 * interval);
+        // The window runs from one read of the log to the next (parsing
+        // it takes long: the read times bound what is counted).
+        let t0 = Instant::now();
+        let before = audited_requests(&bao, tag).len();
+        std::thread::sleep(window);
+        // Before parsing: the log is read at once, parsing takes long.
+        let elapsed = t0.elapsed();
+        let during = audited_requests(&bao, tag);
+        let counted = during.len() - before;
+        let per_broker_interval = counted as f64 / n as f64 / (elapsed.as_secs_f64() / interval.as_secs_f64());
+        // The request rate second by second (whole seconds of the window).
+        let mut per_second: BTreeMap<String, u64> = BTreeMap::new();
+        for (_, t) in &during[before..] {
+            *per_second.entry(t.clone()).or_default() += 1;
+        }
+        let mut rate: Vec<u64> = per_second.values().copied().collect();
+        if rate.len() > 2 {
+            rate = rate[1..rate.len() - 1].to_vec();
+        }
+        let status: Value =
+            serde_json::from_slice(&brokers[0].cli(&["status", "--json"], None).stdout).unwrap_or(Value::Null);
+        let scan = status["backends"][0]["last_scan"].clone();
+        // Propagation: a bao kv put, until every broker's mount shows it.
+        let mut lat_ns = Vec::new();
+        for r in 0..5 {
+            let value = format!("p{r}-{mode}-{}", "y".repeat(20));
+            let t = Instant::now();
+            bao_put_many(&bao, &[("fleet/k007".to_owned(), value.clone())]);
+            let files: Vec<PathBuf> = brokers.iter().map(|b| b.file("w", "k007")).collect();
+            let (ns, _) = visible_in_all(&files, t, |f| std::fs::read(f).is_ok_and(|v| v == value.as_bytes()));
+            lat_ns.extend(ns);
+        }
+        // percentiles() answers in µs.
+        let (p50, p99) = percentiles(lat_ns.clone());
+        let max_ms = lat_ns.iter().max().copied().unwrap_or(0) as f64 / 1e6;
+        eprintln!(
+            "  {mode}: {n} brokers, {per_broker_interval:.2} requests/broker/interval, listing {} bytes, \
+             propagation p50 {:.0} ms p99 {:.0} ms, rate/s {rate:?}",
+            scan["bytes"],
+            p50 / 1e3,
+            p99 / 1e3
+        );
+        modes.insert(
+            mode.to_owned(),
+            json!({
+                "brokers": n,
+                "secrets_per_broker": secrets,
+                "interval_s": interval.as_secs_f64(),
+                "window_s": elapsed.as_secs_f64(),
+                "requests_counted": counted,
+                "requests_per_broker_per_interval": per_broker_interval,
+                "last_scan": scan,
+                "rate_per_second": rate,
+                "propagation_ms": { "p50": p50 / 1e3, "p99": p99 / 1e3, "max": max_ms, "samples": lat_ns.len() },
+            }),
+        );
+        drop(brokers);
+    }
+    let per = modes["per-secret"]["requests_per_broker_per_interval"].as_f64().unwrap_or(0.0);
+    let dir = modes["directory"]["requests_per_broker_per_interval"].as_f64().unwrap_or(0.0);
+    json!({
+        "modes": modes,
+        "at_10000_hosts_30s": {
+            "per_secret_requests_per_s": per * 10_000.0 / 30.0,
+            "directory_requests_per_s": dir * 10_000.0 / 30.0,
+        },
+    })
 }

@@ -14,7 +14,7 @@ COMMANDS = [
     "", "serve",
     "secret", "secret put", "secret rotate", "secret get", "secret ls", "secret history", "secret rm",
     "workload", "workload add", "workload ls", "workload rm",
-    "grant", "revoke", "grants", "mounts", "status", "whoami", "audit",
+    "grant", "revoke", "grants", "mounts", "status", "refresh", "whoami", "audit",
     "template", "template put", "template get", "template ls", "template rm",
     "doctor", "completions", "man",
     "role", "role add", "role ls", "role rm", "apply", "diff", "export",
@@ -42,7 +42,7 @@ keyhole grant SECRET --to WORKLOAD [--file NAME] [--mode 0400] [--uid N] [--gid 
 keyhole grant --template NAME --to WORKLOAD [--file NAME] [--mode 0400] [--uid N] [--gid N] [--notify SIGNAL]
 keyhole revoke (SECRET | --template NAME) --from WORKLOAD  |  grants [--workload W]  |  mounts
 keyhole template put NAME (--stdin | --from-file F)  |  get NAME [--version N]  |  ls  |  rm NAME
-keyhole status  |  whoami  |  audit [--follow | --verify]
+keyhole status  |  refresh [PATH | --backend NAME]  |  whoami  |  audit [--follow | --verify]
 keyhole doctor [--config FILE] [--state-dir DIR] [--run-dir DIR]
 keyhole completions bash|zsh|fish|elvish|powershell
 keyhole man [SUBCOMMAND...] | man --dir DIR

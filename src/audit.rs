@@ -126,6 +126,8 @@ event_kinds! {
     Diff = "diff",
     /// `export`.
     Export = "export",
+    /// `refresh`.
+    Refresh = "refresh",
     // Containers and Docker.
     /// A `grant --notify` signal sent after a rotation.
     Notify = "notify",

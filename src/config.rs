@@ -273,6 +273,11 @@ pub struct RawBackend {
     pub poll_interval: Option<String>,
     pub max_stale: Option<String>,
     pub request_timeout: Option<String>,
+    /// Keys per page of a detailed-metadata listing; default 1000.
+    pub list_page_size: Option<usize>,
+    /// "directory" (default; per-secret where the server lacks it) or
+    /// "per-secret".
+    pub change_detection: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -302,6 +307,10 @@ pub struct VaultConfig {
     pub poll_interval: std::time::Duration,
     pub max_stale: std::time::Duration,
     pub request_timeout: std::time::Duration,
+    /// Keys per page of a detailed-metadata listing (change detection).
+    pub list_page_size: usize,
+    /// `change_detection = "per-secret"`: never list by directory.
+    pub per_secret: bool,
 }
 
 fn duration(key: &str, value: Option<String>, default: &str) -> Result<std::time::Duration, ConfigError> {
@@ -349,6 +358,18 @@ impl TryFrom<RawBackend> for VaultConfig {
             poll_interval,
             max_stale: duration("max_stale", b.max_stale, "24h")?,
             request_timeout: duration("request_timeout", b.request_timeout, "5s")?,
+            list_page_size: match b.list_page_size {
+                None => 1000,
+                Some(n @ 1..=10_000) => n,
+                Some(n) => return Err(bad(format!("list_page_size = {n}: must be 1 to 10000"))),
+            },
+            per_secret: match b.change_detection.as_deref() {
+                None | Some("directory") => false,
+                Some("per-secret") => true,
+                Some(other) => {
+                    return Err(bad(format!("change_detection = {other:?}: \"directory\" or \"per-secret\"")));
+                }
+            },
         })
     }
 }

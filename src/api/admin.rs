@@ -55,6 +55,7 @@ fn backend_status(v: &crate::backend::vault::VaultBackend) -> pb::BackendStatus 
     use crate::backend::health::Freshness;
     let (_, last_ok, last_error) = v.health.snapshot();
     let (address, auth) = v.describe();
+    let (detection, note, scan) = v.change_detection();
     let state = match v.health.freshness() {
         Freshness::Fresh => "ok",
         Freshness::Stale => "stale",
@@ -71,6 +72,17 @@ fn backend_status(v: &crate::backend::vault::VaultBackend) -> pb::BackendStatus 
             .map_or(0, |d| d.as_millis() as i64),
         last_error: last_error.unwrap_or_default(),
         cached_secrets: v.cached_count() as u64,
+        change_detection: detection.into(),
+        change_detection_note: note.unwrap_or_default(),
+        scan_dirs: scan.dirs as u64,
+        scan_requests: scan.requests,
+        scan_bytes: scan.bytes,
+        watched_secrets: scan.watched,
+        scan_fetched: scan.fetched,
+        last_scan_unix_ms: scan
+            .at
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_millis() as i64),
     }
 }
 
@@ -317,6 +329,29 @@ impl admin_server::Admin for AdminService {
         let path = req.into_inner().path;
         let removed = self.op(move |b| b.remove(&id, &path)).await?;
         Ok(Response::new(pb::DeleteSecretResponse { versions_removed: removed as u32 }))
+    }
+
+    async fn refresh(&self, req: Request<pb::RefreshRequest>) -> Reply<pb::RefreshResponse> {
+        let Caller { id, .. } = self.authorize(&req, "Refresh", Need::Verb(Verb::Refresh)).await?;
+        let r = req.into_inner();
+        let named = if r.path.is_empty() { r.backend.clone() } else { r.path.clone() };
+        let found = self
+            .audited(id, EventKind::Refresh, (!named.is_empty()).then_some(named), move |b| {
+                Ok((b.refresh_backends(&r.path, &r.backend)?, None))
+            })
+            .await?;
+        let backends = found
+            .into_iter()
+            .map(|f| pb::RefreshedBackend {
+                name: f.backend,
+                change_detection: f.change_detection.into(),
+                requests: f.requests,
+                watched: f.watched,
+                changed: f.changed,
+                path_watched: f.path_watched,
+            })
+            .collect();
+        Ok(Response::new(pb::RefreshResponse { backends }))
     }
 
     async fn ping(&self, _req: Request<pb::PingRequest>) -> Reply<pb::PingResponse> {

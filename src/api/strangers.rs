@@ -110,6 +110,7 @@ const ADMIN_METHODS: &[&str] = &[
     "RemoveRole",
     "ApplyPolicy",
     "ExportPolicy",
+    "Refresh",
     "unknown",
     "PutTemplate",
     "GetTemplate",

@@ -7,13 +7,14 @@
 //! the secret are kept.
 //!
 //! Values of granted secrets are cached here (and, sealed, in the local
-//! store, by the caller) and refreshed by [`VaultBackend::refresh`], which
-//! costs one metadata request per watched secret; mounts only ever read
-//! this cache, never the network. [`Health`] (in `super::health`) tracks whether the backend
+//! store, by the caller) and refreshed by [`VaultBackend::refresh`] (in
+//! [`scan`]: one detailed-metadata listing per watched directory, or one
+//! metadata read per secret where the server lacks it); mounts only ever
+//! read this cache, never the network. [`Health`] (in `super::health`) tracks whether the backend
 //! answers, so stale values are served (and audited) up to `max_stale`.
 #![forbid(unsafe_code)]
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -25,6 +26,8 @@ pub use super::health::{Freshness, Health};
 use super::{BackendError, VersionMeta};
 use crate::config::{VaultAuth, VaultConfig};
 use crate::secret::SecretBytes;
+
+pub mod scan;
 
 /// A value held for the mounts.
 #[derive(Clone)]
@@ -41,6 +44,8 @@ pub struct VaultBackend {
     pub health: Arc<Health>,
     /// Full keyhole path → current value.
     cache: Mutex<BTreeMap<String, Cached>>,
+    /// Change detection: directory listings or per-secret reads.
+    scan: scan::ScanState,
 }
 
 impl std::fmt::Debug for VaultBackend {
@@ -140,6 +145,7 @@ impl VaultBackend {
             renew_at: Mutex::new(None),
             health,
             cache: Mutex::default(),
+            scan: scan::ScanState::default(),
         })
     }
 
@@ -430,59 +436,6 @@ impl VaultBackend {
 
     pub fn cached_count(&self) -> usize {
         self.cache.lock().expect("cache lock").len()
-    }
-
-    /// Bring the cache up to date for the watched secrets: `exact` paths
-    /// and everything under `prefixes` (relative). One metadata request per
-    /// secret, plus a read for each that changed. Returns the full paths
-    /// that changed, with their new value (None: gone).
-    pub async fn refresh(
-        &self,
-        exact: &BTreeSet<String>,
-        prefixes: &BTreeSet<String>,
-    ) -> Result<Vec<(String, Option<Cached>)>, BackendError> {
-        let mut watched = exact.clone();
-        for p in prefixes {
-            watched.extend(self.list(p).await?);
-        }
-        let mut changed = Vec::new();
-        for rel in &watched {
-            let full = self.full(rel);
-            let have = self.cached(&full).map(|c| c.meta.version);
-            let now = self.current_version(rel).await?;
-            if now == have {
-                continue;
-            }
-            match now {
-                None => {
-                    self.cache.lock().expect("cache lock").remove(&full);
-                    changed.push((full, None));
-                }
-                Some(v) => match self.get(rel, Some(v)).await {
-                    Ok((meta, value)) => {
-                        self.remember(rel, meta, value);
-                        changed.push((full.clone(), self.cached(&full)));
-                    }
-                    Err(BackendError::Invalid(why)) => tracing::warn!(backend = %self.cfg.name, %why, "not served"),
-                    Err(e) => return Err(e),
-                },
-            }
-        }
-        // Cached prefix entries that vanished from the listing.
-        let gone: Vec<String> = {
-            let cache = self.cache.lock().expect("cache lock");
-            cache
-                .keys()
-                .filter_map(|k| self.relative(k).map(|r| (k, r)))
-                .filter(|(_, r)| prefixes.iter().any(|p| r.starts_with(&format!("{p}/"))) && !watched.contains(*r))
-                .map(|(k, _)| k.clone())
-                .collect()
-        };
-        for k in gone {
-            self.cache.lock().expect("cache lock").remove(&k);
-            changed.push((k, None));
-        }
-        Ok(changed)
     }
 
     /// Status fields: (address, kind of auth).

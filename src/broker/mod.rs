@@ -19,6 +19,7 @@ mod error;
 mod ops;
 mod policy_ops;
 mod private;
+mod refresh;
 mod secrets;
 mod services;
 mod systemd;

@@ -32,6 +32,14 @@ impl Broker {
         }
     }
 
+    pub(super) fn vault_for<'a>(&self, path: &'a str) -> Option<(&Arc<VaultBackend>, &'a str)> {
+        self.vaults.iter().find_map(|v| v.backend.relative(path).map(|rel| (&v.backend, rel)))
+    }
+
+    pub(super) fn vault_named(&self, path: &str) -> Option<&Arc<VaultBackend>> {
+        self.vaults.iter().map(|v| &v.backend).find(|v| v.cfg.name == path)
+    }
+
     /// Reject the bare name of a backend: it is a directory, not a secret.
     fn check_not_backend_root(&self, path: &str) -> Result<(), BrokerError> {
         match self.vaults.iter().find(|v| v.name() == path) {
@@ -244,7 +252,7 @@ pub(super) async fn watch_backend(broker: Arc<Broker>, v: Arc<VaultBackend>) {
 }
 
 /// The relative paths of `v` that grants name exactly, and the prefixes.
-fn split_targets(v: &VaultBackend, grants: &[Grant]) -> (BTreeSet<String>, BTreeSet<String>) {
+pub(super) fn split_targets(v: &VaultBackend, grants: &[Grant]) -> (BTreeSet<String>, BTreeSet<String>) {
     let (mut exact, mut prefixes) = (BTreeSet::new(), BTreeSet::new());
     for g in grants {
         match &g.target {
@@ -256,7 +264,7 @@ fn split_targets(v: &VaultBackend, grants: &[Grant]) -> (BTreeSet<String>, BTree
 }
 
 /// Mark the backend failing; audit the transition once, not every poll.
-fn report_failure(broker: &Broker, v: &VaultBackend, e: &BackendError) {
+pub(super) fn report_failure(broker: &Broker, v: &VaultBackend, e: &BackendError) {
     let reason = e.to_string();
     if v.health.failed(&reason) {
         tracing::warn!(backend = %v.cfg.name, error = %reason, "backend failing; serving cached values up to max_stale");

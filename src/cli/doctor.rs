@@ -459,6 +459,20 @@ async fn backend(cfg: &crate::config::VaultConfig) -> Vec<Check> {
     } else {
         ok("clock", format!("{n}: within {} s of the backend", skew.abs()))
     });
+    // Change detection: one listing per directory, or one read per secret.
+    if p.token.is_some() {
+        out.push(match v.probe_detection().await {
+            Ok(()) => ok("changes", format!("{n}: detected by directory (detailed-metadata)")),
+            Err(why) => warn(
+                "changes",
+                format!("{n}: {why}; change detection falls back to one metadata read per secret per poll"),
+                format!(
+                    "use OpenBao, and allow \"list\" and \"scan\" on {}/detailed-metadata/* in the token's policy",
+                    cfg.mount
+                ),
+            ),
+        });
+    }
     match p.token {
         None => out.push(ok("token", format!("{n}: AppRole; a token is made at each login"))),
         Some((0, _)) => out.push(ok("token", format!("{n}: the token never expires"))),

@@ -74,6 +74,13 @@ pub async fn status(socket: &Target, json: bool) -> anyhow::Result<()> {
         if !b.last_error.is_empty() {
             println!("  last error: {}", b.last_error);
         }
+        println!(
+            "  change detection: {}, last check {} request(s), {} bytes, {} dir(s), {} watched, {} read",
+            b.change_detection, b.scan_requests, b.scan_bytes, b.scan_dirs, b.watched_secrets, b.scan_fetched
+        );
+        if !b.change_detection_note.is_empty() {
+            println!("  per-secret because: {}", b.change_detection_note);
+        }
     }
     Ok(())
 }
@@ -88,6 +95,16 @@ fn backend_json(b: &pb::BackendStatus) -> serde_json::Value {
         "last_ok": (b.last_ok_unix_ms > 0).then(|| super::client::time_ms(b.last_ok_unix_ms)),
         "last_error": (!b.last_error.is_empty()).then_some(&b.last_error),
         "cached_secrets": b.cached_secrets,
+        "change_detection": b.change_detection,
+        "change_detection_note": (!b.change_detection_note.is_empty()).then_some(&b.change_detection_note),
+        "last_scan": {
+            "at": (b.last_scan_unix_ms > 0).then(|| super::client::time_ms(b.last_scan_unix_ms)),
+            "dirs": b.scan_dirs,
+            "requests": b.scan_requests,
+            "bytes": b.scan_bytes,
+            "watched": b.watched_secrets,
+            "fetched": b.scan_fetched,
+        },
     })
 }
 
@@ -148,6 +165,47 @@ pub async fn audit(args: AuditArgs, socket: &Target, json: bool) -> anyhow::Resu
         // Lines are JSON already, so --json changes nothing here.
         if writeln!(out, "{}", line.json).and_then(|()| out.flush()).is_err() {
             break; // stdout closed (e.g. `| head`): stop quietly.
+        }
+    }
+    Ok(())
+}
+
+/// `keyhole refresh`: what each backend's check found.
+pub async fn refresh(path: Option<String>, backend: Option<String>, socket: &Target, json: bool) -> anyhow::Result<()> {
+    let req = pb::RefreshRequest { path: path.clone().unwrap_or_default(), backend: backend.unwrap_or_default() };
+    let r = rpc!(admin, socket, Safe, refresh, req)?;
+    if json {
+        let out: Vec<serde_json::Value> = r
+            .backends
+            .iter()
+            .map(|b| {
+                serde_json::json!({
+                    "backend": b.name,
+                    "change_detection": b.change_detection,
+                    "requests": b.requests,
+                    "watched": b.watched,
+                    "changed": b.changed,
+                    "path_watched": path.as_ref().map(|_| b.path_watched),
+                })
+            })
+            .collect();
+        print_json(&serde_json::Value::Array(out));
+        return Ok(());
+    }
+    for b in &r.backends {
+        println!(
+            "{}/: {} watched, {} changed ({} request(s), by {})",
+            b.name,
+            b.watched,
+            b.changed.len(),
+            b.requests,
+            b.change_detection
+        );
+        for c in &b.changed {
+            println!("  {c}");
+        }
+        if let Some(p) = path.as_ref().filter(|_| !b.path_watched) {
+            println!("  note: no grant shows {p}; nothing watches it on this host");
         }
     }
     Ok(())

@@ -168,6 +168,25 @@ With --prune, what apply --prune would remove is listed too (lines with -).")]
     /// Show the broker's state (admin)
     Status,
 
+    /// Check Vault/OpenBao for changes now; returns once the mounts show them (admin)
+    #[command(after_help = "\
+Examples:
+  keyhole refresh                     # every backend
+  keyhole refresh prod/db/password    # the backend prod/ lives in
+  keyhole refresh --backend prod
+
+For a pipeline that just wrote to Vault: when this returns, every mount of
+this host shows what the backend holds. The watcher does the same each
+poll_interval; this does not wait for it. Exit 5 if the backend does not
+answer (mounts keep serving what they had).")]
+    Refresh {
+        /// A secret path or prefix: refresh the backend it lives in
+        path: Option<String>,
+        /// The [[backend]] to refresh, by name
+        #[arg(long, value_name = "NAME", conflicts_with = "path")]
+        backend: Option<String>,
+    },
+
     /// Show the identity the broker sees for this process
     #[command(after_help = "\
 Uses the workload socket unless --socket is given, so it works from inside a
@@ -441,6 +460,7 @@ async fn dispatch(command: Command, target: Option<client::Target>, json: bool) 
         Command::Diff(args) => roles::apply(args, true, admin_socket(), json).await,
         Command::Export => roles::export(admin_socket(), json).await,
         Command::Status => inspect::status(admin_socket(), json).await,
+        Command::Refresh { path, backend } => inspect::refresh(path, backend, admin_socket(), json).await,
         Command::Audit(args) => inspect::audit(args, admin_socket(), json).await,
     }
 }

@@ -10,6 +10,7 @@ mod compose;
 mod crash;
 mod denials;
 mod docker;
+mod fleet;
 mod hostile;
 mod labels;
 mod lifecycle;

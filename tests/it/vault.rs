@@ -184,7 +184,9 @@ fn approle_logs_in_renews_and_logs_in_again_after_revocation() {
     std::fs::write(
         &policy,
         "path \"secret/data/*\"     { capabilities = [\"create\", \"read\", \"update\", \"delete\"] }\n\
-         path \"secret/metadata/*\" { capabilities = [\"read\", \"list\", \"delete\"] }\n",
+         path \"secret/metadata/*\" { capabilities = [\"read\", \"list\", \"delete\"] }\n\
+         path \"secret/detailed-metadata/*\" { capabilities = [\"list\", \"scan\"] }\n\
+         path \"secret/detailed-metadata/\"  { capabilities = [\"list\", \"scan\"] }\n",
     )
     .unwrap();
     bao.ok(&["policy", "write", "kh", policy.to_str().unwrap()]);
