@@ -56,6 +56,10 @@ const CACHE: TableDefinition<&str, &[u8]> = TableDefinition::new("backend_cache"
 /// Docker volumes (name → spec) and their live mounts (mount id → mount).
 pub const VOLUMES: TableDefinition<&str, &[u8]> = TableDefinition::new("volumes");
 pub const VOLUME_MOUNTS: TableDefinition<&str, &[u8]> = TableDefinition::new("volume_mounts");
+/// Dynamic sources (`dynamic:NAME`, `cert:NAME` → definition) and the
+/// live leases issued from them, one per (source, workload, container).
+pub const LEASE_SOURCES: TableDefinition<&str, &[u8]> = TableDefinition::new("lease_sources");
+pub const LEASES: TableDefinition<&str, &[u8]> = TableDefinition::new("leases");
 
 /// The key check of a 0.1 store, which has no manifest.
 const KEYCHECK_V1: &[u8] = b"keyhole local store v1";
@@ -270,6 +274,8 @@ impl LocalStore {
             txn.open_table(CACHE)?;
             txn.open_table(VOLUMES)?;
             txn.open_table(VOLUME_MOUNTS)?;
+            txn.open_table(LEASE_SOURCES)?;
+            txn.open_table(LEASES)?;
             master = match key {
                 KeyMaterial::Key(k) => k,
                 KeyMaterial::Passphrase(pass) => {
@@ -404,7 +410,7 @@ impl LocalStore {
     fn scan(&self, txn: &redb::WriteTransaction) -> Result<(Digest, u64), StoreError> {
         let mut sum = Digest::default();
         let mut n = 0u64;
-        for def in [META, HEADS, WORKLOADS, CACHE, VOLUMES, VOLUME_MOUNTS] {
+        for def in [META, HEADS, WORKLOADS, CACHE, VOLUMES, VOLUME_MOUNTS, LEASE_SOURCES, LEASES] {
             let t = txn.open_table(def)?;
             for e in t.iter()? {
                 let (k, v) = e?;

@@ -5,12 +5,14 @@
 #![forbid(unsafe_code)]
 
 mod error;
+mod leases;
 mod ops;
 mod secrets;
 mod systemd;
 pub mod takeover;
 
 pub use error::BrokerError;
+pub use leases::SourceRequest;
 pub use ops::{GrantRequest, NewValue};
 
 use std::fs::{self, OpenOptions};
@@ -83,6 +85,8 @@ pub struct Broker {
     pub refusals: crate::limits::Refusals,
     /// Peers refused on `takeover.sock` (audited at most once a second).
     pub takeover_refusals: takeover::RefusalLog,
+    /// Per-container dynamic credentials and certificates.
+    pub leases: Arc<crate::lease::Leases>,
 }
 
 /// Why a file or directory is not private to this process, if it is not.
@@ -367,7 +371,9 @@ impl Broker {
             // Containers bind the workload socket and mounts from here.
             fs::set_permissions(run_dir, fs::Permissions::from_mode(0o755))?;
         }
+        let leases = Arc::new(crate::lease::Leases::load(&store, rt.clone())?);
         let shared = Arc::new(FsShared {
+            leases: leases.clone(),
             attestor: attestor.clone(),
             audit: audit.clone(),
             audit_reads: config.audit_reads,
@@ -391,6 +397,7 @@ impl Broker {
             admin_calls: crate::limits::PerCaller::new(config_admin_calls),
             refusals: crate::limits::Refusals::default(),
             takeover_refusals: takeover::RefusalLog::default(),
+            leases,
         };
         if let Some(a) = adopt {
             broker.mounts.adopt(&broker, a.mounts, a.next_ino)?;
@@ -559,6 +566,7 @@ fn spawn_services(
     for v in &broker.vaults {
         tasks.push(tokio::spawn(secrets::watch_backend(broker.clone(), v.clone())));
     }
+    tasks.push(tokio::spawn(crate::lease::keeper(broker.clone())));
     if let Some(listen) = &broker.config.metrics {
         let l = bind_metrics(listen).with_context(|| format!("cannot listen for metrics on {listen}"))?;
         let gate =

@@ -163,6 +163,11 @@ impl Catalog for Broker {
 
     fn covered(&self, target: &Target) -> anyhow::Result<Vec<(String, VersionMeta)>> {
         let (Target::Exact(p) | Target::Prefix(p)) = target;
+        if crate::policy::leased(p.as_str()).is_some() {
+            // A lease source: one file, whose content is each caller's own.
+            let g = self.leases.generation(p.as_str());
+            return Ok(g.map(|version| (p.to_string(), VersionMeta { version, created_unix_ms: 0, size: 0 })).into_iter().collect());
+        }
         let Some((v, _)) = self.vault_for(p.as_str()) else {
             return Ok(self
                 .store
@@ -186,6 +191,10 @@ impl Catalog for Broker {
     }
 
     fn current(&self, path: &str) -> anyhow::Result<Option<VersionMeta>> {
+        if crate::policy::leased(path).is_some() {
+            let g = self.leases.generation(path);
+            return Ok(g.map(|version| VersionMeta { version, created_unix_ms: 0, size: 0 }));
+        }
         if let Some((v, _)) = self.vault_for(path) {
             return Ok(v.cached(path).map(|c| c.meta));
         }
@@ -205,6 +214,10 @@ impl Catalog for Broker {
     }
 
     fn load(&self, path: &str, meta: &VersionMeta) -> anyhow::Result<Loaded> {
+        if crate::policy::leased(path).is_some() {
+            // Read per caller at open (crate::lease), never shared.
+            return Ok(Loaded { value: None, health: None });
+        }
         match self.vault_for(path) {
             Some((v, _)) => Ok(Loaded {
                 value: v.cached(path).filter(|c| c.meta.version == meta.version).map(|c| c.value),
