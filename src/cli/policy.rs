@@ -39,7 +39,8 @@ Each workload gets a mount at <run-dir>/workloads/<name>.")]
 
 #[derive(Debug, Args)]
 pub struct GrantArgs {
-    /// Secret path, or a prefix ending in /* (quote it: 'db/*')
+    /// Secret path, or a prefix ending in /* (quote it: 'db/*'), or a
+    /// dynamic source: dynamic:NAME, cert:NAME (each container reads its own)
     pub secret: String,
     /// The workload to grant it to
     #[arg(long, value_name = "WORKLOAD")]

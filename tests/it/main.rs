@@ -12,6 +12,7 @@ mod denials;
 mod docker;
 mod hostile;
 mod labels;
+mod leases;
 mod lifecycle;
 mod limits;
 mod listeners;
