@@ -60,7 +60,7 @@ impl Broker {
                 req.ttl.as_deref(),
             )?;
             if !b.vaults.iter().any(|v| v.cfg.name == src.backend) {
-                return Err(BrokerError::Precondition(format!(
+                return Err(BrokerError::InvalidArgument(format!(
                     "backend {} is not configured (a [[backend]] in the config)",
                     src.backend
                 )));

@@ -259,7 +259,7 @@ fn a_stranger_container_gets_no_lease_and_admin_verbs_need_an_admin() {
     assert_eq!(o.status.code(), Some(4), "{}", stderr(&o));
     // Bad input: a clear error, nothing recorded.
     assert_fails(&b.cli(&["dynamic", "add", "../x", "--backend", "prod", "--path", "database/creds/web"]), 2, "source name");
-    assert_fails(&b.cli(&["dynamic", "add", "y", "--backend", "nope", "--path", "database/creds/web"]), 1, "not configured");
+    assert_fails(&b.cli(&["dynamic", "add", "y", "--backend", "nope", "--path", "database/creds/web"]), 2, "not configured");
     assert_fails(&b.cli(&["cert", "add", "t", "--backend", "prod", "--issue", "pki/issue/x", "--uri", "spiffe://x/{secret}"]), 2, "placeholders");
     assert_fails(&b.cli(&["grant", "dynamic:db/*", "--to", "web"]), 2, "prefix");
     let ls = json(&b.ok(&["dynamic", "ls", "--json"]));
@@ -345,26 +345,27 @@ impl SlowProxy {
         std::thread::spawn(move || {
             for conn in l.incoming() {
                 let Ok(client) = conn else { return };
-                let (to, s, d) = (to.clone(), s.clone(), d.clone());
-                std::thread::spawn(move || {
-                    if s.load(Ordering::SeqCst) {
-                        std::thread::sleep(Duration::from_millis(d.load(Ordering::SeqCst)));
-                    }
-                    let Ok(server) = TcpStream::connect(&to) else { return };
-                    let pipe = |mut a: TcpStream, mut b: TcpStream| {
-                        std::thread::spawn(move || {
-                            let mut buf = [0u8; 16384];
-                            while let Ok(n) = a.read(&mut buf) {
-                                if n == 0 || b.write_all(&buf[..n]).is_err() {
-                                    break;
+                let Ok(server) = TcpStream::connect(&to) else { continue };
+                // Requests (client to server) are held while slow: a
+                // pooled keep-alive connection is slowed too.
+                let pipe = |mut a: TcpStream, mut b: TcpStream, hold: Option<(Arc<AtomicBool>, Arc<AtomicU64>)>| {
+                    std::thread::spawn(move || {
+                        let mut buf = [0u8; 16384];
+                        while let Ok(n) = a.read(&mut buf) {
+                            if let Some((s, d)) = &hold {
+                                if s.load(Ordering::SeqCst) {
+                                    std::thread::sleep(Duration::from_millis(d.load(Ordering::SeqCst)));
                                 }
                             }
-                            let _ = b.shutdown(std::net::Shutdown::Write);
-                        })
-                    };
-                    pipe(client.try_clone().unwrap(), server.try_clone().unwrap());
-                    pipe(server, client);
-                });
+                            if n == 0 || b.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                        let _ = b.shutdown(std::net::Shutdown::Write);
+                    });
+                };
+                pipe(client.try_clone().unwrap(), server.try_clone().unwrap(), Some((s.clone(), d.clone())));
+                pipe(server, client, None);
             }
         });
         SlowProxy { addr, slow, delay_ms }
@@ -392,7 +393,7 @@ fn a_slow_or_down_backend_fails_a_first_open_promptly_and_stalls_no_other_mount(
     b.ok(&["grant", "dynamic:db", "--to", "web", "--file", "db.json"]);
     b.ok(&["workload", "add", "host", "--selector", "unix:uid:1000"]);
     b.put("plain/value", b"plain");
-    b.ok(&["grant", "plain/value", "--to", "host"]);
+    b.ok(&["grant", "plain/value", "--to", "host", "--uid", "1000"]);
     let host_file = b.mount("host").join("value");
     // Slow: several containers' first opens are parked while the backend
     // takes 4 s; every other mount is served meanwhile, at once.
