@@ -16,6 +16,8 @@ COMMANDS = [
     "workload", "workload add", "workload ls", "workload rm",
     "grant", "revoke", "grants", "mounts", "status", "whoami", "audit",
     "doctor", "completions", "man",
+    "dynamic", "dynamic add", "dynamic ls", "dynamic rm",
+    "cert", "cert add", "cert ls", "cert rm", "leases",
 ]
 
 NOTES = '''# Command line

@@ -14,8 +14,8 @@ use super::{ApiError, blocking, describe, peer_of};
 use crate::audit::Event;
 use crate::backend::VersionMeta;
 use crate::broker::{Broker, GrantRequest, NewValue, SourceRequest};
-use crate::lease::{Kind, Source as LeaseSource};
 use crate::identity::Identity;
+use crate::lease::{Kind, Source as LeaseSource};
 use crate::policy::{Grant, Workload};
 use crate::secret::{SecretBytes, SecretPath, validate_prefix};
 
@@ -509,6 +509,9 @@ fn source_pb(s: &LeaseSource) -> pb::SourceSpec {
         path: s.path.clone(),
         uri: s.uri.clone().unwrap_or_default(),
         cn: s.cn.clone().unwrap_or_default(),
-        ttl: s.ttl_secs.map(|t| humantime::format_duration(std::time::Duration::from_secs(t)).to_string()).unwrap_or_default(),
+        ttl: s
+            .ttl_secs
+            .map(|t| humantime::format_duration(std::time::Duration::from_secs(t)).to_string())
+            .unwrap_or_default(),
     }
 }

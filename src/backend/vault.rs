@@ -606,7 +606,12 @@ impl VaultBackend {
     /// One request to `v1/<rel>` with the client's token, its body JSON;
     /// on 403, log in again and retry once. vaultrs drops lease ids and
     /// has no lease calls, so these go through its HTTP client directly.
-    async fn call(&self, verb: Verb, rel: &str, body: Option<&serde_json::Value>) -> Result<serde_json::Value, BackendError> {
+    async fn call(
+        &self,
+        verb: Verb,
+        rel: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<serde_json::Value, BackendError> {
         self.keep_token().await?;
         let mut retried = false;
         loop {
@@ -639,8 +644,11 @@ impl VaultBackend {
             if bytes.len() > MAX_LEASE_BODY {
                 return Err(self.unavailable(format!("{rel}: an answer of {} bytes", bytes.len())));
             }
-            let json: serde_json::Value =
-                if bytes.is_empty() { serde_json::Value::Null } else { serde_json::from_slice(&bytes).unwrap_or_default() };
+            let json: serde_json::Value = if bytes.is_empty() {
+                serde_json::Value::Null
+            } else {
+                serde_json::from_slice(&bytes).unwrap_or_default()
+            };
             if (200..300).contains(&status) {
                 return Ok(json);
             }
@@ -671,7 +679,10 @@ impl VaultBackend {
         let r = self.call(Verb::Get, rel, None).await?;
         let lease_id = r["lease_id"].as_str().unwrap_or_default().to_owned();
         if lease_id.is_empty() || !r["data"].is_object() {
-            return Err(BackendError::Invalid(format!("{} answered no lease (is it a dynamic secrets path?)", self.full(rel))));
+            return Err(BackendError::Invalid(format!(
+                "{} answered no lease (is it a dynamic secrets path?)",
+                self.full(rel)
+            )));
         }
         Ok(Issued {
             lease_id,
@@ -713,7 +724,12 @@ impl VaultBackend {
         if data["certificate"].as_str().is_none() || data["private_key"].as_str().is_none() {
             return Err(BackendError::Invalid(format!("{} answered no certificate and key", self.full(rel))));
         }
-        Ok(Issued { lease_id: String::new(), lease_duration: exp.saturating_sub(now), renewable: false, data: data.clone() })
+        Ok(Issued {
+            lease_id: String::new(),
+            lease_duration: exp.saturating_sub(now),
+            renewable: false,
+            data: data.clone(),
+        })
     }
 
     /// `POST <mount>/revoke` by serial. A serial the engine does not

@@ -166,7 +166,10 @@ impl Catalog for Broker {
         if crate::policy::leased(p.as_str()).is_some() {
             // A lease source: one file, whose content is each caller's own.
             let g = self.leases.generation(p.as_str());
-            return Ok(g.map(|version| (p.to_string(), VersionMeta { version, created_unix_ms: 0, size: 0 })).into_iter().collect());
+            return Ok(g
+                .map(|version| (p.to_string(), VersionMeta { version, created_unix_ms: 0, size: 0 }))
+                .into_iter()
+                .collect());
         }
         let Some((v, _)) = self.vault_for(p.as_str()) else {
             return Ok(self

@@ -32,9 +32,7 @@ issued on its first open, renewed while it runs, revoked when it ends.")]
     /// List the dynamic sources
     Ls,
     /// Remove a dynamic source; its leases are revoked
-    Rm {
-        name: String,
-    },
+    Rm { name: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -72,9 +70,7 @@ tls.pem holds the container's certificate, the chain and its key (PEM).")]
     /// List the certificate sources
     Ls,
     /// Remove a certificate source; its certificates are revoked
-    Rm {
-        name: String,
-    },
+    Rm { name: String },
 }
 
 fn source_json(s: &pb::SourceSpec) -> serde_json::Value {

@@ -170,7 +170,15 @@ impl Source {
                 (Some(uri.to_owned()), cn.map(str::to_owned), ttl)
             }
         };
-        Ok(Source { kind, name: name.to_owned(), backend: backend.to_owned(), path: path.to_owned(), uri, cn, ttl_secs })
+        Ok(Source {
+            kind,
+            name: name.to_owned(),
+            backend: backend.to_owned(),
+            path: path.to_owned(),
+            uri,
+            cn,
+            ttl_secs,
+        })
     }
 
     /// The PKI mount of a certificate source (`pki` of `pki/issue/web`).
@@ -191,19 +199,14 @@ fn check_pattern(p: &str, what: &str) -> Result<(), LeaseError> {
         rest = rest.replace(ph, "");
     }
     if rest.contains(['{', '}']) {
-        return Err(LeaseError::Invalid(format!(
-            "{what} {p:?}: the placeholders are {}",
-            PLACEHOLDERS.join(", ")
-        )));
+        return Err(LeaseError::Invalid(format!("{what} {p:?}: the placeholders are {}", PLACEHOLDERS.join(", "))));
     }
     Ok(())
 }
 
 /// Fill a pattern's placeholders from the attested holder.
 fn fill(p: &str, h: &Holder) -> String {
-    p.replace("{workload}", &h.workload)
-        .replace("{container_name}", &h.name)
-        .replace("{container_id}", &h.container)
+    p.replace("{workload}", &h.workload).replace("{container_name}", &h.name).replace("{container_id}", &h.container)
 }
 
 /// Who a lease is for: a container (its full id), or a host user
@@ -372,7 +375,11 @@ fn render(src: &Source, issued: &Issued, expires: u64) -> Result<(String, Option
         }
     };
     if body.len() > LEASED_SIZE {
-        return Err(LeaseError::Invalid(format!("{} rendered {} bytes; the limit is {LEASED_SIZE}", src.id(), body.len())));
+        return Err(LeaseError::Invalid(format!(
+            "{} rendered {} bytes; the limit is {LEASED_SIZE}",
+            src.id(),
+            body.len()
+        )));
     }
     let serial = issued.data["serial_number"].as_str().map(str::to_owned);
     Ok((body, serial))
@@ -744,9 +751,7 @@ impl Leases {
         let sources: std::collections::BTreeSet<String> =
             self.sources.read().expect("sources lock").keys().cloned().collect();
         let mut n = self.revoke_where("its source was removed", |l| !sources.contains(&l.source));
-        n += self.revoke_where("its grant was revoked", |l| {
-            !grants.contains(&(l.workload.clone(), l.source.clone()))
-        });
+        n += self.revoke_where("its grant was revoked", |l| !grants.contains(&(l.workload.clone(), l.source.clone())));
         n
     }
 
@@ -809,7 +814,8 @@ impl Leases {
             }
         }
         // Roll: a new lease for the same holder, ahead of expiry.
-        let holder = Holder { workload: l.workload.clone(), container: l.container.clone(), name: l.container_name.clone() };
+        let holder =
+            Holder { workload: l.workload.clone(), container: l.container.clone(), name: l.container_name.clone() };
         match self.fetch(&b, &src, &holder).await {
             Ok(new) => {
                 self.persist(&b, &k, &new).await;
@@ -957,8 +963,9 @@ mod tests {
         assert!(Source::new(Kind::Dynamic, "db", "prod", "database/creds/web", Some("u"), None, None).is_err());
         assert!(Source::new(Kind::Cert, "tls", "prod", "pki/issue/web", None, None, None).is_err());
         assert!(Source::new(Kind::Cert, "tls", "prod", "database/creds/web", Some("spiffe://x"), None, None).is_err());
-        let s = Source::new(Kind::Cert, "tls", "prod", "pki/issue/web", Some("spiffe://x/{workload}"), None, Some("1h"))
-            .unwrap();
+        let s =
+            Source::new(Kind::Cert, "tls", "prod", "pki/issue/web", Some("spiffe://x/{workload}"), None, Some("1h"))
+                .unwrap();
         assert_eq!((s.pki_mount(), s.ttl_secs, s.id().as_str()), (Some("pki"), Some(3600), "cert:tls"));
     }
 

@@ -25,7 +25,10 @@ fn require_postgres() -> bool {
     if Path::new(PG_BIN).join("initdb").exists() && Command::new("psql").arg("--version").output().is_ok() {
         return true;
     }
-    assert!(std::env::var_os("CI").is_none(), "CI=true but PostgreSQL 15 is not installed (apt-get install postgresql)");
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "CI=true but PostgreSQL 15 is not installed (apt-get install postgresql)"
+    );
     eprintln!("SKIPPED: no PostgreSQL 15 in {PG_BIN} (scripts/test.sh installs postgresql)");
     false
 }
@@ -253,14 +256,31 @@ fn a_stranger_container_gets_no_lease_and_admin_verbs_need_an_admin() {
     assert!(e.contains("Permission denied"), "{e}");
     assert!(leases_json(&b).is_empty(), "a stranger's open issued a lease");
     // Non-admins cannot define or list sources.
-    let o = cli_as(&b.socket(), &["dynamic", "add", "x", "--backend", "prod", "--path", "database/creds/web"], None, Some(1000));
+    let o = cli_as(
+        &b.socket(),
+        &["dynamic", "add", "x", "--backend", "prod", "--path", "database/creds/web"],
+        None,
+        Some(1000),
+    );
     assert_eq!(o.status.code(), Some(4), "{}", stderr(&o));
     let o = cli_as(&b.socket(), &["leases"], None, Some(1000));
     assert_eq!(o.status.code(), Some(4), "{}", stderr(&o));
     // Bad input: a clear error, nothing recorded.
-    assert_fails(&b.cli(&["dynamic", "add", "../x", "--backend", "prod", "--path", "database/creds/web"]), 2, "source name");
-    assert_fails(&b.cli(&["dynamic", "add", "y", "--backend", "nope", "--path", "database/creds/web"]), 2, "not configured");
-    assert_fails(&b.cli(&["cert", "add", "t", "--backend", "prod", "--issue", "pki/issue/x", "--uri", "spiffe://x/{secret}"]), 2, "placeholders");
+    assert_fails(
+        &b.cli(&["dynamic", "add", "../x", "--backend", "prod", "--path", "database/creds/web"]),
+        2,
+        "source name",
+    );
+    assert_fails(
+        &b.cli(&["dynamic", "add", "y", "--backend", "nope", "--path", "database/creds/web"]),
+        2,
+        "not configured",
+    );
+    assert_fails(
+        &b.cli(&["cert", "add", "t", "--backend", "prod", "--issue", "pki/issue/x", "--uri", "spiffe://x/{secret}"]),
+        2,
+        "placeholders",
+    );
     assert_fails(&b.cli(&["grant", "dynamic:db/*", "--to", "web"]), 2, "prefix");
     let ls = json(&b.ok(&["dynamic", "ls", "--json"]));
     assert_eq!(ls.as_array().unwrap().len(), 1, "{ls}");
@@ -317,7 +337,9 @@ fn a_lease_is_renewed_at_two_thirds_and_rolled_at_max_ttl() {
     let (u_again, _, exp_again) = creds(&c);
     assert_eq!(u_again, u, "a renewal kept the login");
     assert_ne!(exp_again, exp, "the file shows the new expiry");
-    let ino = |c: &Container| String::from_utf8_lossy(&c.exec(&["stat", "-c", "%i", "/run/secrets/db.json"]).stdout).trim().to_owned();
+    let ino = |c: &Container| {
+        String::from_utf8_lossy(&c.exec(&["stat", "-c", "%i", "/run/secrets/db.json"]).stdout).trim().to_owned()
+    };
     let ino_before = ino(&c);
     eventually(20, "max_ttl rolls a new login ahead of expiry", || creds(&c).0 != u);
     let (u_new, p_new, _) = creds(&c);
@@ -442,7 +464,13 @@ fn a_slow_or_down_backend_fails_a_first_open_promptly_and_stalls_no_other_mount(
 fn pki_engine(bao: &Bao) -> String {
     bao.ok(&["secrets", "enable", "pki"]);
     bao.ok(&["secrets", "tune", "-max-lease-ttl=87600h", "pki"]);
-    let ca = bao.ok(&["write", "-field=certificate", "pki/root/generate/internal", "common_name=keyhole test CA", "ttl=87600h"]);
+    let ca = bao.ok(&[
+        "write",
+        "-field=certificate",
+        "pki/root/generate/internal",
+        "common_name=keyhole test CA",
+        "ttl=87600h",
+    ]);
     bao.ok(&[
         "write",
         "pki/roles/workload",
@@ -497,7 +525,9 @@ fn each_container_gets_its_own_certificate_revoked_by_serial_when_it_ends() {
     let names = [unique("web-a"), unique("web-b")];
     let cs: Vec<Container> = names
         .iter()
-        .map(|n| Container::start(&["--name", n, "--label", &format!("keyhole.test={tag}"), "-v", &secrets_bind(&b, "web")]))
+        .map(|n| {
+            Container::start(&["--name", n, "--label", &format!("keyhole.test={tag}"), "-v", &secrets_bind(&b, "web")])
+        })
         .collect();
     let dir = tempfile::tempdir().unwrap();
     let ca_file = dir.path().join("ca.pem");
