@@ -260,6 +260,11 @@ pub async fn serve(broker: std::sync::Arc<crate::broker::Broker>, listener: crat
     }
 }
 
+/// One lease revocation tried, with its result (`ok`, `failed`).
+pub fn lease_revoked(result: &str) {
+    METRICS.lease_revocations.get_or_create(&ResultLabels { result: result.to_owned() }).inc();
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -276,9 +281,4 @@ mod tests {
         assert!(text.contains("keyhole_rotations_total 0"), "plain counters show from the start: {text}");
         assert!(text.ends_with("# EOF\n"));
     }
-}
-
-/// One lease revocation tried, with its result (`ok`, `failed`).
-pub fn lease_revoked(result: &str) {
-    METRICS.lease_revocations.get_or_create(&ResultLabels { result: result.to_owned() }).inc();
 }
