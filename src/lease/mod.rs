@@ -481,6 +481,19 @@ impl Leases {
         }
     }
 
+    /// The fields of `holder`'s live lease of `source`, for templates
+    /// (`dynamic("NAME").username`, `cert("NAME").cert`, `.key`, `.ca`):
+    /// a dynamic lease's JSON object; for a certificate, `cert` (the
+    /// leaf), `ca` (the chain) and `key`, each PEM. Holds credentials.
+    pub fn fields(&self, source: &str, holder: &Holder) -> Result<serde_json::Value, &'static str> {
+        let body = self.body_for(source, holder)?;
+        let text = std::str::from_utf8(body.expose()).map_err(|_| "a lease that is not text")?;
+        if source.starts_with("dynamic:") {
+            return serde_json::from_str(text).map_err(|_| "a lease that is not JSON");
+        }
+        Ok(pem_fields(text))
+    }
+
     /// Whether `holder` has a live lease of `source` (an open need not wait).
     pub fn ready(&self, source: &str, holder: &Holder) -> bool {
         self.body_for(source, holder).is_ok()
@@ -863,6 +876,27 @@ impl Leases {
     }
 }
 
+/// A rendered certificate lease (leaf, chain, key) split into its parts.
+fn pem_fields(text: &str) -> serde_json::Value {
+    let (mut cert, mut ca, mut key) = (String::new(), String::new(), String::new());
+    let mut rest = text;
+    while let Some(start) = rest.find("-----BEGIN ") {
+        let block = &rest[start..];
+        let Some(end_at) = block.find("-----END ") else { break };
+        let close = block[end_at..].find('\n').map_or(block.len(), |i| end_at + i + 1);
+        let pem = &block[..close];
+        if pem.contains("PRIVATE KEY") {
+            key.push_str(pem);
+        } else if cert.is_empty() {
+            cert.push_str(pem);
+        } else {
+            ca.push_str(pem);
+        }
+        rest = &block[close..];
+    }
+    serde_json::json!({ "cert": cert, "ca": ca, "key": key })
+}
+
 /// A renewed lease's file shows its new expiry.
 fn rerender_expiry(body: &str, expires: u64) -> String {
     match serde_json::from_str::<serde_json::Value>(body) {
@@ -986,6 +1020,17 @@ mod tests {
         let again: serde_json::Value = serde_json::from_str(&rerender_expiry(&body, 60)).unwrap();
         assert_eq!(again["expires_at"].as_str(), Some("1970-01-01T00:01:00Z"));
         assert_eq!(again["password"].as_str(), Some("p1"));
+    }
+
+    #[test]
+    fn a_certificate_lease_splits_into_cert_chain_and_key() {
+        let pem = "-----BEGIN CERTIFICATE-----\nLEAF\n-----END CERTIFICATE-----\n\
+                   -----BEGIN CERTIFICATE-----\nCA\n-----END CERTIFICATE-----\n\
+                   -----BEGIN RSA PRIVATE KEY-----\nK\n-----END RSA PRIVATE KEY-----\n";
+        let f = pem_fields(pem);
+        assert!(f["cert"].as_str().unwrap().contains("LEAF") && !f["cert"].as_str().unwrap().contains("\nCA\n"));
+        assert!(f["ca"].as_str().unwrap().contains("\nCA\n"));
+        assert!(f["key"].as_str().unwrap().contains("\nK\n"));
     }
 
     #[test]
