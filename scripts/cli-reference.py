@@ -18,6 +18,8 @@ COMMANDS = [
     "template", "template put", "template get", "template ls", "template rm",
     "doctor", "completions", "man",
     "role", "role add", "role ls", "role rm", "apply", "diff", "export",
+    "dynamic", "dynamic add", "dynamic ls", "dynamic rm",
+    "cert", "cert add", "cert ls", "cert rm", "leases",
 ]
 
 NOTES = '''# Command line

@@ -22,7 +22,7 @@ if ! command -v cargo >/dev/null; then
 fi
 
 # Debian packages the tests use; installed only when missing.
-packages=(ca-certificates coreutils procps tar util-linux docker.io podman busybox-static python3 g++)
+packages=(ca-certificates coreutils procps tar util-linux docker.io podman busybox-static python3 g++ postgresql openssl)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

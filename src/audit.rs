@@ -113,6 +113,25 @@ event_kinds! {
     TemplateRm = "template_rm",
     /// A template's file could not be rendered (the open got EIO).
     TemplateError = "template_error",
+    // Dynamic credentials and certificates.
+    /// `dynamic add`.
+    DynamicAdd = "dynamic_add",
+    /// `dynamic rm`.
+    DynamicRm = "dynamic_rm",
+    /// `cert add`.
+    CertAdd = "cert_add",
+    /// `cert rm`.
+    CertRm = "cert_rm",
+    /// `dynamic ls`, `cert ls`.
+    Sources = "sources",
+    /// `leases`.
+    Leases = "leases",
+    /// A lease issued for a container's first open.
+    LeaseIssue = "lease_issue",
+    /// A lease that could not be issued (the open got EIO).
+    LeaseError = "lease_error",
+    /// A lease revoked (its container ended, its grant or source went).
+    LeaseRevoke = "lease_revoke",
     // Teams.
     /// `role add`.
     RoleAdd = "role_add",

@@ -44,6 +44,7 @@ pub mod crypto;
 pub mod docker;
 pub mod fs;
 pub mod identity;
+pub mod lease;
 pub mod limits;
 pub mod metrics;
 pub mod policy;

@@ -75,6 +75,9 @@ pub struct Metrics {
     pub audit_lines: Family<EventLabels, Counter>,
     pub alert_runs: Family<ResultLabels, Counter>,
     pub alerts_suppressed: Counter,
+    /// Live per-container leases (dynamic credentials and certificates).
+    pub leases: Gauge,
+    pub lease_revocations: Family<ResultLabels, Counter>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -106,6 +109,8 @@ impl Metrics {
             audit_lines: Family::default(),
             alert_runs: Family::default(),
             alerts_suppressed: Counter::default(),
+            leases: Gauge::default(),
+            lease_revocations: Family::default(),
             registry: Registry::with_prefix("keyhole"),
         };
         let r = &mut m.registry;
@@ -145,6 +150,8 @@ impl Metrics {
         r.register("audit_lines", "Audit lines written, by event", m.audit_lines.clone());
         r.register("alert_hook_runs", "Runs of the [alerts] on_deny hook, by result", m.alert_runs.clone());
         r.register("alerts_suppressed", "Denials not sent to the alert hook (rate limit)", m.alerts_suppressed.clone());
+        r.register("leases", "Live per-container leases (dynamic credentials, certificates)", m.leases.clone());
+        r.register("lease_revocations", "Lease revocations tried, by result (ok, failed)", m.lease_revocations.clone());
         m
     }
 
@@ -258,6 +265,11 @@ pub async fn serve(broker: std::sync::Arc<crate::broker::Broker>, listener: crat
     if let Err(e) = served {
         tracing::error!(error = %e, "metrics listener stopped");
     }
+}
+
+/// One lease revocation tried, with its result (`ok`, `failed`).
+pub fn lease_revoked(result: &str) {
+    METRICS.lease_revocations.get_or_create(&ResultLabels { result: result.to_owned() }).inc();
 }
 
 #[cfg(test)]

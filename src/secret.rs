@@ -154,6 +154,12 @@ impl TryFrom<String> for SecretPath {
         if let Some(name) = s.strip_prefix(TEMPLATE_PREFIX) {
             return SecretPath::template(name);
         }
+        // A stored grant of a lease source (`dynamic:NAME`, `cert:NAME`).
+        if let Some((kind, name)) = s.split_once(':') {
+            if matches!(kind, "dynamic" | "cert") && crate::policy::check_source_name(name).is_ok() {
+                return Ok(Self(s));
+            }
+        }
         validate_path(&s)?;
         Ok(Self(s))
     }
@@ -209,6 +215,12 @@ impl SecretPath {
 
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+
+    /// A lease source as a grant names it, `dynamic:NAME` or `cert:NAME`
+    /// (see `crate::lease`); the caller checked the name.
+    pub(crate) fn leased(kind: &str, name: &str) -> Self {
+        Self(format!("{kind}:{name}"))
     }
 }
 

@@ -13,8 +13,9 @@ use super::remote;
 use super::{ApiError, blocking, describe, peer_of};
 use crate::audit::{Event, EventKind};
 use crate::backend::VersionMeta;
-use crate::broker::{Broker, GrantRequest, NewValue};
+use crate::broker::{Broker, GrantRequest, NewValue, SourceRequest};
 use crate::identity::Identity;
+use crate::lease::{Kind, Source as LeaseSource};
 use crate::policy::roles::{Need, Scope, Verb};
 use crate::policy::{Grant, Workload, admin};
 use crate::secret::{SecretBytes, SecretPath, validate_prefix};
@@ -591,5 +592,89 @@ impl admin_server::Admin for AdminService {
         let name = req.into_inner().name;
         let removed = self.op(move |b| b.delete_template(&id, &name)).await?;
         Ok(Response::new(pb::DeleteTemplateResponse { versions_removed: removed as u32 }))
+    }
+
+    async fn add_source(&self, req: Request<pb::SourceSpec>) -> Reply<pb::SourceSpec> {
+        let Caller { id, .. } = self.authorize(&req, "AddSource", Need::FullAdmin).await?;
+        let s = req.into_inner();
+        let kind = source_kind(&s.kind)?;
+        let nonempty = |v: String| (!v.is_empty()).then_some(v);
+        let asked = SourceRequest {
+            name: s.name,
+            backend: s.backend,
+            path: s.path,
+            uri: nonempty(s.uri),
+            cn: nonempty(s.cn),
+            ttl: nonempty(s.ttl),
+        };
+        let src = self.op(move |b| b.add_source(&id, kind, &asked)).await?;
+        Ok(Response::new(source_pb(&src)))
+    }
+
+    async fn list_sources(&self, req: Request<pb::ListSourcesRequest>) -> Reply<pb::ListSourcesResponse> {
+        let Caller { id, .. } = self.authorize(&req, "ListSources", Need::FullAdmin).await?;
+        let kind = req.into_inner().kind;
+        let only = if kind.is_empty() { None } else { Some(source_kind(&kind)?) };
+        let sources = self
+            .audited(id, EventKind::Sources, None, move |b| {
+                let list = b.leases().sources().into_iter().filter(|s| only.is_none_or(|k| s.kind == k));
+                Ok((list.map(|s| source_pb(&s)).collect(), None))
+            })
+            .await?;
+        Ok(Response::new(pb::ListSourcesResponse { sources }))
+    }
+
+    async fn remove_source(&self, req: Request<pb::RemoveSourceRequest>) -> Reply<pb::RemoveSourceResponse> {
+        let Caller { id, .. } = self.authorize(&req, "RemoveSource", Need::FullAdmin).await?;
+        let r = req.into_inner();
+        let kind = source_kind(&r.kind)?;
+        self.op(move |b| b.remove_source(&id, kind, &r.name)).await?;
+        Ok(Response::new(pb::RemoveSourceResponse {}))
+    }
+
+    async fn list_leases(&self, req: Request<pb::ListLeasesRequest>) -> Reply<pb::ListLeasesResponse> {
+        let Caller { id, .. } = self.authorize(&req, "ListLeases", Need::FullAdmin).await?;
+        let w = req.into_inner().workload;
+        let leases = self
+            .audited_for(id, EventKind::Leases, (!w.is_empty()).then(|| w.clone()), None, move |b| {
+                let only = (!w.is_empty()).then_some(w.as_str());
+                let list = b.leases().list(only).into_iter().map(|l| pb::LeaseEntry {
+                    source: l.source,
+                    workload: l.workload,
+                    container: l.container,
+                    container_name: l.container_name,
+                    backend: l.backend,
+                    issued_unix: l.issued_unix as i64,
+                    expires_unix: l.expires_unix as i64,
+                    serial: l.serial.unwrap_or_default(),
+                    state: l.state,
+                });
+                Ok((list.collect(), None))
+            })
+            .await?;
+        Ok(Response::new(pb::ListLeasesResponse { leases }))
+    }
+}
+
+fn source_kind(kind: &str) -> Result<Kind, Status> {
+    match kind {
+        "dynamic" => Ok(Kind::Dynamic),
+        "cert" => Ok(Kind::Cert),
+        k => Err(Status::invalid_argument(format!("source kind {k:?} is not dynamic or cert"))),
+    }
+}
+
+fn source_pb(s: &LeaseSource) -> pb::SourceSpec {
+    pb::SourceSpec {
+        kind: s.kind.as_str().into(),
+        name: s.name.clone(),
+        backend: s.backend.clone(),
+        path: s.path.clone(),
+        uri: s.uri.clone().unwrap_or_default(),
+        cn: s.cn.clone().unwrap_or_default(),
+        ttl: s
+            .ttl_secs
+            .map(|t| humantime::format_duration(std::time::Duration::from_secs(t)).to_string())
+            .unwrap_or_default(),
     }
 }

@@ -68,6 +68,10 @@ pub const VOLUMES: TableDefinition<&str, &[u8]> = TableDefinition::new("volumes"
 pub const VOLUME_MOUNTS: TableDefinition<&str, &[u8]> = TableDefinition::new("volume_mounts");
 /// Templates (name → kept versions, see [`crate::template::TemplateVersion`]).
 pub const TEMPLATES: TableDefinition<&str, &[u8]> = TableDefinition::new("templates");
+/// Dynamic sources (`dynamic:NAME`, `cert:NAME` → definition) and the
+/// live leases issued from them, one per (source, workload, container).
+pub const LEASE_SOURCES: TableDefinition<&str, &[u8]> = TableDefinition::new("lease_sources");
+pub const LEASES: TableDefinition<&str, &[u8]> = TableDefinition::new("leases");
 
 /// The key check of a 0.1 store, which has no manifest.
 const KEYCHECK_V1: &[u8] = b"keyhole local store v1";
@@ -283,6 +287,8 @@ impl LocalStore {
             txn.open_table(VOLUMES)?;
             txn.open_table(VOLUME_MOUNTS)?;
             txn.open_table(TEMPLATES)?;
+            txn.open_table(LEASE_SOURCES)?;
+            txn.open_table(LEASES)?;
             master = match key {
                 KeyMaterial::Key(k) => k,
                 KeyMaterial::Passphrase(pass) => {
@@ -417,7 +423,7 @@ impl LocalStore {
     fn scan(&self, txn: &redb::WriteTransaction) -> Result<(Digest, u64), StoreError> {
         let mut sum = Digest::default();
         let mut n = 0u64;
-        for def in [META, HEADS, WORKLOADS, CACHE, VOLUMES, VOLUME_MOUNTS, TEMPLATES] {
+        for def in [META, HEADS, WORKLOADS, CACHE, VOLUMES, VOLUME_MOUNTS, TEMPLATES, LEASE_SOURCES, LEASES] {
             let t = txn.open_table(def)?;
             for e in t.iter()? {
                 let (k, v) = e?;

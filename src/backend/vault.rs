@@ -447,3 +447,176 @@ impl VaultBackend {
         (self.cfg.address.clone(), auth)
     }
 }
+
+/// A lease a secrets engine issued (`GET database/creds/ROLE`), or a
+/// certificate (`pki/issue/ROLE`, whose lease id is empty). The data
+/// holds credentials: it is never logged and `Debug` leaves it out.
+pub struct Issued {
+    pub lease_id: String,
+    /// Seconds the lease lasts from now.
+    pub lease_duration: u64,
+    pub renewable: bool,
+    pub data: serde_json::Value,
+}
+
+impl std::fmt::Debug for Issued {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Issued")
+            .field("lease_id", &self.lease_id)
+            .field("lease_duration", &self.lease_duration)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The HTTP verbs the lease calls use.
+#[derive(Clone, Copy, Debug)]
+enum Verb {
+    Get,
+    Put,
+    Post,
+}
+
+/// The most of a lease response read (a certificate and chain are a few
+/// KiB; anything far larger is not a lease).
+const MAX_LEASE_BODY: usize = 1 << 20;
+
+impl VaultBackend {
+    /// One request to `v1/<rel>` with the client's token, its body JSON;
+    /// on 403, log in again and retry once. vaultrs drops lease ids and
+    /// has no lease calls, so these go through its HTTP client directly.
+    async fn call(
+        &self,
+        verb: Verb,
+        rel: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<serde_json::Value, BackendError> {
+        self.keep_token().await?;
+        let mut retried = false;
+        loop {
+            let started = Instant::now();
+            let sent = {
+                let c = self.client.read().await;
+                let url = format!("{}/v1/{rel}", self.cfg.address.trim_end_matches('/'));
+                let req = match verb {
+                    Verb::Get => c.http.http.get(&url),
+                    Verb::Put => c.http.http.put(&url),
+                    Verb::Post => c.http.http.post(&url),
+                };
+                let req = req.header("X-Vault-Token", c.settings.token.as_str()).timeout(self.cfg.request_timeout);
+                let req = match body {
+                    Some(b) => req.header("Content-Type", "application/json").body(b.to_string()),
+                    None => req,
+                };
+                req.send().await
+            };
+            let resp = match sent {
+                Ok(r) => r,
+                Err(e) => {
+                    crate::metrics::backend_request(&self.cfg.name, started, true);
+                    return Err(self.unavailable(crate::causes(&e)));
+                }
+            };
+            let status = resp.status().as_u16();
+            let bytes = resp.bytes().await.map_err(|e| self.unavailable(crate::causes(&e)))?;
+            crate::metrics::backend_request(&self.cfg.name, started, status >= 500);
+            if bytes.len() > MAX_LEASE_BODY {
+                return Err(self.unavailable(format!("{rel}: an answer of {} bytes", bytes.len())));
+            }
+            let json: serde_json::Value = if bytes.is_empty() {
+                serde_json::Value::Null
+            } else {
+                serde_json::from_slice(&bytes).unwrap_or_default()
+            };
+            if (200..300).contains(&status) {
+                return Ok(json);
+            }
+            if status == 403 && !retried {
+                retried = true;
+                tracing::warn!(backend = %self.cfg.name, "permission denied; logging in again");
+                self.login().await?;
+                continue;
+            }
+            let errors: Vec<String> = json["errors"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|e| e.as_str().map(str::to_owned)).collect())
+                .unwrap_or_default();
+            // Engine errors name roles and paths; bounded all the same.
+            let mut detail = errors.join("; ");
+            detail.truncate(300);
+            return Err(match status {
+                404 => BackendError::NotFound(self.full(rel)),
+                400 => BackendError::Invalid(format!("{}: {detail}", self.full(rel))),
+                _ => self.unavailable(format!("{rel}: HTTP {status}: {detail}")),
+            });
+        }
+    }
+
+    /// `GET <rel>` of a dynamic secrets engine (`database/creds/web`):
+    /// a new lease and its credentials.
+    pub async fn lease_issue(&self, rel: &str) -> Result<Issued, BackendError> {
+        let r = self.call(Verb::Get, rel, None).await?;
+        let lease_id = r["lease_id"].as_str().unwrap_or_default().to_owned();
+        if lease_id.is_empty() || !r["data"].is_object() {
+            return Err(BackendError::Invalid(format!(
+                "{} answered no lease (is it a dynamic secrets path?)",
+                self.full(rel)
+            )));
+        }
+        Ok(Issued {
+            lease_id,
+            lease_duration: r["lease_duration"].as_u64().unwrap_or(0),
+            renewable: r["renewable"].as_bool().unwrap_or(false),
+            data: r["data"].clone(),
+        })
+    }
+
+    /// `PUT sys/leases/renew`: the lease's new duration from now (the
+    /// engine caps it at the role's max_ttl).
+    pub async fn lease_renew(&self, lease_id: &str, increment: u64) -> Result<u64, BackendError> {
+        let body = serde_json::json!({ "lease_id": lease_id, "increment": increment });
+        let r = self.call(Verb::Put, "sys/leases/renew", Some(&body)).await?;
+        Ok(r["lease_duration"].as_u64().unwrap_or(0))
+    }
+
+    /// `PUT sys/leases/revoke` (synchronous: the credentials are gone
+    /// when it returns). A lease the server no longer knows is gone too.
+    pub async fn lease_revoke(&self, lease_id: &str) -> Result<(), BackendError> {
+        let body = serde_json::json!({ "lease_id": lease_id });
+        match self.call(Verb::Put, "sys/leases/revoke", Some(&body)).await {
+            Ok(_) | Err(BackendError::NotFound(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `POST <rel>` of the PKI engine (`pki/issue/ROLE`): a certificate
+    /// and its private key, made by the engine.
+    pub async fn cert_issue(&self, rel: &str, cn: &str, uri: &str, ttl: Option<u64>) -> Result<Issued, BackendError> {
+        let mut body = serde_json::json!({ "common_name": cn, "uri_sans": uri });
+        if let Some(t) = ttl {
+            body["ttl"] = serde_json::Value::String(format!("{t}s"));
+        }
+        let r = self.call(Verb::Post, rel, Some(&body)).await?;
+        let data = &r["data"];
+        let exp = data["expiration"].as_u64().unwrap_or(0);
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        if data["certificate"].as_str().is_none() || data["private_key"].as_str().is_none() {
+            return Err(BackendError::Invalid(format!("{} answered no certificate and key", self.full(rel))));
+        }
+        Ok(Issued {
+            lease_id: String::new(),
+            lease_duration: exp.saturating_sub(now),
+            renewable: false,
+            data: data.clone(),
+        })
+    }
+
+    /// `POST <mount>/revoke` by serial. A serial the engine does not
+    /// know (expired and tidied) is no longer valid anyway.
+    pub async fn cert_revoke(&self, mount: &str, serial: &str) -> Result<(), BackendError> {
+        let body = serde_json::json!({ "serial_number": serial });
+        match self.call(Verb::Post, &format!("{mount}/revoke"), Some(&body)).await {
+            Ok(_) | Err(BackendError::NotFound(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}

@@ -16,6 +16,7 @@
 
 mod activation;
 mod error;
+mod leases;
 mod ops;
 mod policy_ops;
 mod private;
@@ -27,6 +28,7 @@ pub mod takeover;
 pub mod templates;
 
 pub use error::BrokerError;
+pub use leases::SourceRequest;
 pub use ops::{GrantRequest, NewValue};
 pub use private::{NotPrivate, not_private};
 
@@ -101,6 +103,8 @@ pub struct Broker {
     policy_lock: std::sync::Mutex<()>,
     /// Template renders and which templates read which secret.
     templates: templates::TemplateState,
+    /// Per-container dynamic credentials and certificates.
+    leases: Arc<crate::lease::Leases>,
 }
 
 /// Reads of the broker's state, for the services. Nothing here changes
@@ -124,6 +128,21 @@ impl Broker {
     }
 
     /// The Docker Engine cache, if there is a Docker socket.
+    /// Per-container dynamic credentials and certificates.
+    pub fn leases(&self) -> &Arc<crate::lease::Leases> {
+        &self.leases
+    }
+
+    /// The store (for `crate::lease`, which keeps its leases there).
+    pub(crate) fn store(&self) -> &LocalStore {
+        &self.store
+    }
+
+    /// The Vault/OpenBao backend named `name`.
+    pub fn backend_named(&self, name: &str) -> Option<&Arc<VaultBackend>> {
+        self.vaults.iter().map(|v| &v.backend).find(|v| v.cfg.name == name)
+    }
+
     pub fn docker(&self) -> Option<&Arc<DockerCache>> {
         self.docker.as_ref()
     }
@@ -313,7 +332,9 @@ impl Broker {
             // Containers bind the workload socket and mounts from here.
             fs::set_permissions(run_dir, fs::Permissions::from_mode(0o755))?;
         }
+        let leases = Arc::new(crate::lease::Leases::load(&store, rt.clone())?);
         let shared = Arc::new(FsShared {
+            leases: leases.clone(),
             attestor: attestor.clone(),
             audit: audit.clone(),
             audit_reads: config.audit_reads,
@@ -341,6 +362,7 @@ impl Broker {
             roles: Arc::default(),
             policy_lock: std::sync::Mutex::new(()),
             templates: Default::default(),
+            leases,
         };
         broker.roles.set(broker.store.roles()?);
         if let Some(a) = adopt {

@@ -377,11 +377,13 @@ impl Broker {
 
     /// `workload rm`, with its grants; returns how many grants went.
     pub fn remove_workload(&self, by: &Identity, name: &str) -> Result<usize, BrokerError> {
-        self.write(Audit::by(by, EventKind::WorkloadRm), |b| {
+        let n = self.write(Audit::by(by, EventKind::WorkloadRm), |b| {
             let _serial = b.policy_serial();
             let n = b.store.remove_workload(name)?;
             Ok(Done::new(n).workload(name))
-        })
+        })?;
+        self.leases_policy_changed();
+        Ok(n)
     }
 
     /// `grant`: what a new grant shows is fetched now, if its backend
@@ -409,7 +411,15 @@ impl Broker {
             let _serial = b.policy_serial();
             b.store.remove_grant(workload, &target.to_string())?;
             Ok(Done::new(()).workload(workload))
-        })
+        })?;
+        self.leases_policy_changed();
+        Ok(())
+    }
+
+    /// Some lease sources' files changed (a lease rolled to a new one):
+    /// their mounts show a new inode, and `--notify` applies.
+    pub(crate) fn leases_changed(&self, sources: Vec<String>) {
+        self.update_mounts(&Touched { secrets: sources, ..Touched::default() });
     }
 
     // ------------------------------------------------------------ volumes

@@ -37,7 +37,7 @@ impl Broker {
     }
 
     pub(super) fn vault_named(&self, path: &str) -> Option<&Arc<VaultBackend>> {
-        self.vaults.iter().map(|v| &v.backend).find(|v| v.cfg.name == path)
+        self.backend_named(path)
     }
 
     /// Reject the bare name of a backend: it is a directory, not a secret.
@@ -148,6 +148,15 @@ impl Catalog for Broker {
     }
 
     fn covered(&self, target: &Target) -> anyhow::Result<Vec<(String, VersionMeta)>> {
+        let (Target::Exact(p) | Target::Prefix(p)) = target;
+        if crate::policy::leased(p.as_str()).is_some() {
+            // A lease source: one file, whose content is each caller's own.
+            let g = self.leases.generation(p.as_str());
+            return Ok(g
+                .map(|version| (p.to_string(), VersionMeta { version, created_unix_ms: 0, size: 0 }))
+                .into_iter()
+                .collect());
+        }
         if super::templates::template_of(target).is_some() {
             let (Target::Exact(p) | Target::Prefix(p)) = target;
             return Ok(self.template_meta(p.as_str())?.map(|m| (p.to_string(), m)).into_iter().collect());
@@ -157,6 +166,10 @@ impl Catalog for Broker {
     }
 
     fn current(&self, path: &str) -> anyhow::Result<Option<VersionMeta>> {
+        if crate::policy::leased(path).is_some() {
+            let g = self.leases.generation(path);
+            return Ok(g.map(|version| VersionMeta { version, created_unix_ms: 0, size: 0 }));
+        }
         if path.starts_with(crate::secret::TEMPLATE_PREFIX) {
             return self.template_meta(path);
         }
@@ -172,6 +185,10 @@ impl Catalog for Broker {
     }
 
     fn load(&self, path: &str, meta: &VersionMeta) -> anyhow::Result<Loaded> {
+        if crate::policy::leased(path).is_some() {
+            // Read per caller at open (crate::lease), never shared.
+            return Ok(Loaded { value: None, health: None, template: None });
+        }
         if path.starts_with(crate::secret::TEMPLATE_PREFIX) {
             return self.template_load(path, meta);
         }

@@ -188,6 +188,7 @@ pub(super) fn spawn_services(
     for v in &broker.vaults {
         tasks.push(tokio::spawn(secrets::watch_backend(broker.clone(), v.backend.clone())));
     }
+    tasks.push(tokio::spawn(crate::lease::keeper(broker.clone())));
     if let Some(listen) = &broker.config.metrics {
         let l = bind_metrics(listen).with_context(|| format!("cannot listen for metrics on {listen}"))?;
         let gate =

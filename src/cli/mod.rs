@@ -4,6 +4,7 @@
 mod client;
 mod doctor;
 mod inspect;
+mod lease;
 mod policy;
 mod roles;
 mod secret;
@@ -236,6 +237,27 @@ Examples:
                                             every page: keyhole.1, keyhole-secret.1,
                                             keyhole-secret-put.1, ... (one per line)")]
     Man(ManArgs),
+
+    /// Define, list and remove dynamic sources: per-container database
+    /// logins leased from a backend (admin)
+    #[command(subcommand)]
+    Dynamic(lease::DynamicCmd),
+
+    /// Define, list and remove certificate sources: a certificate per
+    /// container from a backend's PKI engine (admin)
+    #[command(subcommand)]
+    Cert(lease::CertCmd),
+
+    /// List the live per-container leases (never a credential)
+    #[command(after_help = "\
+Examples:
+  keyhole leases
+  keyhole leases --workload web --json")]
+    Leases {
+        /// Only this workload's leases
+        #[arg(long, value_name = "WORKLOAD")]
+        workload: Option<String>,
+    },
 }
 
 /// `keyhole man`: which page, or where to write them all.
@@ -462,5 +484,8 @@ async fn dispatch(command: Command, target: Option<client::Target>, json: bool) 
         Command::Status => inspect::status(admin_socket(), json).await,
         Command::Refresh { path, backend } => inspect::refresh(path, backend, admin_socket(), json).await,
         Command::Audit(args) => inspect::audit(args, admin_socket(), json).await,
+        Command::Dynamic(cmd) => lease::dynamic(cmd, admin_socket(), json).await,
+        Command::Cert(cmd) => lease::cert(cmd, admin_socket(), json).await,
+        Command::Leases { workload } => lease::leases(workload, admin_socket(), json).await,
     }
 }

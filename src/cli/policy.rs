@@ -42,7 +42,8 @@ Each workload gets a mount at <run-dir>/workloads/<name>.")]
 
 #[derive(Debug, Args)]
 pub struct GrantArgs {
-    /// Secret path, or a prefix ending in /* (quote it: 'db/*')
+    /// Secret path, or a prefix ending in /* (quote it: 'db/*'), or a
+    /// dynamic source: dynamic:NAME, cert:NAME (each container reads its own)
     #[arg(required_unless_present = "template")]
     pub secret: Option<String>,
     /// Grant a template's rendered file instead of a secret (see

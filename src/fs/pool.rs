@@ -280,6 +280,9 @@ type LearnJob = (Arc<Conn>, Head, tokio::sync::oneshot::Sender<()>);
 struct Wait {
     pending: Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'static>>>,
     owner: bool,
+    /// An open of a leased file (`dynamic:`/`cert:`) whose caller has no
+    /// lease yet: answered once it is issued (or failed, or timed out).
+    lease: bool,
 }
 
 pub struct Pool {
@@ -570,7 +573,12 @@ impl Pool {
                 _ => false,
             };
         let pending = if h.opcode == OPEN { self.shared.attestor.pending(h.pid) } else { None };
-        (owner || pending.is_some()).then_some(Wait { pending, owner })
+        // A leased file's first open by a container waits for its lease.
+        // (Attesting here is what the open does next anyway.)
+        let lease = h.opcode == OPEN
+            && conn.fs.is_leased(h.nodeid)
+            && (pending.is_some() || conn.fs.lease_wait(h.nodeid, h.pid, h.uid, h.gid).is_some());
+        (owner || lease || pending.is_some()).then_some(Wait { pending, owner, lease })
     }
 
     /// Take a place for a parked request of `uid`/`tid`, if within bounds.
@@ -628,6 +636,13 @@ impl Pool {
         let pending = wait.pending.or_else(|| if wait.owner { self.shared.attestor.pending(h.pid) } else { None });
         if let Some(p) = pending {
             p.await;
+        }
+        if wait.lease {
+            // Issued on the runtime, not here: a waiter that times out
+            // leaves the issue to finish for the next open.
+            if let Some(issued) = conn.fs.lease_wait(h.nodeid, h.pid, h.uid, h.gid) {
+                issued.await;
+            }
         }
         if !wait.owner || !conn.fs.owner_unknown() {
             return;

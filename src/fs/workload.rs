@@ -133,6 +133,9 @@ pub struct FsShared {
     pub admin: crate::config::AdminPolicy,
     /// Where parked FUSE requests wait (see [`super::pool`]).
     pub rt: tokio::runtime::Handle,
+    /// Per-container leases: what a `dynamic:`/`cert:` file shows to
+    /// each caller (see [`crate::lease`]).
+    pub leases: Arc<crate::lease::Leases>,
 }
 
 pub struct WorkloadFs {
@@ -224,16 +227,25 @@ fn read_db(root: &std::path::Path, rel: &str) -> String {
     }
 }
 
+/// Whether a node shows a lease source (`dynamic:`/`cert:`): its content
+/// is each caller's own, read at open, served with direct I/O.
+fn leased(n: &Node) -> bool {
+    crate::policy::leased(&n.secret).is_some()
+}
+
 fn file_attr(n: &Node, owner: (u32, u32)) -> stat64 {
     let mut st = crate::sys::zeroed_stat();
+    // A leased file's content differs by caller: its size bounds them all
+    // (reads are direct, so a reader stops at the real end).
+    let len = if leased(n) { crate::lease::LEASED_SIZE } else { n.len() };
     st.st_ino = n.ino;
     st.st_mode = libc::S_IFREG | n.mode;
     st.st_nlink = 1;
     st.st_uid = n.uid.unwrap_or(owner.0);
     st.st_gid = n.gid.unwrap_or(owner.1);
-    st.st_size = n.len() as i64;
+    st.st_size = len as i64;
     st.st_blksize = 4096;
-    st.st_blocks = (n.len() as i64 + 511) / 512;
+    st.st_blocks = (len as i64 + 511) / 512;
     st.st_mtime = n.mtime_ms.div_euclid(1000);
     st.st_mtime_nsec = n.mtime_ms.rem_euclid(1000) * 1_000_000;
     st.st_ctime = st.st_mtime;
@@ -352,6 +364,30 @@ impl WorkloadFs {
         }
     }
 
+    /// Whether inode `ino` shows a lease source (an open of it may have to
+    /// wait for the caller's lease).
+    pub fn is_leased(&self, ino: u64) -> bool {
+        self.node(ino).is_some_and(|n| leased(&n))
+    }
+
+    /// For an open of a leased file by task `tid`: None if the caller
+    /// needs nothing issued (it has a live lease, or is no member of this
+    /// mount's workload: the open refuses it); otherwise a future that
+    /// ends when its lease is issued or failed. Attests the caller (quick
+    /// once Docker described its container); never waits itself.
+    pub fn lease_wait(&self, ino: u64, tid: i32, uid: u32, gid: u32) -> Option<crate::identity::docker::Wait> {
+        let node = self.node(ino).filter(|n| leased(n))?;
+        let id = self.shared.attestor.attest_task(tid, uid, gid).ok()?;
+        if decide(&id, &self.workload) != Decision::Allow {
+            return None;
+        }
+        let holder = crate::lease::Holder::of(&id, &self.workload.name);
+        if self.shared.leases.ready(&node.secret, &holder) {
+            return None;
+        }
+        Some(self.shared.leases.obtain(&node.secret, holder))
+    }
+
     /// The containers that read `secret` through this mount.
     pub fn readers_of(&self, secret: &str) -> Vec<String> {
         let r = self.readers.lock().expect("readers lock");
@@ -384,7 +420,7 @@ impl WorkloadFs {
     /// the file's mode ([`super::access`]: the kernel no longer does),
     /// auditing the outcome. Refusals go through the audit log's
     /// per-caller limiter ([`AuditLog::deny`]).
-    fn check_open(&self, ctx: &Context, node: &Node) -> io::Result<()> {
+    fn check_open(&self, ctx: &Context, node: &Node) -> io::Result<Option<Arc<SecretBytes>>> {
         let workload = self.workload.name.as_str();
         let event = |name, caller, reason| Event {
             caller,
@@ -423,6 +459,31 @@ impl WorkloadFs {
                     if let Err(why) = check_task(file, ctx.pid, ctx.uid, ctx.gid, Ids::Fs) {
                         return deny(&id, &why);
                     }
+                    if leased(node) {
+                        // The caller's own lease: issued while this open
+                        // was parked (see pool), or EIO.
+                        let holder = crate::lease::Holder::of(&id, workload);
+                        return match self.shared.leases.body_for(&node.secret, &holder) {
+                            Ok(body) => {
+                                crate::metrics::METRICS
+                                    .reads
+                                    .get_or_create(&crate::metrics::secret_labels(workload, &node.secret))
+                                    .inc();
+                                if self.shared.audit_reads {
+                                    audit(&event(EventKind::Read, Some(&id), None))?;
+                                }
+                                if let Some(c) = &id.container_id {
+                                    let mut readers = self.readers.lock().expect("readers lock");
+                                    readers.entry(node.secret.clone()).or_default().insert(c.clone());
+                                }
+                                Ok(Some(body))
+                            }
+                            Err(why) => {
+                                audit(&event(EventKind::LeaseError, Some(&id), Some(why)))?;
+                                Err(errno(libc::EIO))
+                            }
+                        };
+                    }
                     let freshness = node.health.as_ref().map_or(Freshness::Fresh, |h| h.freshness());
                     let inputs = node.template.as_ref().map(|t| t.describe());
                     match (&node.value, freshness) {
@@ -457,7 +518,7 @@ impl WorkloadFs {
                                 let mut readers = self.readers.lock().expect("readers lock");
                                 readers.entry(node.secret.clone()).or_default().insert(c.clone());
                             }
-                            Ok(())
+                            Ok(None)
                         }
                     }
                 }
@@ -520,10 +581,15 @@ impl FileSystem for WorkloadFs {
         let started = std::time::Instant::now();
         let checked = self.check_open(ctx, &node);
         crate::metrics::METRICS.open_seconds.observe(started.elapsed().as_secs_f64());
-        checked?;
+        let own = checked?;
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        let (node, opts) = match own {
+            // This caller's own content: this handle only, never cached.
+            Some(body) => (Arc::new(Node { value: Some(body), ..Node::clone(&node) }), OpenOptions::DIRECT_IO),
+            None => (node, OpenOptions::KEEP_CACHE),
+        };
         self.handles.lock().expect("handles lock").insert(fh, node);
-        Ok((Some(fh), OpenOptions::KEEP_CACHE, None))
+        Ok((Some(fh), opts, None))
     }
 
     #[allow(clippy::too_many_arguments)]

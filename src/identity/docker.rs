@@ -175,6 +175,9 @@ pub struct DockerCache {
     /// Inspects sent (for the log and tests).
     inspects: AtomicU64,
     warn: super::Throttle,
+    /// Containers that died or were removed (by their events), for the
+    /// leases of `crate::lease`.
+    gone: tokio::sync::broadcast::Sender<String>,
 }
 
 impl std::fmt::Debug for DockerCache {
@@ -248,6 +251,7 @@ impl DockerCache {
             starts: AtomicU64::new(0),
             inspects: AtomicU64::new(0),
             warn: super::Throttle::default(),
+            gone: tokio::sync::broadcast::Sender::new(1024),
         }))
     }
 
@@ -267,6 +271,7 @@ impl DockerCache {
             starts: AtomicU64::new(0),
             inspects: AtomicU64::new(0),
             warn: super::Throttle::default(),
+            gone: tokio::sync::broadcast::Sender::new(1024),
         })
     }
 
@@ -714,6 +719,28 @@ impl DockerCache {
         last
     }
 
+    /// Ids of containers that die or are removed, from now on (a
+    /// receiver that lags is told so: sweep instead).
+    pub fn gone(&self) -> tokio::sync::broadcast::Receiver<String> {
+        self.gone.subscribe()
+    }
+
+    /// Whether Docker says the container runs: None if it cannot tell
+    /// (dockerd unreachable or slow); Some(false) if it is stopped or
+    /// unknown (removed).
+    pub async fn running(&self, id: &str) -> Option<bool> {
+        // Asked of every configured runtime: unknown to all of them is gone.
+        let mut unknown = 0;
+        for client in &self.clients {
+            match tokio::time::timeout(INSPECT_TIMEOUT, client.api.inspect_container(id, None)).await {
+                Ok(Ok(c)) => return Some(c.state.and_then(|s| s.running).unwrap_or(false)),
+                Ok(Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. })) => unknown += 1,
+                _ => {}
+            }
+        }
+        (unknown == self.clients.len()).then_some(false)
+    }
+
     /// One container event.
     fn on_event(self: &Arc<Self>, action: &str, id: &str) {
         // "exec_start: sh" and the like carry a suffix.
@@ -722,6 +749,9 @@ impl DockerCache {
             // Podman says `remove` (and `died`, `cleanup`) where Docker says `destroy`.
             "destroy" | "die" | "died" | "stop" | "remove" | "cleanup" => {
                 self.lock().known.remove(id);
+                if matches!(action, "die" | "destroy") {
+                    let _ = self.gone.send(id.to_owned());
+                }
             }
             "rename" | "update" => {
                 self.lock().known.remove(id);

@@ -48,6 +48,22 @@ pub enum PolicyError {
     Path(#[from] PathError),
     #[error("{0}")]
     BadTemplateGrant(String),
+    #[error("source name {0:?} must be 1-64 characters of [A-Za-z0-9._-], not starting with '.' or '-'")]
+    BadSourceName(String),
+    #[error("{0} cannot be granted as a prefix: grant each source by name")]
+    LeasedPrefix(String),
+}
+
+/// Whether a grant's path names a lease source (`dynamic:NAME`,
+/// `cert:NAME`) rather than a stored secret; returns (kind, name).
+pub fn leased(path: &str) -> Option<(&str, &str)> {
+    let (kind, name) = path.split_once(':')?;
+    matches!(kind, "dynamic" | "cert").then_some((kind, name))
+}
+
+/// Check a lease source's name.
+pub fn check_source_name(s: &str) -> Result<(), PolicyError> {
+    if check_name(s, 64) && !s.starts_with(['.', '-']) { Ok(()) } else { Err(PolicyError::BadSourceName(s.to_owned())) }
 }
 
 /// One fact about a caller that a workload can require.
@@ -310,6 +326,13 @@ impl Target {
         if let Some(name) = s.strip_prefix(crate::secret::TEMPLATE_PREFIX) {
             return Ok(Target::Exact(SecretPath::template(name)?));
         }
+        if let Some((kind, name)) = leased(s) {
+            if name.ends_with("/*") {
+                return Err(PolicyError::LeasedPrefix(s.to_owned()));
+            }
+            check_source_name(name)?;
+            return Ok(Target::Exact(SecretPath::leased(kind, name)));
+        }
         match s.strip_suffix("/*") {
             Some(p) => Ok(Target::Prefix(SecretPath::parse(p)?)),
             None => Ok(Target::Exact(SecretPath::parse(s)?)),
@@ -321,7 +344,7 @@ impl Target {
     /// of the path with '/' turned into '_'.
     pub fn file_for(&self, path: &str) -> Option<String> {
         match self {
-            Target::Exact(p) if p.as_str() == path => path.rsplit('/').next().map(str::to_owned),
+            Target::Exact(p) if p.as_str() == path => path.rsplit(['/', ':']).next().map(str::to_owned),
             Target::Exact(_) => None,
             Target::Prefix(p) => {
                 let rest = path.strip_prefix(p.as_str())?.strip_prefix('/')?;

@@ -13,6 +13,7 @@ mod docker;
 mod fleet;
 mod hostile;
 mod labels;
+mod leases;
 mod lifecycle;
 mod limits;
 mod listeners;
