@@ -217,7 +217,11 @@ impl<C: Catalog> Catalog for Memo<'_, C> {
 /// secret changes, so a version number a secret reuses after `rm` is
 /// read anew. (A Vault backend's cache shares its values itself.)
 #[derive(Default)]
-struct Values(Mutex<HashMap<String, (u64, i64, std::sync::Weak<SecretBytes>)>>);
+struct Values(Mutex<HashMap<String, SharedValue>>);
+
+/// A shown value: its version, when it was made, and the value itself
+/// while some node holds it.
+type SharedValue = (u64, i64, std::sync::Weak<SecretBytes>);
 
 impl Values {
     fn get(&self, path: &str, meta: &VersionMeta) -> Option<Arc<SecretBytes>> {
