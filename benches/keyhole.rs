@@ -33,6 +33,12 @@ use keyhole::api::pb::{self, admin_client::AdminClient};
 use serde_json::{Value, json};
 
 const BIN: &str = env!("CARGO_BIN_EXE_keyhole");
+
+/// The `keyhole` binary to run: `KEYHOLE_BENCH_BIN` if set (to compare
+/// two builds side by side in one session), else the one cargo built.
+fn bin() -> String {
+    std::env::var("KEYHOLE_BENCH_BIN").unwrap_or_else(|_| BIN.to_owned())
+}
 const VALUE: &[u8; 64] = b"0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 
 struct Opts {
@@ -352,7 +358,7 @@ impl Broker {
     }
 
     fn serve(&self) -> Command {
-        let mut c = Command::new(BIN);
+        let mut c = Command::new(bin());
         c.arg("serve")
             .arg("--state-dir")
             .arg(self.dir.path().join("state"))
@@ -378,7 +384,7 @@ impl Broker {
     }
 
     fn cli(&self, args: &[&str], stdin: Option<&[u8]>) -> std::process::Output {
-        let mut c = Command::new(BIN);
+        let mut c = Command::new(bin());
         c.args(args)
             .env("KEYHOLE_SOCKET", self.run().join("admin.sock"))
             .stdin(Stdio::piped())

@@ -48,7 +48,7 @@ use crate::backend::vault::Health;
 use crate::policy::{Grant, Target, Workload, files_for};
 use crate::secret::SecretBytes;
 use pool::{Conn, Pool};
-use workload::{FsShared, Node, ROOT, View, WorkloadFs};
+use workload::{FsShared, Node, ROOT, Swapped, View, WorkloadFs};
 
 /// Where the mounts learn what to show. Implemented by the broker, which
 /// routes each path to the local store or a backend's cache. No method
@@ -120,17 +120,37 @@ struct Shape {
 
 /// One sync's view of a [`Catalog`]: what a target covers and each value
 /// are read once however many mounts show them, and the mounts share the
-/// loaded value.
+/// loaded value — with the mounts made by earlier changes too, through
+/// [`Values`].
 struct Memo<'a, C> {
     cat: &'a C,
+    values: Option<&'a Values>,
     covered: std::cell::RefCell<BTreeMap<Target, Vec<(String, VersionMeta)>>>,
     current: std::cell::RefCell<BTreeMap<String, Option<VersionMeta>>>,
-    loaded: std::cell::RefCell<BTreeMap<(String, u64), Loaded>>,
+    loaded: std::cell::RefCell<HashMap<String, Vec<(u64, Loaded)>>>,
 }
 
 impl<'a, C: Catalog> Memo<'a, C> {
     fn new(cat: &'a C) -> Self {
-        Memo { cat, covered: Default::default(), current: Default::default(), loaded: Default::default() }
+        Memo { cat, values: None, covered: Default::default(), current: Default::default(), loaded: Default::default() }
+    }
+
+    /// A memo that shares values with the mounts through `values`.
+    fn sharing(cat: &'a C, values: &'a Values) -> Self {
+        Memo { values: Some(values), ..Self::new(cat) }
+    }
+
+    /// The version of `path` that `target` covers now, if it covers it
+    /// (as [`Catalog::covered`] would list it, without copying the list).
+    fn version_in(&self, target: &Target, path: &str) -> anyhow::Result<Option<VersionMeta>> {
+        let find = |c: &[(String, VersionMeta)]| c.iter().find(|(s, _)| s == path).map(|(_, m)| m.clone());
+        if let Some(c) = self.covered.borrow().get(target) {
+            return Ok(find(c));
+        }
+        let c = self.cat.covered(target)?;
+        let found = find(&c);
+        self.covered.borrow_mut().insert(target.clone(), c);
+        Ok(found)
     }
 }
 
@@ -166,17 +186,63 @@ impl<C: Catalog> Catalog for Memo<'_, C> {
     }
 
     fn load(&self, path: &str, meta: &VersionMeta) -> anyhow::Result<Loaded> {
-        let key = (path.to_owned(), meta.version);
-        if let Some(l) = self.loaded.borrow().get(&key) {
-            return Ok(l.clone());
+        let hit = self.loaded.borrow().get(path).and_then(|v| v.iter().find(|(n, _)| *n == meta.version).cloned());
+        if let Some((_, l)) = hit {
+            return Ok(l);
         }
-        let l = self.cat.load(path, meta)?;
-        self.loaded.borrow_mut().insert(key, l.clone());
+        // A template's render carries its inputs (for the audit): not shared.
+        let templated = path.starts_with(crate::secret::TEMPLATE_PREFIX);
+        let shared = self.values.filter(|_| !templated).and_then(|v| v.get(path, meta));
+        let l = match shared {
+            Some(value) => Loaded { value: Some(value), health: None, template: None },
+            None => {
+                let l = self.cat.load(path, meta)?;
+                if let (Some(v), Some(value), None, false) = (self.values, &l.value, &l.health, templated) {
+                    v.put(path, meta, value);
+                }
+                l
+            }
+        };
+        self.loaded.borrow_mut().entry(path.to_owned()).or_default().push((meta.version, l.clone()));
         Ok(l)
     }
 
     fn volume_mounts(&self) -> anyhow::Result<Vec<VolumeMount>> {
         self.cat.volume_mounts()
+    }
+}
+
+/// The local store's values the mounts show, by path: one copy of each
+/// (a value is a locked page, and freeing one a syscall), however many
+/// mounts show it and however many changes made them. Weak: a value
+/// goes when no node holds it. A path's entry is dropped whenever the
+/// secret changes, so a version number a secret reuses after `rm` is
+/// read anew. (A Vault backend's cache shares its values itself.)
+#[derive(Default)]
+struct Values(Mutex<HashMap<String, SharedValue>>);
+
+/// A shown value: its version, when it was made, and the value itself
+/// while some node holds it.
+type SharedValue = (u64, i64, std::sync::Weak<SecretBytes>);
+
+impl Values {
+    fn get(&self, path: &str, meta: &VersionMeta) -> Option<Arc<SecretBytes>> {
+        let map = self.0.lock().expect("values lock");
+        let (version, created, value) = map.get(path)?;
+        (*version == meta.version && *created == meta.created_unix_ms).then(|| value.upgrade()).flatten()
+    }
+
+    fn put(&self, path: &str, meta: &VersionMeta, value: &Arc<SecretBytes>) {
+        let entry = (meta.version, meta.created_unix_ms, Arc::downgrade(value));
+        self.0.lock().expect("values lock").insert(path.to_owned(), entry);
+    }
+
+    /// Forget `paths` (they changed).
+    fn forget(&self, paths: &[String]) {
+        let mut map = self.0.lock().expect("values lock");
+        for p in paths {
+            map.remove(p.as_str());
+        }
     }
 }
 
@@ -195,6 +261,9 @@ pub struct Loaded {
 const MAX_READ: usize = 128 * 1024;
 /// Room for one notice to the kernel (an entry's name is at most 255 bytes).
 const NOTICE_BUF: usize = 4096;
+/// From this many mounts touched by one change on, the kernel is told
+/// about them by a second thread (see [`MountTable::invalidating`]).
+const PIPELINE_FROM: usize = 64;
 /// How long a handover waits for parked requests to be answered (they
 /// wait at most [`pool::PARK_FOR`], then take a blocking thread).
 const PARKED_DRAIN: Duration = Duration::from_secs(5);
@@ -301,6 +370,31 @@ enum Changed<'a> {
     Secrets(&'a [String]),
 }
 
+/// How a mount's view follows a change of secrets.
+enum Patch {
+    /// Nothing it shows changed.
+    Unchanged,
+    /// Only versions changed: the view with the new nodes.
+    View(View),
+    /// Build it from its grants.
+    Rebuild,
+}
+
+/// Whether a notice failed because the kernel knows no such inode.
+fn is_enoent(e: &fuse_backend_rs::Error) -> bool {
+    use fuse_backend_rs::Error::{EncodeMessage, FailedToWrite, InvalidMessage};
+    matches!(e, InvalidMessage(io) | EncodeMessage(io) | FailedToWrite(io) if io.raw_os_error() == Some(libc::ENOENT))
+}
+
+/// Whether `target` covers the secret at `path` (as `Target::file_for`
+/// would find it, without making the name).
+fn covers(target: &Target, path: &str) -> bool {
+    match target {
+        Target::Exact(p) => p.as_str() == path,
+        Target::Prefix(p) => path.strip_prefix(p.as_str()).is_some_and(|rest| rest.starts_with('/')),
+    }
+}
+
 /// One live mount as handed to a successor broker; its `/dev/fuse`
 /// descriptor travels beside it.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
@@ -328,6 +422,8 @@ pub struct MountTable {
     pool: Arc<Pool>,
     mounts: Mutex<Mounts>,
     next_ino: AtomicU64,
+    /// The values the mounts show, shared across changes.
+    values: Values,
     /// Serializes syncs: each one sees the store after the previous.
     sync_lock: Mutex<()>,
     /// Set while the mounts are being handed to a successor: no changes.
@@ -438,6 +534,7 @@ impl MountTable {
             pool,
             mounts: Mutex::default(),
             next_ino: AtomicU64::new(ROOT + 1),
+            values: Values::default(),
             sync_lock: Mutex::default(),
             frozen: Default::default(),
         })
@@ -515,23 +612,67 @@ impl MountTable {
         tracing::info!(path = %path.display(), "unmounted");
     }
 
-    /// Tell the kernel to forget the entries of `names`, and, if a name
-    /// went (`gone`), the directory's attributes and listing. A rotation
-    /// keeps every name: its entries alone are enough.
-    fn invalidate(m: &Mount, names: &[String], gone: bool, buf: &mut [u8]) {
-        let fd = m.conn.dev().as_raw_fd();
-        for name in names {
+    /// Tell the kernel what a view swap changed: forget the entries of
+    /// names that lead elsewhere or nowhere, the attributes and pages of
+    /// inodes kept across a rotation, and, if a name went, the
+    /// directory's attributes and listing.
+    fn invalidate(conn: &Conn, swapped: &Swapped, buf: &mut [u8]) {
+        let fd = conn.dev().as_raw_fd();
+        for name in &swapped.entries {
             let Ok(c) = CString::new(name.as_str()) else { continue };
             if let Ok(w) = FuseDevWriter::<()>::new(fd, buf) {
                 // ENOENT just means the kernel had nothing cached.
-                let _ = m.conn.server.notify_inval_entry(w, ROOT, &c);
+                let _ = conn.server.notify_inval_entry(w, ROOT, &c);
             }
         }
-        if gone {
+        for node in &swapped.inodes {
+            let Ok(w) = FuseDevWriter::<()>::new(fd, buf) else { continue };
+            // Offset 0, length 0: the attributes and every page. ENOENT:
+            // the kernel holds nothing of it. Otherwise opens keep
+            // bypassing the cache (never wrong, only slower).
+            match conn.server.notify_inval_inode(w, node.ino, 0, 0) {
+                Ok(_) => Swapped::settled(node),
+                Err(e) if is_enoent(&e) => Swapped::settled(node),
+                Err(e) => tracing::warn!(error = %e, "cannot tell the kernel a file changed"),
+            }
+        }
+        if swapped.gone {
             if let Ok(w) = FuseDevWriter::<()>::new(fd, buf) {
-                let _ = m.conn.server.notify_inval_inode(w, ROOT, 0, 0);
+                let _ = conn.server.notify_inval_inode(w, ROOT, 0, 0);
             }
         }
+    }
+
+    /// Run `f`, which updates `mounts` mounts and hands each one's
+    /// invalidations to the function it is given. From [`PIPELINE_FROM`]
+    /// mounts on, a second thread tells the kernel while `f` goes on
+    /// building the next views (each a syscall of a few µs: at 1,000
+    /// mounts, most of a rotation's time); it is joined before this
+    /// returns, so everything is told when the change returns. If that
+    /// thread cannot be had, each is told inline.
+    fn invalidating<R>(mounts: usize, f: impl FnOnce(&mut dyn FnMut(&Arc<Conn>, Swapped)) -> R) -> R {
+        let mut buf = [0; NOTICE_BUF];
+        if mounts < PIPELINE_FROM {
+            return f(&mut |conn, s| Self::invalidate(conn, &s, &mut buf));
+        }
+        std::thread::scope(|scope| {
+            let (tx, rx) = std::sync::mpsc::channel::<(Arc<Conn>, Swapped)>();
+            // Dropped (and `rx` with it) if no thread can be had: each
+            // send then fails and is told inline.
+            let _ = std::thread::Builder::new().name("fuse-inval".into()).spawn_scoped(scope, move || {
+                let mut buf = [0; NOTICE_BUF];
+                for (conn, s) in rx {
+                    Self::invalidate(&conn, &s, &mut buf);
+                }
+            });
+            let r = f(&mut |conn, s| {
+                if let Err(std::sync::mpsc::SendError((conn, s))) = tx.send((conn.clone(), s)) {
+                    Self::invalidate(&conn, &s, &mut buf);
+                }
+            });
+            drop(tx);
+            r
+        })
     }
 
     /// Every secret `grants` cover now, with its version.
@@ -545,23 +686,72 @@ impl MountTable {
 
     /// Bring what a mount knows of `paths` up to date: each is shown now
     /// if one of its grants covers it and it exists (an exact grant of a
-    /// Vault secret not fetched yet shows it as version 0).
-    fn recover(cat: &impl Catalog, m: &mut Mount, paths: &[String]) -> anyhow::Result<()> {
+    /// Vault secret not fetched yet shows it as version 0). Returns
+    /// whether only versions changed — every path shown before is shown
+    /// now and the other way round — so the view can be patched
+    /// ([`MountTable::patch_view`]) instead of built again.
+    fn recover<C: Catalog>(cat: &Memo<'_, C>, m: &mut Mount, paths: &[String]) -> anyhow::Result<bool> {
+        let mut versions_only = true;
         for p in paths {
             let mut found = None;
-            for g in m.grants.iter().filter(|g| g.target.file_for(p).is_some()) {
+            for g in m.grants.iter().filter(|g| covers(&g.target, p)) {
                 let now = match &g.target {
-                    Target::Exact(_) => cat.covered(&g.target)?.into_iter().find(|(s, _)| s == p).map(|(_, m)| m),
+                    Target::Exact(_) => cat.version_in(&g.target, p)?,
                     Target::Prefix(_) => cat.current(p)?,
                 };
                 found = now.or(found);
             }
-            match found {
-                Some(meta) => m.secrets.insert(p.clone(), meta),
-                None => m.secrets.remove(p),
-            };
+            match (m.secrets.get_mut(p.as_str()), found) {
+                (Some(was), Some(meta)) => *was = meta,
+                (None, None) => {}
+                (Some(_), None) => {
+                    m.secrets.remove(p.as_str());
+                    versions_only = false;
+                }
+                (None, Some(meta)) => {
+                    m.secrets.insert(p.clone(), meta);
+                    versions_only = false;
+                }
+            }
         }
-        Ok(())
+        Ok(versions_only)
+    }
+
+    /// A mount's view after new versions of secrets it shows, when no
+    /// file comes or goes (see [`MountTable::recover`]): each file of a
+    /// changed secret gets a new node with the new value, the others are
+    /// kept. A shown secret without a file (hidden by a clash, or its
+    /// value failed to load before), or a value that cannot be loaded
+    /// now, asks for the view to be built from scratch, which reports it.
+    fn patch_view<C: Catalog>(cat: &Memo<'_, C>, m: &Mount, paths: &[String], notices: &mut Vec<Notice>) -> Patch {
+        let old = m.fs.view();
+        if paths.iter().any(|p| m.secrets.contains_key(p.as_str()) && !old.by_name.values().any(|n| n.secret == *p)) {
+            return Patch::Rebuild;
+        }
+        let mut nodes = Vec::with_capacity(old.by_name.len());
+        let mut changed = false;
+        for n in old.by_name.values() {
+            let meta = paths.iter().any(|p| *p == n.secret).then(|| m.secrets.get(&n.secret)).flatten();
+            let Some(meta) = meta.filter(|meta| meta.version != n.version) else {
+                nodes.push(n.clone());
+                continue;
+            };
+            let Ok(loaded) = cat.load(&n.secret, meta) else { return Patch::Rebuild };
+            if let Some(signal) = &n.notify {
+                let (fs, secret, signal) = (m.fs.clone(), n.secret.clone(), signal.clone());
+                notices.push(Notice { fs, secret, version: meta.version, signal });
+            }
+            nodes.push(Arc::new(Node {
+                version: meta.version,
+                mtime_ms: meta.created_unix_ms,
+                value: loaded.value,
+                health: loaded.health,
+                unsettled: Default::default(),
+                ..Node::clone(n)
+            }));
+            changed = true;
+        }
+        if changed { Patch::View(View::new(nodes)) } else { Patch::Unchanged }
     }
 
     /// Build one mount's view from its grants and the secrets they
@@ -604,8 +794,13 @@ impl MountTable {
                 Some(n) => n.reads.clone(),
                 None => crate::metrics::reads_of(&fs.workload.name, &spec.secret),
             };
+            // A new version of the same file keeps its inode where it can
+            // (see `WorkloadFs::replace`).
+            let kept = before
+                .filter(|n| n.secret == spec.secret && (n.mode, n.uid, n.gid) == (spec.mode, spec.uid, spec.gid))
+                .map(|n| n.ino);
             nodes.push(Arc::new(Node {
-                ino: self.next_ino.fetch_add(1, Ordering::Relaxed),
+                ino: kept.unwrap_or_else(|| self.next_ino.fetch_add(1, Ordering::Relaxed)),
                 name: spec.name,
                 secret: spec.secret,
                 version: meta.version,
@@ -618,21 +813,23 @@ impl MountTable {
                 reads,
                 notify: spec.notify,
                 template: loaded.template,
+                unsettled: Default::default(),
             }));
         }
         View::new(nodes)
     }
 
     /// Bring one mount up to date: read what changed, swap in its new
-    /// view, tell the kernel what changed, and serve it if it is adopted.
-    fn update(
+    /// view, hand what the kernel must be told to `inval`, and serve the
+    /// mount if it is adopted.
+    fn update<C: Catalog>(
         &self,
-        cat: &impl Catalog,
+        cat: &Memo<'_, C>,
         mounts: &mut Mounts,
         key: &MountKey,
         what: &Changed<'_>,
         notices: &mut Vec<Notice>,
-        buf: &mut [u8],
+        inval: &mut dyn FnMut(&Arc<Conn>, Swapped),
     ) -> anyhow::Result<()> {
         let Some(m) = mounts.by_key.get_mut(key) else { return Ok(()) };
         let read = match what {
@@ -641,7 +838,7 @@ impl MountTable {
                     Ok((secrets, grants)) => {
                         m.secrets = secrets;
                         mounts.set_grants(key, grants);
-                        Ok(())
+                        Ok(false)
                     }
                     Err(e) => Err(e),
                 }
@@ -649,11 +846,22 @@ impl MountTable {
             Changed::Secrets(paths) => Self::recover(cat, m, paths),
         };
         let m = mounts.by_key.get_mut(key).expect("present above");
-        if read.is_ok() {
-            let view = self.make_view(cat, m, notices);
-            let gone = m.fs.view().by_name.keys().any(|name| !view.by_name.contains_key(name));
-            let changed = m.fs.replace(view);
-            Self::invalidate(m, &changed, gone, buf);
+        if let Ok(versions_only) = read {
+            let patch = match what {
+                Changed::Secrets(paths) if versions_only => Self::patch_view(cat, m, paths, notices),
+                _ => Patch::Rebuild,
+            };
+            let view = match patch {
+                Patch::Unchanged => None,
+                Patch::View(v) => Some(v),
+                Patch::Rebuild => Some(self.make_view(cat, m, notices)),
+            };
+            if let Some(view) = view {
+                let swapped = m.fs.replace(view, &self.next_ino);
+                if !swapped.is_empty() {
+                    inval(&m.conn, swapped);
+                }
+            }
         }
         // A mount adopted from a predecessor is served once it is
         // current (or as current as it can be). First, any request the
@@ -665,7 +873,7 @@ impl MountTable {
                 Err(e) => tracing::error!(mount = ?key, error = format!("{e:#}"), "cannot serve mount"),
             }
         }
-        read
+        read.map(|_| ())
     }
 
     /// The shape of a workload's own mount.
@@ -700,9 +908,9 @@ impl MountTable {
     /// in scope too): unmount the unwanted or reshaped, mount the new,
     /// and rebuild each wanted mount's view from its grants. Errors for
     /// one mount are logged and do not stop the others.
-    fn reconcile(
+    fn reconcile<C: Catalog>(
         &self,
-        cat: &impl Catalog,
+        cat: &Memo<'_, C>,
         mounts: &mut Mounts,
         scope: BTreeSet<MountKey>,
         wanted: BTreeMap<MountKey, Shape>,
@@ -717,20 +925,22 @@ impl MountTable {
                 self.unmount(&key, m);
             }
         }
-        for (key, shape) in wanted {
-            if !mounts.by_key.contains_key(&key) {
-                match self.mount(&key, shape) {
-                    Ok(m) => mounts.insert(key.clone(), m),
-                    Err(e) => {
-                        tracing::error!(mount = ?key, error = format!("{e:#}"), "cannot mount");
-                        continue;
+        Self::invalidating(wanted.len(), |inval| {
+            for (key, shape) in wanted {
+                if !mounts.by_key.contains_key(&key) {
+                    match self.mount(&key, shape) {
+                        Ok(m) => mounts.insert(key.clone(), m),
+                        Err(e) => {
+                            tracing::error!(mount = ?key, error = format!("{e:#}"), "cannot mount");
+                            continue;
+                        }
                     }
                 }
+                if let Err(e) = self.update(cat, mounts, &key, &Changed::Policy, notices, inval) {
+                    tracing::error!(mount = ?key, error = format!("{e:#}"), "cannot update mount");
+                }
             }
-            if let Err(e) = self.update(cat, mounts, &key, &Changed::Policy, notices, &mut [0; NOTICE_BUF]) {
-                tracing::error!(mount = ?key, error = format!("{e:#}"), "cannot update mount");
-            }
-        }
+        });
     }
 
     /// Make every mount match the store (at start, after a takeover, and
@@ -742,7 +952,7 @@ impl MountTable {
         if self.frozen.load(Ordering::SeqCst) {
             return Ok(notices);
         }
-        let cat = &Memo::new(cat);
+        let cat = &Memo::sharing(cat, &self.values);
         let wanted = Self::wanted(cat)?;
         let mut mounts = self.mounts.lock().expect("mounts lock");
         // Leftovers that nothing wants any more have no one to serve them.
@@ -774,7 +984,7 @@ impl MountTable {
         if self.frozen.load(Ordering::SeqCst) {
             return Ok(notices);
         }
-        let cat = &Memo::new(cat);
+        let cat = &Memo::sharing(cat, &self.values);
         let workload = cat.workload(name)?;
         let mut wanted = BTreeMap::new();
         if let Some(w) = &workload {
@@ -799,18 +1009,20 @@ impl MountTable {
         if self.frozen.load(Ordering::SeqCst) || paths.is_empty() {
             return Ok(notices);
         }
-        let cat = &Memo::new(cat);
+        self.values.forget(paths);
+        let cat = &Memo::sharing(cat, &self.values);
         let mut mounts = self.mounts.lock().expect("mounts lock");
         let mut touched = BTreeSet::new();
         for p in paths {
             mounts.index.showing(p, &mut touched);
         }
-        let mut buf = [0; NOTICE_BUF];
-        for key in touched {
-            if let Err(e) = self.update(cat, &mut mounts, &key, &Changed::Secrets(paths), &mut notices, &mut buf) {
-                tracing::error!(mount = ?key, error = format!("{e:#}"), "cannot update mount");
+        Self::invalidating(touched.len(), |inval| {
+            for key in touched {
+                if let Err(e) = self.update(cat, &mut mounts, &key, &Changed::Secrets(paths), &mut notices, inval) {
+                    tracing::error!(mount = ?key, error = format!("{e:#}"), "cannot update mount");
+                }
             }
-        }
+        });
         Ok(notices)
     }
 

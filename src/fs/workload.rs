@@ -74,6 +74,34 @@ pub struct Node {
     /// (then `value` is None). Never leaves the process either.
     #[serde(skip)]
     pub template: Option<Arc<crate::template::Rendering>>,
+    /// Set while the kernel may still hold the previous version's pages
+    /// or size for this inode (see [`WorkloadFs::replace`]).
+    #[serde(skip)]
+    pub unsettled: Unsettled,
+}
+
+/// Whether a node kept its predecessor's inode and the kernel has not
+/// been told yet. Opens meanwhile bypass the kernel's page cache
+/// (`DIRECT_IO`): its pages and size may still be the old version's, and
+/// the kernel drops the two at different moments, so a cached read could
+/// mix one version's size with another's bytes.
+#[derive(Debug, Default)]
+pub struct Unsettled(std::sync::atomic::AtomicBool);
+
+impl Unsettled {
+    pub fn get(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+
+    fn set(&self, on: bool) {
+        self.0.store(on, Ordering::Release);
+    }
+}
+
+impl Clone for Unsettled {
+    fn clone(&self) -> Self {
+        Unsettled(self.get().into())
+    }
 }
 
 impl Node {
@@ -120,6 +148,35 @@ impl View {
             v.by_name.insert(n.name.clone(), n);
         }
         v
+    }
+}
+
+/// The references a view holds to each of its nodes (by name, by inode).
+const VIEW_REFS: usize = 2;
+
+/// What the kernel must be told after a view swap.
+#[derive(Debug, Default)]
+pub struct Swapped {
+    /// Names whose entry now leads to another inode, or to none.
+    pub entries: Vec<String>,
+    /// Nodes that kept their inode across a rotation: the kernel's
+    /// attributes and pages of it are stale; [`Swapped::settled`] once
+    /// it has dropped them.
+    pub inodes: Vec<Arc<Node>>,
+    /// Whether a name went (the directory's listing changed).
+    pub gone: bool,
+}
+
+impl Swapped {
+    /// Nothing to tell the kernel.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty() && self.inodes.is_empty() && !self.gone
+    }
+
+    /// The kernel dropped what it held of `node`'s inode: opens may use
+    /// its page cache again.
+    pub fn settled(node: &Node) {
+        node.unsettled.set(false);
     }
 }
 
@@ -301,23 +358,51 @@ impl WorkloadFs {
         self.view.read().expect("view lock").clone()
     }
 
-    /// Swap in a new view; returns the names whose entry changed or went.
-    pub fn replace(&self, mut new: View) -> Vec<String> {
+    /// Swap in a new view; returns what the kernel must be told.
+    ///
+    /// A rotated file keeps its inode number (`make_view` gives the new
+    /// version the old one's) unless the old version may be open: then
+    /// the new version gets a fresh inode from `fresh_ino`, as a file
+    /// opened before a rotation must keep reading the version it opened,
+    /// and the kernel's pages of an inode are shared by all its opens.
+    /// Whether it may be open is told by its count of references, under
+    /// the view's write lock: the view holds two (by name, by inode), a
+    /// handle holds one, and an open takes its node under the read lock
+    /// ([`WorkloadFs::node`]), so no open can come by the old version
+    /// after this. A count above two (a handle, an open or a `getattr`
+    /// in flight) takes the fresh inode: never wrong, only slower.
+    pub fn replace(&self, mut new: View, fresh_ino: &AtomicU64) -> Swapped {
         let mut guard = self.view.write().expect("view lock");
         let old = guard.clone();
-        let mut changed = Vec::new();
+        let mut out = Swapped::default();
         for (name, n) in &old.by_name {
-            match new.by_name.get(name) {
-                Some(m) if m.ino == n.ino => continue,
-                Some(m) if m.secret == n.secret => {
-                    new.rotated_out.insert(n.ino, n.clone());
-                }
-                _ => {}
+            let Some(m) = new.by_name.get(name).cloned() else {
+                out.entries.push(name.clone());
+                out.gone = true;
+                continue;
+            };
+            if Arc::ptr_eq(&m, n) {
+                continue;
             }
-            changed.push(name.clone());
+            if m.ino == n.ino {
+                if Arc::strong_count(n) <= VIEW_REFS {
+                    m.unsettled.set(true);
+                    out.inodes.push(m);
+                    continue;
+                }
+                let ino = fresh_ino.fetch_add(1, Ordering::Relaxed);
+                let moved = Arc::new(Node { ino, unsettled: Default::default(), ..Node::clone(&m) });
+                new.by_ino.remove(&n.ino);
+                new.by_ino.insert(moved.ino, moved.clone());
+                new.by_name.insert(name.clone(), moved);
+            }
+            if m.secret == n.secret {
+                new.rotated_out.insert(n.ino, n.clone());
+            }
+            out.entries.push(name.clone());
         }
         *guard = Arc::new(new);
-        changed
+        out
     }
 
     fn root_attr(&self) -> stat64 {
@@ -411,8 +496,10 @@ impl WorkloadFs {
         file_attr(n, self.owner.resolve())
     }
 
+    /// The node of `ino`, cloned under the view's read lock (see
+    /// [`WorkloadFs::replace`]: how a rotation knows it may keep an inode).
     fn node(&self, ino: u64) -> Option<Arc<Node>> {
-        let view = self.view();
+        let view = self.view.read().expect("view lock");
         view.by_ino.get(&ino).or_else(|| view.rotated_out.get(&ino)).cloned()
     }
 
@@ -505,10 +592,7 @@ impl WorkloadFs {
                             Err(errno(libc::EIO))
                         }
                         (Some(_), fresh) => {
-                            crate::metrics::METRICS
-                                .reads
-                                .get_or_create(&crate::metrics::secret_labels(workload, &node.secret))
-                                .inc();
+                            node.reads.inc();
                             if fresh == Freshness::Stale {
                                 audit(&event(EventKind::StaleServe, Some(&id), None))?;
                             } else if self.shared.audit_reads {
@@ -582,11 +666,14 @@ impl FileSystem for WorkloadFs {
         let checked = self.check_open(ctx, &node);
         crate::metrics::METRICS.open_seconds.observe(started.elapsed().as_secs_f64());
         let own = checked?;
+        // The kernel may keep a file's pages: an inode's content changes
+        // only by a rotation, which drops them (see `replace`).
+        let cache = if node.unsettled.get() { OpenOptions::DIRECT_IO } else { OpenOptions::KEEP_CACHE };
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let (node, opts) = match own {
             // This caller's own content: this handle only, never cached.
             Some(body) => (Arc::new(Node { value: Some(body), ..Node::clone(&node) }), OpenOptions::DIRECT_IO),
-            None => (node, OpenOptions::KEEP_CACHE),
+            None => (node, cache),
         };
         self.handles.lock().expect("handles lock").insert(fh, node);
         Ok((Some(fh), opts, None))
