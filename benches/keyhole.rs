@@ -20,7 +20,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -32,13 +32,6 @@ use fuse_backend_rs::transport::FuseSession;
 use keyhole::api::pb::{self, admin_client::AdminClient};
 use serde_json::{Value, json};
 
-const BIN: &str = env!("CARGO_BIN_EXE_keyhole");
-
-/// The `keyhole` binary to run: `KEYHOLE_BENCH_BIN` if set (to compare
-/// two builds side by side in one session), else the one cargo built.
-fn bin() -> String {
-    std::env::var("KEYHOLE_BENCH_BIN").unwrap_or_else(|_| BIN.to_owned())
-}
 const VALUE: &[u8; 64] = b"0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 
 struct Opts {
@@ -337,84 +330,15 @@ impl Drop for NoopMount {
 
 // ---------------------------------------------------------------- a real broker
 
-struct Broker {
-    dir: tempfile::TempDir,
-    child: Option<Child>,
-    toml: String,
-}
+// The broker, OpenBao and `eventually` are the integration tests' too.
+#[path = "../tests/harness/mod.rs"]
+mod harness;
+use harness::{Bao, Broker};
 
+/// What only the benchmark asks of a broker.
 impl Broker {
-    fn start(toml: &str) -> Broker {
-        let dir = tempfile::tempdir().unwrap();
-        let mut b = Broker { dir, child: None, toml: format!("{toml}\n[docker]\nplugin = \"\"\n") };
-        std::fs::write(b.dir.path().join("keyhole.toml"), &b.toml).unwrap();
-        b.spawn();
-        b.wait_ready();
-        b
-    }
-
-    fn run(&self) -> PathBuf {
-        self.dir.path().join("run")
-    }
-
-    fn serve(&self) -> Command {
-        let mut c = Command::new(bin());
-        c.arg("serve")
-            .arg("--state-dir")
-            .arg(self.dir.path().join("state"))
-            .arg("--run-dir")
-            .arg(self.run())
-            .arg("--config")
-            .arg(self.dir.path().join("keyhole.toml"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        c
-    }
-
-    fn spawn(&mut self) {
-        self.child = Some(self.serve().spawn().unwrap());
-    }
-
-    fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !self.cli(&["status"], None).status.success() {
-            assert!(Instant::now() < deadline, "keyhole serve did not come up");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn cli(&self, args: &[&str], stdin: Option<&[u8]>) -> std::process::Output {
-        let mut c = Command::new(bin());
-        c.args(args)
-            .env("KEYHOLE_SOCKET", self.run().join("admin.sock"))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = c.spawn().unwrap();
-        let mut input = child.stdin.take().unwrap();
-        if let Some(v) = stdin {
-            input.write_all(v).unwrap();
-        }
-        drop(input);
-        child.wait_with_output().unwrap()
-    }
-
-    fn ok(&self, args: &[&str]) {
-        let o = self.cli(args, None);
-        assert!(o.status.success(), "keyhole {}: {}", args.join(" "), String::from_utf8_lossy(&o.stderr));
-    }
-
-    fn put(&self, path: &str, value: &[u8]) {
-        let o = self.cli(&["secret", "put", path, "--stdin"], Some(value));
-        assert!(o.status.success(), "put {path}: {}", String::from_utf8_lossy(&o.stderr));
-    }
-
     fn file(&self, workload: &str, name: &str) -> PathBuf {
         self.run().join("workloads").join(workload).join(name)
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.as_ref().unwrap().id()
     }
 
     /// The broker's threads.
@@ -429,38 +353,11 @@ impl Broker {
             .find_map(|l| l.strip_prefix("VmRSS:").and_then(|v| v.trim().trim_end_matches(" kB").parse().ok()))
             .unwrap_or(0)
     }
-
-    fn kill9(&mut self) {
-        let mut c = self.child.take().unwrap();
-        c.kill().unwrap();
-        c.wait().unwrap();
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        // Deepest first: FUSE mounts, then the run dir's own bind mount.
-        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        let mut points: Vec<PathBuf> = info
-            .lines()
-            .filter_map(|l| l.split(' ').nth(4))
-            .map(PathBuf::from)
-            .filter(|p| p.starts_with(self.dir.path()))
-            .collect();
-        points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
-        for p in points {
-            let _ = keyhole::sys::umount_detach(&p);
-        }
-    }
 }
 
 /// A broker with `bench/key` (64 bytes) granted to workload `w` (uid 0).
 fn broker_with_one_mount(toml: &str) -> Broker {
-    let b = Broker::start(toml);
+    let b = Broker::builder().config(toml).quiet().start();
     b.put("bench/key", VALUE);
     b.ok(&["workload", "add", "w", "--selector", "unix:uid:0"]);
     b.ok(&["grant", "bench/key", "--to", "w", "--file", "key"]);
@@ -559,7 +456,7 @@ fn propagation_and_scale(o: &Opts) -> Value {
         o.mounts.clone().unwrap_or_else(|| if o.short { vec![1, 20] } else { vec![1, 100, 1000, 10_000] });
     let rounds = if o.short { 3 } else { 10 };
     // Each mount holds a /dev/fuse descriptor: room for 10,000 of them.
-    let b = Broker::start("[limits]\nmax_mounts = 12000\n");
+    let b = Broker::builder().config("[limits]\nmax_mounts = 12000\n").quiet().start();
     b.put("bench/rot", b"v-0");
     b.put("bench/one", b"o-0");
     let mut admin = Admin::connect(&b);
@@ -689,57 +586,8 @@ fn visible_in_all(files: &[PathBuf], since: Instant, ok: impl Fn(&Path) -> bool 
     })
 }
 
-/// A private OpenBao dev server with a file audit device, so requests can
-/// be counted.
-struct Bao {
-    addr: String,
-    dir: tempfile::TempDir,
-    child: Child,
-}
-
+/// What only the benchmark asks of OpenBao.
 impl Bao {
-    fn start() -> Option<Bao> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").ok()?.local_addr().ok()?.port();
-        let dir = tempfile::tempdir().unwrap();
-        let addr = format!("http://127.0.0.1:{port}");
-        // OpenBao 2 takes audit devices from its config file only.
-        let log = dir.path().join("audit.log");
-        let hcl =
-            format!("audit \"file\" \"bench\" {{\n  options {{\n    file_path = \"{}\"\n  }}\n}}\n", log.display());
-        std::fs::write(dir.path().join("bao.hcl"), hcl).unwrap();
-        let child = Command::new("bao")
-            .args(["server", "-dev", "-dev-root-token-id=root"])
-            .arg(format!("-dev-listen-address=127.0.0.1:{port}"))
-            .arg(format!("-config={}", dir.path().join("bao.hcl").display()))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .ok()?;
-        let b = Bao { addr, dir, child };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !b.cli(&["status"]).status.success() {
-            if Instant::now() > deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        std::fs::write(b.dir.path().join("token"), "root").unwrap();
-        Some(b)
-    }
-
-    fn cli(&self, args: &[&str]) -> std::process::Output {
-        Command::new("bao").args(args).env("BAO_ADDR", &self.addr).env("BAO_TOKEN", "root").output().unwrap()
-    }
-
-    /// Requests so far whose path starts with `prefix`.
-    fn requests(&self, prefix: &str) -> usize {
-        let log = std::fs::read_to_string(self.dir.path().join("audit.log")).unwrap_or_default();
-        log.lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .filter(|v| v["type"] == "request" && v["request"]["path"].as_str().is_some_and(|p| p.starts_with(prefix)))
-            .count()
-    }
-
     /// One direct KV v2 read over HTTP/1.1, the way any client would.
     fn direct_get(&self, path: &str) -> Duration {
         let host = self.addr.trim_start_matches("http://");
@@ -758,15 +606,8 @@ impl Bao {
     }
 }
 
-impl Drop for Bao {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn backend(o: &Opts) -> Value {
-    let Some(bao) = Bao::start() else {
+    let Ok(bao) = Bao::try_start() else {
         if std::env::var_os("CI").is_some() {
             panic!("bao (OpenBao) is missing: scripts/test.sh installs it");
         }
@@ -782,7 +623,7 @@ fn backend(o: &Opts) -> Value {
         bao.addr,
         bao.dir.path().join("token").display()
     );
-    let b = Broker::start(&toml);
+    let b = Broker::builder().config(&toml).quiet().start();
     b.ok(&["workload", "add", "w", "--selector", "unix:uid:0"]);
     for i in 0..watched {
         b.ok(&["grant", &format!("vault/bench{i}"), "--to", "w", "--file", &format!("k{i}")]);
@@ -879,8 +720,7 @@ fn outage(o: &Opts) -> Value {
     for _ in 0..rounds {
         let (gap, failed) = reader_during(&file, || {
             b.kill9();
-            b.spawn();
-            b.wait_ready();
+            b.restart();
             let deadline = Instant::now() + Duration::from_secs(30);
             while read_once(&file).is_err() {
                 assert!(Instant::now() < deadline, "the mount never came back");
@@ -894,11 +734,7 @@ fn outage(o: &Opts) -> Value {
     let mut takeover_failed = 0;
     for _ in 0..rounds {
         let (gap, failed) = reader_during(&file, || {
-            let mut old = b.child.take().unwrap();
-            let new = b.serve().arg("--takeover").spawn().unwrap();
-            assert!(old.wait().unwrap().success(), "the old broker did not hand over");
-            b.child = Some(new);
-            b.wait_ready();
+            b.takeover();
         });
         takeover.push(gap.as_nanos() as u64);
         takeover_failed += failed;
@@ -934,7 +770,7 @@ fn audit_cost(o: &Opts) -> Value {
 /// returns), and a second apply of the same file (no changes).
 fn apply_policy(o: &Opts) -> Value {
     let n = o.mounts.as_ref().and_then(|m| m.iter().max().copied()).unwrap_or(if o.short { 100 } else { 1000 });
-    let b = Broker::start(&format!("[limits]\nmax_mounts = {}\n", n + 100));
+    let b = Broker::builder().config(&format!("[limits]\nmax_mounts = {}\n", n + 100)).quiet().start();
     b.put("bench/key", VALUE);
     let mut file = String::new();
     for i in 0..n {
@@ -947,7 +783,7 @@ fn apply_policy(o: &Opts) -> Value {
     std::fs::write(&path, &file).unwrap();
     let apply = |what: &str| {
         let t = Instant::now();
-        let o = b.cli(&["apply", "-f", path.to_str().unwrap()], None);
+        let o = b.cli(&["apply", "-f", path.to_str().unwrap()]);
         let took = t.elapsed();
         assert!(o.status.success(), "{what}: {}", String::from_utf8_lossy(&o.stderr));
         took
@@ -971,12 +807,12 @@ fn template_cost(o: &Opts) -> Value {
     let iters = if o.short { 2_000 } else { 20_000 };
     let b = broker_with_one_mount("");
     for (p, v) in [("bench/user", &b"app"[..]), ("bench/pass", VALUE), ("bench/host", b"db.internal")] {
-        let out = b.cli(&["secret", "put", p, "--stdin"], Some(v));
+        let out = b.cli_in(&["secret", "put", p, "--stdin"], Some(v));
         assert!(out.status.success(), "put {p}");
     }
     let t = b"{\"user\": {{ secret('bench/user')|tojson }}, \"password\": {{ secret('bench/pass')|tojson }}, \
               \"host\": {{ secret('bench/host')|tojson }}}\n";
-    let out = b.cli(&["template", "put", "cfg", "--stdin"], Some(t));
+    let out = b.cli_in(&["template", "put", "cfg", "--stdin"], Some(t));
     assert!(out.status.success(), "template put: {}", String::from_utf8_lossy(&out.stderr));
     b.ok(&["grant", "--template", "cfg", "--to", "w", "--file", "config.json"]);
     eprintln!("   plain grant");
@@ -1194,8 +1030,9 @@ fn audited_requests(bao: &Bao, prefix: &str) -> Vec<(String, String)> {
 /// by side in one run.
 fn fleet(o: &Opts) -> Value {
     let n = o.fleet.unwrap_or(20);
-    let Some(bao) = Bao::start() else {
-        return json!({ "skipped": "bao (OpenBao) not found" });
+    let bao = match Bao::try_start() {
+        Ok(bao) => bao,
+        Err(e) => return json!({ "skipped": format!("bao (OpenBao): {e}") }),
     };
     let secrets = 200;
     let interval = Duration::from_secs(1);
@@ -1216,7 +1053,7 @@ fn fleet(o: &Opts) -> Value {
                     bao.addr,
                     token.display()
                 );
-                let b = Broker::start(&toml);
+                let b = Broker::builder().config(&toml).quiet().start();
                 b.ok(&["workload", "add", "w", "--selector", "unix:uid:0"]);
                 b.ok(&["grant", "prod/fleet/*", "--to", "w"]);
                 b
@@ -1243,7 +1080,7 @@ fn fleet(o: &Opts) -> Value {
             rate = rate[1..rate.len() - 1].to_vec();
         }
         let status: Value =
-            serde_json::from_slice(&brokers[0].cli(&["status", "--json"], None).stdout).unwrap_or(Value::Null);
+            serde_json::from_slice(&brokers[0].cli(&["status", "--json"]).stdout).unwrap_or(Value::Null);
         let scan = status["backends"][0]["last_scan"].clone();
         // Propagation: a bao kv put, until every broker's mount shows it.
         let mut lat_ns = Vec::new();

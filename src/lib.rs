@@ -16,7 +16,8 @@
 //!   the one place errors become `tonic::Status`.
 //! - [`identity`]: peer → pinned process → identity (cgroup → container
 //!   → Docker inspect).
-//! - [`policy`]: workloads, selectors, grants, and `decide` (pure).
+//! - [`policy`]: workloads, selectors, grants, and `decide`; who is an admin
+//!   ([`policy::admin`], from the facts attestation found) (pure).
 //! - [`fs`]: one FUSE filesystem per workload, the mount table that
 //!   keeps them in step with the store, and the one pool of workers that
 //!   serves every mount (parking requests that must wait).

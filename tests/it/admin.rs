@@ -8,9 +8,7 @@ const NOBODY: u32 = 65534;
 
 #[test]
 fn a_non_admin_caller_is_denied_and_audited() {
-    if !require_root() {
-        return;
-    }
+    needs!(root);
     let b = Broker::start();
     b.put("db/password", b"nobody-must-not-see-3a7f");
     // The workload socket is open to everyone; admin calls on it are not.
@@ -56,9 +54,7 @@ fn a_non_admin_caller_is_denied_and_audited() {
 
 #[test]
 fn configured_admin_uids_are_admins() {
-    if !require_root() {
-        return;
-    }
+    needs!(root);
     let b = Broker::start_with("[admin]\nuids = [65534]\n");
     let ws = b.workload_socket();
     let o = cli_as(&ws, &["secret", "put", "ops/token", "--generate", "16"], None, Some(NOBODY));
@@ -73,9 +69,7 @@ fn configured_admin_uids_are_admins() {
 
 #[test]
 fn whoami_tells_each_caller_what_the_broker_sees() {
-    if !require_root() {
-        return;
-    }
+    needs!(root);
     let b = Broker::start();
     let o = cli_as(&b.workload_socket(), &["whoami", "--json"], None, None);
     let me = json(&o.stdout);

@@ -119,9 +119,7 @@ fn assert_denied_uncredited(b: &Broker, o: &Output, what: &str) {
 
 #[test]
 fn a_delegated_cgroup_cannot_pose_as_a_container_by_id() {
-    if !require_docker() {
-        return;
-    }
+    needs!(docker);
     let b = broker();
     b.put("db/password", b"by-id-s3cret");
     b.ok(&["workload", "add", "w", "--selector", &format!("docker:id:{FAKE}")]);
@@ -152,9 +150,7 @@ fn a_delegated_cgroup_cannot_pose_as_a_container_by_id() {
 
 #[test]
 fn a_delegated_cgroup_cannot_pose_as_a_running_container() {
-    if !require_docker() {
-        return;
-    }
+    needs!(docker);
     let b = broker();
     let t = unique("pose");
     b.put("db/password", b"by-label-s3cret");
@@ -177,9 +173,7 @@ fn a_delegated_cgroup_cannot_pose_as_a_running_container() {
 
 #[test]
 fn a_host_process_in_a_cgroup_named_for_a_container_is_not_that_container() {
-    if !require_docker() {
-        return;
-    }
+    needs!(docker);
     // Root names the cgroup here (not delegated): only the namespace check
     // against the container's init tells the host process from it.
     let b = broker();
@@ -202,9 +196,7 @@ fn a_host_process_in_a_cgroup_named_for_a_container_is_not_that_container() {
 
 #[test]
 fn an_unknown_container_id_costs_one_inspect_per_negative_ttl() {
-    if !require_docker() {
-        return;
-    }
+    needs!(docker);
     let b = broker();
     b.put("db/password", b"neg-s3cret");
     b.ok(&["workload", "add", "w", "--selector", &format!("docker:id:{FAKE}")]);
@@ -231,9 +223,7 @@ fn an_unknown_container_id_costs_one_inspect_per_negative_ttl() {
 
 #[test]
 fn real_containers_read_through_run_exec_and_pid_host() {
-    if !require_docker() {
-        return;
-    }
+    needs!(docker);
     let b = broker();
     let t = unique("real");
     b.put("db/password", b"real-s3cret");
@@ -295,9 +285,7 @@ fn real_containers_read_through_run_exec_and_pid_host() {
 
 #[test]
 fn running_containers_are_known_before_serving_and_across_a_takeover() {
-    if !require_docker() {
-        return;
-    }
+    needs!(docker);
     let mut b = broker();
     let label = format!("keyhole.test={}", unique("prime"));
     b.put("db/password", b"primed-s3cret");

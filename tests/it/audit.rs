@@ -8,9 +8,7 @@ use crate::support::*;
 
 #[test]
 fn every_admin_call_is_audited_without_values() {
-    if !require_root() {
-        return;
-    }
+    needs!(root);
     let b = Broker::start();
     b.put("app/key", b"audit-me-not-9d3c");
     b.ok(&["secret", "rotate", "app/key", "--generate", "12"]);
@@ -40,9 +38,7 @@ fn every_admin_call_is_audited_without_values() {
 
 #[test]
 fn verify_passes_then_fails_after_an_edit_or_a_cut() {
-    if !require_root() {
-        return;
-    }
+    needs!(root);
     let mut b = Broker::start();
     for i in 0..5 {
         b.put(&format!("s/{i}"), b"v");
@@ -85,9 +81,7 @@ fn verify_passes_then_fails_after_an_edit_or_a_cut() {
 
 #[test]
 fn follow_streams_new_lines() {
-    if !require_root() {
-        return;
-    }
+    needs!(root);
     let b = Broker::start();
     let mut f = Command::new(BIN)
         .args(["audit", "--follow"])
@@ -108,9 +102,7 @@ fn follow_streams_new_lines() {
 
 #[test]
 fn with_reads_not_audited_denials_still_are() {
-    if !require_root() {
-        return;
-    }
+    needs!(root);
     let b = Broker::start_with("[audit]\nreads = false\n");
     b.put("app/key", b"quiet");
     b.ok(&["workload", "add", "w", "--selector", "unix:uid:1000"]);
@@ -127,9 +119,7 @@ fn with_reads_not_audited_denials_still_are() {
 
 #[test]
 fn a_rotated_audit_log_verifies_across_files_and_restarts_quickly() {
-    if !require_root() {
-        return;
-    }
+    needs!(root);
     let mut b = Broker::start_with("[audit]\nmax_bytes = 4096\nkeep = 2\nmin_keep = \"0s\"\n");
     for i in 0..40 {
         b.put(&format!("rot/{i}"), b"rotated-never-logged-5c1a");

@@ -88,9 +88,7 @@ impl Drop for Stack {
 
 #[test]
 fn the_compose_sidecar_serves_the_app_and_rotation_reaches_it() {
-    if !require_compose() {
-        return;
-    }
+    needs!(compose);
     let stack = Stack::up();
     eventually(60, "the sidecar answers", || stack.keyhole(&["status"], None).status.success());
     let ok = |o: Output| assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));

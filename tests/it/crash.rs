@@ -7,9 +7,7 @@ use crate::support::*;
 
 #[test]
 fn kill_9_during_rotations_keeps_every_acknowledged_version() {
-    if !require_root() {
-        return;
-    }
+    needs!(root);
     let mut b = Broker::start();
     b.put("crash/k", b"value-0");
     for round in 0..5 {
@@ -70,9 +68,7 @@ struct Acked {
 
 #[test]
 fn kill_9_at_random_moments_200_times_loses_no_acknowledged_change() {
-    if !require_root() {
-        return;
-    }
+    needs!(root);
     let mut b = Broker::start_with("[limits]\ncalls_per_second = 10000\n");
     b.ok(&["workload", "add", "w", "--selector", "unix:uid:65534"]);
     let secrets = ["crash/a", "crash/b", "crash/c"];
@@ -159,9 +155,7 @@ fn kill_9_at_random_moments_200_times_loses_no_acknowledged_change() {
 
 #[test]
 fn a_full_disk_refuses_the_write_clearly_and_keeps_the_previous_version() {
-    if !require_root() {
-        return;
-    }
+    needs!(root);
     let mut b = Broker::start();
     b.put("disk/k", b"kept-on-a-full-disk-3b8d");
     b.terminate();

@@ -82,9 +82,7 @@ fn all_lines(b: &Broker) -> Vec<serde_json::Value> {
 
 #[test]
 fn a_flood_of_denials_from_one_uid_is_summarised_and_every_denial_counted() {
-    if !require_root() {
-        return;
-    }
+    needs!(root);
     let addr = format!("127.0.0.1:{}", free_port());
     let b = Broker::start_with(&format!("[metrics]\nlisten = \"{addr}\"\n"));
     b.put("app/key", b"flood-never-logged-31f0");
@@ -126,9 +124,7 @@ fn a_flood_of_denials_from_one_uid_is_summarised_and_every_denial_counted() {
 
 #[test]
 fn a_flood_cannot_push_an_admin_action_out_of_a_rotated_log() {
-    if !require_root() {
-        return;
-    }
+    needs!(root);
     let b = Broker::start_with("[audit]\nmax_bytes = 4096\nkeep = 2\n");
     b.put("early/admin-action", b"x");
     b.ok(&["workload", "add", "w", "--selector", &format!("unix:uid:{OWNER}")]);
@@ -164,9 +160,7 @@ fn run_with_groups(uid: u32, gid: u32, groups: &[u32], cmd: &[&str]) -> Output {
 
 #[test]
 fn the_files_mode_is_checked_by_the_broker_and_every_refusal_audited() {
-    if !require_root() {
-        return;
-    }
+    needs!(root);
     let addr = format!("127.0.0.1:{}", free_port());
     let b = Broker::start_with(&format!("[metrics]\nlisten = \"{addr}\"\n"));
     b.put("app/owned", b"owner-only-5e21");
@@ -220,9 +214,7 @@ fn the_files_mode_is_checked_by_the_broker_and_every_refusal_audited() {
 
 #[test]
 fn root_in_a_container_reads_as_the_kernel_would_let_it_and_groups_count() {
-    if !require_docker() {
-        return;
-    }
+    needs!(docker);
     let b = Broker::start();
     let t = format!("modes-{}", std::process::id());
     b.put("c/owned", b"container-owned-4c1d");
@@ -267,9 +259,7 @@ fn root_in_a_container_reads_as_the_kernel_would_let_it_and_groups_count() {
 
 #[test]
 fn the_broker_refuses_exactly_what_the_kernel_refuses_on_a_disk_file() {
-    if !require_root() {
-        return;
-    }
+    needs!(root);
     use std::os::unix::fs::PermissionsExt;
     let b = Broker::start();
     // Every caller below has gid 4300: all are the workload's.

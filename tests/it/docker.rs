@@ -15,9 +15,7 @@ fn tag(test: &str) -> String {
 
 #[test]
 fn a_container_reads_its_workloads_secret_and_another_is_denied() {
-    if !require_docker() {
-        return;
-    }
+    needs!(docker);
     let b = Broker::start();
     let (ta, tb) = (tag("a"), tag("b"));
     b.put("db/password", b"container-secret-c0ffee");
@@ -54,9 +52,7 @@ fn a_container_reads_its_workloads_secret_and_another_is_denied() {
 
 #[test]
 fn a_running_container_sees_rotation_revocation_and_broker_restarts() {
-    if !require_docker() {
-        return;
-    }
+    needs!(docker);
     let mut b = Broker::start();
     let t = tag("live");
     b.put("api/token", b"token-v1");
@@ -87,9 +83,7 @@ fn a_running_container_sees_rotation_revocation_and_broker_restarts() {
 
 #[test]
 fn whoami_inside_a_container_names_the_container_and_its_workloads() {
-    if !require_docker() {
-        return;
-    }
+    needs!(docker);
     let b = Broker::start();
     let t = tag("who");
     b.ok(&["workload", "add", "web", "--selector", &format!("docker:label:keyhole.test={t}")]);
@@ -132,9 +126,7 @@ fn whoami_inside_a_container_names_the_container_and_its_workloads() {
 
 #[test]
 fn a_container_started_before_its_workload_existed_gets_the_mount() {
-    if !require_docker() {
-        return;
-    }
+    needs!(docker);
     let b = Broker::start();
     let t = tag("early");
     // The directory does not exist yet: bind the workloads dir's future
@@ -150,9 +142,7 @@ fn a_container_started_before_its_workload_existed_gets_the_mount() {
 
 #[test]
 fn a_renamed_container_loses_a_name_selector_through_the_event_stream() {
-    if !require_docker() {
-        return;
-    }
+    needs!(docker);
     let b = Broker::start();
     let name = tag("named");
     b.put("n/key", b"by-name");
@@ -175,9 +165,7 @@ fn a_renamed_container_loses_a_name_selector_through_the_event_stream() {
 #[test]
 #[ignore = "restarts dockerd, stopping every container: scripts/test.sh runs it alone"]
 fn the_broker_follows_docker_across_a_dockerd_restart() {
-    if !require_docker() {
-        return;
-    }
+    needs!(docker);
     let b = Broker::start();
     let name = tag("across");
     b.put("r/key", b"outlives-dockerd");
@@ -201,9 +189,7 @@ fn the_broker_follows_docker_across_a_dockerd_restart() {
 
 #[test]
 fn the_volume_driver_gives_each_container_its_own_checked_mount() {
-    if !require_docker() {
-        return;
-    }
+    needs!(docker);
     let b = Broker::start_with_plugin();
     let d = b.plugin.as_str();
     let (tw, ta) = (tag("vol-web"), tag("vol-api"));
@@ -278,9 +264,7 @@ fn the_volume_driver_gives_each_container_its_own_checked_mount() {
 
 #[test]
 fn notify_signals_the_containers_that_read_a_rotated_secret() {
-    if !require_docker() {
-        return;
-    }
+    needs!(docker);
     let b = Broker::start();
     let t = tag("notify");
     b.put("app/config", b"cfg-v1");
@@ -312,9 +296,7 @@ fn notify_signals_the_containers_that_read_a_rotated_secret() {
 
 #[test]
 fn volume_mounts_past_max_mounts_are_refused_and_audited() {
-    if !require_docker() {
-        return;
-    }
+    needs!(docker);
     // The workload's own mount is one; one container's volume the second.
     let b = Broker::start_with_plugin_config("[limits]\nmax_mounts = 2\n");
     let d = b.plugin.as_str();

@@ -15,9 +15,7 @@ fn cat_as(uid: u32, path: &std::path::Path) -> std::process::Output {
 
 #[test]
 fn names_that_leave_a_mount_and_writes_into_it_get_nothing() {
-    if !require_root() {
-        return;
-    }
+    needs!(root);
     let b = Broker::start();
     b.put("web/pw", b"hostile-web-0c4b");
     b.put("ops/pw", b"hostile-ops-91de");
@@ -103,9 +101,7 @@ sys.stdout.write("served" if b"unix:uid:%d" % os.getuid() in got else "refused")
 
 #[test]
 fn a_connection_left_behind_by_a_process_that_exited_is_not_attested() {
-    if !require_root() {
-        return;
-    }
+    needs!(root);
     let addr =
         format!("127.0.0.1:{}", std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port());
     let b = Broker::start_with(&format!("[metrics]\nlisten = \"{addr}\"\n"));
@@ -143,9 +139,7 @@ fn a_connection_left_behind_by_a_process_that_exited_is_not_attested() {
 
 #[test]
 fn a_caller_in_its_own_mount_namespace_is_no_host_process_whatever_it_mounts() {
-    if !require_root() {
-        return;
-    }
+    needs!(root);
     let b = Broker::start();
     let fake = b.dir.path().join("fake-mountinfo");
     std::fs::write(&fake, "1 0 0:1 / / rw shared:1 - ext4 /dev/root rw\n").unwrap();
@@ -171,9 +165,7 @@ fn a_caller_in_its_own_mount_namespace_is_no_host_process_whatever_it_mounts() {
 
 #[test]
 fn a_secret_leaves_no_trace_in_the_brokers_environment_arguments_or_a_core_dump() {
-    if !require_root() {
-        return;
-    }
+    needs!(root);
     let pattern = std::fs::read_to_string("/proc/sys/kernel/core_pattern").unwrap();
     let mut b = Broker::start();
     let values: [&[u8]; 3] = [b"hygiene-put-5e2a", b"hygiene-rotated-8c71", b"hygiene-read-b3f0"];

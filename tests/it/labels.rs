@@ -72,9 +72,7 @@ fn denied(b: &Broker, c: &Container, what: &str) {
 
 #[test]
 fn a_label_baked_into_the_image_does_not_make_a_workload() {
-    if !require_docker() {
-        return;
-    }
+    needs!(docker);
     let b = Broker::start();
     let role = unique("db");
     b.put("db/password", b"image-label-s3cret");
@@ -119,9 +117,7 @@ fn a_label_baked_into_the_image_does_not_make_a_workload() {
 
 #[test]
 fn image_labels_stay_out_across_a_takeover() {
-    if !require_docker() {
-        return;
-    }
+    needs!(docker);
     let mut b = Broker::start();
     let role = unique("tk");
     b.put("db/password", b"takeover-label-s3cret");
@@ -151,9 +147,7 @@ fn ptrace_scope() -> Option<u32> {
 
 #[test]
 fn doctor_warns_when_same_uid_host_users_can_take_a_containers_fds() {
-    if !require_root() {
-        return;
-    }
+    needs!(root);
     let b = Broker::start();
     let o = doctor_text(&b);
     let text = String::from_utf8_lossy(&o.stdout).into_owned();
@@ -201,9 +195,7 @@ sys.stdout.write(os.read(got, 4096).decode())
 /// `doctor` says so on this host.
 #[test]
 fn a_same_uid_host_user_can_take_an_open_secret_without_yama() {
-    if !require_docker() {
-        return;
-    }
+    needs!(docker);
     let b = Broker::start();
     let t = unique("getfd");
     b.put("db/password", b"pidfd-getfd-s3cret");

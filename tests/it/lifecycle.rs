@@ -8,9 +8,7 @@ use crate::support::*;
 
 #[test]
 fn sigterm_shuts_down_cleanly_and_a_restart_keeps_everything() {
-    if !require_root() {
-        return;
-    }
+    needs!(root);
     let mut b = Broker::start();
     let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(&b.socket()), 0o600);
@@ -30,9 +28,7 @@ fn sigterm_shuts_down_cleanly_and_a_restart_keeps_everything() {
 
 #[test]
 fn a_stale_socket_is_replaced_but_a_live_broker_is_not() {
-    if !require_root() {
-        return;
-    }
+    needs!(root);
     let mut b = Broker::start();
     // A second broker on the same run dir must not steal the sockets.
     let out = b.serve_command().stderr(Stdio::piped()).output().unwrap();
@@ -48,9 +44,7 @@ fn a_stale_socket_is_replaced_but_a_live_broker_is_not() {
 
 #[test]
 fn the_broker_has_no_core_limit_locks_buffers_and_umask_077() {
-    if !require_root() {
-        return;
-    }
+    needs!(root);
     let b = Broker::start();
     let status = std::fs::read_to_string(format!("/proc/{}/status", b.pid())).unwrap();
     let limits = std::fs::read_to_string(format!("/proc/{}/limits", b.pid())).unwrap();
@@ -69,9 +63,7 @@ fn the_broker_has_no_core_limit_locks_buffers_and_umask_077() {
 
 #[test]
 fn garbage_on_the_socket_does_not_hurt_the_broker() {
-    if !require_root() {
-        return;
-    }
+    needs!(root);
     let b = Broker::start();
     b.put("still/here", b"ok");
     for junk in [
@@ -92,9 +84,7 @@ fn garbage_on_the_socket_does_not_hurt_the_broker() {
 
 #[test]
 fn config_errors_are_clear() {
-    if !require_root() {
-        return;
-    }
+    needs!(root);
     assert!(serve_must_fail("stat_dir = \"/x\"\n").contains("unknown field `stat_dir`"));
     assert!(serve_must_fail("history_depth = 0\n").contains("history_depth = 0: it must be 1 to 1000"));
     assert!(serve_must_fail("history_depth = \"ten\"\n").contains("invalid type"));

@@ -10,9 +10,7 @@ const NOBODY: u32 = 65534;
 
 #[test]
 fn a_connection_flood_is_held_to_its_share_and_the_broker_serves_on() {
-    if !require_root() {
-        return;
-    }
+    needs!(root);
     let b = Broker::start_with("[limits]\nmax_connections = 200\nmax_connections_per_caller = 50\n");
     b.put("db/pw", b"flood-must-not-show-2f7e");
     let ws = b.workload_socket();
@@ -52,9 +50,7 @@ fn a_connection_flood_is_held_to_its_share_and_the_broker_serves_on() {
 
 #[test]
 fn a_caller_over_its_call_rate_is_refused_and_audited_others_are_not() {
-    if !require_root() {
-        return;
-    }
+    needs!(root);
     let b = Broker::start_with("[limits]\ncalls_per_second = 3\n");
     let ws = b.workload_socket();
     let outcomes: Vec<_> = (0..12).map(|_| cli_as(&ws, &["whoami"], None, Some(NOBODY))).collect();

@@ -120,9 +120,7 @@ fn closed_after_the_handshake_timeout(hold: &mut Hold) {
 
 #[test]
 fn idle_tcp_connections_to_remote_admin_leave_reads_and_admins_their_fds() {
-    if !require_root() {
-        return;
-    }
+    needs!(root);
     let pki = Pki::new("keyhole listeners CA");
     let (server_crt, server_key) = pki.issue("server", &[(CN, "broker")], true);
     let (admin_crt, admin_key) = pki.issue("admin", &[(CN, "ops")], false);
@@ -152,9 +150,7 @@ fn idle_tcp_connections_to_remote_admin_leave_reads_and_admins_their_fds() {
 
 #[test]
 fn idle_tcp_connections_to_metrics_leave_reads_and_scrapes_their_fds() {
-    if !require_root() {
-        return;
-    }
+    needs!(root);
     let addr = format!("127.0.0.1:{}", free_port());
     let (b, _dir) = broker_under_nofile(&format!("[metrics]\nlisten = \"{addr}\"\n"));
     let value = b"granted-under-metrics-flood-c3d0";
@@ -181,9 +177,7 @@ fn write_hook(dir: &Path, body: &str) -> String {
 
 #[test]
 fn a_stranger_denied_all_minute_does_not_silence_the_alert_hook_for_others() {
-    if !require_root() {
-        return;
-    }
+    needs!(root);
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("alerts");
     let hook = write_hook(dir.path(), &format!("cat > {}.$$", out.display()));
@@ -261,9 +255,7 @@ print(json.dumps(closed), flush=True)
 
 #[test]
 fn a_remote_admin_connection_with_no_call_is_closed_after_the_idle_timeout() {
-    if !require_root() {
-        return;
-    }
+    needs!(root);
     let pki = Pki::new("keyhole idle CA");
     let (server_crt, server_key) = pki.issue("server", &[(CN, "broker")], true);
     let (admin_crt, admin_key) = pki.issue("admin", &[(CN, "ops")], false);

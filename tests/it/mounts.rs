@@ -17,9 +17,7 @@ fn cat_as(uid: u32, path: &std::path::Path) -> Result<Vec<u8>, String> {
 
 #[test]
 fn only_the_workloads_callers_read_and_every_open_is_audited() {
-    if !require_root() {
-        return;
-    }
+    needs!(root);
     let b = Broker::start();
     b.put("db/password", b"mount-secret-v1-8b1f");
     b.ok(&["workload", "add", "app", "--selector", &format!("unix:uid:{APP}")]);
@@ -50,9 +48,7 @@ fn only_the_workloads_callers_read_and_every_open_is_audited() {
 
 #[test]
 fn owner_and_mode_come_from_the_grant() {
-    if !require_root() {
-        return;
-    }
+    needs!(root);
     let b = Broker::start();
     b.put("tls/key", b"k");
     b.ok(&["workload", "add", "app", "--selector", &format!("unix:uid:{APP}")]);
@@ -75,9 +71,7 @@ fn owner_and_mode_come_from_the_grant() {
 
 #[test]
 fn rotation_grant_and_revoke_show_on_the_next_open() {
-    if !require_root() {
-        return;
-    }
+    needs!(root);
     let b = Broker::start();
     b.put("db/password", b"rot-v1");
     b.ok(&["workload", "add", "app", "--selector", &format!("unix:uid:{APP}")]);
@@ -123,9 +117,7 @@ fn rotation_grant_and_revoke_show_on_the_next_open() {
 
 #[test]
 fn mounts_come_back_after_a_restart_or_a_kill_9() {
-    if !require_root() {
-        return;
-    }
+    needs!(root);
     let mut b = Broker::start();
     b.put("k", b"survives");
     b.ok(&["workload", "add", "app", "--selector", &format!("unix:uid:{APP}")]);
@@ -152,9 +144,7 @@ fn mounts_come_back_after_a_restart_or_a_kill_9() {
 
 #[test]
 fn workload_and_grant_listing() {
-    if !require_root() {
-        return;
-    }
+    needs!(root);
     let b = Broker::start();
     b.ok(&["workload", "add", "web", "--selector", "docker:label:app=web", "--selector", "unix:uid:0"]);
     assert_fails(&b.cli(&["workload", "add", "web", "--selector", "unix:uid:1"]), 7, "workload web exists");
@@ -176,9 +166,7 @@ fn workload_and_grant_listing() {
 
 #[test]
 fn a_caller_outside_the_brokers_pid_namespace_is_denied() {
-    if !require_root() {
-        return;
-    }
+    needs!(root);
     let mut b = Broker::start();
     b.put("k", b"pid-zero-must-not-read");
     b.ok(&["workload", "add", "app", "--selector", &format!("unix:uid:{APP}")]);

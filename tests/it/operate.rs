@@ -25,9 +25,7 @@ fn cat_as(uid: u32, path: &Path) -> std::process::Output {
 
 #[test]
 fn metrics_count_reads_denials_rotations_and_calls_exactly() {
-    if !require_root() {
-        return;
-    }
+    needs!(root);
     let addr = format!("127.0.0.1:{}", free_port());
     let b = Broker::start_with(&format!("[metrics]\nlisten = \"{addr}\"\n"));
     let value = b"metrics-must-not-show-6d1e";
@@ -85,9 +83,7 @@ fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
 
 #[test]
 fn a_denial_runs_the_alert_hook_with_its_json_and_the_rate_limit_holds() {
-    if !require_root() {
-        return;
-    }
+    needs!(root);
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("alerts");
     // One file per run, so concurrent runs would show.
@@ -159,9 +155,7 @@ fn a_denial_runs_the_alert_hook_with_its_json_and_the_rate_limit_holds() {
 
 #[test]
 fn a_hook_that_hangs_or_fails_never_slows_reads() {
-    if !require_root() {
-        return;
-    }
+    needs!(root);
     let dir = tempfile::tempdir().unwrap();
     let hook = write_hook(dir.path(), "sleep 300");
     let b = Broker::start_with(&format!("[alerts]\non_deny = \"{hook}\"\nmax_per_minute = 600\ntimeout = \"300s\"\n"));
@@ -210,9 +204,7 @@ fn a_hook_that_hangs_or_fails_never_slows_reads() {
 
 #[test]
 fn a_hook_past_its_timeout_is_killed_with_what_it_started() {
-    if !require_root() {
-        return;
-    }
+    needs!(root);
     let dir = tempfile::tempdir().unwrap();
     let pidfile = dir.path().join("sleeper");
     let hook = write_hook(dir.path(), &format!("sleep 600 & echo $! > {}\nwait", pidfile.display()));
@@ -241,9 +233,7 @@ fn status_of<'a>(report: &'a serde_json::Value, check: &str) -> Vec<&'a str> {
 
 #[test]
 fn doctor_passes_a_good_host_and_names_each_problem() {
-    if !require_root() {
-        return;
-    }
+    needs!(root);
     let b = Broker::start();
     let cfg = b.config.clone().unwrap();
     let (state, run) = (b.state(), b.run());
@@ -317,9 +307,7 @@ fn doctor_passes_a_good_host_and_names_each_problem() {
 
 #[test]
 fn doctor_checks_a_vault_backend_and_one_that_is_down() {
-    if !require_root() || !require_bao() {
-        return;
-    }
+    needs!(root, bao);
     let bao = Bao::start();
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("keyhole.toml");
@@ -380,9 +368,7 @@ fn completions_and_the_man_page_are_generated() {
 
 #[test]
 fn remote_admin_over_mutual_tls() {
-    if !require_root() {
-        return;
-    }
+    needs!(root);
     use rcgen::DnType::{CommonName as CN, OrganizationName as O};
     let pki = Pki::new("keyhole test admin CA");
     let (server_crt, server_key) = pki.issue("server", &[(CN, "broker")], true);
@@ -488,9 +474,7 @@ fn remote_admin_and_metrics_config_errors_are_clear() {
 
 #[test]
 fn json_logs_are_one_object_a_line_and_metrics_serve_on_a_unix_socket() {
-    if !require_root() {
-        return;
-    }
+    needs!(root);
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("metrics.sock");
     let b = Broker::start_with_env(
@@ -518,9 +502,7 @@ fn json_logs_are_one_object_a_line_and_metrics_serve_on_a_unix_socket() {
 
 #[test]
 fn listing_tables_fit_80_columns() {
-    if !require_root() {
-        return;
-    }
+    needs!(root);
     let b = Broker::start();
     let paths = ["prod/payments/stripe-webhook", "prod/payments/db/password", "db/pw"];
     for p in paths {
@@ -548,9 +530,7 @@ fn listing_tables_fit_80_columns() {
 
 #[test]
 fn backend_metrics_follow_an_openbao_outage() {
-    if !require_bao() {
-        return;
-    }
+    needs!(bao);
     let mut bao = Bao::start();
     let addr = format!("127.0.0.1:{}", free_port());
     let b = Broker::start_with(&format!("{}\n[metrics]\nlisten = \"{addr}\"\n", bao.backend_toml("prod", "200ms")));

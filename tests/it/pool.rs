@@ -56,9 +56,7 @@ impl Drop for Volume {
 
 #[test]
 fn broker_threads_do_not_grow_with_mounts() {
-    if !require_root() {
-        return;
-    }
+    needs!(root);
     let b = Broker::start();
     b.put("app/token", b"pool-thread-secret");
     let read_all = |n: usize| {
@@ -126,9 +124,7 @@ fn logs(id: &str) -> (String, String) {
 
 #[test]
 fn a_fifo_at_a_containers_etc_passwd_hangs_no_read_takeover_or_shutdown() {
-    if !require_docker() {
-        return;
-    }
+    needs!(docker);
     ensure_open_etc_image();
     let mut b = Broker::start_with_plugin();
     let t = tag("fifo");
@@ -221,9 +217,7 @@ fn hammer(files: Vec<PathBuf>, threads: usize, stop: &std::sync::atomic::AtomicB
 
 #[test]
 fn parked_opens_of_starting_containers_succeed_while_every_mount_serves() {
-    if !require_docker() {
-        return;
-    }
+    needs!(docker);
     let b = Broker::start_with_plugin();
     let t = tag("parked");
     b.put("db/password", b"parked-volume-secret");

@@ -68,9 +68,7 @@ fn rt_cat_as(uid: u32, file: &Path) -> Output {
 /// serving, and its file table back near where it was.
 #[test]
 fn redteam_a_burst_of_5000_short_lived_openers_leaves_the_brokers_fds() {
-    if !require_root() {
-        return;
-    }
+    needs!(root);
     let (b, _wrapper) = broker_under_prlimit("1024:1024");
     b.put("rt/pw", b"burst-granted-7d1e");
     b.ok(&["workload", "add", "reader", "--selector", &format!("unix:uid:{RT_READER}")]);
@@ -103,9 +101,7 @@ fn redteam_a_burst_of_5000_short_lived_openers_leaves_the_brokers_fds() {
 /// of its own keeps no more than `max_connections_per_caller` in all.
 #[test]
 fn redteam_one_uid_in_8_delegated_cgroups_gets_one_connection_share() {
-    if !require_root() {
-        return;
-    }
+    needs!(root);
     let b = Broker::start_with("[limits]\nmax_connections = 1000\nmax_connections_per_caller = 20\n");
     // A directory delegated to nobody in the v1 `name=systemd` hierarchy,
     // whose line comes first in /proc/<pid>/cgroup on this hybrid host.
@@ -168,9 +164,7 @@ fn redteam_one_uid_in_8_delegated_cgroups_gets_one_connection_share() {
 /// containers.
 #[test]
 fn redteam_root_in_a_container_does_not_match_a_unix_only_workload() {
-    if !require_docker() {
-        return;
-    }
+    needs!(docker);
     let b = Broker::start();
     let t = unique("rtunix");
     b.put("rt/backup", b"host-only-backup-9a3c");
@@ -211,9 +205,7 @@ fn redteam_root_in_a_container_does_not_match_a_unix_only_workload() {
 /// that user: the kernel maps its ids, it cannot choose them.
 #[test]
 fn redteam_a_host_user_in_its_own_user_namespace_reads_its_grant() {
-    if !require_root() {
-        return;
-    }
+    needs!(root);
     let b = Broker::start();
     b.put("rt/mine", b"own-userns-4e1b");
     b.ok(&["workload", "add", "mine", "--selector", &format!("unix:uid:{RT_READER}")]);
@@ -239,9 +231,7 @@ fn rt_mounted(path: &Path) -> bool {
 /// every mount dead (ENOTCONN) for everyone.
 #[test]
 fn redteam_a_strangers_user_namespace_does_not_keep_mounts_dead_after_a_clean_stop() {
-    if !require_root() {
-        return;
-    }
+    needs!(root);
     let mut b = Broker::start();
     b.put("rt/k", b"clean-stop-0c4d");
     b.ok(&["workload", "add", "app", "--selector", &format!("unix:uid:{RT_READER}")]);
@@ -323,9 +313,7 @@ fn rt_cat_in_ns(holder: u32, uid: u32, file: &Path) -> Output {
 /// (plus the first-pair) hook runs; another user still runs the hook.
 #[test]
 fn redteam2_host_uids_of_one_users_namespace_are_one_caller() {
-    if !require_root() {
-        return;
-    }
+    needs!(root);
     let dir = tempfile::tempdir().unwrap();
     let hook = dir.path().join("hook");
     let out = dir.path().join("alerts");
@@ -417,9 +405,7 @@ print(sum(int(x) for x in data.split()))
 /// denial is still accounted for.
 #[test]
 fn redteam2_many_callers_cannot_flood_the_audit_log() {
-    if !require_root() {
-        return;
-    }
+    needs!(root);
     let b = Broker::start();
     b.put("rt/many", b"many-uids-never-logged-5a90");
     b.ok(&["workload", "add", "w", "--selector", &format!("unix:uid:{RT_READER}")]);
@@ -459,9 +445,7 @@ fn redteam2_many_callers_cannot_flood_the_audit_log() {
 /// exit 7, and the workload still reads r/pw; `--file` gets it in.
 #[test]
 fn redteam2_an_exact_grant_clashing_with_anothers_file_name_is_refused() {
-    if !require_root() {
-        return;
-    }
+    needs!(root);
     let b = Broker::start();
     b.put("r/pw", b"first-pw-3c1e");
     b.put("d/pw", b"second-pw-8b02");

@@ -94,9 +94,7 @@ fn assert_refused(b: &Broker, secret: &str, words: &str) {
 
 #[test]
 fn an_old_head_or_a_revoked_grant_written_back_is_refused_at_start() {
-    if !require_root() {
-        return;
-    }
+    needs!(root);
     let mut b = Broker::start();
     b.put("app/key", b"old-value-7f1d");
     b.ok(&["workload", "add", "w", "--selector", "unix:uid:1000"]);
@@ -139,9 +137,7 @@ fn an_old_head_or_a_revoked_grant_written_back_is_refused_at_start() {
 
 #[test]
 fn a_record_moved_removed_or_the_manifest_dropped_is_refused_at_start() {
-    if !require_root() {
-        return;
-    }
+    needs!(root);
     let mut b = Broker::start();
     b.put("a", b"value-a-11");
     b.put("b", b"value-b-22");
@@ -185,9 +181,7 @@ fn a_record_moved_removed_or_the_manifest_dropped_is_refused_at_start() {
 
 #[test]
 fn an_audit_log_cut_or_deleted_while_stopped_is_refused_at_start() {
-    if !require_root() {
-        return;
-    }
+    needs!(root);
     let mut b = Broker::start();
     b.put("app/key", b"v");
     b.ok(&["secret", "history", "app/key"]);
@@ -225,9 +219,7 @@ fn an_audit_log_cut_or_deleted_while_stopped_is_refused_at_start() {
 
 #[test]
 fn kill_9_without_a_clean_stop_still_starts() {
-    if !require_root() {
-        return;
-    }
+    needs!(root);
     let mut b = Broker::start();
     for round in 0..6u64 {
         b.put(&format!("k/{round}"), format!("v{round}").as_bytes());
@@ -246,9 +238,7 @@ fn kill_9_without_a_clean_stop_still_starts() {
 
 #[test]
 fn a_store_from_before_manifests_is_upgraded_once_and_says_so() {
-    if !require_root() {
-        return;
-    }
+    needs!(root);
     let mut b = Broker::start();
     b.put("app/key", b"kept-across-the-upgrade");
     assert!(b.terminate().success());

@@ -29,9 +29,7 @@ fn ino(p: &Path) -> u64 {
 
 #[test]
 fn a_change_reaches_the_mounts_that_show_it_and_no_other() {
-    if !require_root() {
-        return;
-    }
+    needs!(root);
     let b = Broker::start();
     b.put("app/db/pass", b"pass-1");
     b.put("app/db/user", b"user-1");
@@ -118,9 +116,7 @@ fn a_change_reaches_the_mounts_that_show_it_and_no_other() {
 
 #[test]
 fn a_restarted_broker_builds_its_index_again() {
-    if !require_root() {
-        return;
-    }
+    needs!(root);
     let mut b = Broker::start();
     b.put("svc/a/token", b"t-1");
     b.ok(&["workload", "add", "w", "--selector", "unix:uid:0"]);

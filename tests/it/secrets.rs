@@ -4,9 +4,7 @@ use crate::support::*;
 
 #[test]
 fn binary_values_round_trip_exactly() {
-    if !require_root() {
-        return;
-    }
+    needs!(root);
     let b = Broker::start();
     let value: Vec<u8> = (0..=255u8).chain([0, 0, b'\n', 0xff]).collect();
     assert_eq!(b.put("bin/blob", &value), 1);
@@ -23,9 +21,7 @@ fn binary_values_round_trip_exactly() {
 
 #[test]
 fn rotate_adds_versions_and_history_keeps_them() {
-    if !require_root() {
-        return;
-    }
+    needs!(root);
     let b = Broker::start_with("history_depth = 3\n");
     b.put("db/password", b"pw-one-4f9a");
     let out = b.cli(&["secret", "rotate", "db/password", "--generate", "32", "--json"]);
@@ -53,9 +49,7 @@ fn rotate_adds_versions_and_history_keeps_them() {
 
 #[test]
 fn ls_and_rm() {
-    if !require_root() {
-        return;
-    }
+    needs!(root);
     let b = Broker::start();
     for p in ["db/a", "db/b", "dbx", "web/token"] {
         b.put(p, b"x");
@@ -75,9 +69,7 @@ fn ls_and_rm() {
 
 #[test]
 fn the_store_files_never_hold_a_plaintext_value() {
-    if !require_root() {
-        return;
-    }
+    needs!(root);
     let mut b = Broker::start();
     let values: Vec<Vec<u8>> = (0..20).map(|i| format!("plaintext-marker-{i:03}-e1c9d2").into_bytes()).collect();
     for (i, v) in values.iter().enumerate() {
@@ -92,9 +84,7 @@ fn the_store_files_never_hold_a_plaintext_value() {
 
 #[test]
 fn bad_input_gets_a_clear_error_and_changes_nothing() {
-    if !require_root() {
-        return;
-    }
+    needs!(root);
     let b = Broker::start_with("max_value_bytes = 1024\n");
     b.put("ok", b"kept-value-5d1e");
     for (path, words) in [

@@ -235,9 +235,7 @@ const MIB: u64 = 1024;
 
 #[test]
 fn a_stream_flood_by_strangers_stays_within_the_memory_budget() {
-    if !require_root() {
-        return;
-    }
+    needs!(root);
     let b = Broker::start();
     let file = grant_to_reader(&b, b"granted-during-flood-6d1e");
     let pid = b.pid();
@@ -346,25 +344,19 @@ fn idle_connections_leave_fds_for_a_granted_open(limits: &str) {
 
 #[test]
 fn idle_connections_under_a_soft_nofile_of_1024_leave_a_granted_open_its_fds() {
-    if !require_root() {
-        return;
-    }
+    needs!(root);
     idle_connections_leave_fds_for_a_granted_open("1024:20000");
 }
 
 #[test]
 fn idle_connections_under_a_hard_nofile_of_1024_leave_a_granted_open_its_fds() {
-    if !require_root() {
-        return;
-    }
+    needs!(root);
     idle_connections_leave_fds_for_a_granted_open("1024:1024");
 }
 
 #[test]
 fn an_admin_script_of_500_grants_is_not_throttled_like_a_stranger() {
-    if !require_root() {
-        return;
-    }
+    needs!(root);
     let b = Broker::start_with("[limits]\ncalls_per_second = 20\n");
     b.put("s", b"v");
     b.ok(&["workload", "add", "w", "--selector", "unix:uid:4343"]);
@@ -423,9 +415,7 @@ fn closed_after(uid: u32, path: &Path, mode: &str, wait: u32) -> Option<f64> {
 
 #[test]
 fn silent_and_idle_connections_are_closed_long_streams_stay() {
-    if !require_root() {
-        return;
-    }
+    needs!(root);
     // Without the HTTP/2 preface, a connection lasts 5 s.
     let silent = closed_after(NOBODY, &Broker::start().workload_socket(), "silent", 15);
     let silent = silent.expect("a connection that never sent the HTTP/2 preface stayed open");
@@ -473,9 +463,7 @@ fn silent_and_idle_connections_are_closed_long_streams_stay() {
 
 #[test]
 fn admins_by_group_reach_the_admin_socket_others_do_not() {
-    if !require_root() {
-        return;
-    }
+    needs!(root);
     let b = Broker::start_with("[admin]\ngids = [4444]\n");
     let md = std::fs::metadata(b.socket()).unwrap();
     use std::os::unix::fs::MetadataExt;
@@ -514,9 +502,7 @@ print(hits)
 
 #[test]
 fn a_value_put_and_got_over_grpc_lingers_nowhere_in_the_brokers_memory() {
-    if !require_root() {
-        return;
-    }
+    needs!(root);
     let b = Broker::start();
     let value = format!("lingering-value-{}-8f3a", std::process::id());
     b.put("lin/v", value.as_bytes());

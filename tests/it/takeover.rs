@@ -48,9 +48,7 @@ fn result(cat: &impl Fn(&str) -> Option<String>) -> (u64, u64) {
 
 #[test]
 fn takeovers_keep_every_read_open_files_inodes_and_the_audit_chain() {
-    if !require_root() {
-        return;
-    }
+    needs!(root);
     let mut b = Broker::start();
     b.put("app/key", b"valid-1");
     b.ok(&["workload", "add", "w", "--selector", "unix:uid:1000"]);
@@ -120,9 +118,7 @@ fn takeovers_keep_every_read_open_files_inodes_and_the_audit_chain() {
 
 #[test]
 fn a_successor_that_cannot_read_the_state_refuses_and_the_broker_serves_on() {
-    if !require_root() {
-        return;
-    }
+    needs!(root);
     let b = Broker::start();
     b.put("app/key", b"still-served");
     b.ok(&["workload", "add", "w", "--selector", "unix:uid:1000"]);
@@ -151,9 +147,7 @@ fn a_successor_that_cannot_read_the_state_refuses_and_the_broker_serves_on() {
 
 #[test]
 fn takeover_without_a_running_broker_says_so() {
-    if !require_root() {
-        return;
-    }
+    needs!(root);
     let dir = tempfile::tempdir().unwrap();
     let out = Command::new(BIN)
         .args(["serve", "--takeover", "--state-dir"])
@@ -169,9 +163,7 @@ fn takeover_without_a_running_broker_says_so() {
 
 #[test]
 fn containers_read_through_takeovers_and_a_sighup_without_a_failure() {
-    if !require_docker() {
-        return;
-    }
+    needs!(docker);
     let mut b = Broker::start_with_plugin();
     let label = format!("keyhole.test=takeover-{}", std::process::id());
     b.put("app/key", b"valid-1");
@@ -289,9 +281,7 @@ impl FakeSystemd {
 
 #[test]
 fn an_upgrade_under_systemd_runs_the_new_binary_which_becomes_the_main_pid_before_the_old_exits() {
-    if !require_root() {
-        return;
-    }
+    needs!(root);
     let dir = tempfile::tempdir().unwrap();
     let outgoing = std::sync::Arc::new(std::sync::atomic::AtomicI32::new(0));
     let systemd = FakeSystemd::start(dir.path(), outgoing.clone());
@@ -320,9 +310,7 @@ fn an_upgrade_under_systemd_runs_the_new_binary_which_becomes_the_main_pid_befor
 
 #[test]
 fn the_cli_waits_for_a_broker_that_is_starting_again() {
-    if !require_root() {
-        return;
-    }
+    needs!(root);
     let mut b = Broker::start();
     b.put("app/key", b"after-restart");
     b.kill9();
@@ -339,9 +327,7 @@ fn the_cli_waits_for_a_broker_that_is_starting_again() {
 
 #[test]
 fn only_the_brokers_own_user_may_take_it_over() {
-    if !require_root() {
-        return;
-    }
+    needs!(root);
     let b = Broker::start();
     b.put("app/key", b"kept");
     let pid = b.pid();

@@ -110,9 +110,7 @@ fn attack(b: &Broker, flags: &[&str]) -> String {
 
 #[test]
 fn root_in_another_pid_or_mount_namespace_cannot_take_over() {
-    if !require_root() {
-        return;
-    }
+    needs!(root);
     let b = Broker::start();
     b.put("app/key", b"the-real-value-5e1c");
     b.ok(&["workload", "add", "w", "--selector", "unix:uid:1000"]);
@@ -148,9 +146,7 @@ fn root_in_another_pid_or_mount_namespace_cannot_take_over() {
 
 #[test]
 fn a_peer_that_connects_and_says_nothing_blocks_no_takeover_or_stop() {
-    if !require_root() {
-        return;
-    }
+    needs!(root);
     let mut b = Broker::start();
     b.put("app/key", b"v1");
     let socket = b.run().join("takeover.sock");
@@ -170,9 +166,7 @@ fn a_peer_that_connects_and_says_nothing_blocks_no_takeover_or_stop() {
 
 #[test]
 fn an_upgrade_from_a_replaced_binary_or_another_install_path_still_takes_over() {
-    if !require_root() {
-        return;
-    }
+    needs!(root);
     let dir = tempfile::tempdir().unwrap();
     let bin = dir.path().join("keyhole");
     std::fs::copy(BIN, &bin).unwrap();
@@ -214,9 +208,7 @@ fn an_upgrade_from_a_replaced_binary_or_another_install_path_still_takes_over() 
 
 #[test]
 fn a_run_dir_another_user_owns_or_may_write_is_refused_at_start() {
-    if !require_root() {
-        return;
-    }
+    needs!(root);
     use std::os::unix::fs::PermissionsExt;
     let mut b = Broker::start();
     b.put("app/key", b"v");

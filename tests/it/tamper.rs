@@ -43,9 +43,7 @@ fn refuses_tampered(b: &Broker) {
 
 #[test]
 fn a_flipped_byte_or_a_swapped_record_is_reported_not_served() {
-    if !require_root() {
-        return;
-    }
+    needs!(root);
     let mut b = Broker::start();
     b.put("a", b"value-of-a-1d4e");
     b.put("b", b"value-of-b-93c2");
@@ -108,9 +106,7 @@ fn a_flipped_byte_or_a_swapped_record_is_reported_not_served() {
 
 #[test]
 fn the_wrong_key_or_a_lost_key_refuses_to_start() {
-    if !require_root() {
-        return;
-    }
+    needs!(root);
     let mut b = Broker::start();
     b.put("k", b"v");
     b.kill9();
@@ -132,9 +128,7 @@ fn the_wrong_key_or_a_lost_key_refuses_to_start() {
 
 #[test]
 fn loose_permissions_are_refused_with_the_fix() {
-    if !require_root() {
-        return;
-    }
+    needs!(root);
     let mut b = Broker::start();
     let key_mode = std::fs::metadata(b.state().join("master.key")).unwrap().permissions().mode() & 0o777;
     assert_eq!(key_mode, 0o400, "a new key is created 0400");
@@ -152,9 +146,7 @@ fn loose_permissions_are_refused_with_the_fix() {
 
 #[test]
 fn passphrase_mode_derives_the_key_and_rejects_a_wrong_passphrase() {
-    if !require_root() {
-        return;
-    }
+    needs!(root);
     let dir = tempfile::tempdir().unwrap();
     let pass = dir.path().join("pass");
     std::fs::write(&pass, "correct horse battery staple\n").unwrap();

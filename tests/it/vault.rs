@@ -21,9 +21,7 @@ fn grant_to_app(b: &Broker, secret: &str) {
 
 #[test]
 fn put_get_rotate_and_rm_agree_with_the_bao_cli() {
-    if !require_bao() {
-        return;
-    }
+    needs!(bao);
     let bao = Bao::start();
     let b = Broker::start_with(&bao.backend_toml("prod", "30s"));
     assert_eq!(b.put("prod/db/password", b"vault-pw-1f3a"), 1);
@@ -56,9 +54,7 @@ fn put_get_rotate_and_rm_agree_with_the_bao_cli() {
 
 #[test]
 fn check_and_set_refuses_a_stale_writer() {
-    if !require_bao() {
-        return;
-    }
+    needs!(bao);
     let bao = Bao::start();
     let b = Broker::start_with(&bao.backend_toml("prod", "30s"));
     b.put("prod/k", b"one");
@@ -79,9 +75,7 @@ fn check_and_set_refuses_a_stale_writer() {
 
 #[test]
 fn changes_made_in_bao_reach_the_mounts_within_a_poll() {
-    if !require_bao() {
-        return;
-    }
+    needs!(bao);
     let bao = Bao::start();
     let b = Broker::start_with(&bao.backend_toml("prod", "200ms"));
     bao.ok(&["kv", "put", "secret/app/token", "value=t1"]);
@@ -100,9 +94,7 @@ fn changes_made_in_bao_reach_the_mounts_within_a_poll() {
 
 #[test]
 fn two_brokers_share_one_openbao() {
-    if !require_bao() {
-        return;
-    }
+    needs!(bao);
     let bao = Bao::start();
     // Two hosts: separate state and run dirs, one backend.
     let host_a = Broker::start_with(&bao.backend_toml("prod", "200ms"));
@@ -118,9 +110,7 @@ fn two_brokers_share_one_openbao() {
 
 #[test]
 fn an_outage_serves_cached_values_and_fails_uncached_ones_promptly() {
-    if !require_bao() {
-        return;
-    }
+    needs!(bao);
     let mut bao = Bao::start();
     let mut b = Broker::start_with(&bao.backend_toml("prod", "200ms"));
     b.put("prod/db/pw", b"cached-during-outage");
@@ -158,9 +148,7 @@ fn an_outage_serves_cached_values_and_fails_uncached_ones_promptly() {
 
 #[test]
 fn past_max_stale_cached_values_are_no_longer_served() {
-    if !require_bao() {
-        return;
-    }
+    needs!(bao);
     let mut bao = Bao::start();
     let toml = bao.backend_toml("prod", "200ms") + "max_stale = \"1s\"\n";
     let b = Broker::start_with(&toml);
@@ -174,9 +162,7 @@ fn past_max_stale_cached_values_are_no_longer_served() {
 
 #[test]
 fn approle_logs_in_renews_and_logs_in_again_after_revocation() {
-    if !require_bao() {
-        return;
-    }
+    needs!(bao);
     let bao = Bao::start();
     bao.ok(&["auth", "enable", "approle"]);
     let policy = bao.dir.path().join("kh.hcl");
@@ -225,9 +211,7 @@ fn approle_logs_in_renews_and_logs_in_again_after_revocation() {
 
 #[test]
 fn backend_configuration_errors_and_an_unreachable_backend_at_start() {
-    if !require_bao() {
-        return;
-    }
+    needs!(bao);
     let toml = "[[backend]]\nname = \"prod\"\nkind = \"vault\"\naddress = \"http://127.0.0.1:1\"\ntoken_file = \"/nonexistent/token\"\n";
     assert!(serve_must_fail(toml).contains("cannot read token file /nonexistent/token"));
     // Unreachable is not a configuration error: the broker starts, says so.
