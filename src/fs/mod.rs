@@ -736,6 +736,9 @@ impl MountTable {
                 nodes.push(n.clone());
                 continue;
             };
+            if renews_inode(&n.secret) {
+                return Patch::Rebuild;
+            }
             let Ok(loaded) = cat.load(&n.secret, meta) else { return Patch::Rebuild };
             if let Some(signal) = &n.notify {
                 let (fs, secret, signal) = (m.fs.clone(), n.secret.clone(), signal.clone());
@@ -746,6 +749,7 @@ impl MountTable {
                 mtime_ms: meta.created_unix_ms,
                 value: loaded.value,
                 health: loaded.health,
+                template: loaded.template,
                 unsettled: Default::default(),
                 ..Node::clone(n)
             }));
@@ -798,6 +802,7 @@ impl MountTable {
             // (see `WorkloadFs::replace`).
             let kept = before
                 .filter(|n| n.secret == spec.secret && (n.mode, n.uid, n.gid) == (spec.mode, spec.uid, spec.gid))
+                .filter(|n| !renews_inode(&n.secret))
                 .map(|n| n.ino);
             nodes.push(Arc::new(Node {
                 ino: kept.unwrap_or_else(|| self.next_ino.fetch_add(1, Ordering::Relaxed)),
@@ -1143,6 +1148,14 @@ impl MountTable {
     }
 }
 
+/// Files whose every new version takes a new inode, as the templates and
+/// dynamic-credentials docs promise: a template's render (its node carries
+/// the inputs it read) and a leased file (each open reads the caller's own
+/// content; a rolled lease is a new file).
+fn renews_inode(secret: &str) -> bool {
+    secret.starts_with(crate::secret::TEMPLATE_PREFIX) || crate::policy::leased(secret).is_some()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1245,3 +1258,4 @@ mod tests {
         assert_eq!(super::unescape_mountinfo(r"/odd\x"), r"/odd\x");
     }
 }
+

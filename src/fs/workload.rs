@@ -151,8 +151,6 @@ impl View {
     }
 }
 
-/// The references a view holds to each of its nodes (by name, by inode).
-const VIEW_REFS: usize = 2;
 
 /// What the kernel must be told after a view swap.
 #[derive(Debug, Default)]
@@ -360,17 +358,13 @@ impl WorkloadFs {
 
     /// Swap in a new view; returns what the kernel must be told.
     ///
-    /// A rotated file keeps its inode number (`make_view` gives the new
-    /// version the old one's) unless the old version may be open: then
-    /// the new version gets a fresh inode from `fresh_ino`, as a file
-    /// opened before a rotation must keep reading the version it opened,
-    /// and the kernel's pages of an inode are shared by all its opens.
-    /// Whether it may be open is told by its count of references, under
-    /// the view's write lock: the view holds two (by name, by inode), a
-    /// handle holds one, and an open takes its node under the read lock
-    /// ([`WorkloadFs::node`]), so no open can come by the old version
-    /// after this. A count above two (a handle, an open or a `getattr`
-    /// in flight) takes the fresh inode: never wrong, only slower.
+    /// A rotated file gets a fresh inode from `fresh_ino` (`make_view` may
+    /// have given the new version the old one's number): a file opened
+    /// before a rotation keeps reading the version it opened, and a reader
+    /// that trusts the kernel's cached size (sendfile, splice: busybox
+    /// `cat`, nginx) can never get new bytes at the old length. Keeping
+    /// the inode was tried for speed (one `inval_inode` instead of an
+    /// entry drop) and broke exactly that.
     pub fn replace(&self, mut new: View, fresh_ino: &AtomicU64) -> Swapped {
         let mut guard = self.view.write().expect("view lock");
         let old = guard.clone();
@@ -385,11 +379,9 @@ impl WorkloadFs {
                 continue;
             }
             if m.ino == n.ino {
-                if Arc::strong_count(n) <= VIEW_REFS {
-                    m.unsettled.set(true);
-                    out.inodes.push(m);
-                    continue;
-                }
+                // A new version never keeps the old one's inode: a reader
+                // that trusts the kernel's cached size (sendfile, splice)
+                // would get the new bytes cut to the old length.
                 let ino = fresh_ino.fetch_add(1, Ordering::Relaxed);
                 let moved = Arc::new(Node { ino, unsettled: Default::default(), ..Node::clone(&m) });
                 new.by_ino.remove(&n.ino);
