@@ -1258,4 +1258,3 @@ mod tests {
         assert_eq!(super::unescape_mountinfo(r"/odd\x"), r"/odd\x");
     }
 }
-

@@ -151,7 +151,6 @@ impl View {
     }
 }
 
-
 /// What the kernel must be told after a view swap.
 #[derive(Debug, Default)]
 pub struct Swapped {
