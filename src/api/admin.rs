@@ -13,7 +13,7 @@ use super::remote;
 use super::{ApiError, blocking, describe, peer_of};
 use crate::audit::{Event, EventKind};
 use crate::backend::VersionMeta;
-use crate::broker::{Broker, GrantRequest, NewValue, SourceRequest};
+use crate::broker::{Broker, NewValue, SourceRequest};
 use crate::identity::Identity;
 use crate::lease::{Kind, Source as LeaseSource};
 use crate::policy::roles::{Need, Scope, Verb};
@@ -485,18 +485,7 @@ impl admin_server::Admin for AdminService {
         let shown = super::templates::shown_path(req.get_ref());
         let need = Need::Grant(Verb::Grant, &shown, &req.get_ref().workload);
         let Caller { id, .. } = self.authorize(&req, "Grant", need).await?;
-        let mut g = req.into_inner();
-        super::templates::template_target(&mut g).map_err(ApiError::from)?;
-        let secret = g.secret;
-        let asked = GrantRequest {
-            secret,
-            workload: g.workload,
-            file: g.file,
-            mode: g.mode,
-            uid: g.uid,
-            gid: g.gid,
-            notify: g.notify,
-        };
+        let asked = super::templates::grant_request(req.into_inner()).map_err(ApiError::from)?;
         let grant = self.op(move |b| b.grant(&id, &asked)).await?;
         Ok(Response::new(grant_pb(&grant)))
     }

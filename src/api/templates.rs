@@ -26,6 +26,21 @@ pub fn template_target(g: &mut pb::GrantSpec) -> Result<(), PolicyError> {
 }
 
 /// What a grant's audit line names: the secret, or the template's path.
+/// A grant as the caller sent it, a template's named by its reserved
+/// path, for `Broker::grant`.
+pub fn grant_request(mut g: pb::GrantSpec) -> Result<crate::broker::GrantRequest, PolicyError> {
+    template_target(&mut g)?;
+    Ok(crate::broker::GrantRequest {
+        secret: g.secret,
+        workload: g.workload,
+        file: g.file,
+        mode: g.mode,
+        uid: g.uid,
+        gid: g.gid,
+        notify: g.notify,
+    })
+}
+
 pub fn shown_path(g: &pb::GrantSpec) -> String {
     if g.template.is_empty() { g.secret.clone() } else { format!("{TEMPLATE_PREFIX}{}", g.template) }
 }
