@@ -74,34 +74,6 @@ pub struct Node {
     /// (then `value` is None). Never leaves the process either.
     #[serde(skip)]
     pub template: Option<Arc<crate::template::Rendering>>,
-    /// Set while the kernel may still hold the previous version's pages
-    /// or size for this inode (see [`WorkloadFs::replace`]).
-    #[serde(skip)]
-    pub unsettled: Unsettled,
-}
-
-/// Whether a node kept its predecessor's inode and the kernel has not
-/// been told yet. Opens meanwhile bypass the kernel's page cache
-/// (`DIRECT_IO`): its pages and size may still be the old version's, and
-/// the kernel drops the two at different moments, so a cached read could
-/// mix one version's size with another's bytes.
-#[derive(Debug, Default)]
-pub struct Unsettled(std::sync::atomic::AtomicBool);
-
-impl Unsettled {
-    pub fn get(&self) -> bool {
-        self.0.load(Ordering::Acquire)
-    }
-
-    fn set(&self, on: bool) {
-        self.0.store(on, Ordering::Release);
-    }
-}
-
-impl Clone for Unsettled {
-    fn clone(&self) -> Self {
-        Unsettled(self.get().into())
-    }
 }
 
 impl Node {
@@ -156,10 +128,6 @@ impl View {
 pub struct Swapped {
     /// Names whose entry now leads to another inode, or to none.
     pub entries: Vec<String>,
-    /// Nodes that kept their inode across a rotation: the kernel's
-    /// attributes and pages of it are stale; [`Swapped::settled`] once
-    /// it has dropped them.
-    pub inodes: Vec<Arc<Node>>,
     /// Whether a name went (the directory's listing changed).
     pub gone: bool,
 }
@@ -167,13 +135,7 @@ pub struct Swapped {
 impl Swapped {
     /// Nothing to tell the kernel.
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty() && self.inodes.is_empty() && !self.gone
-    }
-
-    /// The kernel dropped what it held of `node`'s inode: opens may use
-    /// its page cache again.
-    pub fn settled(node: &Node) {
-        node.unsettled.set(false);
+        self.entries.is_empty() && !self.gone
     }
 }
 
@@ -382,7 +344,7 @@ impl WorkloadFs {
                 // that trusts the kernel's cached size (sendfile, splice)
                 // would get the new bytes cut to the old length.
                 let ino = fresh_ino.fetch_add(1, Ordering::Relaxed);
-                let moved = Arc::new(Node { ino, unsettled: Default::default(), ..Node::clone(&m) });
+                let moved = Arc::new(Node { ino, ..Node::clone(&m) });
                 new.by_ino.remove(&n.ino);
                 new.by_ino.insert(moved.ino, moved.clone());
                 new.by_name.insert(name.clone(), moved);
@@ -657,14 +619,13 @@ impl FileSystem for WorkloadFs {
         let checked = self.check_open(ctx, &node);
         crate::metrics::METRICS.open_seconds.observe(started.elapsed().as_secs_f64());
         let own = checked?;
-        // The kernel may keep a file's pages: an inode's content changes
-        // only by a rotation, which drops them (see `replace`).
-        let cache = if node.unsettled.get() { OpenOptions::DIRECT_IO } else { OpenOptions::KEEP_CACHE };
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let (node, opts) = match own {
             // This caller's own content: this handle only, never cached.
             Some(body) => (Arc::new(Node { value: Some(body), ..Node::clone(&node) }), OpenOptions::DIRECT_IO),
-            None => (node, cache),
+            // The kernel may keep a file's pages: an inode's content
+            // never changes (a new version is a new inode, see `replace`).
+            None => (node, OpenOptions::KEEP_CACHE),
         };
         self.handles.lock().expect("handles lock").insert(fh, node);
         Ok((Some(fh), opts, None))
