@@ -4,6 +4,7 @@
 //!   cargo bench --bench keyhole -- --short   # a quick smoke run (CI)
 //!   cargo bench --bench keyhole -- --json    # the same figures as JSON
 //!   ... -- --only=read_path --save=out.json  # one section; the JSON kept too
+//!   KEYHOLE_BENCH_BIN=/path/to/keyhole ...   # brokers run that binary
 //!
 //! Read path: open+read+close of a 64-byte file on tmpfs, on a no-op FUSE
 //! filesystem served exactly like keyhole's mounts (same mount options,
@@ -31,6 +32,16 @@ use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::transport::FuseSession;
 use keyhole::api::pb::{self, admin_client::AdminClient};
 use serde_json::{Value, json};
+
+/// A broker to configure, running `KEYHOLE_BENCH_BIN serve` if that is
+/// set (to compare two builds side by side in one session), else the
+/// `keyhole` cargo built. Every broker the bench starts is made here.
+fn builder() -> harness::BrokerBuilder {
+    match std::env::var_os("KEYHOLE_BENCH_BIN") {
+        Some(bin) => Broker::builder().bin(Path::new(&bin)),
+        None => Broker::builder(),
+    }
+}
 
 const VALUE: &[u8; 64] = b"0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 
@@ -69,7 +80,7 @@ fn main() {
     if let Some(bad) = args.iter().find(|a| !known(a)) {
         eprintln!(
             "usage: cargo bench --bench keyhole -- [--short] [--json] [--only=SECTION]... [--save=FILE.json] \
-             [--mounts=1,100,...] [--fleet[=N]]   (unknown: {bad})"
+             [--mounts=1,100,...] [--fleet[=N]]   (env KEYHOLE_BENCH_BIN: the keyhole to run; unknown: {bad})"
         );
         std::process::exit(2);
     }
@@ -357,7 +368,7 @@ impl Broker {
 
 /// A broker with `bench/key` (64 bytes) granted to workload `w` (uid 0).
 fn broker_with_one_mount(toml: &str) -> Broker {
-    let b = Broker::builder().config(toml).quiet().start();
+    let b = builder().config(toml).quiet().start();
     b.put("bench/key", VALUE);
     b.ok(&["workload", "add", "w", "--selector", "unix:uid:0"]);
     b.ok(&["grant", "bench/key", "--to", "w", "--file", "key"]);
@@ -456,7 +467,7 @@ fn propagation_and_scale(o: &Opts) -> Value {
         o.mounts.clone().unwrap_or_else(|| if o.short { vec![1, 20] } else { vec![1, 100, 1000, 10_000] });
     let rounds = if o.short { 3 } else { 10 };
     // Each mount holds a /dev/fuse descriptor: room for 10,000 of them.
-    let b = Broker::builder().config("[limits]\nmax_mounts = 12000\n").quiet().start();
+    let b = builder().config("[limits]\nmax_mounts = 12000\n").quiet().start();
     b.put("bench/rot", b"v-0");
     b.put("bench/one", b"o-0");
     let mut admin = Admin::connect(&b);
@@ -623,7 +634,7 @@ fn backend(o: &Opts) -> Value {
         bao.addr,
         bao.dir.path().join("token").display()
     );
-    let b = Broker::builder().config(&toml).quiet().start();
+    let b = builder().config(&toml).quiet().start();
     b.ok(&["workload", "add", "w", "--selector", "unix:uid:0"]);
     for i in 0..watched {
         b.ok(&["grant", &format!("vault/bench{i}"), "--to", "w", "--file", &format!("k{i}")]);
@@ -640,10 +651,21 @@ fn backend(o: &Opts) -> Value {
     let warm = read_loop(&file, 1, if o.short { 1000 } else { 10_000 });
     let data_requests = bao.requests("secret/data/") - before;
 
-    // Poll load: metadata requests per second for `watched` secrets.
-    let (m0, t0) = (bao.requests("secret/metadata/"), Instant::now());
+    // Poll load: every request the broker makes of the backend while
+    // nothing changes (directory listings, metadata and data reads, token
+    // and health calls), per second, for `watched` secrets.
+    let kinds = ["", "secret/detailed-metadata/", "secret/metadata/"];
+    let (c0, t0) = (kinds.map(|k| bao.requests(k)), Instant::now());
     std::thread::sleep(Duration::from_secs(if o.short { 3 } else { 10 }));
-    let polls = (bao.requests("secret/metadata/") - m0) as f64 / t0.elapsed().as_secs_f64();
+    let secs = t0.elapsed().as_secs_f64();
+    let [polls, listings, metadata] = {
+        let mut i = 0;
+        kinds.map(|k| {
+            let rate = (bao.requests(k) - c0[i]) as f64 / secs;
+            i += 1;
+            (rate * 10.0).round() / 10.0
+        })
+    };
 
     // A miss (the admin API reads through to the backend) vs a direct GET.
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
@@ -674,7 +696,9 @@ fn backend(o: &Opts) -> Value {
         "poll_interval_s": 1,
         "warm_reads": warm,
         "backend_data_requests_during_warm_reads": data_requests,
-        "poll_requests_per_s": (polls * 10.0).round() / 10.0,
+        "poll_requests_per_s": polls,
+        "poll_listings_per_s": listings,
+        "poll_metadata_reads_per_s": metadata,
         "miss_via_keyhole_p50_us": miss.0,
         "miss_via_keyhole_p99_us": miss.1,
         "direct_http_get_p50_us": direct.0,
@@ -770,7 +794,7 @@ fn audit_cost(o: &Opts) -> Value {
 /// returns), and a second apply of the same file (no changes).
 fn apply_policy(o: &Opts) -> Value {
     let n = o.mounts.as_ref().and_then(|m| m.iter().max().copied()).unwrap_or(if o.short { 100 } else { 1000 });
-    let b = Broker::builder().config(&format!("[limits]\nmax_mounts = {}\n", n + 100)).quiet().start();
+    let b = builder().config(&format!("[limits]\nmax_mounts = {}\n", n + 100)).quiet().start();
     b.put("bench/key", VALUE);
     let mut file = String::new();
     for i in 0..n {
@@ -941,8 +965,12 @@ fn print_tables(r: &BTreeMap<String, Value>) {
                 be["backend_data_requests_during_warm_reads"]
             );
             println!(
-                "  poll load: {} requests/s for {} watched secrets at a {} s interval",
-                be["poll_requests_per_s"], be["watched_secrets"], be["poll_interval_s"]
+                "  poll load: {} requests/s ({} listings, {} metadata reads) for {} watched secrets at a {} s interval",
+                be["poll_requests_per_s"],
+                be["poll_listings_per_s"],
+                be["poll_metadata_reads_per_s"],
+                be["watched_secrets"],
+                be["poll_interval_s"]
             );
         }
     }
@@ -1053,7 +1081,7 @@ fn fleet(o: &Opts) -> Value {
                     bao.addr,
                     token.display()
                 );
-                let b = Broker::builder().config(&toml).quiet().start();
+                let b = builder().config(&toml).quiet().start();
                 b.ok(&["workload", "add", "w", "--selector", "unix:uid:0"]);
                 b.ok(&["grant", "prod/fleet/*", "--to", "w"]);
                 b

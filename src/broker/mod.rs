@@ -436,7 +436,11 @@ async fn hand_over(
     tracing::info!(pid, "handing over to a successor");
     stop_services(broker, std::mem::take(services)).await;
     let b = broker.clone();
-    tokio::task::spawn_blocking(move || b.mounts.quiesce()).await?;
+    if let Err(e) = tokio::task::spawn_blocking(move || b.mounts.quiesce()).await? {
+        out.fail(&e.to_string());
+        *services = spawn_services(broker, listeners)?;
+        return Err(anyhow::Error::from(e).context("cannot hand over"));
+    }
     let to = format!("to pid {pid}");
     broker.audit.record(&Event { reason: Some(&to), ..Event::new(EventKind::Handover) })?;
     let (audit_seq, mac) = broker.audit.seal();
@@ -469,11 +473,14 @@ async fn hand_over(
     if let Err(e) = handed {
         broker.audit.unseal();
         let b = broker.clone();
-        tokio::task::spawn_blocking(move || b.mounts.resume()).await?;
+        tokio::task::spawn_blocking(move || b.mounts.resume()).await??;
         *services = spawn_services(broker, listeners)?;
         let why = format!("{e:#}");
         broker.audit.record(&Event { reason: Some(&why), ..Event::new(EventKind::HandoverFailed) })?;
         return Err(e.context("the handover failed; serving again"));
+    }
+    if let Err(e) = broker.mounts.handed_over() {
+        tracing::error!(error = %e, "the mounts' lifecycle");
     }
     Ok(Some(pid))
 }

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use crate::backend::VersionMeta;
 
+use super::lifecycle::{LifecycleError, State};
 use super::pool::Conn;
 use super::workload::{self, Node, View, WorkloadFs};
 use super::{Catalog, Loaded, Mount, MountKey, MountTable};
@@ -29,28 +30,47 @@ pub struct MountState {
 const PARKED_DRAIN: Duration = Duration::from_secs(5);
 
 impl MountTable {
-    /// Stop taking FUSE requests and all changes, ahead of a handover:
-    /// the request each worker holds is answered, then the parked ones
-    /// (bounded). The mounts stay; new requests queue in the kernel.
-    pub fn quiesce(&self) {
+    /// Serving → quiescing, ahead of a handover: no more FUSE requests
+    /// taken and no more changes applied; the request each worker holds
+    /// is answered, then the parked ones (bounded). The mounts stay; new
+    /// requests queue in the kernel.
+    pub fn quiesce(&self) -> Result<(), LifecycleError> {
+        // A change under way finishes first.
         let _serial = self.sync_lock.lock().expect("sync lock");
-        self.frozen.store(true, Ordering::SeqCst);
-        if !self.pool.pause(PARKED_DRAIN) {
+        if !self.pool.pause(PARKED_DRAIN)? {
             // The successor asks the kernel to send those again.
             tracing::warn!("handing over with FUSE requests unanswered");
         }
+        Ok(())
     }
 
-    /// Serve again after a handover that did not happen.
-    pub fn resume(&self) {
+    /// Quiescing → serving, after a handover that did not happen.
+    pub fn resume(&self) -> Result<(), LifecycleError> {
         let _serial = self.sync_lock.lock().expect("sync lock");
-        self.pool.resume();
-        self.frozen.store(false, Ordering::SeqCst);
+        self.pool.resume()
     }
 
-    /// The state of every (quiesced) mount, each with its /dev/fuse fd,
-    /// and the next inode number, for a successor broker.
+    /// Quiescing → handed over: a successor serves the mounts now; this
+    /// broker changes, serves and unmounts nothing any more.
+    pub fn handed_over(&self) -> Result<(), LifecycleError> {
+        let _serial = self.sync_lock.lock().expect("sync lock");
+        self.pool.handed_over()
+    }
+
+    /// Where the mounts are in their life.
+    pub fn state(&self) -> State {
+        self.pool.state()
+    }
+
+    /// The state of every mount, each with its /dev/fuse fd, and the next
+    /// inode number, for a successor broker. Only while quiescing: a
+    /// serving mount's state moves under the copy.
     pub fn snapshot(&self) -> std::io::Result<(Vec<(MountState, OwnedFd)>, u64)> {
+        let state = self.state();
+        if state != State::Quiescing {
+            let refused = format!("the mounts are {state}, not quiescing: no state to hand over");
+            return Err(std::io::Error::other(refused));
+        }
         let mounts = self.mounts.lock().expect("mounts lock");
         let mut handed = Vec::with_capacity(mounts.by_key.len());
         for (key, m) in mounts.by_key.iter() {

@@ -176,7 +176,11 @@ impl MountTable {
     /// stays, so the next broker can mount over it and reach that
     /// container; one that nobody holds is detached.
     pub fn shutdown(&self) {
-        self.pool.stop();
+        if let Err(e) = self.pool.stop() {
+            // Handed over: the mounts are the successor's. Or stopped already.
+            tracing::warn!(error = %e, "not stopping the mounts");
+            return;
+        }
         let mut mounts = self.mounts.lock().expect("mounts lock");
         for (key, m) in std::mem::take(&mut *mounts).by_key {
             self.stop(m);

@@ -45,6 +45,7 @@ pub mod access;
 mod handover;
 mod index;
 mod kernel;
+pub mod lifecycle;
 mod notices;
 pub mod pool;
 mod view;
@@ -52,7 +53,7 @@ pub mod workload;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
 use crate::backend::VersionMeta;
@@ -177,10 +178,10 @@ pub struct MountTable {
     next_ino: AtomicU64,
     /// The values the mounts show, shared across changes.
     values: Values,
-    /// Serializes syncs: each one sees the store after the previous.
+    /// Serializes syncs and the lifecycle's moves: each one sees the
+    /// store after the previous, and no change is half applied when the
+    /// mounts stop taking changes (see [`lifecycle`]).
     sync_lock: Mutex<()>,
-    /// Set while the mounts are being handed to a successor: no changes.
-    frozen: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for MountTable {
@@ -204,7 +205,6 @@ impl MountTable {
             next_ino: AtomicU64::new(ROOT + 1),
             values: Values::default(),
             sync_lock: Mutex::default(),
-            frozen: Default::default(),
         })
     }
 
@@ -221,7 +221,7 @@ impl MountTable {
     pub fn sync(&self, cat: &impl Catalog) -> anyhow::Result<Vec<Notice>> {
         let mut notices = Vec::new();
         let _serial = self.sync_lock.lock().expect("sync lock");
-        if self.frozen.load(Ordering::SeqCst) {
+        if !self.state().applies_changes() {
             return Ok(notices);
         }
         let cat = &Memo::sharing(cat, &self.values);
@@ -253,7 +253,7 @@ impl MountTable {
     pub fn workload_changed(&self, cat: &impl Catalog, name: &str) -> anyhow::Result<Vec<Notice>> {
         let mut notices = Vec::new();
         let _serial = self.sync_lock.lock().expect("sync lock");
-        if self.frozen.load(Ordering::SeqCst) {
+        if !self.state().applies_changes() {
             return Ok(notices);
         }
         let cat = &Memo::sharing(cat, &self.values);
@@ -278,7 +278,7 @@ impl MountTable {
     pub fn secret_changed(&self, cat: &impl Catalog, paths: &[String]) -> anyhow::Result<Vec<Notice>> {
         let mut notices = Vec::new();
         let _serial = self.sync_lock.lock().expect("sync lock");
-        if self.frozen.load(Ordering::SeqCst) || paths.is_empty() {
+        if !self.state().applies_changes() || paths.is_empty() {
             return Ok(notices);
         }
         self.values.forget(paths);

@@ -29,10 +29,13 @@
 //!
 //! # Lifecycle
 //!
-//! [`Pool::pause`] (a handover) stops the workers taking requests — new
-//! ones stay queued in the kernel for the successor — and waits for the
-//! parked ones to be answered; [`Pool::resume`] serves again if the
-//! handover did not happen; [`Pool::stop`] ends the workers for good.
+//! The pool holds the mounts' [`Lifecycle`] and moves it:
+//! [`Pool::pause`] (serving → quiescing, a handover) stops the workers
+//! taking requests — new ones stay queued in the kernel for the successor
+//! — and waits for the parked ones to be answered; [`Pool::resume`]
+//! (quiescing → serving) serves again if the handover did not happen;
+//! [`Pool::handed_over`] (quiescing → handed over) keeps the workers idle
+//! for good; [`Pool::stop`] (→ stopping) ends them.
 //!
 //! # Secrets in buffers
 //!
@@ -45,7 +48,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::mem::MaybeUninit;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -56,6 +59,7 @@ use rustix::event::epoll;
 use rustix::io::Errno;
 use zeroize::Zeroizing;
 
+use super::lifecycle::{Lifecycle, LifecycleError, State};
 use super::workload::{FsShared, ROOT, WorkloadFs};
 
 #[derive(Debug, thiserror::Error)]
@@ -220,18 +224,12 @@ fn read_reply_end(req: &[u8], used: usize, cap: usize) -> usize {
     asked.map_or(cap, |n| OUT_HEADER.saturating_add(n as usize)).max(used).min(cap)
 }
 
-/// Where the pool is in its life.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Mode {
-    Serving,
-    /// Handing over: no request is taken; the workers wait.
-    Paused,
-    Stopping,
-}
-
+/// The workers at the gate; the state they follow is the pool's
+/// [`Lifecycle`], moved only under this gate's lock.
+#[derive(Default)]
 struct Gate {
-    mode: Mode,
-    /// Workers waiting while paused, and workers that have ended.
+    /// Workers waiting while no request is taken, and workers that have
+    /// ended.
     idle: usize,
     exited: usize,
 }
@@ -290,8 +288,8 @@ pub struct Pool {
     epolls: Vec<OwnedFd>,
     wake: OwnedFd,
     conns: RwLock<HashMap<u64, Arc<Conn>>>,
-    /// Fast check before taking a request: the gate is open.
-    serving: AtomicBool,
+    /// Where the mounts are in their life (checked before each request).
+    lifecycle: Lifecycle,
     gate: Mutex<Gate>,
     gate_changed: Condvar,
     workers: Mutex<Vec<JoinHandle<()>>>,
@@ -342,8 +340,8 @@ impl Pool {
             epolls,
             wake,
             conns: RwLock::default(),
-            serving: AtomicBool::new(true),
-            gate: Mutex::new(Gate { mode: Mode::Serving, idle: 0, exited: 0 }),
+            lifecycle: Lifecycle::default(),
+            gate: Mutex::default(),
             gate_changed: Condvar::new(),
             workers: Mutex::default(),
             size,
@@ -362,7 +360,7 @@ impl Pool {
                 Ok(t) => workers.push(t),
                 Err(e) => {
                     drop(workers);
-                    pool.stop();
+                    let _ = pool.stop();
                     return Err(PoolError::Thread(e));
                 }
             }
@@ -404,18 +402,22 @@ impl Pool {
         self.parked.lock().expect("parked lock").total
     }
 
-    /// Stop taking requests (they stay queued in the kernel), wait for the
-    /// request each worker holds, then up to `drain` for the parked ones
-    /// to be answered. Returns whether nothing is left unanswered.
-    pub fn pause(&self, drain: Duration) -> bool {
-        {
-            let mut g = self.gate.lock().expect("gate lock");
-            if g.mode != Mode::Serving {
-                return true;
-            }
-            g.mode = Mode::Paused;
-            self.serving.store(false, Ordering::SeqCst);
-        }
+    /// Where the mounts are in their life.
+    pub fn state(&self) -> State {
+        self.lifecycle.state()
+    }
+
+    /// Follow the lifecycle.
+    pub fn lifecycle(&self) -> &Lifecycle {
+        &self.lifecycle
+    }
+
+    /// Serving → quiescing: stop taking requests (they stay queued in the
+    /// kernel), wait for the request each worker holds, then up to `drain`
+    /// for the parked ones to be answered. Returns whether nothing is left
+    /// unanswered.
+    pub fn pause(&self, drain: Duration) -> Result<bool, LifecycleError> {
+        self.lifecycle.go(State::Quiescing)?;
         self.kick();
         let g = self.gate.lock().expect("gate lock");
         let (_g, waited) =
@@ -424,29 +426,34 @@ impl Pool {
         if !workers_done {
             tracing::error!("a FUSE worker did not finish its request in time");
         }
-        workers_done && self.drain(drain)
+        Ok(workers_done && self.drain(drain))
     }
 
-    /// Serve again after [`Pool::pause`].
-    pub fn resume(&self) {
-        let mut g = self.gate.lock().expect("gate lock");
-        if g.mode != Mode::Paused {
-            return;
-        }
+    /// Quiescing → serving, after a handover that did not happen.
+    pub fn resume(&self) -> Result<(), LifecycleError> {
+        let g = self.gate.lock().expect("gate lock");
+        self.lifecycle.go(State::Serving)?;
         let mut count = [0u8; 8];
         let _ = rustix::io::read(&self.wake, &mut count);
-        g.mode = Mode::Serving;
-        self.serving.store(true, Ordering::SeqCst);
+        drop(g);
         self.gate_changed.notify_all();
+        Ok(())
     }
 
-    /// End the workers (for good), then have the parked requests answered
-    /// at once (waiting at most [`PARK_FOR`] for them).
-    pub fn stop(&self) {
+    /// Quiescing → handed over: a successor serves the connections; the
+    /// workers stay idle until the process exits.
+    pub fn handed_over(&self) -> Result<(), LifecycleError> {
+        let _g = self.gate.lock().expect("gate lock");
+        self.lifecycle.go(State::HandedOver).map(|_| ())
+    }
+
+    /// Serving or quiescing → stopping: end the workers (for good), then
+    /// have the parked requests answered at once (waiting at most
+    /// [`PARK_FOR`] for them).
+    pub fn stop(&self) -> Result<(), LifecycleError> {
         {
-            let mut g = self.gate.lock().expect("gate lock");
-            g.mode = Mode::Stopping;
-            self.serving.store(false, Ordering::SeqCst);
+            let _g = self.gate.lock().expect("gate lock");
+            self.lifecycle.go(State::Stopping)?;
             self.gate_changed.notify_all();
         }
         self.kick();
@@ -464,6 +471,7 @@ impl Pool {
         }
         self.hurry.send_replace(true);
         self.drain(PARK_FOR);
+        Ok(())
     }
 
     /// Wait up to `bound` for no request to be parked.
@@ -481,25 +489,30 @@ impl Pool {
         let _ = rustix::io::write(&self.wake, &1u64.to_ne_bytes());
     }
 
-    /// A worker, after a wakeup with the gate closed: wait while paused.
-    /// Returns true when the worker must end.
+    /// A worker, after a wakeup with the gate closed: wait while no
+    /// request is taken. Returns true when the worker must end.
     fn at_gate(&self) -> bool {
         let mut g = self.gate.lock().expect("gate lock");
         loop {
-            match g.mode {
-                Mode::Serving => return false,
-                Mode::Stopping => {
-                    g.exited += 1;
-                    self.gate_changed.notify_all();
-                    return true;
-                }
-                Mode::Paused => {
-                    g.idle += 1;
-                    self.gate_changed.notify_all();
-                    g = self.gate_changed.wait_while(g, |g| g.mode == Mode::Paused).expect("gate lock");
-                    g.idle -= 1;
-                }
+            let state = self.lifecycle.state();
+            if state.ends_workers() {
+                g.exited += 1;
+                self.gate_changed.notify_all();
+                return true;
             }
+            if state.takes_requests() {
+                return false;
+            }
+            g.idle += 1;
+            self.gate_changed.notify_all();
+            g = self
+                .gate_changed
+                .wait_while(g, |_| {
+                    let s = self.lifecycle.state();
+                    !s.takes_requests() && !s.ends_workers()
+                })
+                .expect("gate lock");
+            g.idle -= 1;
         }
     }
 
@@ -520,7 +533,7 @@ impl Pool {
                     continue;
                 }
             };
-            if token == WAKE || !self.serving.load(Ordering::SeqCst) {
+            if token == WAKE || !self.lifecycle.state().takes_requests() {
                 if self.at_gate() {
                     return;
                 }
