@@ -137,7 +137,13 @@ mod tests {
 
     #[test]
     fn only_the_documented_moves_are_allowed() {
-        let allowed = [(Serving, Quiescing), (Quiescing, Serving), (Quiescing, HandedOver), (Serving, Stopping), (Quiescing, Stopping)];
+        let allowed = [
+            (Serving, Quiescing),
+            (Quiescing, Serving),
+            (Quiescing, HandedOver),
+            (Serving, Stopping),
+            (Quiescing, Stopping),
+        ];
         for from in ALL {
             for to in ALL {
                 assert_eq!(from.may_become(to), allowed.contains(&(from, to)), "{from} -> {to}");

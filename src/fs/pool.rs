@@ -7,13 +7,12 @@
 //! workers ([`WATCHERS`]; level-triggered: a request left in the kernel's
 //! queue keeps its fd ready), and every epoll watches an eventfd that
 //! wakes the workers to pause or stop. A worker takes one ready
-//! connection per wakeup, reads one request and answers it. Both watchers
-//! wake for a request (the kernel wakes every epoll on a `/dev/fuse`
-//! queue), and the loser's read says `EAGAIN` — as with two threads per
-//! mount, and no more: one epoll shared by all workers would also pass
-//! each wakeup on from worker to worker (measured: twice the `EAGAIN`s). `ENOENT` is a request the caller
-//! interrupted; `ENODEV` a connection the kernel ended (it leaves the
-//! pool).
+//! connection per wakeup, reads one request and answers it. A connection
+//! is watched with `EPOLLEXCLUSIVE`: a request wakes one of its watchers
+//! that is waiting (the other only if the first is busy), as a blocking
+//! read by two threads would, instead of both, the loser's read saying
+//! `EAGAIN`. `ENOENT` is a request the caller interrupted; `ENODEV` a
+//! connection the kernel ended (it leaves the pool).
 //!
 //! # Parking
 //!
@@ -381,7 +380,7 @@ impl Pool {
         self.conns.write().expect("conns lock").insert(conn.token, conn.clone());
         let event = epoll::EventData::new_u64(conn.token);
         for ep in self.watchers(conn) {
-            if let Err(e) = epoll::add(ep, &conn.dev, event, epoll::EventFlags::IN) {
+            if let Err(e) = epoll::add(ep, &conn.dev, event, epoll::EventFlags::IN | epoll::EventFlags::EXCLUSIVE) {
                 self.remove(conn);
                 return Err(PoolError::Watch(e.into()));
             }

@@ -230,7 +230,13 @@ impl MountTable {
     /// kept. A shown secret without a file (hidden by a clash, or its
     /// value failed to load before), or a value that cannot be loaded
     /// now, asks for the view to be built from scratch, which reports it.
-    fn patch_view<C: Catalog>(cat: &Memo<'_, C>, m: &Mount, paths: &[String], notices: &mut Vec<Notice>) -> Patch {
+    fn patch_view<C: Catalog>(
+        &self,
+        cat: &Memo<'_, C>,
+        m: &Mount,
+        paths: &[String],
+        notices: &mut Vec<Notice>,
+    ) -> Patch {
         let old = m.fs.view();
         if paths.iter().any(|p| m.secrets.contains_key(p.as_str()) && !old.by_name.values().any(|n| n.secret == *p)) {
             return Patch::Rebuild;
@@ -252,6 +258,8 @@ impl MountTable {
                 notices.push(Notice { fs, secret, version: meta.version, signal });
             }
             nodes.push(Arc::new(Node {
+                // A new version is a new inode (see `WorkloadFs::replace`).
+                ino: self.next_ino.fetch_add(1, Ordering::Relaxed),
                 version: meta.version,
                 mtime_ms: meta.created_unix_ms,
                 value: loaded.value,
@@ -353,7 +361,7 @@ impl MountTable {
         let m = mounts.by_key.get_mut(key).expect("present above");
         if let Ok(versions_only) = read {
             let patch = match what {
-                Changed::Secrets(paths) if versions_only => Self::patch_view(cat, m, paths, notices),
+                Changed::Secrets(paths) if versions_only => self.patch_view(cat, m, paths, notices),
                 _ => Patch::Rebuild,
             };
             let view = match patch {

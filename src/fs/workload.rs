@@ -126,16 +126,16 @@ impl View {
 /// What the kernel must be told after a view swap.
 #[derive(Debug, Default)]
 pub struct Swapped {
-    /// Names whose entry now leads to another inode, or to none.
+    /// Names whose entry now leads to another inode.
     pub entries: Vec<String>,
-    /// Whether a name went (the directory's listing changed).
-    pub gone: bool,
+    /// Names that lead nowhere now (the directory's listing changed).
+    pub removed: Vec<String>,
 }
 
 impl Swapped {
     /// Nothing to tell the kernel.
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty() && !self.gone
+        self.entries.is_empty() && self.removed.is_empty()
     }
 }
 
@@ -332,8 +332,7 @@ impl WorkloadFs {
         let mut out = Swapped::default();
         for (name, n) in &old.by_name {
             let Some(m) = new.by_name.get(name).cloned() else {
-                out.entries.push(name.clone());
-                out.gone = true;
+                out.removed.push(name.clone());
                 continue;
             };
             if Arc::ptr_eq(&m, n) {
