@@ -1,0 +1,77 @@
+//! Red team 3 (helper F): attacks on what the last round added — teams,
+//! templates, leases, Podman attestation, refresh, the admin API's rate
+//! buckets — each as the exploit that worked before its fix.
+
+use std::io::BufRead;
+use std::process::{Command, Output, Stdio};
+
+use crate::support::*;
+
+/// The owner of the user namespace in these tests, and the host uids its
+/// processes run as (a subordinate range, as `newuidmap` would map).
+const F_NS_OWNER: u32 = 4600;
+const F_SUBUID: u32 = 210_000;
+
+/// A process of `F_NS_OWNER` in a user namespace of its own, whose ids
+/// 0..100 are host ids `F_SUBUID`.. (root writes the maps, as the setuid
+/// `newuidmap` does for a user with a /etc/subuid range).
+fn f_subuid_namespace() -> std::process::Child {
+    let owner = F_NS_OWNER.to_string();
+    let holder = Command::new("setpriv")
+        .args(["--reuid", &owner, "--regid", &owner, "--clear-groups", "unshare", "-U", "sleep", "120"])
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = holder.id();
+    let own = std::fs::read_link("/proc/self/ns/user").unwrap();
+    eventually(10, "the holder's user namespace", || {
+        std::fs::read_link(format!("/proc/{pid}/ns/user")).is_ok_and(|ns| ns != own)
+    });
+    let map = format!("0 {F_SUBUID} 100\n");
+    std::fs::write(format!("/proc/{pid}/uid_map"), &map).unwrap();
+    std::fs::write(format!("/proc/{pid}/gid_map"), &map).unwrap();
+    holder
+}
+
+/// `cmd` as `uid` inside the namespace of `holder` (host uid `F_SUBUID + uid`).
+fn f_in_ns(holder: u32, uid: u32, cmd: &[&str]) -> Command {
+    let (t, u) = (holder.to_string(), uid.to_string());
+    let mut c = Command::new("nsenter");
+    c.args(["-t", &t, "-U", "--setuid", &u, "--setgid", &u]).args(cmd);
+    c
+}
+
+/// Finding: the per-caller connection share was keyed by host uid, and a
+/// user with subordinate uids is thousands of host uids: 8 of its uids
+/// held 8 shares. They are one caller (the namespace's owner), as its
+/// denials already were: all of them together keep one share.
+#[test]
+fn redteam3_host_uids_of_one_users_namespace_share_one_connection_limit() {
+    needs!(root);
+    let b = Broker::start_with("[limits]\nmax_connections = 1000\nmax_connections_per_caller = 20\n");
+    let mut ns = f_subuid_namespace();
+    let ws = b.workload_socket();
+    let mut holders = Vec::new();
+    let mut kept = 0;
+    for uid in 1..=8 {
+        let mut child = f_in_ns(ns.id(), uid, &["python3", "-c", HOLD_UNIX, ws.to_str().unwrap(), "40", "0"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
+        let (_, n) = parse_flood(&line);
+        eprintln!("host uid {}: {n} connections kept", F_SUBUID + uid);
+        kept += n;
+        holders.push(child);
+    }
+    for mut h in holders {
+        let _ = h.kill();
+        let _ = h.wait();
+    }
+    let _ = ns.kill();
+    let _ = ns.wait();
+    assert!(kept <= 20, "one user's namespace kept {kept} connections as 8 host uids (limit 20 a caller)");
+    assert!(kept >= 19, "the namespace's own share was not served: {kept}");
+}
