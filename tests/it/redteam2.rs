@@ -75,3 +75,35 @@ fn redteam3_host_uids_of_one_users_namespace_share_one_connection_limit() {
     assert!(kept <= 20, "one user's namespace kept {kept} connections as 8 host uids (limit 20 a caller)");
     assert!(kept >= 19, "the namespace's own share was not served: {kept}");
 }
+
+/// Finding: `calls_per_second` was a bucket per host uid, so a user with
+/// subordinate uids had one per uid (and could fill the 10,000 buckets,
+/// after which every new caller is refused). One namespace is one bucket.
+#[test]
+fn redteam3_host_uids_of_one_users_namespace_share_one_call_bucket() {
+    needs!(root);
+    let b = Broker::start_with("[limits]\ncalls_per_second = 1\n");
+    let mut ns = f_subuid_namespace();
+    let ws = b.workload_socket();
+    let mut refused = 0;
+    let mut served = 0;
+    for uid in 1..=6 {
+        let o: Output = f_in_ns(ns.id(), uid, &[BIN, "whoami"])
+            .env("KEYHOLE_SOCKET", &ws)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        if o.status.success() {
+            served += 1;
+        } else if stderr(&o).contains("too many calls") {
+            refused += 1;
+        } else {
+            panic!("whoami as {uid}: {}", stderr(&o));
+        }
+    }
+    let _ = ns.kill();
+    let _ = ns.wait();
+    eprintln!("6 host uids of one namespace: {served} served, {refused} refused (calls_per_second = 1)");
+    assert!(served >= 1, "the namespace's own bucket was not served");
+    assert!(refused >= 3, "6 uids of one user's namespace had a bucket each: {served} served");
+}
