@@ -107,3 +107,63 @@ fn redteam3_host_uids_of_one_users_namespace_share_one_call_bucket() {
     assert!(served >= 1, "the namespace's own bucket was not served");
     assert!(refused >= 3, "6 uids of one user's namespace had a bucket each: {served} served");
 }
+
+/// A scoped admin with `grant` on its own workloads.
+const F_TEAM: u32 = 41501;
+
+/// Finding: a role's paths were parsed as grant targets, so a role could
+/// name `@template/NAME`, `dynamic:NAME` or `cert:NAME` — and its scoped
+/// admin then granted that template (which reads secrets far outside the
+/// role's paths) to a workload of its own and read them. Only full admins
+/// grant templates and lease sources (0.2.0): a role's paths are secret
+/// paths, and such a role is refused.
+#[test]
+fn redteam3_a_role_cannot_name_a_template_or_lease_source_as_a_path() {
+    needs!(root);
+    let b = Broker::start();
+    b.put("prod/db", b"prod-db-value-5be1c0");
+    b.put("a/x", b"team-a-value");
+    let t = b.cli_in(&["template", "put", "t", "--stdin"], Some(b"{{ secret('prod/db') }}"));
+    assert!(t.status.success(), "{}", stderr(&t));
+    let role = |paths: &[&str]| {
+        let principal = format!("uid:{F_TEAM}");
+        let mut args = vec!["role", "add", "team-a", "--principal", &principal];
+        for p in paths {
+            args.extend(["--paths", p]);
+        }
+        args.extend(["--workloads", "a-*", "--verbs", "grant,workload"]);
+        b.cli(&args)
+    };
+    let r = role(&["a/*", "@template/t"]);
+    let mut read = false;
+    if r.status.success() {
+        // The exploit, as it went: a workload of the admin's own uid,
+        // the template granted to it, prod/db read.
+        let as_team = |args: &[&str]| cli_as(&b.workload_socket(), args, None, Some(F_TEAM));
+        let w = as_team(&["workload", "add", "a-web", "--selector", &format!("unix:uid:{F_TEAM}")]);
+        assert!(w.status.success(), "{}", stderr(&w));
+        let uid = F_TEAM.to_string();
+        let g = as_team(&["grant", "--template", "t", "--to", "a-web", "--file", "x", "--uid", &uid]);
+        eprintln!("scoped grant of the template: {:?} {}", g.status, stderr(&g));
+        let file = b.mount("a-web").join("x");
+        read = eventually_read(&file, b"prod-db-value-5be1c0");
+    }
+    assert!(!r.status.success(), "a role named @template/t as a path (its admin read prod/db: {read})");
+    assert!(stderr(&r).contains("@template/t"), "{}", stderr(&r));
+    for p in ["dynamic:pg", "cert:web"] {
+        assert!(!role(&["a/*", p]).status.success(), "a role may name {p} as a path");
+    }
+    assert!(role(&["a/*"]).status.success(), "a role of secret paths is still made");
+}
+
+/// Whether `file` (read as `F_TEAM`) shows `want` within a few seconds.
+fn eventually_read(file: &std::path::Path, want: &[u8]) -> bool {
+    for _ in 0..50 {
+        let o = run_as(F_TEAM, &["cat", file.to_str().unwrap()]);
+        if contains(&o.stdout, want) {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    false
+}
