@@ -28,6 +28,7 @@
 //! ([`pool`]); a mount only adds its connection to the pool.
 
 pub mod access;
+pub mod leased;
 pub mod pool;
 pub mod workload;
 

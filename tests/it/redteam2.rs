@@ -88,11 +88,8 @@ fn redteam3_host_uids_of_one_users_namespace_share_one_call_bucket() {
     let mut refused = 0;
     let mut served = 0;
     for uid in 1..=6 {
-        let o: Output = f_in_ns(ns.id(), uid, &[BIN, "whoami"])
-            .env("KEYHOLE_SOCKET", &ws)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
+        let o: Output =
+            f_in_ns(ns.id(), uid, &[BIN, "whoami"]).env("KEYHOLE_SOCKET", &ws).stdin(Stdio::null()).output().unwrap();
         if o.status.success() {
             served += 1;
         } else if stderr(&o).contains("too many calls") {
@@ -166,4 +163,114 @@ fn eventually_read(file: &std::path::Path, want: &[u8]) -> bool {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     false
+}
+
+/// OpenBao's PKI engine with a role for `spiffe://example.org/*` URIs.
+fn f_pki_engine(bao: &Bao) {
+    bao.ok(&["secrets", "enable", "pki"]);
+    bao.ok(&["secrets", "tune", "-max-lease-ttl=87600h", "pki"]);
+    bao.ok(&["write", "-field=certificate", "pki/root/generate/internal", "common_name=rt CA", "ttl=87600h"]);
+    bao.ok(&[
+        "write",
+        "pki/roles/workload",
+        "allow_any_name=true",
+        "enforce_hostnames=false",
+        "allowed_uri_sans=spiffe://example.org/*",
+        "max_ttl=24h",
+    ]);
+}
+
+/// Finding (critical): the leased file was one inode for every container
+/// of a workload, and `sendfile` (busybox `cat`) reads through the inode's
+/// page cache even when the open was answered with direct I/O. While
+/// container a read its certificate in a loop, container b's `cat` read
+/// a's certificate and private key (6 times in 200), and otherwise its own
+/// file cut to a's length (a short read there sets the inode's size).
+/// Each caller now has its own inode of a leased file.
+#[test]
+fn redteam3_two_containers_never_read_each_others_leased_certificate() {
+    needs!(root, docker, bao);
+    let bao = Bao::start();
+    f_pki_engine(&bao);
+    let b = Broker::start_with(&bao.backend_toml("prod", "30s"));
+    let tag = unique("rt3");
+    b.ok(&["workload", "add", "web", "--selector", &format!("docker:label:keyhole.test={tag}")]);
+    b.ok(&[
+        "cert",
+        "add",
+        "tls",
+        "--backend",
+        "prod",
+        "--issue",
+        "pki/issue/workload",
+        "--uri",
+        "spiffe://example.org/{workload}/{container_name}",
+        "--ttl",
+        "1h",
+    ]);
+    b.ok(&["grant", "cert:tls", "--to", "web", "--file", "tls.pem"]);
+    let bind = format!("{}:/run/secrets:ro,rslave", b.mount("web").display());
+    let names = [unique("rt3-a"), unique("rt3-b")];
+    let cs: Vec<Container> = names
+        .iter()
+        .map(|n| Container::start(&["--name", n, "--label", &format!("keyhole.test={tag}"), "-v", &bind]))
+        .collect();
+    // Each container's own file, by read(2) (direct I/O: the broker's
+    // answer to this caller's open).
+    let own: Vec<Vec<u8>> = cs
+        .iter()
+        .map(|c| {
+            let dd = c.exec(&["busybox", "dd", "if=/run/secrets/tls.pem", "bs=65536"]);
+            assert!(dd.status.success(), "dd: {}", stderr(&dd));
+            assert!(contains(&dd.stdout, b"PRIVATE KEY"), "no key in {} bytes", dd.stdout.len());
+            dd.stdout
+        })
+        .collect();
+    assert_ne!(own[0], own[1]);
+    let mut wrong = Vec::new();
+    for round in 0..4 {
+        for (i, c) in cs.iter().enumerate() {
+            // busybox cat: sendfile, through the inode's page cache.
+            let cat = c.cat("/run/secrets/tls.pem").unwrap();
+            let dd = c.exec(&["busybox", "dd", "if=/run/secrets/tls.pem", "bs=65536"]).stdout;
+            for (how, got) in [("cat", &cat), ("dd", &dd)] {
+                if *got != own[i] {
+                    let other = &own[1 - i];
+                    let whose = if got == other {
+                        "the other container's file".to_owned()
+                    } else if other.starts_with(&got[..got.len().min(other.len()).min(64)]) && got.len() > 64 {
+                        format!("{} bytes starting as the other container's", got.len())
+                    } else {
+                        format!("{} bytes (own is {})", got.len(), own[i].len())
+                    };
+                    wrong.push(format!("round {round}: container {i} {how} read {whose}"));
+                }
+            }
+        }
+    }
+    // The race: a reads its file in a loop (through sendfile) while b
+    // reads its own 200 times; the inode's pages are one cache.
+    let spin =
+        cs[0].exec(&["sh", "-c", "for i in $(busybox seq 4000); do cat /run/secrets/tls.pem >/dev/null; done &"]);
+    assert!(spin.status.success(), "{}", stderr(&spin));
+    let many = cs[1].exec(&["sh", "-c", "for i in $(busybox seq 200); do cat /run/secrets/tls.pem; echo =====; done"]);
+    let mut others = 0;
+    let mut bad = 0;
+    let text = String::from_utf8_lossy(&many.stdout).into_owned();
+    let own1 = String::from_utf8_lossy(&own[1]).into_owned();
+    let own0 = String::from_utf8_lossy(&own[0]).into_owned();
+    for got in text.split("=====\n").filter(|g| !g.is_empty()) {
+        if got == own0 {
+            others += 1;
+        } else if got != own1 {
+            bad += 1;
+        }
+    }
+    eprintln!("b read a's whole file {others} times, something else not its own {bad} times in 200");
+    assert!(wrong.is_empty(), "a leased file showed a container what is not its own:\n{}", wrong.join("\n"));
+    assert_eq!(
+        (others, bad),
+        (0, 0),
+        "b read a's certificate and key {others} times (and {bad} other wrong reads) in 200"
+    );
 }
