@@ -274,3 +274,154 @@ fn redteam3_two_containers_never_read_each_others_leased_certificate() {
         "b read a's certificate and key {others} times (and {bad} other wrong reads) in 200"
     );
 }
+
+const F_PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+const F_PG_PASSWORD: &str = "kh-rt3-admin-pw";
+
+/// A private PostgreSQL 15 cluster (as user `postgres`), stopped on drop.
+struct FPostgres {
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl FPostgres {
+    fn start() -> FPostgres {
+        let dir = tempfile::Builder::new().prefix("kh-rt3pg").tempdir().unwrap();
+        let port = free_port();
+        let ok = |cmd: &mut Command| {
+            let o = cmd.output().unwrap();
+            assert!(o.status.success(), "{cmd:?}: {}", stderr(&o));
+        };
+        ok(Command::new("chown").args(["postgres:postgres"]).arg(dir.path()));
+        let data = dir.path().join("data");
+        let bin = |b: &str| std::path::Path::new(F_PG_BIN).join(b);
+        ok(Command::new("runuser").args(["-u", "postgres", "--"]).arg(bin("initdb")).args([
+            "-D",
+            data.to_str().unwrap(),
+            "-U",
+            "postgres",
+            "--auth-local=trust",
+            "--auth-host=scram-sha-256",
+        ]));
+        let opts = format!("-p {port} -k {} -c listen_addresses=127.0.0.1", dir.path().display());
+        let log = dir.path().join("log");
+        ok(Command::new("runuser").args(["-u", "postgres", "--"]).arg(bin("pg_ctl")).args([
+            "-D",
+            data.to_str().unwrap(),
+            "-o",
+            &opts,
+            "-l",
+            log.to_str().unwrap(),
+            "-w",
+            "start",
+        ]));
+        let pg = FPostgres { port, dir };
+        pg.sql(&format!("ALTER USER postgres PASSWORD '{F_PG_PASSWORD}'"));
+        pg
+    }
+
+    fn sql(&self, q: &str) -> String {
+        let o = Command::new("runuser")
+            .args(["-u", "postgres", "--", "psql", "-h"])
+            .arg(self.dir.path())
+            .args(["-p", &self.port.to_string(), "-d", "postgres", "-tAc", q])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "psql {q}: {}", stderr(&o));
+        String::from_utf8_lossy(&o.stdout).trim().to_owned()
+    }
+
+    fn logins(&self) -> usize {
+        self.sql("SELECT count(*) FROM pg_roles WHERE rolname LIKE 'v-%'").parse().unwrap()
+    }
+}
+
+impl Drop for FPostgres {
+    fn drop(&mut self) {
+        let data = self.dir.path().join("data");
+        let _ = Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(std::path::Path::new(F_PG_BIN).join("pg_ctl"))
+            .args(["-D", data.to_str().unwrap(), "-m", "immediate", "stop"])
+            .output();
+    }
+}
+
+/// Finding: a host user's lease was keyed by its uid, and a user with
+/// subordinate uids is thousands of host uids: each uid of its namespace
+/// that a `unix:gid:` workload matched (its own group, mapped in) was
+/// issued a database login of its own — 12 uids, 12 logins; 10,000 would
+/// take `MAX_LEASES` from every container on the host. The namespace is
+/// one holder, its owner.
+#[test]
+fn redteam3_host_uids_of_one_users_namespace_get_one_lease() {
+    needs!(root, bao);
+    if !std::path::Path::new(F_PG_BIN).join("initdb").exists() {
+        eprintln!("SKIPPED: no PostgreSQL 15");
+        return;
+    }
+    let pg = FPostgres::start();
+    let bao = Bao::start();
+    bao.ok(&["secrets", "enable", "database"]);
+    let url = format!("postgresql://{{{{username}}}}:{{{{password}}}}@127.0.0.1:{}/postgres?sslmode=disable", pg.port);
+    bao.ok(&[
+        "write",
+        "database/config/pg",
+        "plugin_name=postgresql-database-plugin",
+        "allowed_roles=*",
+        &format!("connection_url={url}"),
+        "username=postgres",
+        &format!("password={F_PG_PASSWORD}"),
+    ]);
+    bao.ok(&[
+        "write",
+        "database/roles/web",
+        "db_name=pg",
+        "creation_statements=CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}';",
+        "revocation_statements=DROP ROLE IF EXISTS \"{{name}}\";",
+        "default_ttl=1h",
+        "max_ttl=24h",
+    ]);
+    let b = Broker::start_with(&bao.backend_toml("prod", "30s"));
+    // The owner's own group: a workload for its services.
+    b.ok(&["workload", "add", "mine", "--selector", &format!("unix:gid:{F_NS_OWNER}")]);
+    b.ok(&["dynamic", "add", "db", "--backend", "prod", "--path", "database/creds/web"]);
+    b.ok(&["grant", "dynamic:db", "--to", "mine", "--file", "db.json", "--mode", "0444"]);
+    // The namespace: its uids 0..99 are host uids F_SUBUID.., its gid 0
+    // the owner's own group (newgidmap lets a user map its own gid).
+    let owner = F_NS_OWNER.to_string();
+    let mut ns = Command::new("setpriv")
+        .args(["--reuid", &owner, "--regid", &owner, "--clear-groups", "unshare", "-U", "sleep", "120"])
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = ns.id();
+    let own = std::fs::read_link("/proc/self/ns/user").unwrap();
+    eventually(10, "the holder's user namespace", || {
+        std::fs::read_link(format!("/proc/{pid}/ns/user")).is_ok_and(|n| n != own)
+    });
+    std::fs::write(format!("/proc/{pid}/uid_map"), format!("0 {F_SUBUID} 100\n")).unwrap();
+    std::fs::write(format!("/proc/{pid}/gid_map"), format!("0 {F_NS_OWNER} 1\n")).unwrap();
+    let file = b.mount("mine").join("db.json");
+    let mut read = 0;
+    for uid in 1..=12 {
+        let (t, u) = (pid.to_string(), uid.to_string());
+        let o = Command::new("nsenter")
+            .args(["-t", &t, "-U", "--setuid", &u, "--setgid", "0", "cat", file.to_str().unwrap()])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        if contains(&o.stdout, b"password") {
+            read += 1;
+        } else {
+            eprintln!("uid {uid}: {}", stderr(&o));
+        }
+    }
+    let _ = ns.kill();
+    let _ = ns.wait();
+    let leases = json(&b.ok(&["leases", "--json"])).as_array().unwrap().len();
+    let logins = pg.logins();
+    eprintln!("12 host uids of one namespace: {read} read the file, {leases} leases, {logins} database logins");
+    assert!(read >= 1, "the namespace's processes read nothing");
+    assert_eq!((leases, logins), (1, 1), "one user's namespace was issued a lease per host uid");
+}
