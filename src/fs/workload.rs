@@ -628,10 +628,24 @@ impl FileSystem for WorkloadFs {
         let node = view.by_name.get(name).ok_or_else(|| errno(libc::ENOENT))?;
         let ttl = self.ttl();
         if leased(node) {
-            // The caller's own inode, asked for again at every path walk.
+            // The caller's own inode, asked for again at every path walk
+            // (a stranger gets the shared one, which no open gets through).
             let holder = match self.shared.attestor.attest_task(ctx.pid, ctx.uid, ctx.gid) {
-                Ok(id) => crate::lease::Holder::of(&id, &self.workload.name).container,
-                Err(_) => super::leased::claimed_holder(ctx.pid, ctx.uid),
+                Ok(id) if decide(&id, &self.workload) == Decision::Allow => {
+                    Some(crate::lease::Holder::of(&id, &self.workload.name).container)
+                }
+                Ok(_) => None,
+                Err(_) => Some(super::leased::claimed_holder(ctx.pid, ctx.uid)),
+            };
+            let Some(holder) = holder else {
+                return Ok(Entry {
+                    inode: node.ino,
+                    generation: 0,
+                    attr: self.attr(node),
+                    attr_flags: 0,
+                    attr_timeout: Duration::ZERO,
+                    entry_timeout: Duration::ZERO,
+                });
             };
             let ino = self.leased_inos.ino_for(node.ino, &holder);
             let mut attr = self.attr(node);
