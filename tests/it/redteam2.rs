@@ -425,3 +425,46 @@ fn redteam3_host_uids_of_one_users_namespace_get_one_lease() {
     assert!(read >= 1, "the namespace's processes read nothing");
     assert_eq!((leases, logins), (1, 1), "one user's namespace was issued a lease per host uid");
 }
+
+/// Finding: `keyhole refresh` by a scoped admin (verb `refresh`) returned
+/// every changed path of the backend, other teams' included — names a
+/// scoped `ls` never shows. It now lists only the paths the caller's
+/// roles cover.
+#[test]
+fn redteam3_a_scoped_refresh_shows_only_its_own_paths() {
+    needs!(root, bao);
+    let bao = Bao::start();
+    bao.ok(&["kv", "put", "secret/team-a/x", "value=a1"]);
+    bao.ok(&["kv", "put", "secret/team-b/db", "value=b1"]);
+    let b = Broker::start_with(&bao.backend_toml("prod", "1h"));
+    b.ok(&["workload", "add", "w", "--selector", "unix:uid:0"]);
+    b.ok(&["grant", "prod/team-a/x", "--to", "w", "--file", "a"]);
+    b.ok(&["grant", "prod/team-b/db", "--to", "w", "--file", "b"]);
+    let principal = format!("uid:{F_TEAM}");
+    b.ok(&[
+        "role",
+        "add",
+        "team-a",
+        "--principal",
+        &principal,
+        "--paths",
+        "prod/team-a/*",
+        "--workloads",
+        "a-*",
+        "--verbs",
+        "read,refresh",
+    ]);
+    bao.ok(&["kv", "put", "secret/team-a/x", "value=a2"]);
+    bao.ok(&["kv", "put", "secret/team-b/db", "value=b2"]);
+    let o = cli_as(&b.workload_socket(), &["refresh", "--json"], None, Some(F_TEAM));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r = json(&o.stdout);
+    eprintln!("scoped refresh: {r}");
+    let changed = r[0]["changed"].as_array().unwrap();
+    assert!(changed.iter().any(|p| p == "prod/team-a/x"), "{r}");
+    assert!(!changed.iter().any(|p| p == "prod/team-b/db"), "a scoped refresh named team b's secret: {r}");
+    // A full admin still sees every change.
+    bao.ok(&["kv", "put", "secret/team-b/db", "value=b3"]);
+    let all = json(&b.ok(&["refresh", "--json"]));
+    assert!(all[0]["changed"].as_array().unwrap().iter().any(|p| p == "prod/team-b/db"), "{all}");
+}
