@@ -273,6 +273,17 @@ fn redteam3_two_containers_never_read_each_others_leased_certificate() {
         (0, 0),
         "b read a's certificate and key {others} times (and {bad} other wrong reads) in 200"
     );
+    // 1,000 fresh processes of b: one lease each container, no more.
+    let at = std::time::Instant::now();
+    let k = cs[1].exec(&[
+        "sh",
+        "-c",
+        "for i in $(busybox seq 1000); do cat /run/secrets/tls.pem >/dev/null || echo fail; done",
+    ]);
+    assert!(k.status.success() && !contains(&k.stdout, b"fail"), "{}", String::from_utf8_lossy(&k.stdout));
+    let leases = json(&b.ok(&["leases", "--json"])).as_array().unwrap().len();
+    eprintln!("1,000 fresh cats in b: {:?}; {leases} leases", at.elapsed());
+    assert_eq!(leases, 2);
 }
 
 const F_PG_BIN: &str = "/usr/lib/postgresql/15/bin";
