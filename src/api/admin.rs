@@ -333,7 +333,7 @@ impl admin_server::Admin for AdminService {
     }
 
     async fn refresh(&self, req: Request<pb::RefreshRequest>) -> Reply<pb::RefreshResponse> {
-        let Caller { id, .. } = self.authorize(&req, "Refresh", Need::Verb(Verb::Refresh)).await?;
+        let Caller { id, scope } = self.authorize(&req, "Refresh", Need::Verb(Verb::Refresh)).await?;
         let r = req.into_inner();
         let named = if r.path.is_empty() { r.backend.clone() } else { r.path.clone() };
         let found = self
@@ -348,7 +348,8 @@ impl admin_server::Admin for AdminService {
                 change_detection: f.change_detection.into(),
                 requests: f.requests,
                 watched: f.watched,
-                changed: f.changed,
+                // A scoped admin sees the names its roles cover, as `ls` does.
+                changed: f.changed.into_iter().filter(|p| scope.covers_path(Verb::Refresh, p)).collect(),
                 path_watched: f.path_watched,
             })
             .collect();

@@ -310,12 +310,15 @@ fn attesting_key(peer: &Peer) -> String {
 }
 
 /// Who a connection's peer is, for the per-caller limit: its container,
-/// only once attestation confirmed it; else its (host) uid. Never a cgroup
+/// only once attestation confirmed it; else the owner of its user
+/// namespace (a user with subordinate ids runs as thousands of host uids
+/// there: one caller, as for denials); else its (host) uid. Never a cgroup
 /// path or any other name the caller picks.
 fn caller_key(peer: &Peer, identity: Option<&Identity>) -> String {
-    match identity.and_then(|id| id.container_id.as_deref()) {
-        Some(c) => format!("container {c}"),
-        None => format!("uid {}", peer.uid),
+    match identity.map(|id| (id.container_id.as_deref(), id.userns_owner)) {
+        Some((Some(c), _)) => format!("container {c}"),
+        Some((None, Some(owner))) => format!("userns {owner}"),
+        _ => format!("uid {}", peer.uid),
     }
 }
 

@@ -197,10 +197,13 @@ impl Broker {
     /// or `admin_calls_per_second` for an admin; over it, the call is
     /// refused (and audited, at most a line a second per caller).
     pub fn allow_call(&self, id: &crate::identity::Identity, method: &str) -> Result<(), BrokerError> {
-        let key = match (&id.remote, &id.container_id) {
-            (Some(r), _) => format!("remote {}", r.subject_shown()),
-            (None, Some(c)) => format!("container {c}"),
-            (None, None) => format!("uid {}", id.uid),
+        // A user namespace's host uids are all its owner's: one caller (as
+        // for denials, `limits::deny_key`), not one bucket per uid.
+        let key = match (&id.remote, &id.container_id, id.userns_owner) {
+            (Some(r), _, _) => format!("remote {}", r.subject_shown()),
+            (None, Some(c), _) => format!("container {c}"),
+            (None, None, Some(owner)) => format!("userns {owner}"),
+            (None, None, None) => format!("uid {}", id.uid),
         };
         let limits = &self.config.limits;
         let (calls, rate, name) = if id.admin {

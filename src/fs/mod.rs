@@ -40,11 +40,13 @@
 //! | `pool.rs` | the FUSE workers that serve every mount |
 //! | `workload.rs` | one mount's filesystem (a view, its nodes, the requests) |
 //! | `access.rs` | who may open what |
+//! | `leased.rs` | each caller's own inode of a leased file (never another's cached pages) |
 
 pub mod access;
 mod handover;
 mod index;
 mod kernel;
+pub mod leased;
 pub mod lifecycle;
 mod notices;
 pub mod pool;

@@ -165,6 +165,8 @@ pub struct WorkloadFs {
     shared: Arc<FsShared>,
     /// The directory's times: when the mount was made.
     mounted: std::time::SystemTime,
+    /// Each caller's own inode of each leased file (see [`super::leased`]).
+    leased_inos: super::leased::LeasedInodes,
 }
 
 fn errno(e: i32) -> io::Error {
@@ -282,6 +284,7 @@ impl WorkloadFs {
             next_fh: AtomicU64::new(1),
             shared,
             mounted: std::time::SystemTime::now(),
+            leased_inos: Default::default(),
         }
     }
 
@@ -451,6 +454,7 @@ impl WorkloadFs {
     /// The node of `ino`, cloned under the view's read lock (see
     /// [`WorkloadFs::replace`]: how a rotation knows it may keep an inode).
     fn node(&self, ino: u64) -> Option<Arc<Node>> {
+        let ino = self.leased_inos.base_of(ino).unwrap_or(ino);
         let view = self.view.read().expect("view lock");
         view.by_ino.get(&ino).or_else(|| view.rotated_out.get(&ino)).cloned()
     }
@@ -459,7 +463,7 @@ impl WorkloadFs {
     /// the file's mode ([`super::access`]: the kernel no longer does),
     /// auditing the outcome. Refusals go through the audit log's
     /// per-caller limiter ([`AuditLog::deny`]).
-    fn check_open(&self, ctx: &Context, node: &Node) -> io::Result<Option<Arc<SecretBytes>>> {
+    fn check_open(&self, ctx: &Context, node: &Node, ino: u64) -> io::Result<Option<Arc<SecretBytes>>> {
         let workload = self.workload.name.as_str();
         let event = |name, caller, reason| Event {
             caller,
@@ -502,6 +506,10 @@ impl WorkloadFs {
                         // The caller's own lease: issued while this open
                         // was parked (see pool), or EIO.
                         let holder = crate::lease::Holder::of(&id, workload);
+                        // Only through its own inode: another's pages are another's.
+                        if !self.leased_inos.owned_by(ino, &holder.container) {
+                            return deny(&id, "opened through another caller's entry of a leased file");
+                        }
                         return match self.shared.leases.body_for(&node.secret, &holder) {
                             Ok(body) => {
                                 crate::metrics::METRICS
@@ -572,7 +580,7 @@ impl FileSystem for WorkloadFs {
         Ok(FsOptions::empty())
     }
 
-    fn lookup(&self, _ctx: &Context, parent: u64, name: &CStr) -> io::Result<Entry> {
+    fn lookup(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<Entry> {
         if parent != ROOT {
             return Err(errno(libc::ENOENT));
         }
@@ -580,6 +588,38 @@ impl FileSystem for WorkloadFs {
         let view = self.view();
         let node = view.by_name.get(name).ok_or_else(|| errno(libc::ENOENT))?;
         let ttl = self.ttl();
+        if leased(node) {
+            // The caller's own inode, asked for again at every path walk
+            // (a stranger gets the shared one, which no open gets through).
+            let holder = match self.shared.attestor.attest_task(ctx.pid, ctx.uid, ctx.gid) {
+                Ok(id) if decide(&id, &self.workload) == Decision::Allow => {
+                    Some(crate::lease::Holder::of(&id, &self.workload.name).container)
+                }
+                Ok(_) => None,
+                Err(_) => Some(super::leased::claimed_holder(ctx.pid, ctx.uid)),
+            };
+            let Some(holder) = holder else {
+                return Ok(Entry {
+                    inode: node.ino,
+                    generation: 0,
+                    attr: self.attr(node),
+                    attr_flags: 0,
+                    attr_timeout: Duration::ZERO,
+                    entry_timeout: Duration::ZERO,
+                });
+            };
+            let ino = self.leased_inos.ino_for(node.ino, &holder);
+            let mut attr = self.attr(node);
+            attr.st_ino = ino;
+            return Ok(Entry {
+                inode: ino,
+                generation: 0,
+                attr,
+                attr_flags: 0,
+                attr_timeout: Duration::ZERO,
+                entry_timeout: Duration::ZERO,
+            });
+        }
         Ok(Entry {
             inode: node.ino,
             generation: 0,
@@ -597,6 +637,11 @@ impl FileSystem for WorkloadFs {
         // An open file keeps its attributes after a rotation retired it.
         let held = handle.and_then(|h| self.handles.lock().expect("handles lock").get(&h).cloned());
         let node = held.or_else(|| self.node(ino)).ok_or_else(|| errno(libc::ENOENT))?;
+        if leased(&node) {
+            let mut st = self.attr(&node);
+            st.st_ino = ino;
+            return Ok((st, Duration::ZERO));
+        }
         Ok((self.attr(&node), self.ttl()))
     }
 
@@ -615,7 +660,7 @@ impl FileSystem for WorkloadFs {
         }
         let node = self.node(ino).ok_or_else(|| errno(libc::ENOENT))?;
         let started = std::time::Instant::now();
-        let checked = self.check_open(ctx, &node);
+        let checked = self.check_open(ctx, &node, ino);
         crate::metrics::METRICS.open_seconds.observe(started.elapsed().as_secs_f64());
         let own = checked?;
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);

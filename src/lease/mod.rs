@@ -227,11 +227,12 @@ impl Holder {
                 container: c.clone(),
                 name: id.docker.as_ref().map_or_else(|| c[..12.min(c.len())].to_owned(), |d| d.name.clone()),
             },
-            None => Holder {
-                workload: workload.to_owned(),
-                container: format!("uid:{}", id.uid),
-                name: format!("uid-{}", id.uid),
-            },
+            // A user namespace's host uids are all its owner's: one holder
+            // (else a user with subordinate ids takes a lease per uid).
+            None => {
+                let uid = id.userns_owner.unwrap_or(id.uid);
+                Holder { workload: workload.to_owned(), container: format!("uid:{uid}"), name: format!("uid-{uid}") }
+            }
         }
     }
 

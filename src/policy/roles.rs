@@ -209,6 +209,15 @@ pub fn glob(pattern: &str, name: &str) -> bool {
     rest.len() >= last.len() && rest.ends_with(last)
 }
 
+/// A target that names secrets only: not a template (`@template/NAME`)
+/// nor a lease source (`dynamic:NAME`, `cert:NAME`).
+fn secret_paths_only(t: &Target) -> bool {
+    match t {
+        Target::Exact(p) => p.template_name().is_none() && super::leased(p.as_str()).is_none(),
+        Target::Prefix(_) => true,
+    }
+}
+
 fn check_pattern(p: &str) -> Result<(), RoleError> {
     let ok = !p.is_empty() && p.len() <= 64 && p.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-*".contains(&b));
     if ok { Ok(()) } else { Err(RoleError::BadWorkloadPattern(p.to_owned())) }
@@ -243,7 +252,16 @@ impl Role {
         }
         let mut paths = paths
             .iter()
-            .map(|p| Target::parse(p).map_err(|e| RoleError::BadPath(p.clone(), e.to_string())))
+            .map(|p| match Target::parse(p) {
+                // A template or lease source reads secrets the role's paths
+                // need not cover: only full admins grant them (for now).
+                Ok(t) if !secret_paths_only(&t) => Err(RoleError::BadPath(
+                    p.clone(),
+                    "a role's paths are secret paths; templates, dynamic: and cert: sources are full admins'".into(),
+                )),
+                Ok(t) => Ok(t),
+                Err(e) => Err(RoleError::BadPath(p.clone(), e.to_string())),
+            })
             .collect::<Result<Vec<_>, _>>()?;
         paths.sort();
         paths.dedup();
@@ -270,9 +288,11 @@ impl Role {
         self.principals.iter().any(|p| p.matches(c))
     }
 
-    /// One of the role's path patterns covers secret `path`.
+    /// One of the role's path patterns covers secret `path` (never a
+    /// template or lease source, even in a role stored before they were
+    /// refused).
     pub fn covers_path(&self, path: &str) -> bool {
-        self.paths.iter().any(|t| match t {
+        self.paths.iter().filter(|t| secret_paths_only(t)).any(|t| match t {
             Target::Exact(p) => p.as_str() == path,
             Target::Prefix(p) => path.strip_prefix(p.as_str()).is_some_and(|r| r.starts_with('/')),
         })
@@ -283,7 +303,7 @@ impl Role {
     pub fn covers_target(&self, target: &Target) -> bool {
         match target {
             Target::Exact(p) => self.covers_path(p.as_str()),
-            Target::Prefix(want) => self.paths.iter().any(|t| match t {
+            Target::Prefix(want) => self.paths.iter().filter(|t| secret_paths_only(t)).any(|t| match t {
                 Target::Prefix(p) => {
                     want == p || want.as_str().strip_prefix(p.as_str()).is_some_and(|r| r.starts_with('/'))
                 }
@@ -573,6 +593,14 @@ mod tests {
         assert_eq!(Role::new("x", &v(&["uid:0"]), &[], &[], &v(&["read"])), Err(RoleError::RootPrincipal));
         assert!(Role::new("x", &v(&["pid:1"]), &[], &[], &v(&["read"])).is_err());
         assert!(Role::new("x", &v(&["uid:5"]), &v(&["../a"]), &[], &v(&["read"])).is_err());
+        for p in ["@template/t", "dynamic:pg", "cert:web"] {
+            let e = Role::new("x", &v(&["uid:5"]), &v(&[p]), &v(&["a-*"]), &v(&["grant"])).unwrap_err();
+            assert!(matches!(e, RoleError::BadPath(..)), "{p}: {e}");
+            // A role stored before this was refused covers none of them.
+            let mut r = Role::new("x", &v(&["uid:5"]), &v(&["a/*"]), &v(&["a-*"]), &v(&["grant"])).unwrap();
+            r.paths.push(Target::parse(p).unwrap());
+            assert!(!r.covers_path(p) && !r.covers_target(&Target::parse(p).unwrap()), "{p}");
+        }
         assert!(Role::new("x", &v(&["uid:5"]), &[], &v(&["a/b"]), &v(&["read"])).is_err());
         assert!(Role::new("x", &v(&["uid:5"]), &[], &[], &v(&["sudo"])).is_err());
         assert!(Role::new("x", &[], &[], &[], &v(&["read"])).is_err());

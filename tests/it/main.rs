@@ -24,6 +24,7 @@ mod operate;
 mod podman;
 mod pool;
 mod redteam;
+mod redteam2;
 mod replay;
 mod scale;
 mod secrets;
