@@ -505,8 +505,9 @@ pub fn source_reach(backend: &str, path: &str) -> String {
 
 /// A certificate put by a scoped admin names the workload it is issued
 /// to, and nothing a container could choose: `--uri` ends in
-/// `/{workload}` (no other placeholder, no `?` or `#`), and `--cn`, if
-/// given, is `{workload}` or `{workload}.DOMAIN` (no other placeholder).
+/// `/{workload}` (no other placeholder, no `?` or `#`), and `--cn` is
+/// given (the default is `{container_name}`) as `{workload}` or
+/// `{workload}.DOMAIN` (no other placeholder).
 /// With the workload in the admin's patterns, no team mints a name that
 /// is another team's workload.
 pub fn check_cert_names(uri: Option<&str>, cn: Option<&str>) -> Result<(), String> {
@@ -520,16 +521,17 @@ pub fn check_cert_names(uri: Option<&str>, cn: Option<&str>) -> Result<(), Strin
             ));
         }
     }
-    if let Some(cn) = cn {
-        let rest = cn.strip_prefix(W);
-        let ok = rest.is_some_and(|r| r.is_empty() || (r.starts_with('.') && !r.contains('{')));
-        if !ok {
-            return Err(format!(
-                "certificate CN {cn:?}: a role's certificate CN must be {W} or {W}.DOMAIN, with no other placeholder"
-            ));
-        }
+    let Some(cn) = cn else {
+        return Err(format!(
+            "a role's certificate needs --cn {W} or {W}.DOMAIN (the default, {{container_name}}, is the container's choice)"
+        ));
+    };
+    let rest = cn.strip_prefix(W);
+    if rest.is_some_and(|r| r.is_empty() || (r.starts_with('.') && !r.contains('{'))) {
+        Ok(())
+    } else {
+        Err(format!("certificate CN {cn:?}: a role's certificate CN must be {W} or {W}.DOMAIN, with no other placeholder"))
     }
-    Ok(())
 }
 
 impl Scope {
@@ -911,12 +913,13 @@ mod tests {
         let c = Verb::Cert;
         let uri = Some("spiffe://corp/{workload}");
         assert!(s.check_source(c, "vault", "pki-a/issue/web", uri, Some("{workload}.svc")).is_ok());
-        assert!(s.check_source(c, "vault", "pki/issue/web", uri, None).is_err(), "not its PKI mount");
+        assert!(s.check_source(c, "vault", "pki/issue/web", uri, Some("{workload}")).is_err(), "not its PKI mount");
+        assert!(s.check_source(c, "vault", "pki-a/issue/web", uri, None).is_err(), "the default CN is the container's");
         for (u, cn) in [
-            ("spiffe://corp/b-web", None),
-            ("spiffe://corp/{workload}/x", None),
-            ("spiffe://corp/{container_name}/{workload}", None),
-            ("spiffe://corp/x?{workload}", None),
+            ("spiffe://corp/b-web", Some("{workload}")),
+            ("spiffe://corp/{workload}/x", Some("{workload}")),
+            ("spiffe://corp/{container_name}/{workload}", Some("{workload}")),
+            ("spiffe://corp/x?{workload}", Some("{workload}")),
             ("spiffe://corp/{workload}", Some("b-web.svc")),
             ("spiffe://corp/{workload}", Some("x.{workload}.svc")),
             ("spiffe://corp/{workload}", Some("{workload}{container_id}")),
