@@ -361,3 +361,16 @@ impl Broker {
         })
     }
 }
+
+impl Broker {
+    /// Templates `names` were put or removed outside [`Self::put_template`]
+    /// (a policy apply): the index of who reads what is rebuilt from the
+    /// store on next use, and their last renders forgotten.
+    pub(crate) fn templates_replaced(&self, names: &[String]) {
+        *self.templates.readers.write().expect("template index") = None;
+        let mut renders = self.templates.renders.lock().expect("renders lock");
+        for n in names {
+            renders.remove(&format!("{TEMPLATE_PREFIX}{n}"));
+        }
+    }
+}

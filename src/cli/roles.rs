@@ -73,6 +73,11 @@ pub struct ApplyArgs {
     /// (within the caller's scope)
     #[arg(long)]
     pub prune: bool,
+    /// Allow a prune that revokes live leases (a removed dynamic or cert
+    /// source, a grant of one, or a workload holding them); without it
+    /// such an apply changes nothing and says so
+    #[arg(long)]
+    pub revoke_leases: bool,
 }
 
 fn role_json(r: &pb::RoleSpec) -> serde_json::Value {
@@ -141,7 +146,7 @@ fn read_file(path: &PathBuf) -> anyhow::Result<String> {
 /// `keyhole apply` (`dry_run` false) or `keyhole diff` (true).
 pub async fn apply(a: ApplyArgs, dry_run: bool, socket: &Target, json: bool) -> anyhow::Result<()> {
     let text = read_file(&a.file)?;
-    let req = pb::ApplyPolicyRequest { text, prune: a.prune, dry_run };
+    let req = pb::ApplyPolicyRequest { text, prune: a.prune, dry_run, revoke_leases: a.revoke_leases };
     let r = rpc!(admin, socket, ConnectOnly, apply_policy, req)?;
     let n = r.changes.len();
     if json {
