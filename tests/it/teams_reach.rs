@@ -253,3 +253,100 @@ fn a_scoped_admin_is_counted_in_the_admin_bucket_and_a_stranger_is_not() {
     assert!(codes.contains(&Some(5)), "a stranger was never limited: {codes:?}");
     assert!(codes.iter().all(|c| matches!(c, Some(4 | 5))), "{codes:?}");
 }
+
+/// OpenBao's PKI engine with a role issuing any name under spiffe://example.org/.
+fn pki_engine(bao: &Bao) {
+    bao.ok(&["secrets", "enable", "pki"]);
+    bao.ok(&["secrets", "tune", "-max-lease-ttl=87600h", "pki"]);
+    bao.ok(&["write", "-field=certificate", "pki/root/generate/internal", "common_name=keyhole CA", "ttl=87600h"]);
+    bao.ok(&[
+        "write",
+        "pki/roles/workload",
+        "allow_any_name=true",
+        "enforce_hostnames=false",
+        "allowed_uri_sans=spiffe://example.org/*",
+        "max_ttl=24h",
+    ]);
+}
+
+fn policy(tag: &str, template: &str, with_cert: bool) -> String {
+    let mut f = format!(
+        "[[workload]]\nname = \"web\"\nselectors = [\"docker:label:keyhole.test={tag}\"]\n\n\
+         [[template]]\nname = \"cfg\"\nsource = \"\"\"\n{template}\"\"\"\n\n\
+         [[grant]]\ntemplate = \"cfg\"\nworkload = \"web\"\nfile = \"app.conf\"\nmode = \"0444\"\n\n"
+    );
+    if with_cert {
+        f.push_str(
+            "[[cert]]\nname = \"tls\"\nbackend = \"prod\"\nissue = \"pki/issue/workload\"\n\
+             uri = \"spiffe://example.org/{workload}\"\ncn = \"{workload}.svc\"\nttl = \"1h\"\n\n\
+             [[grant]]\ncert = \"tls\"\nworkload = \"web\"\nfile = \"tls.pem\"\nmode = \"0444\"\n",
+        );
+    }
+    f
+}
+
+#[test]
+fn templates_and_certificates_in_a_policy_file_apply_diff_export_and_prune_with_live_leases() {
+    needs!(root, docker, bao);
+    let bao = Bao::start();
+    pki_engine(&bao);
+    let b = Broker::start_with(&bao.backend_toml("prod", "30s"));
+    b.put("app/db", b"app-db-value-4e0c");
+    let tag = unique("files");
+    let full = policy(&tag, "db={{ secret('app/db') }}\n", true);
+    // diff: drift (exit 10), naming the template and the certificate.
+    let o = b.cli_in(&["diff", "-f", "-"], Some(full.as_bytes()));
+    assert_eq!(o.status.code(), Some(10), "{}", stderr(&o));
+    let out = String::from_utf8(o.stdout).unwrap();
+    assert!(out.contains("+ template cfg") && out.contains("+ cert:tls") && out.contains("+ grant cert:tls -> web"));
+    let o = b.cli_in(&["apply", "-f", "-"], Some(full.as_bytes()));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("applied: 5 changes"));
+    // A container reads the rendered template and its own certificate (a live lease).
+    let bind = format!("{}:/run/secrets:ro,rslave", b.mount("web").display());
+    let c = Container::start(&["--label", &format!("keyhole.test={tag}"), "-v", &bind]);
+    assert_eq!(c.cat("/run/secrets/app.conf").unwrap(), b"db=app-db-value-4e0c\n");
+    let pem = String::from_utf8(c.cat("/run/secrets/tls.pem").unwrap()).unwrap();
+    assert!(pem.contains("BEGIN CERTIFICATE"), "{pem}");
+    assert_eq!(json(&b.ok(&["leases", "--json"])).as_array().unwrap().len(), 1);
+    // Idempotent: 0 changes, one audit line; export round-trips, names only.
+    let lines = b.audit_lines().len();
+    let o = b.cli_in(&["apply", "-f", "-"], Some(full.as_bytes()));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("applied: 0 changes"), "{}", stderr(&o));
+    let new = &b.audit_lines()[lines..];
+    assert_eq!(new.len(), 1, "{new:?}");
+    assert_eq!((new[0]["event"].as_str(), new[0]["reason"].as_str()), (Some("apply"), Some("0 changes")));
+    let exported = b.ok(&["export"]);
+    assert!(!contains(&exported, b"app-db-value"));
+    let text = String::from_utf8_lossy(&exported);
+    assert!(text.contains("[[template]]") && text.contains("[[cert]]") && text.contains("cert = \"tls\""), "{text}");
+    let o = b.cli_in(&["diff", "-f", "-", "--prune"], Some(&exported));
+    assert_eq!(o.status.code(), Some(0), "{text}\n{}\n{}", String::from_utf8_lossy(&o.stdout), stderr(&o));
+    // A changed template: one change, the file shows it.
+    let changed = policy(&tag, "DB={{ secret('app/db') }}\n", true);
+    let o = b.cli_in(&["apply", "-f", "-"], Some(changed.as_bytes()));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("~ template cfg"), "{}", stderr(&o));
+    eventually(5, "the new render", || c.cat("/run/secrets/app.conf").ok().as_deref() == Some(b"DB=app-db-value-4e0c\n"));
+    // A prune that would revoke the live certificate lease: diff says so,
+    // apply refuses without --revoke-leases and changes nothing.
+    let smaller = policy(&tag, "DB={{ secret('app/db') }}\n", false);
+    let o = b.cli_in(&["diff", "-f", "-", "--prune"], Some(smaller.as_bytes()));
+    assert_eq!(o.status.code(), Some(10));
+    let out = String::from_utf8(o.stdout).unwrap();
+    assert!(out.contains("- cert:tls (revokes 1 live lease)"), "{out}");
+    let o = b.cli_in(&["apply", "-f", "-", "--prune"], Some(smaller.as_bytes()));
+    assert_fails(&o, 7, "would revoke 1 live leases");
+    assert_eq!(json(&b.ok(&["cert", "ls", "--json"])).as_array().unwrap().len(), 1, "nothing changed");
+    assert!(c.cat("/run/secrets/tls.pem").is_ok());
+    let o = b.cli_in(&["apply", "-f", "-", "--prune", "--revoke-leases"], Some(smaller.as_bytes()));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(json(&b.ok(&["cert", "ls", "--json"])).as_array().unwrap().is_empty());
+    eventually(10, "the lease revoked", || json(&b.ok(&["leases", "--json"])).as_array().unwrap().is_empty());
+    assert!(c.cat("/run/secrets/tls.pem").is_err(), "the certificate file is gone");
+    assert_eq!(c.cat("/run/secrets/app.conf").unwrap(), b"DB=app-db-value-4e0c\n");
+    // A broken template changes nothing and names its line.
+    let broken = policy(&tag, "{{ secret('app/nope') }}\n", false);
+    let o = b.cli_in(&["apply", "-f", "-"], Some(broken.as_bytes()));
+    assert_fails(&o, 2, "line 5: [[template]] cfg:");
+    b.assert_never_leaked(&[b"app-db-value-4e0c"]);
+}
