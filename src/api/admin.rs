@@ -675,7 +675,8 @@ impl admin_server::Admin for AdminService {
         let leases = self
             .audited_for(id, EventKind::Leases, (!w.is_empty()).then(|| w.clone()), None, move |b| {
                 let only = (!w.is_empty()).then_some(w.as_str());
-                let list = b.leases().list(only).into_iter().filter(|l| scope.covers_workload(Verb::Leases, &l.workload));
+                let list =
+                    b.leases().list(only).into_iter().filter(|l| scope.covers_workload(Verb::Leases, &l.workload));
                 let list = list.map(|l| pb::LeaseEntry {
                     source: l.source,
                     workload: l.workload,

@@ -59,8 +59,7 @@ pub(crate) async fn apply_policy(
     let Caller { id, scope } = s.authorize(&req, "ApplyPolicy", Need::Verb(Verb::Apply)).await?;
     let r = req.into_inner();
     let broker = s.0.clone();
-    let changes =
-        s.op(move |_| broker.apply_policy(&id, &scope, &r.text, r.prune, r.dry_run, r.revoke_leases)).await?;
+    let changes = s.op(move |_| broker.apply_policy(&id, &scope, &r.text, r.prune, r.dry_run, r.revoke_leases)).await?;
     Ok(Response::new(pb::ApplyPolicyResponse { changes }))
 }
 

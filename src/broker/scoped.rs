@@ -52,7 +52,8 @@ impl Broker {
     /// error to return.
     pub fn refuse(&self, by: &Identity, method: &'static str, lack: &Lack) -> BrokerError {
         let reason = format!("role {}: {}", lack.roles, lack.lacked);
-        let event = Event { method: Some(method), caller: Some(by), reason: Some(&reason), ..Event::new(EventKind::Deny) };
+        let event =
+            Event { method: Some(method), caller: Some(by), reason: Some(&reason), ..Event::new(EventKind::Deny) };
         if let Err(e) = self.audit.deny(&crate::limits::deny_key(by), &event) {
             return e.into();
         }
@@ -73,7 +74,13 @@ impl Broker {
     /// template roles; a template it replaces must have been its to make;
     /// and every workload the template is granted to must be one it could
     /// grant the new inputs to (a put changes what those files show).
-    pub fn check_template_put(&self, by: &Identity, scope: &Scope, name: &str, inputs: &[String]) -> Result<(), BrokerError> {
+    pub fn check_template_put(
+        &self,
+        by: &Identity,
+        scope: &Scope,
+        name: &str,
+        inputs: &[String],
+    ) -> Result<(), BrokerError> {
         if scope.is_full() {
             return Ok(());
         }

@@ -31,7 +31,15 @@ Verbs (comma-separated or repeated):
             in its workload patterns, or the admin's own unix:uid / unix:gid)
   audit     audit log, audit --verify
   apply     keyhole apply / diff (every item checked as above)
-  template, dynamic, cert, leases, refresh   those features, where the broker has them
+  template  template put, get, ls, rm: every input in the role's paths; with grant,
+            grant --template to a workload in its patterns (each input as a grant)
+  dynamic   dynamic add, ls, rm: BACKEND/PATH in the role's paths (--backend prod
+            --path database/creds/a-web needs prod/database/creds/a-web); with grant,
+            grant dynamic:NAME to a workload in its patterns
+  cert      the same for cert add (BACKEND/ISSUE-PATH); --uri must end in /{workload}
+            and --cn be {workload} or {workload}.DOMAIN
+  leases    keyhole leases (the role's workloads only)
+  refresh   keyhole refresh (a named path must be in the role's paths)
 
 Examples:
   keyhole role add team-a --principal uid:1001 --principal 'subject:CN=alice,O=Example' \\

@@ -216,7 +216,10 @@ impl PolicyFile {
             let t = t.into_inner();
             crate::template::check_name(&t.name).map_err(|e| at(l, format!("[[template]] {}: {e}", t.name)))?;
             if t.source.len() > crate::template::MAX_SOURCE {
-                return Err(at(l, format!("[[template]] {}: longer than {} bytes", t.name, crate::template::MAX_SOURCE)));
+                return Err(at(
+                    l,
+                    format!("[[template]] {}: longer than {} bytes", t.name, crate::template::MAX_SOURCE),
+                ));
             }
             if !names.insert(t.name.clone()) {
                 return Err(at(l, format!("[[template]] {} is named twice", t.name)));
@@ -232,15 +235,8 @@ impl PolicyFile {
         let certs = raw.cert.into_iter().map(|c| {
             let l = line(&c.span());
             let c = c.into_inner();
-            let src = Source::new(
-                Kind::Cert,
-                &c.name,
-                &c.backend,
-                &c.issue,
-                Some(&c.uri),
-                c.cn.as_deref(),
-                c.ttl.as_deref(),
-            );
+            let src =
+                Source::new(Kind::Cert, &c.name, &c.backend, &c.issue, Some(&c.uri), c.cn.as_deref(), c.ttl.as_deref());
             (l, "[[cert]]", src, c.name)
         });
         for (l, what, src, name) in dynamics.chain(certs) {
@@ -914,7 +910,8 @@ workload = "a-web"
         assert!(back.change.is_empty(), "export round-trips: {:?}\n{out}", back.lines);
         // Pruning the source and its grant while a container holds a lease says so.
         cur.leases = vec![("dynamic:db".into(), "a-web".into()), ("dynamic:db".into(), "a-web".into())];
-        let smaller = LEASED.replace("[[dynamic]]\nname = \"db\"\nbackend = \"prod\"\npath = \"database/creds/a-web\"\n", "");
+        let smaller =
+            LEASED.replace("[[dynamic]]\nname = \"db\"\nbackend = \"prod\"\npath = \"database/creds/a-web\"\n", "");
         let smaller = smaller.replace("[[grant]]\ndynamic = \"db\"\nworkload = \"a-web\"\nfile = \"db.json\"\n", "");
         let p = plan(&with_inputs(&smaller), &cur, true, &Scope::Full).unwrap();
         assert_eq!(p.revokes, 2, "{:?}", p.lines);

@@ -530,7 +530,9 @@ pub fn check_cert_names(uri: Option<&str>, cn: Option<&str>) -> Result<(), Strin
     if rest.is_some_and(|r| r.is_empty() || (r.starts_with('.') && !r.contains('{'))) {
         Ok(())
     } else {
-        Err(format!("certificate CN {cn:?}: a role's certificate CN must be {W} or {W}.DOMAIN, with no other placeholder"))
+        Err(format!(
+            "certificate CN {cn:?}: a role's certificate CN must be {W} or {W}.DOMAIN, with no other placeholder"
+        ))
     }
 }
 

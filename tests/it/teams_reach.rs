@@ -72,8 +72,7 @@ fn two_teams(b: &Broker) {
 
 fn template_names(out: &str) -> Vec<String> {
     let v = json(out.as_bytes());
-    let mut names: Vec<String> =
-        v.as_array().unwrap().iter().map(|t| t["name"].as_str().unwrap().to_owned()).collect();
+    let mut names: Vec<String> = v.as_array().unwrap().iter().map(|t| t["name"].as_str().unwrap().to_owned()).collect();
     names.sort();
     names
 }
@@ -326,7 +325,9 @@ fn templates_and_certificates_in_a_policy_file_apply_diff_export_and_prune_with_
     let changed = policy(&tag, "DB={{ secret('app/db') }}\n", true);
     let o = b.cli_in(&["apply", "-f", "-"], Some(changed.as_bytes()));
     assert!(String::from_utf8_lossy(&o.stdout).contains("~ template cfg"), "{}", stderr(&o));
-    eventually(5, "the new render", || c.cat("/run/secrets/app.conf").ok().as_deref() == Some(b"DB=app-db-value-4e0c\n"));
+    eventually(5, "the new render", || {
+        c.cat("/run/secrets/app.conf").ok().as_deref() == Some(b"DB=app-db-value-4e0c\n")
+    });
     // A prune that would revoke the live certificate lease: diff says so,
     // apply refuses without --revoke-leases and changes nothing.
     let smaller = policy(&tag, "DB={{ secret('app/db') }}\n", false);
