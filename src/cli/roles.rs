@@ -77,8 +77,8 @@ pub struct ApplyArgs {
     /// The policy file (TOML; `-` for stdin)
     #[arg(short = 'f', long = "file", value_name = "FILE")]
     pub file: PathBuf,
-    /// Also remove workloads, grants and roles the file does not name
-    /// (within the caller's scope)
+    /// Also remove what the file does not name: workloads, grants,
+    /// templates, sources, roles (within the caller's scope)
     #[arg(long)]
     pub prune: bool,
     /// Allow a prune that revokes live leases (a removed dynamic or cert
