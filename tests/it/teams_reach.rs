@@ -351,3 +351,50 @@ fn templates_and_certificates_in_a_policy_file_apply_diff_export_and_prune_with_
     assert_fails(&o, 2, "line 5: [[template]] cfg:");
     b.assert_never_leaked(&[b"app-db-value-4e0c"]);
 }
+
+#[test]
+fn a_scoped_admin_applies_templates_and_sources_only_within_its_scope() {
+    needs!(root, bao);
+    let bao = Bao::start();
+    let b = Broker::start_with(&bao.backend_toml("prod", "30s"));
+    two_teams(&b);
+    b.ok(&["role", "add", "team-a-apply", "--principal", &format!("uid:{A}"), "--verbs", "apply"]);
+    let mine = format!(
+        "[[workload]]\nname = \"a-job\"\nselectors = [\"unix:uid:{A}\"]\n\n\
+         [[template]]\nname = \"a-cfg\"\nsource = \"db={{{{ secret('a/db') }}}}\"\n\n\
+         [[dynamic]]\nname = \"a-db\"\nbackend = \"prod\"\npath = \"database/creds/a-web\"\n\n\
+         [[grant]]\ntemplate = \"a-cfg\"\nworkload = \"a-job\"\nuid = {A}\n\n\
+         [[grant]]\ndynamic = \"a-db\"\nworkload = \"a-job\"\n"
+    );
+    let o = as_uid_in(&b, A, &["apply", "-f", "-"], &mine);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("applied: 5 changes"));
+    let o = run_as(A, &["cat", b.mount("a-job").join("a-cfg").to_str().unwrap()]);
+    assert_eq!(o.stdout, b"db=team-a-db-value-5c1d", "{}", stderr(&o));
+    // The attack through a file: a template reading team b's secret (line 5),
+    // or a source on team b's engine path. Nothing is applied, the denial audited.
+    let evil = mine.replace("secret('a/db')", "secret('b/db')").replace("a-cfg", "a-cfg2");
+    let o = as_uid_in(&b, A, &["apply", "-f", "-"], &evil);
+    assert_fails(
+        &o,
+        4,
+        "line 5: no role grants template on b/db, which the template reads (roles: team-a,team-a-apply)",
+    );
+    let d = last_deny(&b);
+    assert_eq!((d["method"].as_str(), d["caller"]["uid"].as_u64()), (Some("ApplyPolicy"), Some(A as u64)));
+    let evil = mine.replace("database/creds/a-web", "database/creds/b-web");
+    let o = as_uid_in(&b, A, &["apply", "-f", "-"], &evil);
+    assert_fails(&o, 4, "no role grants dynamic on prod/database/creds/b-web");
+    let names = template_names(&String::from_utf8(b.ok(&["template", "ls", "--json"])).unwrap());
+    assert_eq!(names, ["a-cfg"], "nothing of the refused files was applied");
+    assert_eq!(json(&b.ok(&["dynamic", "ls", "--json"]))[0]["path"], "database/creds/a-web");
+    // A full admin's template and source for team b: team a's --prune leaves them.
+    b.cli_in(&["template", "put", "b-cfg", "--stdin"], Some(b"{{ secret('b/db') }}"));
+    b.ok(&["dynamic", "add", "b-db", "--backend", "prod", "--path", "database/creds/b-web"]);
+    let o = as_uid_in(&b, A, &["apply", "-f", "-", "--prune"], &mine);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("applied: 0 changes"), "{}", stderr(&o));
+    let out = ok_as(&b, A, &["export"]);
+    assert!(out.contains("a-cfg") && !out.contains("b-cfg") && !out.contains("b-db"), "{out}");
+    assert_eq!(json(&b.ok(&["dynamic", "ls", "--json"])).as_array().unwrap().len(), 2);
+    b.assert_never_leaked(&[b"team-b-db-value-e93a"]);
+}
