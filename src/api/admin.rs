@@ -333,7 +333,9 @@ impl admin_server::Admin for AdminService {
     }
 
     async fn refresh(&self, req: Request<pb::RefreshRequest>) -> Reply<pb::RefreshResponse> {
-        let Caller { id, scope } = self.authorize(&req, "Refresh", Need::Verb(Verb::Refresh)).await?;
+        let path = req.get_ref().path.clone();
+        let need = if path.is_empty() { Need::Verb(Verb::Refresh) } else { Need::Path(Verb::Refresh, &path) };
+        let Caller { id, scope } = self.authorize(&req, "Refresh", need).await?;
         let r = req.into_inner();
         let named = if r.path.is_empty() { r.backend.clone() } else { r.path.clone() };
         let found = self
@@ -481,21 +483,37 @@ impl admin_server::Admin for AdminService {
     }
 
     async fn grant(&self, req: Request<pb::GrantSpec>) -> Reply<pb::GrantSpec> {
-        // A template's grant is a grant of `@template/NAME`: no role's paths
-        // cover it, so only full admins grant templates (for now).
+        // A grant of a template or a lease source is checked by what it
+        // reaches (its inputs, its backend path): see `policy::roles`.
         let shown = super::templates::shown_path(req.get_ref());
-        let need = Need::Grant(Verb::Grant, &shown, &req.get_ref().workload);
-        let Caller { id, .. } = self.authorize(&req, "Grant", need).await?;
+        let workload = req.get_ref().workload.clone();
+        let reaches = crate::policy::roles::reach_of(&shown).is_some();
+        let need = if reaches { Need::AnyRole } else { Need::Grant(Verb::Grant, &shown, &workload) };
+        let Caller { id, scope } = self.authorize(&req, "Grant", need).await?;
         let asked = super::templates::grant_request(req.into_inner()).map_err(ApiError::from)?;
-        let grant = self.op(move |b| b.grant(&id, &asked)).await?;
+        let grant = self
+            .op(move |b| {
+                if let Some(Err(lack)) = b.reach_grant_lack(&scope, &shown, &workload, false)? {
+                    return Err(b.refuse(&id, "Grant", &lack));
+                }
+                b.grant(&id, &asked)
+            })
+            .await?;
         Ok(Response::new(grant_pb(&grant)))
     }
 
     async fn revoke(&self, req: Request<pb::RevokeRequest>) -> Reply<pb::RevokeResponse> {
-        let need = Need::Grant(Verb::Grant, &req.get_ref().secret, &req.get_ref().workload);
-        let Caller { id, .. } = self.authorize(&req, "Revoke", need).await?;
-        let r = req.into_inner();
-        self.op(move |b| b.revoke(&id, &r.workload, &r.secret)).await?;
+        let (secret, workload) = (req.get_ref().secret.clone(), req.get_ref().workload.clone());
+        let reaches = crate::policy::roles::reach_of(&secret).is_some();
+        let need = if reaches { Need::AnyRole } else { Need::Grant(Verb::Grant, &secret, &workload) };
+        let Caller { id, scope } = self.authorize(&req, "Revoke", need).await?;
+        self.op(move |b| {
+            if let Some(Err(lack)) = b.reach_grant_lack(&scope, &secret, &workload, true)? {
+                return Err(b.refuse(&id, "Revoke", &lack));
+            }
+            b.revoke(&id, &workload, &secret)
+        })
+        .await?;
         Ok(Response::new(pb::RevokeResponse {}))
     }
 
@@ -546,18 +564,24 @@ impl admin_server::Admin for AdminService {
     }
 
     async fn put_template(&self, req: Request<pb::PutTemplateRequest>) -> Reply<pb::TemplateVersion> {
-        let Caller { id, .. } = self.authorize(&req, "PutTemplate", Need::FullAdmin).await?;
+        let Caller { id, scope } = self.authorize(&req, "PutTemplate", Need::Verb(Verb::Template)).await?;
         let r = req.into_inner();
         let broker = self.0.clone();
-        let t = self.op(move |_| broker.put_template(&id, &r.name, &r.source, now_ms()).map(|t| (r.name, t))).await?;
+        let t = self
+            .op(move |_| broker.put_template_within(&id, &scope, &r.name, &r.source, now_ms()).map(|t| (r.name, t)))
+            .await?;
         Ok(Response::new(super::templates::version_pb(&t.0, &t.1)))
     }
 
     async fn get_template(&self, req: Request<pb::GetTemplateRequest>) -> Reply<pb::GetTemplateResponse> {
-        let Caller { id, .. } = self.authorize(&req, "GetTemplate", Need::FullAdmin).await?;
+        let Caller { id, scope } = self.authorize(&req, "GetTemplate", Need::Verb(Verb::Template)).await?;
         let r = req.into_inner();
+        let who = id.clone();
         let reply = self
             .audited(id, EventKind::TemplateGet, Some(r.name.clone()), move |b| {
+                if let Err(lack) = b.template_within(&scope, &r.name)? {
+                    return Err(b.refuse(&who, "GetTemplate", &lack));
+                }
                 let t = b.get_template(&r.name, (r.version != 0).then_some(r.version))?;
                 let meta = super::templates::version_pb(&r.name, &t);
                 Ok((pb::GetTemplateResponse { meta: Some(meta), source: t.source }, Some(t.version)))
@@ -567,25 +591,35 @@ impl admin_server::Admin for AdminService {
     }
 
     async fn list_templates(&self, req: Request<pb::ListTemplatesRequest>) -> Reply<pb::ListTemplatesResponse> {
-        let Caller { id, .. } = self.authorize(&req, "ListTemplates", Need::FullAdmin).await?;
+        let Caller { id, scope } = self.authorize(&req, "ListTemplates", Need::Verb(Verb::Template)).await?;
         let templates = self
-            .audited(id, EventKind::TemplateLs, None, |b| {
+            .audited(id, EventKind::TemplateLs, None, move |b| {
                 let all = b.list_templates()?;
-                Ok((all.iter().map(|(n, t)| super::templates::version_pb(n, t)).collect(), None))
+                let reach = |id: &str| b.source_reach_of(id);
+                let mine = all.iter().filter(|(_, t)| scope.check_template_inputs(&t.inputs, &reach).is_ok());
+                Ok((mine.map(|(n, t)| super::templates::version_pb(n, t)).collect(), None))
             })
             .await?;
         Ok(Response::new(pb::ListTemplatesResponse { templates }))
     }
 
     async fn delete_template(&self, req: Request<pb::DeleteTemplateRequest>) -> Reply<pb::DeleteTemplateResponse> {
-        let Caller { id, .. } = self.authorize(&req, "DeleteTemplate", Need::FullAdmin).await?;
+        let Caller { id, scope } = self.authorize(&req, "DeleteTemplate", Need::Verb(Verb::Template)).await?;
         let name = req.into_inner().name;
-        let removed = self.op(move |b| b.delete_template(&id, &name)).await?;
+        let removed = self
+            .op(move |b| {
+                if let Err(lack) = b.template_within(&scope, &name)? {
+                    return Err(b.refuse(&id, "DeleteTemplate", &lack));
+                }
+                b.delete_template(&id, &name)
+            })
+            .await?;
         Ok(Response::new(pb::DeleteTemplateResponse { versions_removed: removed as u32 }))
     }
 
     async fn add_source(&self, req: Request<pb::SourceSpec>) -> Reply<pb::SourceSpec> {
-        let Caller { id, .. } = self.authorize(&req, "AddSource", Need::FullAdmin).await?;
+        let verb = if req.get_ref().kind == "cert" { Verb::Cert } else { Verb::Dynamic };
+        let Caller { id, scope } = self.authorize(&req, "AddSource", Need::Verb(verb)).await?;
         let s = req.into_inner();
         let kind = source_kind(&s.kind)?;
         let nonempty = |v: String| (!v.is_empty()).then_some(v);
@@ -597,17 +631,23 @@ impl admin_server::Admin for AdminService {
             cn: nonempty(s.cn),
             ttl: nonempty(s.ttl),
         };
-        let src = self.op(move |b| b.add_source(&id, kind, &asked)).await?;
+        let src = self
+            .op(move |b| {
+                b.check_source_put(&id, &scope, kind, &asked)?;
+                b.add_source(&id, kind, &asked)
+            })
+            .await?;
         Ok(Response::new(source_pb(&src)))
     }
 
     async fn list_sources(&self, req: Request<pb::ListSourcesRequest>) -> Reply<pb::ListSourcesResponse> {
-        let Caller { id, .. } = self.authorize(&req, "ListSources", Need::FullAdmin).await?;
+        let Caller { id, scope } = self.authorize(&req, "ListSources", Need::AnyRole).await?;
         let kind = req.into_inner().kind;
         let only = if kind.is_empty() { None } else { Some(source_kind(&kind)?) };
         let sources = self
             .audited(id, EventKind::Sources, None, move |b| {
                 let list = b.leases().sources().into_iter().filter(|s| only.is_none_or(|k| s.kind == k));
+                let list = list.filter(|s| source_within(&scope, s).is_ok());
                 Ok((list.map(|s| source_pb(&s)).collect(), None))
             })
             .await?;
@@ -615,20 +655,30 @@ impl admin_server::Admin for AdminService {
     }
 
     async fn remove_source(&self, req: Request<pb::RemoveSourceRequest>) -> Reply<pb::RemoveSourceResponse> {
-        let Caller { id, .. } = self.authorize(&req, "RemoveSource", Need::FullAdmin).await?;
+        let verb = if req.get_ref().kind == "cert" { Verb::Cert } else { Verb::Dynamic };
+        let Caller { id, scope } = self.authorize(&req, "RemoveSource", Need::Verb(verb)).await?;
         let r = req.into_inner();
         let kind = source_kind(&r.kind)?;
-        self.op(move |b| b.remove_source(&id, kind, &r.name)).await?;
+        self.op(move |b| {
+            let existing = b.leases().source(&format!("{}:{}", kind.as_str(), r.name));
+            if let Some(Err(lack)) = existing.map(|s| source_within(&scope, &s)) {
+                return Err(b.refuse(&id, "RemoveSource", &lack));
+            }
+            b.remove_source(&id, kind, &r.name)
+        })
+        .await?;
         Ok(Response::new(pb::RemoveSourceResponse {}))
     }
 
     async fn list_leases(&self, req: Request<pb::ListLeasesRequest>) -> Reply<pb::ListLeasesResponse> {
-        let Caller { id, .. } = self.authorize(&req, "ListLeases", Need::FullAdmin).await?;
+        let Caller { id, scope } = self.authorize(&req, "ListLeases", Need::Verb(Verb::Leases)).await?;
         let w = req.into_inner().workload;
         let leases = self
             .audited_for(id, EventKind::Leases, (!w.is_empty()).then(|| w.clone()), None, move |b| {
                 let only = (!w.is_empty()).then_some(w.as_str());
-                let list = b.leases().list(only).into_iter().map(|l| pb::LeaseEntry {
+                let list =
+                    b.leases().list(only).into_iter().filter(|l| scope.covers_workload(Verb::Leases, &l.workload));
+                let list = list.map(|l| pb::LeaseEntry {
                     source: l.source,
                     workload: l.workload,
                     container: l.container,
@@ -652,6 +702,12 @@ fn source_kind(kind: &str) -> Result<Kind, Status> {
         "cert" => Ok(Kind::Cert),
         k => Err(Status::invalid_argument(format!("source kind {k:?} is not dynamic or cert"))),
     }
+}
+
+/// A source the caller could have made (what it may see and remove).
+fn source_within(scope: &Scope, s: &LeaseSource) -> Result<(), crate::policy::roles::Lack> {
+    let verb = if s.kind == Kind::Cert { Verb::Cert } else { Verb::Dynamic };
+    scope.check_source(verb, &s.backend, &s.path, s.uri.as_deref(), s.cn.as_deref())
 }
 
 fn source_pb(s: &LeaseSource) -> pb::SourceSpec {

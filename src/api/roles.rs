@@ -58,7 +58,8 @@ pub(crate) async fn apply_policy(
 ) -> Reply<pb::ApplyPolicyResponse> {
     let Caller { id, scope } = s.authorize(&req, "ApplyPolicy", Need::Verb(Verb::Apply)).await?;
     let r = req.into_inner();
-    let changes = s.op(move |b| b.apply_policy(&id, &scope, &r.text, r.prune, r.dry_run)).await?;
+    let broker = s.0.clone();
+    let changes = s.op(move |_| broker.apply_policy(&id, &scope, &r.text, r.prune, r.dry_run, r.revoke_leases)).await?;
     Ok(Response::new(pb::ApplyPolicyResponse { changes }))
 }
 

@@ -8,14 +8,14 @@
 //! nothing another admin did meanwhile is lost or contradicted.
 #![forbid(unsafe_code)]
 
-use std::sync::MutexGuard;
+use std::sync::{Arc, MutexGuard};
 
 use super::ops::{Audit, Done};
 use super::{Broker, BrokerError};
 use crate::audit::{Event, EventKind};
 use crate::backend::local::PolicyChange;
 use crate::identity::Identity;
-use crate::policy::file::{Current, FileError, PolicyFile, plan};
+use crate::policy::file::{Current, CurrentTemplate, FileError, PolicyFile, plan};
 use crate::policy::roles::{Role, Scope};
 
 impl Broker {
@@ -29,9 +29,60 @@ impl Broker {
         Ok(self.store.roles()?)
     }
 
-    /// The whole policy: roles, workloads and grants.
+    /// The whole policy: roles, workloads, grants, templates, lease
+    /// sources, and the live leases (what a prune would revoke).
     pub fn policy_now(&self) -> Result<Current, BrokerError> {
-        Ok(Current { roles: self.store.roles()?, workloads: self.store.workloads()?, grants: self.store.grants(None)? })
+        let templates = self
+            .list_templates()?
+            .into_iter()
+            .map(|(name, t)| CurrentTemplate { name, source: t.source, inputs: t.inputs })
+            .collect();
+        Ok(Current {
+            roles: self.store.roles()?,
+            workloads: self.store.workloads()?,
+            grants: self.store.grants(None)?,
+            templates,
+            sources: self.leases.sources(),
+            leases: self.leases.list(None).into_iter().map(|l| (l.source, l.workload)).collect(),
+        })
+    }
+
+    /// The inputs of each template of `file` whose text is new or
+    /// changed: its dry run, reading only what `scope` may (see
+    /// [`super::InputGate`]). An error names the template's line.
+    fn template_inputs(self: &Arc<Self>, file: &mut PolicyFile, scope: &Scope) -> Result<(), FileError> {
+        let have: std::collections::BTreeMap<String, String> = self
+            .list_templates()
+            .map_err(|e| FileError { line: None, message: format!("store: {e}"), denied: false })?
+            .into_iter()
+            .map(|(n, t)| (n, t.source))
+            .collect();
+        let max = self.config.max_value_bytes as usize;
+        for (l, t) in &mut file.templates {
+            if have.get(&t.name) == Some(&t.source) {
+                continue;
+            }
+            let gate = super::InputGate::new(scope);
+            let (g, b) = (gate.clone(), self.clone());
+            let get = move |path: &str| {
+                if !g.readable(path) {
+                    return None;
+                }
+                let p = crate::secret::SecretPath::parse(path).ok()?;
+                b.get_secret(&p, None).ok().map(|(_, v)| v)
+            };
+            let checked = crate::template::check(&t.source, max, get);
+            if let Some(lack) = gate.lack() {
+                return Err(FileError { line: Some(*l), message: lack.to_string(), denied: true });
+            }
+            let inputs = checked.map_err(|e| FileError {
+                line: Some(*l),
+                message: format!("[[template]] {}: {e}", t.name),
+                denied: false,
+            })?;
+            t.inputs = Some(inputs.into_iter().collect());
+        }
+        Ok(())
     }
 
     /// `role add`: add or replace a role; in force for the next call.
@@ -61,22 +112,23 @@ impl Broker {
     /// transaction and one propagation (every mount up to date when this
     /// returns). Returns the plan's lines. One audit line either way: the
     /// apply (or diff) with its count of changes, or the denial.
+    /// A prune that would revoke live leases is refused unless
+    /// `revoke_leases` (a diff says so on the lines concerned).
     pub fn apply_policy(
-        &self,
+        self: &Arc<Self>,
         by: &Identity,
         scope: &Scope,
         text: &str,
         prune: bool,
         dry_run: bool,
+        revoke_leases: bool,
     ) -> Result<Vec<String>, BrokerError> {
         let event = if dry_run { EventKind::Diff } else { EventKind::Apply };
         let record =
             |reason: &str| self.audit.record(&Event { caller: Some(by), reason: Some(reason), ..Event::new(event) });
         let _serial = self.policy_serial();
-        let planned = PolicyFile::parse(text).and_then(|file| {
-            if let Some(e) = file.unsupported() {
-                return Err(e);
-            }
+        let planned = PolicyFile::parse(text).and_then(|mut file| {
+            self.template_inputs(&mut file, scope)?;
             let cur = self.policy_now().map_err(|e| FileError {
                 line: None,
                 message: format!("store: {e}"),
@@ -107,8 +159,24 @@ impl Broker {
                 });
             }
         };
-        let result = if dry_run { Ok(()) } else { self.commit_policy(&plan.change) };
-        let n = plan.change.len();
+        if plan.revokes > 0 && !dry_run && !revoke_leases {
+            let reason = format!(
+                "{} changes not made: they would revoke {} live leases; apply again with --revoke-leases",
+                plan.change.len(),
+                plan.revokes
+            );
+            record(&reason)?;
+            return Err(BrokerError::Precondition(format!(
+                "this apply would revoke {} live leases (see keyhole diff); nothing was changed: apply again with \
+                 --revoke-leases to revoke them",
+                plan.revokes
+            )));
+        }
+        let mut change = plan.change;
+        change.now_ms =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+        let result = if dry_run { Ok(()) } else { self.commit_policy(&change) };
+        let n = change.len();
         let reason = match &result {
             Ok(()) if prune => format!("{n} changes (prune)"),
             Ok(()) => format!("{n} changes"),
@@ -128,12 +196,37 @@ impl Broker {
         if !change.put_roles.is_empty() || !change.remove_roles.is_empty() {
             self.roles.set(self.store.roles()?);
         }
-        // Values of new grants on a remote backend, fetched before the mounts show them.
+        for id in &change.remove_sources {
+            self.leases.drop_source(id);
+        }
+        for s in &change.put_sources {
+            self.leases.set_source(s.clone());
+        }
+        let mut templates: Vec<String> = change.put_templates.iter().map(|(n, _, _)| n.clone()).collect();
+        templates.extend(change.remove_templates.iter().cloned());
+        if !templates.is_empty() {
+            self.templates_replaced(&templates);
+        }
+        // Values of new grants (and of new templates' inputs) on a remote
+        // backend, fetched before the mounts show them.
         let mut fetched = Vec::new();
         for g in &change.put_grants {
             fetched.extend(self.prefetch(&g.target));
         }
+        for input in change.put_templates.iter().flat_map(|(_, _, i)| i) {
+            if let Ok(p) = crate::secret::SecretPath::parse(input) {
+                fetched.extend(self.prefetch(&crate::policy::Target::Exact(p)));
+            }
+        }
+        fetched.extend(change.put_sources.iter().map(crate::lease::Source::id));
+        fetched.extend(templates.iter().map(|n| format!("{}{n}", crate::secret::TEMPLATE_PREFIX)));
         self.everything_changed(fetched);
+        let ended = !change.remove_grants.is_empty()
+            || !change.remove_workloads.is_empty()
+            || !change.remove_sources.is_empty();
+        if ended {
+            self.leases_policy_changed();
+        }
         Ok(())
     }
 }

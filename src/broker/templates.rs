@@ -143,17 +143,40 @@ impl Broker {
         source: &str,
         now_ms: i64,
     ) -> Result<TemplateVersion, ApiError> {
+        self.put_template_within(by, &crate::policy::roles::Scope::Full, name, source, now_ms)
+    }
+
+    /// [`Self::put_template`] by an admin of `scope`: the dry run reads
+    /// only what its roles cover, and the inputs are checked before the
+    /// store is written (see [`super::scoped`]).
+    pub fn put_template_within(
+        self: &Arc<Self>,
+        by: &Identity,
+        scope: &crate::policy::roles::Scope,
+        name: &str,
+        source: &str,
+        now_ms: i64,
+    ) -> Result<TemplateVersion, ApiError> {
         self.write(Audit::by(by, EventKind::TemplatePut).path(name), |_| {
             crate::template::check_name(name)?;
             let max = self.config.max_value_bytes as usize;
             let b = self.clone();
+            let gate = super::InputGate::new(scope);
+            let g = gate.clone();
             let get = move |path: &str| {
+                if !g.readable(path) {
+                    return None;
+                }
                 let p = SecretPath::parse(path).ok()?;
                 b.get_secret(&p, None).ok().map(|(_, v)| v)
             };
             // The dry run may call a backend: off the async workers already.
-            let inputs = crate::template::check(source, max, get)?;
-            let inputs: Vec<String> = inputs.into_iter().collect();
+            let inputs = crate::template::check(source, max, get);
+            if let Some(lack) = gate.lack() {
+                return Err(self.refuse(by, "PutTemplate", &lack));
+            }
+            let inputs: Vec<String> = inputs?.into_iter().collect();
+            self.check_template_put(by, scope, name, &inputs)?;
             self.template_index()?;
             let made = self.store.template_put(name, source, inputs.clone(), now_ms)?;
             self.index_template(name, &inputs);
@@ -336,5 +359,18 @@ impl Broker {
                 }
             }
         })
+    }
+}
+
+impl Broker {
+    /// Templates `names` were put or removed outside [`Self::put_template`]
+    /// (a policy apply): the index of who reads what is rebuilt from the
+    /// store on next use, and their last renders forgotten.
+    pub(crate) fn templates_replaced(&self, names: &[String]) {
+        *self.templates.readers.write().expect("template index") = None;
+        let mut renders = self.templates.renders.lock().expect("renders lock");
+        for n in names {
+            renders.remove(&format!("{TEMPLATE_PREFIX}{n}"));
+        }
     }
 }

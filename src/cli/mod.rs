@@ -145,11 +145,13 @@ same secret to the same workload replaces the earlier one.")]
     #[command(subcommand)]
     Role(roles::RoleCmd),
 
-    /// Make the broker's workloads, grants and roles what a policy file says
+    /// Make the broker's policy (workloads, grants, templates, sources, roles) what a file says
     #[command(after_help = "One transaction and one update of the mounts: every item is checked (and,
 for a scoped admin, must be within its roles) before anything changes; an
 invalid file changes nothing and names its line. Without --prune nothing
-the file does not name is removed. Names only: a file never holds a value.
+the file does not name is removed; a prune that would revoke live leases
+(of a removed dynamic/cert source, grant or workload) also needs
+--revoke-leases. Names only: a file never holds a value.
 
 Examples:
   keyhole diff -f policy.toml && keyhole apply -f policy.toml
@@ -163,7 +165,7 @@ something (drift, not an error), and the usual codes (1-7) on errors.
 With --prune, what apply --prune would remove is listed too (lines with -).")]
     Diff(roles::ApplyArgs),
 
-    /// Print the current policy (roles, workloads, grants) as a policy file
+    /// Print the current policy as a policy file (names only, never values)
     Export,
 
     /// Show the broker's state (admin)

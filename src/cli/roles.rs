@@ -31,7 +31,15 @@ Verbs (comma-separated or repeated):
             in its workload patterns, or the admin's own unix:uid / unix:gid)
   audit     audit log, audit --verify
   apply     keyhole apply / diff (every item checked as above)
-  template, dynamic, cert, leases, refresh   those features, where the broker has them
+  template  template put, get, ls, rm: every input in the role's paths; with grant,
+            grant --template to a workload in its patterns (each input as a grant)
+  dynamic   dynamic add, ls, rm: BACKEND/PATH in the role's paths (--backend prod
+            --path database/creds/a-web needs prod/database/creds/a-web); with grant,
+            grant dynamic:NAME to a workload in its patterns
+  cert      the same for cert add (BACKEND/ISSUE-PATH); --uri must end in /{workload}
+            and --cn be {workload} or {workload}.DOMAIN
+  leases    keyhole leases (the role's workloads only)
+  refresh   keyhole refresh (a named path must be in the role's paths)
 
 Examples:
   keyhole role add team-a --principal uid:1001 --principal 'subject:CN=alice,O=Example' \\
@@ -69,10 +77,15 @@ pub struct ApplyArgs {
     /// The policy file (TOML; `-` for stdin)
     #[arg(short = 'f', long = "file", value_name = "FILE")]
     pub file: PathBuf,
-    /// Also remove workloads, grants and roles the file does not name
-    /// (within the caller's scope)
+    /// Also remove what the file does not name: workloads, grants,
+    /// templates, sources, roles (within the caller's scope)
     #[arg(long)]
     pub prune: bool,
+    /// Allow a prune that revokes live leases (a removed dynamic or cert
+    /// source, a grant of one, or a workload holding them); without it
+    /// such an apply changes nothing and says so
+    #[arg(long)]
+    pub revoke_leases: bool,
 }
 
 fn role_json(r: &pb::RoleSpec) -> serde_json::Value {
@@ -141,7 +154,7 @@ fn read_file(path: &PathBuf) -> anyhow::Result<String> {
 /// `keyhole apply` (`dry_run` false) or `keyhole diff` (true).
 pub async fn apply(a: ApplyArgs, dry_run: bool, socket: &Target, json: bool) -> anyhow::Result<()> {
     let text = read_file(&a.file)?;
-    let req = pb::ApplyPolicyRequest { text, prune: a.prune, dry_run };
+    let req = pb::ApplyPolicyRequest { text, prune: a.prune, dry_run, revoke_leases: a.revoke_leases };
     let r = rpc!(admin, socket, ConnectOnly, apply_policy, req)?;
     let n = r.changes.len();
     if json {

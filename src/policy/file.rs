@@ -1,6 +1,7 @@
 //! Policy as a file: the TOML `keyhole apply`, `diff` and `export` speak,
-//! parsed into checked workloads, grants and roles (each with the line it
-//! came from), compared with what the broker holds, and printed back.
+//! parsed into checked workloads, grants, roles, templates and lease
+//! sources (each with the line it came from), compared with what the
+//! broker holds, and printed back.
 //! Pure: no I/O. The format is documented in
 //! docs/src/reference/policy-file.md.
 //!
@@ -13,9 +14,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
-use super::roles::{Need, Role, Scope, Verb};
+use super::roles::{Lack, Need, Role, Scope, Verb, reach_of, source_reach};
 use super::{Grant, Workload, check_file_clash};
 use crate::backend::local::PolicyChange;
+use crate::lease::{Kind, Source};
 
 /// A file that cannot be applied: where, and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -86,8 +88,7 @@ enum RawMode {
 struct RawGrant {
     #[serde(skip_serializing_if = "Option::is_none")]
     secret: Option<String>,
-    /// Grants of a template, dynamic source or certificate: parsed, not
-    /// yet applied (see [`PolicyFile::unsupported`]).
+    /// Grants of a template, dynamic source or certificate, by name.
     #[serde(skip_serializing_if = "Option::is_none")]
     template: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -111,32 +112,40 @@ struct RawGrant {
     exec: Option<Vec<String>>,
 }
 
-/// `[[template]]`: a template rendered from secrets (issue 16). Parsed so
-/// the file format is settled; applied once templates land.
+/// `[[template]]`: a template (`keyhole template put NAME`), its text inline.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct TemplateSpec {
     pub name: String,
     /// The template text, inline.
     pub source: String,
-    /// Anything else its `add` command takes.
-    #[serde(flatten)]
-    pub fields: BTreeMap<String, toml::Value>,
+    /// The inputs its dry run records (filled in by the broker before
+    /// planning; a template whose text is unchanged keeps its own).
+    #[serde(skip)]
+    pub inputs: Option<Vec<String>>,
 }
 
-/// `[[dynamic]]`: a dynamic credential source (issue 17). Parsed, not yet applied.
+/// `[[dynamic]]`: `keyhole dynamic add NAME --backend B --path P`.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
-pub struct DynamicSpec {
-    pub name: String,
-    #[serde(flatten)]
-    pub fields: BTreeMap<String, toml::Value>,
+#[serde(deny_unknown_fields)]
+struct DynamicSpec {
+    name: String,
+    backend: String,
+    path: String,
 }
 
-/// `[[cert]]`: an issued certificate. Parsed, not yet applied.
+/// `[[cert]]`: `keyhole cert add NAME --backend B --issue P --uri U [--cn C] [--ttl T]`.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
-pub struct CertSpec {
-    pub name: String,
-    #[serde(flatten)]
-    pub fields: BTreeMap<String, toml::Value>,
+#[serde(deny_unknown_fields)]
+struct CertSpec {
+    name: String,
+    backend: String,
+    issue: String,
+    uri: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    cn: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    ttl: Option<String>,
 }
 
 /// A parsed, checked policy file; every item with its line.
@@ -146,10 +155,8 @@ pub struct PolicyFile {
     pub workloads: Vec<(usize, Workload)>,
     pub grants: Vec<(usize, Grant)>,
     pub templates: Vec<(usize, TemplateSpec)>,
-    pub dynamics: Vec<(usize, DynamicSpec)>,
-    pub certs: Vec<(usize, CertSpec)>,
-    /// Grants of templates, dynamic sources or certificates: (line, kind).
-    pub other_grants: Vec<(usize, &'static str)>,
+    /// `[[dynamic]]` and `[[cert]]`, checked as their `add` commands check them.
+    pub sources: Vec<(usize, Source)>,
 }
 
 /// The 1-based line of byte `offset` in `text`.
@@ -203,6 +210,42 @@ impl PolicyFile {
             }
             out.workloads.push((l, wl));
         }
+        let mut names = BTreeSet::new();
+        for t in raw.template {
+            let l = line(&t.span());
+            let t = t.into_inner();
+            crate::template::check_name(&t.name).map_err(|e| at(l, format!("[[template]] {}: {e}", t.name)))?;
+            if t.source.len() > crate::template::MAX_SOURCE {
+                return Err(at(
+                    l,
+                    format!("[[template]] {}: longer than {} bytes", t.name, crate::template::MAX_SOURCE),
+                ));
+            }
+            if !names.insert(t.name.clone()) {
+                return Err(at(l, format!("[[template]] {} is named twice", t.name)));
+            }
+            out.templates.push((l, TemplateSpec { inputs: None, ..t }));
+        }
+        let mut ids = BTreeSet::new();
+        let dynamics = raw.dynamic.into_iter().map(|d| {
+            let l = line(&d.span());
+            let d = d.into_inner();
+            (l, "[[dynamic]]", Source::new(Kind::Dynamic, &d.name, &d.backend, &d.path, None, None, None), d.name)
+        });
+        let certs = raw.cert.into_iter().map(|c| {
+            let l = line(&c.span());
+            let c = c.into_inner();
+            let src =
+                Source::new(Kind::Cert, &c.name, &c.backend, &c.issue, Some(&c.uri), c.cn.as_deref(), c.ttl.as_deref());
+            (l, "[[cert]]", src, c.name)
+        });
+        for (l, what, src, name) in dynamics.chain(certs) {
+            let src = src.map_err(|e| at(l, format!("{what} {name}: {e}")))?;
+            if !ids.insert(src.id()) {
+                return Err(at(l, format!("{what} {name} is named twice")));
+            }
+            out.sources.push((l, src));
+        }
         let mut seen = BTreeSet::new();
         for g in raw.grant {
             let l = line(&g.span());
@@ -211,10 +254,8 @@ impl PolicyFile {
             let named: Vec<_> = kinds.iter().filter(|(_, v)| v.is_some()).collect();
             let secret = match named.as_slice() {
                 [("secret", Some(s))] => s.clone(),
-                [(kind, Some(_))] => {
-                    out.other_grants.push((l, kind));
-                    continue;
-                }
+                [("template", Some(t))] => format!("{}{t}", crate::secret::TEMPLATE_PREFIX),
+                [(kind, Some(n))] => format!("{kind}:{n}"),
                 _ => return Err(at(l, "[[grant]] needs exactly one of secret, template, dynamic, cert")),
             };
             if g.restart.is_some() || g.exec.is_some() {
@@ -231,24 +272,16 @@ impl PolicyFile {
                 .map_err(|e| at(l, format!("[[grant]] {secret}: {e}")))?;
             out.grants.push((l, grant));
         }
-        out.templates = raw.template.into_iter().map(|t| (line(&t.span()), t.into_inner())).collect();
-        out.dynamics = raw.dynamic.into_iter().map(|t| (line(&t.span()), t.into_inner())).collect();
-        out.certs = raw.cert.into_iter().map(|t| (line(&t.span()), t.into_inner())).collect();
         Ok(out)
     }
+}
 
-    /// The first item this broker cannot apply yet (templates, dynamic
-    /// sources, certificates and grants of them), as an error naming it.
-    pub fn unsupported(&self) -> Option<FileError> {
-        let first = [
-            self.templates.first().map(|(l, _)| (*l, "[[template]]")),
-            self.dynamics.first().map(|(l, _)| (*l, "[[dynamic]]")),
-            self.certs.first().map(|(l, _)| (*l, "[[cert]]")),
-            self.other_grants.first().map(|(l, k)| (*l, *k)),
-        ];
-        let (l, what) = first.into_iter().flatten().min_by_key(|(l, _)| *l)?;
-        Some(at(l, format!("{what} is not supported by this broker yet; nothing was applied")))
-    }
+/// A template as the broker holds it: its current version's text and inputs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CurrentTemplate {
+    pub name: String,
+    pub source: String,
+    pub inputs: Vec<String>,
 }
 
 /// What the broker holds now.
@@ -257,6 +290,10 @@ pub struct Current {
     pub roles: Vec<Role>,
     pub workloads: Vec<Workload>,
     pub grants: Vec<Grant>,
+    pub templates: Vec<CurrentTemplate>,
+    pub sources: Vec<Source>,
+    /// Live leases: (source id such as `dynamic:db`, workload).
+    pub leases: Vec<(String, String)>,
 }
 
 /// What applying a file would do: the store change, one line per change
@@ -266,6 +303,9 @@ pub struct Plan {
     pub change: PolicyChange,
     /// `+ workload web`, `~ grant db/pw -> web`, `- role ops`, sorted as made.
     pub lines: Vec<String>,
+    /// Live leases the change would revoke (a pruned source, grant of one,
+    /// or workload holding them): how many.
+    pub revokes: usize,
 }
 
 /// Compare the file with the broker, within `scope`: every item of the
@@ -273,7 +313,7 @@ pub struct Plan {
 /// removes what the caller could have made. Returns the plan, or the
 /// first item out of scope (with its line).
 pub fn plan(file: &PolicyFile, cur: &Current, prune: bool, scope: &Scope) -> Result<Plan, FileError> {
-    let deny = |l: Option<usize>, e: super::roles::Lack| FileError { line: l, message: e.to_string(), denied: true };
+    let deny = |l: Option<usize>, e: Lack| FileError { line: l, message: e.to_string(), denied: true };
     let mut p = Plan::default();
     // Roles: full admins only.
     let have_roles: BTreeMap<&str, &Role> = cur.roles.iter().map(|r| (r.name.as_str(), r)).collect();
@@ -300,6 +340,114 @@ pub fn plan(file: &PolicyFile, cur: &Current, prune: bool, scope: &Scope) -> Res
             }
         }
     }
+    // Live leases by source and by workload, for what a removal revokes.
+    let leases_of = |pred: &dyn Fn(&str, &str) -> bool| cur.leases.iter().filter(|(s, w)| pred(s, w)).count();
+    // Lease sources: what each reaches, as the file will leave them.
+    let have_s: BTreeMap<String, &Source> = cur.sources.iter().map(|s| (s.id(), s)).collect();
+    let file_s: BTreeMap<String, &Source> = file.sources.iter().map(|(_, s)| (s.id(), s)).collect();
+    let mut gone_s = BTreeSet::new();
+    if prune {
+        for s in &cur.sources {
+            if !file_s.contains_key(&s.id()) && source_within(scope, s).is_ok() {
+                let n = leases_of(&|src, _| src == s.id());
+                p.revokes += n;
+                p.lines.push(format!("- {}{}", s.id(), revoking(n)));
+                p.change.remove_sources.push(s.id());
+                gone_s.insert(s.id());
+            }
+        }
+    }
+    let reach = |id: &str| -> Option<String> {
+        file_s
+            .get(id)
+            .copied()
+            .or_else(|| have_s.get(id).copied().filter(|_| !gone_s.contains(id)))
+            .map(|s| source_reach(&s.backend, &s.path))
+    };
+    for (l, s) in &file.sources {
+        let id = s.id();
+        let verb = if s.kind == Kind::Cert { Verb::Cert } else { Verb::Dynamic };
+        scope
+            .check_source(verb, &s.backend, &s.path, s.uri.as_deref(), s.cn.as_deref())
+            .map_err(|e| deny(Some(*l), e))?;
+        match have_s.get(&id) {
+            Some(h) if *h == s => {}
+            Some(h) => {
+                source_within(scope, h).map_err(|e| deny(Some(*l), e))?;
+                p.lines.push(format!("~ {id}"));
+                p.change.put_sources.push(s.clone());
+            }
+            None => {
+                p.lines.push(format!("+ {id}"));
+                p.change.put_sources.push(s.clone());
+            }
+        }
+    }
+    // Templates.
+    let have_t: BTreeMap<&str, &CurrentTemplate> = cur.templates.iter().map(|t| (t.name.as_str(), t)).collect();
+    let file_t: BTreeMap<&str, Vec<String>> = file
+        .templates
+        .iter()
+        .map(|(_, t)| {
+            let kept = have_t.get(t.name.as_str()).filter(|h| h.source == t.source).map(|h| h.inputs.clone());
+            (t.name.as_str(), t.inputs.clone().or(kept).unwrap_or_default())
+        })
+        .collect();
+    let mut changed_t = BTreeSet::new();
+    for (l, t) in &file.templates {
+        let inputs = &file_t[t.name.as_str()];
+        scope.check_template_inputs(inputs, &reach).map_err(|e| deny(Some(*l), e))?;
+        match have_t.get(t.name.as_str()) {
+            Some(h) if h.source == t.source => continue,
+            Some(h) => {
+                scope.check_template_inputs(&h.inputs, &reach).map_err(|e| deny(Some(*l), e))?;
+                p.lines.push(format!("~ template {}", t.name));
+            }
+            None => p.lines.push(format!("+ template {}", t.name)),
+        }
+        changed_t.insert(t.name.as_str());
+        p.change.put_templates.push((t.name.clone(), t.source.clone(), inputs.clone()));
+    }
+    let mut gone_t = BTreeSet::new();
+    if prune {
+        for t in &cur.templates {
+            if !file_t.contains_key(t.name.as_str()) && scope.check_template_inputs(&t.inputs, &reach).is_ok() {
+                p.lines.push(format!("- template {}", t.name));
+                p.change.remove_templates.push(t.name.clone());
+                gone_t.insert(t.name.as_str());
+            }
+        }
+    }
+    let template_inputs = |name: &str| -> Option<Vec<String>> {
+        file_t
+            .get(name)
+            .cloned()
+            .or_else(|| have_t.get(name).filter(|_| !gone_t.contains(name)).map(|t| t.inputs.clone()))
+    };
+    // A grant of a template or source needs it to be there, and is
+    // checked by what it reaches; a secret grant as a secret.
+    let check_grant = |l: Option<usize>, g: &Grant| -> Result<(), FileError> {
+        let target = g.target.to_string();
+        match reach_of(&target) {
+            Some((Verb::Template, name)) => {
+                let inputs = template_inputs(name).ok_or_else(|| FileError {
+                    line: l,
+                    message: format!("[[grant]] template {name}: no such template in the file or kept"),
+                    denied: false,
+                })?;
+                scope.check_template_grant(name, &inputs, &g.workload, &reach).map_err(|e| deny(l, e))
+            }
+            Some((verb, _)) => {
+                let r = reach(&target).ok_or_else(|| FileError {
+                    line: l,
+                    message: format!("[[grant]] {target}: no such source in the file or kept"),
+                    denied: false,
+                })?;
+                scope.check_source_grant(verb, &target, &r, &g.workload).map_err(|e| deny(l, e))
+            }
+            None => scope.check(Need::Grant(Verb::Grant, &target, &g.workload)).map_err(|e| deny(l, e)),
+        }
+    };
     // Workloads.
     let have_w: BTreeMap<&str, &Workload> = cur.workloads.iter().map(|w| (w.name.as_str(), w)).collect();
     let file_w: BTreeSet<&str> = file.workloads.iter().map(|(_, w)| w.name.as_str()).collect();
@@ -322,7 +470,9 @@ pub fn plan(file: &PolicyFile, cur: &Current, prune: bool, scope: &Scope) -> Res
     if prune {
         for w in &cur.workloads {
             if !file_w.contains(w.name.as_str()) && scope.covers_workload(Verb::Workload, &w.name) {
-                p.lines.push(format!("- workload {} (and its grants)", w.name));
+                let n = leases_of(&|s, wl| wl == w.name && !gone_s.contains(s));
+                p.revokes += n;
+                p.lines.push(format!("- workload {} (and its grants){}", w.name, revoking(n)));
                 p.change.remove_workloads.push(w.name.clone());
                 gone_w.insert(w.name.as_str());
             }
@@ -334,7 +484,7 @@ pub fn plan(file: &PolicyFile, cur: &Current, prune: bool, scope: &Scope) -> Res
     let file_g: BTreeSet<(String, String)> = file.grants.iter().map(|(_, g)| key(g)).collect();
     for (l, g) in &file.grants {
         let target = g.target.to_string();
-        scope.check(Need::Grant(Verb::Grant, &target, &g.workload)).map_err(|e| deny(Some(*l), e))?;
+        check_grant(Some(*l), g)?;
         let exists = file_w.contains(g.workload.as_str())
             || (have_w.contains_key(g.workload.as_str()) && !gone_w.contains(g.workload.as_str()));
         if !exists {
@@ -355,19 +505,63 @@ pub fn plan(file: &PolicyFile, cur: &Current, prune: bool, scope: &Scope) -> Res
             }
         }
     }
-    if prune {
-        for g in &cur.grants {
-            let target = g.target.to_string();
-            if file_g.contains(&key(g)) || gone_w.contains(g.workload.as_str()) {
-                continue;
+    let mut kept_g = Vec::new();
+    for g in &cur.grants {
+        let target = g.target.to_string();
+        if file_g.contains(&key(g)) || gone_w.contains(g.workload.as_str()) {
+            continue;
+        }
+        let mine = match reach_of(&target) {
+            // Taking a grant of a template or source away needs grant and its verb on the workload.
+            Some((verb, _)) => match scope {
+                Scope::Full => true,
+                Scope::Roles(s) => {
+                    s.roles.iter().any(|r| r.has(Verb::Grant) && r.has(verb) && r.covers_workload(&g.workload))
+                }
+            },
+            None => scope.check(Need::Grant(Verb::Grant, &target, &g.workload)).is_ok(),
+        };
+        if prune && mine {
+            let n = leases_of(&|s, w| s == target && w == g.workload && !gone_s.contains(s));
+            p.revokes += n;
+            p.lines.push(format!("- grant {target} -> {}{}", g.workload, revoking(n)));
+            p.change.remove_grants.push((g.workload.clone(), target));
+        } else {
+            kept_g.push(g);
+        }
+    }
+    // What stays granted of a changed or removed template must still be
+    // the caller's to grant, and a removed template granted nowhere.
+    for g in kept_g {
+        if let Some((Verb::Template, name)) = reach_of(&g.target.to_string()) {
+            if gone_t.contains(name) {
+                return Err(FileError {
+                    line: None,
+                    message: format!("template {name} would be removed but stays granted to {}", g.workload),
+                    denied: false,
+                });
             }
-            if scope.check(Need::Grant(Verb::Grant, &target, &g.workload)).is_ok() {
-                p.lines.push(format!("- grant {target} -> {}", g.workload));
-                p.change.remove_grants.push((g.workload.clone(), target));
+            if changed_t.contains(name) {
+                let line = file.templates.iter().find(|(_, t)| t.name == name).map(|(l, _)| *l);
+                check_grant(line, g)?;
             }
         }
     }
     Ok(p)
+}
+
+fn revoking(n: usize) -> String {
+    match n {
+        0 => String::new(),
+        1 => " (revokes 1 live lease)".into(),
+        n => format!(" (revokes {n} live leases)"),
+    }
+}
+
+/// A source the caller could have made (what it may see, change and prune).
+pub fn source_within(scope: &Scope, s: &Source) -> Result<(), Lack> {
+    let verb = if s.kind == Kind::Cert { Verb::Cert } else { Verb::Dynamic };
+    scope.check_source(verb, &s.backend, &s.path, s.uri.as_deref(), s.cn.as_deref())
 }
 
 #[derive(Serialize)]
@@ -377,12 +571,19 @@ struct ExportFile {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     workload: Vec<RawWorkload>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
+    template: Vec<TemplateSpec>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    dynamic: Vec<DynamicSpec>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    cert: Vec<CertSpec>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     grant: Vec<RawGrant>,
 }
 
 /// The broker's policy as a file [`PolicyFile::parse`] reads back to the
-/// same items: roles (full admins only), then the workloads and grants
-/// `scope` sees. Names only.
+/// same items: roles (full admins only), then the workloads, templates,
+/// sources and grants `scope` sees. Names only: a template's text names
+/// its inputs, never their values.
 pub fn export(cur: &Current, scope: &Scope) -> String {
     let role = if scope.is_full() {
         cur.roles
@@ -408,8 +609,21 @@ pub fn export(cur: &Current, scope: &Scope) -> String {
         .grants
         .iter()
         .filter(|g| scope.sees_workload(&g.workload))
-        .map(|g| RawGrant {
-            secret: Some(g.target.to_string()),
+        .map(|g| {
+            let target = g.target.to_string();
+            let (secret, template, dynamic, cert) = match reach_of(&target) {
+                Some((Verb::Template, n)) => (None, Some(n.to_owned()), None, None),
+                Some((Verb::Dynamic, n)) => (None, None, Some(n.to_owned()), None),
+                Some((_, n)) => (None, None, None, Some(n.to_owned())),
+                None => (Some(target.clone()), None, None, None),
+            };
+            (g, secret, template, dynamic, cert)
+        })
+        .map(|(g, secret, template, dynamic, cert)| RawGrant {
+            secret,
+            template,
+            dynamic,
+            cert,
             workload: g.workload.clone(),
             file: g.file.clone(),
             mode: (g.mode != super::DEFAULT_MODE).then(|| RawMode::Octal(format!("{:04o}", g.mode))),
@@ -422,7 +636,31 @@ pub fn export(cur: &Current, scope: &Scope) -> String {
     let header = "# keyhole policy (keyhole export): names only, never values.\n\
                   # Apply with: keyhole apply -f FILE   (see keyhole diff -f FILE first)\n\n";
     // Invariant: plain strings, integers and arrays of them serialize.
-    format!("{header}{}", toml::to_string(&ExportFile { role, workload, grant }).unwrap_or_default())
+    let reach = |id: &str| cur.sources.iter().find(|s| s.id() == id).map(|s| source_reach(&s.backend, &s.path));
+    let template = cur
+        .templates
+        .iter()
+        .filter(|t| scope.check_template_inputs(&t.inputs, &reach).is_ok())
+        .map(|t| TemplateSpec { name: t.name.clone(), source: t.source.clone(), inputs: None })
+        .collect();
+    let mine = || cur.sources.iter().filter(|s| source_within(scope, s).is_ok());
+    let dynamic = mine()
+        .filter(|s| s.kind == Kind::Dynamic)
+        .map(|s| DynamicSpec { name: s.name.clone(), backend: s.backend.clone(), path: s.path.clone() })
+        .collect();
+    let cert = mine()
+        .filter(|s| s.kind == Kind::Cert)
+        .map(|s| CertSpec {
+            name: s.name.clone(),
+            backend: s.backend.clone(),
+            issue: s.path.clone(),
+            uri: s.uri.clone().unwrap_or_default(),
+            cn: s.cn.clone(),
+            ttl: s.ttl_secs.map(|t| humantime::format_duration(std::time::Duration::from_secs(t)).to_string()),
+        })
+        .collect();
+    let out = ExportFile { role, workload, template, dynamic, cert, grant };
+    format!("{header}{}", toml::to_string(&out).unwrap_or_default())
 }
 
 #[cfg(test)]
@@ -545,12 +783,17 @@ mode = 0o444
             "[[template]]\nname = \"t\"\nsource = \"{{ a }}\"\n\n[[grant]]\ntemplate = \"t\"\nworkload = \"w\"\n",
         )
         .unwrap();
-        assert_eq!(
-            f.unsupported().unwrap().to_string(),
-            "line 1: [[template]] is not supported by this broker yet; nothing was applied"
-        );
+        assert_eq!(f.grants[0].1.target.to_string(), "@template/t");
         let f = PolicyFile::parse("[[grant]]\ncert = \"c\"\nworkload = \"w\"\n").unwrap();
-        assert_eq!(f.unsupported().unwrap().line, Some(1));
+        assert_eq!(f.grants[0].1.target.to_string(), "cert:c");
+        let err = e("\n[[dynamic]]\nname = \"d\"\nbackend = \"prod\"\npath = \"../x\"\n");
+        assert_eq!(err.line, Some(2), "{err}");
+        let err = e("[[cert]]\nname = \"c\"\nbackend = \"prod\"\nissue = \"pki/sign/x\"\nuri = \"spiffe://x\"\n");
+        assert!(err.to_string().starts_with("line 1: [[cert]] c: --issue"), "{err}");
+        let err = e("[[template]]\nname = \"a/b\"\nsource = \"x\"\n");
+        assert!(err.to_string().starts_with("line 1: [[template]] a/b:"), "{err}");
+        let err = e("[[template]]\nname = \"t\"\nsource = \"x\"\ncolour = 1\n");
+        assert_eq!(err.line, Some(4), "{err}");
         let err = e("[[grant]]\nsecret = \"a\"\ncert = \"c\"\nworkload = \"w\"\n");
         assert!(err.message.contains("exactly one"), "{err}");
     }
@@ -591,5 +834,122 @@ mode = 0o444
         // Widening its workload to another team's containers: refused.
         let widen = a_file.replace("keyhole.workload=a-web", "keyhole.workload=b-web");
         assert!(plan(&PolicyFile::parse(&widen).unwrap(), &cur, false, &scope).is_err());
+    }
+
+    const LEASED: &str = r#"
+[[workload]]
+name = "a-web"
+selectors = ["docker:label:keyhole.workload=a-web"]
+
+[[template]]
+name = "cfg"
+source = "db={{ secret('a/db') }}"
+
+[[dynamic]]
+name = "db"
+backend = "prod"
+path = "database/creds/a-web"
+
+[[cert]]
+name = "tls"
+backend = "prod"
+issue = "pki-a/issue/web"
+uri = "spiffe://corp/{workload}"
+cn = "{workload}.svc"
+ttl = "1h"
+
+[[grant]]
+template = "cfg"
+workload = "a-web"
+
+[[grant]]
+dynamic = "db"
+workload = "a-web"
+file = "db.json"
+
+[[grant]]
+cert = "tls"
+workload = "a-web"
+"#;
+
+    fn with_inputs(text: &str) -> PolicyFile {
+        let mut f = PolicyFile::parse(text).unwrap();
+        for (_, t) in &mut f.templates {
+            t.inputs = Some(vec!["a/db".into()]);
+        }
+        f
+    }
+
+    fn applied_all(cur: &mut Current, p: &PolicyChange) {
+        applied(cur, p);
+        cur.templates.retain(|t| !p.remove_templates.contains(&t.name));
+        for (name, source, inputs) in &p.put_templates {
+            cur.templates.retain(|t| &t.name != name);
+            cur.templates.push(CurrentTemplate { name: name.clone(), source: source.clone(), inputs: inputs.clone() });
+        }
+        cur.sources.retain(|s| !p.remove_sources.contains(&s.id()));
+        for s in &p.put_sources {
+            cur.sources.retain(|x| x.id() != s.id());
+            cur.sources.push(s.clone());
+        }
+    }
+
+    #[test]
+    fn templates_and_sources_apply_export_and_prune_with_their_leases() {
+        let mut cur = Current::default();
+        let p = plan(&with_inputs(LEASED), &cur, false, &Scope::Full).unwrap();
+        assert_eq!(p.change.len(), 7, "{:?}", p.lines);
+        assert!(p.lines.contains(&"+ template cfg".to_owned()) && p.lines.contains(&"+ cert:tls".to_owned()));
+        applied_all(&mut cur, &p.change);
+        assert!(plan(&with_inputs(LEASED), &cur, true, &Scope::Full).unwrap().change.is_empty(), "idempotent");
+        // An unchanged template needs no dry run: its kept inputs stand.
+        assert!(plan(&PolicyFile::parse(LEASED).unwrap(), &cur, true, &Scope::Full).unwrap().change.is_empty());
+        let out = export(&cur, &Scope::Full);
+        assert!(out.contains("[[template]]") && out.contains("[[cert]]") && out.contains("ttl = \"1h\""), "{out}");
+        let back = plan(&PolicyFile::parse(&out).unwrap(), &cur, true, &Scope::Full).unwrap();
+        assert!(back.change.is_empty(), "export round-trips: {:?}\n{out}", back.lines);
+        // Pruning the source and its grant while a container holds a lease says so.
+        cur.leases = vec![("dynamic:db".into(), "a-web".into()), ("dynamic:db".into(), "a-web".into())];
+        let smaller =
+            LEASED.replace("[[dynamic]]\nname = \"db\"\nbackend = \"prod\"\npath = \"database/creds/a-web\"\n", "");
+        let smaller = smaller.replace("[[grant]]\ndynamic = \"db\"\nworkload = \"a-web\"\nfile = \"db.json\"\n", "");
+        let p = plan(&with_inputs(&smaller), &cur, true, &Scope::Full).unwrap();
+        assert_eq!(p.revokes, 2, "{:?}", p.lines);
+        assert!(p.lines.contains(&"- dynamic:db (revokes 2 live leases)".to_owned()), "{:?}", p.lines);
+        assert!(p.lines.contains(&"- grant dynamic:db -> a-web".to_owned()), "{:?}", p.lines);
+        // A grant of a source or template that is nowhere: refused by line.
+        let orphan = "[[grant]]\ndynamic = \"nope\"\nworkload = \"a-web\"\n";
+        let e = plan(&PolicyFile::parse(orphan).unwrap(), &cur, false, &Scope::Full).unwrap_err();
+        assert_eq!(e.line, Some(1), "{e}");
+        // A template pruned that stays granted (without --prune of its grant) is refused.
+        let no_t = LEASED.replace("[[template]]\nname = \"cfg\"\nsource = \"db={{ secret('a/db') }}\"\n", "");
+        assert!(plan(&with_inputs(&no_t), &cur, true, &Scope::Full).is_err());
+    }
+
+    #[test]
+    fn a_scoped_admin_applies_templates_and_sources_only_within_its_scope() {
+        use super::super::roles::Caller;
+        let role = Role::new(
+            "team-a",
+            &["uid:1001".into()],
+            &["a/*".into(), "prod/database/creds/a-web".into(), "prod/pki-a/*".into()],
+            &["a-*".into()],
+            &["grant,workload,apply,template,dynamic,cert".into()],
+        )
+        .unwrap();
+        let scope =
+            Scope::of(&[role], &Caller { uid: 1001, gid: 1001, groups: &[], host: true, subject: None }).unwrap();
+        let cur = Current::default();
+        assert!(plan(&with_inputs(LEASED), &cur, false, &scope).is_ok());
+        let mut f = with_inputs(LEASED);
+        f.templates[0].1.inputs = Some(vec!["a/db".into(), "b/db".into()]);
+        let e = plan(&f, &cur, false, &scope).unwrap_err();
+        assert!(e.denied && e.to_string().contains("no role grants template on b/db"), "{e}");
+        assert_eq!(e.line, Some(6));
+        let other = LEASED.replace("database/creds/a-web", "database/creds/b-web");
+        let e = plan(&with_inputs(&other), &cur, false, &scope).unwrap_err();
+        assert!(e.denied && e.to_string().contains("prod/database/creds/b-web"), "{e}");
+        let other = LEASED.replace("cn = \"{workload}.svc\"", "cn = \"b-web.svc\"");
+        assert!(plan(&with_inputs(&other), &cur, false, &scope).unwrap_err().denied);
     }
 }

@@ -23,12 +23,30 @@
 //! | `apply` | `keyhole apply` | every item of the file, as the verbs above |
 //! | `template`, `dynamic`, `cert`, `leases`, `refresh` | those features | see below |
 //!
-//! For features that reach secrets indirectly (a template's inputs, a
-//! dynamic source's backend path, a certificate's URI or CN): whoever
-//! puts or grants them must hold their verb, and every path they read
-//! must be covered: call [`Scope::covers_path`] with [`Verb::Read`] for each
-//! input path, and [`Scope::covers_workload`] for the workload it is
-//! granted to; refuse with [`Lack`] otherwise.
+//! What reaches secrets indirectly is checked against the admin who puts
+//! or grants it ([`Scope::check_template_inputs`],
+//! [`Scope::check_template_grant`], [`Scope::check_source`],
+//! [`Scope::check_source_grant`]):
+//!
+//! - a **template** (`template`): every input it reads (the references
+//!   recorded at put: `secret()` paths, and `dynamic:NAME`/`cert:NAME`
+//!   for lease sources) must be covered by the paths of a role holding
+//!   `template`; granting it to a workload is granting each input to it
+//!   (a role with `grant` covering the input and the workload), and a role
+//!   with `template` and `grant` must cover the workload;
+//! - a **dynamic source** or **certificate** (`dynamic`, `cert`) reaches
+//!   `BACKEND/ENGINE_PATH` (backend `vault`, path `database/creds/a-web`:
+//!   `vault/database/creds/a-web`), the name its backend's secrets have
+//!   in keyhole's path space: a role with the verb must cover that path
+//!   (`--paths 'vault/database/creds/a-web'`, or `'vault/pki-a/*'` for a
+//!   team's own PKI mount). Granting it needs one role with `grant` and
+//!   the verb covering the path and the workload. A certificate put by a
+//!   scoped admin must name its workload ([`check_cert_names`]);
+//! - `leases` lists the leases of the role's workloads; `refresh` refreshes
+//!   a backend (a named path must be covered).
+//!
+//! A role's `--paths` name secrets only: `@template/…`, `dynamic:…` and
+//! `cert:…` are refused there (those are reached through the rules above).
 #![forbid(unsafe_code)]
 
 use std::collections::BTreeSet;
@@ -252,15 +270,16 @@ impl Role {
         }
         let mut paths = paths
             .iter()
-            .map(|p| match Target::parse(p) {
-                // A template or lease source reads secrets the role's paths
-                // need not cover: only full admins grant them (for now).
-                Ok(t) if !secret_paths_only(&t) => Err(RoleError::BadPath(
-                    p.clone(),
-                    "a role's paths are secret paths; templates, dynamic: and cert: sources are full admins'".into(),
-                )),
-                Ok(t) => Ok(t),
-                Err(e) => Err(RoleError::BadPath(p.clone(), e.to_string())),
+            .map(|p| {
+                if reach_of(p).is_some() {
+                    return Err(RoleError::BadPath(
+                        p.clone(),
+                        "a role's paths name secrets; templates and lease sources are reached through their \
+                         inputs and backend paths (see the Teams docs)"
+                            .into(),
+                    ));
+                }
+                Target::parse(p).map_err(|e| RoleError::BadPath(p.clone(), e.to_string()))
             })
             .collect::<Result<Vec<_>, _>>()?;
         paths.sort();
@@ -474,6 +493,153 @@ impl Scope {
                 }
             }
         }
+    }
+}
+
+/// A grant target that reaches secrets indirectly: a template
+/// (`@template/NAME`), a dynamic source (`dynamic:NAME`) or a certificate
+/// (`cert:NAME`), as the verb that governs it and the name.
+pub fn reach_of(target: &str) -> Option<(Verb, &str)> {
+    if let Some(name) = target.strip_prefix(crate::secret::TEMPLATE_PREFIX) {
+        return Some((Verb::Template, name));
+    }
+    match super::leased(target)? {
+        ("dynamic", name) => Some((Verb::Dynamic, name)),
+        (_, name) => Some((Verb::Cert, name)),
+    }
+}
+
+/// What a lease source reaches in keyhole's path space: `BACKEND/PATH`.
+pub fn source_reach(backend: &str, path: &str) -> String {
+    format!("{backend}/{}", path.trim_matches('/'))
+}
+
+/// A certificate put by a scoped admin names the workload it is issued
+/// to, and nothing a container could choose: `--uri` ends in
+/// `/{workload}` (no other placeholder, no `?` or `#`), and `--cn` is
+/// given (the default is `{container_name}`) as `{workload}` or
+/// `{workload}.DOMAIN` (no other placeholder).
+/// With the workload in the admin's patterns, no team mints a name that
+/// is another team's workload.
+pub fn check_cert_names(uri: Option<&str>, cn: Option<&str>) -> Result<(), String> {
+    const W: &str = "{workload}";
+    let others = |s: &str| s.replacen(W, "", 1).contains('{');
+    if let Some(uri) = uri {
+        let ok = uri.ends_with(&format!("/{W}")) && uri.matches(W).count() == 1 && !others(uri);
+        if !ok || uri.contains(['?', '#']) {
+            return Err(format!(
+                "certificate URI {uri:?}: a role's certificate URI must end in /{W}, with no other placeholder, ? or #"
+            ));
+        }
+    }
+    let Some(cn) = cn else {
+        return Err(format!(
+            "a role's certificate needs --cn {W} or {W}.DOMAIN (the default, {{container_name}}, is the container's choice)"
+        ));
+    };
+    let rest = cn.strip_prefix(W);
+    if rest.is_some_and(|r| r.is_empty() || (r.starts_with('.') && !r.contains('{'))) {
+        Ok(())
+    } else {
+        Err(format!(
+            "certificate CN {cn:?}: a role's certificate CN must be {W} or {W}.DOMAIN, with no other placeholder"
+        ))
+    }
+}
+
+impl Scope {
+    /// Put (or replace) a lease source of kind `verb` (`dynamic` or
+    /// `cert`) reaching `backend/path`; a certificate's URI and CN per
+    /// [`check_cert_names`].
+    pub fn check_source(
+        &self,
+        verb: Verb,
+        backend: &str,
+        path: &str,
+        uri: Option<&str>,
+        cn: Option<&str>,
+    ) -> Result<(), Lack> {
+        if self.is_full() {
+            return Ok(());
+        }
+        let reach = source_reach(backend, path);
+        self.check(Need::Verb(verb))?;
+        if !self.covers_path(verb, &reach) {
+            return Err(self.lack(format!("no role grants {verb} on {reach} (the source's backend path)")));
+        }
+        if verb == Verb::Cert {
+            check_cert_names(uri, cn).map_err(|e| self.lack(e))?;
+        }
+        Ok(())
+    }
+
+    /// Grant lease source `id` (`dynamic:NAME`, reaching `reach`) to
+    /// `workload`: one role with `grant` and the source's verb covers both.
+    pub fn check_source_grant(&self, verb: Verb, id: &str, reach: &str, workload: &str) -> Result<(), Lack> {
+        let ok = |r: &Role| r.has(Verb::Grant) && r.has(verb) && r.covers_path(reach) && r.covers_workload(workload);
+        match self {
+            Scope::Full => Ok(()),
+            Scope::Roles(s) if s.roles.iter().any(ok) => Ok(()),
+            Scope::Roles(_) => Err(self.lack(format!(
+                "no role grants grant and {verb} on {id} (backend path {reach}) to workload {workload}"
+            ))),
+        }
+    }
+
+    /// A template's inputs, as recorded at put: each must be covered by a
+    /// role holding `template` (a lease source by its backend path, which
+    /// `reach` gives; an unknown source is refused).
+    pub fn check_template_inputs(&self, inputs: &[String], reach: &dyn Fn(&str) -> Option<String>) -> Result<(), Lack> {
+        if self.is_full() {
+            return Ok(());
+        }
+        self.check(Need::Verb(Verb::Template))?;
+        for input in inputs {
+            let (path, shown) = match reach_of(input) {
+                Some((_, _)) => match reach(input) {
+                    Some(r) => (r.clone(), format!("{input} (backend path {r})")),
+                    None => return Err(self.lack(format!("the template reads {input}, which does not exist"))),
+                },
+                None => (input.clone(), input.clone()),
+            };
+            if !self.covers_path(Verb::Template, &path) {
+                return Err(self.lack(format!("no role grants template on {shown}, which the template reads")));
+            }
+        }
+        Ok(())
+    }
+
+    /// Grant template `name` reading `inputs` to `workload`: as granting
+    /// each input to it, and a role with `template` and `grant` covers
+    /// the workload.
+    pub fn check_template_grant(
+        &self,
+        name: &str,
+        inputs: &[String],
+        workload: &str,
+        reach: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<(), Lack> {
+        let Scope::Roles(s) = self else { return Ok(()) };
+        if !s.roles.iter().any(|r| r.has(Verb::Template) && r.has(Verb::Grant) && r.covers_workload(workload)) {
+            return Err(self.lack(format!("no role grants grant and template on workload {workload}")));
+        }
+        for input in inputs {
+            let lacked = match reach_of(input) {
+                Some((verb, _)) => match reach(input) {
+                    Some(r) => self.check_source_grant(verb, input, &r, workload).err(),
+                    None => Some(self.lack(format!("template {name} reads {input}, which does not exist"))),
+                },
+                None => self.check(Need::Grant(Verb::Grant, input, workload)).err(),
+            };
+            if let Some(l) = lacked {
+                return Err(Lack { lacked: format!("template {name} reads {input}: {}", l.lacked), ..l });
+            }
+        }
+        Ok(())
+    }
+
+    fn lack(&self, lacked: String) -> Lack {
+        Lack { roles: self.names(), lacked }
     }
 }
 
@@ -722,5 +888,77 @@ mod tests {
             .unwrap();
         assert!(r.check(Need::Workload(Verb::Workload, "a-web", Some(&v(&["unix:uid:0"])))).is_err());
         assert!(r.check(Need::Workload(Verb::Workload, "a-web", Some(&v(&["docker:label:k=a-x"])))).is_ok());
+    }
+
+    fn lab() -> Scope {
+        let r = Role::new(
+            "lab",
+            &v(&["uid:1001"]),
+            &v(&["a/*", "vault/database/creds/a-web", "vault/pki-a/*"]),
+            &v(&["a-*"]),
+            &v(&["grant,template,dynamic,cert"]),
+        )
+        .unwrap();
+        let only_read = Role::new("ro", &v(&["uid:1001"]), &v(&["b/*"]), &v(&["a-*"]), &v(&["read"])).unwrap();
+        Scope::of(&[r, only_read], &host(1001)).unwrap()
+    }
+
+    #[test]
+    fn templates_are_checked_by_every_input() {
+        let s = lab();
+        let none = |_: &str| None;
+        let src = |id: &str| (id == "dynamic:db").then(|| "vault/database/creds/a-web".to_owned());
+        assert!(s.check_template_inputs(&v(&["a/db", "a/x/y"]), &none).is_ok());
+        // The attack: another team's secret as an input.
+        let e = s.check_template_inputs(&v(&["a/db", "b/db"]), &none).unwrap_err();
+        assert_eq!(e.lacked, "no role grants template on b/db, which the template reads");
+        assert!(s.check_template_inputs(&v(&["dynamic:db"]), &src).is_ok());
+        assert!(s.check_template_inputs(&v(&["dynamic:other"]), &src).is_err(), "unknown source: closed");
+        let ok = s.check_template_grant("t", &v(&["a/db", "dynamic:db"]), "a-web", &src);
+        assert!(ok.is_ok(), "{ok:?}");
+        let e = s.check_template_grant("t", &v(&["a/db", "b/db"]), "a-web", &src).unwrap_err();
+        assert_eq!(e.lacked, "template t reads b/db: no role grants grant on b/db");
+        assert!(s.check_template_grant("t", &v(&["a/db"]), "b-web", &src).is_err());
+        assert!(Scope::Full.check_template_grant("t", &v(&["b/db"]), "b-web", &none).is_ok());
+        // A role without template may not put one at all.
+        assert!(scope(1002).check_template_inputs(&v(&["b/db"]), &none).is_err());
+    }
+
+    #[test]
+    fn sources_are_checked_by_backend_path_and_certificates_by_name() {
+        let s = lab();
+        let d = Verb::Dynamic;
+        assert!(s.check_source(d, "vault", "database/creds/a-web", None, None).is_ok());
+        let e = s.check_source(d, "vault", "database/creds/b-web", None, None).unwrap_err();
+        assert!(e.lacked.contains("vault/database/creds/b-web"), "{e}");
+        let c = Verb::Cert;
+        let uri = Some("spiffe://corp/{workload}");
+        assert!(s.check_source(c, "vault", "pki-a/issue/web", uri, Some("{workload}.svc")).is_ok());
+        assert!(s.check_source(c, "vault", "pki/issue/web", uri, Some("{workload}")).is_err(), "not its PKI mount");
+        assert!(s.check_source(c, "vault", "pki-a/issue/web", uri, None).is_err(), "the default CN is the container's");
+        for (u, cn) in [
+            ("spiffe://corp/b-web", Some("{workload}")),
+            ("spiffe://corp/{workload}/x", Some("{workload}")),
+            ("spiffe://corp/{container_name}/{workload}", Some("{workload}")),
+            ("spiffe://corp/x?{workload}", Some("{workload}")),
+            ("spiffe://corp/{workload}", Some("b-web.svc")),
+            ("spiffe://corp/{workload}", Some("x.{workload}.svc")),
+            ("spiffe://corp/{workload}", Some("{workload}{container_id}")),
+            ("spiffe://corp/{workload}", Some("{workload}.{container_name}")),
+        ] {
+            assert!(s.check_source(c, "vault", "pki-a/issue/web", Some(u), cn).is_err(), "{u} {cn:?}");
+        }
+        assert!(Scope::Full.check_source(c, "vault", "pki/issue/x", Some("spiffe://b-web"), None).is_ok());
+        assert!(s.check_source_grant(d, "dynamic:db", "vault/database/creds/a-web", "a-web").is_ok());
+        assert!(s.check_source_grant(d, "dynamic:db", "vault/database/creds/a-web", "b-web").is_err());
+        assert!(s.check_source_grant(d, "dynamic:db", "vault/database/creds/b-web", "a-web").is_err());
+        assert!(s.check_source_grant(Verb::Cert, "cert:x", "vault/database/creds/a-web", "a-web").is_ok());
+        assert_eq!(reach_of("@template/t"), Some((Verb::Template, "t")));
+        assert_eq!(reach_of("cert:x"), Some((Verb::Cert, "x")));
+        assert_eq!(reach_of("a/b"), None);
+        // A role's paths name secrets only.
+        for p in ["@template/t", "dynamic:db", "cert:x"] {
+            assert!(Role::new("x", &v(&["uid:5"]), &v(&[p]), &[], &v(&["grant"])).is_err(), "{p}");
+        }
     }
 }

@@ -33,6 +33,7 @@ mod takeover;
 mod takeover_auth;
 mod tamper;
 mod teams;
+mod teams_reach;
 mod templates;
 mod vault;
 mod writes;

@@ -314,9 +314,10 @@ fn a_broken_file_changes_nothing_and_names_its_line() {
     assert_fails(&o, 2, "line 4");
     let o = b.cli_in(&["apply", "-f", "-"], Some(b"\n[[grant]]\nsecret = \"a\"\nworkload = \"nowhere\"\n"));
     assert_fails(&o, 2, "line 2: [[grant]] a: workload nowhere");
-    // Features not here yet are refused by line, not ignored.
-    let o = b.cli_in(&["apply", "-f", "-"], Some(b"\n\n[[template]]\nname = \"t\"\nsource = \"x\"\n"));
-    assert_fails(&o, 2, "line 3: [[template]] is not supported");
+    // A template that reads a secret that is not there: refused by its line.
+    let t = b"\n\n[[template]]\nname = \"t\"\nsource = \"{{ secret('nope/x') }}\"\n";
+    let o = b.cli_in(&["apply", "-f", "-"], Some(t));
+    assert_fails(&o, 2, "line 3: [[template]] t: line 1, column");
     assert_eq!(String::from_utf8(b.ok(&["export"])).unwrap(), before, "nothing changed");
 }
 

@@ -1,12 +1,16 @@
 //! The store's side of roles and of `keyhole apply`: roles as sealed
 //! records in `meta` (`role:<name>`, AAD `keyhole/v1/role\0<name>`, in the
 //! manifest like every record), and one transaction that makes a whole
-//! policy change (workloads, grants, roles) at once.
+//! policy change (workloads, grants, roles, templates, lease sources) at once.
 #![forbid(unsafe_code)]
 
 use redb::{ReadableTable, TableHandle};
 
-use super::{Changes, GRANTS, LocalStore, META, StoreError, WORKLOADS, grant_aad, key_grant, key_str, workload_aad};
+use super::{
+    Changes, GRANTS, LEASE_SOURCES, LocalStore, META, StoreError, TEMPLATES, WORKLOADS, grant_aad, key_grant, key_str,
+    workload_aad,
+};
+use crate::lease::Source;
 use crate::policy::roles::Role;
 use crate::policy::{Grant, Workload};
 
@@ -29,6 +33,14 @@ pub struct PolicyChange {
     pub remove_grants: Vec<(String, String)>,
     pub put_roles: Vec<Role>,
     pub remove_roles: Vec<String>,
+    /// Templates given a new version: (name, source, inputs).
+    pub put_templates: Vec<(String, String, Vec<String>)>,
+    pub remove_templates: Vec<String>,
+    /// Lease sources made or replaced, and removed (by id, `dynamic:NAME`).
+    pub put_sources: Vec<Source>,
+    pub remove_sources: Vec<String>,
+    /// When the templates' new versions are made (ms since the epoch).
+    pub now_ms: i64,
 }
 
 impl PolicyChange {
@@ -39,6 +51,10 @@ impl PolicyChange {
             && self.remove_grants.is_empty()
             && self.put_roles.is_empty()
             && self.remove_roles.is_empty()
+            && self.put_templates.is_empty()
+            && self.remove_templates.is_empty()
+            && self.put_sources.is_empty()
+            && self.remove_sources.is_empty()
     }
 
     pub fn len(&self) -> usize {
@@ -48,6 +64,10 @@ impl PolicyChange {
             + self.remove_grants.len()
             + self.put_roles.len()
             + self.remove_roles.len()
+            + self.put_templates.len()
+            + self.remove_templates.len()
+            + self.put_sources.len()
+            + self.remove_sources.len()
     }
 }
 
@@ -144,6 +164,48 @@ impl LocalStore {
                 let sealed = self.seal_json(r, &role_aad(&r.name))?;
                 let old = meta.insert(key.as_str(), sealed.as_slice())?.map(|g| g.value().to_vec());
                 self.changed(&mut ch, META.name(), &key_str(&key), old.as_deref(), Some(&sealed));
+            }
+            let mut sources = txn.open_table(LEASE_SOURCES)?;
+            for id in &c.remove_sources {
+                let gone = sources.remove(id.as_str())?.map(|g| g.value().to_vec());
+                if gone.is_none() {
+                    return Err(StoreError::Missing(format!("no source {id}")));
+                }
+                self.changed(&mut ch, LEASE_SOURCES.name(), &key_str(id), gone.as_deref(), None);
+            }
+            for src in &c.put_sources {
+                let id = src.id();
+                let aad = format!("keyhole/v1/{}\0{id}", LEASE_SOURCES.name());
+                let sealed = self.seal_json(src, aad.as_bytes())?;
+                let old = sources.insert(id.as_str(), sealed.as_slice())?.map(|g| g.value().to_vec());
+                self.changed(&mut ch, LEASE_SOURCES.name(), &key_str(&id), old.as_deref(), Some(&sealed));
+            }
+            let mut templates = txn.open_table(TEMPLATES)?;
+            for name in &c.remove_templates {
+                let gone = templates.remove(name.as_str())?.map(|g| g.value().to_vec());
+                if gone.is_none() {
+                    return Err(StoreError::Missing(format!("template {name} does not exist")));
+                }
+                self.changed(&mut ch, TEMPLATES.name(), &key_str(name), gone.as_deref(), None);
+            }
+            for (name, source, inputs) in &c.put_templates {
+                let aad = format!("keyhole/v1/{}\0{name}", TEMPLATES.name());
+                let mut versions: Vec<crate::template::TemplateVersion> = match templates.get(name.as_str())? {
+                    Some(v) => self.open_json(v.value(), aad.as_bytes(), || format!("template {name}"))?,
+                    None => Vec::new(),
+                };
+                let version = versions.last().map_or(0, |v| v.version) + 1;
+                versions.push(crate::template::TemplateVersion {
+                    version,
+                    created_unix_ms: c.now_ms,
+                    source: source.clone(),
+                    inputs: inputs.clone(),
+                });
+                let excess = versions.len().saturating_sub(self.history_depth.max(1));
+                versions.drain(..excess);
+                let sealed = self.seal_json(&versions, aad.as_bytes())?;
+                let old = templates.insert(name.as_str(), sealed.as_slice())?.map(|g| g.value().to_vec());
+                self.changed(&mut ch, TEMPLATES.name(), &key_str(name), old.as_deref(), Some(&sealed));
             }
         }
         self.commit(txn, ch)
