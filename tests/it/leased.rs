@@ -277,17 +277,19 @@ fn a_leased_descriptor_opened_before_a_takeover_keeps_reading_its_bytes() {
     b.ok(&["workload", "add", "web", "--selector", &format!("docker:label:keyhole.test={tag}")]);
     b.ok(&["dynamic", "add", "db", "--backend", "prod", "--path", "database/creds/web"]);
     b.ok(&["grant", "dynamic:db", "--to", "web", "--file", "db.json"]);
-    let c = web_container(&b, &tag);
+    let label = format!("keyhole.test={tag}");
+    let c = Container::start(&["--label", &label, "-v", &secrets_bind(&b, "web"), "--tmpfs", "/tmp"]);
     let whole = c.cat("/run/secrets/db.json").unwrap();
     // Open, read 10 bytes, wait for /tmp/go, read the rest from the same
     // descriptor.
-    let script = "exec 3< /run/secrets/db.json; dd bs=1 count=10 <&3 2>/dev/null; \
+    let script = "exec 3< /run/secrets/db.json; busybox dd bs=1 count=10 <&3 2>/dev/null; \
                   while [ ! -e /tmp/go ]; do sleep 0.1; done; cat <&3";
     let id = c.id.clone();
     let reader = std::thread::spawn(move || docker(&["exec", &id, "sh", "-c", script]));
     std::thread::sleep(Duration::from_secs(1));
     b.takeover();
-    assert!(c.exec(&["touch", "/tmp/go"]).status.success());
+    let o = c.exec(&["sh", "-c", "echo > /tmp/go"]);
+    assert!(o.status.success(), "{}", stderr(&o));
     let o = reader.join().unwrap();
     assert!(o.status.success(), "the descriptor failed after the takeover: {}", stderr(&o));
     assert_eq!(String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&whole));
