@@ -713,13 +713,7 @@ impl Leases {
     }
 
     /// Ask the backend for a new lease of `src` for `holder`.
-    async fn fetch(
-        &self,
-        b: &Broker,
-        src: &Source,
-        holder: &Holder,
-        via: Option<&str>,
-    ) -> Result<Lease, LeaseError> {
+    async fn fetch(&self, b: &Broker, src: &Source, holder: &Holder, via: Option<&str>) -> Result<Lease, LeaseError> {
         let v = self.vault(b, src)?;
         let _permit = self.permits.clone().acquire_owned().await.map_err(|_| LeaseError::Stopping)?;
         let issued = match src.kind {

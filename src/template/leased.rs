@@ -240,7 +240,8 @@ pub fn render_shared(
     }
     drop(out);
     let max = max.min(crate::lease::LEASED_SIZE);
-    registry.put(path, Deferred { version, source: source.to_owned(), values, sources: seen.into_iter().collect(), max });
+    registry
+        .put(path, Deferred { version, source: source.to_owned(), values, sources: seen.into_iter().collect(), max });
     Ok(None)
 }
 

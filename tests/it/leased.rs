@@ -153,7 +153,9 @@ fn host_users_get_a_lease_each_revoked_once_none_held_it_for_a_ttl() {
     assert!(pg.role_exists(&ua), "a lease whose file is held open was revoked");
     let revoked = b.audit_events("lease_revoke");
     assert!(
-        revoked.iter().any(|e| e["reason"].as_str().is_some_and(|r| r.contains("uid:1001") && r.contains("no process"))),
+        revoked
+            .iter()
+            .any(|e| e["reason"].as_str().is_some_and(|r| r.contains("uid:1001") && r.contains("no process"))),
         "{revoked:?}"
     );
     // The idle user opens again: a new lease.
