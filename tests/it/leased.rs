@@ -92,6 +92,16 @@ fn a_template_reading_a_dynamic_login_renders_each_containers_own() {
     b.ok(&["revoke", "--template", "conf", "--from", "web"]);
     eventually(5, "the template grant's revocation drops the remaining login", || !pg.role_exists(&u2));
     assert!(leases_json(&b).iter().all(|r| r["template"].is_null()));
+    // A field the engine does not return: that open fails (EIO, audited
+    // lease_error naming the template), and nothing else does.
+    let o = put_template(&b, "bad", "{{ dynamic('db').username }}{{ dynamic('db').nope }}");
+    assert!(o.status.success(), "{}", stderr(&o));
+    b.ok(&["grant", "--template", "bad", "--to", "web", "--file", "bad.txt"]);
+    let e = two.cat("/run/secrets/bad.txt").unwrap_err();
+    assert!(e.contains("Input/output error"), "{e}");
+    let errs = b.audit_events("lease_error");
+    assert!(errs.iter().any(|e| e["path"] == "@template/bad"), "{errs:?}");
+    assert_eq!(creds(&two).0, creds(&two).0);
     b.assert_never_leaked(&[p1.as_bytes(), p2.as_bytes()]);
 }
 
@@ -297,4 +307,62 @@ fn a_leased_descriptor_opened_before_a_takeover_keeps_reading_its_bytes() {
     assert_eq!(String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&whole));
     let v = json(&o.stdout);
     assert!(pg.role_exists(v["username"].as_str().unwrap()));
+}
+
+#[test]
+fn a_template_reading_a_certificate_gives_each_container_its_own() {
+    if !require_postgres() {
+        return;
+    }
+    let bao = Bao::start();
+    let ca = crate::leases::pki_engine(&bao);
+    let b = Broker::start_with(&bao.backend_toml("prod", "30s"));
+    let tag = unique("tpl-cert");
+    b.ok(&["workload", "add", "web", "--selector", &format!("docker:label:keyhole.test={tag}")]);
+    b.ok(&[
+        "cert",
+        "add",
+        "tls",
+        "--backend",
+        "prod",
+        "--issue",
+        "pki/issue/workload",
+        "--uri",
+        "spiffe://example.org/{workload}/{container_name}",
+        "--ttl",
+        "1h",
+    ]);
+    let o = put_template(&b, "pem", "{{ cert('tls').chain }}{{ cert('tls').key }}");
+    assert!(o.status.success(), "{}", stderr(&o));
+    // A field the engine does not give fails that open, quoting nothing.
+    let o = put_template(&b, "bad", "{{ cert('tls').cert }}{{ cert('tls').password }}");
+    assert_fails(&o, 2, "line 1");
+    b.ok(&["grant", "--template", "pem", "--to", "web", "--file", "tls.pem"]);
+    let names = [unique("tc-a"), unique("tc-b")];
+    let cs: Vec<Container> = names
+        .iter()
+        .map(|n| {
+            Container::start(&["--name", n, "--label", &format!("keyhole.test={tag}"), "-v", &secrets_bind(&b, "web")])
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("ca.pem"), &ca).unwrap();
+    for (c, n) in cs.iter().zip(&names) {
+        let pem = String::from_utf8(c.cat("/run/secrets/tls.pem").unwrap()).unwrap();
+        assert!(pem.contains("PRIVATE KEY"), "no key");
+        let leaf = crate::leases::cert_of(&pem);
+        let text = crate::leases::openssl(&["x509", "-noout", "-text"], &leaf);
+        assert!(text.contains(&format!("URI:spiffe://example.org/web/{n}")), "{n}: {text}");
+        let f = dir.path().join(format!("{n}.pem"));
+        std::fs::write(&f, &leaf).unwrap();
+        let o = Command::new("openssl")
+            .args(["verify", "-CAfile"])
+            .arg(dir.path().join("ca.pem"))
+            .arg(&f)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "openssl verify: {}", String::from_utf8_lossy(&o.stdout));
+    }
+    let rows = leases_json(&b);
+    assert_eq!(rows.iter().filter(|r| r["template"] == "@template/pem" && r["serial"].is_string()).count(), 2);
 }
