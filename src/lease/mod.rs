@@ -543,7 +543,8 @@ impl Leases {
     /// Whether a file (`secret` at `version`) shows each caller its own
     /// content: a `dynamic:`/`cert:` grant, or a template reading leases.
     pub fn is_leased_node(&self, secret: &str, version: u64) -> bool {
-        crate::policy::leased(secret).is_some() || self.templates.get(secret, version).is_some()
+        crate::policy::leased(secret).is_some()
+            || (secret.starts_with(crate::secret::TEMPLATE_PREFIX) && self.templates.get(secret, version).is_some())
     }
 
     /// The leases (by grant, see [`Lease::grant`]) a file's caller reads.
