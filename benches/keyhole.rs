@@ -91,7 +91,7 @@ fn main() {
     let mut report = BTreeMap::new();
     report.insert("machine".to_owned(), machine());
     report.insert("mode".to_owned(), json!(if opts.short { "short" } else { "full" }));
-    let sections: [(&str, Section); 7] = [
+    let sections: [(&str, Section); 8] = [
         ("read_path", read_path),
         ("propagation_and_scale", propagation_and_scale),
         ("backend", backend),
@@ -99,6 +99,7 @@ fn main() {
         ("audit", audit_cost),
         ("apply", apply_policy),
         ("template", template_cost),
+        ("lease", lease_cost),
     ];
     for (name, f) in sections {
         if !only.is_empty() && !only.contains(&name) || opts.fleet.is_some() && !only.contains(&name) {
@@ -860,6 +861,147 @@ fn template_cost(o: &Opts) -> Value {
     })
 }
 
+// ---------------------------------------------------------------- leases
+
+/// A private PostgreSQL 15 cluster (as user `postgres`, in a temp dir,
+/// on a free loopback port), stopped on drop.
+struct Pg {
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+
+impl Pg {
+    fn start() -> Option<Pg> {
+        if !Path::new(PG_BIN).join("initdb").exists() {
+            return None;
+        }
+        let dir = tempfile::Builder::new().prefix("kh-bench-pg").tempdir().ok()?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0").ok()?.local_addr().ok()?.port();
+        let run = |c: &mut Command| c.output().is_ok_and(|o| o.status.success());
+        let data = dir.path().join("data");
+        let pg = |tool: &str| {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(Path::new(PG_BIN).join(tool));
+            c
+        };
+        let ok = run(Command::new("chown").arg("postgres:postgres").arg(dir.path()))
+            && run(pg("initdb").arg("-D").arg(&data).args(["-U", "postgres", "--auth-local=trust"]))
+            && run(pg("pg_ctl").arg("-D").arg(&data).args([
+                "-o",
+                &format!("-p {port} -k {} -c listen_addresses=127.0.0.1", dir.path().display()),
+                "-l",
+                dir.path().join("log").to_str()?,
+                "-w",
+                "start",
+            ]));
+        let me = Pg { port, dir };
+        let sql = Command::new("runuser")
+            .args(["-u", "postgres", "--", "psql", "-h"])
+            .arg(me.dir.path())
+            .args(["-p", &port.to_string(), "-d", "postgres", "-tAc", "ALTER USER postgres PASSWORD 'kh-bench-pw'"])
+            .output();
+        (ok && sql.is_ok_and(|o| o.status.success())).then_some(me)
+    }
+}
+
+impl Drop for Pg {
+    fn drop(&mut self) {
+        let _ = Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(Path::new(PG_BIN).join("pg_ctl"))
+            .arg("-D")
+            .arg(self.dir.path().join("data"))
+            .args(["-m", "immediate", "stop"])
+            .output();
+    }
+}
+
+/// `cat FILE` as host user `uid` (group `gid`): its wall time, process
+/// start included.
+fn cat_as(uid: u32, gid: u32, file: &Path) -> Duration {
+    use std::os::unix::process::CommandExt;
+    let t = Instant::now();
+    let o = Command::new("cat").arg(file).uid(uid).gid(gid).output().unwrap();
+    let d = t.elapsed();
+    assert!(o.status.success(), "cat as {uid}: {}", String::from_utf8_lossy(&o.stderr));
+    d
+}
+
+/// The first open of a `dynamic:` grant by a caller (the broker issues
+/// its lease from OpenBao's database engine against a real PostgreSQL:
+/// the open is parked until it arrives) against a warm open (the lease
+/// is live). Callers are host users (one lease per uid), each read a
+/// `cat` process, so both columns include the process start; the warm
+/// in-process open+read+close is given too.
+fn lease_cost(o: &Opts) -> Value {
+    let Ok(bao) = Bao::try_start() else {
+        return json!({ "skipped": "bao (OpenBao) not found; scripts/test.sh installs it" });
+    };
+    let Some(pg) = Pg::start() else {
+        return json!({ "skipped": "PostgreSQL 15 not found in /usr/lib/postgresql/15/bin" });
+    };
+    let ok = |args: &[&str]| {
+        let out = bao.cli(args);
+        assert!(out.status.success(), "bao {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    ok(&["secrets", "enable", "database"]);
+    let url = format!("postgresql://{{{{username}}}}:{{{{password}}}}@127.0.0.1:{}/postgres?sslmode=disable", pg.port);
+    ok(&[
+        "write",
+        "database/config/pg",
+        "plugin_name=postgresql-database-plugin",
+        "allowed_roles=*",
+        &format!("connection_url={url}"),
+        "username=postgres",
+        "password=kh-bench-pw",
+    ]);
+    ok(&[
+        "write",
+        "database/roles/web",
+        "db_name=pg",
+        "creation_statements=CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}';",
+        "default_ttl=1h",
+        "max_ttl=24h",
+    ]);
+    let toml = format!(
+        "[[backend]]\nname = \"prod\"\nkind = \"vault\"\naddress = \"{}\"\ntoken_file = \"{}\"\npoll_interval = \"30s\"\n",
+        bao.addr,
+        bao.dir.path().join("token").display()
+    );
+    let b = Broker::builder().config(&toml).quiet().start();
+    let gid = 4343;
+    b.ok(&["dynamic", "add", "db", "--backend", "prod", "--path", "database/creds/web"]);
+    b.ok(&["workload", "add", "users", "--selector", &format!("unix:gid:{gid}")]);
+    b.ok(&["grant", "dynamic:db", "--to", "users", "--file", "db.json", "--mode", "0440", "--gid", &gid.to_string()]);
+    b.ok(&["workload", "add", "w", "--selector", "unix:uid:0"]);
+    b.ok(&["grant", "dynamic:db", "--to", "w", "--file", "db.json"]);
+    let file = b.file("users", "db.json");
+    let callers = if o.short { 10 } else { 50 };
+    let mut first = Vec::new();
+    let mut warm = Vec::new();
+    for i in 0..callers {
+        let uid = 31_000 + i;
+        first.push(cat_as(uid, gid, &file).as_nanos() as u64);
+        for _ in 0..5 {
+            warm.push(cat_as(uid, gid, &file).as_nanos() as u64);
+        }
+    }
+    let (f50, f99) = percentiles(first);
+    let (w50, w99) = percentiles(warm);
+    let in_process = read_loop(&b.file("w", "db.json"), 1, if o.short { 1_000 } else { 10_000 });
+    json!({
+        "callers": callers,
+        "first_open_p50_us": f50,
+        "first_open_p99_us": f99,
+        "warm_open_p50_us": w50,
+        "warm_open_p99_us": w99,
+        "issue_cost_p50_us": ((f50 - w50) * 10.0).round() / 10.0,
+        "warm_in_process": in_process,
+    })
+}
+
 // ---------------------------------------------------------------- output
 
 fn print_tables(r: &BTreeMap<String, Value>) {
@@ -1013,6 +1155,24 @@ fn print_tables(r: &BTreeMap<String, Value>) {
             t["template_vs_plain_p50"].as_f64().unwrap_or(0.0),
             f(&t["rotate_input_p50_us"])
         );
+    }
+    if let Some(l) = r.get("lease") {
+        if let Some(why) = l["skipped"].as_str() {
+            println!("\nLeases: skipped ({why})");
+        } else {
+            println!(
+                "\nLeases (OpenBao database engine, PostgreSQL 15; {} host users, `cat` as each): first open \
+                 (lease issued) p50 {} / p99 {} µs, warm open p50 {} / p99 {} µs: issue ≈ {} µs; warm \
+                 open+read+close in-process p50 {} µs",
+                l["callers"],
+                f(&l["first_open_p50_us"]),
+                f(&l["first_open_p99_us"]),
+                f(&l["warm_open_p50_us"]),
+                f(&l["warm_open_p99_us"]),
+                f(&l["issue_cost_p50_us"]),
+                f(&l["warm_in_process"]["p50_us"])
+            );
+        }
     }
 }
 

@@ -382,6 +382,8 @@ impl admin_server::Admin for AdminService {
                     secret_buffers: buffers,
                     secret_buffers_locked: locked,
                     backends: b.backends().map(|v| backend_status(v)).collect(),
+                    leases: b.leases().count() as u64,
+                    revocations_pending: b.leases().pending_revocations().0 as u64,
                 };
                 Ok((status, None))
             })
@@ -688,6 +690,8 @@ impl admin_server::Admin for AdminService {
                     expires_unix: l.expires_unix as i64,
                     serial: l.serial.unwrap_or_default(),
                     state: l.state,
+                    template: l.template.unwrap_or_default(),
+                    failures: l.failures,
                 });
                 Ok((list.collect(), None))
             })

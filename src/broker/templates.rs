@@ -171,7 +171,8 @@ impl Broker {
                 b.get_secret(&p, None).ok().map(|(_, v)| v)
             };
             // The dry run may call a backend: off the async workers already.
-            let inputs = crate::template::check(source, max, get);
+            let known = self.leases.sources().iter().map(|s| s.id()).collect();
+            let inputs = crate::template::leased::checking(known, || crate::template::check(source, max, get));
             if let Some(lack) = gate.lack() {
                 return Err(self.refuse(by, "PutTemplate", &lack));
             }
@@ -312,8 +313,9 @@ impl Broker {
         }
         let max = self.config.max_value_bytes as usize;
         let (value, error) = if missing.is_empty() {
-            match crate::template::render(&tv.source, values, max) {
-                Ok(v) => (Some(Arc::new(v)), None),
+            let deferred = &self.leases.templates;
+            match crate::template::leased::render_shared(deferred, path, version, &tv.source, values, max) {
+                Ok(v) => (v.map(Arc::new), None),
                 Err(e) => (None, Some(format!("template {name} version {}: {e}", tv.version))),
             }
         } else {

@@ -100,6 +100,9 @@ pub async fn run(config: anyhow::Result<Config>, json: bool) -> anyhow::Result<(
     for b in &config.backends {
         checks.extend(backend(b).await);
     }
+    if broker.is_ok() {
+        checks.push(revocations(&config.admin_socket()).await);
+    }
 
     let failed = checks.iter().filter(|c| c.status == Status::Fail).count();
     if json {
@@ -250,6 +253,21 @@ async fn host_uid_containers(socket: &Path) -> Vec<String> {
 
 /// The pid of the broker answering on `admin` (from the socket's peer
 /// credentials; 0 if it is outside our pid namespace).
+/// The running broker's lease revocations that failed and are retried.
+async fn revocations(admin: &Path) -> Check {
+    const NAME: &str = "leases";
+    let target = super::client::Target::Socket(admin.to_owned());
+    match crate::cli::client::rpc!(admin, &target, Safe, status, crate::api::pb::StatusRequest {}) {
+        Err(e) => warn(NAME, format!("cannot ask the broker: {e:#}"), "run doctor as an admin of the broker"),
+        Ok(s) if s.revocations_pending > 0 => warn(
+            NAME,
+            format!("{} of {} lease(s) could not be revoked and are retried", s.revocations_pending, s.leases),
+            "make the backend reachable; keyhole leases shows them as \"revoke pending\"",
+        ),
+        Ok(s) => ok(NAME, format!("{} live lease(s); no revocation pending", s.leases)),
+    }
+}
+
 async fn broker_pid(admin: &Path) -> Result<i32, String> {
     let s = tokio::net::UnixStream::connect(admin)
         .await

@@ -37,6 +37,8 @@ pub async fn status(socket: &Target, json: bool) -> anyhow::Result<()> {
             secret_buffers: u64,
             secret_buffers_locked: u64,
             backends: Vec<serde_json::Value>,
+            leases: u64,
+            revocations_pending: u64,
         }
         print_json(&View {
             version: &s.version,
@@ -52,6 +54,8 @@ pub async fn status(socket: &Target, json: bool) -> anyhow::Result<()> {
             secret_buffers: s.secret_buffers,
             secret_buffers_locked: s.secret_buffers_locked,
             backends: s.backends.iter().map(backend_json).collect(),
+            leases: s.leases,
+            revocations_pending: s.revocations_pending,
         });
         return Ok(());
     }
@@ -65,6 +69,14 @@ pub async fn status(socket: &Target, json: bool) -> anyhow::Result<()> {
     println!("max value      {} bytes", s.max_value_bytes);
     println!("audit lines    {}", s.audit_lines);
     println!("locked buffers {}/{} secret buffers locked in RAM", s.secret_buffers_locked, s.secret_buffers);
+    println!("leases         {}", s.leases);
+    if s.revocations_pending > 0 {
+        println!(
+            "warning: {} lease revocation(s) failed and are retried (keyhole leases: \"revoke pending\"); \
+             is the backend reachable?",
+            s.revocations_pending
+        );
+    }
     for b in &s.backends {
         let last = if b.last_ok_unix_ms > 0 { super::client::time_ms(b.last_ok_unix_ms) } else { "never".into() };
         println!(

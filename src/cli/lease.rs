@@ -165,6 +165,8 @@ pub async fn leases(workload: Option<String>, socket: &Target, json: bool) -> an
                     "container_name": l.container_name, "backend": l.backend,
                     "issued_at": time(l.issued_unix), "expires_at": time(l.expires_unix),
                     "serial": (!l.serial.is_empty()).then(|| l.serial.clone()), "state": l.state,
+                    "template": (!l.template.is_empty()).then(|| l.template.clone()),
+                    "failures": l.failures,
                 })
             })
             .collect();
@@ -178,7 +180,7 @@ pub async fn leases(workload: Option<String>, socket: &Target, json: bool) -> an
             let c = &l.container[..12.min(l.container.len())];
             vec![
                 l.workload.clone(),
-                l.source.clone(),
+                if l.template.is_empty() { l.source.clone() } else { format!("{} ({})", l.source, l.template) },
                 c.to_owned(),
                 l.container_name.clone(),
                 time(l.expires_unix),

@@ -252,6 +252,9 @@ Examples:
 
     /// List the live per-container leases (never a credential)
     #[command(after_help = "\
+STATE is live, revoking, or revoke pending (a revocation failed: retried with
+backoff; keyhole status warns). SOURCE names the template a lease serves, if any.
+
 Examples:
   keyhole leases
   keyhole leases --workload web --json")]

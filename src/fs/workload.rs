@@ -100,6 +100,19 @@ pub struct FsState {
     /// Open file handles, with the node each one reads (maybe retired).
     pub handles: Vec<(u64, Node)>,
     pub readers: HashMap<String, std::collections::BTreeSet<String>>,
+    /// Open handles of leased files: whose leases they read (no value:
+    /// the successor reads them again from its store, see [`crate::lease`]).
+    #[serde(default)]
+    pub leased: Vec<(u64, LeasedHandle)>,
+}
+
+/// An open handle of a leased file: the caller whose leases it reads,
+/// and the host user's leases it holds (see `Leases::hold`).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct LeasedHandle {
+    pub holder: crate::lease::Holder,
+    #[serde(default)]
+    pub keys: Vec<String>,
 }
 
 #[derive(Default)]
@@ -161,6 +174,8 @@ pub struct WorkloadFs {
     readers: Mutex<HashMap<String, std::collections::BTreeSet<String>>>,
     view: RwLock<Arc<View>>,
     handles: Mutex<HashMap<u64, Arc<Node>>>,
+    /// The handles of `handles` that read a caller's own leases.
+    leased: Mutex<HashMap<u64, LeasedHandle>>,
     next_fh: AtomicU64,
     shared: Arc<FsShared>,
     /// The directory's times: when the mount was made.
@@ -245,17 +260,11 @@ fn read_db(root: &std::path::Path, rel: &str) -> String {
     }
 }
 
-/// Whether a node shows a lease source (`dynamic:`/`cert:`): its content
-/// is each caller's own, read at open, served with direct I/O.
-fn leased(n: &Node) -> bool {
-    crate::policy::leased(&n.secret).is_some()
-}
-
-fn file_attr(n: &Node, owner: (u32, u32)) -> stat64 {
+fn file_attr(n: &Node, owner: (u32, u32), leased: bool) -> stat64 {
     let mut st = crate::sys::zeroed_stat();
     // A leased file's content differs by caller: its size bounds them all
     // (reads are direct, so a reader stops at the real end).
-    let len = if leased(n) { crate::lease::LEASED_SIZE } else { n.len() };
+    let len = if leased { crate::lease::LEASED_SIZE } else { n.len() };
     st.st_ino = n.ino;
     st.st_mode = libc::S_IFREG | n.mode;
     st.st_nlink = 1;
@@ -281,6 +290,7 @@ impl WorkloadFs {
             readers: Mutex::default(),
             view: RwLock::new(Arc::new(View::default())),
             handles: Mutex::default(),
+            leased: Mutex::default(),
             next_fh: AtomicU64::new(1),
             shared,
             mounted: std::time::SystemTime::now(),
@@ -299,6 +309,7 @@ impl WorkloadFs {
             nodes: self.view().by_name.values().map(|n| Node::clone(n)).collect(),
             handles: handles.iter().map(|(fh, n)| (*fh, Node::clone(n))).collect(),
             readers: self.readers.lock().expect("readers lock").clone(),
+            leased: self.leased.lock().expect("leased lock").iter().map(|(fh, h)| (*fh, h.clone())).collect(),
         }
     }
 
@@ -314,6 +325,29 @@ impl WorkloadFs {
         *self.view.get_mut().expect("view lock") = Arc::new(view);
         *self.handles.get_mut().expect("handles lock") = handles;
         *self.readers.get_mut().expect("readers lock") = st.readers;
+        self.adopt_leased(st.leased);
+    }
+
+    /// A predecessor's open handles of leased files: each reads its
+    /// caller's content again, from the leases this broker loaded from
+    /// its store (a handle whose lease is gone reads EIO), and a host
+    /// user's handle holds its leases again.
+    fn adopt_leased(&mut self, leased: Vec<(u64, LeasedHandle)>) {
+        let handles = self.handles.get_mut().expect("handles lock");
+        for (fh, h) in leased {
+            let Some(node) = handles.get(&fh).cloned() else { continue };
+            match self.shared.leases.body_for_node(&node.secret, node.version, &h.holder) {
+                Ok(body) => {
+                    handles.insert(fh, Arc::new(Node { value: Some(body), ..Node::clone(&node) }));
+                }
+                Err(why) => {
+                    tracing::warn!(secret = %node.secret, why, "an open leased file cannot be read after the takeover");
+                    handles.insert(fh, Arc::new(Node { value: None, ..Node::clone(&node) }));
+                }
+            }
+            let keys = self.shared.leases.hold(&node.secret, node.version, &h.holder);
+            self.leased.get_mut().expect("leased lock").insert(fh, LeasedHandle { holder: h.holder, keys });
+        }
     }
 
     pub fn view(&self) -> Arc<View> {
@@ -407,7 +441,14 @@ impl WorkloadFs {
     /// Whether inode `ino` shows a lease source (an open of it may have to
     /// wait for the caller's lease).
     pub fn is_leased(&self, ino: u64) -> bool {
-        self.node(ino).is_some_and(|n| leased(&n))
+        self.node(ino).is_some_and(|n| self.leased(&n))
+    }
+
+    /// Whether a node shows each caller its own content, read at open and
+    /// served with direct I/O: a lease source (`dynamic:`/`cert:`), or a
+    /// template that reads one (see [`crate::template::leased`]).
+    fn leased(&self, n: &Node) -> bool {
+        self.shared.leases.is_leased_node(&n.secret, n.version)
     }
 
     /// For an open of a leased file by task `tid`: None if the caller
@@ -416,16 +457,13 @@ impl WorkloadFs {
     /// ends when its lease is issued or failed. Attests the caller (quick
     /// once Docker described its container); never waits itself.
     pub fn lease_wait(&self, ino: u64, tid: i32, uid: u32, gid: u32) -> Option<crate::identity::docker::Wait> {
-        let node = self.node(ino).filter(|n| leased(n))?;
+        let node = self.node(ino).filter(|n| self.leased(n))?;
         let id = self.shared.attestor.attest_task(tid, uid, gid).ok()?;
         if decide(&id, &self.workload) != Decision::Allow {
             return None;
         }
         let holder = crate::lease::Holder::of(&id, &self.workload.name);
-        if self.shared.leases.ready(&node.secret, &holder) {
-            return None;
-        }
-        Some(self.shared.leases.obtain(&node.secret, holder))
+        self.shared.leases.wait_for(&node.secret, node.version, &holder)
     }
 
     /// The containers that read `secret` through this mount.
@@ -448,7 +486,7 @@ impl WorkloadFs {
     }
 
     fn attr(&self, n: &Node) -> stat64 {
-        file_attr(n, self.owner.resolve())
+        file_attr(n, self.owner.resolve(), self.leased(n))
     }
 
     /// The node of `ino`, cloned under the view's read lock (see
@@ -463,7 +501,12 @@ impl WorkloadFs {
     /// the file's mode ([`super::access`]: the kernel no longer does),
     /// auditing the outcome. Refusals go through the audit log's
     /// per-caller limiter ([`AuditLog::deny`]).
-    fn check_open(&self, ctx: &Context, node: &Node, ino: u64) -> io::Result<Option<Arc<SecretBytes>>> {
+    fn check_open(
+        &self,
+        ctx: &Context,
+        node: &Node,
+        ino: u64,
+    ) -> io::Result<Option<(Arc<SecretBytes>, crate::lease::Holder)>> {
         let workload = self.workload.name.as_str();
         let event = |name, caller, reason| Event {
             caller,
@@ -502,15 +545,16 @@ impl WorkloadFs {
                     if let Err(why) = check_task(file, ctx.pid, ctx.uid, ctx.gid, Ids::Fs) {
                         return deny(&id, &why);
                     }
-                    if leased(node) {
-                        // The caller's own lease: issued while this open
-                        // was parked (see pool), or EIO.
+                    if self.leased(node) {
+                        // The caller's own lease (or a template rendered
+                        // from its own leases): issued while this open was
+                        // parked (see pool), or EIO.
                         let holder = crate::lease::Holder::of(&id, workload);
                         // Only through its own inode: another's pages are another's.
                         if !self.leased_inos.owned_by(ino, &holder.container) {
                             return deny(&id, "opened through another caller's entry of a leased file");
                         }
-                        return match self.shared.leases.body_for(&node.secret, &holder) {
+                        return match self.shared.leases.body_for_node(&node.secret, node.version, &holder) {
                             Ok(body) => {
                                 crate::metrics::METRICS
                                     .reads
@@ -523,10 +567,10 @@ impl WorkloadFs {
                                     let mut readers = self.readers.lock().expect("readers lock");
                                     readers.entry(node.secret.clone()).or_default().insert(c.clone());
                                 }
-                                Ok(Some(body))
+                                Ok(Some((body, holder)))
                             }
                             Err(why) => {
-                                audit(&event(EventKind::LeaseError, Some(&id), Some(why)))?;
+                                audit(&event(EventKind::LeaseError, Some(&id), Some(&why)))?;
                                 Err(errno(libc::EIO))
                             }
                         };
@@ -588,7 +632,7 @@ impl FileSystem for WorkloadFs {
         let view = self.view();
         let node = view.by_name.get(name).ok_or_else(|| errno(libc::ENOENT))?;
         let ttl = self.ttl();
-        if leased(node) {
+        if self.leased(node) {
             // The caller's own inode, asked for again at every path walk
             // (a stranger gets the shared one, which no open gets through).
             let holder = match self.shared.attestor.attest_task(ctx.pid, ctx.uid, ctx.gid) {
@@ -637,7 +681,7 @@ impl FileSystem for WorkloadFs {
         // An open file keeps its attributes after a rotation retired it.
         let held = handle.and_then(|h| self.handles.lock().expect("handles lock").get(&h).cloned());
         let node = held.or_else(|| self.node(ino)).ok_or_else(|| errno(libc::ENOENT))?;
-        if leased(&node) {
+        if self.leased(&node) {
             let mut st = self.attr(&node);
             st.st_ino = ino;
             return Ok((st, Duration::ZERO));
@@ -666,7 +710,11 @@ impl FileSystem for WorkloadFs {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let (node, opts) = match own {
             // This caller's own content: this handle only, never cached.
-            Some(body) => (Arc::new(Node { value: Some(body), ..Node::clone(&node) }), OpenOptions::DIRECT_IO),
+            Some((body, holder)) => {
+                let keys = self.shared.leases.hold(&node.secret, node.version, &holder);
+                self.leased.lock().expect("leased lock").insert(fh, LeasedHandle { holder, keys });
+                (Arc::new(Node { value: Some(body), ..Node::clone(&node) }), OpenOptions::DIRECT_IO)
+            }
             // The kernel may keep a file's pages: an inode's content
             // never changes (a new version is a new inode, see `replace`).
             None => (node, OpenOptions::KEEP_CACHE),
@@ -709,6 +757,9 @@ impl FileSystem for WorkloadFs {
         _lock_owner: Option<u64>,
     ) -> io::Result<()> {
         self.handles.lock().expect("handles lock").remove(&handle);
+        if let Some(h) = self.leased.lock().expect("leased lock").remove(&handle) {
+            self.shared.leases.unhold(&h.keys);
+        }
         Ok(())
     }
 

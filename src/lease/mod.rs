@@ -28,7 +28,7 @@
 //! that died while none ran.
 #![forbid(unsafe_code)]
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -77,6 +77,10 @@ const SWEEP: Duration = Duration::from_secs(15);
 /// try (doubling, up to [`RETRY_MAX`]).
 const RETRY_MIN: u64 = 2;
 const RETRY_MAX: u64 = 60;
+/// Failed revocation tries audited one by one; later, one in
+/// [`AUDIT_EVERY`] (about one an hour at [`RETRY_MAX`]).
+const AUDIT_FIRST: u32 = 5;
+const AUDIT_EVERY: u32 = 60;
 /// A failed issue is not asked again for this long (every open in the
 /// meantime fails at once), so a backend outage costs one request.
 const ISSUE_BACKOFF: Duration = Duration::from_secs(2);
@@ -211,7 +215,7 @@ fn fill(p: &str, h: &Holder) -> String {
 
 /// Who a lease is for: a container (its full id), or a host user
 /// (`uid:N`), of a workload.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Holder {
     pub workload: String,
     pub container: String,
@@ -241,9 +245,18 @@ impl Holder {
     }
 }
 
-/// The store key of a lease.
-fn key(source: &str, workload: &str, container: &str) -> String {
-    format!("{source}|{workload}|{container}")
+/// The store key of a lease (`grant`: see [`Lease::grant`]).
+fn key(grant: &str, workload: &str, container: &str) -> String {
+    format!("{grant}|{workload}|{container}")
+}
+
+/// A lease's grant split into (template, source): `@template/T#dynamic:db`
+/// is (Some("@template/T"), "dynamic:db"); `dynamic:db` is (None, it).
+pub fn split_grant(grant: &str) -> (Option<&str>, &str) {
+    match grant.split_once('#') {
+        Some((t, s)) => (Some(t), s),
+        None => (None, grant),
+    }
 }
 
 fn now() -> u64 {
@@ -260,6 +273,11 @@ fn rfc3339(unix: u64) -> String {
 #[derive(Clone, Serialize, Deserialize)]
 pub struct Lease {
     pub source: String,
+    /// The template grant (`@template/NAME`) this lease serves, when a
+    /// template reads it (`dynamic("NAME")`): a lease of its own, apart
+    /// from a direct grant's and from other templates'.
+    #[serde(default)]
+    pub via: Option<String>,
     pub workload: String,
     pub container: String,
     pub container_name: String,
@@ -308,7 +326,16 @@ impl std::fmt::Debug for Lease {
 
 impl Lease {
     fn key(&self) -> String {
-        key(&self.source, &self.workload, &self.container)
+        key(&self.grant(), &self.workload, &self.container)
+    }
+
+    /// What it was issued for: `dynamic:NAME`, or
+    /// `@template/T#dynamic:NAME` for a template's.
+    pub fn grant(&self) -> String {
+        match &self.via {
+            Some(t) => format!("{t}#{}", self.source),
+            None => self.source.clone(),
+        }
     }
 
     /// When to renew (or roll): two thirds into its current term.
@@ -328,8 +355,13 @@ pub struct LeaseInfo {
     pub issued_unix: u64,
     pub expires_unix: u64,
     pub serial: Option<String>,
-    /// "live", or "revoking" (a revocation failed and is retried).
+    /// "live"; "revoking" (being revoked now); "revoke pending" (a
+    /// revocation failed and is retried, with backoff).
     pub state: String,
+    /// The template grant it serves (`@template/NAME`), if any.
+    pub template: Option<String>,
+    /// Failed revocation tries so far.
+    pub failures: u32,
 }
 
 /// Render what a container reads from an issued lease.
@@ -404,6 +436,18 @@ pub struct Leases {
     permits: Arc<tokio::sync::Semaphore>,
     broker: OnceLock<Weak<Broker>>,
     rt: tokio::runtime::Handle,
+    /// Templates that read leases: rendered per caller at each open.
+    pub templates: crate::template::leased::Registry,
+    /// Host users' leases: open handles, and since when none is open.
+    holds: Mutex<HashMap<String, Hold>>,
+}
+
+/// The open handles of a host user's lease (see [`Leases::hold`]).
+#[derive(Clone, Copy, Debug)]
+struct Hold {
+    open: usize,
+    /// When the last handle closed (or the lease was first seen).
+    since: u64,
 }
 
 impl std::fmt::Debug for Leases {
@@ -429,6 +473,8 @@ impl Leases {
             permits: Arc::new(tokio::sync::Semaphore::new(MAX_ISSUING)),
             broker: OnceLock::new(),
             rt,
+            templates: Default::default(),
+            holds: Mutex::default(),
         })
     }
 
@@ -489,10 +535,126 @@ impl Leases {
     pub fn fields(&self, source: &str, holder: &Holder) -> Result<serde_json::Value, &'static str> {
         let body = self.body_for(source, holder)?;
         let text = std::str::from_utf8(body.expose()).map_err(|_| "a lease that is not text")?;
-        if source.starts_with("dynamic:") {
+        if split_grant(source).1.starts_with("dynamic:") {
             return serde_json::from_str(text).map_err(|_| "a lease that is not JSON");
         }
         Ok(pem_fields(text))
+    }
+
+    /// Whether a file (`secret` at `version`) shows each caller its own
+    /// content: a `dynamic:`/`cert:` grant, or a template reading leases.
+    pub fn is_leased_node(&self, secret: &str, version: u64) -> bool {
+        crate::policy::leased(secret).is_some()
+            || (secret.starts_with(crate::secret::TEMPLATE_PREFIX) && self.templates.get(secret, version).is_some())
+    }
+
+    /// The leases (by grant, see [`Lease::grant`]) a file's caller reads.
+    fn grants_of(&self, secret: &str, version: u64) -> Vec<String> {
+        if crate::policy::leased(secret).is_some() {
+            return vec![secret.to_owned()];
+        }
+        match self.templates.get(secret, version) {
+            Some(d) => d.sources.iter().map(|s| format!("{secret}#{s}")).collect(),
+            None => Vec::new(),
+        }
+    }
+
+    /// For an open of a leased file: None if `holder` has every lease it
+    /// needs; otherwise a future that ends once each missing one is
+    /// issued or failed (their issues run at once, in the background).
+    pub fn wait_for(
+        self: &Arc<Self>,
+        secret: &str,
+        version: u64,
+        holder: &Holder,
+    ) -> Option<crate::identity::docker::Wait> {
+        let waits: Vec<_> = self
+            .grants_of(secret, version)
+            .into_iter()
+            .filter(|g| !self.ready(g, holder))
+            .map(|g| self.obtain(&g, holder.clone()))
+            .collect();
+        if waits.is_empty() {
+            return None;
+        }
+        Some(Box::pin(async move {
+            for w in waits {
+                w.await;
+            }
+        }))
+    }
+
+    /// What `holder` reads from a leased file (`secret` at `version`): its
+    /// own lease's content, or the template rendered from its own leases.
+    /// The error names sources and reasons, never a value.
+    pub fn body_for_node(&self, secret: &str, version: u64, holder: &Holder) -> Result<Arc<SecretBytes>, String> {
+        if crate::policy::leased(secret).is_some() {
+            return self.body_for(secret, holder).map_err(str::to_owned);
+        }
+        let d = self
+            .templates
+            .get(secret, version)
+            .ok_or_else(|| "this rendering of the template is gone; open the file again".to_owned())?;
+        let mut fields = BTreeMap::new();
+        for s in &d.sources {
+            let f = self.fields(&format!("{secret}#{s}"), holder).map_err(|e| format!("{s}: {e}"))?;
+            fields.insert(s.clone(), f);
+        }
+        crate::template::leased::render_for(&d, fields).map(Arc::new).map_err(|e| format!("{secret}: {e}"))
+    }
+
+    /// An open handle of a leased file by a host user: its leases are
+    /// held (not revoked for idleness) until [`Leases::unhold`]. Returns
+    /// the lease keys held (none for a container: its leases end with it).
+    pub fn hold(&self, secret: &str, version: u64, holder: &Holder) -> Vec<String> {
+        if holder.in_container() {
+            return Vec::new();
+        }
+        let keys: Vec<String> =
+            self.grants_of(secret, version).iter().map(|g| key(g, &holder.workload, &holder.container)).collect();
+        let mut holds = self.holds.lock().expect("holds lock");
+        for k in &keys {
+            holds.entry(k.clone()).or_insert(Hold { open: 0, since: now() }).open += 1;
+        }
+        keys
+    }
+
+    /// A handle [`Leases::hold`] counted was closed.
+    pub fn unhold(&self, keys: &[String]) {
+        let mut holds = self.holds.lock().expect("holds lock");
+        for k in keys {
+            if let Some(h) = holds.get_mut(k) {
+                h.open = h.open.saturating_sub(1);
+                if h.open == 0 {
+                    h.since = now();
+                }
+            }
+        }
+    }
+
+    /// Host users' leases no handle has held open for one TTL: revoked.
+    /// A lease not seen before (issued, or loaded at start) starts its
+    /// idle time now.
+    fn revoke_idle(self: &Arc<Self>) -> usize {
+        let t = now();
+        let idle: BTreeSet<String> = {
+            let live = self.live.lock().expect("leases lock");
+            let mut holds = self.holds.lock().expect("holds lock");
+            holds.retain(|k, h| h.open > 0 || live.contains_key(k));
+            live.iter()
+                .filter(|(k, l)| l.revoking.is_none() && k.as_str() == l.key())
+                .filter(|(_, l)| l.container.starts_with("uid:"))
+                .filter(|(k, l)| {
+                    let h = holds.entry((*k).clone()).or_insert(Hold { open: 0, since: t });
+                    h.open == 0 && t >= h.since + l.ttl_secs.max(1)
+                })
+                .map(|(k, _)| k.clone())
+                .collect()
+        };
+        if idle.is_empty() {
+            return 0;
+        }
+        self.revoke_where("no process of its user held the file open for one TTL", |l| idle.contains(&l.key()))
     }
 
     /// Whether `holder` has a live lease of `source` (an open need not wait).
@@ -553,7 +715,7 @@ impl Leases {
     }
 
     /// Ask the backend for a new lease of `src` for `holder`.
-    async fn fetch(&self, b: &Broker, src: &Source, holder: &Holder) -> Result<Lease, LeaseError> {
+    async fn fetch(&self, b: &Broker, src: &Source, holder: &Holder, via: Option<&str>) -> Result<Lease, LeaseError> {
         let v = self.vault(b, src)?;
         let _permit = self.permits.clone().acquire_owned().await.map_err(|_| LeaseError::Stopping)?;
         let issued = match src.kind {
@@ -581,6 +743,7 @@ impl Leases {
         };
         Ok(Lease {
             source: src.id(),
+            via: via.map(str::to_owned),
             workload: holder.workload.clone(),
             container: holder.container.clone(),
             container_name: holder.name.clone(),
@@ -600,16 +763,17 @@ impl Leases {
         })
     }
 
-    async fn issue(&self, source: &str, holder: &Holder) -> Result<(), LeaseError> {
+    async fn issue(&self, grant: &str, holder: &Holder) -> Result<(), LeaseError> {
         let b = self.broker().ok_or(LeaseError::Stopping)?;
+        let (via, source) = split_grant(grant);
         let src = self.source(source).ok_or_else(|| LeaseError::NoSource(source.to_owned()))?;
         let n = self.live.lock().expect("leases lock").len();
         if n >= MAX_LEASES {
             return Err(LeaseError::TooMany(n));
         }
-        let lease = self.fetch(&b, &src, holder).await?;
+        let lease = self.fetch(&b, &src, holder, via).await?;
         self.persist(&b, &lease.key(), &lease).await;
-        self.audit_issue(source, holder, None);
+        self.audit_issue(grant, holder, None);
         tracing::info!(source, container = %holder.container, ttl = lease.ttl_secs, "issued a lease");
         let mut live = self.live.lock().expect("leases lock");
         live.insert(lease.key(), lease);
@@ -655,13 +819,28 @@ impl Leases {
                 issued_unix: l.issued_unix,
                 expires_unix: l.expires_unix,
                 serial: l.serial.clone(),
-                state: if l.revoking.is_some() { "revoking".into() } else { "live".into() },
+                state: match (&l.revoking, l.failures) {
+                    (None, _) => "live".into(),
+                    (Some(_), 0) => "revoking".into(),
+                    (Some(_), _) => "revoke pending".into(),
+                },
+                template: l.via.clone(),
+                failures: l.failures,
             })
             .collect()
     }
 
     pub fn count(&self) -> usize {
         self.live.lock().expect("leases lock").len()
+    }
+
+    /// Leases whose revocation failed and is being retried: (how many,
+    /// the most failed tries of one). For `keyhole status` and `doctor`.
+    pub fn pending_revocations(&self) -> (usize, u32) {
+        let live = self.live.lock().expect("leases lock");
+        live.values()
+            .filter(|l| l.revoking.is_some() && l.failures > 0)
+            .fold((0, 0), |(n, most), l| (n + 1, most.max(l.failures)))
     }
 
     // ------------------------------------------------------------ revocation
@@ -740,14 +919,20 @@ impl Leases {
                 if let Some(l) = stored {
                     self.persist(&b, k, &l).await;
                 }
-                let reason = format!("{what}: {why}; result=failed: {e}; retried");
-                tracing::error!(source = %lease.source, container = %lease.container, error = %e, "cannot revoke a lease; it will be retried");
-                let _ = b.audit().record(&Event {
-                    workload: Some(&lease.workload),
-                    path: Some(&lease.source),
-                    reason: Some(&reason),
-                    ..Event::new(EventKind::LeaseRevoke)
-                });
+                let tries = lease.failures + 1;
+                let reason = format!("{what}: {why}; result=failed (try {tries}): {e}; retried");
+                tracing::error!(source = %lease.source, container = %lease.container, error = %e, tries, "cannot revoke a lease; it will be retried");
+                // Every try is counted; audited are the first few, then
+                // one in AUDIT_EVERY (a long outage of many leases must
+                // not flood the log; the backoff bounds the rate too).
+                if tries <= AUDIT_FIRST || tries % AUDIT_EVERY == 0 {
+                    let _ = b.audit().record(&Event {
+                        workload: Some(&lease.workload),
+                        path: Some(&lease.source),
+                        reason: Some(&reason),
+                        ..Event::new(EventKind::LeaseRevoke)
+                    });
+                }
             }
         }
     }
@@ -763,7 +948,10 @@ impl Leases {
         let sources: std::collections::BTreeSet<String> =
             self.sources.read().expect("sources lock").keys().cloned().collect();
         let mut n = self.revoke_where("its source was removed", |l| !sources.contains(&l.source));
-        n += self.revoke_where("its grant was revoked", |l| !grants.contains(&(l.workload.clone(), l.source.clone())));
+        n += self.revoke_where("its grant was revoked", |l| {
+            let granted = l.via.clone().unwrap_or_else(|| l.source.clone());
+            !grants.contains(&(l.workload.clone(), granted))
+        });
         n
     }
 
@@ -828,7 +1016,7 @@ impl Leases {
         // Roll: a new lease for the same holder, ahead of expiry.
         let holder =
             Holder { workload: l.workload.clone(), container: l.container.clone(), name: l.container_name.clone() };
-        match self.fetch(&b, &src, &holder).await {
+        match self.fetch(&b, &src, &holder, l.via.as_deref()).await {
             Ok(new) => {
                 self.persist(&b, &k, &new).await;
                 let old = {
@@ -836,7 +1024,7 @@ impl Leases {
                     live.insert(k.clone(), new)
                 };
                 *self.generations.lock().expect("generations lock").entry(l.source.clone()).or_insert(1) += 1;
-                self.audit_issue(&l.source, &holder, None);
+                self.audit_issue(&l.grant(), &holder, None);
                 tracing::info!(source = %l.source, container = %l.container, "rolled a lease to a new one");
                 // The old one goes (revoked in the background, retried).
                 if let Some(mut old) = old {
@@ -893,7 +1081,8 @@ fn pem_fields(text: &str) -> serde_json::Value {
         }
         rest = &block[close..];
     }
-    serde_json::json!({ "cert": cert, "ca": ca, "key": key })
+    let chain = format!("{cert}{ca}");
+    serde_json::json!({ "cert": cert, "ca": ca, "chain": chain, "key": key })
 }
 
 /// A renewed lease's file shows its new expiry.
@@ -949,7 +1138,10 @@ pub async fn keeper(broker: Arc<Broker>) {
             }
             Next::Gone(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => sweep.reset_immediately(),
             Next::Gone(Err(tokio::sync::broadcast::error::RecvError::Closed)) => gone = None,
-            Next::Tick => leases.tick().await,
+            Next::Tick => {
+                leases.revoke_idle();
+                leases.tick().await
+            }
             Next::Sweep => sweep_once(&broker, &leases).await,
         }
     }
@@ -1036,6 +1228,7 @@ mod tests {
     fn a_lease_debug_shows_no_credentials() {
         let l = Lease {
             source: "dynamic:db".into(),
+            via: None,
             workload: "w".into(),
             container: "c".into(),
             container_name: "n".into(),

@@ -30,6 +30,8 @@ use minijinja::{Environment, Error, ErrorKind, UndefinedBehavior};
 
 use crate::secret::SecretBytes;
 
+pub mod leased;
+
 /// Fuel for one render: roughly instructions, and 64 bytes of allocation
 /// each (see `minijinja::Environment::set_fuel`).
 pub const FUEL: u64 = 2_000_000;
@@ -38,7 +40,8 @@ pub const MAX_SOURCE: usize = 256 << 10;
 /// The most inputs one template may read.
 pub const MAX_INPUTS: usize = 256;
 /// The functions and variables a template may name.
-const GLOBALS: [&str; 8] = ["secret", "range", "dict", "namespace", "cycler", "joiner", "loop", "self"];
+const GLOBALS: [&str; 10] =
+    ["secret", "range", "dict", "namespace", "cycler", "joiner", "loop", "self", "dynamic", "cert"];
 
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum TemplateError {
@@ -225,6 +228,7 @@ fn environment(lookup: Lookup) -> Environment<'static> {
         env.set_syntax(syntax);
     }
     env.remove_global("debug");
+    leased::register(&mut env);
     env.add_function("secret", move |path: String, kwargs: Kwargs| -> Result<Value, Error> {
         let field: Option<String> = kwargs.get("field")?;
         kwargs.assert_all_used()?;

@@ -14,11 +14,11 @@ use std::time::{Duration, Instant};
 
 use crate::support::*;
 
-const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+pub(crate) const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 
 /// PostgreSQL 15 is needed: under CI its absence fails the suite
 /// (scripts/test.sh installs `postgresql`); elsewhere the tests skip.
-fn require_postgres() -> bool {
+pub(crate) fn require_postgres() -> bool {
     if !require_bao() || !require_docker() {
         return false;
     }
@@ -35,15 +35,15 @@ fn require_postgres() -> bool {
 
 /// A private PostgreSQL cluster on a free loopback port (run as user
 /// `postgres`, in a temp dir), stopped on drop.
-struct Postgres {
-    port: u16,
+pub(crate) struct Postgres {
+    pub(crate) port: u16,
     dir: tempfile::TempDir,
 }
 
-const PG_ADMIN_PASSWORD: &str = "kh-test-admin-pw";
+pub(crate) const PG_ADMIN_PASSWORD: &str = "kh-test-admin-pw";
 
 impl Postgres {
-    fn start() -> Postgres {
+    pub(crate) fn start() -> Postgres {
         let dir = tempfile::Builder::new().prefix("kh-pg").tempdir().unwrap();
         let port = free_port();
         let ok = |cmd: &mut Command| {
@@ -77,7 +77,7 @@ impl Postgres {
     }
 
     /// Run SQL as the superuser over the local socket; its output.
-    fn sql(&self, q: &str) -> String {
+    pub(crate) fn sql(&self, q: &str) -> String {
         let o = Command::new("runuser")
             .args(["-u", "postgres", "--", "psql", "-h"])
             .arg(self.dir.path())
@@ -88,16 +88,16 @@ impl Postgres {
         String::from_utf8_lossy(&o.stdout).trim().to_owned()
     }
 
-    fn role_exists(&self, name: &str) -> bool {
+    pub(crate) fn role_exists(&self, name: &str) -> bool {
         self.sql(&format!("SELECT count(*) FROM pg_roles WHERE rolname = '{name}'")) == "1"
     }
 
-    fn valid_until(&self, name: &str) -> String {
+    pub(crate) fn valid_until(&self, name: &str) -> String {
         self.sql(&format!("SELECT rolvaliduntil FROM pg_roles WHERE rolname = '{name}'"))
     }
 
     /// Log in over TCP with a password, as a client would (from the host).
-    fn login(&self, user: &str, password: &str) -> Output {
+    pub(crate) fn login(&self, user: &str, password: &str) -> Output {
         Command::new("psql")
             .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", user, "-d", "postgres", "-tAc"])
             .arg("SELECT current_user")
@@ -122,7 +122,7 @@ impl Drop for Postgres {
 
 /// The database engine of `bao` managing `pg`, with role `web` (TTL and
 /// max TTL as given).
-fn database_engine(bao: &Bao, pg: &Postgres, ttl: &str, max_ttl: &str) {
+pub(crate) fn database_engine(bao: &Bao, pg: &Postgres, ttl: &str, max_ttl: &str) {
     bao.ok(&["secrets", "enable", "database"]);
     let url = format!("postgresql://{{{{username}}}}:{{{{password}}}}@127.0.0.1:{}/postgres?sslmode=disable", pg.port);
     bao.ok(&[
@@ -146,7 +146,7 @@ fn database_engine(bao: &Bao, pg: &Postgres, ttl: &str, max_ttl: &str) {
     ]);
 }
 
-fn secrets_bind(b: &Broker, workload: &str) -> String {
+pub(crate) fn secrets_bind(b: &Broker, workload: &str) -> String {
     format!("{}:/run/secrets:ro,rslave", b.mount(workload).display())
 }
 
@@ -156,7 +156,7 @@ fn dynamic_setup(bao: &Bao) -> (Broker, String) {
     dynamic_setup_with(bao, "")
 }
 
-fn dynamic_setup_with(bao: &Bao, extra: &str) -> (Broker, String) {
+pub(crate) fn dynamic_setup_with(bao: &Bao, extra: &str) -> (Broker, String) {
     let b = Broker::start_with(&format!("{extra}{}", bao.backend_toml("prod", "30s")));
     let tag = unique("lease");
     b.ok(&["workload", "add", "web", "--selector", &format!("docker:label:keyhole.test={tag}")]);
@@ -165,19 +165,19 @@ fn dynamic_setup_with(bao: &Bao, extra: &str) -> (Broker, String) {
     (b, tag)
 }
 
-fn web_container(b: &Broker, tag: &str) -> Container {
+pub(crate) fn web_container(b: &Broker, tag: &str) -> Container {
     Container::start(&["--label", &format!("keyhole.test={tag}"), "-v", &secrets_bind(b, "web")])
 }
 
 /// What a container read from db.json: (username, password, expires_at).
-fn creds(c: &Container) -> (String, String, String) {
+pub(crate) fn creds(c: &Container) -> (String, String, String) {
     let raw = c.cat("/run/secrets/db.json").unwrap_or_else(|e| panic!("read db.json: {e}"));
     let v = json(&raw);
     let s = |k: &str| v[k].as_str().unwrap_or_else(|| panic!("no {k} in db.json")).to_owned();
     (s("username"), s("password"), s("expires_at"))
 }
 
-fn leases_json(b: &Broker) -> Vec<serde_json::Value> {
+pub(crate) fn leases_json(b: &Broker) -> Vec<serde_json::Value> {
     let out = b.ok(&["leases", "--json"]);
     json(&out).as_array().unwrap().clone()
 }
@@ -350,14 +350,14 @@ fn a_lease_is_renewed_at_two_thirds_and_rolled_at_max_ttl() {
 
 /// A TCP proxy to `to` that holds each connection `delay` before passing
 /// it on (while `slow` is set).
-struct SlowProxy {
-    addr: String,
-    slow: Arc<AtomicBool>,
+pub(crate) struct SlowProxy {
+    pub(crate) addr: String,
+    pub(crate) slow: Arc<AtomicBool>,
     delay_ms: Arc<AtomicU64>,
 }
 
 impl SlowProxy {
-    fn start(to: &str, delay: Duration) -> SlowProxy {
+    pub(crate) fn start(to: &str, delay: Duration) -> SlowProxy {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = format!("http://{}", l.local_addr().unwrap());
         let to = to.trim_start_matches("http://").to_owned();
@@ -461,7 +461,7 @@ fn a_slow_or_down_backend_fails_a_first_open_promptly_and_stalls_no_other_mount(
 
 /// The PKI engine of `bao`: a root CA and role `workload` that allows
 /// the SPIFFE URI SANs. Returns the CA's PEM.
-fn pki_engine(bao: &Bao) -> String {
+pub(crate) fn pki_engine(bao: &Bao) -> String {
     bao.ok(&["secrets", "enable", "pki"]);
     bao.ok(&["secrets", "tune", "-max-lease-ttl=87600h", "pki"]);
     let ca = bao.ok(&[
@@ -482,13 +482,13 @@ fn pki_engine(bao: &Bao) -> String {
     ca
 }
 
-fn cert_of(pem: &str) -> String {
+pub(crate) fn cert_of(pem: &str) -> String {
     let start = pem.find("-----BEGIN CERTIFICATE-----").unwrap();
     let end = pem.find("-----END CERTIFICATE-----").unwrap() + "-----END CERTIFICATE-----".len();
     pem[start..end].to_owned() + "\n"
 }
 
-fn openssl(args: &[&str], input: &str) -> String {
+pub(crate) fn openssl(args: &[&str], input: &str) -> String {
     let mut c = Command::new("openssl").args(args).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
     c.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
     let o = c.wait_with_output().unwrap();

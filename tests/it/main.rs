@@ -15,6 +15,7 @@ mod fscore;
 mod hostile;
 mod index;
 mod labels;
+mod leased;
 mod leases;
 mod lifecycle;
 mod limits;
