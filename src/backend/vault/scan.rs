@@ -20,7 +20,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use super::{BackendError, Cached, VaultBackend};
+use super::{BackendError, Cached, VaultBackend, Verb, encode};
 
 /// Changed secrets read at once, per backend.
 pub const FETCH_CONCURRENCY: usize = 8;
@@ -158,19 +158,6 @@ pub enum ScanError {
     Denied,
 }
 
-/// Percent-encode a query value (keys come from the server).
-fn encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~' | b'/') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
 /// A key's observed state: live version, or None (absent or deleted).
 type Observed = BTreeMap<String, Option<u64>>;
 
@@ -213,8 +200,8 @@ impl VaultBackend {
     /// directory (one page of one key of the mount's root). Err: why
     /// change detection would fall back to per-secret reads.
     pub async fn probe_detection(&self) -> Result<(), String> {
-        let url = format!("{}/v1/{}/detailed-metadata/?list=true&limit=1", self.cfg.address, self.cfg.mount);
-        match self.get_listing(&url).await {
+        let api = format!("{}/detailed-metadata/?list=true&limit=1", encode(&self.cfg.mount));
+        match self.get_listing(&api).await {
             Ok((404 | 405, body)) if body.windows(11).any(|w| w == b"unsupported") => {
                 Err(format!("the server has no {}/detailed-metadata endpoint", self.cfg.mount))
             }
@@ -225,56 +212,26 @@ impl VaultBackend {
         }
     }
 
-    /// One HTTP GET of a detailed-metadata listing; (status, body), the
-    /// body capped at [`MAX_LISTING_BYTES`].
-    async fn get_listing(&self, url: &str) -> Result<(u16, Vec<u8>), ScanError> {
-        let started = Instant::now();
-        let sent = {
-            let c = self.client.read().await;
-            c.http
-                .http
-                .get(url)
-                .header("X-Vault-Token", c.settings.token.as_str())
-                .header("X-Vault-Request", "true")
-                .send()
-                .await
-        };
-        let mut resp = match sent {
-            Ok(r) => r,
-            Err(e) => {
-                crate::metrics::backend_request(&self.cfg.name, started, true);
-                return Err(ScanError::Failed(crate::causes(&e)));
-            }
-        };
-        let status = resp.status().as_u16();
-        let mut body = Vec::new();
-        loop {
-            match resp.chunk().await {
-                Ok(Some(c)) if body.len() + c.len() > MAX_LISTING_BYTES => {
-                    crate::metrics::backend_request(&self.cfg.name, started, true);
-                    return Err(ScanError::Failed(format!(
-                        "a detailed-metadata listing is larger than {} MiB; grant narrower prefixes",
-                        MAX_LISTING_BYTES >> 20
-                    )));
-                }
-                Ok(Some(c)) => body.extend_from_slice(&c),
-                Ok(None) => break,
-                Err(e) => {
-                    crate::metrics::backend_request(&self.cfg.name, started, true);
-                    return Err(ScanError::Failed(crate::causes(&e)));
-                }
-            }
+    /// One GET of a detailed-metadata listing (`api`: path and query
+    /// under `v1/`); (status, body), the body capped at
+    /// [`MAX_LISTING_BYTES`].
+    async fn get_listing(&self, api: &str) -> Result<(u16, Vec<u8>), ScanError> {
+        match self.send(Verb::Get, api, None, MAX_LISTING_BYTES).await {
+            Ok(a) => Ok((a.status, a.body)),
+            Err(e) if e.contains("an answer larger than") => Err(ScanError::Failed(format!(
+                "a detailed-metadata listing is larger than {} MiB; grant narrower prefixes",
+                MAX_LISTING_BYTES >> 20
+            ))),
+            Err(e) => Err(ScanError::Failed(e)),
         }
-        crate::metrics::backend_request(&self.cfg.name, started, !matches!(status, 200..=299 | 404));
-        Ok((status, body))
     }
 
     /// List one directory, every page; adds requests and bytes to `stats`.
     async fn list_dir(&self, dir: &Dir, stats: &mut ScanStats) -> Result<Vec<(String, KeyState)>, ScanError> {
         let base = if dir.path.is_empty() {
-            format!("{}/v1/{}/detailed-metadata/", self.cfg.address, self.cfg.mount)
+            format!("{}/detailed-metadata/", encode(&self.cfg.mount))
         } else {
-            format!("{}/v1/{}/detailed-metadata/{}/", self.cfg.address, self.cfg.mount, encode(&dir.path))
+            format!("{}/detailed-metadata/{}/", encode(&self.cfg.mount), encode(&dir.path))
         };
         let page_size = self.cfg.list_page_size;
         let mut out = Vec::new();
