@@ -5,6 +5,7 @@ mod support;
 
 mod admin;
 mod attest;
+mod cluster;
 mod audit;
 mod compose;
 mod crash;
