@@ -86,6 +86,7 @@ fn backend_status(v: &crate::backend::vault::VaultBackend) -> pb::BackendStatus 
             .map_or(0, |d| d.as_millis() as i64),
         addresses: v.nodes.addresses().to_vec(),
         node_switches: v.nodes.switches(),
+        scan_sparse_dirs: scan.sparse_dirs as u64,
     }
 }
 

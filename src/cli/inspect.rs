@@ -115,6 +115,7 @@ fn backend_json(b: &pb::BackendStatus) -> serde_json::Value {
             "bytes": b.scan_bytes,
             "watched": b.watched_secrets,
             "fetched": b.scan_fetched,
+            "sparse_dirs": b.scan_sparse_dirs,
         },
     })
 }
