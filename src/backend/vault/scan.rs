@@ -162,7 +162,7 @@ pub struct ScanState {
     /// `keyhole refresh`), so an older result never lands after a newer.
     one: tokio::sync::Mutex<()>,
     /// Keys each flat directory held at its last listing, and when (for
-    /// the sparse-directory rule; only directories of the current plan).
+    /// the sparse-directory rule; only those listed within [`REPROBE`]).
     dir_keys: Mutex<BTreeMap<String, (usize, Instant)>>,
 }
 
@@ -332,7 +332,8 @@ impl VaultBackend {
     ) -> Result<Observed, ScanError> {
         let dirs = plan(exact, prefixes);
         stats.dirs = dirs.len();
-        self.scan.dir_keys.lock().expect("scan lock").retain(|d, _| dirs.iter().any(|x| !x.recursive && x.path == *d));
+        // Counts older than REPROBE are not used: forget them (bounds it).
+        self.scan.dir_keys.lock().expect("scan lock").retain(|_, (_, at)| at.elapsed() < REPROBE);
         let mut seen: BTreeMap<String, KeyState> = BTreeMap::new();
         let mut read: Observed = Observed::new();
         for dir in &dirs {
