@@ -1216,7 +1216,8 @@ fn fleet_cluster(o: &Opts) -> Value {
             let mut k = 0;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 k += 1;
-                let o = brokers[0].cli_in(&["secret", "put", "prod/fleet/k199", "--stdin"], Some(format!("v-w{k}").as_bytes()));
+                let o = brokers[0]
+                    .cli_in(&["secret", "put", "prod/fleet/k199", "--stdin"], Some(format!("v-w{k}").as_bytes()));
                 if o.status.success() {
                     done.push(Instant::now());
                 } else {

@@ -805,7 +805,8 @@ mod tests {
 
     #[test]
     fn a_backend_may_list_a_clusters_nodes() {
-        let one = "[[backend]]\nname = \"prod\"\nkind = \"vault\"\naddress = \"https://v:8200/\"\ntoken_file = \"/t\"\n";
+        let one =
+            "[[backend]]\nname = \"prod\"\nkind = \"vault\"\naddress = \"https://v:8200/\"\ntoken_file = \"/t\"\n";
         assert_eq!(parse(one).unwrap().backends[0].addresses, ["https://v:8200"]);
         let many = one.replace("\"https://v:8200/\"", "[\"http://a:8200\", \"http://b:8200/\", \"http://c:8200\"]");
         let b = &parse(&many).unwrap().backends[0];

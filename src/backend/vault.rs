@@ -112,7 +112,11 @@ pub(crate) struct Answer {
 
 impl Answer {
     fn json(&self) -> serde_json::Value {
-        if self.body.is_empty() { serde_json::Value::Null } else { serde_json::from_slice(&self.body).unwrap_or_default() }
+        if self.body.is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_json::from_slice(&self.body).unwrap_or_default()
+        }
     }
 
     /// The server's error messages, joined and bounded (they name paths
@@ -384,9 +388,8 @@ impl VaultBackend {
         for addr in self.nodes.addresses() {
             // Not vaultrs::sys::health: it insists on fields OpenBao omits.
             let url = format!("{addr}/v1/sys/health?standbyok=true&sealedcode=200&uninitcode=200");
-            let fetched = async {
-                self.client.http.http.get(&url).timeout(self.cfg.request_timeout).send().await?.bytes().await
-            };
+            let fetched =
+                async { self.client.http.http.get(&url).timeout(self.cfg.request_timeout).send().await?.bytes().await };
             let health = match fetched.await {
                 Ok(body) => serde_json::from_slice::<serde_json::Value>(&body)
                     .map_err(|e| format!("sys/health did not answer JSON: {e}")),
@@ -403,7 +406,8 @@ impl VaultBackend {
             nodes.push((addr.clone(), role.map_err(Clone::clone)));
         }
         let Some(health) = first else {
-            let why: Vec<String> = nodes.iter().filter_map(|(a, r)| r.as_ref().err().map(|e| format!("{a}: {e}"))).collect();
+            let why: Vec<String> =
+                nodes.iter().filter_map(|(a, r)| r.as_ref().err().map(|e| format!("{a}: {e}"))).collect();
             return Err(self.unavailable(why.join("; ")));
         };
         let token = match &self.cfg.auth {
@@ -668,7 +672,6 @@ impl VaultBackend {
         (self.nodes.in_use().to_owned(), auth)
     }
 }
-
 
 /// A lease a secrets engine issued (`GET database/creds/ROLE`), or a
 /// certificate (`pki/issue/ROLE`, whose lease id is empty). The data

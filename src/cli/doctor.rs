@@ -439,7 +439,11 @@ async fn backend(cfg: &crate::config::VaultConfig) -> Vec<Check> {
     let p = match v.probe().await {
         Ok(p) => p,
         Err(e) => {
-            return vec![bad(NAME, format!("{n}: {e}"), format!("check that {} is up and reachable", cfg.addresses.join(" or ")))];
+            return vec![bad(
+                NAME,
+                format!("{n}: {e}"),
+                format!("check that {} is up and reachable", cfg.addresses.join(" or ")),
+            )];
         }
     };
     let mut out = Vec::new();
@@ -450,7 +454,11 @@ async fn backend(cfg: &crate::config::VaultConfig) -> Vec<Check> {
     });
     if p.nodes.len() > 1 {
         out.extend(crate::backend::vault::nodes::doctor_lines(n, &p.nodes).into_iter().map(|(fine, line)| {
-            if fine { ok("node", line) } else { warn("node", line, "start or unseal it: the cluster serves on while a majority of its nodes do") }
+            if fine {
+                ok("node", line)
+            } else {
+                warn("node", line, "start or unseal it: the cluster serves on while a majority of its nodes do")
+            }
         }));
     }
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);

@@ -115,13 +115,16 @@ impl BaoCluster {
         // A standby answers 400 "waiting for the primary to upgrade" until
         // it has applied the new mount.
         for i in 0..n {
-            wait(60, "every node serves secret/", || c.cli_at(i, &["kv", "get", "secret/cluster/ready"]).status.success());
+            wait(60, "every node serves secret/", || {
+                c.cli_at(i, &["kv", "get", "secret/cluster/ready"]).status.success()
+            });
         }
         c
     }
 
     fn spawn(&mut self, i: usize) {
-        let log = fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join(format!("n{i}.log"))).unwrap();
+        let log =
+            fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join(format!("n{i}.log"))).unwrap();
         let child = Command::new("bao")
             .arg("server")
             .arg(format!("-config={}", self.nodes[i].config.display()))

@@ -275,7 +275,10 @@ fn vault_like_proxy(upstream: &str) -> String {
         "HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{UNSUPPORTED}",
         UNSUPPORTED.len()
     );
-    proxy_answering(upstream, Arc::new(move |target: &str| target.contains("/detailed-metadata/").then(|| unsupported.clone())))
+    proxy_answering(
+        upstream,
+        Arc::new(move |target: &str| target.contains("/detailed-metadata/").then(|| unsupported.clone())),
+    )
 }
 
 /// What a proxy answers itself for a request target (a whole HTTP
@@ -302,7 +305,11 @@ fn proxy_answering(upstream: &str, rule: Rule) -> String {
 
 /// Serve one connection, one request at a time (each upstream request on
 /// its own connection, closed after).
-fn proxy_one(mut conn: TcpStream, upstream: &str, rule: &(dyn Fn(&str) -> Option<String> + Send + Sync)) -> std::io::Result<()> {
+fn proxy_one(
+    mut conn: TcpStream,
+    upstream: &str,
+    rule: &(dyn Fn(&str) -> Option<String> + Send + Sync),
+) -> std::io::Result<()> {
     loop {
         let mut head = Vec::new();
         let mut byte = [0u8; 1];
@@ -493,7 +500,8 @@ fn a_sparse_directory_is_read_secret_by_secret() {
     let s = backend_status(&b);
     assert_eq!((s["last_scan"]["dirs"].as_u64(), s["last_scan"]["requests"].as_u64()), (Some(2), Some(2)), "{s}");
     assert_eq!(s["last_scan"]["watched"], 4, "{s}");
-    let (list0, md0) = (bao.requests("sp", "secret/detailed-metadata/big"), bao.requests("sp", "secret/metadata/big/k07"));
+    let (list0, md0) =
+        (bao.requests("sp", "secret/detailed-metadata/big"), bao.requests("sp", "secret/metadata/big/k07"));
     let small0 = bao.requests("sp", "secret/detailed-metadata/small");
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(bao.requests("sp", "secret/detailed-metadata/big"), list0, "big/ was listed again");

@@ -5,8 +5,8 @@ mod support;
 
 mod admin;
 mod attest;
-mod cluster;
 mod audit;
+mod cluster;
 mod compose;
 mod crash;
 mod denials;

@@ -15,11 +15,11 @@ use std::time::{Duration, Instant};
 #[path = "../harness/mod.rs"]
 mod harness;
 
+pub use harness::cluster::BaoCluster;
 pub use harness::{
     BIN, Bao, Broker, cli_as, contains, denials_in, detach_mounts_under, eventually, json, require_bao, require_root,
     signal, unique,
 };
-pub use harness::cluster::BaoCluster;
 
 /// What a test needs of the machine, in one line at its top:
 /// `needs!(root)`, `needs!(root, docker)`, `needs!(bao)` (`compose` for
