@@ -364,7 +364,6 @@ impl VaultBackend {
                 let role = text(&read_file_trimmed(role_id_file, "AppRole role_id file")?, "role_id")?;
                 let secret = text(&read_file_trimmed(secret_id_file, "AppRole secret_id file")?, "secret_id")?;
                 let body = serde_json::json!({ "role_id": role, "secret_id": secret });
-                self.token.lock().expect("token lock").clear();
                 let r = self.auth_call(Verb::Post, &format!("auth/{}/login", encode(mount)), Some(&body)).await?;
                 let auth = &r["auth"];
                 let Some(t) = auth["client_token"].as_str() else {
