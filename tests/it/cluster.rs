@@ -164,3 +164,43 @@ fn the_active_node_killed_mounts_keep_serving_and_writes_resume() {
     b.assert_never_leaked(&[b"db-1", b"db-2", b"api-2"]);
     let _ = std::io::stdout().flush();
 }
+
+#[test]
+fn a_node_that_does_not_answer_is_passed_over_and_status_says_so() {
+    needs!(bao);
+    let bao = Bao::start();
+    bao.ok(&["kv", "put", "secret/dead/pw", "value=alive-1"]);
+    // Nothing listens on the first address.
+    let dead = format!("http://{}", std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap());
+    let toml = format!(
+        "[[backend]]\nname = \"prod\"\nkind = \"vault\"\naddress = [\"{dead}\", \"{}\"]\ntoken_file = \"{}\"\npoll_interval = \"300ms\"\n",
+        bao.addr,
+        bao.token_file().display()
+    );
+    let b = Broker::start_with(&toml);
+    b.ok(&["workload", "add", "app", "--selector", &format!("unix:uid:{APP}")]);
+    b.ok(&["grant", "prod/dead/pw", "--to", "app", "--mode", "0444"]);
+    assert_eq!(read_as_app(&b, "pw").unwrap(), b"alive-1");
+    assert!(put(&b, "prod/dead/pw", "alive-2").status.success());
+    let s = status(&b);
+    assert_eq!((s["address"].as_str(), s["node_switches"].as_u64()), (Some(bao.addr.as_str()), Some(1)), "{s}");
+    assert_eq!(s["state"], "ok", "{s}");
+    // Every node down: the backend is unavailable, the mount keeps its value.
+    let mut bao = bao;
+    bao.stop();
+    let o = put(&b, "prod/dead/pw", "alive-3");
+    assert_fails(&o, 5, "unavailable");
+    assert_eq!(read_as_app(&b, "pw").unwrap(), b"alive-2");
+    // A list of no address, or a bad one, is refused at start.
+    for bad in ["[]", "[\"http://a:1\", \"ftp://b\"]", "[\"http://a:1\", \"http://a:1/\"]"] {
+        let cfg = b.dir.path().join("bad.toml");
+        std::fs::write(
+            &cfg,
+            format!("[[backend]]\nname = \"prod\"\nkind = \"vault\"\naddress = {bad}\ntoken_file = \"/nonexistent\"\n"),
+        )
+        .unwrap();
+        let o = Command::new(BIN).args(["doctor", "--config", cfg.to_str().unwrap()]).output().unwrap();
+        let out = String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && out.contains("address"), "{bad}: {out}");
+    }
+}
