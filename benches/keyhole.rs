@@ -52,6 +52,9 @@ struct Opts {
     mounts: Option<Vec<usize>>,
     /// `--fleet[=N]`: run the fleet section with N brokers (default 20).
     fleet: Option<usize>,
+    /// `--cluster` (with `--fleet`): the N brokers on a 3-node OpenBao
+    /// cluster instead, its active node killed.
+    cluster: bool,
 }
 
 /// One part of the run; its figures go in the report under its name.
@@ -70,17 +73,18 @@ fn main() {
         json: args.iter().any(|a| a == "--json"),
         mounts,
         fleet: fleet_n,
+        cluster: args.iter().any(|a| a == "--cluster"),
     };
     let only: Vec<&str> = args.iter().filter_map(|a| a.strip_prefix("--only=")).collect();
     let save = args.iter().find_map(|a| a.strip_prefix("--save="));
     let known = |a: &String| {
-        ["--short", "--json", "--bench", "--fleet"].contains(&a.as_str())
+        ["--short", "--json", "--bench", "--fleet", "--cluster"].contains(&a.as_str())
             || ["--only=", "--save=", "--mounts=", "--fleet="].iter().any(|p| a.starts_with(p))
     };
     if let Some(bad) = args.iter().find(|a| !known(a)) {
         eprintln!(
             "usage: cargo bench --bench keyhole -- [--short] [--json] [--only=SECTION]... [--save=FILE.json] \
-             [--mounts=1,100,...] [--fleet[=N]]   (env KEYHOLE_BENCH_BIN: the keyhole to run; unknown: {bad})"
+             [--mounts=1,100,...] [--fleet[=N] [--cluster]]   (env KEYHOLE_BENCH_BIN: the keyhole to run; unknown: {bad})"
         );
         std::process::exit(2);
     }
@@ -109,7 +113,10 @@ fn main() {
         report.insert(name.to_owned(), f(&opts));
     }
     // Only when asked for: N brokers and one OpenBao.
-    if opts.fleet.is_some() {
+    if opts.fleet.is_some() && opts.cluster {
+        eprintln!("== fleet_cluster");
+        report.insert("fleet_cluster".to_owned(), fleet_cluster(&opts));
+    } else if opts.fleet.is_some() {
         eprintln!("== fleet");
         report.insert("fleet".to_owned(), fleet(&opts));
     }
@@ -345,6 +352,7 @@ impl Drop for NoopMount {
 // The broker, OpenBao and `eventually` are the integration tests' too.
 #[path = "../tests/harness/mod.rs"]
 mod harness;
+use harness::cluster::BaoCluster;
 use harness::{Bao, Broker};
 
 /// What only the benchmark asks of a broker.
@@ -1314,5 +1322,159 @@ fn fleet(o: &Opts) -> Value {
             "per_secret_requests_per_s": per * 10_000.0 / 30.0,
             "directory_requests_per_s": dir * 10_000.0 / 30.0,
         },
+    })
+}
+
+/// Write secrets to node `i` of a cluster, one HTTP request each.
+fn cluster_put_many(c: &BaoCluster, i: usize, items: &[(String, String)]) {
+    let host = c.nodes[i].addr.trim_start_matches("http://").to_owned();
+    let token = std::fs::read_to_string(c.token_file()).unwrap();
+    for (path, value) in items {
+        let body = format!("{{\"data\":{{\"value\":\"{value}\"}}}}");
+        let mut s = std::net::TcpStream::connect(&host).unwrap();
+        write!(
+            s,
+            "POST /v1/secret/data/{path} HTTP/1.1\r\nHost: {host}\r\nX-Vault-Token: {token}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).unwrap();
+        assert!(out.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&out));
+    }
+}
+
+/// N brokers on a 3-node OpenBao raft cluster (loopback ports), each
+/// listing every node, 200 watched secrets each (one prefix grant). While
+/// a reader reads every broker's file every 50 ms and an admin writes
+/// through one broker every 200 ms, the active node is killed with -9:
+/// the cluster's election time, the seconds without a successful write,
+/// failed reads (must be 0), and how long a `bao kv put` to the new
+/// leader takes to reach every broker's mount.
+fn fleet_cluster(o: &Opts) -> Value {
+    let n = o.fleet.unwrap_or(20);
+    if std::process::Command::new("bao").arg("version").output().is_err() {
+        return json!({ "skipped": "no bao (OpenBao) binary" });
+    }
+    let mut c = BaoCluster::start(3);
+    let active = c.active().expect("an active node");
+    let secrets = 200;
+    let items: Vec<(String, String)> =
+        (0..secrets).map(|i| (format!("fleet/k{i:03}"), format!("v0-{i}-{}", "x".repeat(24)))).collect();
+    cluster_put_many(&c, active, &items);
+    let mut order = vec![active];
+    order.extend((0..3).filter(|&i| i != active));
+    let brokers: Vec<Broker> = (0..n)
+        .map(|i| {
+            // Each broker starts at another node: the load spreads.
+            let mine: Vec<usize> = (0..3).map(|k| order[(i + k) % 3]).collect();
+            let toml = format!(
+                "[[backend]]\nname = \"prod\"\nkind = \"vault\"\naddress = {}\ntoken_file = \"{}\"\npoll_interval = \"1s\"\nrequest_timeout = \"2s\"\n",
+                c.addresses_toml(&mine),
+                c.token_file().display()
+            );
+            let b = Broker::builder().config(&toml).quiet().start();
+            b.ok(&["workload", "add", "w", "--selector", "unix:uid:0"]);
+            b.ok(&["grant", "prod/fleet/*", "--to", "w"]);
+            b
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(2));
+    let files: Vec<PathBuf> = brokers.iter().map(|b| b.file("w", "k010")).collect();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let killed_at = Instant::now() + Duration::from_secs(3);
+    let (reads, failed_reads, writes, gap, attempts_failed, elected) = std::thread::scope(|s| {
+        let reader = s.spawn(|| {
+            let (mut ok, mut failed) = (0u64, 0u64);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for f in &files {
+                    if std::fs::read(f).is_ok_and(|v| v.starts_with(b"v")) {
+                        ok += 1;
+                    } else {
+                        failed += 1;
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            (ok, failed)
+        });
+        let writer = s.spawn(|| {
+            // (time of each successful write, failed attempts)
+            let (mut done, mut failed) = (Vec::new(), 0u64);
+            let mut k = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                k += 1;
+                let o = brokers[0]
+                    .cli_in(&["secret", "put", "prod/fleet/k199", "--stdin"], Some(format!("v-w{k}").as_bytes()));
+                if o.status.success() {
+                    done.push(Instant::now());
+                } else {
+                    failed += 1;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            (done, failed)
+        });
+        std::thread::sleep(killed_at.saturating_duration_since(Instant::now()));
+        c.kill9(active);
+        let mut elected = None;
+        while elected.is_none() && killed_at.elapsed() < Duration::from_secs(60) {
+            if c.active().is_some() {
+                elected = Some(killed_at.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::thread::sleep(Duration::from_secs(5));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (ok, failed) = reader.join().unwrap();
+        let (done, wfailed) = writer.join().unwrap();
+        // The longest time without a successful write, around the kill.
+        let mut gap = Duration::ZERO;
+        for w in done.windows(2) {
+            if w[1] > killed_at && w[0] < killed_at + Duration::from_secs(60) {
+                gap = gap.max(w[1] - w[0]);
+            }
+        }
+        (ok, failed, done.len(), gap, wfailed, elected)
+    });
+    // Change detection on the new leader: a bao write, into every mount.
+    let leader = c.active().expect("a new active node");
+    let value = format!("after-failover-{}", "z".repeat(20));
+    let t = Instant::now();
+    cluster_put_many(&c, leader, &[("fleet/k007".to_owned(), value.clone())]);
+    let files: Vec<PathBuf> = brokers.iter().map(|b| b.file("w", "k007")).collect();
+    let (ns, _) = visible_in_all(&files, t, |f| std::fs::read(f).is_ok_and(|v| v == value.as_bytes()));
+    let (p50, p99) = percentiles(ns);
+    let switched = brokers
+        .iter()
+        .filter(|b| {
+            let st: Value = serde_json::from_slice(&b.cli(&["status", "--json"]).stdout).unwrap_or(Value::Null);
+            st["backends"][0]["address"] != json!(c.nodes[active].addr)
+        })
+        .count();
+    let status: Value = serde_json::from_slice(&brokers[1].cli(&["status", "--json"]).stdout).unwrap_or(Value::Null);
+    let elected_s = elected.map(|e| e.as_secs_f64());
+    eprintln!(
+        "  cluster: {n} brokers, election {elected_s:?} s, {:.2} s without a successful write ({attempts_failed} failed \
+         attempt(s), {writes} ok), reads {reads} ok / {failed_reads} failed, new-leader write in every mount p50 {:.0} ms \
+         p99 {:.0} ms, {switched}/{n} brokers off the dead node",
+        gap.as_secs_f64(),
+        p50 / 1e3,
+        p99 / 1e3
+    );
+    json!({
+        "brokers": n,
+        "nodes": 3,
+        "secrets_per_broker": secrets,
+        "interval_s": 1.0,
+        "election_s": elected_s,
+        "seconds_without_a_successful_write": gap.as_secs_f64(),
+        "write_attempts_failed": attempts_failed,
+        "writes_ok": writes,
+        "reads_ok": reads,
+        "reads_failed": failed_reads,
+        "brokers_off_the_dead_node": switched,
+        "new_leader_propagation_ms": { "p50": p50 / 1e3, "p99": p99 / 1e3 },
+        "last_scan": status["backends"][0]["last_scan"],
     })
 }

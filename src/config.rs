@@ -264,7 +264,8 @@ pub struct RawAudit {
 pub struct RawBackend {
     pub name: String,
     pub kind: String,
-    pub address: String,
+    /// One node's address, or the list of a cluster's nodes.
+    pub address: RawAddresses,
     pub mount: Option<String>,
     pub field: Option<String>,
     pub token_file: Option<PathBuf>,
@@ -279,6 +280,17 @@ pub struct RawBackend {
     /// "per-secret".
     pub change_detection: Option<String>,
 }
+
+/// `address = "https://v:8200"` or `address = ["https://a:8200", ...]`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawAddresses {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// Most node addresses one `[[backend]]` may list.
+pub const MAX_BACKEND_ADDRESSES: usize = 16;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -299,6 +311,7 @@ pub enum VaultAuth {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VaultConfig {
     pub name: String,
+    /// The first node's address (the one shown before any request).
     pub address: String,
     pub mount: String,
     pub field: String,
@@ -311,6 +324,8 @@ pub struct VaultConfig {
     pub list_page_size: usize,
     /// `change_detection = "per-secret"`: never list by directory.
     pub per_secret: bool,
+    /// Every node's address (one or more), in the order tried.
+    pub addresses: Vec<String>,
 }
 
 fn duration(key: &str, value: Option<String>, default: &str) -> Result<std::time::Duration, ConfigError> {
@@ -332,9 +347,26 @@ impl TryFrom<RawBackend> for VaultConfig {
             .ok()
             .filter(|_| !b.name.contains('/'))
             .ok_or_else(|| bad("name must be one path segment of [A-Za-z0-9._-]".into()))?;
-        if !(b.address.starts_with("http://") || b.address.starts_with("https://")) {
-            return Err(bad(format!("address {:?} must start with http:// or https://", b.address)));
+        let addresses = match b.address {
+            RawAddresses::One(a) => vec![a],
+            RawAddresses::Many(a) => a,
+        };
+        if addresses.is_empty() || addresses.len() > MAX_BACKEND_ADDRESSES {
+            return Err(bad(format!("address: list 1 to {MAX_BACKEND_ADDRESSES} node addresses")));
         }
+        let mut seen = std::collections::BTreeSet::new();
+        for a in &addresses {
+            if !(a.starts_with("http://") || a.starts_with("https://")) {
+                return Err(bad(format!("address {a:?} must start with http:// or https://")));
+            }
+            if a.len() > 2048 || a.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(bad(format!("address {a:?} is not a URL")));
+            }
+            if !seen.insert(a.trim_end_matches('/')) {
+                return Err(bad(format!("address {a:?} is listed twice")));
+            }
+        }
+        let addresses: Vec<String> = addresses.iter().map(|a| a.trim_end_matches('/').to_owned()).collect();
         let auth = match (b.token_file, b.approle) {
             (Some(t), None) => VaultAuth::TokenFile(absolute("token_file", t)?),
             (None, Some(a)) => VaultAuth::AppRole {
@@ -350,7 +382,7 @@ impl TryFrom<RawBackend> for VaultConfig {
         }
         Ok(VaultConfig {
             name: b.name,
-            address: b.address.trim_end_matches('/').to_owned(),
+            address: addresses[0].clone(),
             mount: b.mount.unwrap_or_else(|| "secret".into()),
             field: b.field.unwrap_or_else(|| "value".into()),
             auth,
@@ -370,6 +402,7 @@ impl TryFrom<RawBackend> for VaultConfig {
                     return Err(bad(format!("change_detection = {other:?}: \"directory\" or \"per-secret\"")));
                 }
             },
+            addresses,
         })
     }
 }
@@ -767,6 +800,27 @@ mod tests {
         ] {
             let e = parse(&edit).unwrap_err().to_string();
             assert!(e.contains(want), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_backend_may_list_a_clusters_nodes() {
+        let one =
+            "[[backend]]\nname = \"prod\"\nkind = \"vault\"\naddress = \"https://v:8200/\"\ntoken_file = \"/t\"\n";
+        assert_eq!(parse(one).unwrap().backends[0].addresses, ["https://v:8200"]);
+        let many = one.replace("\"https://v:8200/\"", "[\"http://a:8200\", \"http://b:8200/\", \"http://c:8200\"]");
+        let b = &parse(&many).unwrap().backends[0];
+        assert_eq!(b.addresses, ["http://a:8200", "http://b:8200", "http://c:8200"]);
+        assert_eq!(b.address, "http://a:8200");
+        for (edit, want) in [
+            (one.replace("\"https://v:8200/\"", "[]"), "list 1 to 16"),
+            (one.replace("\"https://v:8200/\"", "[\"http://a\", \"a:1\"]"), "must start with http"),
+            (one.replace("\"https://v:8200/\"", "[\"http://a\", \"http://a/\"]"), "listed twice"),
+            (one.replace("\"https://v:8200/\"", "[\"http://a b\"]"), "is not a URL"),
+            (one.replace("\"https://v:8200/\"", &format!("{:?}", vec!["http://x"; 17])), "list 1 to 16"),
+        ] {
+            let e = parse(&edit).unwrap_err().to_string();
+            assert!(e.contains(want), "{edit}: {e}");
         }
     }
 

@@ -84,6 +84,9 @@ fn backend_status(v: &crate::backend::vault::VaultBackend) -> pb::BackendStatus 
             .at
             .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
             .map_or(0, |d| d.as_millis() as i64),
+        addresses: v.nodes.addresses().to_vec(),
+        node_switches: v.nodes.switches(),
+        scan_sparse_dirs: scan.sparse_dirs as u64,
     }
 }
 

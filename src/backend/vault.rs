@@ -1,10 +1,16 @@
-//! Vault / OpenBao KV v2, through vaultrs.
+//! Vault / OpenBao KV v2, over HTTP.
 //!
 //! Paths under `<name>/` live in the KV v2 mount `mount`, field `field`:
 //! `prod/db/pw` is `secret/db/pw`, field `value`. Writes read the current
 //! data and write it back with check-and-set on the version they read, so
 //! two writers never silently overwrite each other and other fields of
 //! the secret are kept.
+//!
+//! Every request goes through [`VaultBackend::send`]: to the cluster node
+//! in use, moving on to the next address on a connection error, 5xx, 429
+//! or 307, with read-your-writes headers (see [`nodes`]). vaultrs builds
+//! the HTTP client (TLS roots, timeouts); the requests are made here,
+//! because vaultrs neither sends nor returns headers.
 //!
 //! Values of granted secrets are cached here (and, sealed, in the local
 //! store, by the caller) and refreshed by [`VaultBackend::refresh`] (in
@@ -18,15 +24,14 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use vaultrs::api::kv2::requests::{ReadSecretRequest, SetSecretRequestOptions};
-use vaultrs::client::{Client, VaultClient, VaultClientSettingsBuilder};
-use vaultrs::error::ClientError;
+use vaultrs::client::{VaultClient, VaultClientSettingsBuilder};
 
 pub use super::health::{Freshness, Health};
 use super::{BackendError, VersionMeta};
 use crate::config::{VaultAuth, VaultConfig};
 use crate::secret::SecretBytes;
 
+pub mod nodes;
 pub mod scan;
 
 /// A value held for the mounts.
@@ -38,7 +43,12 @@ pub struct Cached {
 
 pub struct VaultBackend {
     pub cfg: VaultConfig,
-    client: tokio::sync::RwLock<VaultClient>,
+    /// The HTTP client (vaultrs builds it with the TLS settings).
+    client: VaultClient,
+    /// The token every request carries (a credential: never logged).
+    token: Mutex<String>,
+    /// The cluster's nodes, the one in use, the newest index seen.
+    pub nodes: nodes::Nodes,
     /// When to renew the token; None: it does not expire or cannot renew.
     renew_at: Mutex<Option<Instant>>,
     pub health: Arc<Health>,
@@ -50,7 +60,10 @@ pub struct VaultBackend {
 
 impl std::fmt::Debug for VaultBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("VaultBackend").field("name", &self.cfg.name).field("address", &self.cfg.address).finish()
+        f.debug_struct("VaultBackend")
+            .field("name", &self.cfg.name)
+            .field("addresses", &self.cfg.addresses)
+            .finish_non_exhaustive()
     }
 }
 
@@ -78,32 +91,57 @@ fn parse_time(s: &str) -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
-/// Run a vaultrs call with a valid token (`$c` is the client); on 403,
-/// log in again and retry once. A macro, not a generic async closure:
-/// those cannot yet be proven `Send` inside spawned tasks.
-macro_rules! authed {
-    ($this:expr, $rel:expr, |$c:ident| $call:expr) => {{
-        let this = $this;
-        this.keep_token().await?;
-        let started = std::time::Instant::now();
-        let first = {
-            let guard = this.client.read().await;
-            let $c = &*guard;
-            $call.await
-        };
-        let failed = matches!(&first, Err(e) if !matches!(e, ClientError::APIError { code: 400 | 403 | 404, .. }));
-        crate::metrics::backend_request(&this.cfg.name, started, failed);
-        match first {
-            Err(ClientError::APIError { code: 403, .. }) => {
-                tracing::warn!(backend = %this.cfg.name, "permission denied; logging in again");
-                this.login().await?;
-                let guard = this.client.read().await;
-                let $c = &*guard;
-                $call.await.map_err(|e| this.map_err($rel, e))
-            }
-            r => r.map_err(|e| this.map_err($rel, e)),
+/// The HTTP verbs the calls use (a `LIST` is a GET with `?list=true`).
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Verb {
+    Get,
+    Put,
+    Post,
+    Delete,
+}
+
+/// The most of an answer read, but a listing's (a secret, a certificate
+/// and chain are KiB; anything far larger is not an answer of ours).
+const MAX_BODY: usize = 4 << 20;
+
+/// One answer of the cluster: status and body.
+pub(crate) struct Answer {
+    pub status: u16,
+    pub body: Vec<u8>,
+}
+
+impl Answer {
+    fn json(&self) -> serde_json::Value {
+        if self.body.is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_json::from_slice(&self.body).unwrap_or_default()
         }
-    }};
+    }
+
+    /// The server's error messages, joined and bounded (they name paths
+    /// and roles, never values).
+    pub fn errors(&self) -> String {
+        let mut detail = self.json()["errors"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|e| e.as_str()).collect::<Vec<_>>().join("; "))
+            .unwrap_or_default();
+        detail.truncate(300);
+        detail
+    }
+}
+
+/// Percent-encode a path or query value (keys come from the server).
+pub(crate) fn encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~' | b'/') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// What [`VaultBackend::probe`] found.
@@ -114,6 +152,9 @@ pub struct Probe {
     pub version: String,
     /// TTL in seconds (0: never expires) and whether it can be renewed.
     pub token: Option<(u64, bool)>,
+    /// Each node: its address and "active", "standby", "sealed" or why it
+    /// did not answer.
+    pub nodes: Vec<(String, Result<&'static str, String>)>,
 }
 
 impl VaultBackend {
@@ -131,7 +172,6 @@ impl VaultBackend {
         let mut settings = VaultClientSettingsBuilder::default();
         settings
             .address(&cfg.address)
-            .token(token)
             .timeout(Some(cfg.request_timeout))
             .verify(true)
             .ca_certs(cfg.ca_file.iter().map(|p| p.display().to_string()).collect());
@@ -139,9 +179,12 @@ impl VaultBackend {
         let client =
             VaultClient::new(settings).map_err(|e| BackendError::Config(format!("backend {}: {e}", cfg.name)))?;
         let health = Arc::new(Health::new(&cfg.name, cfg.max_stale));
+        let nodes = nodes::Nodes::new(cfg.addresses.clone());
         Ok(VaultBackend {
             cfg,
-            client: tokio::sync::RwLock::new(client),
+            client,
+            token: Mutex::new(token),
+            nodes,
             renew_at: Mutex::new(None),
             health,
             cache: Mutex::default(),
@@ -162,15 +205,130 @@ impl VaultBackend {
         BackendError::Unavailable { backend: self.cfg.name.clone(), reason: reason.to_string() }
     }
 
-    fn map_err(&self, rel: &str, e: ClientError) -> BackendError {
-        match e {
-            ClientError::APIError { code: 404, .. } => BackendError::NotFound(self.full(rel)),
-            ClientError::APIError { code: 400, errors } if errors.iter().any(|m| m.contains("check-and-set")) => {
-                BackendError::Conflict { path: self.full(rel), detail: "it changed at the backend meanwhile".into() }
+    /// One request to `v1/<api>` (path and query), body JSON, the answer
+    /// capped at `cap` bytes. Tries the node in use, then each other node
+    /// once while the answer says to move on ([`nodes::moves_on`]) or the
+    /// node cannot be reached; the node that answers stays in use. The
+    /// last node's answer is returned whatever it is; Err: no node could
+    /// be reached (or an answer was larger than `cap`).
+    pub(crate) async fn send(
+        &self,
+        verb: Verb,
+        api: &str,
+        body: Option<&serde_json::Value>,
+        cap: usize,
+    ) -> Result<Answer, String> {
+        let order = self.nodes.order();
+        let mut last_error = String::new();
+        for (k, &i) in order.iter().enumerate() {
+            let last = k + 1 == order.len();
+            let started = Instant::now();
+            let url = format!("{}/v1/{api}", self.nodes.address(i));
+            let http = &self.client.http.http;
+            let req = match verb {
+                Verb::Get => http.get(&url),
+                Verb::Put => http.put(&url),
+                Verb::Post => http.post(&url),
+                Verb::Delete => http.delete(&url),
+            };
+            let token = self.token.lock().expect("token lock").clone();
+            let mut req = req.header("X-Vault-Request", "true").timeout(self.cfg.request_timeout);
+            if !token.is_empty() {
+                req = req.header("X-Vault-Token", token);
             }
-            ClientError::APIError { code, errors } => self.unavailable(format!("HTTP {code}: {}", errors.join("; "))),
-            other => self.unavailable(crate::causes(&other)),
+            if let Some(index) = self.nodes.consistency_headers() {
+                req = req.header("X-Vault-Index", index).header("X-Vault-Inconsistent", "forward-active-node");
+            }
+            if let Some(b) = body {
+                req = req.header("Content-Type", "application/json").body(b.to_string());
+            }
+            let mut resp = match req.send().await {
+                Ok(r) => r,
+                Err(e) => {
+                    crate::metrics::backend_request(&self.cfg.name, started, true);
+                    last_error = format!("{}: {}", self.nodes.address(i), crate::causes(&e));
+                    tracing::debug!(backend = %self.cfg.name, error = %last_error, "a node did not answer");
+                    continue;
+                }
+            };
+            let status = resp.status().as_u16();
+            crate::metrics::backend_request(&self.cfg.name, started, status >= 500 || status == 429);
+            if nodes::moves_on(status) && !last {
+                last_error = format!("{}: HTTP {status}", self.nodes.address(i));
+                tracing::debug!(backend = %self.cfg.name, error = %last_error, "moving on to the next node");
+                continue;
+            }
+            if let Some(h) = resp.headers().get("X-Vault-Index").and_then(|h| h.to_str().ok()) {
+                self.nodes.saw_index(h);
+            }
+            let mut bytes = Vec::new();
+            loop {
+                match resp.chunk().await {
+                    Ok(Some(c)) if bytes.len() + c.len() > cap => {
+                        return Err(format!("{api}: an answer larger than {cap} bytes"));
+                    }
+                    Ok(Some(c)) => bytes.extend_from_slice(&c),
+                    Ok(None) => break,
+                    Err(e) => return Err(crate::causes(&e)),
+                }
+            }
+            if !nodes::moves_on(status) {
+                self.nodes.answered(i, &self.cfg.name);
+            }
+            return Ok(Answer { status, body: bytes });
         }
+        Err(last_error)
+    }
+
+    /// [`Self::send`] with a valid token: renews it when due, and on 403
+    /// logs in again and retries once. Errors name `rel` (a keyhole path
+    /// inside the backend) when given, else the API path; for a KV call
+    /// (`rel` given) a check-and-set refusal is a conflict and any other
+    /// 400 a failing backend, for the other calls a 400 is bad input.
+    async fn request(
+        &self,
+        verb: Verb,
+        api: &str,
+        body: Option<&serde_json::Value>,
+        rel: Option<&str>,
+        cap: usize,
+    ) -> Result<serde_json::Value, BackendError> {
+        self.keep_token().await?;
+        let mut retried = false;
+        loop {
+            let a = self.send(verb, api, body, cap).await.map_err(|e| self.unavailable(e))?;
+            if (200..300).contains(&a.status) {
+                return Ok(a.json());
+            }
+            if a.status == 403 && !retried {
+                retried = true;
+                tracing::warn!(backend = %self.cfg.name, "permission denied; logging in again");
+                self.login().await?;
+                continue;
+            }
+            let named = rel.map_or_else(|| self.full(api), |r| self.full(r));
+            let detail = a.errors();
+            return Err(match (a.status, rel) {
+                (404, _) => BackendError::NotFound(named),
+                (400, Some(_)) if detail.contains("check-and-set") => {
+                    BackendError::Conflict { path: named, detail: "it changed at the backend meanwhile".into() }
+                }
+                (400, None) => BackendError::Invalid(format!("{named}: {detail}")),
+                (code, Some(_)) => self.unavailable(format!("HTTP {code}: {detail}")),
+                (code, None) => self.unavailable(format!("{api}: HTTP {code}: {detail}")),
+            });
+        }
+    }
+
+    /// A KV v2 call about secret `rel`.
+    async fn kv(
+        &self,
+        verb: Verb,
+        api: &str,
+        body: Option<&serde_json::Value>,
+        rel: &str,
+    ) -> Result<serde_json::Value, BackendError> {
+        self.request(verb, api, body, Some(rel), MAX_BODY).await
     }
 
     fn schedule_renewal(&self, ttl_secs: u64, renewable: bool) {
@@ -178,54 +336,92 @@ impl VaultBackend {
             (renewable && ttl_secs > 0).then(|| Instant::now() + Duration::from_secs(ttl_secs * 2 / 3));
     }
 
+    /// A call of the login/renewal flow (no renewal or re-login of its own).
+    async fn auth_call(
+        &self,
+        verb: Verb,
+        api: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<serde_json::Value, BackendError> {
+        let a = self.send(verb, api, body, MAX_BODY).await.map_err(|e| self.unavailable(e))?;
+        if (200..300).contains(&a.status) {
+            return Ok(a.json());
+        }
+        Err(self.unavailable(format!("{api}: HTTP {}: {}", a.status, a.errors())))
+    }
+
     /// Log in (AppRole) or re-read the token file, then learn the TTL.
     pub async fn login(&self) -> Result<(), BackendError> {
         match &self.cfg.auth {
             VaultAuth::TokenFile(p) => {
                 let token = text(&read_file_trimmed(p, "token file")?, "token file")?;
-                self.client.write().await.set_token(&token);
-                let c = self.client.read().await;
-                let info = vaultrs::token::lookup_self(&*c).await.map_err(|e| self.map_err("", e))?;
-                self.schedule_renewal(info.ttl, info.renewable.unwrap_or(false));
+                *self.token.lock().expect("token lock") = token;
+                let info = self.auth_call(Verb::Get, "auth/token/lookup-self", None).await?;
+                let data = &info["data"];
+                self.schedule_renewal(data["ttl"].as_u64().unwrap_or(0), data["renewable"].as_bool().unwrap_or(false));
             }
             VaultAuth::AppRole { role_id_file, secret_id_file, mount } => {
                 let role = text(&read_file_trimmed(role_id_file, "AppRole role_id file")?, "role_id")?;
                 let secret = text(&read_file_trimmed(secret_id_file, "AppRole secret_id file")?, "secret_id")?;
-                let auth = {
-                    let c = self.client.read().await;
-                    vaultrs::auth::approle::login(&*c, mount, &role, &secret).await.map_err(|e| self.map_err("", e))?
+                let body = serde_json::json!({ "role_id": role, "secret_id": secret });
+                let r = self.auth_call(Verb::Post, &format!("auth/{}/login", encode(mount)), Some(&body)).await?;
+                let auth = &r["auth"];
+                let Some(t) = auth["client_token"].as_str() else {
+                    return Err(self.unavailable("the AppRole login answered no token"));
                 };
-                self.client.write().await.set_token(&auth.client_token);
-                self.schedule_renewal(auth.lease_duration, auth.renewable);
-                tracing::info!(backend = %self.cfg.name, ttl = auth.lease_duration, "logged in with AppRole");
+                *self.token.lock().expect("token lock") = t.to_owned();
+                let ttl = auth["lease_duration"].as_u64().unwrap_or(0);
+                self.schedule_renewal(ttl, auth["renewable"].as_bool().unwrap_or(false));
+                tracing::info!(backend = %self.cfg.name, ttl, "logged in with AppRole");
             }
         }
         Ok(())
     }
 
-    /// For `keyhole doctor`: the server's health and clock, and (for a
-    /// token file) the token's TTL. Makes no login: an AppRole secret_id
-    /// may have limited uses.
+    /// For `keyhole doctor`: each node's health, the server's clock and
+    /// version, and (for a token file) the token's TTL. Makes no login: an
+    /// AppRole secret_id may have limited uses.
     pub async fn probe(&self) -> Result<Probe, BackendError> {
-        let c = self.client.read().await;
-        // Not vaultrs::sys::health: it insists on fields OpenBao omits.
-        let url = format!("{}/v1/sys/health?standbyok=true", self.cfg.address);
-        let fetched = async { c.http.http.get(&url).send().await?.bytes().await };
-        let body = fetched.await.map_err(|e| self.unavailable(crate::causes(&e)))?;
-        let health: serde_json::Value = serde_json::from_slice(&body)
-            .map_err(|e| self.unavailable(format!("sys/health did not answer JSON: {e}")))?;
+        let mut nodes = Vec::new();
+        let mut first: Option<serde_json::Value> = None;
+        for addr in self.nodes.addresses() {
+            // Not vaultrs::sys::health: it insists on fields OpenBao omits.
+            let url = format!("{addr}/v1/sys/health?standbyok=true&sealedcode=200&uninitcode=200");
+            let fetched =
+                async { self.client.http.http.get(&url).timeout(self.cfg.request_timeout).send().await?.bytes().await };
+            let health = match fetched.await {
+                Ok(body) => serde_json::from_slice::<serde_json::Value>(&body)
+                    .map_err(|e| format!("sys/health did not answer JSON: {e}")),
+                Err(e) => Err(crate::causes(&e)),
+            };
+            let role = health.as_ref().map(|h| match (h["sealed"].as_bool(), h["standby"].as_bool()) {
+                (Some(false), Some(false)) => "active",
+                (Some(false), _) => "standby",
+                _ => "sealed",
+            });
+            if let (Ok(h), None) = (&health, &first) {
+                first = Some(h.clone());
+            }
+            nodes.push((addr.clone(), role.map_err(Clone::clone)));
+        }
+        let Some(health) = first else {
+            let why: Vec<String> =
+                nodes.iter().filter_map(|(a, r)| r.as_ref().err().map(|e| format!("{a}: {e}"))).collect();
+            return Err(self.unavailable(why.join("; ")));
+        };
         let token = match &self.cfg.auth {
             VaultAuth::TokenFile(_) => {
-                let t = vaultrs::token::lookup_self(&*c).await.map_err(|e| self.map_err("", e))?;
-                Some((t.ttl, t.renewable.unwrap_or(false)))
+                let t = self.auth_call(Verb::Get, "auth/token/lookup-self", None).await?;
+                Some((t["data"]["ttl"].as_u64().unwrap_or(0), t["data"]["renewable"].as_bool().unwrap_or(false)))
             }
             VaultAuth::AppRole { .. } => None,
         };
         Ok(Probe {
-            sealed: health["sealed"].as_bool().unwrap_or(true),
+            sealed: !nodes.iter().any(|(_, r)| matches!(r, Ok("active" | "standby"))),
             server_time_unix: health["server_time_utc"].as_i64().unwrap_or(0),
             version: health["version"].as_str().unwrap_or("unknown").to_owned(),
             token,
+            nodes,
         })
     }
 
@@ -236,14 +432,12 @@ impl VaultBackend {
         if !due {
             return Ok(());
         }
-        let renewed = {
-            let c = self.client.read().await;
-            vaultrs::token::renew_self(&*c, None).await
-        };
+        let renewed = self.auth_call(Verb::Post, "auth/token/renew-self", Some(&serde_json::json!({}))).await;
         match renewed {
-            Ok(auth) => {
-                self.schedule_renewal(auth.lease_duration, auth.renewable);
-                tracing::info!(backend = %self.cfg.name, ttl = auth.lease_duration, "renewed the token");
+            Ok(r) => {
+                let ttl = r["auth"]["lease_duration"].as_u64().unwrap_or(0);
+                self.schedule_renewal(ttl, r["auth"]["renewable"].as_bool().unwrap_or(false));
+                tracing::info!(backend = %self.cfg.name, ttl, "renewed the token");
                 Ok(())
             }
             Err(e) => {
@@ -253,23 +447,36 @@ impl VaultBackend {
         }
     }
 
+    fn data_api(&self, rel: &str) -> String {
+        format!("{}/data/{}", encode(&self.cfg.mount), encode(rel))
+    }
+
+    fn metadata_api(&self, rel: &str) -> String {
+        format!("{}/metadata/{}", encode(&self.cfg.mount), encode(rel))
+    }
+
     /// Data map and version of `rel` (a version, or the current one).
     async fn read_raw(
         &self,
         rel: &str,
         version: Option<u64>,
     ) -> Result<(serde_json::Value, VersionMeta), BackendError> {
-        let (mount, path) = (self.cfg.mount.clone(), rel.to_owned());
-        let mut req = ReadSecretRequest::builder();
-        req.mount(&mount).path(&path).version(version);
-        // Invariant: mount and path are set, so the builder succeeds.
-        let r = authed!(self, rel, |c| vaultrs::api::exec_with_result(c, req.build().expect("read request")))?;
-        if r.metadata.destroyed || !r.metadata.deletion_time.is_empty() || r.data.is_null() {
+        let mut api = self.data_api(rel);
+        if let Some(v) = version {
+            api.push_str(&format!("?version={v}"));
+        }
+        let r = self.kv(Verb::Get, &api, None, rel).await?;
+        let (data, md) = (&r["data"]["data"], &r["data"]["metadata"]);
+        let deleted = md["deletion_time"].as_str().is_some_and(|t| !t.is_empty());
+        if md["destroyed"].as_bool().unwrap_or(false) || deleted || data.is_null() {
             return Err(BackendError::NotFound(self.full(rel)));
         }
-        let meta =
-            VersionMeta { version: r.metadata.version, created_unix_ms: parse_time(&r.metadata.created_time), size: 0 };
-        Ok((r.data, meta))
+        let meta = VersionMeta {
+            version: md["version"].as_u64().unwrap_or(0),
+            created_unix_ms: parse_time(md["created_time"].as_str().unwrap_or_default()),
+            size: 0,
+        };
+        Ok((data.clone(), meta))
     }
 
     fn field(&self, rel: &str, data: &serde_json::Value) -> Result<SecretBytes, BackendError> {
@@ -304,7 +511,7 @@ impl VaultBackend {
         let (mut data, current) = match self.read_raw(rel, None).await {
             Ok((d, m)) => (d, m.version),
             Err(BackendError::NotFound(_)) if must_exist => return Err(BackendError::NotFound(self.full(rel))),
-            Err(BackendError::NotFound(_)) => (serde_json::json!({}), 0),
+            Err(BackendError::NotFound(_)) => (serde_json::json!({}), self.current_version_any(rel).await?),
             Err(e) => return Err(e),
         };
         if let Some(want) = if_version.filter(|w| *w != current) {
@@ -317,34 +524,39 @@ impl VaultBackend {
             data = serde_json::json!({});
         }
         data[self.cfg.field.as_str()] = serde_json::Value::String(text.to_owned());
-        let (mount, path) = (self.cfg.mount.clone(), rel.to_owned());
-        let cas = u32::try_from(current).map_err(|_| BackendError::Invalid("version out of range".into()))?;
-        let written = authed!(self, rel, |c| vaultrs::kv2::set_with_options(
-            c,
-            &mount,
-            &path,
-            &data,
-            SetSecretRequestOptions { cas }
-        ))?;
+        let body = serde_json::json!({ "data": data, "options": { "cas": current } });
+        let written = self.kv(Verb::Post, &self.data_api(rel), Some(&body), rel).await?;
+        let w = &written["data"];
         let meta = VersionMeta {
-            version: written.version,
-            created_unix_ms: parse_time(&written.created_time),
+            version: w["version"].as_u64().unwrap_or(0),
+            created_unix_ms: parse_time(w["created_time"].as_str().unwrap_or_default()),
             size: value.len() as u64,
         };
         self.remember(rel, meta.clone(), value.clone());
         Ok(meta)
     }
 
+    /// The metadata of `rel` (404: NotFound).
+    async fn metadata(&self, rel: &str) -> Result<serde_json::Value, BackendError> {
+        Ok(self.kv(Verb::Get, &self.metadata_api(rel), None, rel).await?["data"].take())
+    }
+
     /// Kept versions, oldest first (sizes are not known without reading).
     pub async fn history(&self, rel: &str) -> Result<Vec<VersionMeta>, BackendError> {
-        let (mount, path) = (self.cfg.mount.clone(), rel.to_owned());
-        let md = authed!(self, rel, |c| vaultrs::kv2::read_metadata(c, &mount, &path))?;
-        let mut out: Vec<VersionMeta> = md
-            .versions
-            .iter()
-            .filter(|(_, v)| !v.destroyed && v.deletion_time.is_empty())
+        let md = self.metadata(rel).await?;
+        let mut out: Vec<VersionMeta> = md["versions"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(_, v)| {
+                !v["destroyed"].as_bool().unwrap_or(false) && v["deletion_time"].as_str().is_none_or(str::is_empty)
+            })
             .filter_map(|(n, v)| {
-                Some(VersionMeta { version: n.parse().ok()?, created_unix_ms: parse_time(&v.created_time), size: 0 })
+                Some(VersionMeta {
+                    version: n.parse().ok()?,
+                    created_unix_ms: parse_time(v["created_time"].as_str().unwrap_or_default()),
+                    size: 0,
+                })
             })
             .collect();
         out.sort_by_key(|m| m.version);
@@ -354,17 +566,29 @@ impl VaultBackend {
         Ok(out)
     }
 
-    /// Current metadata version of `rel`, or None if it does not exist.
+    /// Current metadata version of `rel`, or None if it does not exist
+    /// or its current version is deleted or destroyed.
     async fn current_version(&self, rel: &str) -> Result<Option<u64>, BackendError> {
-        let (mount, path) = (self.cfg.mount.clone(), rel.to_owned());
-        let md = authed!(self, rel, |c| vaultrs::kv2::read_metadata(c, &mount, &path));
-        match md {
+        match self.metadata(rel).await {
             Ok(md) => {
-                let v = md.versions.get(&md.current_version.to_string());
-                let live = v.is_some_and(|v| !v.destroyed && v.deletion_time.is_empty());
-                Ok(live.then_some(md.current_version))
+                let current = md["current_version"].as_u64().unwrap_or(0);
+                let v = &md["versions"][current.to_string()];
+                let live = v.is_object()
+                    && !v["destroyed"].as_bool().unwrap_or(false)
+                    && v["deletion_time"].as_str().is_none_or(str::is_empty);
+                Ok(live.then_some(current))
             }
             Err(BackendError::NotFound(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The version a check-and-set write must name: the current one even
+    /// if it is deleted (0: no such secret).
+    async fn current_version_any(&self, rel: &str) -> Result<u64, BackendError> {
+        match self.metadata(rel).await {
+            Ok(md) => Ok(md["current_version"].as_u64().unwrap_or(0)),
+            Err(BackendError::NotFound(_)) => Ok(0),
             Err(e) => Err(e),
         }
     }
@@ -375,11 +599,12 @@ impl VaultBackend {
         let mut out = Vec::new();
         let mut dirs = vec![rel_prefix.trim_end_matches('/').to_owned()];
         while let Some(dir) = dirs.pop() {
-            let mount = self.cfg.mount.clone();
-            let listing = format!("{dir}/");
-            let keys = authed!(self, &dir, |c| vaultrs::kv2::list(c, &mount, &listing));
-            let keys = match keys {
-                Ok(k) => k,
+            let api = format!("{}/?list=true", self.metadata_api(&dir).trim_end_matches('/'));
+            let keys = match self.kv(Verb::Get, &api, None, &dir).await {
+                Ok(r) => r["data"]["keys"]
+                    .as_array()
+                    .map(|a| a.iter().filter_map(|k| k.as_str().map(str::to_owned)).collect::<Vec<_>>())
+                    .unwrap_or_default(),
                 Err(BackendError::NotFound(_)) => continue,
                 Err(e) => return Err(e),
             };
@@ -403,8 +628,7 @@ impl VaultBackend {
 
     pub async fn delete(&self, rel: &str) -> Result<usize, BackendError> {
         let kept = self.history(rel).await?.len();
-        let (mount, path) = (self.cfg.mount.clone(), rel.to_owned());
-        authed!(self, rel, |c| vaultrs::kv2::delete_metadata(c, &mount, &path))?;
+        self.kv(Verb::Delete, &self.metadata_api(rel), None, rel).await?;
         self.cache.lock().expect("cache lock").remove(&self.full(rel));
         Ok(kept)
     }
@@ -438,13 +662,13 @@ impl VaultBackend {
         self.cache.lock().expect("cache lock").len()
     }
 
-    /// Status fields: (address, kind of auth).
+    /// Status fields: (the node in use, kind of auth).
     pub fn describe(&self) -> (String, &'static str) {
         let auth = match self.cfg.auth {
             VaultAuth::TokenFile(_) => "token-file",
             VaultAuth::AppRole { .. } => "approle",
         };
-        (self.cfg.address.clone(), auth)
+        (self.nodes.in_use().to_owned(), auth)
     }
 }
 
@@ -468,87 +692,21 @@ impl std::fmt::Debug for Issued {
     }
 }
 
-/// The HTTP verbs the lease calls use.
-#[derive(Clone, Copy, Debug)]
-enum Verb {
-    Get,
-    Put,
-    Post,
-}
-
 /// The most of a lease response read (a certificate and chain are a few
 /// KiB; anything far larger is not a lease).
 const MAX_LEASE_BODY: usize = 1 << 20;
 
 impl VaultBackend {
     /// One request to `v1/<rel>` with the client's token, its body JSON;
-    /// on 403, log in again and retry once. vaultrs drops lease ids and
-    /// has no lease calls, so these go through its HTTP client directly.
+    /// on 403, log in again and retry once (see [`Self::request`]: to the
+    /// node in use, moving on as [`nodes`] says).
     async fn call(
         &self,
         verb: Verb,
         rel: &str,
         body: Option<&serde_json::Value>,
     ) -> Result<serde_json::Value, BackendError> {
-        self.keep_token().await?;
-        let mut retried = false;
-        loop {
-            let started = Instant::now();
-            let sent = {
-                let c = self.client.read().await;
-                let url = format!("{}/v1/{rel}", self.cfg.address.trim_end_matches('/'));
-                let req = match verb {
-                    Verb::Get => c.http.http.get(&url),
-                    Verb::Put => c.http.http.put(&url),
-                    Verb::Post => c.http.http.post(&url),
-                };
-                let req = req.header("X-Vault-Token", c.settings.token.as_str()).timeout(self.cfg.request_timeout);
-                let req = match body {
-                    Some(b) => req.header("Content-Type", "application/json").body(b.to_string()),
-                    None => req,
-                };
-                req.send().await
-            };
-            let resp = match sent {
-                Ok(r) => r,
-                Err(e) => {
-                    crate::metrics::backend_request(&self.cfg.name, started, true);
-                    return Err(self.unavailable(crate::causes(&e)));
-                }
-            };
-            let status = resp.status().as_u16();
-            let bytes = resp.bytes().await.map_err(|e| self.unavailable(crate::causes(&e)))?;
-            crate::metrics::backend_request(&self.cfg.name, started, status >= 500);
-            if bytes.len() > MAX_LEASE_BODY {
-                return Err(self.unavailable(format!("{rel}: an answer of {} bytes", bytes.len())));
-            }
-            let json: serde_json::Value = if bytes.is_empty() {
-                serde_json::Value::Null
-            } else {
-                serde_json::from_slice(&bytes).unwrap_or_default()
-            };
-            if (200..300).contains(&status) {
-                return Ok(json);
-            }
-            if status == 403 && !retried {
-                retried = true;
-                tracing::warn!(backend = %self.cfg.name, "permission denied; logging in again");
-                self.login().await?;
-                continue;
-            }
-            let errors: Vec<String> = json["errors"]
-                .as_array()
-                .map(|a| a.iter().filter_map(|e| e.as_str().map(str::to_owned)).collect())
-                .unwrap_or_default();
-            // Engine errors name roles and paths; bounded all the same.
-            let mut detail = errors.join("; ");
-            detail.truncate(300);
-            return Err(match status {
-                404 => BackendError::NotFound(self.full(rel)),
-                400 => BackendError::Invalid(format!("{}: {detail}", self.full(rel))),
-                _ => self.unavailable(format!("{rel}: HTTP {status}: {detail}")),
-            });
-        }
+        self.request(verb, rel, body, None, MAX_LEASE_BODY).await
     }
 
     /// `GET <rel>` of a dynamic secrets engine (`database/creds/web`):

@@ -457,15 +457,28 @@ async fn backend(cfg: &crate::config::VaultConfig) -> Vec<Check> {
     let p = match v.probe().await {
         Ok(p) => p,
         Err(e) => {
-            return vec![bad(NAME, format!("{n}: {e}"), format!("check that {} is up and reachable", cfg.address))];
+            return vec![bad(
+                NAME,
+                format!("{n}: {e}"),
+                format!("check that {} is up and reachable", cfg.addresses.join(" or ")),
+            )];
         }
     };
     let mut out = Vec::new();
     out.push(if p.sealed {
-        bad(NAME, format!("{n}: {} is sealed", cfg.address), "unseal it")
+        bad(NAME, format!("{n}: {} is sealed", cfg.addresses.join(", ")), "unseal it")
     } else {
-        ok(NAME, format!("{n}: {} answers (version {})", cfg.address, p.version))
+        ok(NAME, format!("{n}: {} answers (version {})", cfg.addresses.join(", "), p.version))
     });
+    if p.nodes.len() > 1 {
+        out.extend(crate::backend::vault::nodes::doctor_lines(n, &p.nodes).into_iter().map(|(fine, line)| {
+            if fine {
+                ok("node", line)
+            } else {
+                warn("node", line, "start or unseal it: the cluster serves on while a majority of its nodes do")
+            }
+        }));
+    }
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
     let skew = now - p.server_time_unix;
     out.push(if skew.abs() > 30 {

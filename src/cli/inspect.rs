@@ -83,6 +83,15 @@ pub async fn status(socket: &Target, json: bool) -> anyhow::Result<()> {
             "backend {}/    {} {} ({}): {}, last answered {last}, {} cached",
             b.name, b.kind, b.address, b.auth, b.state, b.cached_secrets
         );
+        if b.addresses.len() > 1 {
+            let at = b.addresses.iter().position(|a| *a == b.address).map_or(0, |i| i + 1);
+            println!(
+                "  cluster: node {at} of {} in use ({}), {} switch(es) since start",
+                b.addresses.len(),
+                b.addresses.join(", "),
+                b.node_switches
+            );
+        }
         if !b.last_error.is_empty() {
             println!("  last error: {}", b.last_error);
         }
@@ -102,6 +111,8 @@ fn backend_json(b: &pb::BackendStatus) -> serde_json::Value {
         "name": b.name,
         "kind": b.kind,
         "address": b.address,
+        "addresses": b.addresses,
+        "node_switches": b.node_switches,
         "auth": b.auth,
         "state": b.state,
         "last_ok": (b.last_ok_unix_ms > 0).then(|| super::client::time_ms(b.last_ok_unix_ms)),
@@ -116,6 +127,7 @@ fn backend_json(b: &pb::BackendStatus) -> serde_json::Value {
             "bytes": b.scan_bytes,
             "watched": b.watched_secrets,
             "fetched": b.scan_fetched,
+            "sparse_dirs": b.scan_sparse_dirs,
         },
     })
 }

@@ -8,6 +8,8 @@
 // Each includer uses part of it.
 #![allow(dead_code)]
 
+pub mod cluster;
+
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;

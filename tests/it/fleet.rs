@@ -6,6 +6,8 @@
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::support::*;
@@ -269,15 +271,32 @@ const UNSUPPORTED: &str = "{\"errors\":[\"1 error occurred:\\n\\t* unsupported p
 /// `detailed-metadata` (404 "unsupported path") and forwards every other
 /// request: no real server lacks the endpoint and runs here.
 fn vault_like_proxy(upstream: &str) -> String {
+    let unsupported = format!(
+        "HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{UNSUPPORTED}",
+        UNSUPPORTED.len()
+    );
+    proxy_answering(
+        upstream,
+        Arc::new(move |target: &str| target.contains("/detailed-metadata/").then(|| unsupported.clone())),
+    )
+}
+
+/// What a proxy answers itself for a request target (a whole HTTP
+/// response), or None to forward it.
+type Rule = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
+
+/// A proxy in front of a real OpenBao that answers what `rule` says and
+/// forwards every other request.
+fn proxy_answering(upstream: &str, rule: Rule) -> String {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = format!("http://{}", listener.local_addr().unwrap());
     let upstream = upstream.trim_start_matches("http://").to_owned();
     std::thread::spawn(move || {
         for conn in listener.incoming() {
             let Ok(conn) = conn else { continue };
-            let upstream = upstream.clone();
+            let (upstream, rule) = (upstream.clone(), rule.clone());
             std::thread::spawn(move || {
-                let _ = proxy_one(conn, &upstream);
+                let _ = proxy_one(conn, &upstream, &*rule);
             });
         }
     });
@@ -286,7 +305,11 @@ fn vault_like_proxy(upstream: &str) -> String {
 
 /// Serve one connection, one request at a time (each upstream request on
 /// its own connection, closed after).
-fn proxy_one(mut conn: TcpStream, upstream: &str) -> std::io::Result<()> {
+fn proxy_one(
+    mut conn: TcpStream,
+    upstream: &str,
+    rule: &(dyn Fn(&str) -> Option<String> + Send + Sync),
+) -> std::io::Result<()> {
     loop {
         let mut head = Vec::new();
         let mut byte = [0u8; 1];
@@ -304,12 +327,8 @@ fn proxy_one(mut conn: TcpStream, upstream: &str) -> std::io::Result<()> {
         let mut body = vec![0u8; len];
         conn.read_exact(&mut body)?;
         let target = text.split(' ').nth(1).unwrap_or("");
-        if target.contains("/detailed-metadata/") {
-            write!(
-                conn,
-                "HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{UNSUPPORTED}",
-                UNSUPPORTED.len()
-            )?;
+        if let Some(answer) = rule(target) {
+            conn.write_all(answer.as_bytes())?;
             continue;
         }
         let head: String = text
@@ -407,4 +426,98 @@ fn refresh_returns_once_every_mount_shows_the_change() {
     assert_eq!(read_as_app(b, "token").unwrap(), b"ci-token-2-9f3e");
     assert_eq!(json(&b.ok(&["status", "--json"]))["backends"][0]["state"], "stale");
     b.assert_never_leaked(&[b"ci-token-2-9f3e", b"ci-added-1-7c2d"]);
+}
+
+#[test]
+fn a_scan_that_fails_half_way_changes_nothing() {
+    if !require_bao() {
+        return;
+    }
+    let bao = AuditedBao::start();
+    // 50 keys, 20 a page: 3 pages (20 + 20 + 10) per interval.
+    let items: Vec<(String, String)> = (0..50).map(|i| (format!("half/k{i:02}"), format!("h1-{i}"))).collect();
+    bao.put_many(&items);
+    let failing = Arc::new(AtomicBool::new(false));
+    let f = failing.clone();
+    let broken = "HTTP/1.1 500 Internal Server Error\r\nContent-Type: application/json\r\nContent-Length: 27\r\n\r\n{\"errors\":[\"storage down\"]}";
+    // Only the third page (after k39) fails: the first two answer.
+    let rule: Rule =
+        Arc::new(move |t: &str| (f.load(Ordering::SeqCst) && t.contains("after=k39")).then(|| broken.to_owned()));
+    let proxy = proxy_answering(&bao.addr, rule);
+    let b = Broker::start_with(&(bao.backend_toml("hw", "300ms", &proxy) + "list_page_size = 20\n"));
+    for i in 0..50 {
+        grant_to_app(&b, &format!("prod/half/k{i:02}"));
+    }
+    eventually(5, "a scan covered every page", || backend_status(&b)["last_scan"]["watched"] == 50);
+    let s = backend_status(&b);
+    assert_eq!((s["last_scan"]["dirs"].as_u64(), s["last_scan"]["requests"].as_u64()), (Some(1), Some(3)), "{s}");
+    assert_eq!(read_as_app(&b, "k49").unwrap(), b"h1-49");
+
+    // The backend fails on page 3 while keys on pages 1 and 3 change.
+    failing.store(true, Ordering::SeqCst);
+    eventually(5, "the backend is seen failing", || backend_status(&b)["state"] == "stale");
+    bao.ok(&["kv", "put", "secret/half/k00", "value=h2-0"]);
+    bao.ok(&["kv", "put", "secret/half/k45", "value=h2-45"]);
+    bao.ok(&["kv", "delete", "secret/half/k10"]);
+    std::thread::sleep(Duration::from_secs(2));
+    // Pages 1 and 2 answered every interval, yet nothing of them applied.
+    assert_eq!(read_as_app(&b, "k00").unwrap(), b"h1-0", "a half-way scan applied page 1's change");
+    assert_eq!(read_as_app(&b, "k10").unwrap(), b"h1-10", "a half-way scan applied page 1's deletion");
+    assert_eq!(read_as_app(&b, "k45").unwrap(), b"h1-45");
+    let s = backend_status(&b);
+    assert!(s["last_error"].as_str().unwrap_or_default().contains("HTTP 500"), "{s}");
+    assert!(bao.requests("hw", "secret/data/half/k00") == 1, "page 1's change was not even read");
+
+    // Healed: all three at once.
+    failing.store(false, Ordering::SeqCst);
+    eventually(5, "every change after the repair", || {
+        read_as_app(&b, "k00").as_deref() == Some(b"h2-0")
+            && read_as_app(&b, "k45").as_deref() == Some(b"h2-45")
+            && read_as_app(&b, "k10").is_none()
+    });
+    assert_eq!(backend_status(&b)["state"], "ok");
+}
+
+#[test]
+fn a_sparse_directory_is_read_secret_by_secret() {
+    if !require_bao() {
+        return;
+    }
+    let bao = AuditedBao::start();
+    // 60 keys in big/, one of them granted; 3 of 4 in small/ granted.
+    let mut items: Vec<(String, String)> = (0..60).map(|i| (format!("big/k{i:02}"), format!("b1-{i}"))).collect();
+    items.extend((0..4).map(|i| (format!("small/s{i}"), format!("s1-{i}"))));
+    bao.put_many(&items);
+    let b = Broker::start_with(&bao.backend_toml("sp", "300ms", &bao.addr));
+    grant_to_app(&b, "prod/big/k07");
+    for i in 0..3 {
+        grant_to_app(&b, &format!("prod/small/s{i}"));
+    }
+    assert_eq!(read_as_app(&b, "k07").unwrap(), b"b1-7");
+    // After one listing of big/ (60 keys: 80 units) one metadata read
+    // (21) is cheaper; small/ (4 keys, 3 granted) stays listed.
+    // (The last refresh may be a grant's own, of one directory: wait for the watcher's.)
+    eventually(5, "big/ is read secret by secret", || {
+        let s = backend_status(&b)["last_scan"].clone();
+        s["sparse_dirs"] == 1 && s["dirs"] == 2
+    });
+    let s = backend_status(&b);
+    assert_eq!((s["last_scan"]["dirs"].as_u64(), s["last_scan"]["requests"].as_u64()), (Some(2), Some(2)), "{s}");
+    assert_eq!(s["last_scan"]["watched"], 4, "{s}");
+    let (list0, md0) =
+        (bao.requests("sp", "secret/detailed-metadata/big"), bao.requests("sp", "secret/metadata/big/k07"));
+    let small0 = bao.requests("sp", "secret/detailed-metadata/small");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(bao.requests("sp", "secret/detailed-metadata/big"), list0, "big/ was listed again");
+    let md = bao.requests("sp", "secret/metadata/big/k07") - md0;
+    let small = bao.requests("sp", "secret/detailed-metadata/small") - small0;
+    assert!((4..=8).contains(&md) && (4..=8).contains(&small), "{md} reads of k07, {small} listings of small/ in 2 s");
+    assert_eq!(bao.requests("sp", "secret/metadata/big/k08"), 0, "an ungranted key was read");
+    // Changes and deletions of the granted secret are still seen.
+    bao.ok(&["kv", "put", "secret/big/k07", "value=b2-7"]);
+    eventually(3, "a change in a sparse directory", || read_as_app(&b, "k07").as_deref() == Some(b"b2-7"));
+    bao.ok(&["kv", "delete", "secret/big/k07"]);
+    eventually(3, "a deletion in a sparse directory", || read_as_app(&b, "k07").is_none());
+    bao.ok(&["kv", "put", "secret/small/s1", "value=s2-1"]);
+    eventually(3, "a change in a listed directory", || read_as_app(&b, "s1").as_deref() == Some(b"s2-1"));
 }

@@ -6,6 +6,7 @@ mod support;
 mod admin;
 mod attest;
 mod audit;
+mod cluster;
 mod compose;
 mod crash;
 mod denials;

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 #[path = "../harness/mod.rs"]
 mod harness;
 
+pub use harness::cluster::BaoCluster;
 pub use harness::{
     BIN, Bao, Broker, cli_as, contains, denials_in, detach_mounts_under, eventually, json, require_bao, require_root,
     signal, unique,
