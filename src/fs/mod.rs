@@ -99,12 +99,14 @@ pub enum MountKey {
     Volume(String),
 }
 
-/// A rotation that some containers asked to hear about (`grant --notify`).
+/// A rotation that some containers asked to hear about (`grant --notify`,
+/// `--restart`, `--exec`).
 pub struct Notice {
     pub fs: Arc<WorkloadFs>,
     pub secret: String,
     pub version: u64,
-    pub signal: String,
+    pub signal: Option<String>,
+    pub on_change: crate::actions::OnChange,
 }
 
 /// How one mount shows its files.
@@ -740,9 +742,9 @@ impl MountTable {
                 return Patch::Rebuild;
             }
             let Ok(loaded) = cat.load(&n.secret, meta) else { return Patch::Rebuild };
-            if let Some(signal) = &n.notify {
-                let (fs, secret, signal) = (m.fs.clone(), n.secret.clone(), signal.clone());
-                notices.push(Notice { fs, secret, version: meta.version, signal });
+            if n.notify.is_some() || !n.on_change.is_empty() {
+                let (fs, secret, signal, on_change) = (m.fs.clone(), n.secret.clone(), n.notify.clone(), n.on_change.clone());
+                notices.push(Notice { fs, secret, version: meta.version, signal, on_change });
             }
             nodes.push(Arc::new(Node {
                 version: meta.version,
@@ -782,9 +784,9 @@ impl MountTable {
                 continue;
             }
             let rotated = before.is_some_and(|n| n.secret == spec.secret && n.version != meta.version);
-            if let (true, Some(signal)) = (rotated, &spec.notify) {
-                let (fs, secret, signal) = (fs.clone(), spec.secret.clone(), signal.clone());
-                notices.push(Notice { fs, secret, version: meta.version, signal });
+            if rotated && (spec.notify.is_some() || !spec.on_change.is_empty()) {
+                let (fs, secret, signal, on_change) = (fs.clone(), spec.secret.clone(), spec.notify.clone(), spec.on_change.clone());
+                notices.push(Notice { fs, secret, version: meta.version, signal, on_change });
             }
             let loaded = match cat.load(&spec.secret, meta) {
                 Ok(l) => l,
@@ -817,6 +819,7 @@ impl MountTable {
                 health: loaded.health,
                 reads,
                 notify: spec.notify,
+                on_change: spec.on_change,
                 template: loaded.template,
                 unsettled: Default::default(),
             }));
