@@ -75,7 +75,7 @@ pub struct GrantArgs {
     #[arg(long)]
     pub restart: bool,
     /// Pause between two restarts [default: 10s]
-    #[arg(long, value_name = "DURATION", requires = "restart")]
+    #[arg(long, value_name = "DURATION")]
     pub restart_spacing: Option<String>,
     /// After the file changes, run CMD ARGS in each container that read
     /// it, through the Docker exec API (split like a shell would, but

@@ -32,6 +32,7 @@ mod takeover;
 mod takeover_auth;
 mod tamper;
 mod teams;
+mod template_actions;
 mod templates;
 mod vault;
 mod writes;
