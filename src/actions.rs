@@ -80,6 +80,18 @@ impl OnChange {
         Ok(OnChange { restart_spacing_ms, exec })
     }
 
+    /// From a policy file's `[[grant]]`: `restart = true`,
+    /// `restart_spacing = "10s"`, `exec = ["nginx", "-s", "reload"]` (an
+    /// argv, checked as `--exec` is once split).
+    pub fn from_file(restart: bool, spacing: Option<&str>, exec: Option<Vec<String>>) -> Result<OnChange, ActionError> {
+        let mut on = OnChange::parse(restart, spacing, None)?;
+        if let Some(argv) = exec {
+            check_argv(&argv)?;
+            on.exec = Some(argv);
+        }
+        Ok(on)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.restart_spacing_ms.is_none() && self.exec.is_none()
     }
@@ -114,13 +126,26 @@ pub fn parse_exec(line: &str) -> Result<Vec<String>, ActionError> {
         return Err(ActionError::BadExec("holds a NUL byte".into()));
     }
     let argv = shlex::split(line).ok_or_else(|| ActionError::BadExec("has an unclosed quote or a trailing backslash".into()))?;
-    if argv.is_empty() {
+    check_argv(&argv)?;
+    Ok(argv)
+}
+
+/// An argv to run: a command, at most [`MAX_EXEC_WORDS`] words and
+/// [`MAX_EXEC_BYTES`] bytes in all, no NUL.
+fn check_argv(argv: &[String]) -> Result<(), ActionError> {
+    if argv.first().is_none_or(|c| c.is_empty()) {
         return Err(ActionError::BadExec("names no command".into()));
     }
     if argv.len() > MAX_EXEC_WORDS {
         return Err(ActionError::BadExec(format!("has more than {MAX_EXEC_WORDS} words")));
     }
-    Ok(argv)
+    if argv.iter().map(|a| a.len() + 1).sum::<usize>() > MAX_EXEC_BYTES {
+        return Err(ActionError::BadExec(format!("is longer than {MAX_EXEC_BYTES} bytes")));
+    }
+    if argv.iter().any(|a| a.contains('\0')) {
+        return Err(ActionError::BadExec("holds a NUL byte".into()));
+    }
+    Ok(())
 }
 
 /// One file's readers: container id → when it was recorded (a counter).
