@@ -939,6 +939,7 @@ impl LocalStore {
         name: &str,
         source: &str,
         inputs: Vec<String>,
+        fields: Vec<String>,
         now_ms: i64,
     ) -> Result<crate::template::TemplateVersion, StoreError> {
         let aad = format!("keyhole/v1/{}\0{name}", TEMPLATES.name());
@@ -957,6 +958,7 @@ impl LocalStore {
                 created_unix_ms: now_ms,
                 source: source.to_owned(),
                 inputs,
+                fields,
             };
             versions.push(made.clone());
             let excess = versions.len().saturating_sub(self.history_depth.max(1));

@@ -151,11 +151,14 @@ impl Broker {
                 let p = SecretPath::parse(path).ok()?;
                 b.get_secret(&p, None).ok().map(|(_, v)| v)
             };
+            let b = self.clone();
+            let get_field: crate::template::GetField = Box::new(move |path: &str, field: &str| b.field_of(path, field));
             // The dry run may call a backend: off the async workers already.
-            let inputs = crate::template::check(source, max, get)?;
-            let inputs: Vec<String> = inputs.into_iter().collect();
+            let checked = crate::template::check_fields(source, max, get, get_field)?;
+            let inputs: Vec<String> = checked.inputs.into_iter().collect();
+            let fields: Vec<String> = checked.fields.into_iter().collect();
             self.template_index()?;
-            let made = self.store.template_put(name, source, inputs.clone(), now_ms)?;
+            let made = self.store.template_put(name, source, inputs.clone(), fields, now_ms)?;
             self.index_template(name, &inputs);
             // Vault inputs: fetch them now, so the file renders at once.
             let mut changed = Vec::new();
@@ -220,6 +223,50 @@ impl Broker {
         })
     }
 
+    /// A field of the current version of a Vault KV v2 secret, read from
+    /// the backend (for a template's dry run at put). A local secret has
+    /// no fields.
+    fn field_of(&self, path: &str, field: &str) -> Result<SecretBytes, String> {
+        let Some(v) = self.vaults.iter().find(|v| v.backend.relative(path).is_some()) else {
+            return Err(
+                "it is a local secret, which holds one value and no fields (field= reads a field of a Vault KV v2 secret)"
+                    .into(),
+            );
+        };
+        let p = SecretPath::parse(path).map_err(|e| e.to_string())?;
+        let (meta, _) = self.get_secret(&p, None).map_err(|_| "it does not exist or cannot be read".to_owned())?;
+        let fields = v.backend.cached_fields(path, meta.version).ok_or("its fields could not be read")?;
+        let value = fields.values.get(field).ok_or_else(|| format!("it has no string field {field:?}"))?;
+        Ok(SecretBytes::copy_from(value.expose()))
+    }
+
+    /// The Vault inputs that templates read by field, whose fields are
+    /// not here (after a start: the backend's cache is restored from the
+    /// store, which keeps one field): read them, then re-render.
+    pub(super) async fn fetch_template_fields(self: Arc<Self>) {
+        let Ok(all) = self.store.records::<Vec<TemplateVersion>>(TEMPLATES) else { return };
+        let mut changed = Vec::new();
+        for (name, versions) in all {
+            let Some(tv) = versions.last() else { continue };
+            for p in &tv.fields {
+                let Some(v) = self.vaults.iter().find(|v| v.backend.relative(p).is_some()) else { continue };
+                let Some(rel) = v.backend.relative(p) else { continue };
+                let have = v.backend.cached(p).map(|c| c.meta.version);
+                if have.is_some_and(|ver| v.backend.cached_fields(p, ver).is_some()) {
+                    continue;
+                }
+                match v.backend.get(rel, have).await {
+                    Ok(_) => changed.push(format!("{TEMPLATE_PREFIX}{name}")),
+                    Err(e) => tracing::warn!(template = %name, error = %e, "cannot read the fields of an input"),
+                }
+            }
+        }
+        if !changed.is_empty() {
+            let b = self.clone();
+            let _ = tokio::task::spawn_blocking(move || b.everything_changed(changed)).await;
+        }
+    }
+
     /// Refuse a grant of a template that does not exist.
     pub fn check_template_grant(&self, g: &Grant) -> Result<(), ApiError> {
         match template_of(&g.target) {
@@ -254,12 +301,20 @@ impl Broker {
                 }
             }
         }
+        let mut fields = crate::template::FieldValues::new();
         for p in &remote {
-            let cached = self.vaults.iter().find(|v| v.backend.relative(p).is_some()).and_then(|v| v.backend.cached(p));
+            let backend = self.vaults.iter().find(|v| v.backend.relative(p).is_some()).map(|v| &v.backend);
+            let cached = backend.and_then(|b| b.cached(p));
             match cached {
                 Some(c) => {
                     created = created.max(c.meta.created_unix_ms);
                     inputs.push((p.clone(), c.meta.version));
+                    if tv.fields.contains(p) {
+                        // The fields of the same version as the value, or none.
+                        if let Some(f) = backend.and_then(|b| b.cached_fields(p, c.meta.version)) {
+                            fields.insert(p.clone(), f.values);
+                        }
+                    }
                     values.insert(p.clone(), c.value);
                 }
                 None => {
@@ -276,6 +331,10 @@ impl Broker {
             h.update((p.len() as u64).to_be_bytes());
             h.update(p.as_bytes());
             h.update(v.to_be_bytes());
+            // A render made before the fields were read is not this one.
+            if tv.fields.contains(p) {
+                h.update([u8::from(fields.contains_key(p))]);
+            }
         }
         let d = h.finalize();
         let mut eight = [0u8; 8];
@@ -289,7 +348,7 @@ impl Broker {
         }
         let max = self.config.max_value_bytes as usize;
         let (value, error) = if missing.is_empty() {
-            match crate::template::render(&tv.source, values, max) {
+            match crate::template::render_fields(&tv.source, values, fields, max) {
                 Ok(v) => (Some(Arc::new(v)), None),
                 Err(e) => (None, Some(format!("template {name} version {}: {e}", tv.version))),
             }

@@ -190,3 +190,41 @@ fn the_readers_survive_a_takeover_and_a_kill_9() {
         b.audit_events("exec").iter().any(|e| e["reason"].as_str().is_some_and(|r| r.contains("skipped")))
     });
 }
+
+#[test]
+fn secret_field_reads_a_field_of_a_vault_secret_and_is_refused_for_a_local_one() {
+    needs!(root, bao);
+    let bao = Bao::start();
+    let mut b = Broker::start_with(&bao.backend_toml("prod", "1s"));
+    b.ok(&["workload", "add", "app", "--selector", "unix:uid:0"]);
+    bao.ok(&["kv", "put", "secret/db", "value=pw-one", "username=alice", "host=db.internal"]);
+    b.put("local/db", b"local-value");
+    // A local secret has no fields: refused at put, with the position.
+    let o = b.cli_in(&["template", "put", "bad", "--stdin"], Some(b"x\n{{ secret('local/db', field='username') }}"));
+    assert_fails(&o, 2, "line 2");
+    assert!(stderr(&o).contains("local secret"), "{}", stderr(&o));
+    // A field the secret lacks: refused too.
+    let o = b.cli_in(&["template", "put", "bad", "--stdin"], Some(b"{{ secret('prod/db', field='nope') }}"));
+    assert_fails(&o, 2, "no string field \"nope\"");
+    let t = "user={{ secret('prod/db', field='username') }} host={{ secret('prod/db', field='host') }} pw={{ secret('prod/db') }}";
+    let o = b.cli_in(&["template", "put", "dsn", "--stdin"], Some(t.as_bytes()));
+    assert!(o.status.success(), "{}", stderr(&o));
+    b.ok(&["grant", "--template", "dsn", "--to", "app"]);
+    let f = b.mount("app").join("dsn");
+    assert_eq!(std::fs::read(&f).unwrap(), b"user=alice host=db.internal pw=pw-one");
+    // Fields change with their secret's version, all at once.
+    bao.ok(&["kv", "put", "secret/db", "value=pw-two", "username=bob", "host=db.internal"]);
+    eventually(15, "the new version's fields", || {
+        std::fs::read(&f).ok().as_deref() == Some(b"user=bob host=db.internal pw=pw-two")
+    });
+    let reads = b.audit_events("read");
+    assert_eq!(reads.last().unwrap()["inputs"], serde_json::json!(["prod/db@2"]));
+    // After a kill -9 the cache is restored without fields: they are read
+    // again, and the file renders.
+    b.kill9();
+    b.restart();
+    eventually(15, "the fields read again after a start", || {
+        std::fs::read(&f).ok().as_deref() == Some(b"user=bob host=db.internal pw=pw-two")
+    });
+    b.assert_never_leaked(&[b"pw-one", b"pw-two"]);
+}
