@@ -125,7 +125,8 @@ pub fn parse_exec(line: &str) -> Result<Vec<String>, ActionError> {
     if line.contains('\0') {
         return Err(ActionError::BadExec("holds a NUL byte".into()));
     }
-    let argv = shlex::split(line).ok_or_else(|| ActionError::BadExec("has an unclosed quote or a trailing backslash".into()))?;
+    let argv = shlex::split(line)
+        .ok_or_else(|| ActionError::BadExec("has an unclosed quote or a trailing backslash".into()))?;
     check_argv(&argv)?;
     Ok(argv)
 }

@@ -743,7 +743,8 @@ impl MountTable {
             }
             let Ok(loaded) = cat.load(&n.secret, meta) else { return Patch::Rebuild };
             if n.notify.is_some() || !n.on_change.is_empty() {
-                let (fs, secret, signal, on_change) = (m.fs.clone(), n.secret.clone(), n.notify.clone(), n.on_change.clone());
+                let (fs, secret, signal, on_change) =
+                    (m.fs.clone(), n.secret.clone(), n.notify.clone(), n.on_change.clone());
                 notices.push(Notice { fs, secret, version: meta.version, signal, on_change });
             }
             nodes.push(Arc::new(Node {
@@ -785,7 +786,8 @@ impl MountTable {
             }
             let rotated = before.is_some_and(|n| n.secret == spec.secret && n.version != meta.version);
             if rotated && (spec.notify.is_some() || !spec.on_change.is_empty()) {
-                let (fs, secret, signal, on_change) = (fs.clone(), spec.secret.clone(), spec.notify.clone(), spec.on_change.clone());
+                let (fs, secret, signal, on_change) =
+                    (fs.clone(), spec.secret.clone(), spec.notify.clone(), spec.on_change.clone());
                 notices.push(Notice { fs, secret, version: meta.version, signal, on_change });
             }
             let loaded = match cat.load(&spec.secret, meta) {

@@ -418,7 +418,16 @@ impl Grant {
         if mode & !0o444 != 0 || mode == 0 {
             return Err(PolicyError::BadMode(mode));
         }
-        Ok(Grant { target, workload: workload.to_owned(), file, mode, uid, gid, notify: None, on_change: Default::default() })
+        Ok(Grant {
+            target,
+            workload: workload.to_owned(),
+            file,
+            mode,
+            uid,
+            gid,
+            notify: None,
+            on_change: Default::default(),
+        })
     }
 
     /// Restart or exec in the file's readers after it changes.

@@ -143,7 +143,9 @@ fn restart_restarts_each_reader_one_at_a_time_and_no_other() {
     b.cli_in(&["secret", "rotate", "db/pass", "--stdin"], Some(b"pw-2"));
     // rotate does not wait for the restarts.
     assert!(t0.elapsed() < Duration::from_secs(3), "rotate waited for the restarts: {:?}", t0.elapsed());
-    eventually(60, "both readers restarted", || lines_for(&b, "restart", &r1).len() + lines_for(&b, "restart", &r2).len() == 2);
+    eventually(60, "both readers restarted", || {
+        lines_for(&b, "restart", &r1).len() + lines_for(&b, "restart", &r2).len() == 2
+    });
     for (c, before) in [(&r1, &s1), (&r2, &s2)] {
         let l = lines_for(&b, "restart", c);
         assert!(l[0]["reason"].as_str().unwrap().contains("restarted"), "{l:?}");
@@ -152,7 +154,8 @@ fn restart_restarts_each_reader_one_at_a_time_and_no_other() {
         assert_eq!(c.cat("/run/secrets/app.conf").unwrap(), b"alice:pw-2");
     }
     // One at a time, the spacing between.
-    let at = |c: &Container| humantime::parse_rfc3339(lines_for(&b, "restart", c)[0]["time"].as_str().unwrap()).unwrap();
+    let at =
+        |c: &Container| humantime::parse_rfc3339(lines_for(&b, "restart", c)[0]["time"].as_str().unwrap()).unwrap();
     let (a1, a2) = (at(&r1), at(&r2));
     let gap = a1.max(a2).duration_since(a1.min(a2)).unwrap();
     assert!(gap >= Duration::from_secs(1), "restarts {gap:?} apart");
