@@ -164,7 +164,10 @@ pub struct Readers {
 
 #[derive(Default)]
 struct Inner {
-    sets: HashMap<(String, String), Set>,
+    /// Workload → file's secret → its readers.
+    sets: HashMap<String, HashMap<String, Set>>,
+    /// How many files have readers.
+    files: usize,
     dirty: BTreeSet<(String, String)>,
     next: u64,
     /// Whether a refusal for lack of room was logged already.
@@ -194,8 +197,8 @@ impl Readers {
         {
             let mut inner = r.inner.lock().expect("readers lock");
             for (key, containers) in records {
-                let Some(k) = parse_record_key(&key) else { continue };
-                if inner.sets.len() >= MAX_FILES {
+                let Some((w, s)) = parse_record_key(&key) else { continue };
+                if inner.files >= MAX_FILES {
                     break;
                 }
                 let mut set = Set::new();
@@ -203,7 +206,9 @@ impl Readers {
                     inner.next += 1;
                     set.insert(c, inner.next);
                 }
-                inner.sets.insert(k, set);
+                if inner.sets.entry(w).or_default().insert(s, set).is_none() {
+                    inner.files += 1;
+                }
             }
         }
         r
@@ -214,11 +219,13 @@ impl Readers {
     pub fn add(&self, workload: &str, secret: &str, container: &str) {
         let mut guard = self.inner.lock().expect("readers lock");
         let inner = &mut *guard;
-        let key = (workload.to_owned(), secret.to_owned());
-        if inner.sets.get(&key).is_some_and(|s| s.contains_key(container)) {
+        // No allocation when it is known (the common case).
+        let known = inner.sets.get(workload).and_then(|m| m.get(secret));
+        if known.is_some_and(|s| s.contains_key(container)) {
             return;
         }
-        if !inner.sets.contains_key(&key) && inner.sets.len() >= MAX_FILES {
+        let new_file = known.is_none();
+        if new_file && inner.files >= MAX_FILES {
             if !inner.full_logged {
                 inner.full_logged = true;
                 tracing::warn!(max = MAX_FILES, "the readers of more files are not recorded (no actions for them)");
@@ -227,14 +234,17 @@ impl Readers {
         }
         inner.next += 1;
         let seq = inner.next;
-        let set = inner.sets.entry(key.clone()).or_default();
+        if new_file {
+            inner.files += 1;
+        }
+        let set = inner.sets.entry(workload.to_owned()).or_default().entry(secret.to_owned()).or_default();
         if set.len() >= MAX_READERS_PER_FILE {
             if let Some(oldest) = set.iter().min_by_key(|(_, s)| **s).map(|(c, _)| c.clone()) {
                 set.remove(&oldest);
             }
         }
         set.insert(container.to_owned(), seq);
-        inner.dirty.insert(key);
+        inner.dirty.insert((workload.to_owned(), secret.to_owned()));
         drop(guard);
         self.wake.notify_one();
     }
@@ -242,7 +252,7 @@ impl Readers {
     /// The containers that read it, oldest first.
     pub fn of(&self, workload: &str, secret: &str) -> Vec<String> {
         let inner = self.inner.lock().expect("readers lock");
-        let Some(set) = inner.sets.get(&(workload.to_owned(), secret.to_owned())) else { return Vec::new() };
+        let Some(set) = inner.sets.get(workload).and_then(|m| m.get(secret)) else { return Vec::new() };
         let mut v: Vec<(&String, &u64)> = set.iter().collect();
         v.sort_by_key(|(_, s)| **s);
         v.into_iter().map(|(c, _)| c.clone()).collect()
@@ -250,16 +260,23 @@ impl Readers {
 
     /// Forget a container (it is gone) as a reader of one file.
     pub fn forget(&self, workload: &str, secret: &str, container: &str) {
-        let mut inner = self.inner.lock().expect("readers lock");
-        let key = (workload.to_owned(), secret.to_owned());
-        if inner.sets.get_mut(&key).is_some_and(|s| s.remove(container).is_some()) {
-            if inner.sets.get(&key).is_some_and(|s| s.is_empty()) {
-                inner.sets.remove(&key);
-            }
-            inner.dirty.insert(key);
-            drop(inner);
-            self.wake.notify_one();
+        let mut guard = self.inner.lock().expect("readers lock");
+        let inner = &mut *guard;
+        let Some(files) = inner.sets.get_mut(workload) else { return };
+        let Some(set) = files.get_mut(secret) else { return };
+        if set.remove(container).is_none() {
+            return;
         }
+        if set.is_empty() {
+            files.remove(secret);
+            inner.files -= 1;
+            if files.is_empty() {
+                inner.sets.remove(workload);
+            }
+        }
+        inner.dirty.insert((workload.to_owned(), secret.to_owned()));
+        drop(guard);
+        self.wake.notify_one();
     }
 
     /// What changed since the last call: each dirty file's record key and
@@ -270,8 +287,8 @@ impl Readers {
         dirty
             .into_iter()
             .map(|(w, s)| {
-                let mut v: Vec<(&String, &u64)> =
-                    inner.sets.get(&(w.clone(), s.clone())).map(|set| set.iter().collect()).unwrap_or_default();
+                let set = inner.sets.get(&w).and_then(|m| m.get(&s));
+                let mut v: Vec<(&String, &u64)> = set.map(|set| set.iter().collect()).unwrap_or_default();
                 v.sort_by_key(|(_, s)| **s);
                 let containers = v.into_iter().map(|(c, _)| c.clone()).collect();
                 (record_key(&w, &s), containers)
@@ -338,6 +355,19 @@ mod tests {
         assert_eq!(d.len(), 1);
         assert_eq!(d[0].0, "w/s");
         assert!(!d[0].1.contains(&"c5".to_owned()));
+    }
+
+    #[test]
+    fn files_bounded() {
+        let r = Readers::default();
+        for i in 0..MAX_FILES {
+            r.add("w", &format!("s{i}"), "c");
+        }
+        r.add("w", "one-more", "c");
+        assert!(r.of("w", "one-more").is_empty());
+        r.forget("w", "s0", "c");
+        r.add("w", "one-more", "c");
+        assert_eq!(r.of("w", "one-more"), ["c"]);
     }
 
     #[test]
