@@ -19,7 +19,7 @@
 #![forbid(unsafe_code)]
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::Mutex;
+use std::sync::RwLock;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -157,7 +157,7 @@ type Set = HashMap<String, u64>;
 /// by `broker::actions`, off the FUSE workers.
 #[derive(Default)]
 pub struct Readers {
-    inner: Mutex<Inner>,
+    inner: RwLock<Inner>,
     /// Woken when something is dirty.
     pub wake: tokio::sync::Notify,
 }
@@ -195,7 +195,7 @@ impl Readers {
     pub fn from_records(records: Vec<(String, Vec<String>)>) -> Readers {
         let r = Readers::default();
         {
-            let mut inner = r.inner.lock().expect("readers lock");
+            let mut inner = r.inner.write().expect("readers lock");
             for (key, containers) in records {
                 let Some((w, s)) = parse_record_key(&key) else { continue };
                 if inner.files >= MAX_FILES {
@@ -217,9 +217,15 @@ impl Readers {
     /// Record that `container` read `secret`'s file in `workload`'s mount.
     /// Cheap when it is known already (the common case, on every open).
     pub fn add(&self, workload: &str, secret: &str, container: &str) {
-        let mut guard = self.inner.lock().expect("readers lock");
+        // A shared lock and no allocation when it is known (the common case).
+        {
+            let inner = self.inner.read().expect("readers lock");
+            if inner.sets.get(workload).and_then(|m| m.get(secret)).is_some_and(|s| s.contains_key(container)) {
+                return;
+            }
+        }
+        let mut guard = self.inner.write().expect("readers lock");
         let inner = &mut *guard;
-        // No allocation when it is known (the common case).
         let known = inner.sets.get(workload).and_then(|m| m.get(secret));
         if known.is_some_and(|s| s.contains_key(container)) {
             return;
@@ -251,7 +257,7 @@ impl Readers {
 
     /// The containers that read it, oldest first.
     pub fn of(&self, workload: &str, secret: &str) -> Vec<String> {
-        let inner = self.inner.lock().expect("readers lock");
+        let inner = self.inner.read().expect("readers lock");
         let Some(set) = inner.sets.get(workload).and_then(|m| m.get(secret)) else { return Vec::new() };
         let mut v: Vec<(&String, &u64)> = set.iter().collect();
         v.sort_by_key(|(_, s)| **s);
@@ -260,7 +266,7 @@ impl Readers {
 
     /// Forget a container (it is gone) as a reader of one file.
     pub fn forget(&self, workload: &str, secret: &str, container: &str) {
-        let mut guard = self.inner.lock().expect("readers lock");
+        let mut guard = self.inner.write().expect("readers lock");
         let inner = &mut *guard;
         let Some(files) = inner.sets.get_mut(workload) else { return };
         let Some(set) = files.get_mut(secret) else { return };
@@ -282,7 +288,7 @@ impl Readers {
     /// What changed since the last call: each dirty file's record key and
     /// readers (oldest first; empty: remove the record).
     pub fn take_dirty(&self) -> Vec<(String, Vec<String>)> {
-        let mut inner = self.inner.lock().expect("readers lock");
+        let mut inner = self.inner.write().expect("readers lock");
         let dirty = std::mem::take(&mut inner.dirty);
         dirty
             .into_iter()
@@ -299,7 +305,7 @@ impl Readers {
     /// Mark a file dirty again (its write failed).
     pub fn redirty(&self, key: &str) {
         if let Some(k) = parse_record_key(key) {
-            self.inner.lock().expect("readers lock").dirty.insert(k);
+            self.inner.write().expect("readers lock").dirty.insert(k);
         }
     }
 }

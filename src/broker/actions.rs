@@ -13,7 +13,8 @@
 //! a container that is gone is skipped (audited) and forgotten.
 //!
 //! The queue holds [`MAX_QUEUED`] jobs: past it a job is dropped and
-//! audited. The readers are written to the store (sealed) by a second
+//! audited. The queue lives in memory: a stop or a handover drops the
+//! jobs not yet done (the readers are kept; the next change acts again). The readers are written to the store (sealed) by a second
 //! task, [`flush_readers`], soon after they change, so a broker that
 //! starts again (after a restart or a `kill -9`) acts on them too; a
 //! successor taking over also gets them from its predecessor's mounts.
@@ -67,22 +68,12 @@ pub fn load_readers(store: &crate::backend::local::LocalStore) -> anyhow::Result
 }
 
 impl Broker {
-    /// The containers that read `secret`'s file in `fs`'s workload: the
-    /// recorded ones, and any this mount saw that were not recorded.
-    fn readers_for(&self, fs: &crate::fs::workload::WorkloadFs, secret: &str) -> Vec<String> {
-        let mut all = self.readers.of(&fs.workload.name, secret);
-        for c in fs.readers_of(secret) {
-            if !all.contains(&c) {
-                all.push(c);
-            }
-        }
-        all
-    }
-
     /// After a change: the containers to signal (`--notify`), and the
     /// actions (`--restart`, `--exec`) queued for the runner.
     pub(super) fn readers_and_actions(&self, n: &crate::fs::Notice) -> Vec<String> {
-        let containers = self.readers_for(&n.fs, &n.secret);
+        // Every mount records its readers here (and a successor takes its
+        // predecessor's: `WorkloadFs::restore`).
+        let containers = self.readers.of(&n.fs.workload.name, &n.secret);
         if n.on_change.is_empty() || containers.is_empty() {
             return containers;
         }
@@ -184,7 +175,12 @@ pub async fn run_actions(broker: Arc<Broker>) {
             job = rx.recv() => job,
         };
         let Some(job) = job else { return };
-        broker.run_job(job).await;
+        // A stop (or a handover) does not wait for a job under way: its
+        // remaining containers are not acted on.
+        tokio::select! {
+            _ = stopping.wait_for(|s| *s) => return,
+            _ = broker.run_job(job) => {}
+        }
     }
 }
 
