@@ -41,7 +41,9 @@ keyhole secret get PATH [--version N]
 keyhole secret ls [PREFIX]  |  history PATH  |  rm PATH
 keyhole workload add NAME --selector SEL...  |  ls  |  rm NAME
 keyhole grant SECRET --to WORKLOAD [--file NAME] [--mode 0400] [--uid N] [--gid N] [--notify SIGNAL]
+              [--restart [--restart-spacing 10s]] [--exec 'CMD ARGS']
 keyhole grant --template NAME --to WORKLOAD [--file NAME] [--mode 0400] [--uid N] [--gid N] [--notify SIGNAL]
+              [--restart [--restart-spacing 10s]] [--exec 'CMD ARGS']
 keyhole revoke (SECRET | --template NAME) --from WORKLOAD  |  grants [--workload W]  |  mounts
 keyhole template put NAME (--stdin | --from-file F)  |  get NAME [--version N]  |  ls  |  rm NAME
 keyhole status  |  refresh [PATH | --backend NAME]  |  whoami  |  audit [--follow | --verify]

@@ -150,6 +150,12 @@ event_kinds! {
     // Containers and Docker.
     /// A `grant --notify` signal sent after a rotation.
     Notify = "notify",
+    /// A `grant --restart` of a container that read a changed file (or
+    /// why not: gone, failed, the queue full).
+    Restart = "restart",
+    /// A `grant --exec` command run in a container that read a changed
+    /// file, with its exit code (or why not).
+    Exec = "exec",
     /// dockerd created a keyhole volume.
     VolumeCreate = "volume_create",
     /// dockerd mounted one.

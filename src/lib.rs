@@ -31,9 +31,12 @@
 //! - [`secret`]: [`secret::SecretBytes`] (locked, zeroized, redacted) and
 //!   secret path rules.
 //! - [`config`]: TOML config, raw → validated.
+//! - [`actions`]: actions on change (`grant --restart`, `--exec`) and
+//!   the containers that read each file (pure bookkeeping).
 //! - [`sys`]: the few raw kernel calls; the only `unsafe` outside
 //!   `secret`'s allocator.
 
+pub mod actions;
 pub mod alerts;
 pub mod api;
 pub mod audit;

@@ -49,6 +49,9 @@ fn grant_pb(g: &Grant) -> pb::GrantSpec {
         uid: g.uid,
         gid: g.gid,
         notify: g.notify.clone().unwrap_or_default(),
+        restart: g.on_change.restart(),
+        restart_spacing: g.on_change.spacing_text().unwrap_or_default(),
+        exec: g.on_change.exec_text().unwrap_or_default(),
     }
 }
 

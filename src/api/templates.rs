@@ -38,6 +38,9 @@ pub fn grant_request(mut g: pb::GrantSpec) -> Result<crate::broker::GrantRequest
         uid: g.uid,
         gid: g.gid,
         notify: g.notify,
+        restart: g.restart,
+        restart_spacing: g.restart_spacing,
+        exec: g.exec,
     })
 }
 

@@ -72,6 +72,9 @@ pub const TEMPLATES: TableDefinition<&str, &[u8]> = TableDefinition::new("templa
 /// live leases issued from them, one per (source, workload, container).
 pub const LEASE_SOURCES: TableDefinition<&str, &[u8]> = TableDefinition::new("lease_sources");
 pub const LEASES: TableDefinition<&str, &[u8]> = TableDefinition::new("leases");
+/// The containers that read each file (`workload/secret` → container ids,
+/// see [`crate::actions::Readers`]), for actions on change.
+pub const READERS: TableDefinition<&str, &[u8]> = TableDefinition::new("readers");
 
 /// The key check of a 0.1 store, which has no manifest.
 const KEYCHECK_V1: &[u8] = b"keyhole local store v1";
@@ -289,6 +292,7 @@ impl LocalStore {
             txn.open_table(TEMPLATES)?;
             txn.open_table(LEASE_SOURCES)?;
             txn.open_table(LEASES)?;
+            txn.open_table(READERS)?;
             master = match key {
                 KeyMaterial::Key(k) => k,
                 KeyMaterial::Passphrase(pass) => {
@@ -423,7 +427,7 @@ impl LocalStore {
     fn scan(&self, txn: &redb::WriteTransaction) -> Result<(Digest, u64), StoreError> {
         let mut sum = Digest::default();
         let mut n = 0u64;
-        for def in [META, HEADS, WORKLOADS, CACHE, VOLUMES, VOLUME_MOUNTS, TEMPLATES, LEASE_SOURCES, LEASES] {
+        for def in [META, HEADS, WORKLOADS, CACHE, VOLUMES, VOLUME_MOUNTS, TEMPLATES, LEASE_SOURCES, LEASES, READERS] {
             let t = txn.open_table(def)?;
             for e in t.iter()? {
                 let (k, v) = e?;
@@ -935,6 +939,8 @@ impl LocalStore {
         name: &str,
         source: &str,
         inputs: Vec<String>,
+        fields: Vec<String>,
+        sources: Vec<String>,
         now_ms: i64,
     ) -> Result<crate::template::TemplateVersion, StoreError> {
         let aad = format!("keyhole/v1/{}\0{name}", TEMPLATES.name());
@@ -953,6 +959,8 @@ impl LocalStore {
                 created_unix_ms: now_ms,
                 source: source.to_owned(),
                 inputs,
+                fields,
+                sources,
             };
             versions.push(made.clone());
             let excess = versions.len().saturating_sub(self.history_depth.max(1));

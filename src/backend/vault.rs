@@ -56,7 +56,20 @@ pub struct VaultBackend {
     cache: Mutex<BTreeMap<String, Cached>>,
     /// Change detection: directory listings or per-secret reads.
     scan: scan::ScanState,
+    /// Full keyhole path → every string field of its newest version read
+    /// (for templates' `secret(path, field=...)`).
+    fields: Mutex<BTreeMap<String, Fields>>,
 }
+
+/// The string fields of one version of a KV v2 secret.
+#[derive(Clone)]
+pub struct Fields {
+    pub version: u64,
+    pub values: Arc<BTreeMap<String, Arc<SecretBytes>>>,
+}
+
+/// The most fields of one secret kept for templates.
+const MAX_FIELDS: usize = 256;
 
 impl std::fmt::Debug for VaultBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -188,6 +201,7 @@ impl VaultBackend {
             renew_at: Mutex::new(None),
             health,
             cache: Mutex::default(),
+            fields: Mutex::default(),
             scan: scan::ScanState::default(),
         })
     }
@@ -491,6 +505,7 @@ impl VaultBackend {
 
     pub async fn get(&self, rel: &str, version: Option<u64>) -> Result<(VersionMeta, SecretBytes), BackendError> {
         let (data, mut meta) = self.read_raw(rel, version).await?;
+        self.remember_fields(rel, &meta, &data);
         let value = self.field(rel, &data)?;
         meta.size = value.len() as u64;
         Ok((meta, value))
@@ -636,6 +651,27 @@ impl VaultBackend {
     fn remember(&self, rel: &str, meta: VersionMeta, value: SecretBytes) {
         let entry = Cached { meta, value: Arc::new(value) };
         self.cache.lock().expect("cache lock").insert(self.full(rel), entry);
+    }
+
+    /// Keep the string fields of a version read, if it is the newest.
+    fn remember_fields(&self, rel: &str, meta: &VersionMeta, data: &serde_json::Value) {
+        let Some(map) = data.as_object() else { return };
+        let values: BTreeMap<String, Arc<SecretBytes>> = map
+            .iter()
+            .filter_map(|(k, v)| v.as_str().map(|s| (k.clone(), Arc::new(SecretBytes::copy_from(s.as_bytes())))))
+            .take(MAX_FIELDS)
+            .collect();
+        let mut fields = self.fields.lock().expect("fields lock");
+        let full = self.full(rel);
+        if fields.get(&full).is_some_and(|f| f.version > meta.version) {
+            return;
+        }
+        fields.insert(full, Fields { version: meta.version, values: Arc::new(values) });
+    }
+
+    /// The fields of `path` at `version`, if that version was read.
+    pub fn cached_fields(&self, path: &str, version: u64) -> Option<Fields> {
+        self.fields.lock().expect("fields lock").get(path).filter(|f| f.version == version).cloned()
     }
 
     /// Load entries persisted by an earlier broker.

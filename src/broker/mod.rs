@@ -11,9 +11,11 @@
 //! | `secrets.rs` | routing a path to its [`crate::backend::SecretSource`]; the mounts' catalog; the Vault watcher |
 //! | `private.rs` | the private-file checks (state dir, run dir, key files) and reading the key |
 //! | `services.rs` | binding the sockets, starting and stopping what serves callers |
+//! | `actions.rs` | `grant --restart`/`--exec`: the queue of actions on change, its runner, writing the readers |
 //! | `takeover.rs`, `systemd.rs` | the handover protocol; sd_notify |
 #![forbid(unsafe_code)]
 
+pub mod actions;
 mod activation;
 mod error;
 mod leases;
@@ -107,6 +109,10 @@ pub struct Broker {
     templates: templates::TemplateState,
     /// Per-container dynamic credentials and certificates.
     leases: Arc<crate::lease::Leases>,
+    /// The containers that read each file, and the actions queued for
+    /// them (`grant --restart`, `--exec`).
+    readers: Arc<crate::actions::Readers>,
+    actions: actions::ActionQueue,
 }
 
 /// Reads of the broker's state, for the services. Nothing here changes
@@ -340,7 +346,9 @@ impl Broker {
             fs::set_permissions(run_dir, fs::Permissions::from_mode(0o755))?;
         }
         let leases = Arc::new(crate::lease::Leases::load(&store, rt.clone())?);
+        let readers = Arc::new(actions::load_readers(&store)?);
         let shared = Arc::new(FsShared {
+            readers: readers.clone(),
             leases: leases.clone(),
             attestor: attestor.clone(),
             audit: audit.clone(),
@@ -370,6 +378,8 @@ impl Broker {
             policy_lock: std::sync::Mutex::new(()),
             templates: Default::default(),
             leases,
+            readers,
+            actions: Default::default(),
         };
         broker.roles.set(broker.store.roles()?);
         if let Some(a) = adopt {

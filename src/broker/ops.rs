@@ -80,6 +80,11 @@ pub struct GrantRequest {
     pub uid: Option<u32>,
     pub gid: Option<u32>,
     pub notify: String,
+    /// `--restart`, `--restart-spacing` (empty: the default), `--exec`
+    /// (empty: none): see [`crate::actions::OnChange::parse`].
+    pub restart: bool,
+    pub restart_spacing: String,
+    pub exec: String,
 }
 
 impl GrantRequest {
@@ -88,8 +93,14 @@ impl GrantRequest {
         let file = (!self.file.is_empty()).then(|| self.file.clone());
         let mode = (self.mode != 0).then_some(self.mode);
         let notify = (!self.notify.is_empty()).then_some(self.notify.as_str());
+        let on_change = crate::actions::OnChange::parse(
+            self.restart,
+            Some(self.restart_spacing.as_str()),
+            Some(self.exec.as_str()),
+        )?;
         Grant::new(&self.secret, &self.workload, file, mode, self.uid, self.gid)
             .and_then(|grant| grant.with_notify(notify))
+            .map(|grant| grant.with_on_change(on_change))
     }
 }
 
@@ -260,13 +271,22 @@ impl Broker {
     }
 
     /// Signal the containers that read a rotated secret (`grant --notify`),
-    /// through the Docker API, without waiting for it.
+    /// through the Docker API, without waiting for it; queue the actions
+    /// on change (`--restart`, `--exec`, see `actions.rs`).
     fn announce(&self, notices: Vec<crate::fs::Notice>) {
         let Some(docker) = &self.docker else { return };
+        // A file shown by several mounts of one workload is acted on once.
+        let mut seen = std::collections::HashSet::new();
         for n in notices {
-            for container in n.fs.readers_of(&n.secret) {
-                let (docker, audit, fs) = (docker.clone(), self.audit.clone(), n.fs.clone());
-                let (secret, signal, version) = (n.secret.clone(), n.signal.clone(), n.version);
+            if !seen.insert((n.fs.workload.name.clone(), n.secret.clone(), n.version)) {
+                continue;
+            }
+            let readers = self.readers_and_actions(&n);
+            let Some(signal) = n.signal.clone() else { continue };
+            for container in readers {
+                let (docker, audit, fs, recorded) =
+                    (docker.clone(), self.audit.clone(), n.fs.clone(), self.readers.clone());
+                let (secret, signal, version) = (n.secret.clone(), signal.clone(), n.version);
                 self.rt.spawn(async move {
                     let outcome = docker.signal(&container, &signal).await;
                     let reason = match &outcome {
@@ -275,6 +295,7 @@ impl Broker {
                     };
                     if outcome.is_err() {
                         fs.forget_reader(&secret, &container);
+                        recorded.forget(&fs.workload.name, &secret, &container);
                     }
                     let event = Event {
                         workload: Some(&fs.workload.name),

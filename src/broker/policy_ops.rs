@@ -57,29 +57,24 @@ impl Broker {
             .into_iter()
             .map(|(n, t)| (n, t.source))
             .collect();
-        let max = self.config.max_value_bytes as usize;
         for (l, t) in &mut file.templates {
             if have.get(&t.name) == Some(&t.source) {
                 continue;
             }
-            let gate = super::InputGate::new(scope);
-            let (g, b) = (gate.clone(), self.clone());
-            let get = move |path: &str| {
-                if !g.readable(path) {
-                    return None;
-                }
-                let p = crate::secret::SecretPath::parse(path).ok()?;
-                b.get_secret(&p, None).ok().map(|(_, v)| v)
-            };
-            let checked = crate::template::check(&t.source, max, get);
-            if let Some(lack) = gate.lack() {
+            let super::templates::DryRun { checked, sources, lack } = self.dry_run(scope, &t.source);
+            if let Some(lack) = lack {
                 return Err(FileError { line: Some(*l), message: lack.to_string(), denied: true });
             }
-            let inputs = checked.map_err(|e| FileError {
-                line: Some(*l),
-                message: format!("[[template]] {}: {e}", t.name),
-                denied: false,
-            })?;
+            let bad = |message: String| FileError { line: Some(*l), message, denied: false };
+            let checked = checked.map_err(|e| bad(format!("[[template]] {}: {e}", t.name)))?;
+            if !checked.fields.is_empty() || !sources.is_empty() {
+                return Err(bad(format!(
+                    "[[template]] {}: a template that reads fields (secret(p, field=...)) or dynamic()/cert() \
+                     is put with `keyhole template put`, not yet in a policy file",
+                    t.name
+                )));
+            }
+            let inputs = checked.inputs;
             t.inputs = Some(inputs.into_iter().collect());
         }
         Ok(())

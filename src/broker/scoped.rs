@@ -67,7 +67,11 @@ impl Broker {
     }
 
     fn current_inputs(&self, name: &str) -> Result<Option<Vec<String>>, BrokerError> {
-        Ok(self.store.template_versions(name)?.and_then(|v| v.last().map(|t| t.inputs.clone())))
+        // The lease sources it reads reach secrets too.
+        Ok(self
+            .store
+            .template_versions(name)?
+            .and_then(|v| v.last().map(|t| t.inputs.iter().chain(&t.sources).cloned().collect())))
     }
 
     /// A template put by `scope` reading `inputs`: every input within its

@@ -189,6 +189,11 @@ pub(super) fn spawn_services(
         tasks.push(tokio::spawn(secrets::watch_backend(broker.clone(), v.backend.clone())));
     }
     tasks.push(tokio::spawn(crate::lease::keeper(broker.clone())));
+    tasks.push(tokio::spawn(super::actions::run_actions(broker.clone())));
+    tasks.push(tokio::spawn(super::actions::flush_readers(broker.clone())));
+    if !broker.vaults.is_empty() {
+        tokio::spawn(broker.clone().fetch_template_fields());
+    }
     if let Some(listen) = &broker.config.metrics {
         let l = bind_metrics(listen).with_context(|| format!("cannot listen for metrics on {listen}"))?;
         let gate =

@@ -159,27 +159,18 @@ impl Broker {
     ) -> Result<TemplateVersion, ApiError> {
         self.write(Audit::by(by, EventKind::TemplatePut).path(name), |_| {
             crate::template::check_name(name)?;
-            let max = self.config.max_value_bytes as usize;
-            let b = self.clone();
-            let gate = super::InputGate::new(scope);
-            let g = gate.clone();
-            let get = move |path: &str| {
-                if !g.readable(path) {
-                    return None;
-                }
-                let p = SecretPath::parse(path).ok()?;
-                b.get_secret(&p, None).ok().map(|(_, v)| v)
-            };
-            // The dry run may call a backend: off the async workers already.
-            let known = self.leases.sources().iter().map(|s| s.id()).collect();
-            let inputs = crate::template::leased::checking(known, || crate::template::check(source, max, get));
-            if let Some(lack) = gate.lack() {
+            let DryRun { checked, sources, lack } = self.dry_run(scope, source);
+            if let Some(lack) = lack {
                 return Err(self.refuse(by, "PutTemplate", &lack));
             }
-            let inputs: Vec<String> = inputs?.into_iter().collect();
-            self.check_template_put(by, scope, name, &inputs)?;
+            let checked = checked?;
+            let inputs: Vec<String> = checked.inputs.into_iter().collect();
+            let fields: Vec<String> = checked.fields.into_iter().collect();
+            // The lease sources it reads are within the caller's reach too.
+            let reaches: Vec<String> = inputs.iter().chain(&sources).cloned().collect();
+            self.check_template_put(by, scope, name, &reaches)?;
             self.template_index()?;
-            let made = self.store.template_put(name, source, inputs.clone(), now_ms)?;
+            let made = self.store.template_put(name, source, inputs.clone(), fields, sources, now_ms)?;
             self.index_template(name, &inputs);
             // Vault inputs: fetch them now, so the file renders at once.
             let mut changed = Vec::new();
@@ -192,6 +183,36 @@ impl Broker {
             let version = made.version;
             Ok(Done::new(made).version(version).secrets(changed))
         })
+    }
+
+    /// A template's dry run for an admin of `scope` (`template put`, and
+    /// `apply` of a `[[template]]`): it reads only what the scope covers
+    /// ([`super::InputGate`]: a path outside it is never read, and is the
+    /// `lack`), and records what the template reads — its inputs, those
+    /// read by field, and the lease sources (`dynamic:`/`cert:`) it names.
+    pub(super) fn dry_run(self: &Arc<Self>, scope: &crate::policy::roles::Scope, source: &str) -> DryRun {
+        let max = self.config.max_value_bytes as usize;
+        let gate = super::InputGate::new(scope);
+        let (b, g) = (self.clone(), gate.clone());
+        let get = move |path: &str| {
+            if !g.readable(path) {
+                return None;
+            }
+            let p = SecretPath::parse(path).ok()?;
+            b.get_secret(&p, None).ok().map(|(_, v)| v)
+        };
+        let (b, g) = (self.clone(), gate.clone());
+        let get_field: crate::template::GetField = Box::new(move |path: &str, field: &str| {
+            if !g.readable(path) {
+                return Err(format!("{path} is not the caller's to read"));
+            }
+            b.field_of(path, field)
+        });
+        // The dry run may call a backend: off the async workers already.
+        let known = self.leases.sources().iter().map(|s| s.id()).collect();
+        let (checked, sources) =
+            crate::template::leased::checking(known, || crate::template::check_fields(source, max, get, get_field));
+        DryRun { checked, sources: sources.into_iter().collect(), lack: gate.lack() }
     }
 
     /// A version of a template (the current one for `None`).
@@ -244,6 +265,50 @@ impl Broker {
         })
     }
 
+    /// A field of the current version of a Vault KV v2 secret, read from
+    /// the backend (for a template's dry run at put). A local secret has
+    /// no fields.
+    fn field_of(&self, path: &str, field: &str) -> Result<SecretBytes, String> {
+        let Some(v) = self.vaults.iter().find(|v| v.backend.relative(path).is_some()) else {
+            return Err(
+                "it is a local secret, which holds one value and no fields (field= reads a field of a Vault KV v2 secret)"
+                    .into(),
+            );
+        };
+        let p = SecretPath::parse(path).map_err(|e| e.to_string())?;
+        let (meta, _) = self.get_secret(&p, None).map_err(|_| "it does not exist or cannot be read".to_owned())?;
+        let fields = v.backend.cached_fields(path, meta.version).ok_or("its fields could not be read")?;
+        let value = fields.values.get(field).ok_or_else(|| format!("it has no string field {field:?}"))?;
+        Ok(SecretBytes::copy_from(value.expose()))
+    }
+
+    /// The Vault inputs that templates read by field, whose fields are
+    /// not here (after a start: the backend's cache is restored from the
+    /// store, which keeps one field): read them, then re-render.
+    pub(super) async fn fetch_template_fields(self: Arc<Self>) {
+        let Ok(all) = self.store.records::<Vec<TemplateVersion>>(TEMPLATES) else { return };
+        let mut changed = Vec::new();
+        for (name, versions) in all {
+            let Some(tv) = versions.last() else { continue };
+            for p in &tv.fields {
+                let Some(v) = self.vaults.iter().find(|v| v.backend.relative(p).is_some()) else { continue };
+                let Some(rel) = v.backend.relative(p) else { continue };
+                let have = v.backend.cached(p).map(|c| c.meta.version);
+                if have.is_some_and(|ver| v.backend.cached_fields(p, ver).is_some()) {
+                    continue;
+                }
+                match v.backend.get(rel, have).await {
+                    Ok(_) => changed.push(format!("{TEMPLATE_PREFIX}{name}")),
+                    Err(e) => tracing::warn!(template = %name, error = %e, "cannot read the fields of an input"),
+                }
+            }
+        }
+        if !changed.is_empty() {
+            let b = self.clone();
+            let _ = tokio::task::spawn_blocking(move || b.everything_changed(changed)).await;
+        }
+    }
+
     /// Refuse a grant of a template that does not exist.
     pub fn check_template_grant(&self, g: &Grant) -> Result<(), ApiError> {
         match template_of(&g.target) {
@@ -278,12 +343,20 @@ impl Broker {
                 }
             }
         }
+        let mut fields = crate::template::FieldValues::new();
         for p in &remote {
-            let cached = self.vaults.iter().find(|v| v.backend.relative(p).is_some()).and_then(|v| v.backend.cached(p));
+            let backend = self.vaults.iter().find(|v| v.backend.relative(p).is_some()).map(|v| &v.backend);
+            let cached = backend.and_then(|b| b.cached(p));
             match cached {
                 Some(c) => {
                     created = created.max(c.meta.created_unix_ms);
                     inputs.push((p.clone(), c.meta.version));
+                    if tv.fields.contains(p) {
+                        // The fields of the same version as the value, or none.
+                        if let Some(f) = backend.and_then(|b| b.cached_fields(p, c.meta.version)) {
+                            fields.insert(p.clone(), f.values);
+                        }
+                    }
                     values.insert(p.clone(), c.value);
                 }
                 None => {
@@ -300,6 +373,10 @@ impl Broker {
             h.update((p.len() as u64).to_be_bytes());
             h.update(p.as_bytes());
             h.update(v.to_be_bytes());
+            // A render made before the fields were read is not this one.
+            if tv.fields.contains(p) {
+                h.update([u8::from(fields.contains_key(p))]);
+            }
         }
         let d = h.finalize();
         let mut eight = [0u8; 8];
@@ -314,7 +391,7 @@ impl Broker {
         let max = self.config.max_value_bytes as usize;
         let (value, error) = if missing.is_empty() {
             let deferred = &self.leases.templates;
-            match crate::template::leased::render_shared(deferred, path, version, &tv.source, values, max) {
+            match crate::template::leased::render_shared(deferred, path, version, &tv.source, values, fields, max) {
                 Ok(v) => (v.map(Arc::new), None),
                 Err(e) => (None, Some(format!("template {name} version {}: {e}", tv.version))),
             }
@@ -375,4 +452,13 @@ impl Broker {
             renders.remove(&format!("{TEMPLATE_PREFIX}{n}"));
         }
     }
+}
+
+/// What [`Broker::dry_run`] found.
+pub(super) struct DryRun {
+    pub checked: Result<crate::template::Checked, crate::template::TemplateError>,
+    /// The lease sources it reads (`dynamic:NAME`, `cert:NAME`).
+    pub sources: Vec<String>,
+    /// The first path outside the caller's scope it tried to read.
+    pub lack: Option<crate::policy::roles::Lack>,
 }

@@ -108,6 +108,7 @@ Examples:
   keyhole grant 'db/*' --to web --mode 0440 --gid 1000
   keyhole grant tls/key.pem --to web --file server.key --uid 101
   keyhole grant --template app-config --to web --file config.json --notify HUP
+  keyhole grant --template tls-bundle --to web --file bundle.pem --exec 'nginx -s reload'
 
 The file appears at once in <run-dir>/workloads/<workload>/. A grant of the
 same secret to the same workload replaces the earlier one.")]

@@ -69,6 +69,19 @@ pub struct GrantArgs {
     /// running container that read the secret through this grant
     #[arg(long, value_name = "SIGNAL")]
     pub notify: Option<String>,
+    /// After the file changes, restart each container that read it, one
+    /// at a time, waiting until it runs again (Docker/Podman containers
+    /// only; the rotation itself does not wait for it)
+    #[arg(long)]
+    pub restart: bool,
+    /// Pause between two restarts [default: 10s]
+    #[arg(long, value_name = "DURATION")]
+    pub restart_spacing: Option<String>,
+    /// After the file changes, run CMD ARGS in each container that read
+    /// it, through the Docker exec API (split like a shell would, but
+    /// never run by one on the host), e.g. 'nginx -s reload'
+    #[arg(long, value_name = "'CMD ARGS'")]
+    pub exec: Option<String>,
 }
 
 fn parse_mode(s: &str) -> Result<u32, String> {
@@ -134,6 +147,9 @@ fn grant_json(g: &pb::GrantSpec) -> serde_json::Value {
         "uid": g.uid,
         "gid": g.gid,
         "notify": (!g.notify.is_empty()).then_some(&g.notify),
+        "restart": g.restart,
+        "restart_spacing": (!g.restart_spacing.is_empty()).then_some(&g.restart_spacing),
+        "exec": (!g.exec.is_empty()).then_some(&g.exec),
     })
 }
 
@@ -147,6 +163,9 @@ pub async fn grant(a: GrantArgs, socket: &Target, json: bool) -> anyhow::Result<
         uid: a.uid,
         gid: a.gid,
         notify: a.notify.unwrap_or_default(),
+        restart: a.restart,
+        restart_spacing: a.restart_spacing.unwrap_or_default(),
+        exec: a.exec.unwrap_or_default(),
     };
     let g = rpc!(admin, socket, ConnectOnly, grant, spec)?;
     if json {
@@ -169,6 +188,22 @@ pub async fn revoke(secret: String, from: String, socket: &Target, json: bool) -
     Ok(())
 }
 
+/// What a grant does after its file changes: `notify SIGHUP, restart
+/// 10s, exec 'nginx -s reload'`, or `-`.
+fn on_change(g: &pb::GrantSpec) -> String {
+    let mut parts = Vec::new();
+    if !g.notify.is_empty() {
+        parts.push(format!("notify {}", g.notify));
+    }
+    if g.restart {
+        parts.push(format!("restart {}", g.restart_spacing).trim_end().to_owned());
+    }
+    if !g.exec.is_empty() {
+        parts.push(format!("exec {}", shlex::try_quote(&g.exec).unwrap_or_default()));
+    }
+    if parts.is_empty() { "-".into() } else { parts.join(", ") }
+}
+
 pub async fn grants(workload: Option<String>, socket: &Target, json: bool) -> anyhow::Result<()> {
     let req = pb::ListGrantsRequest { workload: workload.unwrap_or_default() };
     let r = rpc!(admin, socket, Safe, list_grants, req)?;
@@ -183,10 +218,10 @@ pub async fn grants(workload: Option<String>, socket: &Target, json: bool) -> an
         .map(|g| {
             let file = if g.file.is_empty() { "-" } else { &g.file };
             let what = if g.template.is_empty() { g.secret.clone() } else { format!("template {}", g.template) };
-            vec![g.workload.clone(), format!("{:04o}", g.mode), id(g.uid), id(g.gid), file.into(), what]
+            vec![g.workload.clone(), format!("{:04o}", g.mode), id(g.uid), id(g.gid), file.into(), what, on_change(g)]
         })
         .collect();
-    print_table(&["WORKLOAD", "MODE", "UID", "GID", "FILE", "SECRET"], &rows, &[]);
+    print_table(&["WORKLOAD", "MODE", "UID", "GID", "FILE", "SECRET", "ON CHANGE"], &rows, &[]);
     Ok(())
 }
 

@@ -13,12 +13,14 @@ use super::MountTable;
 use super::pool::Conn;
 use super::workload::{ROOT, Swapped, WorkloadFs};
 
-/// A rotation that some containers asked to hear about (`grant --notify`).
+/// A rotation that some containers asked to hear about (`grant --notify`,
+/// `--restart`, `--exec`).
 pub struct Notice {
     pub fs: Arc<WorkloadFs>,
     pub secret: String,
     pub version: u64,
-    pub signal: String,
+    pub signal: Option<String>,
+    pub on_change: crate::actions::OnChange,
 }
 
 /// Room for one notice to the kernel (an entry's name is at most 255 bytes).

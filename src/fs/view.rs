@@ -253,9 +253,10 @@ impl MountTable {
                 return Patch::Rebuild;
             }
             let Ok(loaded) = cat.load(&n.secret, meta) else { return Patch::Rebuild };
-            if let Some(signal) = &n.notify {
-                let (fs, secret, signal) = (m.fs.clone(), n.secret.clone(), signal.clone());
-                notices.push(Notice { fs, secret, version: meta.version, signal });
+            if n.notify.is_some() || !n.on_change.is_empty() {
+                let (fs, secret, signal, on_change) =
+                    (m.fs.clone(), n.secret.clone(), n.notify.clone(), n.on_change.clone());
+                notices.push(Notice { fs, secret, version: meta.version, signal, on_change });
             }
             nodes.push(Arc::new(Node {
                 // A new version is a new inode (see `WorkloadFs::replace`).
@@ -296,9 +297,10 @@ impl MountTable {
                 continue;
             }
             let rotated = before.is_some_and(|n| n.secret == spec.secret && n.version != meta.version);
-            if let (true, Some(signal)) = (rotated, &spec.notify) {
-                let (fs, secret, signal) = (fs.clone(), spec.secret.clone(), signal.clone());
-                notices.push(Notice { fs, secret, version: meta.version, signal });
+            if rotated && (spec.notify.is_some() || !spec.on_change.is_empty()) {
+                let (fs, secret, signal, on_change) =
+                    (fs.clone(), spec.secret.clone(), spec.notify.clone(), spec.on_change.clone());
+                notices.push(Notice { fs, secret, version: meta.version, signal, on_change });
             }
             let loaded = match cat.load(&spec.secret, meta) {
                 Ok(l) => l,
@@ -326,6 +328,7 @@ impl MountTable {
                 health: loaded.health,
                 reads,
                 notify: spec.notify,
+                on_change: spec.on_change,
                 template: loaded.template,
             }));
         }

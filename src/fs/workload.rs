@@ -66,6 +66,9 @@ pub struct Node {
     pub health: Option<Arc<Health>>,
     /// Signal for this file's readers when it rotates.
     pub notify: Option<String>,
+    /// Restart or exec in this file's readers when it changes.
+    #[serde(default)]
+    pub on_change: crate::actions::OnChange,
     /// `keyhole_reads_total` for this workload and secret, looked up once
     /// when the node is made, so an open only adds to it.
     #[serde(skip)]
@@ -165,6 +168,9 @@ pub struct FsShared {
     /// Per-container leases: what a `dynamic:`/`cert:` file shows to
     /// each caller (see [`crate::lease`]).
     pub leases: Arc<crate::lease::Leases>,
+    /// The containers that read each file, kept in the store (for
+    /// `grant --restart` and `--exec`, see [`crate::actions`]).
+    pub readers: Arc<crate::actions::Readers>,
 }
 
 pub struct WorkloadFs {
@@ -324,6 +330,9 @@ impl WorkloadFs {
         }
         *self.view.get_mut().expect("view lock") = Arc::new(view);
         *self.handles.get_mut().expect("handles lock") = handles;
+        for (secret, containers) in &st.readers {
+            containers.iter().for_each(|c| self.shared.readers.add(&self.workload.name, secret, c));
+        }
         *self.readers.get_mut().expect("readers lock") = st.readers;
         self.adopt_leased(st.leased);
     }
@@ -566,6 +575,7 @@ impl WorkloadFs {
                                 if let Some(c) = &id.container_id {
                                     let mut readers = self.readers.lock().expect("readers lock");
                                     readers.entry(node.secret.clone()).or_default().insert(c.clone());
+                                    self.shared.readers.add(workload, &node.secret, c);
                                 }
                                 Ok(Some((body, holder)))
                             }
@@ -605,6 +615,7 @@ impl WorkloadFs {
                             if let Some(c) = &id.container_id {
                                 let mut readers = self.readers.lock().expect("readers lock");
                                 readers.entry(node.secret.clone()).or_default().insert(c.clone());
+                                self.shared.readers.add(workload, &node.secret, c);
                             }
                             Ok(None)
                         }

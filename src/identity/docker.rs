@@ -1012,3 +1012,142 @@ pub(crate) mod tests {
         assert_eq!(d.inspects(), INFLIGHT_MAX as u64);
     }
 }
+
+/// How long a `grant --restart` waits for a container to run again.
+const RESTART_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a `grant --exec` command may run before it is reported as
+/// not finished (it is left running).
+const EXEC_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why an action on a container did not happen.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ActionFailure {
+    /// No runtime knows the container (removed), or it is not running.
+    Gone,
+    /// Anything else (the runtime's answer, a timeout).
+    Failed(String),
+}
+
+impl std::fmt::Display for ActionFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ActionFailure::Gone => f.write_str("the container is gone or not running"),
+            ActionFailure::Failed(why) => f.write_str(why),
+        }
+    }
+}
+
+fn action_failure(e: bollard::errors::Error) -> ActionFailure {
+    match e {
+        bollard::errors::Error::DockerResponseServerError { status_code: 404 | 409, .. } => ActionFailure::Gone,
+        e => ActionFailure::Failed(e.to_string()),
+    }
+}
+
+impl DockerCache {
+    /// The runtimes to ask about `id`: the one that confirmed it, else
+    /// each in turn.
+    fn clients_for(&self, id: &str) -> Vec<&Client> {
+        match self.lock().known.get(id).map(|c| c.client) {
+            Some(n) => vec![&self.clients[n]],
+            None => self.clients.iter().collect(),
+        }
+    }
+
+    /// When the container last started, and whether it runs.
+    async fn started_at(client: &Client, id: &str) -> Result<(Option<String>, bool), ActionFailure> {
+        match tokio::time::timeout(INSPECT_TIMEOUT, client.api.inspect_container(id, None)).await {
+            Ok(Ok(c)) => {
+                let state = c.state.unwrap_or_default();
+                Ok((state.started_at, state.running.unwrap_or(false)))
+            }
+            Ok(Err(e)) => Err(action_failure(e)),
+            Err(_) => Err(ActionFailure::Failed("the runtime did not answer in time".into())),
+        }
+    }
+
+    /// Restart a running container (`grant --restart`) and wait until it
+    /// runs again, started anew; returns how long that took. A container
+    /// that is not running is left alone ([`ActionFailure::Gone`]).
+    pub async fn restart(&self, id: &str) -> Result<Duration, ActionFailure> {
+        let t0 = Instant::now();
+        let mut last = ActionFailure::Failed("no runtime is configured".into());
+        for client in self.clients_for(id) {
+            let before = match Self::started_at(client, id).await {
+                Ok((_, false)) => return Err(ActionFailure::Gone),
+                Ok((at, true)) => at,
+                Err(e) => {
+                    last = e;
+                    continue;
+                }
+            };
+            let opts = bollard::query_parameters::RestartContainerOptions { t: Some(10), signal: None };
+            match tokio::time::timeout(RESTART_TIMEOUT, client.api.restart_container(id, Some(opts))).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(action_failure(e)),
+                Err(_) => return Err(ActionFailure::Failed("the restart did not finish in time".into())),
+            }
+            loop {
+                match Self::started_at(client, id).await {
+                    Ok((at, true)) if at != before => return Ok(t0.elapsed()),
+                    Err(ActionFailure::Gone) => return Err(ActionFailure::Gone),
+                    _ if t0.elapsed() > RESTART_TIMEOUT => {
+                        return Err(ActionFailure::Failed("not running again in time".into()));
+                    }
+                    _ => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        }
+        Err(last)
+    }
+
+    /// Run `argv` in a running container through the runtime's exec API
+    /// (`grant --exec`), no shell on the host, its output discarded (it
+    /// may hold secrets); returns its exit code once it ends.
+    pub async fn exec(&self, id: &str, argv: &[String]) -> Result<i64, ActionFailure> {
+        let t0 = Instant::now();
+        let mut last = ActionFailure::Failed("no runtime is configured".into());
+        for client in self.clients_for(id) {
+            let config = bollard::models::ExecConfig {
+                cmd: Some(argv.to_vec()),
+                attach_stdin: Some(false),
+                attach_stdout: Some(false),
+                attach_stderr: Some(false),
+                ..Default::default()
+            };
+            let exec = match tokio::time::timeout(INSPECT_TIMEOUT, client.api.create_exec(id, config)).await {
+                Ok(Ok(e)) => e.id,
+                Ok(Err(e)) => {
+                    last = action_failure(e);
+                    continue;
+                }
+                Err(_) => {
+                    last = ActionFailure::Failed("the runtime did not answer in time".into());
+                    continue;
+                }
+            };
+            let detached = bollard::exec::StartExecOptions { detach: true, ..Default::default() };
+            match tokio::time::timeout(INSPECT_TIMEOUT, client.api.start_exec(&exec, Some(detached))).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(action_failure(e)),
+                Err(_) => return Err(ActionFailure::Failed("the runtime did not answer in time".into())),
+            }
+            loop {
+                match tokio::time::timeout(INSPECT_TIMEOUT, client.api.inspect_exec(&exec)).await {
+                    Ok(Ok(r)) if r.running != Some(true) => {
+                        return r.exit_code.ok_or_else(|| ActionFailure::Failed("no exit code".into()));
+                    }
+                    Ok(Err(e)) => return Err(action_failure(e)),
+                    _ if t0.elapsed() > EXEC_TIMEOUT => {
+                        return Err(ActionFailure::Failed(format!(
+                            "still running after {}s (left running)",
+                            EXEC_TIMEOUT.as_secs()
+                        )));
+                    }
+                    _ => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        }
+        Err(last)
+    }
+}

@@ -109,6 +109,8 @@ struct RawGrant {
     #[serde(skip_serializing_if = "Option::is_none")]
     restart: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    restart_spacing: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     exec: Option<Vec<String>>,
 }
 
@@ -258,12 +260,16 @@ impl PolicyFile {
                 [(kind, Some(n))] => format!("{kind}:{n}"),
                 _ => return Err(at(l, "[[grant]] needs exactly one of secret, template, dynamic, cert")),
             };
-            if g.restart.is_some() || g.exec.is_some() {
-                return Err(at(l, "[[grant]]: restart and exec are not supported by this broker yet"));
-            }
+            let on_change = crate::actions::OnChange::from_file(
+                g.restart.unwrap_or(false),
+                g.restart_spacing.as_deref(),
+                g.exec.clone(),
+            )
+            .map_err(|e| at(l, format!("[[grant]] {secret}: {e}")))?;
             let mode = g.mode.as_ref().map(parse_mode).transpose().map_err(|e| at(l, format!("[[grant]]: {e}")))?;
             let grant = Grant::new(&secret, &g.workload, g.file.clone(), mode, g.uid, g.gid)
                 .and_then(|x| x.with_notify(g.notify.as_deref()))
+                .map(|x| x.with_on_change(on_change))
                 .map_err(|e| at(l, format!("[[grant]] {secret} to {}: {e}", g.workload)))?;
             if !seen.insert((grant.workload.clone(), grant.target.to_string())) {
                 return Err(at(l, format!("[[grant]] {secret} to {} is written twice", g.workload)));
@@ -630,6 +636,9 @@ pub fn export(cur: &Current, scope: &Scope) -> String {
             uid: g.uid,
             gid: g.gid,
             notify: g.notify.clone(),
+            restart: g.on_change.restart().then_some(true),
+            restart_spacing: g.on_change.spacing_text(),
+            exec: g.on_change.exec.clone(),
             ..RawGrant::default()
         })
         .collect();
@@ -951,5 +960,26 @@ workload = "a-web"
         assert!(e.denied && e.to_string().contains("prod/database/creds/b-web"), "{e}");
         let other = LEASED.replace("cn = \"{workload}.svc\"", "cn = \"b-web.svc\"");
         assert!(plan(&with_inputs(&other), &cur, false, &scope).unwrap_err().denied);
+    }
+
+    #[test]
+    fn grant_actions_parse_and_export_back() {
+        let text = "[[workload]]\nname = \"w\"\nselectors = [\"unix:uid:1\"]\n\n[[grant]]\nsecret = \"a/b\"\n\
+                    workload = \"w\"\nrestart = true\nrestart_spacing = \"30s\"\nexec = [\"nginx\", \"-s\", \"reload\"]\n";
+        let f = PolicyFile::parse(text).unwrap();
+        let g = &f.grants[0].1;
+        assert_eq!(g.on_change.spacing(), std::time::Duration::from_secs(30));
+        assert_eq!(g.on_change.exec.as_deref().unwrap(), ["nginx", "-s", "reload"]);
+        let mut cur = Current::default();
+        let p = full_plan(text, &cur, false);
+        applied(&mut cur, &p.change);
+        let out = export(&cur, &Scope::Full);
+        assert!(out.contains("restart_spacing = \"30s\""), "{out}");
+        assert!(full_plan(&out, &cur, true).change.is_empty(), "export round-trips:\n{out}");
+        let e = |t: &str| PolicyFile::parse(t).unwrap_err();
+        let err = e("[[grant]]\nsecret = \"a\"\nworkload = \"w\"\nexec = []\n");
+        assert!(err.message.contains("names no command"), "{err}");
+        let err = e("[[grant]]\nsecret = \"a\"\nworkload = \"w\"\nrestart_spacing = \"1s\"\n");
+        assert!(err.message.contains("needs --restart"), "{err}");
     }
 }

@@ -52,6 +52,8 @@ pub enum PolicyError {
     BadSourceName(String),
     #[error("{0} cannot be granted as a prefix: grant each source by name")]
     LeasedPrefix(String),
+    #[error(transparent)]
+    Action(#[from] crate::actions::ActionError),
 }
 
 /// Whether a grant's path names a lease source (`dynamic:NAME`,
@@ -377,6 +379,10 @@ pub struct Grant {
     /// Signal sent to the containers that read the secret, after it rotates.
     #[serde(default)]
     pub notify: Option<String>,
+    /// Restart or exec in the containers that read the file, after it
+    /// changes (see [`crate::actions`]).
+    #[serde(default, skip_serializing_if = "crate::actions::OnChange::is_empty")]
+    pub on_change: crate::actions::OnChange,
 }
 
 /// Signals a grant may send on rotation.
@@ -412,7 +418,22 @@ impl Grant {
         if mode & !0o444 != 0 || mode == 0 {
             return Err(PolicyError::BadMode(mode));
         }
-        Ok(Grant { target, workload: workload.to_owned(), file, mode, uid, gid, notify: None })
+        Ok(Grant {
+            target,
+            workload: workload.to_owned(),
+            file,
+            mode,
+            uid,
+            gid,
+            notify: None,
+            on_change: Default::default(),
+        })
+    }
+
+    /// Restart or exec in the file's readers after it changes.
+    pub fn with_on_change(mut self, on_change: crate::actions::OnChange) -> Self {
+        self.on_change = on_change;
+        self
     }
 
     /// Send `signal` to the secret's readers when it rotates.
@@ -454,6 +475,7 @@ pub struct FileSpec {
     pub uid: Option<u32>,
     pub gid: Option<u32>,
     pub notify: Option<String>,
+    pub on_change: crate::actions::OnChange,
 }
 
 /// The files a workload sees, given its grants and the secrets that exist.
@@ -473,6 +495,7 @@ pub fn files_for<'a>(grants: impl IntoIterator<Item = &'a Grant>, secrets: &[Str
                 uid: g.uid,
                 gid: g.gid,
                 notify: g.notify.clone(),
+                on_change: g.on_change.clone(),
             };
             match chosen.get(&name) {
                 Some((was_exact, prev))

@@ -63,8 +63,12 @@ fn with_ctx<T>(ctx: Ctx, f: impl FnOnce() -> T) -> (T, Ctx) {
 
 /// Run a template check (at put) with the lease sources that exist
 /// (`dynamic:NAME`, `cert:NAME`): a template naming another is refused.
-pub fn checking<T>(known: BTreeSet<String>, f: impl FnOnce() -> T) -> T {
-    with_ctx(Ctx::Check { known, seen: BTreeSet::new() }, f).0
+/// Gives `f`'s result and the sources the template read.
+pub fn checking<T>(known: BTreeSet<String>, f: impl FnOnce() -> T) -> (T, BTreeSet<String>) {
+    match with_ctx(Ctx::Check { known, seen: BTreeSet::new() }, f) {
+        (out, Ctx::Check { seen, .. }) => (out, seen),
+        (out, _) => (out, BTreeSet::new()),
+    }
 }
 
 /// Run a render that probes which lease sources a template reads.
@@ -183,6 +187,8 @@ pub struct Deferred {
     pub version: u64,
     pub source: String,
     pub values: BTreeMap<String, Arc<SecretBytes>>,
+    /// The fields of its Vault inputs read by field (`secret(p, field=)`).
+    pub fields: super::FieldValues,
     /// The lease sources it reads (`dynamic:NAME`, `cert:NAME`).
     pub sources: Vec<String>,
     /// The largest render (and the size the file shows).
@@ -231,9 +237,10 @@ pub fn render_shared(
     version: u64,
     source: &str,
     values: BTreeMap<String, Arc<SecretBytes>>,
+    fields: super::FieldValues,
     max: usize,
 ) -> Result<Option<SecretBytes>, String> {
-    let (out, seen) = probing(|| super::render(source, values.clone(), max));
+    let (out, seen) = probing(|| super::render_fields(source, values.clone(), fields.clone(), max));
     if seen.is_empty() {
         registry.forget(path);
         return out.map(Some);
@@ -241,7 +248,7 @@ pub fn render_shared(
     drop(out);
     let max = max.min(crate::lease::LEASED_SIZE);
     registry
-        .put(path, Deferred { version, source: source.to_owned(), values, sources: seen.into_iter().collect(), max });
+        .put(path, Deferred { version, source: source.to_owned(), values, fields, sources: seen.into_iter().collect(), max });
     Ok(None)
 }
 
@@ -249,7 +256,7 @@ pub fn render_shared(
 /// leases (by source id). The error names a position and a reason, never
 /// a value.
 pub fn render_for(d: &Deferred, fields: BTreeMap<String, serde_json::Value>) -> Result<SecretBytes, String> {
-    serving(fields, || super::render(&d.source, d.values.clone(), d.max))
+    serving(fields, || super::render_fields(&d.source, d.values.clone(), d.fields.clone(), d.max))
 }
 
 #[cfg(test)]
@@ -262,20 +269,23 @@ mod tests {
 
     #[test]
     fn put_refuses_an_unknown_source_with_its_position() {
-        let ok = checking(known(), || {
+        let (ok, seen) = checking(known(), || {
             super::super::check("{{ dynamic('db').username }} {{ cert('tls').key }}", 1000, |_| None)
         });
         assert!(ok.is_ok(), "{ok:?}");
+        // What it read is recorded: an admin's scope is checked against it.
+        assert_eq!(seen, known());
         let e = checking(known(), || super::super::check("x\n  {{ dynamic('nope').username }}", 1000, |_| None))
+            .0
             .unwrap_err();
         assert!(matches!(&e, super::super::TemplateError::At { line: 2, .. }), "{e}");
         assert!(e.to_string().contains("\"nope\"") && e.to_string().contains("dynamic add"), "{e}");
-        let e = checking(known(), || super::super::check("{{ cert('db').cert }}", 1000, |_| None)).unwrap_err();
+        let e = checking(known(), || super::super::check("{{ cert('db').cert }}", 1000, |_| None)).0.unwrap_err();
         assert!(e.to_string().contains("cert source"), "{e}");
         // A certificate has four fields; another is refused at put.
-        assert!(checking(known(), || super::super::check("{{ cert('tls').nope }}", 1000, |_| None)).is_err());
+        assert!(checking(known(), || super::super::check("{{ cert('tls').nope }}", 1000, |_| None)).0.is_err());
         // Bad names, and no context at all, fail closed.
-        assert!(checking(known(), || super::super::check("{{ dynamic('../x') }}", 1000, |_| None)).is_err());
+        assert!(checking(known(), || super::super::check("{{ dynamic('../x') }}", 1000, |_| None)).0.is_err());
         assert!(super::super::render("{{ dynamic('db').username }}", BTreeMap::new(), 100).is_err());
     }
 
@@ -285,7 +295,7 @@ mod tests {
         let values: BTreeMap<String, Arc<SecretBytes>> =
             [("app/host".to_owned(), Arc::new(SecretBytes::copy_from(b"db.example")))].into_iter().collect();
         let t = "{{ secret('app/host') }} {{ dynamic('db').username }}:{{ dynamic('db').password }}";
-        assert!(render_shared(&reg, "@template/t", 7, t, values.clone(), 1000).unwrap().is_none());
+        assert!(render_shared(&reg, "@template/t", 7, t, values.clone(), BTreeMap::new(), 1000).unwrap().is_none());
         let d = reg.get("@template/t", 7).unwrap();
         assert_eq!(d.sources, ["dynamic:db"]);
         let fields = |u: &str| -> BTreeMap<String, serde_json::Value> {
@@ -299,7 +309,7 @@ mod tests {
         let e = render_for(&Deferred { source: "{{ dynamic('db').nope }}".into(), ..clone(&d) }, fields("u1"));
         assert!(e.is_err_and(|e| !e.contains("pw")));
         // A template without leases renders shared, and is forgotten.
-        let plain = render_shared(&reg, "@template/t", 8, "{{ secret('app/host') }}", values, 1000).unwrap();
+        let plain = render_shared(&reg, "@template/t", 8, "{{ secret('app/host') }}", values, BTreeMap::new(), 1000).unwrap();
         assert_eq!(plain.unwrap().expose(), b"db.example");
         assert!(reg.get("@template/t", 7).is_none());
     }
@@ -309,6 +319,7 @@ mod tests {
             version: d.version,
             source: d.source.clone(),
             values: d.values.clone(),
+            fields: d.fields.clone(),
             sources: d.sources.clone(),
             max: d.max,
         }
@@ -318,7 +329,7 @@ mod tests {
     fn too_many_sources_are_refused() {
         let known: BTreeSet<String> = (0..20).map(|i| format!("dynamic:s{i}")).collect();
         let t: String = (0..=MAX_SOURCES).map(|i| format!("{{{{ dynamic('s{i}').u }}}}")).collect();
-        let e = checking(known, || super::super::check(&t, 10_000, |_| None)).unwrap_err();
+        let e = checking(known, || super::super::check(&t, 10_000, |_| None)).0.unwrap_err();
         assert!(e.to_string().contains("at most"), "{e}");
     }
 }

@@ -6,7 +6,9 @@
 //! and every render is bounded by fuel (instructions and the memory they
 //! allocate) and its output by `max_value_bytes`.
 //!
-//! A template names its inputs with `secret("path")`. They are found when
+//! A template names its inputs with `secret("path")`, and a field of a
+//! Vault KV v2 secret with `secret("path", field="name")` (a local secret
+//! has no fields: refused at put). They are found when
 //! the template is put ([`check`]): a dry run with the current values
 //! records every `secret()` call it makes, and refuses a syntax error, an
 //! unknown function or variable, and a missing secret, with the line and
@@ -63,10 +65,32 @@ pub struct TemplateVersion {
     pub source: String,
     /// The secrets it reads (recorded at put).
     pub inputs: Vec<String>,
+    /// Those of its inputs it reads fields of (`secret(path, field=...)`:
+    /// Vault KV v2 secrets).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fields: Vec<String>,
+    /// The lease sources it reads (`dynamic:NAME`, `cert:NAME`), recorded
+    /// at put: what an admin granting it must reach (see the teams docs).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sources: Vec<String>,
 }
 
-/// What a template reads: a secret path (and a field, for later).
+/// What a template reads: secret paths.
 pub type Inputs = BTreeSet<String>;
+
+/// The fields of Vault secrets a render may read: path → field → value.
+pub type FieldValues = BTreeMap<String, Arc<BTreeMap<String, Arc<SecretBytes>>>>;
+
+/// How a dry run finds a field of a secret: its value, or why not (a
+/// local secret has no fields; a missing field).
+pub type GetField = Box<dyn Fn(&str, &str) -> Result<SecretBytes, String> + Send + Sync>;
+
+/// What [`check_fields`] found: every input, and those read by field.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Checked {
+    pub inputs: Inputs,
+    pub fields: Inputs,
+}
 
 /// The outcome of one render, shown with the file (see `fs::workload`):
 /// the inputs and versions it read, and why it failed if it did.
@@ -159,9 +183,10 @@ fn shown(source: &str, path: &str) -> String {
     }
 }
 
-/// How `secret()` finds values: in a dry run, any existing secret (and
-/// records it); in a render, only the recorded inputs.
-type Lookup = Arc<dyn Fn(&str) -> Result<Value, String> + Send + Sync>;
+/// How `secret()` finds values (a path, and a field or none): in a dry
+/// run, any existing secret (and records it); in a render, only the
+/// recorded inputs.
+type Lookup = Arc<dyn Fn(&str, Option<&str>) -> Result<Value, String> + Send + Sync>;
 
 fn value_of(bytes: &[u8]) -> Value {
     match std::str::from_utf8(bytes) {
@@ -232,10 +257,7 @@ fn environment(lookup: Lookup) -> Environment<'static> {
     env.add_function("secret", move |path: String, kwargs: Kwargs| -> Result<Value, Error> {
         let field: Option<String> = kwargs.get("field")?;
         kwargs.assert_all_used()?;
-        if field.is_some() {
-            return Err(ours("secret(..., field=...): fields of Vault KV v2 secrets are not served yet"));
-        }
-        lookup(&path).map_err(ours)
+        lookup(&path, field.as_deref()).map_err(ours)
     });
     env.add_filter("tojson", |v: Value| -> Result<String, Error> {
         let r = match v.as_bytes().filter(|_| v.as_str().is_none()) {
@@ -300,24 +322,42 @@ pub fn check(
     max: usize,
     get: impl Fn(&str) -> Option<SecretBytes> + Send + Sync + 'static,
 ) -> Result<Inputs, TemplateError> {
+    let no_fields: GetField = Box::new(|_: &str, _: &str| Err("this secret has no fields".to_owned()));
+    check_fields(source, max, get, no_fields).map(|c| c.inputs)
+}
+
+/// [`check`], with `secret(path, field=...)` read through `get_field`.
+pub fn check_fields(
+    source: &str,
+    max: usize,
+    get: impl Fn(&str) -> Option<SecretBytes> + Send + Sync + 'static,
+    get_field: GetField,
+) -> Result<Checked, TemplateError> {
     if source.len() > MAX_SOURCE {
         return Err(TemplateError::Invalid(format!(
             "the template is {} bytes; the limit is {MAX_SOURCE}",
             source.len()
         )));
     }
-    let seen: Arc<Mutex<Inputs>> = Arc::default();
+    let seen: Arc<Mutex<Checked>> = Arc::default();
     let rec = seen.clone();
     let src = source.to_owned();
-    let lookup: Lookup = Arc::new(move |path: &str| {
+    let lookup: Lookup = Arc::new(move |path: &str, field: Option<&str>| {
         let shown = |p| shown(&src, p);
         crate::secret::SecretPath::parse(path).map_err(|e| format!("secret({}): {e}", shown(path)))?;
-        let mut inputs = rec.lock().expect("inputs lock");
-        if !inputs.contains(path) && inputs.len() >= MAX_INPUTS {
+        let mut seen = rec.lock().expect("inputs lock");
+        if !seen.inputs.contains(path) && seen.inputs.len() >= MAX_INPUTS {
             return Err(format!("a template may read at most {MAX_INPUTS} secrets"));
         }
-        let v = get(path).ok_or_else(|| format!("secret {} does not exist", shown(path)))?;
-        inputs.insert(path.to_owned());
+        let v = match field {
+            None => get(path).ok_or_else(|| format!("secret {} does not exist", shown(path)))?,
+            Some(f) => {
+                let v = get_field(path, f).map_err(|why| format!("secret({}, field={f:?}): {why}", shown(path)))?;
+                seen.fields.insert(path.to_owned());
+                v
+            }
+        };
+        seen.inputs.insert(path.to_owned());
         Ok(value_of(v.expose()))
     });
     let env = environment(lookup);
@@ -327,8 +367,8 @@ pub fn check(
         RenderFail::Other(m) => TemplateError::Invalid(m),
     })?;
     drop(out);
-    let inputs = seen.lock().expect("inputs lock").clone();
-    Ok(inputs)
+    let checked = seen.lock().expect("inputs lock").clone();
+    Ok(checked)
 }
 
 enum RenderFail {
@@ -381,10 +421,28 @@ fn render_with(env: &Environment<'_>, source: &str, max: usize) -> Result<Secret
 /// Render `source` from `values` (its inputs, read at one snapshot). The
 /// error names a position and a reason, never a value.
 pub fn render(source: &str, values: BTreeMap<String, Arc<SecretBytes>>, max: usize) -> Result<SecretBytes, String> {
+    render_fields(source, values, FieldValues::new(), max)
+}
+
+/// [`render`], with the fields of the Vault inputs read by field (at the
+/// same versions as `values`).
+pub fn render_fields(
+    source: &str,
+    values: BTreeMap<String, Arc<SecretBytes>>,
+    fields: FieldValues,
+    max: usize,
+) -> Result<SecretBytes, String> {
     let src = source.to_owned();
-    let lookup: Lookup = Arc::new(move |path: &str| match values.get(path) {
-        Some(v) => Ok(value_of(v.expose())),
-        None => Err(format!(
+    let lookup: Lookup = Arc::new(move |path: &str, field: Option<&str>| match (field, values.get(path)) {
+        (None, Some(v)) => Ok(value_of(v.expose())),
+        (Some(f), Some(_)) => match fields.get(path) {
+            Some(all) => all
+                .get(f)
+                .map(|v| value_of(v.expose()))
+                .ok_or_else(|| format!("secret {} has no string field {f:?}", shown(&src, path))),
+            None => Err(format!("the fields of secret {} are not fetched yet", shown(&src, path))),
+        },
+        (_, None) => Err(format!(
             "secret {} is not one of the inputs recorded when the template was put (put the template again)",
             shown(&src, path)
         )),
@@ -422,6 +480,36 @@ mod tests {
         // No loader: include and friends are syntax errors or unknown.
         assert!(check("{% include 'x' %}", 1000, store(&[])).is_err());
         assert!(check("{% macro m() %}{% endmacro %}", 1000, store(&[])).is_err());
+    }
+
+    #[test]
+    fn fields_are_read_by_field_and_local_secrets_have_none() {
+        let get = store(&[("prod/db", "pw"), ("local/x", "v")]);
+        let get_field: GetField = Box::new(|p: &str, f: &str| match (p, f) {
+            ("prod/db", "username") => Ok(SecretBytes::copy_from(b"alice")),
+            ("prod/db", _) => Err(format!("it has no string field {f:?}")),
+            _ => Err("a local secret has no fields".into()),
+        });
+        let c = check_fields("{{ secret('prod/db', field='username') }}:{{ secret('prod/db') }}", 1000, get, get_field)
+            .unwrap();
+        assert_eq!(c.inputs.iter().collect::<Vec<_>>(), ["prod/db"]);
+        assert_eq!(c.fields.iter().collect::<Vec<_>>(), ["prod/db"]);
+        let get_field: GetField = Box::new(|_: &str, _: &str| Err("a local secret has no fields".into()));
+        let e = check_fields("\n {{ secret('local/x', field='a') }}", 1000, store(&[("local/x", "v")]), get_field)
+            .unwrap_err();
+        assert!(matches!(&e, TemplateError::At { line: 2, .. }), "{e}");
+        assert!(e.to_string().contains("local secret has no fields"), "{e}");
+        let values: BTreeMap<String, Arc<SecretBytes>> =
+            [("prod/db".to_owned(), Arc::new(SecretBytes::copy_from(b"pw")))].into_iter().collect();
+        let t = "{{ secret('prod/db', field='username') }}:{{ secret('prod/db') }}";
+        let e = render_fields(t, values.clone(), FieldValues::new(), 100).unwrap_err();
+        assert!(e.contains("not fetched yet"), "{e}");
+        let f: BTreeMap<String, Arc<SecretBytes>> =
+            [("username".to_owned(), Arc::new(SecretBytes::copy_from(b"alice")))].into_iter().collect();
+        let fields: FieldValues = [("prod/db".to_owned(), Arc::new(f))].into_iter().collect();
+        assert_eq!(render_fields(t, values.clone(), fields.clone(), 100).unwrap().expose(), b"alice:pw");
+        let e = render_fields("{{ secret('prod/db', field='nope') }}", values, fields, 100).unwrap_err();
+        assert!(e.contains("no string field"), "{e}");
     }
 
     #[test]

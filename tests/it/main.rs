@@ -36,6 +36,7 @@ mod takeover_auth;
 mod tamper;
 mod teams;
 mod teams_reach;
+mod template_actions;
 mod templates;
 mod vault;
 mod writes;

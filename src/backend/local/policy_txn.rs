@@ -200,6 +200,9 @@ impl LocalStore {
                     created_unix_ms: c.now_ms,
                     source: source.clone(),
                     inputs: inputs.clone(),
+                    // A policy file's templates read neither (see `template_inputs`).
+                    fields: Vec::new(),
+                    sources: Vec::new(),
                 });
                 let excess = versions.len().saturating_sub(self.history_depth.max(1));
                 versions.drain(..excess);
