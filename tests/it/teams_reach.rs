@@ -203,6 +203,14 @@ fn dynamic_sources_and_certificates_are_scoped_by_backend_path_and_name() {
     b.ok(&["dynamic", "add", "db-b", "--backend", "prod", "--path", "database/creds/b-web"]);
     let o = as_uid(&b, A, &["grant", "dynamic:db-b", "--to", "a-web"]);
     assert_fails(&o, 4, "no role grants grant and dynamic on dynamic:db-b (backend path prod/database/creds/b-web)");
+    // Nor through a template naming it: dynamic() is an input like secret().
+    let o = as_uid_in(&b, A, &["template", "put", "via-b", "--stdin"], "{{ dynamic('db-b').username }}");
+    assert_fails(&o, 4, "prod/database/creds/b-web");
+    // A full admin's template reading it: not team a's to grant.
+    let o = b.cli_in(&["template", "put", "t-b", "--stdin"], Some(b"u={{ dynamic('db-b').username }}"));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = as_uid(&b, A, &["grant", "--template", "t-b", "--to", "a-web", "--file", "t.txt"]);
+    assert_fails(&o, 4, "prod/database/creds/b-web");
     let o = as_uid(&b, A, &["dynamic", "add", "db-b", "--backend", "prod", "--path", "database/creds/a-web"]);
     assert_fails(&o, 4, "prod/database/creds/b-web");
     assert_fails(&as_uid(&b, A, &["dynamic", "rm", "db-b"]), 4, "prod/database/creds/b-web");
