@@ -195,14 +195,31 @@ fn value_of(bytes: &[u8]) -> Value {
     }
 }
 
+/// The most a filter takes in: no render may be larger
+/// ([`crate::config::MAX_VALUE_BYTES_CEILING`]), and fuel does not charge
+/// our filters, so a huge input (`('x' * 10**8) | env`) is refused before
+/// it is copied and quoted.
+const MAX_FILTER_INPUT: usize = crate::config::MAX_VALUE_BYTES_CEILING as usize;
+
 fn bytes_of(v: &Value) -> Result<Vec<u8>, Error> {
-    if let Some(s) = v.as_str() {
-        return Ok(s.as_bytes().to_vec());
+    let b = match (v.as_str(), v.as_bytes()) {
+        (Some(s), _) => s.as_bytes(),
+        (None, Some(b)) => b,
+        (None, None) => {
+            let b = v.to_string().into_bytes();
+            bounded(b.len())?;
+            return Ok(b);
+        }
+    };
+    bounded(b.len())?;
+    Ok(b.to_vec())
+}
+
+fn bounded(len: usize) -> Result<(), Error> {
+    if len > MAX_FILTER_INPUT {
+        return Err(ours(format!("a filter's input is {len} bytes; the limit is {MAX_FILTER_INPUT}")));
     }
-    if let Some(b) = v.as_bytes() {
-        return Ok(b.to_vec());
-    }
-    Ok(v.to_string().into_bytes())
+    Ok(())
 }
 
 fn text_of(v: &Value, filter: &str) -> Result<String, Error> {
@@ -260,6 +277,7 @@ fn environment(lookup: Lookup) -> Environment<'static> {
         lookup(&path, field.as_deref()).map_err(ours)
     });
     env.add_filter("tojson", |v: Value| -> Result<String, Error> {
+        bounded(v.as_str().map_or(0, str::len))?;
         let r = match v.as_bytes().filter(|_| v.as_str().is_none()) {
             Some(b) => serde_json::to_string(
                 &String::from_utf8(b.to_vec()).map_err(|_| ours("tojson: the value is not UTF-8 (use b64encode)"))?,
@@ -456,6 +474,15 @@ pub fn render_fields(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_filter_refuses_an_input_larger_than_any_render() {
+        let e = super::render("{{ ('x' * 20000000) | env }}", Default::default(), 1000).unwrap_err();
+        assert!(e.contains("a filter's input is 20000000 bytes"), "{e}");
+        let e = super::render("{{ ('x' * 20000000) | tojson }}", Default::default(), 1000).unwrap_err();
+        assert!(e.contains("limit"), "{e}");
+        assert_eq!(super::render("{{ 'a' | env }}", Default::default(), 1000).unwrap().expose(), b"'a'");
+    }
+
     use super::*;
 
     fn store(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<SecretBytes> + Send + Sync + 'static {
