@@ -639,7 +639,6 @@ pub fn export(cur: &Current, scope: &Scope) -> String {
             restart: g.on_change.restart().then_some(true),
             restart_spacing: g.on_change.spacing_text(),
             exec: g.on_change.exec.clone(),
-            ..RawGrant::default()
         })
         .collect();
     let header = "# keyhole policy (keyhole export): names only, never values.\n\

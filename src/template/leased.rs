@@ -247,8 +247,10 @@ pub fn render_shared(
     }
     drop(out);
     let max = max.min(crate::lease::LEASED_SIZE);
-    registry
-        .put(path, Deferred { version, source: source.to_owned(), values, fields, sources: seen.into_iter().collect(), max });
+    registry.put(
+        path,
+        Deferred { version, source: source.to_owned(), values, fields, sources: seen.into_iter().collect(), max },
+    );
     Ok(None)
 }
 
@@ -309,7 +311,8 @@ mod tests {
         let e = render_for(&Deferred { source: "{{ dynamic('db').nope }}".into(), ..clone(&d) }, fields("u1"));
         assert!(e.is_err_and(|e| !e.contains("pw")));
         // A template without leases renders shared, and is forgotten.
-        let plain = render_shared(&reg, "@template/t", 8, "{{ secret('app/host') }}", values, BTreeMap::new(), 1000).unwrap();
+        let plain =
+            render_shared(&reg, "@template/t", 8, "{{ secret('app/host') }}", values, BTreeMap::new(), 1000).unwrap();
         assert_eq!(plain.unwrap().expose(), b"db.example");
         assert!(reg.get("@template/t", 7).is_none());
     }
