@@ -212,7 +212,7 @@ pub async fn grants(workload: Option<String>, socket: &Target, json: bool) -> an
         return Ok(());
     }
     let id = |v: Option<u32>| v.map_or("-".to_owned(), |n| n.to_string());
-    let rows: Vec<_> = r
+    let mut rows: Vec<_> = r
         .grants
         .iter()
         .map(|g| {
@@ -221,7 +221,13 @@ pub async fn grants(workload: Option<String>, socket: &Target, json: bool) -> an
             vec![g.workload.clone(), format!("{:04o}", g.mode), id(g.uid), id(g.gid), file.into(), what, on_change(g)]
         })
         .collect();
-    print_table(&["WORKLOAD", "MODE", "UID", "GID", "FILE", "SECRET", "ON CHANGE"], &rows, &[]);
+    let mut header = vec!["WORKLOAD", "MODE", "UID", "GID", "FILE", "SECRET", "ON CHANGE"];
+    // The actions column only when a grant has one: the table fits 80 columns.
+    if rows.iter().all(|r| r[6] == "-") {
+        header.pop();
+        rows.iter_mut().for_each(|r| drop(r.pop()));
+    }
+    print_table(&header, &rows, &[]);
     Ok(())
 }
 

@@ -40,6 +40,12 @@ fn writes_through_a_standby_carry_read_your_writes_headers() {
     let active = c.active().expect("an active node");
     let standby = (0..3).find(|&i| i != active).unwrap();
     c.ok_at(active, &["kv", "put", "secret/ryw/pw", "value=v0"]);
+    // A write made outside keyhole carries no index keyhole could wait
+    // for: the standby must have it before keyhole's first read.
+    eventually(10, "the standby has v0", || {
+        let o = c.cli_at(standby, &["kv", "get", "-field=value", "secret/ryw/pw"]);
+        o.status.success() && String::from_utf8_lossy(&o.stdout).trim() == "v0"
+    });
     // The standby first: every request goes to it, writes are forwarded.
     let b = Broker::start_with(&backend_toml(&c, &[standby, active], "1h"));
     // Back-to-back check-and-set writes: each reads the version the last
