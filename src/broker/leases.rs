@@ -89,6 +89,12 @@ impl Broker {
 
     /// Revoke the leases whose grant, workload or source no longer exists.
     pub(crate) fn leases_policy_changed(&self) {
+        // Reading every grant costs O(grants) unsealings (97 ms at 10,000):
+        // none of it when no lease is live (a lease issued meanwhile is
+        // for a grant that exists, and the sweep catches the rest).
+        if self.leases.count() == 0 {
+            return;
+        }
         match self.store.grants(None) {
             Ok(grants) => {
                 let pairs: BTreeSet<(String, String)> =
