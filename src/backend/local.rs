@@ -55,7 +55,7 @@ use crate::crypto::{CryptoError, MasterKey, Sealer};
 use crate::policy::{Grant, Workload};
 use crate::secret::{SecretBytes, SecretPath};
 
-pub use policy_txn::PolicyChange;
+pub use policy_txn::{PolicyChange, PutTemplate};
 
 const VALUES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("values");
 const HEADS: TableDefinition<&str, &[u8]> = TableDefinition::new("heads");

@@ -35,7 +35,8 @@ impl Broker {
         let templates = self
             .list_templates()?
             .into_iter()
-            .map(|(name, t)| CurrentTemplate { name, source: t.source, inputs: t.inputs })
+            // What it reads, as a scope is checked against: inputs and sources.
+            .map(|(name, t)| CurrentTemplate { name, source: t.source, inputs: [t.inputs, t.sources].concat() })
             .collect();
         Ok(Current {
             roles: self.store.roles()?,
@@ -57,25 +58,23 @@ impl Broker {
             .into_iter()
             .map(|(n, t)| (n, t.source))
             .collect();
+        // A template may read a source the same file makes.
+        let also: Vec<String> = file.sources.iter().map(|(_, s)| s.id()).collect();
         for (l, t) in &mut file.templates {
             if have.get(&t.name) == Some(&t.source) {
                 continue;
             }
-            let super::templates::DryRun { checked, sources, lack } = self.dry_run(scope, &t.source);
+            let super::templates::DryRun { checked, sources, lack } = self.dry_run(scope, &t.source, &also);
             if let Some(lack) = lack {
                 return Err(FileError { line: Some(*l), message: lack.to_string(), denied: true });
             }
-            let bad = |message: String| FileError { line: Some(*l), message, denied: false };
-            let checked = checked.map_err(|e| bad(format!("[[template]] {}: {e}", t.name)))?;
-            if !checked.fields.is_empty() || !sources.is_empty() {
-                return Err(bad(format!(
-                    "[[template]] {}: a template that reads fields (secret(p, field=...)) or dynamic()/cert() \
-                     is put with `keyhole template put`, not yet in a policy file",
-                    t.name
-                )));
-            }
-            let inputs = checked.inputs;
-            t.inputs = Some(inputs.into_iter().collect());
+            let checked = checked.map_err(|e| FileError {
+                line: Some(*l),
+                message: format!("[[template]] {}: {e}", t.name),
+                denied: false,
+            })?;
+            t.fields = checked.fields.into_iter().collect();
+            t.inputs = Some(checked.inputs.into_iter().chain(sources).collect());
         }
         Ok(())
     }
@@ -197,7 +196,7 @@ impl Broker {
         for s in &change.put_sources {
             self.leases.set_source(s.clone());
         }
-        let mut templates: Vec<String> = change.put_templates.iter().map(|(n, _, _)| n.clone()).collect();
+        let mut templates: Vec<String> = change.put_templates.iter().map(|t| t.name.clone()).collect();
         templates.extend(change.remove_templates.iter().cloned());
         if !templates.is_empty() {
             self.templates_replaced(&templates);
@@ -208,7 +207,7 @@ impl Broker {
         for g in &change.put_grants {
             fetched.extend(self.prefetch(&g.target));
         }
-        for input in change.put_templates.iter().flat_map(|(_, _, i)| i) {
+        for input in change.put_templates.iter().flat_map(|t| &t.reads) {
             if let Ok(p) = crate::secret::SecretPath::parse(input) {
                 fetched.extend(self.prefetch(&crate::policy::Target::Exact(p)));
             }

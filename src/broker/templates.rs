@@ -159,7 +159,7 @@ impl Broker {
     ) -> Result<TemplateVersion, ApiError> {
         self.write(Audit::by(by, EventKind::TemplatePut).path(name), |_| {
             crate::template::check_name(name)?;
-            let DryRun { checked, sources, lack } = self.dry_run(scope, source);
+            let DryRun { checked, sources, lack } = self.dry_run(scope, source, &[]);
             if let Some(lack) = lack {
                 return Err(self.refuse(by, "PutTemplate", &lack));
             }
@@ -189,8 +189,14 @@ impl Broker {
     /// `apply` of a `[[template]]`): it reads only what the scope covers
     /// ([`super::InputGate`]: a path outside it is never read, and is the
     /// `lack`), and records what the template reads — its inputs, those
-    /// read by field, and the lease sources (`dynamic:`/`cert:`) it names.
-    pub(super) fn dry_run(self: &Arc<Self>, scope: &crate::policy::roles::Scope, source: &str) -> DryRun {
+    /// read by field, and the lease sources (`dynamic:`/`cert:`) it names:
+    /// those the broker has, and `also` (a policy file's own).
+    pub(super) fn dry_run(
+        self: &Arc<Self>,
+        scope: &crate::policy::roles::Scope,
+        source: &str,
+        also: &[String],
+    ) -> DryRun {
         let max = self.config.max_value_bytes as usize;
         let gate = super::InputGate::new(scope);
         let (b, g) = (self.clone(), gate.clone());
@@ -209,7 +215,7 @@ impl Broker {
             b.field_of(path, field)
         });
         // The dry run may call a backend: off the async workers already.
-        let known = self.leases.sources().iter().map(|s| s.id()).collect();
+        let known = self.leases.sources().iter().map(|s| s.id()).chain(also.iter().cloned()).collect();
         let (checked, sources) =
             crate::template::leased::checking(known, || crate::template::check_fields(source, max, get, get_field));
         DryRun { checked, sources: sources.into_iter().collect(), lack: gate.lack() }

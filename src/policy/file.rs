@@ -16,7 +16,7 @@ use toml::Spanned;
 
 use super::roles::{Lack, Need, Role, Scope, Verb, reach_of, source_reach};
 use super::{Grant, Workload, check_file_clash};
-use crate::backend::local::PolicyChange;
+use crate::backend::local::{PolicyChange, PutTemplate};
 use crate::lease::{Kind, Source};
 
 /// A file that cannot be applied: where, and why.
@@ -125,6 +125,9 @@ pub struct TemplateSpec {
     /// planning; a template whose text is unchanged keeps its own).
     #[serde(skip)]
     pub inputs: Option<Vec<String>>,
+    /// Those of its inputs its dry run read by field.
+    #[serde(skip)]
+    pub fields: Vec<String>,
 }
 
 /// `[[dynamic]]`: `keyhole dynamic add NAME --backend B --path P`.
@@ -412,7 +415,12 @@ pub fn plan(file: &PolicyFile, cur: &Current, prune: bool, scope: &Scope) -> Res
             None => p.lines.push(format!("+ template {}", t.name)),
         }
         changed_t.insert(t.name.as_str());
-        p.change.put_templates.push((t.name.clone(), t.source.clone(), inputs.clone()));
+        p.change.put_templates.push(PutTemplate {
+            name: t.name.clone(),
+            source: t.source.clone(),
+            reads: inputs.clone(),
+            fields: t.fields.clone(),
+        });
     }
     let mut gone_t = BTreeSet::new();
     if prune {
@@ -649,7 +657,7 @@ pub fn export(cur: &Current, scope: &Scope) -> String {
         .templates
         .iter()
         .filter(|t| scope.check_template_inputs(&t.inputs, &reach).is_ok())
-        .map(|t| TemplateSpec { name: t.name.clone(), source: t.source.clone(), inputs: None })
+        .map(|t| TemplateSpec { name: t.name.clone(), source: t.source.clone(), inputs: None, fields: Vec::new() })
         .collect();
     let mine = || cur.sources.iter().filter(|s| source_within(scope, s).is_ok());
     let dynamic = mine()
@@ -891,7 +899,7 @@ workload = "a-web"
     fn applied_all(cur: &mut Current, p: &PolicyChange) {
         applied(cur, p);
         cur.templates.retain(|t| !p.remove_templates.contains(&t.name));
-        for (name, source, inputs) in &p.put_templates {
+        for PutTemplate { name, source, reads: inputs, .. } in &p.put_templates {
             cur.templates.retain(|t| &t.name != name);
             cur.templates.push(CurrentTemplate { name: name.clone(), source: source.clone(), inputs: inputs.clone() });
         }

@@ -361,6 +361,37 @@ fn templates_and_certificates_in_a_policy_file_apply_diff_export_and_prune_with_
 }
 
 #[test]
+fn a_policy_files_template_may_read_a_certificate_the_same_file_makes() {
+    needs!(root, docker, bao);
+    let bao = Bao::start();
+    pki_engine(&bao);
+    let b = Broker::start_with(&bao.backend_toml("prod", "30s"));
+    b.put("app/db", b"app-db-value-77d1");
+    let tag = unique("leasedfile");
+    let file = policy(&tag, "{{ cert('tls').cert }}{{ cert('tls').key }}db={{ secret('app/db') }}\n", true);
+    let o = b.cli_in(&["apply", "-f", "-"], Some(file.as_bytes()));
+    assert!(o.status.success(), "{}", stderr(&o));
+    // Recorded like a put's: the source is what the template reads.
+    let export = String::from_utf8(b.ok(&["export"])).unwrap();
+    assert!(export.contains("cert('tls').cert"), "{export}");
+    let bind = format!("{}:/run/secrets:ro,rslave", b.mount("web").display());
+    let c = Container::start(&["--label", &format!("keyhole.test={tag}"), "-v", &bind]);
+    let conf = String::from_utf8(c.cat("/run/secrets/app.conf").unwrap()).unwrap();
+    assert!(conf.contains("BEGIN CERTIFICATE") && conf.contains("PRIVATE KEY"), "{conf}");
+    assert!(conf.ends_with("db=app-db-value-77d1\n"), "{conf}");
+    // The template's lease is its own, apart from the direct grant's.
+    assert!(c.cat("/run/secrets/tls.pem").is_ok());
+    eventually(5, "two leases", || json(&b.ok(&["leases", "--json"])).as_array().unwrap().len() == 2);
+    // Applied again: nothing changes.
+    let o = b.cli_in(&["apply", "-f", "-"], Some(file.as_bytes()));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("applied: 0 changes"), "{}", stderr(&o));
+    // A template naming a source neither the broker nor the file has: refused by line.
+    let bad = policy(&tag, "{{ dynamic('nope').username }}\n", false);
+    assert_fails(&b.cli_in(&["apply", "-f", "-"], Some(bad.as_bytes())), 2, "line 5: [[template]] cfg:");
+    b.assert_never_leaked(&[b"app-db-value-77d1"]);
+}
+
+#[test]
 fn a_scoped_admin_applies_templates_and_sources_only_within_its_scope() {
     needs!(root, bao);
     let bao = Bao::start();

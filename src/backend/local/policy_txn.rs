@@ -20,6 +20,18 @@ fn role_aad(name: &str) -> Vec<u8> {
     format!("keyhole/v1/role\0{name}").into_bytes()
 }
 
+/// A template given a new version by a policy file (its dry run's record).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PutTemplate {
+    pub name: String,
+    pub source: String,
+    /// What it reads: its secret inputs and the lease sources it names
+    /// (`dynamic:NAME`, `cert:NAME`), as a scope is checked against.
+    pub reads: Vec<String>,
+    /// Those of its inputs read by field (`secret(p, field=...)`).
+    pub fields: Vec<String>,
+}
+
 /// Everything one `apply` changes, written in one transaction.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct PolicyChange {
@@ -33,8 +45,8 @@ pub struct PolicyChange {
     pub remove_grants: Vec<(String, String)>,
     pub put_roles: Vec<Role>,
     pub remove_roles: Vec<String>,
-    /// Templates given a new version: (name, source, inputs).
-    pub put_templates: Vec<(String, String, Vec<String>)>,
+    /// Templates given a new version.
+    pub put_templates: Vec<PutTemplate>,
     pub remove_templates: Vec<String>,
     /// Lease sources made or replaced, and removed (by id, `dynamic:NAME`).
     pub put_sources: Vec<Source>,
@@ -188,7 +200,7 @@ impl LocalStore {
                 }
                 self.changed(&mut ch, TEMPLATES.name(), &key_str(name), gone.as_deref(), None);
             }
-            for (name, source, inputs) in &c.put_templates {
+            for PutTemplate { name, source, reads, fields } in &c.put_templates {
                 let aad = format!("keyhole/v1/{}\0{name}", TEMPLATES.name());
                 let mut versions: Vec<crate::template::TemplateVersion> = match templates.get(name.as_str())? {
                     Some(v) => self.open_json(v.value(), aad.as_bytes(), || format!("template {name}"))?,
@@ -199,10 +211,9 @@ impl LocalStore {
                     version,
                     created_unix_ms: c.now_ms,
                     source: source.clone(),
-                    inputs: inputs.clone(),
-                    // A policy file's templates read neither (see `template_inputs`).
-                    fields: Vec::new(),
-                    sources: Vec::new(),
+                    inputs: reads.iter().filter(|r| crate::policy::leased(r).is_none()).cloned().collect(),
+                    fields: fields.clone(),
+                    sources: reads.iter().filter(|r| crate::policy::leased(r).is_some()).cloned().collect(),
                 });
                 let excess = versions.len().saturating_sub(self.history_depth.max(1));
                 versions.drain(..excess);
