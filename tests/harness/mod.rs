@@ -439,6 +439,30 @@ pub fn require_bao() -> bool {
 }
 
 impl Bao {
+    /// OpenBao's PKI engine at `pki/` with a root CA and a role
+    /// `workload` issuing any name under `spiffe://example.org/`; the CA
+    /// certificate (PEM).
+    pub fn pki_engine(&self) -> String {
+        self.ok(&["secrets", "enable", "pki"]);
+        self.ok(&["secrets", "tune", "-max-lease-ttl=87600h", "pki"]);
+        let ca = self.ok(&[
+            "write",
+            "-field=certificate",
+            "pki/root/generate/internal",
+            "common_name=keyhole test CA",
+            "ttl=87600h",
+        ]);
+        self.ok(&[
+            "write",
+            "pki/roles/workload",
+            "allow_any_name=true",
+            "enforce_hostnames=false",
+            "allowed_uri_sans=spiffe://example.org/*",
+            "max_ttl=24h",
+        ]);
+        ca
+    }
+
     /// Start one; it must come up.
     pub fn start() -> Bao {
         Self::try_start().unwrap_or_else(|e| panic!("{e}"))

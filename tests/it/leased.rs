@@ -315,7 +315,7 @@ fn a_template_reading_a_certificate_gives_each_container_its_own() {
         return;
     }
     let bao = Bao::start();
-    let ca = crate::leases::pki_engine(&bao);
+    let ca = bao.pki_engine();
     let b = Broker::start_with(&bao.backend_toml("prod", "30s"));
     let tag = unique("tpl-cert");
     b.ok(&["workload", "add", "web", "--selector", &format!("docker:label:keyhole.test={tag}")]);

@@ -459,29 +459,6 @@ fn a_slow_or_down_backend_fails_a_first_open_promptly_and_stalls_no_other_mount(
     let _ = proxy.delay_ms.load(Ordering::SeqCst);
 }
 
-/// The PKI engine of `bao`: a root CA and role `workload` that allows
-/// the SPIFFE URI SANs. Returns the CA's PEM.
-pub(crate) fn pki_engine(bao: &Bao) -> String {
-    bao.ok(&["secrets", "enable", "pki"]);
-    bao.ok(&["secrets", "tune", "-max-lease-ttl=87600h", "pki"]);
-    let ca = bao.ok(&[
-        "write",
-        "-field=certificate",
-        "pki/root/generate/internal",
-        "common_name=keyhole test CA",
-        "ttl=87600h",
-    ]);
-    bao.ok(&[
-        "write",
-        "pki/roles/workload",
-        "allow_any_name=true",
-        "enforce_hostnames=false",
-        "allowed_uri_sans=spiffe://example.org/*",
-        "max_ttl=24h",
-    ]);
-    ca
-}
-
 pub(crate) fn cert_of(pem: &str) -> String {
     let start = pem.find("-----BEGIN CERTIFICATE-----").unwrap();
     let end = pem.find("-----END CERTIFICATE-----").unwrap() + "-----END CERTIFICATE-----".len();
@@ -502,7 +479,7 @@ fn each_container_gets_its_own_certificate_revoked_by_serial_when_it_ends() {
         return;
     }
     let bao = Bao::start();
-    let ca = pki_engine(&bao);
+    let ca = bao.pki_engine();
     let b = Broker::start_with(&bao.backend_toml("prod", "30s"));
     let tag = unique("lease");
     b.ok(&["workload", "add", "web", "--selector", &format!("docker:label:keyhole.test={tag}")]);

@@ -165,21 +165,6 @@ fn eventually_read(file: &std::path::Path, want: &[u8]) -> bool {
     false
 }
 
-/// OpenBao's PKI engine with a role for `spiffe://example.org/*` URIs.
-fn f_pki_engine(bao: &Bao) {
-    bao.ok(&["secrets", "enable", "pki"]);
-    bao.ok(&["secrets", "tune", "-max-lease-ttl=87600h", "pki"]);
-    bao.ok(&["write", "-field=certificate", "pki/root/generate/internal", "common_name=rt CA", "ttl=87600h"]);
-    bao.ok(&[
-        "write",
-        "pki/roles/workload",
-        "allow_any_name=true",
-        "enforce_hostnames=false",
-        "allowed_uri_sans=spiffe://example.org/*",
-        "max_ttl=24h",
-    ]);
-}
-
 /// Finding (critical): the leased file was one inode for every container
 /// of a workload, and `sendfile` (busybox `cat`) reads through the inode's
 /// page cache even when the open was answered with direct I/O. While
@@ -191,7 +176,7 @@ fn f_pki_engine(bao: &Bao) {
 fn redteam3_two_containers_never_read_each_others_leased_certificate() {
     needs!(root, docker, bao);
     let bao = Bao::start();
-    f_pki_engine(&bao);
+    bao.pki_engine();
     let b = Broker::start_with(&bao.backend_toml("prod", "30s"));
     let tag = unique("rt3");
     b.ok(&["workload", "add", "web", "--selector", &format!("docker:label:keyhole.test={tag}")]);

@@ -261,21 +261,6 @@ fn a_scoped_admin_is_counted_in_the_admin_bucket_and_a_stranger_is_not() {
     assert!(codes.iter().all(|c| matches!(c, Some(4 | 5))), "{codes:?}");
 }
 
-/// OpenBao's PKI engine with a role issuing any name under spiffe://example.org/.
-fn pki_engine(bao: &Bao) {
-    bao.ok(&["secrets", "enable", "pki"]);
-    bao.ok(&["secrets", "tune", "-max-lease-ttl=87600h", "pki"]);
-    bao.ok(&["write", "-field=certificate", "pki/root/generate/internal", "common_name=keyhole CA", "ttl=87600h"]);
-    bao.ok(&[
-        "write",
-        "pki/roles/workload",
-        "allow_any_name=true",
-        "enforce_hostnames=false",
-        "allowed_uri_sans=spiffe://example.org/*",
-        "max_ttl=24h",
-    ]);
-}
-
 fn policy(tag: &str, template: &str, with_cert: bool) -> String {
     let mut f = format!(
         "[[workload]]\nname = \"web\"\nselectors = [\"docker:label:keyhole.test={tag}\"]\n\n\
@@ -296,7 +281,7 @@ fn policy(tag: &str, template: &str, with_cert: bool) -> String {
 fn templates_and_certificates_in_a_policy_file_apply_diff_export_and_prune_with_live_leases() {
     needs!(root, docker, bao);
     let bao = Bao::start();
-    pki_engine(&bao);
+    bao.pki_engine();
     let b = Broker::start_with(&bao.backend_toml("prod", "30s"));
     b.put("app/db", b"app-db-value-4e0c");
     let tag = unique("files");
@@ -364,7 +349,7 @@ fn templates_and_certificates_in_a_policy_file_apply_diff_export_and_prune_with_
 fn a_policy_files_template_may_read_a_certificate_the_same_file_makes() {
     needs!(root, docker, bao);
     let bao = Bao::start();
-    pki_engine(&bao);
+    bao.pki_engine();
     let b = Broker::start_with(&bao.backend_toml("prod", "30s"));
     b.put("app/db", b"app-db-value-77d1");
     let tag = unique("leasedfile");
