@@ -214,7 +214,10 @@ fn an_unknown_container_id_costs_one_inspect_per_negative_ttl() {
     let asked =
         log.lines().filter(|l| l.contains("asking Docker about a container") && l.contains(&FAKE[..12])).count();
     let mine: Vec<&str> = log.lines().filter(|l| l.contains(&FAKE[..12]) && !l.contains("h2::")).collect();
-    assert_eq!(asked, 1, "{mine:#?}");
+    // One per negative TTL, not one per open. An inspect that overlaps a
+    // container start (another test's: the broker sees its event) stores
+    // no negative answer, so the next open asks once more.
+    assert!((1..=2).contains(&asked), "{asked} inspects for 5 opens: {mine:#?}");
     // The first denial in full, the rest summed up within a second.
     assert_eq!(b.audit_events("deny").len(), 1);
     eventually(5, "the other four denials summed up", || b.denials() == 5);
