@@ -314,24 +314,7 @@ fn a_template_reading_a_certificate_gives_each_container_its_own() {
     if !require_postgres() {
         return;
     }
-    let bao = Bao::start();
-    let ca = bao.pki_engine();
-    let b = Broker::start_with(&bao.backend_toml("prod", "30s"));
-    let tag = unique("tpl-cert");
-    b.ok(&["workload", "add", "web", "--selector", &format!("docker:label:keyhole.test={tag}")]);
-    b.ok(&[
-        "cert",
-        "add",
-        "tls",
-        "--backend",
-        "prod",
-        "--issue",
-        "pki/issue/workload",
-        "--uri",
-        "spiffe://example.org/{workload}/{container_name}",
-        "--ttl",
-        "1h",
-    ]);
+    let (_bao, b, ca, tag) = crate::leases::cert_broker("tpl-cert", false);
     let o = put_template(&b, "pem", "{{ cert('tls').chain }}{{ cert('tls').key }}");
     assert!(o.status.success(), "{}", stderr(&o));
     // A field the engine does not give fails that open, quoting nothing.

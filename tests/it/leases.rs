@@ -478,26 +478,7 @@ fn each_container_gets_its_own_certificate_revoked_by_serial_when_it_ends() {
     if !require_postgres() {
         return;
     }
-    let bao = Bao::start();
-    let ca = bao.pki_engine();
-    let b = Broker::start_with(&bao.backend_toml("prod", "30s"));
-    let tag = unique("lease");
-    b.ok(&["workload", "add", "web", "--selector", &format!("docker:label:keyhole.test={tag}")]);
-    b.ok(&[
-        "cert",
-        "add",
-        "tls",
-        "--backend",
-        "prod",
-        "--issue",
-        "pki/issue/workload",
-        "--uri",
-        "spiffe://example.org/{workload}/{container_name}",
-        "--cn",
-        "{container_name}.svc",
-        "--ttl",
-        "1h",
-    ]);
+    let (bao, b, ca, tag) = cert_broker("lease", true);
     b.ok(&["grant", "cert:tls", "--to", "web", "--file", "tls.pem"]);
     let names = [unique("web-a"), unique("web-b")];
     let cs: Vec<Container> = names
@@ -537,4 +518,23 @@ fn each_container_gets_its_own_certificate_revoked_by_serial_when_it_ends() {
     };
     eventually(10, "the removed container's serial is on the CRL", || on_crl(&serials[0]));
     assert!(!on_crl(&serials[1]), "the live container's certificate was revoked");
+}
+
+/// OpenBao with its PKI engine, a broker on it, workload `web` (the
+/// containers labelled `keyhole.test=TAG`) and the certificate source
+/// `tls` (URI `spiffe://example.org/{workload}/{container_name}`, 1 h,
+/// and CN `{container_name}.svc` when `cn`): (OpenBao, broker, CA, TAG).
+pub(crate) fn cert_broker(prefix: &str, cn: bool) -> (Bao, Broker, String, String) {
+    let bao = Bao::start();
+    let ca = bao.pki_engine();
+    let b = Broker::start_with(&bao.backend_toml("prod", "30s"));
+    let tag = unique(prefix);
+    b.ok(&["workload", "add", "web", "--selector", &format!("docker:label:keyhole.test={tag}")]);
+    let mut args = vec!["cert", "add", "tls", "--backend", "prod", "--issue", "pki/issue/workload"];
+    args.extend(["--uri", "spiffe://example.org/{workload}/{container_name}", "--ttl", "1h"]);
+    if cn {
+        args.extend(["--cn", "{container_name}.svc"]);
+    }
+    b.ok(&args);
+    (bao, b, ca, tag)
 }

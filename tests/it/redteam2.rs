@@ -175,24 +175,7 @@ fn eventually_read(file: &std::path::Path, want: &[u8]) -> bool {
 #[test]
 fn redteam3_two_containers_never_read_each_others_leased_certificate() {
     needs!(root, docker, bao);
-    let bao = Bao::start();
-    bao.pki_engine();
-    let b = Broker::start_with(&bao.backend_toml("prod", "30s"));
-    let tag = unique("rt3");
-    b.ok(&["workload", "add", "web", "--selector", &format!("docker:label:keyhole.test={tag}")]);
-    b.ok(&[
-        "cert",
-        "add",
-        "tls",
-        "--backend",
-        "prod",
-        "--issue",
-        "pki/issue/workload",
-        "--uri",
-        "spiffe://example.org/{workload}/{container_name}",
-        "--ttl",
-        "1h",
-    ]);
+    let (_bao, b, _, tag) = crate::leases::cert_broker("rt3", false);
     b.ok(&["grant", "cert:tls", "--to", "web", "--file", "tls.pem"]);
     let bind = format!("{}:/run/secrets:ro,rslave", b.mount("web").display());
     let names = [unique("rt3-a"), unique("rt3-b")];
