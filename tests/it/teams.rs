@@ -47,22 +47,22 @@ fn two_teams(b: &Broker) {
 
 /// The CLI as `uid`, on the workload socket (mode 0666; admin calls are
 /// served there to admins, scoped ones included).
-fn as_uid(b: &Broker, uid: u32, args: &[&str]) -> Output {
+pub(crate) fn as_uid(b: &Broker, uid: u32, args: &[&str]) -> Output {
     cli_as(&b.workload_socket(), args, None, Some(uid))
 }
 
 /// The same, with `stdin` (a policy file: a team admin's uid cannot read the test's dir).
-fn as_uid_in(b: &Broker, uid: u32, args: &[&str], stdin: &str) -> Output {
+pub(crate) fn as_uid_in(b: &Broker, uid: u32, args: &[&str], stdin: &str) -> Output {
     cli_as(&b.workload_socket(), args, Some(stdin.as_bytes()), Some(uid))
 }
 
-fn ok_as(b: &Broker, uid: u32, args: &[&str]) -> String {
+pub(crate) fn ok_as(b: &Broker, uid: u32, args: &[&str]) -> String {
     let o = as_uid(b, uid, args);
     assert!(o.status.success(), "uid {uid}: keyhole {args:?}: {}", stderr(&o));
     String::from_utf8(o.stdout).unwrap()
 }
 
-fn last_deny(b: &Broker) -> serde_json::Value {
+pub(crate) fn last_deny(b: &Broker) -> serde_json::Value {
     b.audit_events("deny").pop().expect("a deny line")
 }
 

@@ -3,7 +3,7 @@
 //! template's inputs, a source's backend path, a certificate's names);
 //! and a scoped admin counts in the admin call bucket.
 
-use std::process::{Command, Output};
+use std::process::Command;
 
 use crate::support::*;
 
@@ -11,23 +11,7 @@ const A: u32 = 41011;
 const B: u32 = 41012;
 const NOROLE: u32 = 41013;
 
-fn as_uid(b: &Broker, uid: u32, args: &[&str]) -> Output {
-    cli_as(&b.workload_socket(), args, None, Some(uid))
-}
-
-fn as_uid_in(b: &Broker, uid: u32, args: &[&str], stdin: &str) -> Output {
-    cli_as(&b.workload_socket(), args, Some(stdin.as_bytes()), Some(uid))
-}
-
-fn ok_as(b: &Broker, uid: u32, args: &[&str]) -> String {
-    let o = as_uid(b, uid, args);
-    assert!(o.status.success(), "uid {uid}: keyhole {args:?}: {}", stderr(&o));
-    String::from_utf8(o.stdout).unwrap()
-}
-
-fn last_deny(b: &Broker) -> serde_json::Value {
-    b.audit_events("deny").pop().expect("a deny line")
-}
+use crate::teams::{as_uid, as_uid_in, last_deny, ok_as};
 
 /// Team a (uid A, and remote alice) may make templates, dynamic sources
 /// and certificates in its corner; team b (uid B) only reads.
