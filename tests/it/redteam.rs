@@ -273,11 +273,15 @@ fn redteam_doctor_checks_the_kernel_pins_socket_peers() {
 const RT_NS_OWNER: u32 = 4500;
 const RT_SUBUID: u32 = 200_000;
 
-/// A process of `RT_NS_OWNER` in a user namespace of its own, whose ids
-/// 0..100 are host ids `RT_SUBUID`.. (root writes the maps, as the
-/// setuid `newuidmap` does for a user with a /etc/subuid range).
 fn rt_subuid_namespace() -> std::process::Child {
-    let owner = RT_NS_OWNER.to_string();
+    subuid_namespace(RT_NS_OWNER, RT_SUBUID)
+}
+
+/// A process of `owner` in a user namespace of its own, whose ids 0..100
+/// are host ids `subuid`.. (root writes the maps, as the setuid
+/// `newuidmap` does for a user with a /etc/subuid range).
+pub(crate) fn subuid_namespace(owner: u32, subuid: u32) -> std::process::Child {
+    let owner = owner.to_string();
     let holder = Command::new("setpriv")
         .args(["--reuid", &owner, "--regid", &owner, "--clear-groups", "unshare", "-U", "sleep", "120"])
         .stdin(Stdio::null())
@@ -288,7 +292,7 @@ fn rt_subuid_namespace() -> std::process::Child {
     eventually(10, "the holder's user namespace", || {
         std::fs::read_link(format!("/proc/{pid}/ns/user")).is_ok_and(|ns| ns != own)
     });
-    let map = format!("0 {RT_SUBUID} 100\n");
+    let map = format!("0 {subuid} 100\n");
     std::fs::write(format!("/proc/{pid}/uid_map"), &map).unwrap();
     std::fs::write(format!("/proc/{pid}/gid_map"), &map).unwrap();
     holder

@@ -12,25 +12,8 @@ use crate::support::*;
 const F_NS_OWNER: u32 = 4600;
 const F_SUBUID: u32 = 210_000;
 
-/// A process of `F_NS_OWNER` in a user namespace of its own, whose ids
-/// 0..100 are host ids `F_SUBUID`.. (root writes the maps, as the setuid
-/// `newuidmap` does for a user with a /etc/subuid range).
 fn f_subuid_namespace() -> std::process::Child {
-    let owner = F_NS_OWNER.to_string();
-    let holder = Command::new("setpriv")
-        .args(["--reuid", &owner, "--regid", &owner, "--clear-groups", "unshare", "-U", "sleep", "120"])
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
-    let pid = holder.id();
-    let own = std::fs::read_link("/proc/self/ns/user").unwrap();
-    eventually(10, "the holder's user namespace", || {
-        std::fs::read_link(format!("/proc/{pid}/ns/user")).is_ok_and(|ns| ns != own)
-    });
-    let map = format!("0 {F_SUBUID} 100\n");
-    std::fs::write(format!("/proc/{pid}/uid_map"), &map).unwrap();
-    std::fs::write(format!("/proc/{pid}/gid_map"), &map).unwrap();
-    holder
+    crate::redteam::subuid_namespace(F_NS_OWNER, F_SUBUID)
 }
 
 /// `cmd` as `uid` inside the namespace of `holder` (host uid `F_SUBUID + uid`).
