@@ -171,6 +171,13 @@ fn percentiles(mut ns: Vec<u64>) -> (f64, f64) {
 /// open+read+close of `file` by `threads` threads, `iters` each (after a
 /// warm-up): p50/p99 per operation and operations per second in total.
 fn read_loop(file: &Path, threads: usize, iters: usize) -> Value {
+    let (lat, secs) = read_latencies(file, threads, iters);
+    latency_row(threads, lat, secs)
+}
+
+/// `threads` readers each open+read+close `file` `iters` times (after a
+/// warm-up): every latency in ns, and the seconds it all took.
+fn read_latencies(file: &Path, threads: usize, iters: usize) -> (Vec<u64>, f64) {
     for _ in 0..200 {
         read_once(file).expect("warm-up read");
     }
@@ -191,7 +198,10 @@ fn read_loop(file: &Path, threads: usize, iters: usize) -> Value {
             .collect();
         hs.into_iter().flat_map(|h| h.join().unwrap()).collect()
     });
-    let secs = start.elapsed().as_secs_f64();
+    (lat, start.elapsed().as_secs_f64())
+}
+
+fn latency_row(threads: usize, lat: Vec<u64>, secs: f64) -> Value {
     let n = lat.len();
     let (p50, p99) = percentiles(lat);
     json!({ "threads": threads, "p50_us": p50, "p99_us": p99, "ops_per_s": (n as f64 / secs).round() })
@@ -387,11 +397,12 @@ fn broker_with_one_mount(toml: &str) -> Broker {
 // ---------------------------------------------------------------- sections
 
 fn read_path(o: &Opts) -> Value {
-    let iters = if o.short { 2_000 } else { 20_000 };
+    let iters = if o.short { 2_000 } else { 5_000 };
     // The floor itself moves by 2x between runs minutes apart on a shared
-    // VM: the no-op mount and keyhole take turns, and the ratio is the
-    // median of the rounds' ratios.
-    let rounds = if o.short { 1 } else { 5 };
+    // VM, and by 1.3x between runs a second apart: the no-op mount and
+    // keyhole take many short turns (which goes first alternates), and
+    // each side's figures are of all its turns' opens together.
+    let rounds = if o.short { 1 } else { 20 };
     let tmpfs = Tmpfs::new();
     let noop = NoopMount::new();
     let b = broker_with_one_mount("");
@@ -401,27 +412,34 @@ fn read_path(o: &Opts) -> Value {
         let mut row = serde_json::Map::new();
         row.insert("threads".into(), json!(threads));
         eprintln!("   tmpfs, {threads} reader(s)");
-        row.insert("tmpfs".into(), read_loop(&tmpfs.0.path().join("key"), threads, iters / threads));
-        let (mut floors, mut ours, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
-        for round in 1..=rounds {
-            eprintln!("   no-op FUSE and keyhole, {threads} reader(s), round {round} of {rounds}");
-            let f = read_loop(&noop_file, threads, iters / threads);
-            let k = read_loop(&keyhole_file, threads, iters / threads);
-            ratios.push(ratio(k["p50_us"].as_f64().unwrap(), f["p50_us"].as_f64().unwrap()));
-            floors.push(f);
-            ours.push(k);
+        row.insert("tmpfs".into(), read_loop(&tmpfs.0.path().join("key"), threads, iters * 4 / threads));
+        eprintln!("   no-op FUSE and keyhole, {threads} reader(s), {rounds} turns each");
+        let (mut floor, mut ours) = ((Vec::new(), 0.0), (Vec::new(), 0.0));
+        let mut ratios = Vec::new();
+        for round in 0..rounds {
+            let turn = |file: &Path, into: &mut (Vec<u64>, f64)| {
+                let (lat, secs) = read_latencies(file, threads, iters / threads);
+                let (p50, _) = percentiles(lat.clone());
+                into.0.extend(lat);
+                into.1 += secs;
+                p50
+            };
+            let (f, k) = if round % 2 == 0 {
+                let f = turn(&noop_file, &mut floor);
+                (f, turn(&keyhole_file, &mut ours))
+            } else {
+                let k = turn(&keyhole_file, &mut ours);
+                (turn(&noop_file, &mut floor), k)
+            };
+            ratios.push(ratio(k, f));
         }
-        // The round whose ratio is the median stands for the others.
-        let mut order: Vec<usize> = (0..rounds).collect();
-        order.sort_by(|&a, &b| ratios[a].total_cmp(&ratios[b]));
-        let mid = order[rounds / 2];
-        row.insert("noop_fuse".into(), floors[mid].clone());
-        row.insert("keyhole".into(), ours[mid].clone());
+        row.insert("noop_fuse".into(), latency_row(threads, floor.0, floor.1));
+        row.insert("keyhole".into(), latency_row(threads, ours.0, ours.1));
         let p50 = |n: &str| row[n]["p50_us"].as_f64().unwrap();
-        let tmpfs = ratio(p50("keyhole"), p50("tmpfs"));
-        row.insert("keyhole_vs_floor_p50".into(), json!(ratios[mid]));
+        let (vs_floor, vs_tmpfs) = (ratio(p50("keyhole"), p50("noop_fuse")), ratio(p50("keyhole"), p50("tmpfs")));
+        row.insert("keyhole_vs_floor_p50".into(), json!(vs_floor));
         row.insert("keyhole_vs_floor_p50_rounds".into(), json!(ratios));
-        row.insert("keyhole_vs_tmpfs_p50".into(), json!(tmpfs));
+        row.insert("keyhole_vs_tmpfs_p50".into(), json!(vs_tmpfs));
         rows.push(Value::Object(row));
     }
     json!({ "iterations": iters, "rounds": rounds, "rows": rows })
@@ -799,7 +817,11 @@ fn outage(o: &Opts) -> Value {
 fn audit_cost(o: &Opts) -> Value {
     let iters = if o.short { 2_000 } else { 20_000 };
     let on = broker_with_one_mount("");
+    let before = on.audit_lines().len();
     let with = read_loop(&on.file("w", "key"), 1, iters);
+    // Held reads are summed up within a second.
+    std::thread::sleep(Duration::from_millis(1500));
+    let lines = on.audit_lines().len() - before;
     drop(on);
     let off = broker_with_one_mount("[audit]\nreads = false\n");
     let without = read_loop(&off.file("w", "key"), 1, iters);
@@ -808,6 +830,8 @@ fn audit_cost(o: &Opts) -> Value {
         "audit_on": with,
         "audit_off": without,
         "on_vs_off_p50": ratio(p50(&with), p50(&without)),
+        "reads": iters + 200,
+        "audit_lines_for_reads": lines,
     })
 }
 
@@ -852,7 +876,7 @@ fn apply_policy(o: &Opts) -> Value {
 /// open serves bytes already rendered).
 fn template_cost(o: &Opts) -> Value {
     let iters = if o.short { 2_000 } else { 20_000 };
-    let b = broker_with_one_mount("");
+    let b = broker_with_one_mount(&std::env::var("RP_TOML").unwrap_or_default());
     for (p, v) in [("bench/user", &b"app"[..]), ("bench/pass", VALUE), ("bench/host", b"db.internal")] {
         let out = b.cli_in(&["secret", "put", p, "--stdin"], Some(v));
         assert!(out.status.success(), "put {p}");
@@ -1039,7 +1063,10 @@ fn print_tables(r: &BTreeMap<String, Value>) {
     );
     let f = |v: &Value| v.as_f64().map_or("-".to_owned(), |x| format!("{x:.1}"));
     if let Some(rp) = r.get("read_path") {
-        println!("Read path: open+read+close of 64 bytes ({} per run), p50 / p99 µs, reads/s", rp["iterations"]);
+        println!(
+            "Read path: open+read+close of 64 bytes, p50 / p99 µs, reads/s ({} turns of {} opens each for no-op FUSE and keyhole)",
+            rp["rounds"], rp["iterations"]
+        );
         println!(
             "{:>7}  {:>22}  {:>22}  {:>22}  {:>8}  {:>8}",
             "readers", "tmpfs", "no-op FUSE", "keyhole", "/floor", "/tmpfs"
@@ -1068,18 +1095,18 @@ fn print_tables(r: &BTreeMap<String, Value>) {
             .into_iter()
             .flatten()
             .map(|row| {
-                let rs: Vec<String> = row["keyhole_vs_floor_p50_rounds"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .map(|x| format!("{:.2}", x.as_f64().unwrap_or(0.0)))
-                    .collect();
-                format!("{}: {}", row["threads"], rs.join(" "))
+                let mut rs: Vec<f64> =
+                    row["keyhole_vs_floor_p50_rounds"].as_array().into_iter().flatten().filter_map(Value::as_f64).collect();
+                rs.sort_by(f64::total_cmp);
+                match (rs.first(), rs.get(rs.len() / 2), rs.last()) {
+                    (Some(lo), Some(mid), Some(hi)) => format!("{}: {lo:.2} / {mid:.2} / {hi:.2}", row["threads"]),
+                    _ => format!("{}: -", row["threads"]),
+                }
             })
             .collect();
         println!(
-            "  (no-op FUSE and keyhole take turns, {} rounds; the row shown is the round with the median /floor; each round's /floor by readers: {})",
-            rp["rounds"],
+            "  (no-op FUSE and keyhole take turns, which goes first alternating; each column is all its turns' opens; \
+             /floor of single turns, min / median / max, by readers: {})",
             each.join("; ")
         );
     }
@@ -1170,10 +1197,12 @@ fn print_tables(r: &BTreeMap<String, Value>) {
     }
     if let Some(a) = r.get("audit") {
         println!(
-            "\nAudit cost (1 reader): p50 {} µs with reads audited, {} µs without: {:.2}×",
+            "\nAudit cost (1 reader): p50 {} µs with reads audited, {} µs without: {:.2}×; {} reads wrote {} audit lines",
             f(&a["audit_on"]["p50_us"]),
             f(&a["audit_off"]["p50_us"]),
-            a["on_vs_off_p50"].as_f64().unwrap_or(0.0)
+            a["on_vs_off_p50"].as_f64().unwrap_or(0.0),
+            a["reads"],
+            a["audit_lines_for_reads"]
         );
     }
     if let Some(a) = r.get("apply") {

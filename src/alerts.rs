@@ -5,7 +5,7 @@
 //! A denial is handed over without waiting: a hook that hangs or fails
 //! cannot slow an open. Runs are one at a time, each killed after
 //! `timeout`. Each caller (as the audit log's denial limiter keys it, see
-//! [`crate::limits::deny_key`]) has its own budget of `max_per_minute`
+//! [`crate::limits::caller_key`]) has its own budget of `max_per_minute`
 //! runs, so one caller's flood cannot keep the hook silent for others;
 //! the first denial of a new (caller, workload) pair always runs the
 //! hook, within [`MAX_RUNS_PER_MINUTE`] runs a minute in all (which
@@ -162,7 +162,7 @@ impl Alerts {
     }
 
     /// A denial's audit line (a summary's, standing for `count`), by
-    /// `caller` (its [`crate::limits::deny_key`]) of files in
+    /// `caller` (its [`crate::limits::caller_key`]) of files in
     /// `workloads` (none: a gRPC method). Never blocks.
     pub fn deny(&self, line: &str, count: u64, caller: &str, workloads: &[&str]) {
         let workloads = if workloads.is_empty() { &[NO_WORKLOAD][..] } else { workloads };

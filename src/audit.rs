@@ -17,6 +17,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use hmac::Mac;
@@ -59,8 +60,11 @@ macro_rules! event_kinds {
 
 event_kinds! {
     // Reads and denials.
-    /// A file opened through a mount, allowed.
+    /// A file opened through a mount, allowed (a caller's first of the
+    /// file's version in full, before it is served).
     Read = "read",
+    /// A caller's further reads summed up.
+    ReadSummary = "read_summary",
     /// An open, or an admin call, refused (in full).
     Deny = "deny",
     /// A caller's denials summed up.
@@ -169,6 +173,8 @@ event_kinds! {
     BackendError = "backend_error",
     /// An open served from the cache while its backend fails.
     StaleServe = "stale_serve",
+    /// A caller's further stale serves summed up.
+    StaleServeSummary = "stale_serve_summary",
     /// An open refused: the cache is older than `max_stale`.
     StaleExpired = "stale_expired",
     // The broker's life.
@@ -304,9 +310,6 @@ struct Head {
     rotation: Option<Rotation>,
     seq: u64,
     mac: [u8; MAC_LEN],
-    /// Set while a successor broker takes the log over: nothing more may
-    /// be written here.
-    sealed: bool,
 }
 
 pub struct AuditLog {
@@ -316,9 +319,16 @@ pub struct AuditLog {
     lines: broadcast::Sender<(u64, String)>,
     /// Where denials go as they are written (`[alerts] on_deny`).
     alerts: std::sync::OnceLock<crate::alerts::Alerts>,
-    /// Which denials are written in full, and the ones summed up.
-    denials: crate::limits::DenyLimiter,
-    /// The thread that writes held denials' summaries when due.
+    /// Which denials, reads and stale serves are written in full, and the
+    /// ones summed up.
+    denials: crate::limits::Coalescer,
+    reads: crate::limits::Coalescer,
+    stale: crate::limits::Coalescer,
+    /// Set while a successor broker takes the log over: nothing more may
+    /// be written here. Changed with the head locked; read without it by
+    /// events held back.
+    sealed: AtomicBool,
+    /// The thread that writes held events' summaries when due.
     flusher: std::sync::Once,
 }
 
@@ -557,10 +567,13 @@ impl AuditLog {
         Ok(AuditLog {
             path: path.into(),
             key,
-            head: Mutex::new(Head { file, bytes, rotation: None, seq, mac, sealed: false }),
+            head: Mutex::new(Head { file, bytes, rotation: None, seq, mac }),
             lines,
             alerts: Default::default(),
             denials: Default::default(),
+            reads: Default::default(),
+            stale: Default::default(),
+            sealed: AtomicBool::new(false),
             flusher: std::sync::Once::new(),
         })
     }
@@ -629,15 +642,16 @@ impl AuditLog {
 
     /// Stop writing (a successor takes over); returns the head to hand it.
     pub fn seal(&self) -> (u64, [u8; MAC_LEN]) {
-        self.flush_denials(true);
-        let mut head = self.head.lock().expect("audit lock");
-        head.sealed = true;
+        self.flush_summaries(true);
+        let head = self.head.lock().expect("audit lock");
+        self.sealed.store(true, Ordering::Release);
         (head.seq, head.mac)
     }
 
     /// Write again (the successor did not take over).
     pub fn unseal(&self) {
-        self.head.lock().expect("audit lock").sealed = false;
+        let _head = self.head.lock().expect("audit lock");
+        self.sealed.store(false, Ordering::Release);
     }
 
     /// Append one event. An audit line that cannot be written is logged
@@ -647,7 +661,7 @@ impl AuditLog {
         // Invariant: poisoning needs a panic while holding the lock, and
         // nothing below panics.
         let mut head = self.head.lock().expect("audit lock");
-        if head.sealed {
+        if self.sealed.load(Ordering::Acquire) {
             return Err(AuditError::Sealed);
         }
         let (seq, line) = self.append(&mut head, event)?;
@@ -671,7 +685,7 @@ impl AuditLog {
                 // The caller as the denial limiter keys it; a summary's
                 // workloads from its files (`workload:path`).
                 let caller =
-                    event.caller.map_or_else(|| crate::limits::DENY_OVERFLOW.to_owned(), crate::limits::deny_key);
+                    event.caller.map_or_else(|| crate::limits::OVERFLOW.to_owned(), crate::limits::caller_key);
                 let mut workloads: Vec<&str> = event.workload.into_iter().collect();
                 for f in event.files.unwrap_or_default() {
                     if let Some((w, _)) = f.split_once(':') {
@@ -691,76 +705,115 @@ impl AuditLog {
     }
 
     /// Audit a denial by the caller limited as `key` (see
-    /// [`crate::limits::deny_key`]): the first of each file in full, the
+    /// [`crate::limits::caller_key`]): the first of each file in full, the
     /// rest summed up in `deny_summary` lines at most once a second, so a
     /// flood cannot flood the log. Every denial is counted in the metrics
     /// and reaches the alert hook (summaries with their count).
     pub fn deny(self: &Arc<Self>, key: &str, event: &Event<'_>) -> Result<(), AuditError> {
-        let file = match (event.workload, event.path) {
-            (Some(w), Some(p)) => format!("{w}:{p}"),
+        self.summed(key, event)
+    }
+
+    /// Audit an allowed open (`read` or `stale_serve`) by the caller
+    /// limited as `key`: its first of each file version in full, before it
+    /// is served; repeats summed up in `read_summary` or
+    /// `stale_serve_summary` lines at most once a second. A container
+    /// reading in a loop cannot fill the disk, and a warm open costs no
+    /// write. Every open is still counted (`keyhole_reads_total`).
+    pub fn read(self: &Arc<Self>, key: &str, event: &Event<'_>) -> Result<(), AuditError> {
+        self.summed(key, event)
+    }
+
+    /// Write `event` in full, or hold it to be summed up, as its kind's
+    /// [`crate::limits::Coalescer`] decides.
+    fn summed(self: &Arc<Self>, key: &str, event: &Event<'_>) -> Result<(), AuditError> {
+        let Some((coalescer, _)) = self.coalescer(event.event) else { return self.record(event).map(drop) };
+        let file = match (event.workload, event.path, event.event) {
+            (Some(w), Some(p), EventKind::Read | EventKind::StaleServe) => {
+                format!("{w}:{p}@{}", event.version.unwrap_or_default())
+            }
+            (Some(w), Some(p), _) => format!("{w}:{p}"),
             _ => event.method.or(event.path).unwrap_or("-").to_owned(),
         };
         let no_one = Identity::default();
         let caller = event.caller.unwrap_or(&no_one);
         let now = (std::time::Instant::now(), std::time::SystemTime::now());
-        let (full, summary) = self.denials.deny(now.0, now.1, key, &file, caller);
+        let (full, summary) = coalescer.note(now.0, now.1, key, &file, caller);
         if let Some(s) = summary {
-            self.summarize(&s);
+            self.summarize(event.event, &s);
         }
         self.start_flusher();
         if full {
             return self.record(event).map(drop);
         }
-        crate::metrics::denied(event);
-        // A refusal held back must still fail closed when the log cannot
+        crate::metrics::counted(event);
+        // An event held back must still fail closed when the log cannot
         // be written at all.
-        if self.head.lock().expect("audit lock").sealed { Err(AuditError::Sealed) } else { Ok(()) }
+        if self.sealed.load(Ordering::Acquire) { Err(AuditError::Sealed) } else { Ok(()) }
     }
 
-    /// Write a `deny_summary` line.
-    fn summarize(&self, s: &crate::limits::DenySummary) {
+    /// The coalescer of events of `kind`, and the kind of its summaries.
+    fn coalescer(&self, kind: EventKind) -> Option<(&crate::limits::Coalescer, EventKind)> {
+        match kind {
+            EventKind::Deny => Some((&self.denials, EventKind::DenySummary)),
+            EventKind::Read => Some((&self.reads, EventKind::ReadSummary)),
+            EventKind::StaleServe => Some((&self.stale, EventKind::StaleServeSummary)),
+            _ => None,
+        }
+    }
+
+    /// Write the summary line of held events of `kind`.
+    fn summarize(&self, kind: EventKind, s: &crate::limits::Summary) {
+        let Some((_, summary)) = self.coalescer(kind) else { return };
+        let what = match kind {
+            EventKind::Deny => "denials",
+            EventKind::Read => "reads",
+            _ => "stale serves",
+        };
         let time = |t| humantime::format_rfc3339_millis(t).to_string();
         let (first, last) = (time(s.first), time(s.last));
         let reason = match (s.key.as_str(), s.unnamed) {
-            (crate::limits::DENY_OVERFLOW, _) => "denials of callers beyond the ones tracked, summed up".to_owned(),
-            (_, 0) => "denials summed up since this caller's last line".to_owned(),
-            (_, n) => format!("denials summed up since this caller's last line; {n} of them of files not named"),
+            (crate::limits::OVERFLOW, _) => format!("{what} of callers beyond the ones tracked, summed up"),
+            (_, 0) => format!("{what} summed up since this caller's last line"),
+            (_, n) => format!("{what} summed up since this caller's last line; {n} of them of files not named"),
         };
         let event = Event {
-            caller: s.caller.as_ref().filter(|_| s.key != crate::limits::DENY_OVERFLOW),
+            caller: s.caller.as_ref().filter(|_| s.key != crate::limits::OVERFLOW),
             reason: Some(&reason),
             count: Some(s.count),
             files: Some(&s.files),
             first: Some(&first),
             last: Some(&last),
-            ..Event::new(EventKind::DenySummary)
+            ..Event::new(summary)
         };
         if let Err(e) = self.record(&event) {
-            tracing::error!(error = %e, count = s.count, "a summary of denials was not audited");
+            tracing::error!(error = %e, event = %summary, count = s.count, "a summary was not audited");
         }
     }
 
     /// Write the summaries due (all held ones, with `all`).
-    fn flush_denials(&self, all: bool) {
-        for s in self.denials.due(std::time::Instant::now(), all) {
-            self.summarize(&s);
+    fn flush_summaries(&self, all: bool) {
+        for kind in [EventKind::Deny, EventKind::Read, EventKind::StaleServe] {
+            let Some((coalescer, _)) = self.coalescer(kind) else { continue };
+            for s in coalescer.due(std::time::Instant::now(), all) {
+                self.summarize(kind, &s);
+            }
         }
     }
 
-    /// Start the thread that writes held denials' summaries when they are
+    /// Start the thread that writes held events' summaries when they are
     /// due, once; it ends with the log.
     fn start_flusher(self: &Arc<Self>) {
         self.flusher.call_once(|| {
             let log = Arc::downgrade(self);
-            let spawned = std::thread::Builder::new().name("audit-denials".into()).spawn(move || {
+            let spawned = std::thread::Builder::new().name("audit-summaries".into()).spawn(move || {
                 loop {
-                    std::thread::sleep(crate::limits::DENY_PERIOD / 5);
+                    std::thread::sleep(crate::limits::SUMMARY_PERIOD / 5);
                     let Some(log) = log.upgrade() else { return };
-                    log.flush_denials(false);
+                    log.flush_summaries(false);
                 }
             });
             if let Err(e) = spawned {
-                tracing::error!(error = %e, "cannot start the thread that audits summaries of denials");
+                tracing::error!(error = %e, "cannot start the thread that audits summaries of denials and reads");
             }
         });
     }
@@ -934,10 +987,10 @@ impl AuditLog {
 }
 
 impl Drop for AuditLog {
-    /// Held denials are summed up before the log closes.
+    /// Held events are summed up before the log closes.
     fn drop(&mut self) {
-        if !self.head.get_mut().map(|h| h.sealed).unwrap_or(true) {
-            self.flush_denials(true);
+        if self.head.get_mut().is_ok() && !*self.sealed.get_mut() {
+            self.flush_summaries(true);
         }
     }
 }

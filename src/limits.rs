@@ -1,8 +1,9 @@
 //! Limits and back-pressure: token buckets per caller, and audit lines
 //! for limits hit that are themselves limited (one a second per caller,
 //! with the count refused since), so a flood cannot flood the audit log.
-//! Denials are limited the same way ([`DenyLimiter`]): the first per
-//! caller and file in full, then a count a second.
+//! Denials, reads and stale serves are limited the same way
+//! ([`Coalescer`], one each): the first per caller and file in full, then
+//! a count a second.
 #![forbid(unsafe_code)]
 
 use std::collections::HashMap;
@@ -106,29 +107,29 @@ impl Refusals {
     }
 }
 
-/// Denial lines written in full per caller: a burst of this many, then
-/// one a second.
-const DENY_BURST: u32 = 4;
-/// A caller's held denials are summed up in one line at most this often.
-pub const DENY_PERIOD: Duration = Duration::from_secs(1);
+/// Lines written in full per caller: a burst of this many, then one a
+/// second.
+const FULL_BURST: u32 = 4;
+/// A caller's held events are summed up in one line at most this often.
+pub const SUMMARY_PERIOD: Duration = Duration::from_secs(1);
 /// A caller with nothing held, quiet this long, is forgotten: its next
-/// denial is written in full again.
-const DENY_IDLE: Duration = Duration::from_secs(60);
-/// Most callers whose denials are tracked; beyond them, denials are
-/// summed up together (the overflow).
-const DENY_CALLERS: usize = 4096;
+/// event is written in full again.
+const CALLER_IDLE: Duration = Duration::from_secs(60);
+/// Most callers whose events are tracked; beyond them, events are summed
+/// up together (the overflow).
+const SUMMED_CALLERS: usize = 4096;
 /// Most files remembered (and named in a summary) per caller.
-const DENY_FILES: usize = 32;
+const SUMMED_FILES: usize = 32;
 /// The key of the overflow's summaries.
-pub const DENY_OVERFLOW: &str = "overflow";
+pub const OVERFLOW: &str = "overflow";
 /// Most lines (in full and summaries) written for all callers together in
-/// any second; beyond them, denials and summaries are summed up in the
+/// any second; beyond them, events and summaries are summed up in the
 /// overflow's summary (at most one more line a second), so no number of
 /// callers floods the audit log.
-pub const DENY_LINES_PER_SECOND: usize = 50;
+pub const LINES_PER_SECOND: usize = 50;
 
 /// The times of the lines written in the last second, at most
-/// [`DENY_LINES_PER_SECOND`] of them: a sliding window, so no second
+/// [`LINES_PER_SECOND`] of them: a sliding window, so no second
 /// (aligned or not) holds more.
 #[derive(Debug, Default)]
 struct LineCap(std::collections::VecDeque<Instant>);
@@ -138,7 +139,7 @@ impl LineCap {
         while self.0.front().is_some_and(|t| now.saturating_duration_since(*t) >= Duration::from_secs(1)) {
             self.0.pop_front();
         }
-        if self.0.len() >= DENY_LINES_PER_SECOND {
+        if self.0.len() >= LINES_PER_SECOND {
             return false;
         }
         self.0.push_back(now);
@@ -146,11 +147,11 @@ impl LineCap {
     }
 }
 
-/// Whose denials are limited together: a container, a remote admin
+/// Whose calls, denials and reads are limited together: a container, a remote admin
 /// client, the owner of a user namespace (every host uid mapped in it is
 /// that one user's), or else a host uid. Never a pid: a fork must not
 /// start afresh.
-pub fn deny_key(id: &crate::identity::Identity) -> String {
+pub fn caller_key(id: &crate::identity::Identity) -> String {
     match (&id.container_id, &id.remote, id.userns_owner) {
         (Some(c), _, _) => format!("container:{c}"),
         // "<subject> from <address:port>": the subject, not the connection.
@@ -165,7 +166,7 @@ pub fn deny_key(id: &crate::identity::Identity) -> String {
 struct Held {
     count: u64,
     files: std::collections::BTreeSet<String>,
-    /// Held denials of files beyond the ones named.
+    /// Held events of files beyond the ones named.
     unnamed: u64,
     first: Option<SystemTime>,
     last: Option<SystemTime>,
@@ -176,22 +177,26 @@ struct Held {
 impl Held {
     fn add(&mut self, wall: SystemTime, file: &str, caller: &crate::identity::Identity) {
         self.count += 1;
-        if self.files.contains(file) || self.files.len() < DENY_FILES {
+        if self.files.contains(file) || self.files.len() < SUMMED_FILES {
             self.files.insert(file.to_owned());
         } else {
             self.unnamed += 1;
         }
         self.first.get_or_insert(wall);
         self.last = Some(wall);
-        self.caller = Some(caller.clone());
+        // A caller reading in a loop is the same task each time: no clone.
+        let same = |c: &crate::identity::Identity| (c.pid, c.uid, c.gid) == (caller.pid, caller.uid, caller.gid);
+        if !self.caller.as_ref().is_some_and(same) {
+            self.caller = Some(caller.clone());
+        }
     }
 
     /// Add a caller's summary that cannot be written now.
-    fn merge(&mut self, s: DenySummary) {
+    fn merge(&mut self, s: Summary) {
         self.count += s.count;
         self.unnamed += s.unnamed;
         for f in s.files {
-            if self.files.contains(&f) || self.files.len() < DENY_FILES {
+            if self.files.contains(&f) || self.files.len() < SUMMED_FILES {
                 self.files.insert(f);
             } else {
                 self.unnamed += 1;
@@ -204,12 +209,12 @@ impl Held {
         }
     }
 
-    fn take(&mut self, key: &str) -> Option<DenySummary> {
+    fn take(&mut self, key: &str) -> Option<Summary> {
         if self.count == 0 {
             return None;
         }
         let h = std::mem::take(self);
-        Some(DenySummary {
+        Some(Summary {
             key: key.to_owned(),
             caller: h.caller,
             count: h.count,
@@ -221,46 +226,48 @@ impl Held {
     }
 }
 
-/// One caller's denials, as far as the audit log has told of them.
+/// One caller's events of one kind, as far as the audit log has told of them.
 #[derive(Debug)]
-struct CallerDenials {
-    /// Files whose denial was written in full.
+struct CallerLines {
+    /// Files whose event was written in full.
     seen: std::collections::HashSet<String>,
     full: Bucket,
     held: Held,
     last_summary: Instant,
-    last_deny: Instant,
+    last_seen: Instant,
 }
 
-/// The denials held back and not yet summed up, for one caller (or for
-/// the overflow): an audit line `deny_summary`.
+/// The events held back and not yet summed up, for one caller (or for
+/// the overflow): an audit line `deny_summary`, `read_summary` or
+/// `stale_serve_summary`.
 #[derive(Debug)]
-pub struct DenySummary {
+pub struct Summary {
     pub key: String,
     /// The last caller held; None for the overflow.
     pub caller: Option<crate::identity::Identity>,
     pub count: u64,
-    /// The files refused (`workload:path`, or the gRPC method).
+    /// The files (`workload:path`, with `@version` for reads; or the gRPC
+    /// method).
     pub files: Vec<String>,
-    /// Denials of further files, not named.
+    /// Events of further files, not named.
     pub unnamed: u64,
     pub first: SystemTime,
     pub last: SystemTime,
 }
 
 #[derive(Debug, Default)]
-struct DenyState {
-    callers: HashMap<String, CallerDenials>,
+struct CoalescerState {
+    callers: HashMap<String, CallerLines>,
     overflow: Held,
     overflow_summary: Option<Instant>,
     /// The lines written for callers lately (not the overflow's).
     lines: LineCap,
 }
 
-impl DenyState {
+impl CoalescerState {
     /// A caller's summary `s` if the cap allows a line now; else it is
     /// added to the overflow, whose summary is returned if due.
-    fn capped(&mut self, now: Instant, s: Option<DenySummary>) -> Option<DenySummary> {
+    fn capped(&mut self, now: Instant, s: Option<Summary>) -> Option<Summary> {
         let s = s?;
         if self.lines.take(now) {
             return Some(s);
@@ -269,65 +276,66 @@ impl DenyState {
         self.overflow_due(now)
     }
 
-    fn overflow_due(&mut self, now: Instant) -> Option<DenySummary> {
+    fn overflow_due(&mut self, now: Instant) -> Option<Summary> {
         let last = self.overflow_summary.get_or_insert(now);
-        if now.saturating_duration_since(*last) >= DENY_PERIOD {
+        if now.saturating_duration_since(*last) >= SUMMARY_PERIOD {
             self.overflow_summary = Some(now);
-            return self.overflow.take(DENY_OVERFLOW);
+            return self.overflow.take(OVERFLOW);
         }
         None
     }
 }
 
-/// Decides which denials the audit log writes in full and sums up the
-/// rest: per caller, the first denial of each file in full (a burst of
-/// `DENY_BURST`, then one a second), every other one held and summed up
-/// at most once per [`DENY_PERIOD`]. Memory is bounded: at most
-/// `DENY_CALLERS` callers of `DENY_FILES` files each; beyond that,
-/// denials are held together under [`DENY_OVERFLOW`]. Lines for all
-/// callers together are capped at [`DENY_LINES_PER_SECOND`] in any
+/// Decides which events of one kind (denials, reads, stale serves) the
+/// audit log writes in full and sums up the rest: per caller, the first
+/// event of each file in full (a burst of
+/// `FULL_BURST`, then one a second), every other one held and summed up
+/// at most once per [`SUMMARY_PERIOD`]. Memory is bounded: at most
+/// `SUMMED_CALLERS` callers of `SUMMED_FILES` files each; beyond that,
+/// events are held together under [`OVERFLOW`]. Lines for all
+/// callers together are capped at [`LINES_PER_SECOND`] in any
 /// second; what the cap holds back is summed up with the overflow.
 #[derive(Debug, Default)]
-pub struct DenyLimiter {
-    state: Mutex<DenyState>,
+pub struct Coalescer {
+    state: Mutex<CoalescerState>,
 }
 
-impl DenyLimiter {
-    /// One denial of `file` by `caller` (limited as `key`): whether to
+impl Coalescer {
+    /// One event of `file` by `caller` (limited as `key`): whether to
     /// write it in full now, and a summary of held ones that is due.
-    pub fn deny(
+    pub fn note(
         &self,
         now: Instant,
         wall: SystemTime,
         key: &str,
         file: &str,
         caller: &crate::identity::Identity,
-    ) -> (bool, Option<DenySummary>) {
-        let mut st = self.state.lock().expect("deny lock");
-        if st.callers.len() >= DENY_CALLERS && !st.callers.contains_key(key) {
+    ) -> (bool, Option<Summary>) {
+        let mut st = self.state.lock().expect("coalescer lock");
+        if st.callers.len() >= SUMMED_CALLERS && !st.callers.contains_key(key) {
             forget_idle(&mut st.callers, now);
         }
-        if st.callers.len() >= DENY_CALLERS && !st.callers.contains_key(key) {
+        if st.callers.len() >= SUMMED_CALLERS && !st.callers.contains_key(key) {
             st.overflow.add(wall, file, caller);
             return (false, st.overflow_due(now));
         }
         let st = &mut *st;
-        let c = st.callers.entry(key.to_owned()).or_insert_with(|| CallerDenials {
+        let c = st.callers.entry(key.to_owned()).or_insert_with(|| CallerLines {
             seen: Default::default(),
-            full: Bucket::new(DENY_BURST, DENY_PERIOD * DENY_BURST, now),
+            full: Bucket::new(FULL_BURST, SUMMARY_PERIOD * FULL_BURST, now),
             held: Held::default(),
             last_summary: now,
-            last_deny: now,
+            last_seen: now,
         });
-        c.last_deny = now;
-        // Held by the cap, a new file's denial is held (and summed up) like
+        c.last_seen = now;
+        // Held by the cap, a new file's event is held (and summed up) like
         // any other.
-        if !c.seen.contains(file) && c.seen.len() < DENY_FILES && c.full.take(now) && st.lines.take(now) {
+        if !c.seen.contains(file) && c.seen.len() < SUMMED_FILES && c.full.take(now) && st.lines.take(now) {
             c.seen.insert(file.to_owned());
             return (true, None);
         }
         c.held.add(wall, file, caller);
-        if now.saturating_duration_since(c.last_summary) >= DENY_PERIOD {
+        if now.saturating_duration_since(c.last_summary) >= SUMMARY_PERIOD {
             c.last_summary = now;
             let s = c.held.take(key);
             return (false, st.capped(now, s));
@@ -337,12 +345,12 @@ impl DenyLimiter {
 
     /// The summaries due by `now` (all held ones, with `all`); callers
     /// quiet long enough are forgotten.
-    pub fn due(&self, now: Instant, all: bool) -> Vec<DenySummary> {
-        let mut st = self.state.lock().expect("deny lock");
+    pub fn due(&self, now: Instant, all: bool) -> Vec<Summary> {
+        let mut st = self.state.lock().expect("coalescer lock");
         let st = &mut *st;
         let mut out = Vec::new();
         for (key, c) in &mut st.callers {
-            if all || now.saturating_duration_since(c.last_summary) >= DENY_PERIOD {
+            if all || now.saturating_duration_since(c.last_summary) >= SUMMARY_PERIOD {
                 if let Some(s) = c.held.take(key) {
                     c.last_summary = now;
                     if st.lines.take(now) {
@@ -353,9 +361,9 @@ impl DenyLimiter {
                 }
             }
         }
-        let overflow_due = st.overflow_summary.is_none_or(|t| now.saturating_duration_since(t) >= DENY_PERIOD);
+        let overflow_due = st.overflow_summary.is_none_or(|t| now.saturating_duration_since(t) >= SUMMARY_PERIOD);
         if all || overflow_due {
-            if let Some(s) = st.overflow.take(DENY_OVERFLOW) {
+            if let Some(s) = st.overflow.take(OVERFLOW) {
                 st.overflow_summary = Some(now);
                 out.push(s);
             }
@@ -366,12 +374,12 @@ impl DenyLimiter {
 
     #[cfg(test)]
     fn lines_now(&self) -> usize {
-        self.state.lock().expect("deny lock").lines.0.len()
+        self.state.lock().expect("coalescer lock").lines.0.len()
     }
 }
 
-fn forget_idle(callers: &mut HashMap<String, CallerDenials>, now: Instant) {
-    callers.retain(|_, c| c.held.count > 0 || now.saturating_duration_since(c.last_deny) < DENY_IDLE);
+fn forget_idle(callers: &mut HashMap<String, CallerLines>, now: Instant) {
+    callers.retain(|_, c| c.held.count > 0 || now.saturating_duration_since(c.last_seen) < CALLER_IDLE);
 }
 
 #[cfg(test)]
@@ -399,7 +407,7 @@ mod tests {
 }
 
 #[cfg(test)]
-mod deny_tests {
+mod coalescer_tests {
     use super::*;
     use crate::identity::Identity;
 
@@ -409,14 +417,14 @@ mod deny_tests {
 
     #[test]
     fn the_first_denial_of_a_file_is_written_then_a_summary_a_second() {
-        let l = DenyLimiter::default();
+        let l = Coalescer::default();
         let (t0, w) = (Instant::now(), SystemTime::now());
         let who = Identity { uid: 4243, pid: 10, ..Identity::default() };
-        assert!(l.deny(t0, w, "uid:4243", "w:a", &who).0, "the first in full");
+        assert!(l.note(t0, w, "uid:4243", "w:a", &who).0, "the first in full");
         let mut held = 0;
         for i in 1..=999 {
             let who = Identity { pid: 10 + i, ..who.clone() };
-            let (full, s) = l.deny(at(t0, i as u64), w, "uid:4243", "w:a", &who);
+            let (full, s) = l.note(at(t0, i as u64), w, "uid:4243", "w:a", &who);
             assert!(!full, "a new pid is the same caller");
             held += 1;
             if let Some(s) = s {
@@ -430,57 +438,57 @@ mod deny_tests {
         let s = l.due(at(t0, 1000), false);
         assert_eq!((s.len(), s[0].count), (1, 999));
         // The next denial a second later is summed up at once.
-        let (full, s) = l.deny(at(t0, 2500), w, "uid:4243", "w:a", &who);
+        let (full, s) = l.note(at(t0, 2500), w, "uid:4243", "w:a", &who);
         assert!(!full && s.unwrap().count == 1);
         // Another caller starts afresh.
-        assert!(l.deny(at(t0, 2500), w, "container:c1", "w:a", &who).0);
+        assert!(l.note(at(t0, 2500), w, "container:c1", "w:a", &who).0);
     }
 
     #[test]
     fn new_files_are_written_in_a_burst_then_held() {
-        let l = DenyLimiter::default();
+        let l = Coalescer::default();
         let (t0, w, who) = (Instant::now(), SystemTime::now(), Identity::default());
-        let full: Vec<bool> = (0..8).map(|i| l.deny(t0, w, "uid:1", &format!("w:{i}"), &who).0).collect();
+        let full: Vec<bool> = (0..8).map(|i| l.note(t0, w, "uid:1", &format!("w:{i}"), &who).0).collect();
         assert_eq!(full, [true, true, true, true, false, false, false, false]);
         let s = l.due(at(t0, 1000), false);
         assert_eq!((s[0].count, s[0].files.len()), (4, 4));
         // Quiet for a minute: forgotten; the next is written in full.
         assert!(l.due(at(t0, 62_000), false).is_empty());
-        assert!(l.deny(at(t0, 62_000), w, "uid:1", "w:0", &who).0);
+        assert!(l.note(at(t0, 62_000), w, "uid:1", "w:0", &who).0);
     }
 
     #[test]
     fn memory_is_bounded_and_the_overflow_is_summed_up_too() {
-        let l = DenyLimiter::default();
+        let l = Coalescer::default();
         let (t0, w, who) = (Instant::now(), SystemTime::now(), Identity::default());
-        let full = (0..DENY_CALLERS).filter(|i| l.deny(t0, w, &format!("uid:{i}"), "w:a", &who).0).count();
-        assert_eq!(full, DENY_LINES_PER_SECOND, "the cap of lines a second, whatever the callers");
+        let full = (0..SUMMED_CALLERS).filter(|i| l.note(t0, w, &format!("uid:{i}"), "w:a", &who).0).count();
+        assert_eq!(full, LINES_PER_SECOND, "the cap of lines a second, whatever the callers");
         for f in 0..100 {
-            assert!(!l.deny(t0, w, "uid:0", &format!("w:{f}"), &who).0, "the cap is spent");
+            assert!(!l.note(t0, w, "uid:0", &format!("w:{f}"), &who).0, "the cap is spent");
         }
-        let (full, s) = l.deny(t0, w, "uid:x", "w:a", &who);
+        let (full, s) = l.note(t0, w, "uid:x", "w:a", &who);
         assert!(!full && s.is_none());
-        assert!(!l.deny(t0, w, "uid:y", "w:a", &who).0);
+        assert!(!l.note(t0, w, "uid:y", "w:a", &who).0);
         let s = l.due(at(t0, 1000), false);
-        let over = s.iter().find(|s| s.key == DENY_OVERFLOW).unwrap();
+        let over = s.iter().find(|s| s.key == OVERFLOW).unwrap();
         assert!(over.caller.is_some() && over.count >= 2);
-        assert_eq!(s.len(), DENY_LINES_PER_SECOND + 1, "the cap's worth of callers' summaries, and the overflow's");
-        let held = (DENY_CALLERS - DENY_LINES_PER_SECOND + 100 + 2) as u64;
+        assert_eq!(s.len(), LINES_PER_SECOND + 1, "the cap's worth of callers' summaries, and the overflow's");
+        let held = (SUMMED_CALLERS - LINES_PER_SECOND + 100 + 2) as u64;
         assert_eq!(s.iter().map(|s| s.count).sum::<u64>(), held, "every denial held is summed up");
-        assert!(s.iter().all(|s| s.files.len() <= DENY_FILES));
+        assert!(s.iter().all(|s| s.files.len() <= SUMMED_FILES));
         let st = l.state.lock().unwrap();
-        assert!(st.callers.len() <= DENY_CALLERS);
-        assert!(st.callers.values().all(|c| c.seen.len() <= DENY_FILES));
+        assert!(st.callers.len() <= SUMMED_CALLERS);
+        assert!(st.callers.values().all(|c| c.seen.len() <= SUMMED_FILES));
     }
 
     #[test]
     fn no_number_of_callers_writes_more_than_the_cap_a_second_and_counts_add_up() {
-        let l = DenyLimiter::default();
+        let l = Coalescer::default();
         let (t0, w, who) = (Instant::now(), SystemTime::now(), Identity::default());
         let (mut lines, mut counted, mut denied) = (0u64, 0u64, 0u64);
         let mut per_second = std::collections::BTreeMap::<u64, u64>::new();
-        let mut write = |t: u64, full: bool, s: Vec<DenySummary>, counted: &mut u64| {
-            let n = u64::from(full) + s.iter().filter(|s| s.key != DENY_OVERFLOW).count() as u64;
+        let mut write = |t: u64, full: bool, s: Vec<Summary>, counted: &mut u64| {
+            let n = u64::from(full) + s.iter().filter(|s| s.key != OVERFLOW).count() as u64;
             *per_second.entry(t / 1000).or_default() += n;
             lines += n;
             *counted += u64::from(full) + s.iter().map(|s| s.count).sum::<u64>();
@@ -488,7 +496,7 @@ mod deny_tests {
         // 1,000 callers, each denied every 100 ms for 5 s.
         for ms in (0..5000).step_by(100) {
             for i in 0..1000 {
-                let (full, s) = l.deny(at(t0, ms), w, &format!("uid:{i}"), "w:a", &who);
+                let (full, s) = l.note(at(t0, ms), w, &format!("uid:{i}"), "w:a", &who);
                 denied += 1;
                 write(ms, full, s.into_iter().collect(), &mut counted);
             }
@@ -496,22 +504,22 @@ mod deny_tests {
         }
         write(9000, false, l.due(at(t0, 9000), true), &mut counted);
         assert_eq!(counted, denied, "every denial is accounted for");
-        assert!(per_second.values().all(|n| *n <= DENY_LINES_PER_SECOND as u64), "{per_second:?}");
-        assert!(lines > 0 && l.lines_now() <= DENY_LINES_PER_SECOND);
+        assert!(per_second.values().all(|n| *n <= LINES_PER_SECOND as u64), "{per_second:?}");
+        assert!(lines > 0 && l.lines_now() <= LINES_PER_SECOND);
     }
 
     #[test]
     fn callers_are_hosts_uids_or_containers_never_pids() {
         let host = Identity { uid: 7, pid: 1, ..Identity::default() };
-        assert_eq!(deny_key(&host), deny_key(&Identity { pid: 2, ..host.clone() }));
+        assert_eq!(caller_key(&host), caller_key(&Identity { pid: 2, ..host.clone() }));
         let c = Identity { container_id: Some("abc".into()), ..host.clone() };
-        assert_eq!(deny_key(&c), "container:abc");
+        assert_eq!(caller_key(&c), "container:abc");
         let r = |a: &str| Identity::remote(crate::config::parse_subject("CN=x"), Some(a.parse().unwrap()));
-        assert_eq!(deny_key(&r("10.0.0.1:5000")), deny_key(&r("10.0.0.1:5001")));
-        assert_eq!(deny_key(&r("10.0.0.1:5000")), "remote:CN=x", "the subject, not the connection");
+        assert_eq!(caller_key(&r("10.0.0.1:5000")), caller_key(&r("10.0.0.1:5001")));
+        assert_eq!(caller_key(&r("10.0.0.1:5000")), "remote:CN=x", "the subject, not the connection");
         // Host uids mapped in one user's namespace are that user.
         let ns = |uid| Identity { uid, userns_owner: Some(4500), ..Identity::default() };
-        assert_eq!(deny_key(&ns(200_000)), "userns:4500");
-        assert_eq!(deny_key(&ns(200_000)), deny_key(&ns(200_019)));
+        assert_eq!(caller_key(&ns(200_000)), "userns:4500");
+        assert_eq!(caller_key(&ns(200_000)), caller_key(&ns(200_019)));
     }
 }

@@ -194,8 +194,16 @@ pub fn backend_request(backend: &str, started: Instant, failed: bool) {
 /// Count an audit line; denials and stale serves are counted from here,
 /// so every path that audits one (FUSE or gRPC) is counted alike.
 pub fn audited(e: &crate::audit::Event<'_>) {
-    use crate::audit::EventKind;
     METRICS.audit_lines.get_or_create(&EventLabels { event: e.event }).inc();
+    counted(e);
+}
+
+/// Count an event in the metrics that stand for it (denials, stale
+/// serves, rotations): one written in full ([`audited`]), or one the audit
+/// log held back to sum up later ([`crate::audit::AuditLog::read`],
+/// [`crate::audit::AuditLog::deny`]).
+pub fn counted(e: &crate::audit::Event<'_>) {
+    use crate::audit::EventKind;
     let (workload, secret) = (e.workload.unwrap_or_default(), e.path.unwrap_or_default());
     match e.event {
         EventKind::Deny => denied(e),

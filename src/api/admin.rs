@@ -117,7 +117,7 @@ impl AdminService {
         if let Err(lack) = scope.check(need) {
             let reason = format!("role {}: {}", lack.roles, lack.lacked);
             self.0.audit().deny(
-                &crate::limits::deny_key(&id),
+                &crate::limits::caller_key(&id),
                 &Event {
                     method: Some(method),
                     caller: Some(&id),
@@ -148,7 +148,7 @@ impl AdminService {
                     return Ok((id, scope));
                 }
                 audit.deny(
-                    &crate::limits::deny_key(&id),
+                    &crate::limits::caller_key(&id),
                     &Event {
                         method: Some(method),
                         caller: Some(&id),
@@ -165,7 +165,7 @@ impl AdminService {
                 let who = Identity::unattested(peer.uid, peer.gid, peer.pid);
                 let reason = e.to_string();
                 audit.deny(
-                    &crate::limits::deny_key(&who),
+                    &crate::limits::caller_key(&who),
                     &Event {
                         method: Some(method),
                         caller: Some(&who),
@@ -197,7 +197,7 @@ impl AdminService {
         }
         let shown = id.remote.as_ref().map(crate::identity::Remote::subject_shown).unwrap_or_default();
         self.0.audit().deny(
-            &crate::limits::deny_key(&id),
+            &crate::limits::caller_key(&id),
             &Event {
                 method: Some(method),
                 caller: Some(&id),

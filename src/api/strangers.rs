@@ -254,7 +254,7 @@ async fn refuse(broker: &Arc<Broker>, info: Option<ConnInfo>, method: &'static s
                     reason: Some(&reason),
                     ..Event::new(EventKind::Deny)
                 };
-                b.audit().deny(&crate::limits::deny_key(&who), &event)?;
+                b.audit().deny(&crate::limits::caller_key(&who), &event)?;
                 return Err(e.into());
             }
         };
@@ -271,7 +271,7 @@ async fn refuse(broker: &Arc<Broker>, info: Option<ConnInfo>, method: &'static s
             reason: Some("not an admin"),
             ..Event::new(EventKind::Deny)
         };
-        b.audit().deny(&crate::limits::deny_key(&id), &event)?;
+        b.audit().deny(&crate::limits::caller_key(&id), &event)?;
         Err(super::ApiError::PermissionDenied(format!(
             "{method} needs an admin caller (a host process with uid 0 or an [admin] uid/gid); the broker sees {}",
             describe(&id)
@@ -312,7 +312,7 @@ async fn refuse_remote(broker: &Arc<Broker>, id: Identity, method: &'static str)
         b.allow_call(&id, method)?;
         let reason = "client certificate subject is not in [admin] subjects";
         b.audit().deny(
-            &crate::limits::deny_key(&id),
+            &crate::limits::caller_key(&id),
             &Event { method: Some(method), caller: Some(&id), reason: Some(reason), ..Event::new(EventKind::Deny) },
         )?;
         Err(super::ApiError::PermissionDenied(format!(

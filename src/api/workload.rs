@@ -31,7 +31,7 @@ impl workload_server::Workload for WorkloadService {
                     reason: Some(&reason),
                     ..Event::new(EventKind::Deny)
                 };
-                let _ = b.audit().deny(&crate::limits::deny_key(&who), &event);
+                let _ = b.audit().deny(&crate::limits::caller_key(&who), &event);
             })?;
             b.allow_call(&id, "WhoAmI")?;
             let all = b.list_workloads()?;

@@ -206,7 +206,7 @@ impl Broker {
     /// refused (and audited, at most a line a second per caller).
     pub fn allow_call(&self, id: &crate::identity::Identity, method: &str) -> Result<(), BrokerError> {
         // A user namespace's host uids are all its owner's: one caller (as
-        // for denials, `limits::deny_key`), not one bucket per uid.
+        // for denials, `limits::caller_key`), not one bucket per uid.
         let key = match (&id.remote, &id.container_id, id.userns_owner) {
             (Some(r), _, _) => format!("remote {}", r.subject_shown()),
             (None, Some(c), _) => format!("container {c}"),

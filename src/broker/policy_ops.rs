@@ -140,7 +140,7 @@ impl Broker {
                     reason: Some(&reason),
                     ..Event::new(EventKind::Deny)
                 };
-                self.audit.deny(&crate::limits::deny_key(by), &event)?;
+                self.audit.deny(&crate::limits::caller_key(by), &event)?;
                 return Err(BrokerError::PermissionDenied(format!("ApplyPolicy: {e}")));
             }
             Err(e) => {

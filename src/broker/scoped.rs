@@ -54,7 +54,7 @@ impl Broker {
         let reason = format!("role {}: {}", lack.roles, lack.lacked);
         let event =
             Event { method: Some(method), caller: Some(by), reason: Some(&reason), ..Event::new(EventKind::Deny) };
-        if let Err(e) = self.audit.deny(&crate::limits::deny_key(by), &event) {
+        if let Err(e) = self.audit.deny(&crate::limits::caller_key(by), &event) {
             return e.into();
         }
         BrokerError::PermissionDenied(format!("{method}: {lack}"))

@@ -481,6 +481,19 @@ impl WorkloadFs {
         r.get(secret).map(|s| s.iter().cloned().collect()).unwrap_or_default()
     }
 
+    /// Remember that the container of `id` (if any) read `secret`, for
+    /// notices and actions: no allocation when it is known already.
+    fn note_reader(&self, id: &Identity, secret: &str) {
+        let Some(c) = &id.container_id else { return };
+        {
+            let mut readers = self.readers.lock().expect("readers lock");
+            if !readers.get(secret).is_some_and(|s| s.contains(c)) {
+                readers.entry(secret.to_owned()).or_default().insert(c.clone());
+            }
+        }
+        self.shared.readers.add(&self.workload.name, secret, c);
+    }
+
     /// Forget a reader (it is gone).
     pub fn forget_reader(&self, secret: &str, container: &str) {
         if let Some(s) = self.readers.lock().expect("readers lock").get_mut(secret) {
@@ -526,6 +539,12 @@ impl WorkloadFs {
             ..Event::new(name)
         };
         let audit = |e: &Event<'_>| self.shared.audit.record(e).map_err(|_| errno(libc::EIO));
+        // Allowed opens: a caller's first of each file version in full,
+        // repeats summed up (bounded lines, no write on a warm open).
+        let audit_read = |e: &Event<'_>| {
+            let who = e.caller.map(crate::limits::caller_key).unwrap_or_default();
+            self.shared.audit.read(&who, e).map_err(|_| errno(libc::EIO))
+        };
         // Refusals are limited per caller in the audit log (summed up).
         let deny = |who: &Identity, reason: &str| {
             let e = Event {
@@ -536,7 +555,7 @@ impl WorkloadFs {
                 reason: Some(reason),
                 ..Event::new(EventKind::Deny)
             };
-            self.shared.audit.deny(&crate::limits::deny_key(who), &e).map_err(|_| errno(libc::EIO))?;
+            self.shared.audit.deny(&crate::limits::caller_key(who), &e).map_err(|_| errno(libc::EIO))?;
             Err(errno(libc::EACCES))
         };
         // The workload first: a caller that is not the workload's is
@@ -570,13 +589,9 @@ impl WorkloadFs {
                                     .get_or_create(&crate::metrics::secret_labels(workload, &node.secret))
                                     .inc();
                                 if self.shared.audit_reads {
-                                    audit(&event(EventKind::Read, Some(&id), None))?;
+                                    audit_read(&event(EventKind::Read, Some(&id), None))?;
                                 }
-                                if let Some(c) = &id.container_id {
-                                    let mut readers = self.readers.lock().expect("readers lock");
-                                    readers.entry(node.secret.clone()).or_default().insert(c.clone());
-                                    self.shared.readers.add(workload, &node.secret, c);
-                                }
+                                self.note_reader(&id, &node.secret);
                                 Ok(Some((body, holder)))
                             }
                             Err(why) => {
@@ -608,15 +623,12 @@ impl WorkloadFs {
                         (Some(_), fresh) => {
                             node.reads.inc();
                             if fresh == Freshness::Stale {
-                                audit(&event(EventKind::StaleServe, Some(&id), None))?;
+                                audit_read(&event(EventKind::StaleServe, Some(&id), None))?;
                             } else if self.shared.audit_reads {
-                                audit(&Event { inputs: inputs.as_deref(), ..event(EventKind::Read, Some(&id), None) })?;
+                                let e = Event { inputs: inputs.as_deref(), ..event(EventKind::Read, Some(&id), None) };
+                                audit_read(&e)?;
                             }
-                            if let Some(c) = &id.container_id {
-                                let mut readers = self.readers.lock().expect("readers lock");
-                                readers.entry(node.secret.clone()).or_default().insert(c.clone());
-                                self.shared.readers.add(workload, &node.secret, c);
-                            }
+                            self.note_reader(&id, &node.secret);
                             Ok(None)
                         }
                     }
@@ -842,7 +854,7 @@ impl FileSystem for WorkloadFs {
             reason: Some(&why),
             ..Event::new(EventKind::Deny)
         };
-        self.shared.audit.deny(&crate::limits::deny_key(&who), &e).map_err(|_| errno(libc::EIO))?;
+        self.shared.audit.deny(&crate::limits::caller_key(&who), &e).map_err(|_| errno(libc::EIO))?;
         Err(errno(libc::EACCES))
     }
 }

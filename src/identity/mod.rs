@@ -121,7 +121,7 @@ pub struct Identity {
     /// outermost of its namespaces below the broker's (whoever made it;
     /// a user with subordinate ids runs as thousands of host uids there).
     /// Its denials are limited as that one caller (see
-    /// [`crate::limits::deny_key`]). None in the broker's user namespace.
+    /// [`crate::limits::caller_key`]). None in the broker's user namespace.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub userns_owner: Option<u32>,
     /// Decided by policy from the facts ([`crate::policy::admin`]), never
