@@ -571,8 +571,8 @@ impl AuditLog {
             lines,
             alerts: Default::default(),
             denials: Default::default(),
-            reads: Default::default(),
-            stale: Default::default(),
+            reads: crate::limits::Coalescer::new(crate::limits::READS),
+            stale: crate::limits::Coalescer::new(crate::limits::READS),
             sealed: AtomicBool::new(false),
             flusher: std::sync::Once::new(),
         })
@@ -727,17 +727,16 @@ impl AuditLog {
     /// [`crate::limits::Coalescer`] decides.
     fn summed(self: &Arc<Self>, key: &str, event: &Event<'_>) -> Result<(), AuditError> {
         let Some((coalescer, _)) = self.coalescer(event.event) else { return self.record(event).map(drop) };
-        let file = match (event.workload, event.path, event.event) {
-            (Some(w), Some(p), EventKind::Read | EventKind::StaleServe) => {
-                format!("{w}:{p}@{}", event.version.unwrap_or_default())
-            }
-            (Some(w), Some(p), _) => format!("{w}:{p}"),
+        let file = match (event.workload, event.path) {
+            (Some(w), Some(p)) => format!("{w}:{p}"),
             _ => event.method.or(event.path).unwrap_or("-").to_owned(),
         };
+        // A read of a new version is new; a denial is of the file.
+        let version = event.version.filter(|_| event.event != EventKind::Deny);
         let no_one = Identity::default();
         let caller = event.caller.unwrap_or(&no_one);
         let now = (std::time::Instant::now(), std::time::SystemTime::now());
-        let (full, summary) = coalescer.note(now.0, now.1, key, &file, caller);
+        let (full, summary) = coalescer.note(now.0, now.1, key, (&file, version), caller);
         if let Some(s) = summary {
             self.summarize(event.event, &s);
         }

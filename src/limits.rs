@@ -107,9 +107,6 @@ impl Refusals {
     }
 }
 
-/// Lines written in full per caller: a burst of this many, then one a
-/// second.
-const FULL_BURST: u32 = 4;
 /// A caller's held events are summed up in one line at most this often.
 pub const SUMMARY_PERIOD: Duration = Duration::from_secs(1);
 /// A caller with nothing held, quiet this long, is forgotten: its next
@@ -122,24 +119,40 @@ const SUMMED_CALLERS: usize = 4096;
 const SUMMED_FILES: usize = 32;
 /// The key of the overflow's summaries.
 pub const OVERFLOW: &str = "overflow";
-/// Most lines (in full and summaries) written for all callers together in
-/// any second; beyond them, events and summaries are summed up in the
-/// overflow's summary (at most one more line a second), so no number of
-/// callers floods the audit log.
-pub const LINES_PER_SECOND: usize = 50;
 
-/// The times of the lines written in the last second, at most
-/// [`LINES_PER_SECOND`] of them: a sliding window, so no second
+/// How a [`Coalescer`] limits the lines it writes.
+#[derive(Clone, Copy, Debug)]
+pub struct Shape {
+    /// Lines written in full per caller: a burst of this many, then one a
+    /// second.
+    pub burst: u32,
+    /// Most lines (in full and summaries) written for all callers
+    /// together in any second; beyond them, events and summaries are
+    /// summed up in the overflow's summary (at most one more line a
+    /// second), so no number of callers floods the audit log.
+    pub lines_per_second: usize,
+}
+
+/// Denials: any caller can make them, of any file or method.
+pub const DENIALS: Shape = Shape { burst: 4, lines_per_second: 50 };
+/// Reads (and stale serves): only of files granted to the caller, so
+/// every file a workload has (up to [`SUMMED_FILES`]) gets its line in
+/// full at once, and many containers starting together are not summed
+/// up together.
+pub const READS: Shape = Shape { burst: SUMMED_FILES as u32, lines_per_second: 1000 };
+
+/// The times of the lines written in the last second, at most the
+/// shape's `lines_per_second` of them: a sliding window, so no second
 /// (aligned or not) holds more.
 #[derive(Debug, Default)]
 struct LineCap(std::collections::VecDeque<Instant>);
 
 impl LineCap {
-    fn take(&mut self, now: Instant) -> bool {
+    fn take(&mut self, now: Instant, cap: usize) -> bool {
         while self.0.front().is_some_and(|t| now.saturating_duration_since(*t) >= Duration::from_secs(1)) {
             self.0.pop_front();
         }
-        if self.0.len() >= LINES_PER_SECOND {
+        if self.0.len() >= cap {
             return false;
         }
         self.0.push_back(now);
@@ -175,10 +188,14 @@ struct Held {
 }
 
 impl Held {
-    fn add(&mut self, wall: SystemTime, file: &str, caller: &crate::identity::Identity) {
+    fn add(&mut self, wall: SystemTime, file: &str, version: Option<u64>, caller: &crate::identity::Identity) {
         self.count += 1;
-        if self.files.contains(file) || self.files.len() < SUMMED_FILES {
-            self.files.insert(file.to_owned());
+        let named = match version {
+            Some(v) => std::borrow::Cow::Owned(format!("{file}@{v}")),
+            None => std::borrow::Cow::Borrowed(file),
+        };
+        if self.files.contains(named.as_ref()) || self.files.len() < SUMMED_FILES {
+            self.files.insert(named.into_owned());
         } else {
             self.unnamed += 1;
         }
@@ -229,8 +246,9 @@ impl Held {
 /// One caller's events of one kind, as far as the audit log has told of them.
 #[derive(Debug)]
 struct CallerLines {
-    /// Files whose event was written in full.
-    seen: std::collections::HashSet<String>,
+    /// Files whose event was written in full, and of which version (a
+    /// new version is written in full again; it replaces the old one).
+    seen: HashMap<String, Option<u64>>,
     full: Bucket,
     held: Held,
     last_summary: Instant,
@@ -267,9 +285,9 @@ struct CoalescerState {
 impl CoalescerState {
     /// A caller's summary `s` if the cap allows a line now; else it is
     /// added to the overflow, whose summary is returned if due.
-    fn capped(&mut self, now: Instant, s: Option<Summary>) -> Option<Summary> {
+    fn capped(&mut self, now: Instant, cap: usize, s: Option<Summary>) -> Option<Summary> {
         let s = s?;
-        if self.lines.take(now) {
+        if self.lines.take(now, cap) {
             return Some(s);
         }
         self.overflow.merge(s);
@@ -288,41 +306,55 @@ impl CoalescerState {
 
 /// Decides which events of one kind (denials, reads, stale serves) the
 /// audit log writes in full and sums up the rest: per caller, the first
-/// event of each file in full (a burst of
-/// `FULL_BURST`, then one a second), every other one held and summed up
-/// at most once per [`SUMMARY_PERIOD`]. Memory is bounded: at most
-/// `SUMMED_CALLERS` callers of `SUMMED_FILES` files each; beyond that,
-/// events are held together under [`OVERFLOW`]. Lines for all
-/// callers together are capped at [`LINES_PER_SECOND`] in any
+/// event of each file (and version, for reads) in full (a burst of the
+/// [`Shape`]'s `burst`, then one a second), every other one held and
+/// summed up at most once per [`SUMMARY_PERIOD`]. Memory is bounded: at
+/// most `SUMMED_CALLERS` callers of `SUMMED_FILES` files each; beyond
+/// that, events are held together under [`OVERFLOW`]. Lines for all
+/// callers together are capped at the shape's `lines_per_second` in any
 /// second; what the cap holds back is summed up with the overflow.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Coalescer {
+    shape: Shape,
     state: Mutex<CoalescerState>,
 }
 
+impl Default for Coalescer {
+    /// Shaped for denials.
+    fn default() -> Self {
+        Self::new(DENIALS)
+    }
+}
+
 impl Coalescer {
-    /// One event of `file` by `caller` (limited as `key`): whether to
-    /// write it in full now, and a summary of held ones that is due.
+    pub fn new(shape: Shape) -> Self {
+        Coalescer { shape, state: Mutex::default() }
+    }
+
+    /// One event of `file` (at `version`, for reads) by `caller` (limited
+    /// as `key`): whether to write it in full now, and a summary of held
+    /// ones that is due.
     pub fn note(
         &self,
         now: Instant,
         wall: SystemTime,
         key: &str,
-        file: &str,
+        (file, version): (&str, Option<u64>),
         caller: &crate::identity::Identity,
     ) -> (bool, Option<Summary>) {
+        let Shape { burst, lines_per_second: cap } = self.shape;
         let mut st = self.state.lock().expect("coalescer lock");
         if st.callers.len() >= SUMMED_CALLERS && !st.callers.contains_key(key) {
             forget_idle(&mut st.callers, now);
         }
         if st.callers.len() >= SUMMED_CALLERS && !st.callers.contains_key(key) {
-            st.overflow.add(wall, file, caller);
+            st.overflow.add(wall, file, version, caller);
             return (false, st.overflow_due(now));
         }
         let st = &mut *st;
         let c = st.callers.entry(key.to_owned()).or_insert_with(|| CallerLines {
             seen: Default::default(),
-            full: Bucket::new(FULL_BURST, SUMMARY_PERIOD * FULL_BURST, now),
+            full: Bucket::new(burst, SUMMARY_PERIOD * burst, now),
             held: Held::default(),
             last_summary: now,
             last_seen: now,
@@ -330,15 +362,17 @@ impl Coalescer {
         c.last_seen = now;
         // Held by the cap, a new file's event is held (and summed up) like
         // any other.
-        if !c.seen.contains(file) && c.seen.len() < SUMMED_FILES && c.full.take(now) && st.lines.take(now) {
-            c.seen.insert(file.to_owned());
+        let new = c.seen.get(file) != Some(&version);
+        let room = c.seen.contains_key(file) || c.seen.len() < SUMMED_FILES;
+        if new && room && c.full.take(now) && st.lines.take(now, cap) {
+            c.seen.insert(file.to_owned(), version);
             return (true, None);
         }
-        c.held.add(wall, file, caller);
+        c.held.add(wall, file, version, caller);
         if now.saturating_duration_since(c.last_summary) >= SUMMARY_PERIOD {
             c.last_summary = now;
             let s = c.held.take(key);
-            return (false, st.capped(now, s));
+            return (false, st.capped(now, cap, s));
         }
         (false, None)
     }
@@ -353,7 +387,7 @@ impl Coalescer {
             if all || now.saturating_duration_since(c.last_summary) >= SUMMARY_PERIOD {
                 if let Some(s) = c.held.take(key) {
                     c.last_summary = now;
-                    if st.lines.take(now) {
+                    if st.lines.take(now, self.shape.lines_per_second) {
                         out.push(s);
                     } else {
                         st.overflow.merge(s);
@@ -420,11 +454,11 @@ mod coalescer_tests {
         let l = Coalescer::default();
         let (t0, w) = (Instant::now(), SystemTime::now());
         let who = Identity { uid: 4243, pid: 10, ..Identity::default() };
-        assert!(l.note(t0, w, "uid:4243", "w:a", &who).0, "the first in full");
+        assert!(l.note(t0, w, "uid:4243", ("w:a", None), &who).0, "the first in full");
         let mut held = 0;
         for i in 1..=999 {
             let who = Identity { pid: 10 + i, ..who.clone() };
-            let (full, s) = l.note(at(t0, i as u64), w, "uid:4243", "w:a", &who);
+            let (full, s) = l.note(at(t0, i as u64), w, "uid:4243", ("w:a", None), &who);
             assert!(!full, "a new pid is the same caller");
             held += 1;
             if let Some(s) = s {
@@ -438,42 +472,42 @@ mod coalescer_tests {
         let s = l.due(at(t0, 1000), false);
         assert_eq!((s.len(), s[0].count), (1, 999));
         // The next denial a second later is summed up at once.
-        let (full, s) = l.note(at(t0, 2500), w, "uid:4243", "w:a", &who);
+        let (full, s) = l.note(at(t0, 2500), w, "uid:4243", ("w:a", None), &who);
         assert!(!full && s.unwrap().count == 1);
         // Another caller starts afresh.
-        assert!(l.note(at(t0, 2500), w, "container:c1", "w:a", &who).0);
+        assert!(l.note(at(t0, 2500), w, "container:c1", ("w:a", None), &who).0);
     }
 
     #[test]
     fn new_files_are_written_in_a_burst_then_held() {
         let l = Coalescer::default();
         let (t0, w, who) = (Instant::now(), SystemTime::now(), Identity::default());
-        let full: Vec<bool> = (0..8).map(|i| l.note(t0, w, "uid:1", &format!("w:{i}"), &who).0).collect();
+        let full: Vec<bool> = (0..8).map(|i| l.note(t0, w, "uid:1", (&format!("w:{i}"), None), &who).0).collect();
         assert_eq!(full, [true, true, true, true, false, false, false, false]);
         let s = l.due(at(t0, 1000), false);
         assert_eq!((s[0].count, s[0].files.len()), (4, 4));
         // Quiet for a minute: forgotten; the next is written in full.
         assert!(l.due(at(t0, 62_000), false).is_empty());
-        assert!(l.note(at(t0, 62_000), w, "uid:1", "w:0", &who).0);
+        assert!(l.note(at(t0, 62_000), w, "uid:1", ("w:0", None), &who).0);
     }
 
     #[test]
     fn memory_is_bounded_and_the_overflow_is_summed_up_too() {
         let l = Coalescer::default();
         let (t0, w, who) = (Instant::now(), SystemTime::now(), Identity::default());
-        let full = (0..SUMMED_CALLERS).filter(|i| l.note(t0, w, &format!("uid:{i}"), "w:a", &who).0).count();
-        assert_eq!(full, LINES_PER_SECOND, "the cap of lines a second, whatever the callers");
+        let full = (0..SUMMED_CALLERS).filter(|i| l.note(t0, w, &format!("uid:{i}"), ("w:a", None), &who).0).count();
+        assert_eq!(full, DENIALS.lines_per_second, "the cap of lines a second, whatever the callers");
         for f in 0..100 {
-            assert!(!l.note(t0, w, "uid:0", &format!("w:{f}"), &who).0, "the cap is spent");
+            assert!(!l.note(t0, w, "uid:0", (&format!("w:{f}"), None), &who).0, "the cap is spent");
         }
-        let (full, s) = l.note(t0, w, "uid:x", "w:a", &who);
+        let (full, s) = l.note(t0, w, "uid:x", ("w:a", None), &who);
         assert!(!full && s.is_none());
-        assert!(!l.note(t0, w, "uid:y", "w:a", &who).0);
+        assert!(!l.note(t0, w, "uid:y", ("w:a", None), &who).0);
         let s = l.due(at(t0, 1000), false);
         let over = s.iter().find(|s| s.key == OVERFLOW).unwrap();
         assert!(over.caller.is_some() && over.count >= 2);
-        assert_eq!(s.len(), LINES_PER_SECOND + 1, "the cap's worth of callers' summaries, and the overflow's");
-        let held = (SUMMED_CALLERS - LINES_PER_SECOND + 100 + 2) as u64;
+        assert_eq!(s.len(), DENIALS.lines_per_second + 1, "the cap's worth of callers' summaries, and the overflow's");
+        let held = (SUMMED_CALLERS - DENIALS.lines_per_second + 100 + 2) as u64;
         assert_eq!(s.iter().map(|s| s.count).sum::<u64>(), held, "every denial held is summed up");
         assert!(s.iter().all(|s| s.files.len() <= SUMMED_FILES));
         let st = l.state.lock().unwrap();
@@ -496,7 +530,7 @@ mod coalescer_tests {
         // 1,000 callers, each denied every 100 ms for 5 s.
         for ms in (0..5000).step_by(100) {
             for i in 0..1000 {
-                let (full, s) = l.note(at(t0, ms), w, &format!("uid:{i}"), "w:a", &who);
+                let (full, s) = l.note(at(t0, ms), w, &format!("uid:{i}"), ("w:a", None), &who);
                 denied += 1;
                 write(ms, full, s.into_iter().collect(), &mut counted);
             }
@@ -504,8 +538,31 @@ mod coalescer_tests {
         }
         write(9000, false, l.due(at(t0, 9000), true), &mut counted);
         assert_eq!(counted, denied, "every denial is accounted for");
-        assert!(per_second.values().all(|n| *n <= LINES_PER_SECOND as u64), "{per_second:?}");
-        assert!(lines > 0 && l.lines_now() <= LINES_PER_SECOND);
+        assert!(per_second.values().all(|n| *n <= DENIALS.lines_per_second as u64), "{per_second:?}");
+        assert!(lines > 0 && l.lines_now() <= DENIALS.lines_per_second);
+    }
+
+    #[test]
+    fn reads_a_new_version_is_written_in_full_and_a_loop_is_summed_up() {
+        let l = Coalescer::new(READS);
+        let (t0, w) = (Instant::now(), SystemTime::now());
+        let who = Identity { container_id: Some("c1".into()), pid: 10, ..Identity::default() };
+        // Every file a workload has, at once, in full.
+        let files: Vec<String> = (0..SUMMED_FILES).map(|i| format!("w:s{i}")).collect();
+        assert!(files.iter().all(|f| l.note(t0, w, "container:c1", (f, Some(1)), &who).0));
+        // A loop over them: held, and summed up once a second.
+        let held = (1..=10_000u64).filter(|i| !l.note(at(t0, i / 100), w, "container:c1", (&files[0], Some(1)), &who).0);
+        assert_eq!(held.count(), 10_000);
+        let s = l.due(at(t0, 1000), false);
+        assert_eq!((s.len(), s[0].count, s[0].files.as_slice()), (1, 10_000, &["w:s0@1".to_owned()][..]));
+        // Rotated a hundred times, once a second: each new version in
+        // full, the same file's old one replaced (the files remembered do
+        // not fill up).
+        for v in 2..=100 {
+            assert!(l.note(at(t0, 1000 * v), w, "container:c1", (&files[0], Some(v)), &who).0, "version {v}");
+            assert!(!l.note(at(t0, 1000 * v), w, "container:c1", (&files[0], Some(v)), &who).0);
+        }
+        assert_eq!(l.state.lock().unwrap().callers["container:c1"].seen.len(), SUMMED_FILES);
     }
 
     #[test]

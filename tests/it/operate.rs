@@ -54,9 +54,10 @@ fn metrics_count_reads_denials_rotations_and_calls_exactly() {
     assert!(delta("keyhole_propagation_duration_seconds_count") >= 1.0);
     assert_eq!(delta("keyhole_grpc_requests_total{method=\"PutSecret\",code=\"Ok\"}"), 1.0);
     assert_eq!(delta("keyhole_grpc_requests_total{method=\"GetSecret\",code=\"PermissionDenied\"}"), 1.0);
-    assert_eq!(delta("keyhole_audit_lines_total{event=\"read\"}"), 3.0);
-    // The second refused open of the same file by the same uid is summed
-    // up in a later line: counted as a denial, not as a deny line.
+    // Reads and refusals alike: the caller's first of the file (version)
+    // is a line in full, the rest are summed up in a later line, counted
+    // in keyhole_reads_total / keyhole_denials_total, not as lines.
+    assert_eq!(delta("keyhole_audit_lines_total{event=\"read\"}"), 1.0);
     assert_eq!(delta("keyhole_audit_lines_total{event=\"deny\"}"), 2.0);
     assert_eq!(sample(&after, "keyhole_mounts"), 1.0);
     assert!(after.contains("# TYPE keyhole_reads counter"), "{after}");
