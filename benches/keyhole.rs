@@ -1095,8 +1095,12 @@ fn print_tables(r: &BTreeMap<String, Value>) {
             .into_iter()
             .flatten()
             .map(|row| {
-                let mut rs: Vec<f64> =
-                    row["keyhole_vs_floor_p50_rounds"].as_array().into_iter().flatten().filter_map(Value::as_f64).collect();
+                let mut rs: Vec<f64> = row["keyhole_vs_floor_p50_rounds"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(Value::as_f64)
+                    .collect();
                 rs.sort_by(f64::total_cmp);
                 match (rs.first(), rs.get(rs.len() / 2), rs.last()) {
                     (Some(lo), Some(mid), Some(hi)) => format!("{}: {lo:.2} / {mid:.2} / {hi:.2}", row["threads"]),

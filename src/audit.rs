@@ -684,8 +684,7 @@ impl AuditLog {
             if let Some(a) = self.alerts.get() {
                 // The caller as the denial limiter keys it; a summary's
                 // workloads from its files (`workload:path`).
-                let caller =
-                    event.caller.map_or_else(|| crate::limits::OVERFLOW.to_owned(), crate::limits::caller_key);
+                let caller = event.caller.map_or_else(|| crate::limits::OVERFLOW.to_owned(), crate::limits::caller_key);
                 let mut workloads: Vec<&str> = event.workload.into_iter().collect();
                 for f in event.files.unwrap_or_default() {
                     if let Some((w, _)) = f.split_once(':') {

@@ -551,7 +551,8 @@ mod coalescer_tests {
         let files: Vec<String> = (0..SUMMED_FILES).map(|i| format!("w:s{i}")).collect();
         assert!(files.iter().all(|f| l.note(t0, w, "container:c1", (f, Some(1)), &who).0));
         // A loop over them: held, and summed up once a second.
-        let held = (1..=10_000u64).filter(|i| !l.note(at(t0, i / 100), w, "container:c1", (&files[0], Some(1)), &who).0);
+        let held =
+            (1..=10_000u64).filter(|i| !l.note(at(t0, i / 100), w, "container:c1", (&files[0], Some(1)), &who).0);
         assert_eq!(held.count(), 10_000);
         let s = l.due(at(t0, 1000), false);
         assert_eq!((s.len(), s[0].count, s[0].files.as_slice()), (1, 10_000, &["w:s0@1".to_owned()][..]));

@@ -37,12 +37,21 @@ impl Index {
         }
     }
 
-    /// The mounts whose grants may cover `path`: those naming it, and
-    /// those granting a prefix above it.
-    pub(super) fn showing(&self, path: &str, out: &mut BTreeSet<MountKey>) {
-        out.extend(self.exact.get(path).into_iter().flatten().cloned());
-        for (i, _) in path.match_indices('/') {
-            out.extend(self.prefix.get(&path[..i]).into_iter().flatten().cloned());
+    /// The mounts whose grants may cover one of `paths`: those naming it,
+    /// and those granting a prefix above it; each once, in order. Borrowed,
+    /// not copied: a secret every mount shows is one set, walked as it is.
+    pub(super) fn showing<'a>(&'a self, paths: &[String]) -> Vec<&'a MountKey> {
+        let mut sets = Vec::new();
+        for path in paths {
+            sets.extend(self.exact.get(path.as_str()));
+            for (i, _) in path.match_indices('/') {
+                sets.extend(self.prefix.get(&path[..i]));
+            }
+        }
+        match sets.as_slice() {
+            [] => Vec::new(),
+            [one] => one.iter().collect(),
+            many => many.iter().copied().flatten().collect::<BTreeSet<_>>().into_iter().collect(),
         }
     }
 }
@@ -97,9 +106,7 @@ mod tests {
     }
 
     fn showing(ix: &Index, path: &str) -> Vec<MountKey> {
-        let mut out = BTreeSet::new();
-        ix.showing(path, &mut out);
-        out.into_iter().collect()
+        ix.showing(&[path.to_owned()]).into_iter().cloned().collect()
     }
 
     #[test]

@@ -64,7 +64,7 @@ use crate::policy::{Grant, Target, Workload};
 use crate::secret::SecretBytes;
 use index::Mounts;
 use pool::{Conn, Pool};
-use view::{Changed, Memo, Values};
+use view::{Memo, Values};
 use workload::{FsShared, ROOT, WorkloadFs};
 
 pub use handover::MountState;
@@ -286,13 +286,12 @@ impl MountTable {
         self.values.forget(paths);
         let cat = &Memo::sharing(cat, &self.values);
         let mut mounts = self.mounts.lock().expect("mounts lock");
-        let mut touched = BTreeSet::new();
-        for p in paths {
-            mounts.index.showing(p, &mut touched);
-        }
+        let Mounts { by_key, index } = &mut *mounts;
+        let touched = index.showing(paths);
         Self::invalidating(touched.len(), |inval| {
             for key in touched {
-                if let Err(e) = self.update(cat, &mut mounts, &key, &Changed::Secrets(paths), &mut notices, inval) {
+                let Some(m) = by_key.get_mut(key) else { continue };
+                if let Err(e) = self.update_secrets(cat, key, m, paths, &mut notices, inval) {
                     tracing::error!(mount = ?key, error = format!("{e:#}"), "cannot update mount");
                 }
             }

@@ -146,14 +146,6 @@ impl Values {
     }
 }
 
-/// What a mount's update starts from.
-pub(super) enum Changed<'a> {
-    /// Its workload's grants (or the mount) are new: read them again.
-    Policy,
-    /// Only these secrets' values (or existence) changed.
-    Secrets(&'a [String]),
-}
-
 /// How a mount's view follows a change of secrets.
 enum Patch {
     /// Nothing it shows changed.
@@ -335,61 +327,92 @@ impl MountTable {
         View::new(nodes)
     }
 
-    /// Bring one mount up to date: read what changed, swap in its new
-    /// view, hand what the kernel must be told to `inval`, and serve the
-    /// mount if it is adopted.
+    /// Bring one mount up to date after its workload's grants (or the
+    /// mount) are new: read them again, swap in its new view, hand what
+    /// the kernel must be told to `inval`, and serve the mount if it is
+    /// adopted.
     pub(super) fn update<C: Catalog>(
         &self,
         cat: &Memo<'_, C>,
         mounts: &mut Mounts,
         key: &MountKey,
-        what: &Changed<'_>,
         notices: &mut Vec<Notice>,
         inval: &mut dyn FnMut(&Arc<Conn>, Swapped),
     ) -> anyhow::Result<()> {
         let Some(m) = mounts.by_key.get_mut(key) else { return Ok(()) };
-        let read = match what {
-            Changed::Policy => {
-                match cat.grants(&m.fs.workload.name).and_then(|g| Ok((Self::covered_all(cat, &g)?, g))) {
-                    Ok((secrets, grants)) => {
-                        m.secrets = secrets;
-                        mounts.set_grants(key, grants);
-                        Ok(false)
-                    }
-                    Err(e) => Err(e),
-                }
+        let read = match cat.grants(&m.fs.workload.name).and_then(|g| Ok((Self::covered_all(cat, &g)?, g))) {
+            Ok((secrets, grants)) => {
+                m.secrets = secrets;
+                mounts.set_grants(key, grants);
+                Ok(())
             }
-            Changed::Secrets(paths) => Self::recover(cat, m, paths),
+            Err(e) => Err(e),
         };
         let m = mounts.by_key.get_mut(key).expect("present above");
+        if read.is_ok() {
+            self.swap(cat, m, None, notices, inval);
+        }
+        self.serve(key, m);
+        read
+    }
+
+    /// [`MountTable::update`] after new values (or the existence) of
+    /// `paths`: only the mount's own state changes, so it takes the mount
+    /// alone (the caller keeps the index borrowed).
+    pub(super) fn update_secrets<C: Catalog>(
+        &self,
+        cat: &Memo<'_, C>,
+        key: &MountKey,
+        m: &mut Mount,
+        paths: &[String],
+        notices: &mut Vec<Notice>,
+        inval: &mut dyn FnMut(&Arc<Conn>, Swapped),
+    ) -> anyhow::Result<()> {
+        let read = Self::recover(cat, m, paths);
         if let Ok(versions_only) = read {
-            let patch = match what {
-                Changed::Secrets(paths) if versions_only => self.patch_view(cat, m, paths, notices),
-                _ => Patch::Rebuild,
-            };
-            let view = match patch {
-                Patch::Unchanged => None,
-                Patch::View(v) => Some(v),
-                Patch::Rebuild => Some(self.make_view(cat, m, notices)),
-            };
-            if let Some(view) = view {
-                let swapped = m.fs.replace(view, &self.next_ino);
-                if !swapped.is_empty() {
-                    inval(&m.conn, swapped);
-                }
-            }
+            self.swap(cat, m, versions_only.then_some(paths), notices, inval);
         }
-        // A mount adopted from a predecessor is served once it is
-        // current (or as current as it can be). First, any request the
-        // predecessor read and never answered is queued again.
-        if !m.served {
-            m.conn.resend();
-            match self.pool.add(&m.conn) {
-                Ok(()) => m.served = true,
-                Err(e) => tracing::error!(mount = ?key, error = format!("{e:#}"), "cannot serve mount"),
-            }
+        self.serve(key, m);
+        read.map(drop)
+    }
+
+    /// Swap in the mount's new view: patched for new versions of `paths`
+    /// if given, else built from scratch. What changed goes to `inval`.
+    fn swap<C: Catalog>(
+        &self,
+        cat: &Memo<'_, C>,
+        m: &mut Mount,
+        paths: Option<&[String]>,
+        notices: &mut Vec<Notice>,
+        inval: &mut dyn FnMut(&Arc<Conn>, Swapped),
+    ) {
+        let patch = match paths {
+            Some(paths) => self.patch_view(cat, m, paths, notices),
+            None => Patch::Rebuild,
+        };
+        let view = match patch {
+            Patch::Unchanged => return,
+            Patch::View(v) => v,
+            Patch::Rebuild => self.make_view(cat, m, notices),
+        };
+        let swapped = m.fs.replace(view, &self.next_ino);
+        if !swapped.is_empty() {
+            inval(&m.conn, swapped);
         }
-        read.map(|_| ())
+    }
+
+    /// A mount adopted from a predecessor is served once it is current
+    /// (or as current as it can be). First, any request the predecessor
+    /// read and never answered is queued again.
+    fn serve(&self, key: &MountKey, m: &mut Mount) {
+        if m.served {
+            return;
+        }
+        m.conn.resend();
+        match self.pool.add(&m.conn) {
+            Ok(()) => m.served = true,
+            Err(e) => tracing::error!(mount = ?key, error = format!("{e:#}"), "cannot serve mount"),
+        }
     }
 
     /// The shape of a workload's own mount.
@@ -452,7 +475,7 @@ impl MountTable {
                         }
                     }
                 }
-                if let Err(e) = self.update(cat, mounts, &key, &Changed::Policy, notices, inval) {
+                if let Err(e) = self.update(cat, mounts, &key, notices, inval) {
                     tracing::error!(mount = ?key, error = format!("{e:#}"), "cannot update mount");
                 }
             }
