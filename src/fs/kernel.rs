@@ -3,7 +3,7 @@
 //! [`super`]), detaching, and reading `/proc/*/mountinfo` (mount points,
 //! peer groups, whether a container holds a copy of a mount).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::OpenOptions;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -23,44 +23,92 @@ pub(crate) fn mount_points() -> std::io::Result<Vec<PathBuf>> {
 
 /// The peer group of the topmost mount at `path` (`shared:N`).
 pub(crate) fn peer_group(mountinfo: &str, path: &Path) -> Option<String> {
-    mountinfo
-        .lines()
-        .rfind(|l| l.split(' ').nth(4).map(unescape_mountinfo).as_deref() == Some(&*path.to_string_lossy()))
-        .and_then(|l| l.split(' ').find_map(|f| f.strip_prefix("shared:")).map(str::to_owned))
+    topmost_groups(mountinfo).remove(&*path.to_string_lossy()).flatten()
 }
 
-/// Whether any process, in any mount namespace, holds a slave copy of the
-/// mount at `path` — a container that bound it (rslave). A container
-/// runtime setting up some other container briefly holds a copy of every
-/// host mount (before its pivot_root): that is no holder.
-fn held_by_others(path: &Path) -> bool {
-    let Some(group) = std::fs::read_to_string("/proc/self/mountinfo").ok().and_then(|m| peer_group(&m, path)) else {
-        return false;
-    };
-    let tag = format!("master:{group}");
-    let Ok(procs) = std::fs::read_dir("/proc") else { return true };
-    let runtime = |pid: &Path| {
-        std::fs::read_to_string(pid.join("comm")).is_ok_and(|c| c.starts_with("runc") || c.starts_with("crun"))
-    };
-    // Only a holder root answers for counts: one in the broker's user
-    // namespace (containers without userns-remap), or in a user namespace
-    // root made (userns-remap). Any user can `unshare -U -r -m` and hold a
-    // copy of every mount; that must not leave them all dead at a stop.
-    let own_user_ns = std::fs::read_link("/proc/self/ns/user").ok();
-    let trusted = |pid: &Path| {
-        let ns = pid.join("ns/user");
-        match std::fs::read_link(&ns) {
-            Ok(link) if Some(&link) == own_user_ns.as_ref() => true,
-            Ok(_) => std::fs::File::open(&ns).and_then(|f| crate::sys::userns_owner(&f)).is_ok_and(|uid| uid == 0),
-            Err(_) => false,
+/// The peer group (`shared:N`) of the topmost mount at each mount point,
+/// in one pass: the last line of a path is its topmost mount.
+fn topmost_groups(mountinfo: &str) -> HashMap<String, Option<String>> {
+    mountinfo
+        .lines()
+        .filter_map(|l| {
+            let path = unescape_mountinfo(l.split(' ').nth(4)?);
+            Some((path, l.split(' ').find_map(|f| f.strip_prefix("shared:")).map(str::to_owned)))
+        })
+        .collect()
+}
+
+/// Which mounts some process, in any mount namespace, holds a slave copy
+/// of — a container that bound it (rslave) — read once for all the mounts
+/// a stop looks at: the broker's own mountinfo once, and each other mount
+/// namespace's once, however many processes share it. (Asked per mount,
+/// this read every process's whole mountinfo for every mount: 100 ms a
+/// mount with 1,000 mounts, so a stop took minutes.)
+struct Holders {
+    /// The peer group of the topmost mount at each path.
+    groups: HashMap<String, Option<String>>,
+    /// The peer groups held as `master:N` by a process that counts.
+    held: std::collections::HashSet<String>,
+    /// `/proc` could not be listed: every mount counts as held (kept).
+    unknown: bool,
+}
+
+impl Holders {
+    fn read() -> Holders {
+        let groups = std::fs::read_to_string("/proc/self/mountinfo").map(|m| topmost_groups(&m)).unwrap_or_default();
+        let mut holders = Holders { groups, held: Default::default(), unknown: false };
+        let Ok(procs) = std::fs::read_dir("/proc") else {
+            holders.unknown = true;
+            return holders;
+        };
+        // A container runtime setting up some other container briefly
+        // holds a copy of every host mount (before its pivot_root): that
+        // is no holder.
+        let runtime = |pid: &Path| {
+            std::fs::read_to_string(pid.join("comm")).is_ok_and(|c| c.starts_with("runc") || c.starts_with("crun"))
+        };
+        // Only a holder root answers for counts: one in the broker's user
+        // namespace (containers without userns-remap), or in a user
+        // namespace root made (userns-remap). Any user can `unshare -U -r
+        // -m` and hold a copy of every mount; that must not leave them all
+        // dead at a stop.
+        let own_user_ns = std::fs::read_link("/proc/self/ns/user").ok();
+        let trusted = |pid: &Path| {
+            let ns = pid.join("ns/user");
+            match std::fs::read_link(&ns) {
+                Ok(link) if Some(&link) == own_user_ns.as_ref() => true,
+                Ok(_) => std::fs::File::open(&ns).and_then(|f| crate::sys::userns_owner(&f)).is_ok_and(|uid| uid == 0),
+                Err(_) => false,
+            }
+        };
+        let mut namespaces = std::collections::HashSet::new();
+        for e in procs.filter_map(Result::ok) {
+            let pid = e.path();
+            if !e.file_name().to_str().is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit())) {
+                continue;
+            }
+            if runtime(&pid) || !trusted(&pid) {
+                continue;
+            }
+            // The same mount namespace, the same slave copies.
+            if std::fs::read_link(pid.join("ns/mnt")).is_ok_and(|ns| !namespaces.insert(ns)) {
+                continue;
+            }
+            let Ok(info) = std::fs::read_to_string(pid.join("mountinfo")) else { continue };
+            let tags = info.lines().flat_map(|l| l.split(' ')).filter_map(|f| f.strip_prefix("master:"));
+            holders.held.extend(tags.map(str::to_owned));
         }
-    };
-    procs
-        .filter_map(Result::ok)
-        .filter(|e| e.file_name().to_str().is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit())))
-        .filter(|e| !runtime(&e.path()) && trusted(&e.path()))
-        .filter_map(|e| std::fs::read_to_string(e.path().join("mountinfo")).ok())
-        .any(|m| m.lines().any(|l| l.split(' ').any(|f| f == tag)))
+        holders
+    }
+
+    /// Whether a process that counts holds a copy of the mount at `path`.
+    fn hold(&self, path: &Path) -> bool {
+        if self.unknown {
+            return true;
+        }
+        let group = self.groups.get(&*path.to_string_lossy()).and_then(Option::as_ref);
+        group.is_some_and(|g| self.held.contains(g))
+    }
 }
 
 /// mountinfo escapes space, tab, newline and backslash as `\ooo`.
@@ -182,10 +230,11 @@ impl MountTable {
             return;
         }
         let mut mounts = self.mounts.lock().expect("mounts lock");
+        let holders = Holders::read();
         for (key, m) in std::mem::take(&mut *mounts).by_key {
             self.stop(m);
             let path = self.path_of(&key);
-            if held_by_others(&path) {
+            if holders.hold(&path) {
                 tracing::info!(path = %path.display(), "stopped serving; containers hold the mount, so it stays for the next broker");
             } else {
                 Self::detach_all(&path);
