@@ -440,6 +440,9 @@ pub struct Leases {
     pub templates: crate::template::leased::Registry,
     /// Host users' leases: open handles, and since when none is open.
     holds: Mutex<HashMap<String, Hold>>,
+    /// Leases whose revocation is in flight now: the keeper's retry must
+    /// not revoke one a second time while the first try is under way.
+    revoking_now: Mutex<std::collections::HashSet<String>>,
 }
 
 /// The open handles of a host user's lease (see [`Leases::hold`]).
@@ -475,6 +478,7 @@ impl Leases {
             rt,
             templates: Default::default(),
             holds: Mutex::default(),
+            revoking_now: Mutex::default(),
         })
     }
 
@@ -871,6 +875,16 @@ impl Leases {
     /// Try to revoke one lease marked as being revoked; on success it is
     /// forgotten (and removed from the store), otherwise retried later.
     async fn revoke_one(&self, k: &str) {
+        // One try at a time per lease (a container's end and the keeper's
+        // retry could both start one: revoked, counted and audited twice).
+        if !self.revoking_now.lock().expect("revoking lock").insert(k.to_owned()) {
+            return;
+        }
+        self.revoke_now(k).await;
+        self.revoking_now.lock().expect("revoking lock").remove(k);
+    }
+
+    async fn revoke_now(&self, k: &str) {
         let Some(b) = self.broker() else { return };
         let Some(lease) = self.live.lock().expect("leases lock").get(k).cloned() else { return };
         let why = lease.revoking.clone().unwrap_or_default();
