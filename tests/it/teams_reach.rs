@@ -261,13 +261,20 @@ fn policy(tag: &str, template: &str, with_cert: bool) -> String {
     f
 }
 
-#[test]
-fn templates_and_certificates_in_a_policy_file_apply_diff_export_and_prune_with_live_leases() {
-    needs!(root, docker, bao);
+/// OpenBao with a PKI engine, a broker with it as backend `prod`, and
+/// `app/db` in the local store.
+fn pki_broker(db: &[u8]) -> (Bao, Broker) {
     let bao = Bao::start();
     bao.pki_engine();
     let b = Broker::start_with(&bao.backend_toml("prod", "30s"));
-    b.put("app/db", b"app-db-value-4e0c");
+    b.put("app/db", db);
+    (bao, b)
+}
+
+#[test]
+fn templates_and_certificates_in_a_policy_file_apply_diff_export_and_prune_with_live_leases() {
+    needs!(root, docker, bao);
+    let (_bao, b) = pki_broker(b"app-db-value-4e0c");
     let tag = unique("files");
     let full = policy(&tag, "db={{ secret('app/db') }}\n", true);
     // diff: drift (exit 10), naming the template and the certificate.
@@ -332,10 +339,7 @@ fn templates_and_certificates_in_a_policy_file_apply_diff_export_and_prune_with_
 #[test]
 fn a_policy_files_template_may_read_a_certificate_the_same_file_makes() {
     needs!(root, docker, bao);
-    let bao = Bao::start();
-    bao.pki_engine();
-    let b = Broker::start_with(&bao.backend_toml("prod", "30s"));
-    b.put("app/db", b"app-db-value-77d1");
+    let (_bao, b) = pki_broker(b"app-db-value-77d1");
     let tag = unique("leasedfile");
     let file = policy(&tag, "{{ cert('tls').cert }}{{ cert('tls').key }}db={{ secret('app/db') }}\n", true);
     let o = b.cli_in(&["apply", "-f", "-"], Some(file.as_bytes()));
